@@ -1,0 +1,1 @@
+"""Ray actors of the moeray service (the next issue builds them)."""

@@ -1,0 +1,400 @@
+"""Pure-Python twin of ``moeray.native._core``: same classes, same functions, same decisions.
+
+Selected by ``MOERAY_PURE_PYTHON=1``; the test suite runs against both and compares them on
+the same inputs. Written to be obviously correct rather than fast: the hot set is an ordered
+dict in recency order (oldest first), and every victim choice is a scan over it.
+
+Tie rules (shared with the native core, documented in ``moeray.policy.cache``):
+- LRU evicts the least recently *touched* hot expert (a hit or an admission is a touch).
+- LFU evicts the hot expert with the lowest access count, the least recently touched first.
+- Affinity blends scan the hot set oldest first and keep the first highest score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+__all__ = [
+    "LRU",
+    "LFU",
+    "ADAPTIVE",
+    "AffinityCore",
+    "ExpertCacheCore",
+    "schedule",
+    "belady_hits",
+]
+
+LRU, LFU, ADAPTIVE = 0, 1, 2
+_NEG_INF = -math.inf
+
+
+def _check_num_experts(num_experts: int) -> int:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
+        raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
+    if not 1 <= num_experts <= 2**31 - 1:
+        raise ValueError(f"num_experts: expected an int in [1, 2**31), got {num_experts}")
+    return int(num_experts)
+
+
+def _check_ids(expert_ids, num_experts: int, name: str = "expert_ids") -> np.ndarray:
+    """int32 [T, top_k], C-contiguous, every id in [0, num_experts): the batch contract."""
+    if not isinstance(expert_ids, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy int32 array, got {type(expert_ids).__name__}")
+    if expert_ids.dtype != np.int32:
+        raise TypeError(f"{name}: expected dtype int32, got {expert_ids.dtype}")
+    if expert_ids.ndim != 2:
+        raise ValueError(f"{name}: expected shape [T, top_k], got {expert_ids.shape}")
+    if not expert_ids.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array")
+    if expert_ids.size and (expert_ids.min() < 0 or expert_ids.max() >= num_experts):
+        bad = expert_ids[(expert_ids < 0) | (expert_ids >= num_experts)].flat[0]
+        raise ValueError(f"{name}: every id must be in [0, {num_experts}), got {bad}")
+    return expert_ids
+
+
+def _affinity_key(score: float) -> float:
+    # The seed ranks non-finite scores below every finite one.
+    return score if math.isfinite(score) else _NEG_INF
+
+
+class AffinityCore:
+    """EMA affinity per expert: ``update`` decays every score, then boosts the activated ones."""
+
+    def __init__(self, num_experts: int, decay: float, activation_boost: float, max_score: float):
+        self._n = _check_num_experts(num_experts)
+        self._decay = float(decay)
+        self._boost = float(activation_boost)
+        self._max = float(max_score)
+        self._scores = [0.0] * self._n
+        self._counts = [0] * self._n
+
+    def num_experts(self) -> int:
+        return self._n
+
+    def update(self, activated) -> None:
+        ids = [int(e) for e in activated]
+        if any(e < 0 for e in ids):
+            raise ValueError(f"activated: expert ids must be >= 0, got {min(ids)}")
+        self._update_row(ids)
+
+    def _update_row(self, ids) -> None:
+        decay, scores = self._decay, self._scores
+        for e in range(self._n):
+            scores[e] = scores[e] * decay
+        for e in ids:
+            if e < self._n:  # the seed ignores ids it does not track
+                scores[e] = min(scores[e] + self._boost, self._max)
+                self._counts[e] += 1
+
+    def update_batch(self, expert_ids) -> None:
+        ids = _check_ids(expert_ids, self._n)
+        for row in ids.tolist():
+            self._update_row(row)
+
+    def score(self, expert_id: int) -> float:
+        e = int(expert_id)
+        return self._scores[e] if 0 <= e < self._n else 0.0
+
+    def scores(self) -> np.ndarray:
+        return np.array(self._scores, dtype=np.float64)
+
+    def activation_count(self, expert_id: int) -> int:
+        e = int(expert_id)
+        return self._counts[e] if 0 <= e < self._n else 0
+
+    def activation_counts(self) -> np.ndarray:
+        return np.array(self._counts, dtype=np.int64)
+
+    def top_k_by_affinity(self, k: int) -> list[int]:
+        if k < 0:
+            raise ValueError(f"k: expected k >= 0, got {k}")
+        order = sorted(range(self._n), key=lambda e: (-_affinity_key(self._scores[e]), e))
+        return order[:k]
+
+    def top_k_by_frequency(self, k: int) -> list[int]:
+        if k < 0:
+            raise ValueError(f"k: expected k >= 0, got {k}")
+        return sorted(range(self._n), key=lambda e: (-self._counts[e], e))[:k]
+
+    def least_affinity(self, candidates) -> int | None:
+        ids = [int(e) for e in candidates]
+        if not ids:
+            return None
+        return min(ids, key=lambda e: (_affinity_key(self.score(e)), e))
+
+    def frequency_percentile(self, expert_id: int) -> float:
+        count = self.activation_count(expert_id)
+        lower = sum(1 for c in self._counts if c < count)
+        equal = sum(1 for c in self._counts if c == count)
+        return (lower + 0.5 * equal) / self._n
+
+    def reset(self) -> None:
+        self._scores = [0.0] * self._n
+        self._counts = [0] * self._n
+
+
+# --- eviction policies: each chooses a victim and scores the hot set for affinity blends ---
+
+
+class _Lru:
+    @staticmethod
+    def victim(cache: "ExpertCacheCore") -> int:
+        return next(iter(cache._hot))
+
+    @staticmethod
+    def base_scores(cache: "ExpertCacheCore") -> dict[int, float]:
+        return _normalised(cache, cache._timestamp)
+
+
+class _Lfu:
+    @staticmethod
+    def victim(cache: "ExpertCacheCore") -> int:
+        return min(cache._hot, key=lambda e: cache._freq[e])  # first minimum = oldest touch
+
+    @staticmethod
+    def base_scores(cache: "ExpertCacheCore") -> dict[int, float]:
+        return _normalised(cache, cache._freq)
+
+
+class _Adaptive:
+    @staticmethod
+    def _skewed(cache: "ExpertCacheCore") -> bool:
+        freqs = [cache._freq[e] for e in cache._hot]
+        return min(freqs) > 0 and max(freqs) >= 3 * min(freqs)
+
+    @classmethod
+    def victim(cls, cache: "ExpertCacheCore") -> int:
+        return (_Lfu if cls._skewed(cache) else _Lru).victim(cache)
+
+    @classmethod
+    def base_scores(cls, cache: "ExpertCacheCore") -> dict[int, float]:
+        return (_Lfu if cls._skewed(cache) else _Lru).base_scores(cache)
+
+
+def _normalised(cache: "ExpertCacheCore", value: list[int]) -> dict[int, float]:
+    """Eviction score in [0, 1] per hot expert: 1 for the smallest value, 0.5 when all equal."""
+    lo = min(value[e] for e in cache._hot)
+    span = max(value[e] for e in cache._hot) - lo
+    return {e: (1.0 - (value[e] - lo) / span) if span > 0 else 0.5 for e in cache._hot}
+
+
+_POLICIES = {LRU: _Lru, LFU: _Lfu, ADAPTIVE: _Adaptive}
+
+
+class ExpertCacheCore:
+    """Hot set of at most ``max_hot`` experts of one layer, with the seed's accounting."""
+
+    def __init__(self, num_experts: int, max_hot: int, prefetch_threshold: float, policy: int):
+        self._n = _check_num_experts(num_experts)
+        if isinstance(max_hot, bool) or not isinstance(max_hot, (int, np.integer)):
+            raise TypeError(f"max_hot_experts: expected an int, got {type(max_hot).__name__}")
+        if not 1 <= max_hot <= self._n:
+            raise ValueError(f"max_hot_experts: expected an int in [1, {self._n}], got {max_hot}")
+        if not math.isfinite(prefetch_threshold):
+            raise ValueError(f"prefetch_threshold: expected a finite float, got {prefetch_threshold}")
+        if policy not in _POLICIES:
+            raise ValueError(f"eviction_policy: expected 0 (LRU), 1 (LFU) or 2 (ADAPTIVE), got {policy}")
+        self._cap = int(max_hot)
+        self._threshold = float(prefetch_threshold)
+        self._policy = _POLICIES[policy]
+        self._freq = [0] * self._n
+        self._timestamp = [0] * self._n  # the seed's logical time of the last touch
+        self._prefetched = [False] * self._n
+        self._hot: OrderedDict[int, None] = OrderedDict()  # recency order, oldest first
+        self._counter = 0
+        self._hits = self._misses = self._evictions = self._prefetch_hits = 0
+
+    def _check_id(self, expert_id) -> int:
+        e = int(expert_id)
+        if not 0 <= e < self._n:
+            raise ValueError(f"expert_id: expected an id in [0, {self._n}), got {e}")
+        return e
+
+    def _check_affinity(self, affinity: AffinityCore) -> AffinityCore:
+        if not isinstance(affinity, AffinityCore):
+            raise TypeError(f"affinity: expected an ExpertAffinity, got {type(affinity).__name__}")
+        if affinity.num_experts() != self._n:
+            raise ValueError(
+                f"affinity: tracks {affinity.num_experts()} experts, the cache {self._n}"
+            )
+        return affinity
+
+    # --- the seed's API ---
+
+    def num_experts(self) -> int:
+        return self._n
+
+    def access(self, expert_id: int) -> bool:
+        e = self._check_id(expert_id)
+        self._counter += 1
+        self._freq[e] += 1
+        if e in self._hot:
+            self._timestamp[e] = self._counter
+            self._hot.move_to_end(e)
+            self._hits += 1
+            if self._prefetched[e]:
+                self._prefetch_hits += 1
+                self._prefetched[e] = False
+            return True
+        self._misses += 1
+        self.admit(e)
+        return False
+
+    def should_prefetch(self, expert_id: int, router_weight: float) -> bool:
+        e = self._check_id(expert_id)
+        if not math.isfinite(router_weight):
+            raise ValueError(f"router_weight: expected a finite float, got {router_weight}")
+        return router_weight > self._threshold and e not in self._hot
+
+    def suggest_eviction(self) -> int | None:
+        if len(self._hot) < self._cap:
+            return None
+        return self._policy.victim(self)
+
+    def evict(self, expert_id: int) -> None:
+        e = self._check_id(expert_id)
+        if e in self._hot:
+            del self._hot[e]
+            self._evictions += 1
+            self._prefetched[e] = False  # an unused prefetch is gone with its expert
+
+    def admit(self, expert_id: int) -> None:
+        e = self._check_id(expert_id)
+        if e in self._hot:
+            return
+        if len(self._hot) >= self._cap:
+            self.evict(self.suggest_eviction())
+        self._timestamp[e] = self._counter
+        self._hot[e] = None
+
+    def prefetch_admit(self, expert_id: int) -> None:
+        e = self._check_id(expert_id)
+        if e in self._hot:
+            return  # nothing was fetched, so a later hit is not a prefetch hit
+        self._prefetched[e] = True
+        self.admit(e)
+
+    def is_hot(self, expert_id: int) -> bool:
+        return self._check_id(expert_id) in self._hot
+
+    def stats(self) -> tuple[int, int, int, int]:
+        return (self._hits, self._misses, self._evictions, self._prefetch_hits)
+
+    def reset_stats(self) -> None:
+        self._hits = self._misses = self._evictions = self._prefetch_hits = 0
+
+    def hot_count(self) -> int:
+        return len(self._hot)
+
+    def max_hot(self) -> int:
+        return self._cap
+
+    def hot_experts(self) -> list[int]:
+        return list(self._hot)
+
+    def suggest_eviction_with_affinity(self, affinity: AffinityCore, affinity_weight: float):
+        self._check_affinity(affinity)
+        if not math.isfinite(affinity_weight):
+            raise ValueError(f"affinity_weight: expected a finite float, got {affinity_weight}")
+        if len(self._hot) < self._cap:
+            return None
+        weight = min(max(float(affinity_weight), 0.0), 1.0)
+        if weight < 1e-6:
+            return self.suggest_eviction()
+        base = self._policy.base_scores(self)
+        best, best_score = None, _NEG_INF
+        for e in self._hot:
+            combined = (1.0 - weight) * base[e] + weight * (1.0 - affinity.score(e))
+            if combined > best_score:
+                best, best_score = e, combined
+        # Non-finite affinities make every blend NaN: fall back to the base policy.
+        return best if best is not None else self.suggest_eviction()
+
+    def prefetch_by_affinity(self, affinity: AffinityCore, budget: int) -> list[int]:
+        self._check_affinity(affinity)
+        if budget < 0:
+            raise ValueError(f"budget: expected budget >= 0, got {budget}")
+        prefetched: list[int] = []
+        if budget == 0:
+            return prefetched
+        for e in affinity.top_k_by_affinity(self._n):
+            if len(prefetched) >= budget:
+                break
+            if e in self._hot:
+                continue
+            if len(self._hot) >= self._cap:
+                self.evict(self.suggest_eviction_with_affinity(affinity, 0.5))
+            self.prefetch_admit(e)
+            prefetched.append(e)
+        return prefetched
+
+    # --- moeray's batch path ---
+
+    def access_batch(self, expert_ids, affinity=None, affinity_weight: float = 0.0) -> np.ndarray:
+        ids = _check_ids(expert_ids, self._n)
+        if affinity is not None:
+            self._check_affinity(affinity)
+            if not math.isfinite(affinity_weight):
+                raise ValueError(f"affinity_weight: expected a finite float, got {affinity_weight}")
+        hits = np.zeros(ids.shape, dtype=bool)
+        for t, row in enumerate(ids.tolist()):
+            for j, e in enumerate(row):
+                if affinity is not None and e not in self._hot and len(self._hot) >= self._cap:
+                    self.evict(self.suggest_eviction_with_affinity(affinity, affinity_weight))
+                hits[t, j] = self.access(e)
+            if affinity is not None:
+                affinity._update_row(row)
+        return hits
+
+
+def schedule(expert_ids, weights, num_experts: int):
+    """Stable grouping by expert: (offsets int64 [E+1], token_indices int32, weights float32)."""
+    num_experts = _check_num_experts(num_experts)
+    ids = _check_ids(expert_ids, num_experts)
+    if not isinstance(weights, np.ndarray):
+        raise TypeError(f"weights: expected a numpy float32 array, got {type(weights).__name__}")
+    if weights.dtype != np.float32:
+        raise TypeError(f"weights: expected dtype float32, got {weights.dtype}")
+    if weights.shape != ids.shape:
+        raise ValueError(f"weights: expected shape {ids.shape} like expert_ids, got {weights.shape}")
+    if not np.isfinite(weights).all():
+        raise ValueError("weights: every weight must be finite (no NaN or inf)")
+    flat = ids.ravel()
+    order = np.argsort(flat, kind="stable")
+    offsets = np.zeros(num_experts + 1, dtype=np.int64)
+    np.cumsum(np.bincount(flat, minlength=num_experts), out=offsets[1:])
+    top_k = ids.shape[1]
+    token_indices = (order // max(top_k, 1)).astype(np.int32)
+    return offsets, token_indices, weights.ravel()[order].astype(np.float32)
+
+
+def belady_hits(expert_ids, num_experts: int, capacity: int) -> int:
+    """Hits of the offline optimum over one layer's [T, top_k] accesses (see moeray.policy.belady)."""
+    num_experts = _check_num_experts(num_experts)
+    if not 1 <= capacity <= num_experts:
+        raise ValueError(f"capacity: expected an int in [1, {num_experts}], got {capacity}")
+    rows = _check_ids(expert_ids, num_experts).tolist()
+    never = len(rows)  # "no next use" sorts after every real token index
+    next_use: list[list[int]] = [[] for _ in rows]
+    last_seen = [never] * num_experts
+    for t in range(len(rows) - 1, -1, -1):
+        next_use[t] = [last_seen[e] for e in rows[t]]
+        for e in rows[t]:
+            last_seen[e] = t
+    hot: dict[int, int] = {}  # expert -> token index of its next use
+    hits = 0
+    for t, row in enumerate(rows):
+        for e, nxt in zip(row, next_use[t]):
+            if e in hot:
+                hits += 1
+            elif len(hot) >= capacity:
+                candidates = [h for h in hot if h not in row]
+                if not candidates:
+                    continue  # every hot expert serves this token: bypass
+                victim = max(candidates, key=lambda h: (hot[h], -h))
+                del hot[victim]
+            hot[e] = nxt
+    return hits
