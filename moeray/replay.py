@@ -1,0 +1,174 @@
+"""Replays a routing trace through each cache policy, per layer, beside the offline optimum.
+
+One cache per layer, empty at the start, persisting across sequences (as ``belady_hits`` does),
+so every policy sees exactly the stream the optimum sees. Decisions depend only on the trace;
+the timer only measures decisions per second.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from moeray._progress import Progress
+from moeray.native import IS_NATIVE
+from moeray.policy.affinity import AffinityConfig, ExpertAffinity
+from moeray.policy.belady import belady_hits
+from moeray.policy.cache import EvictionPolicy, ExpertCache, ExpertCacheConfig
+from moeray.traces import Trace
+
+__all__ = [
+    "POLICY_NAMES",
+    "ReplayConfig",
+    "PolicyResult",
+    "ReplayReport",
+    "capacity_from_fraction",
+    "replay_trace",
+]
+
+# Names are part of the --json schema: later work adds names, never renames these.
+POLICY_NAMES = ("lru", "lfu", "adaptive", "affinity-lru", "belady")
+
+_BASE_POLICY = {
+    "lru": EvictionPolicy.LRU,
+    "lfu": EvictionPolicy.LFU,
+    "adaptive": EvictionPolicy.ADAPTIVE,
+    "affinity-lru": EvictionPolicy.LRU,
+}
+
+
+def capacity_from_fraction(fraction: float, num_experts: int) -> int:
+    """Hot-set size in experts for a fraction in (0, 1] of num_experts (rounded, at least 1)."""
+    if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
+        raise ValueError(f"capacity: expected a fraction in (0, 1], got {fraction!r}")
+    return max(1, min(num_experts, int(round(fraction * num_experts))))
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """capacity: hot-set size in experts per layer, in [1, num_experts].
+    policies: names from POLICY_NAMES. The affinity-lru policy evicts by
+    ``suggest_eviction_with_affinity(affinity, affinity_weight)`` over an EMA affinity with
+    ``affinity_decay`` and ``affinity_boost``, updated after every token."""
+
+    capacity: int
+    policies: tuple[str, ...] = POLICY_NAMES
+    affinity_weight: float = 0.5
+    affinity_decay: float = 0.95
+    affinity_boost: float = 0.2
+
+    def __post_init__(self):
+        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1:
+            raise ValueError(f"capacity: expected an int >= 1, got {self.capacity!r}")
+        unknown = [p for p in self.policies if p not in POLICY_NAMES]
+        if unknown or not self.policies:
+            raise ValueError(f"policies: expected names from {POLICY_NAMES}, got {list(self.policies)}")
+        if not 0.0 <= self.affinity_weight <= 1.0:
+            raise ValueError(f"affinity_weight: expected a float in [0, 1], got {self.affinity_weight}")
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """Hits per layer of one policy; accesses_per_layer = tokens x top_k."""
+
+    name: str
+    per_layer_hits: tuple[int, ...]
+    accesses_per_layer: int
+    seconds: float
+
+    @property
+    def per_layer_hit_rate(self) -> list[float]:
+        n = max(self.accesses_per_layer, 1)
+        return [h / n for h in self.per_layer_hits]
+
+    @property
+    def hit_rate(self) -> float:
+        """Hit rate averaged over layers."""
+        rates = self.per_layer_hit_rate
+        return float(np.mean(rates)) if rates else 0.0
+
+    @property
+    def worst_layer(self) -> int:
+        return int(np.argmin(self.per_layer_hit_rate))
+
+    @property
+    def decisions_per_s(self) -> float:
+        decisions = self.accesses_per_layer * len(self.per_layer_hits)
+        return decisions / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    trace: str
+    num_experts: int
+    capacity: int
+    results: dict[str, PolicyResult] = field(default_factory=dict)
+    native: bool = IS_NATIVE
+
+    @property
+    def capacity_fraction(self) -> float:
+        return self.capacity / self.num_experts
+
+    def to_json(self) -> dict:
+        """``{"trace", "capacity", "policies": {NAME: {"hit_rate", "per_layer_hit_rate"}}}``
+        plus extra keys (capacity_experts, num_experts, backend, decisions_per_s)."""
+        return {
+            "trace": self.trace,
+            "capacity": self.capacity_fraction,
+            "capacity_experts": self.capacity,
+            "num_experts": self.num_experts,
+            "backend": "native" if self.native else "python",
+            "policies": {
+                name: {
+                    "hit_rate": r.hit_rate,
+                    "per_layer_hit_rate": r.per_layer_hit_rate,
+                    "decisions_per_s": r.decisions_per_s,
+                }
+                for name, r in self.results.items()
+            },
+        }
+
+
+def _layer_hits(name: str, ids: np.ndarray, trace: Trace, config: ReplayConfig) -> int:
+    if name == "belady":
+        return belady_hits(ids, trace.num_experts, config.capacity)
+    cache = ExpertCache(
+        trace.num_experts,
+        ExpertCacheConfig(max_hot_experts=config.capacity, eviction_policy=_BASE_POLICY[name]),
+    )
+    if name == "affinity-lru":
+        affinity = ExpertAffinity(
+            AffinityConfig.with_num_experts(trace.num_experts)
+            .with_decay(config.affinity_decay)
+            .with_activation_boost(config.affinity_boost)
+        )
+        return int(cache.access_batch(ids, affinity, config.affinity_weight).sum())
+    return int(cache.access_batch(ids).sum())
+
+
+def replay_trace(
+    trace: Trace,
+    config: ReplayConfig,
+    timer: Callable[[], float] = time.perf_counter,
+    progress: Progress | None = None,
+) -> ReplayReport:
+    """Hits per layer of every policy in ``config.policies`` over ``trace``."""
+    if config.capacity > trace.num_experts:
+        raise ValueError(
+            f"capacity: expected at most num_experts={trace.num_experts}, got {config.capacity}"
+        )
+    layers = [trace.layer_ids(layer) for layer in range(trace.num_layers)]
+    results = {}
+    for name in config.policies:
+        hits, seconds = [], 0.0
+        for ids in layers:
+            start = timer()
+            hits.append(_layer_hits(name, ids, trace, config))
+            seconds += timer() - start
+            if progress is not None:
+                progress.advance(1, name)
+        results[name] = PolicyResult(name, tuple(hits), trace.num_tokens * trace.top_k, seconds)
+    return ReplayReport(trace.name, trace.num_experts, config.capacity, results)

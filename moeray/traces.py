@@ -1,0 +1,141 @@
+"""Routing traces: what a real model's routers chose, token by token, at every MoE layer.
+
+The ``.npz`` layout (that of ``shared/traces/``, read with ``allow_pickle=False``):
+- ``expert_ids``: integer [tokens, layers, top_k], each in [0, num_experts);
+- ``expert_probs`` (optional): float [tokens, layers, top_k], router weights of the chosen experts;
+- ``seq_offsets`` (optional): int64 [sequences + 1], sequence i is rows
+  ``seq_offsets[i]:seq_offsets[i+1]`` in time order (default: one sequence);
+- ``num_experts`` (optional): scalar; without it, num_experts = max id + 1.
+Other keys are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Trace", "TraceNotFoundError", "load_trace", "default_trace_path", "DEFAULT_TRACE_NAME"]
+
+DEFAULT_TRACE_NAME = "gpt-oss-20b (bundled slice)"
+
+
+class TraceNotFoundError(FileNotFoundError, ValueError):
+    """The trace path does not exist (both a FileNotFoundError and a ValueError)."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    """expert_ids: uint8/int [tokens, layers, top_k]; weights: float32 of the same shape or None;
+    seq_offsets: int64 [sequences + 1]."""
+
+    expert_ids: np.ndarray
+    weights: np.ndarray | None
+    seq_offsets: np.ndarray
+    num_experts: int
+    name: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_ids.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.expert_ids.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[2]
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_offsets) - 1
+
+    def layer_ids(self, layer: int) -> np.ndarray:
+        """int32 [tokens, top_k], C-contiguous: the routing of one layer."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: expected a layer in [0, {self.num_layers}), got {layer}")
+        return np.ascontiguousarray(self.expert_ids[:, layer, :], dtype=np.int32)
+
+    def layer_weights(self, layer: int) -> np.ndarray | None:
+        """float32 [tokens, top_k], C-contiguous, or None when the trace has no router weights."""
+        if self.weights is None:
+            return None
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: expected a layer in [0, {self.num_layers}), got {layer}")
+        return np.ascontiguousarray(self.weights[:, layer, :], dtype=np.float32)
+
+
+def default_trace_path() -> Path:
+    """The bundled slice of the gpt-oss-20b decode trace (see moeray/data/NOTICE)."""
+    return Path(str(resources.files("moeray") / "data" / "gpt-oss-20b-slice.npz"))
+
+
+def load_trace(path: str | os.PathLike, num_experts: int | None = None) -> Trace:
+    """Reads a routing trace ``.npz`` (layout in the module docstring) and checks its shapes.
+
+    num_experts: overrides the file's (or inferred) expert count; must exceed every id.
+    Raises TraceNotFoundError for a missing file and ValueError for an unreadable, truncated or
+    inconsistent one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TraceNotFoundError(2, f"path: no trace file at '{path}'", str(path))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"path: '{path}' is not a readable .npz trace ({exc})") from exc
+
+    if "expert_ids" not in arrays:
+        raise ValueError(f"path: '{path}' has no 'expert_ids' array (keys: {sorted(arrays)})")
+    ids = arrays["expert_ids"]
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"expert_ids: expected an integer dtype, got {ids.dtype}")
+    if ids.ndim != 3 or ids.shape[1] < 1 or ids.shape[2] < 1:
+        raise ValueError(f"expert_ids: expected shape [tokens, layers, top_k], got {ids.shape}")
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"expert_ids: ids must be >= 0, got {ids.min()}")
+    max_id = int(ids.max()) if ids.size else 0
+
+    if num_experts is None and "num_experts" in arrays:
+        num_experts = int(arrays["num_experts"])
+    if num_experts is None:
+        num_experts = max_id + 1
+    if num_experts <= max_id:
+        raise ValueError(f"num_experts: {num_experts} experts but the trace uses id {max_id}")
+
+    weights = arrays.get("expert_probs")
+    if weights is not None:
+        if weights.dtype.kind != "f" or weights.shape != ids.shape:
+            raise ValueError(
+                f"expert_probs: expected floats of shape {ids.shape}, got {weights.dtype} {weights.shape}"
+            )
+        weights = weights.astype(np.float32)
+        if not np.isfinite(weights).all():
+            raise ValueError("expert_probs: every router weight must be finite")
+
+    offsets = arrays.get("seq_offsets", np.array([0, ids.shape[0]], dtype=np.int64))
+    offsets = np.asarray(offsets)
+    if (
+        offsets.dtype.kind not in "iu"
+        or offsets.ndim != 1
+        or len(offsets) < 2
+        or offsets[0] != 0
+        or offsets[-1] != ids.shape[0]
+        or (np.diff(offsets) < 0).any()
+    ):
+        raise ValueError(
+            f"seq_offsets: expected non-decreasing int64 [sequences + 1] from 0 to {ids.shape[0]}"
+        )
+    return Trace(
+        expert_ids=ids,
+        weights=weights,
+        seq_offsets=offsets.astype(np.int64),
+        num_experts=int(num_experts),
+        name=path.name,
+    )
