@@ -47,15 +47,37 @@ class Affinity {
     return ka > kb || (ka == kb && a < b);
   }
 
-  // Highest affinity first, by partial selection: O(n log k).
+  // Highest affinity first, by one pass of partial selection: each expert is compared with the
+  // current k-th best and only the few that beat it are inserted into a sorted buffer.
   std::vector<int32_t> top_k_by_affinity(int64_t k) const {
-    std::vector<int32_t> idx(n_);
-    for (int32_t e = 0; e < n_; ++e) idx[e] = e;
     const int64_t m = std::min<int64_t>(k, n_);
-    std::partial_sort(idx.begin(), idx.begin() + m, idx.end(),
-                      [this](int32_t a, int32_t b) { return ranks_before(a, b); });
-    idx.resize(m);
-    return idx;
+    std::vector<int32_t> top;
+    top.reserve(m + 1);
+    if (m == 0) return top;
+    std::vector<double> keys(n_);
+    for (int32_t e = 0; e < n_; ++e) keys[e] = key(e);
+    if (m > 32) {  // insertion into a long buffer would cost O(n k): sort a heap instead
+      std::vector<int32_t> idx(n_);
+      for (int32_t e = 0; e < n_; ++e) idx[e] = e;
+      std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&keys](int32_t a, int32_t b) {
+        return keys[a] > keys[b] || (keys[a] == keys[b] && a < b);
+      });
+      idx.resize(m);
+      return idx;
+    }
+    for (int32_t e = 0; e < n_; ++e) {
+      // Ids arrive in increasing order, so equal keys never displace an earlier expert.
+      if (static_cast<int64_t>(top.size()) == m && !(keys[e] > keys[top.back()])) continue;
+      size_t i = top.size();
+      top.push_back(e);
+      while (i > 0 && keys[e] > keys[top[i - 1]]) {
+        top[i] = top[i - 1];
+        --i;
+      }
+      top[i] = e;
+      if (static_cast<int64_t>(top.size()) > m) top.pop_back();
+    }
+    return top;
   }
 
   std::vector<int32_t> top_k_by_frequency(int64_t k) const {

@@ -28,8 +28,9 @@ int32_t check_num_experts(int64_t n) {
 }
 
 // int32 [T, top_k], C-contiguous, ids in [0, num_experts): the batch contract.
+// check_range=false leaves the id range to a kernel that validates while it counts.
 py::array_t<int32_t> check_ids(const py::handle& obj, int32_t num_experts,
-                               const char* name = "expert_ids") {
+                               const char* name = "expert_ids", bool check_range = true) {
   const std::string arg(name);
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(arg + ": expected a numpy int32 array, got " +
@@ -43,6 +44,7 @@ py::array_t<int32_t> check_ids(const py::handle& obj, int32_t num_experts,
   if (!(arr.flags() & py::array::c_style))
     throw py::value_error(arg + ": expected a C-contiguous array");
   auto ids = py::reinterpret_borrow<py::array_t<int32_t>>(arr);
+  if (!check_range) return ids;
   const int32_t* p = ids.data();
   const int64_t total = ids.size();
   int32_t bad = 0;
@@ -94,7 +96,7 @@ py::object optional_id(int32_t e) {
 
 py::tuple schedule(const py::handle& expert_ids, const py::handle& weights, int64_t num_experts) {
   const int32_t n = check_num_experts(num_experts);
-  auto ids = check_ids(expert_ids, n);
+  auto ids = check_ids(expert_ids, n, "expert_ids", /*check_range=*/false);
   if (!py::isinstance<py::array>(weights))
     throw py::type_error("weights: expected a numpy float32 array, got " +
                          std::string(py::str(weights.get_type().attr("__name__"))));
@@ -119,13 +121,15 @@ py::tuple schedule(const py::handle& expert_ids, const py::handle& weights, int6
   int64_t* po = offsets.mutable_data();
   int32_t* pt = token_indices.mutable_data();
   float* pv = out_weights.mutable_data();
-  bool finite = true;
+  bool ok;
   {
     py::gil_scoped_release release;
-    for (int64_t i = 0; i < total; ++i) finite &= std::isfinite(pw[i]);
-    if (finite) moeray::schedule(pi, pw, num_tokens, top_k, n, po, pt, pv);
+    ok = moeray::schedule(pi, pw, num_tokens, top_k, n, po, pt, pv);
   }
-  if (!finite) throw py::value_error("weights: every weight must be finite (no NaN or inf)");
+  if (!ok) {
+    check_ids(ids, n);  // names the first bad id, if that is what failed
+    throw py::value_error("weights: every weight must be finite (no NaN or inf)");
+  }
   return py::make_tuple(offsets, token_indices, out_weights);
 }
 

@@ -49,15 +49,27 @@ class ExpertCache {
 
   // The seed's access(): a hit refreshes recency and counts; a miss admits, evicting when full.
   bool access(int32_t e) {
-    ++counter_;
-    ++freq_[e];
-    if (hot_[e]) {
-      touch_hit(e);
-      return true;
+    bool hit;
+    access_run(&e, 1, &hit);
+    return hit;
+  }
+
+  // access() over ids[0:n] in order, hits into out: the batch path.
+  void access_run(const int32_t* ids, int64_t n, bool* out) {
+    if (policy_ == kLru) return access_run_lru(ids, n, out);
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t e = ids[i];
+      ++counter_;
+      ++freq_[e];
+      if (hot_[e]) {
+        touch_hit(e);
+        out[i] = true;
+      } else {
+        ++stats_.misses;
+        admit(e);
+        out[i] = false;
+      }
     }
-    ++stats_.misses;
-    admit(e);
-    return false;
   }
 
   // access() with an affinity-blended victim on a miss when full (w < 1e-6 is the base policy).
@@ -142,6 +154,69 @@ class ExpertCache {
   static constexpr int32_t kNone = -1;
 
  private:
+  // LRU's loop keeps the list ends, counters and stats in locals: stores into the int32 and
+  // uint64 arrays could alias the members, which would put a reload on every step of the chain.
+  // Access counts are skipped: only LFU and Adaptive read them.
+  void access_run_lru(const int32_t* ids, int64_t n, bool* out) {
+    int32_t* prev = rprev_.data();
+    int32_t* next = rnext_.data();
+    uint8_t* hot = hot_.data();
+    uint8_t* prefetched = prefetched_.data();
+    uint64_t* timestamp = timestamp_.data();
+    int32_t head = rhead_, tail = rtail_, count = count_;
+    uint64_t counter = counter_, hits = 0, misses = 0, evictions = 0, prefetch_hits = 0;
+    auto unlink = [&](int32_t e) {
+      const int32_t p = prev[e], q = next[e];
+      if (p != kNone) next[p] = q; else head = q;
+      if (q != kNone) prev[q] = p; else tail = p;
+    };
+    auto append = [&](int32_t e) {
+      prev[e] = tail;
+      next[e] = kNone;
+      if (tail != kNone) next[tail] = e; else head = e;
+      tail = e;
+    };
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t e = ids[i];
+      ++counter;
+      timestamp[e] = counter;
+      if (hot[e]) {
+        ++hits;
+        if (prefetched[e]) {
+          ++prefetch_hits;
+          prefetched[e] = 0;
+        }
+        if (e != tail) {
+          unlink(e);
+          append(e);
+        }
+        out[i] = true;
+        continue;
+      }
+      ++misses;
+      if (count >= cap_) {
+        const int32_t victim = head;
+        unlink(victim);
+        hot[victim] = 0;
+        prefetched[victim] = 0;
+        --count;
+        ++evictions;
+      }
+      hot[e] = 1;
+      ++count;
+      append(e);
+      out[i] = false;
+    }
+    rhead_ = head;
+    rtail_ = tail;
+    count_ = count;
+    counter_ = counter;
+    stats_.hits += hits;
+    stats_.misses += misses;
+    stats_.evictions += evictions;
+    stats_.prefetch_hits += prefetch_hits;
+  }
+
   bool tracks_frequency() const { return policy_ != kLru; }
 
   void touch_hit(int32_t e) {
@@ -259,8 +334,15 @@ class ExpertCache {
   }
   void insert_bucket(int32_t e) {
     const uint64_t f = freq_[e];
-    int32_t b = blo_;
-    while (b != kNone && bfreq_[b] < f) b = bnext_[b];
+    int32_t b;  // the first bucket with count >= f, walking in from the nearer end
+    if (blo_ == kNone || f - std::min(f, bfreq_[blo_]) <= bfreq_[bhi_] - std::min(f, bfreq_[bhi_])) {
+      b = blo_;
+      while (b != kNone && bfreq_[b] < f) b = bnext_[b];
+    } else {
+      int32_t a = bhi_;
+      while (a != kNone && bfreq_[a] >= f) a = bprev_[a];
+      b = a == kNone ? blo_ : bnext_[a];
+    }
     if (b == kNone || bfreq_[b] != f) b = new_bucket(f, b);
     bucket_append(b, e);
   }

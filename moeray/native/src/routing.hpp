@@ -1,19 +1,29 @@
 // Routing-wide kernels: stable counting sort by expert, and the Belady offline optimum.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
 namespace moeray {
 
-// Groups T x top_k assignments by expert, keeping token order inside each expert.
-// offsets: [num_experts + 1]; token_indices, out_weights: [T * top_k]. Ids are in range.
-inline void schedule(const int32_t* ids, const float* weights, int64_t num_tokens, int64_t top_k,
+// Groups T x top_k assignments by expert, keeping token order inside each expert: a stable
+// counting sort. offsets: [num_experts + 1]; token_indices, out_weights: [T * top_k].
+// The counting pass also validates (ids in range, weights finite) so the data is read twice,
+// not four times; on bad input it returns false before writing any output.
+inline bool schedule(const int32_t* ids, const float* weights, int64_t num_tokens, int64_t top_k,
                      int32_t num_experts, int64_t* offsets, int32_t* token_indices,
                      float* out_weights) {
   const int64_t total = num_tokens * top_k;
-  std::vector<int64_t> cursor(num_experts + 1, 0);
-  for (int64_t i = 0; i < total; ++i) ++cursor[ids[i] + 1];
+  std::vector<int64_t> cursor(static_cast<size_t>(num_experts) + 1, 0);
+  bool ok = true;
+  for (int64_t i = 0; i < total; ++i) {
+    const uint32_t e = static_cast<uint32_t>(ids[i]);
+    const bool in_range = e < static_cast<uint32_t>(num_experts);
+    ok &= in_range & std::isfinite(weights[i]);
+    ++cursor[in_range ? e + 1 : 0];
+  }
+  if (!ok) return false;
   for (int32_t e = 0; e < num_experts; ++e) cursor[e + 1] += cursor[e];
   for (int32_t e = 0; e <= num_experts; ++e) offsets[e] = cursor[e];
   for (int64_t t = 0; t < num_tokens; ++t) {
@@ -24,6 +34,7 @@ inline void schedule(const int32_t* ids, const float* weights, int64_t num_token
       out_weights[p] = weights[i];
     }
   }
+  return true;
 }
 
 // Hits of demand caching with perfect knowledge of the future, over one layer's accesses.
