@@ -43,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 0.25: 8 of 32 for gpt-oss-20b)")
     replay.add_argument("--policy", action="append", choices=POLICY_NAMES, dest="policies",
                         help="policy to replay; repeat for several (default: all)")
-    replay.add_argument("--affinity-weight", type=float, default=0.5,
-                        help="weight of affinity in affinity-lru eviction, in [0, 1] (default 0.5)")
+    replay.add_argument("--affinity-weight", type=float, default=0.8,
+                        help="weight of affinity in affinity-lru eviction, in [0, 1] (default 0.8)")
     replay.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     replay.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")

@@ -283,9 +283,9 @@ class TestCoreScalars:
         """A float or str where an int is expected raises TypeError naming the argument."""
         xfail_for(
             request,
-            is_reference(core) and not (call == "top_k_by_affinity" and bad == "3"),
-            "bug: _reference converts with int() (1.5 -> 1, '3' -> 3) or slices, where the "
-            "native core raises TypeError naming the argument",
+            is_reference(core),
+            "bug: _reference converts with int() (1.5 -> 1, '3' -> 3) or fails inside (slice, "
+            "comparison) without naming the argument; the native core raises TypeError naming it",
         )
         cache = warm_core_cache(core)
         a = core.AffinityCore(N, 0.9, 0.3, 1.0)
@@ -452,6 +452,11 @@ class TestPublicIds:
         with pytest.raises(ValueError, match="expert_ids"):
             moeray.belady_hits(ids, N, 2)
 
+    @pytest.mark.xfail(
+        strict=True,
+        reason="bug: a ragged list of ids raises numpy's ValueError ('setting an array element "
+        "with a sequence...') that does not name expert_ids",
+    )
     def test_ragged_list_names_the_argument(self):
         with pytest.raises((ValueError, TypeError), match="expert_ids"):
             moeray.belady_hits([[0], [1, 2]], N, 2)
@@ -460,8 +465,12 @@ class TestPublicIds:
         """The public API copies to C order; only the cores insist on contiguity."""
         base = ids_of([[0, 9, 1, 9], [2, 9, 0, 9]])
         ids = base[:, ::2]  # [[0, 1], [2, 0]], strided
-        hits = warm_cache().access_batch(ids)
-        assert hits.tolist() == [[False, True], [True, False]]
+        assert not ids.flags.c_contiguous
+        cache = moeray.ExpertCache(N, moeray.ExpertCacheConfig(max_hot_experts=3))
+        assert cache.access_batch(ids).tolist() == [[False, False], [False, True]]
+        assert moeray.belady_hits(ids, N, 3) == 1
+        batches = moeray.schedule(ids, np.ones((2, 4), dtype=np.float32)[:, ::2], N)
+        assert batches.tokens_of(0).tolist() == [0, 1] and batches.tokens_of(2).tolist() == [1]
 
 
 class TestPublicWeightsAndScalars:
@@ -519,6 +528,11 @@ class TestPublicWeightsAndScalars:
             cache.access_batch(ids_of([[0, 3]]), aff, bad)
         assert public_snapshot(cache, aff) == before
 
+    @pytest.mark.xfail(
+        strict=True,
+        reason="bug: ExpertCache.access_batch calls float(affinity_weight) unchecked, so a str "
+        "raises ValueError('could not convert string to float') that does not name the argument",
+    )
     def test_non_numeric_affinity_weight_names_the_argument(self):
         cache = warm_cache()
         aff = moeray.ExpertAffinity(moeray.AffinityConfig(num_experts=N))
@@ -566,7 +580,7 @@ class TestPublicFailedBatchChangesNothing:
         with pytest.raises((ValueError, TypeError)):
             cache.access_batch(*args)
         assert public_snapshot(cache, aff) == before
-        # Same outcome as a cache that never saw the failed call: the hot set is [5, 7, 2].
+        # The cache goes on from its old state: 2 was the last admission, 0 was never seen.
         assert cache.access_batch(ids_of([[2], [0]])).tolist() == [[True], [False]]
 
 
