@@ -79,7 +79,7 @@ class PolicyResult:
     name: str
     per_layer_hits: tuple[int, ...]
     accesses_per_layer: int
-    seconds: float
+    per_layer_seconds: tuple[float, ...]
 
     @property
     def per_layer_hit_rate(self) -> list[float]:
@@ -98,8 +98,9 @@ class PolicyResult:
 
     @property
     def decisions_per_s(self) -> float:
-        decisions = self.accesses_per_layer * len(self.per_layer_hits)
-        return decisions / self.seconds if self.seconds > 0 else float("inf")
+        """Median over layers of accesses per second: robust to a noisy neighbour."""
+        seconds = float(np.median(self.per_layer_seconds)) if self.per_layer_seconds else 0.0
+        return self.accesses_per_layer / seconds if seconds > 0 else float("inf")
 
 
 @dataclass(frozen=True)
@@ -165,12 +166,14 @@ def replay_trace(
     layers = [trace.layer_ids(layer) for layer in range(trace.num_layers)]
     results = {}
     for name in config.policies:
-        hits, seconds = [], 0.0
+        hits, seconds = [], []
         for ids in layers:
             start = timer()
             hits.append(_layer_hits(name, ids, trace, config))
-            seconds += timer() - start
+            seconds.append(timer() - start)
             if progress is not None:
                 progress.advance(1, name)
-        results[name] = PolicyResult(name, tuple(hits), trace.num_tokens * trace.top_k, seconds)
+        results[name] = PolicyResult(
+            name, tuple(hits), trace.num_tokens * trace.top_k, tuple(seconds)
+        )
     return ReplayReport(trace.name, trace.num_experts, config.capacity, results)
