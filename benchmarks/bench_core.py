@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +23,11 @@ from moeray.native import _core, _reference
 from moeray.traces import default_trace_path, load_trace
 
 E, HOT, TOP_K, T = 256, 64, 8, 65_536
+SHARED_TRACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
+REAL_TRACES = (  # (file under --traces, capacity in experts: a quarter of each layer's)
+    ("gpt-oss-20b/gpt_oss_20b_decode_routing.npz", 8),
+    ("deepseek-v2-lite-chat/deepseek_v2_lite_chat_prefill_routing.npz", 16),
+)
 
 
 def median_seconds(fn, repeats: int, setup=None) -> float:
@@ -198,10 +204,35 @@ def bench_belady(repeats: int):
                f"{n:,} accesses")
 
 
+def bench_real_trace(path, capacity: int, repeats: int):
+    """LRU and LFU batched access over the first 8 layers of a real routing trace."""
+    trace = load_trace(path)
+    layers = [trace.layer_ids(layer) for layer in range(min(8, trace.num_layers))]
+    ref_layers = [x[:2000].copy() for x in layers[:2]]
+    rows = []
+    for policy, name in ((_core.LRU, "LRU"), (_core.LFU, "LFU")):
+        def run(module, streams):
+            def work(_):
+                for x in streams:
+                    module.ExpertCacheCore(trace.num_experts, capacity, 0.1, policy).access_batch(x)
+            return median_seconds(work, repeats) / sum(x.size for x in streams) * 1e9
+
+        hit_rate = np.mean([_core.ExpertCacheCore(trace.num_experts, capacity, 0.1, policy)
+                            .access_batch(x).mean() for x in layers])
+        rows.append(row(f"access_batch {name}, {trace.name[:22]}", "ns/access", run(_core, layers),
+                        run(_reference, ref_layers), None, None,
+                        f"{trace.num_experts} experts, {capacity} hot, top-{trace.top_k}, "
+                        f"hit rate {hit_rate:.3f}"))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (smoke run)")
     parser.add_argument("--repeats", type=int, default=7, help="repeats per measurement (median)")
+    parser.add_argument("--traces", type=Path, default=SHARED_TRACES,
+                        help="folder of the shared real traces, for the real-routing rows "
+                        "(skipped when absent; default: ../shared/traces beside the repo)")
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
     rng = np.random.default_rng(2026)
@@ -222,6 +253,9 @@ def main(argv=None) -> int:
         bench_prefetch(rng, repeats),
         bench_belady(repeats),
     ]
+    for relative, capacity in REAL_TRACES:
+        if (args.traces / relative).is_file():
+            rows += bench_real_trace(args.traces / relative, capacity, repeats)
     print("| operation | unit | native | reference | numpy | native vs reference | "
           "native vs numpy | goal | met | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")
