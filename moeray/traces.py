@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moeray.policy._validate import check_int
+
 __all__ = ["Trace", "TraceNotFoundError", "load_trace", "default_trace_path", "DEFAULT_TRACE_NAME"]
 
 DEFAULT_TRACE_NAME = "gpt-oss-20b (bundled slice)"
@@ -86,7 +88,10 @@ def load_trace(path: str | os.PathLike, num_experts: int | None = None) -> Trace
     if not path.is_file():
         raise TraceNotFoundError(2, f"path: no trace file at '{path}'", str(path))
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError("expected an .npz archive of named arrays")
+        with data:
             arrays = {key: data[key] for key in data.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
         raise ValueError(f"path: '{path}' is not a readable .npz trace ({exc})") from exc
@@ -102,8 +107,13 @@ def load_trace(path: str | os.PathLike, num_experts: int | None = None) -> Trace
         raise ValueError(f"expert_ids: ids must be >= 0, got {ids.min()}")
     max_id = int(ids.max()) if ids.size else 0
 
-    if num_experts is None and "num_experts" in arrays:
-        num_experts = int(arrays["num_experts"])
+    if num_experts is not None:
+        num_experts = check_int(num_experts, "num_experts", 1, 2**31 - 1)
+    elif "num_experts" in arrays:
+        stored = arrays["num_experts"]
+        if stored.shape != () or stored.dtype.kind not in "iu":
+            raise ValueError(f"num_experts: expected an integer scalar in the file, got {stored!r}")
+        num_experts = int(stored)
     if num_experts is None:
         num_experts = max_id + 1
     if num_experts <= max_id:

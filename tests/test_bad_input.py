@@ -27,11 +27,6 @@ def is_reference(core) -> bool:
     return core.__name__.endswith("_reference")
 
 
-def xfail_for(request, condition: bool, reason: str) -> None:
-    if condition:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 def ids_of(rows, dtype=np.int32) -> np.ndarray:
     return np.array(rows, dtype=dtype)
 
@@ -157,13 +152,7 @@ class TestCoreArrays:
             core.schedule(ids, np.ones(shape, dtype=np.float32), N)
 
     @pytest.mark.parametrize("layout", ["strided", "fortran"])
-    def test_schedule_non_contiguous_weights_is_value_error(self, core, request, layout):
-        xfail_for(
-            request,
-            is_reference(core),
-            "bug: _reference.schedule does not check that weights are C-contiguous "
-            "(the native core raises ValueError)",
-        )
+    def test_schedule_non_contiguous_weights_is_value_error(self, core, layout):
         ids = ids_of([[0, 1], [2, 3], [4, 5]])
         full = np.ones((3, 4), dtype=np.float32)
         weights = full[:, ::2] if layout == "strided" else np.asfortranarray(full[:, :2])
@@ -177,6 +166,15 @@ class TestCoreArrays:
         weights = np.full(ids.shape, 0.5, dtype=np.float32)
         weights[2, 1] = bad
         with pytest.raises(ValueError, match="weights"):
+            core.schedule(ids, weights, N)
+
+    @pytest.mark.parametrize("bad_id", [-1, N])
+    def test_schedule_bad_ids_and_bad_weights_names_the_ids(self, core, bad_id):
+        """Both are wrong: the ids are checked first, and the message names the bad id."""
+        ids = ids_of([[0, 1], [2, 3], [4, bad_id]])
+        weights = np.full(ids.shape, 0.5, dtype=np.float32)
+        weights[0, 0] = NAN
+        with pytest.raises(ValueError, match=rf"expert_ids.*{bad_id}"):
             core.schedule(ids, weights, N)
 
 
@@ -279,14 +277,8 @@ class TestCoreScalars:
         ],
     )
     @pytest.mark.parametrize("bad", [1.5, "3"], ids=repr)
-    def test_non_integer_scalar_is_type_error(self, core, request, call, bad):
+    def test_non_integer_scalar_is_type_error(self, core, call, bad):
         """A float or str where an int is expected raises TypeError naming the argument."""
-        xfail_for(
-            request,
-            is_reference(core),
-            "bug: _reference converts with int() (1.5 -> 1, '3' -> 3) or fails inside (slice, "
-            "comparison) without naming the argument; the native core raises TypeError naming it",
-        )
         cache = warm_core_cache(core)
         a = core.AffinityCore(N, 0.9, 0.3, 1.0)
         a.update([0, 3])
@@ -309,13 +301,7 @@ class TestCoreScalars:
         assert snapshot(cache, a) == before
 
     @pytest.mark.parametrize("cls", ["ExpertCacheCore", "AffinityCore"])
-    def test_bool_num_experts_is_type_error(self, core, request, cls):
-        xfail_for(
-            request,
-            not is_reference(core),
-            "bug: the native core accepts True as num_experts=1 (pybind11 int caster); "
-            "_reference raises TypeError",
-        )
+    def test_bool_num_experts_is_type_error(self, core, cls):
         args = (1, 0.1, core.LRU) if cls == "ExpertCacheCore" else (0.9, 0.3, 1.0)
         with pytest.raises(TypeError, match="num_experts"):
             getattr(core, cls)(True, *args)
@@ -378,13 +364,7 @@ class TestPublicIds:
         assert public_snapshot(cache) == before
 
     @pytest.mark.parametrize("method", ["access", "admit", "evict"])
-    def test_scalar_float_id_is_type_error(self, request, method):
-        xfail_for(
-            request,
-            not IS_NATIVE,
-            "bug: with MOERAY_PURE_PYTHON=1 the public ExpertCache accepts access(1.5) as "
-            "access(1) (the _reference core converts ids with int())",
-        )
+    def test_scalar_float_id_is_type_error(self, method):
         cache = warm_cache()
         before = public_snapshot(cache)
         with pytest.raises(TypeError, match="expert_id"):
@@ -452,11 +432,6 @@ class TestPublicIds:
         with pytest.raises(ValueError, match="expert_ids"):
             moeray.belady_hits(ids, N, 2)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: a ragged list of ids raises numpy's ValueError ('setting an array element "
-        "with a sequence...') that does not name expert_ids",
-    )
     def test_ragged_list_names_the_argument(self):
         with pytest.raises((ValueError, TypeError), match="expert_ids"):
             moeray.belady_hits([[0], [1, 2]], N, 2)
@@ -528,11 +503,6 @@ class TestPublicWeightsAndScalars:
             cache.access_batch(ids_of([[0, 3]]), aff, bad)
         assert public_snapshot(cache, aff) == before
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: ExpertCache.access_batch calls float(affinity_weight) unchecked, so a str "
-        "raises ValueError('could not convert string to float') that does not name the argument",
-    )
     def test_non_numeric_affinity_weight_names_the_argument(self):
         cache = warm_cache()
         aff = moeray.ExpertAffinity(moeray.AffinityConfig(num_experts=N))
@@ -600,11 +570,6 @@ class TestConfigs:
         with pytest.raises((ValueError, TypeError), match="prefetch_threshold"):
             moeray.ExpertCacheConfig(prefetch_threshold=bad)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: ExpertCacheConfig rejects a finite numpy float32 threshold with ValueError "
-        "(isinstance(x, (int, float)) is False for np.float32)",
-    )
     def test_cache_config_threshold_accepts_numpy_float32(self):
         assert moeray.ExpertCacheConfig(prefetch_threshold=np.float32(0.25)).prefetch_threshold == 0.25
 
@@ -743,11 +708,6 @@ class TestTraceFiles:
         with pytest.raises(ValueError, match="path"):
             moeray.load_trace(path)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: load_trace on a plain .npy file raises TypeError ('numpy.ndarray' object "
-        "does not support the context manager protocol) instead of ValueError naming path",
-    )
     def test_plain_npy_file(self, tmp_path):
         path = tmp_path / "ids.npy"
         np.save(path, good_arrays()["expert_ids"])
@@ -844,11 +804,6 @@ class TestTraceFiles:
         with pytest.raises(ValueError, match="num_experts"):
             moeray.load_trace(write_npz(tmp_path / "stored.npz", **arrays))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: a non-scalar 'num_experts' array in the file raises TypeError ('only "
-        "0-dimensional arrays can be converted...') that names no argument",
-    )
     def test_num_experts_not_a_scalar(self, tmp_path):
         arrays = good_arrays()
         arrays["num_experts"] = np.array([4, 4])

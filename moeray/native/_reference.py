@@ -13,6 +13,7 @@ Tie rules (shared with the native core, documented in ``moeray.policy.cache``):
 from __future__ import annotations
 
 import math
+import operator
 from collections import OrderedDict
 
 import numpy as np
@@ -31,9 +32,24 @@ LRU, LFU, ADAPTIVE = 0, 1, 2
 _NEG_INF = -math.inf
 
 
+def _index(value, name: str) -> int:
+    """An int argument as the native binding takes it: ints and numpy ints, never floats."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
+
+
+def _as_float(value, name: str) -> float:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    return float(value)
+
+
 def _check_num_experts(num_experts: int) -> int:
-    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
-        raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
+    if isinstance(num_experts, bool):  # a count: True is a mistake, as in the native binding
+        raise TypeError("num_experts: expected an int, got bool")
+    num_experts = _index(num_experts, "num_experts")
     if not 1 <= num_experts <= 2**31 - 1:
         raise ValueError(f"num_experts: expected an int in [1, 2**31), got {num_experts}")
     return int(num_experts)
@@ -65,9 +81,9 @@ class AffinityCore:
 
     def __init__(self, num_experts: int, decay: float, activation_boost: float, max_score: float):
         self._n = _check_num_experts(num_experts)
-        self._decay = float(decay)
-        self._boost = float(activation_boost)
-        self._max = float(max_score)
+        self._decay = _as_float(decay, "decay")
+        self._boost = _as_float(activation_boost, "activation_boost")
+        self._max = _as_float(max_score, "max_score")
         self._scores = [0.0] * self._n
         self._counts = [0] * self._n
 
@@ -75,7 +91,7 @@ class AffinityCore:
         return self._n
 
     def update(self, activated) -> None:
-        ids = [int(e) for e in activated]
+        ids = [_index(e, "activated") for e in activated]
         if any(e < 0 for e in ids):
             raise ValueError(f"activated: expert ids must be >= 0, got {min(ids)}")
         self._update_row(ids)
@@ -95,32 +111,34 @@ class AffinityCore:
             self._update_row(row)
 
     def score(self, expert_id: int) -> float:
-        e = int(expert_id)
+        e = _index(expert_id, "expert_id")
         return self._scores[e] if 0 <= e < self._n else 0.0
 
     def scores(self) -> np.ndarray:
         return np.array(self._scores, dtype=np.float64)
 
     def activation_count(self, expert_id: int) -> int:
-        e = int(expert_id)
+        e = _index(expert_id, "expert_id")
         return self._counts[e] if 0 <= e < self._n else 0
 
     def activation_counts(self) -> np.ndarray:
         return np.array(self._counts, dtype=np.int64)
 
     def top_k_by_affinity(self, k: int) -> list[int]:
+        k = _index(k, "k")
         if k < 0:
             raise ValueError(f"k: expected k >= 0, got {k}")
         order = sorted(range(self._n), key=lambda e: (-_affinity_key(self._scores[e]), e))
         return order[:k]
 
     def top_k_by_frequency(self, k: int) -> list[int]:
+        k = _index(k, "k")
         if k < 0:
             raise ValueError(f"k: expected k >= 0, got {k}")
         return sorted(range(self._n), key=lambda e: (-self._counts[e], e))[:k]
 
     def least_affinity(self, candidates) -> int | None:
-        ids = [int(e) for e in candidates]
+        ids = [_index(e, "candidates") for e in candidates]
         if not ids:
             return None
         return min(ids, key=lambda e: (_affinity_key(self.score(e)), e))
@@ -189,8 +207,9 @@ class ExpertCacheCore:
 
     def __init__(self, num_experts: int, max_hot: int, prefetch_threshold: float, policy: int):
         self._n = _check_num_experts(num_experts)
-        if isinstance(max_hot, bool) or not isinstance(max_hot, (int, np.integer)):
-            raise TypeError(f"max_hot_experts: expected an int, got {type(max_hot).__name__}")
+        max_hot = _index(max_hot, "max_hot")
+        prefetch_threshold = _as_float(prefetch_threshold, "prefetch_threshold")
+        policy = _index(policy, "policy")
         if not 1 <= max_hot <= self._n:
             raise ValueError(f"max_hot_experts: expected an int in [1, {self._n}], got {max_hot}")
         if not math.isfinite(prefetch_threshold):
@@ -208,7 +227,7 @@ class ExpertCacheCore:
         self._hits = self._misses = self._evictions = self._prefetch_hits = 0
 
     def _check_id(self, expert_id) -> int:
-        e = int(expert_id)
+        e = _index(expert_id, "expert_id")
         if not 0 <= e < self._n:
             raise ValueError(f"expert_id: expected an id in [0, {self._n}), got {e}")
         return e
@@ -245,6 +264,7 @@ class ExpertCacheCore:
 
     def should_prefetch(self, expert_id: int, router_weight: float) -> bool:
         e = self._check_id(expert_id)
+        router_weight = _as_float(router_weight, "router_weight")
         if not math.isfinite(router_weight):
             raise ValueError(f"router_weight: expected a finite float, got {router_weight}")
         return router_weight > self._threshold and e not in self._hot
@@ -297,6 +317,7 @@ class ExpertCacheCore:
 
     def suggest_eviction_with_affinity(self, affinity: AffinityCore, affinity_weight: float):
         self._check_affinity(affinity)
+        affinity_weight = _as_float(affinity_weight, "affinity_weight")
         if not math.isfinite(affinity_weight):
             raise ValueError(f"affinity_weight: expected a finite float, got {affinity_weight}")
         if len(self._hot) < self._cap:
@@ -315,6 +336,7 @@ class ExpertCacheCore:
 
     def prefetch_by_affinity(self, affinity: AffinityCore, budget: int) -> list[int]:
         self._check_affinity(affinity)
+        budget = _index(budget, "budget")
         if budget < 0:
             raise ValueError(f"budget: expected budget >= 0, got {budget}")
         prefetched: list[int] = []
@@ -337,6 +359,7 @@ class ExpertCacheCore:
         ids = _check_ids(expert_ids, self._n)
         if affinity is not None:
             self._check_affinity(affinity)
+            affinity_weight = _as_float(affinity_weight, "affinity_weight")
             if not math.isfinite(affinity_weight):
                 raise ValueError(f"affinity_weight: expected a finite float, got {affinity_weight}")
         hits = np.zeros(ids.shape, dtype=bool)
@@ -360,6 +383,8 @@ def schedule(expert_ids, weights, num_experts: int):
         raise TypeError(f"weights: expected dtype float32, got {weights.dtype}")
     if weights.shape != ids.shape:
         raise ValueError(f"weights: expected shape {ids.shape} like expert_ids, got {weights.shape}")
+    if not weights.flags.c_contiguous:
+        raise ValueError("weights: expected a C-contiguous array")
     if not np.isfinite(weights).all():
         raise ValueError("weights: every weight must be finite (no NaN or inf)")
     flat = ids.ravel()
@@ -372,29 +397,24 @@ def schedule(expert_ids, weights, num_experts: int):
 
 
 def belady_hits(expert_ids, num_experts: int, capacity: int) -> int:
-    """Hits of the offline optimum over one layer's [T, top_k] accesses (see moeray.policy.belady)."""
+    """Hits of Belady's MIN over one layer's [T, top_k] accesses (see moeray.policy.belady)."""
     num_experts = _check_num_experts(num_experts)
+    capacity = _index(capacity, "capacity")
     if not 1 <= capacity <= num_experts:
         raise ValueError(f"capacity: expected an int in [1, {num_experts}], got {capacity}")
-    rows = _check_ids(expert_ids, num_experts).tolist()
-    never = len(rows)  # "no next use" sorts after every real token index
-    next_use: list[list[int]] = [[] for _ in rows]
+    accesses = _check_ids(expert_ids, num_experts).ravel().tolist()
+    never = len(accesses)  # "no next access" sorts after every real position
+    next_use = [never] * len(accesses)
     last_seen = [never] * num_experts
-    for t in range(len(rows) - 1, -1, -1):
-        next_use[t] = [last_seen[e] for e in rows[t]]
-        for e in rows[t]:
-            last_seen[e] = t
-    hot: dict[int, int] = {}  # expert -> token index of its next use
+    for i in range(len(accesses) - 1, -1, -1):
+        next_use[i] = last_seen[accesses[i]]
+        last_seen[accesses[i]] = i
+    hot: dict[int, int] = {}  # expert -> position of its next access
     hits = 0
-    for t, row in enumerate(rows):
-        for e, nxt in zip(row, next_use[t]):
-            if e in hot:
-                hits += 1
-            elif len(hot) >= capacity:
-                candidates = [h for h in hot if h not in row]
-                if not candidates:
-                    continue  # every hot expert serves this token: bypass
-                victim = max(candidates, key=lambda h: (hot[h], -h))
-                del hot[victim]
-            hot[e] = nxt
+    for i, e in enumerate(accesses):
+        if e in hot:
+            hits += 1
+        elif len(hot) >= capacity:
+            del hot[max(hot, key=lambda h: (hot[h], -h))]
+        hot[e] = next_use[i]
     return hits

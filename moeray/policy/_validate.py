@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
-__all__ = ["as_expert_ids", "as_weights", "check_int"]
+__all__ = ["as_expert_ids", "as_weights", "check_float", "check_int"]
 
 
 def check_int(value, name: str, lo: int, hi: int | None = None) -> int:
@@ -18,17 +21,34 @@ def check_int(value, name: str, lo: int, hi: int | None = None) -> int:
     return value
 
 
+def check_float(value, name: str) -> float:
+    """``value`` as a float (ints and numpy scalars accepted), never NaN; TypeError otherwise."""
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (numbers.Real, np.floating)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name}: expected a number, got NaN")
+    return value
+
+
+def _as_array(value, name: str, kind: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: expected a numpy array of {kind}, got {type(value).__name__}")
+    try:
+        return np.asarray(value)
+    except ValueError as exc:  # ragged nesting
+        raise ValueError(f"{name}: expected a rectangular [T, top_k] array ({exc})") from None
+
+
 def as_expert_ids(expert_ids, num_experts: int, name: str = "expert_ids") -> np.ndarray:
     """Any integer array [T, top_k] as C-contiguous int32; ids are range-checked by the core.
 
     Non-integer dtypes raise TypeError; integer dtypes wider than int32 are range-checked here so
     that the cast cannot wrap an out-of-range id into a valid one.
     """
-    if not isinstance(expert_ids, np.ndarray):
-        if isinstance(expert_ids, (list, tuple)):
-            expert_ids = np.asarray(expert_ids)
-        else:
-            raise TypeError(f"{name}: expected an integer numpy array, got {type(expert_ids).__name__}")
+    expert_ids = _as_array(expert_ids, name, "ints")
     if expert_ids.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected an integer dtype (int32), got {expert_ids.dtype}")
     if expert_ids.ndim != 2:
@@ -42,11 +62,7 @@ def as_expert_ids(expert_ids, num_experts: int, name: str = "expert_ids") -> np.
 
 def as_weights(weights, shape: tuple[int, ...], name: str = "weights") -> np.ndarray:
     """Any float array of ``shape`` as C-contiguous float32; finiteness is checked by the core."""
-    if not isinstance(weights, np.ndarray):
-        if isinstance(weights, (list, tuple)):
-            weights = np.asarray(weights, dtype=np.float64)
-        else:
-            raise TypeError(f"{name}: expected a float numpy array, got {type(weights).__name__}")
+    weights = _as_array(weights, name, "floats")
     if weights.dtype.kind != "f":
         raise TypeError(f"{name}: expected a float dtype (float32), got {weights.dtype}")
     if weights.shape != tuple(shape):

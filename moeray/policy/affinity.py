@@ -8,24 +8,14 @@ Rankings put non-finite scores last and break ties by the lower id.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from moeray.native import backend
-from moeray.policy._validate import as_expert_ids, check_int
+from moeray.policy._validate import as_expert_ids, check_float, check_int
 
 __all__ = ["AffinityConfig", "ExpertAffinity"]
-
-
-def _as_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{name}: expected a number, got NaN")
-    return value
 
 
 @dataclass(frozen=True)
@@ -43,11 +33,11 @@ class AffinityConfig:
 
     def __post_init__(self):
         check_int(self.num_experts, "num_experts", 1, 2**31 - 1)
-        decay = _as_float(self.decay, "decay")
+        decay = check_float(self.decay, "decay")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay: expected a float in [0, 1], got {decay}")
         for name in ("activation_boost", "max_score"):
-            if _as_float(getattr(self, name), name) < 0.0:
+            if check_float(getattr(self, name), name) < 0.0:
                 raise ValueError(f"{name}: expected a float >= 0, got {getattr(self, name)}")
 
     @classmethod
@@ -55,14 +45,14 @@ class AffinityConfig:
         return cls(num_experts=num_experts)
 
     def with_decay(self, decay: float) -> "AffinityConfig":
-        return replace(self, decay=min(max(_as_float(decay, "decay"), 0.0), 1.0))
+        return replace(self, decay=min(max(check_float(decay, "decay"), 0.0), 1.0))
 
     def with_activation_boost(self, activation_boost: float) -> "AffinityConfig":
-        boost = _as_float(activation_boost, "activation_boost")
+        boost = check_float(activation_boost, "activation_boost")
         return replace(self, activation_boost=max(boost, 0.0))
 
     def with_max_score(self, max_score: float) -> "AffinityConfig":
-        return replace(self, max_score=max(_as_float(max_score, "max_score"), 0.0))
+        return replace(self, max_score=max(check_float(max_score, "max_score"), 0.0))
 
 
 class ExpertAffinity(backend.AffinityCore):

@@ -1,10 +1,15 @@
 """The offline optimum of demand caching (Belady's MIN), the bound every policy is measured against.
 
-Per layer, with perfect knowledge of the future: the accesses of one token are served together;
-a miss when the hot set is full evicts the hot expert, not among the current token's experts,
-whose next use is farthest in the future (ties: lowest id); if every hot expert serves the
-current token the miss bypasses the hot set. The hot set starts empty and persists across
+Per layer, with perfect knowledge of the future, over the accesses in row-major order (a token's
+experts in their routing order, tokens in time order): every miss admits; on a miss with a full
+hot set, evict the hot expert whose next access is farthest in the future (experts never
+accessed again first, lowest id among them). The hot set starts empty and persists across
 sequences. Hit rate = hits / (T * top_k).
+
+This is exactly the model ``ExpertCache.access`` follows, so MIN's optimality makes it an upper
+bound on every policy replayed on the same stream. (A variant that never evicts an expert of
+the token being served is not: an online cache may evict an expert its token has already used,
+and on ``[[0,1],[0,1],[0,1],[2,3],[0,1]]`` with capacity 2, LFU gets 5 hits to that variant's 4.)
 """
 
 from __future__ import annotations

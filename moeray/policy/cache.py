@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moeray.native import backend
-from moeray.policy._validate import as_expert_ids, check_int
+from moeray.policy._validate import as_expert_ids, check_float, check_int
 from moeray.policy.affinity import ExpertAffinity
 
 __all__ = ["EvictionPolicy", "ExpertCacheConfig", "ExpertCacheStats", "ExpertCache"]
@@ -50,9 +50,7 @@ class ExpertCacheConfig:
 
     def __post_init__(self):
         check_int(self.max_hot_experts, "max_hot_experts", 1)
-        if not isinstance(self.prefetch_threshold, (int, float)) or not np.isfinite(
-            self.prefetch_threshold
-        ):
+        if not np.isfinite(check_float(self.prefetch_threshold, "prefetch_threshold")):
             raise ValueError(
                 f"prefetch_threshold: expected a finite float, got {self.prefetch_threshold!r}"
             )
@@ -129,4 +127,5 @@ class ExpertCache(backend.ExpertCacheCore):
         Invalid input raises before any state changes.
         """
         ids = as_expert_ids(expert_ids, self.num_experts())
-        return super().access_batch(ids, affinity, float(affinity_weight))
+        weight = check_float(affinity_weight, "affinity_weight")
+        return super().access_batch(ids, affinity, weight)

@@ -21,7 +21,12 @@ namespace {
 
 using Lock = std::lock_guard<std::mutex>;
 
-int32_t check_num_experts(int64_t n) {
+// num_experts is a count: a bool is a mistake here, though pybind11's int caster takes it.
+int32_t check_num_experts(const py::handle& obj) {
+  if (PyBool_Check(obj.ptr()) || !PyIndex_Check(obj.ptr()))
+    throw py::type_error("num_experts: expected an int, got " +
+                         std::string(py::str(obj.get_type().attr("__name__"))));
+  const int64_t n = py::cast<int64_t>(py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr())));
   if (n < 1 || n > INT32_MAX)
     throw py::value_error("num_experts: expected an int in [1, 2**31), got " + std::to_string(n));
   return static_cast<int32_t>(n);
@@ -94,7 +99,8 @@ py::object optional_id(int32_t e) {
   return e == ExpertCache::kNone ? py::object(py::none()) : py::object(py::int_(e));
 }
 
-py::tuple schedule(const py::handle& expert_ids, const py::handle& weights, int64_t num_experts) {
+py::tuple schedule(const py::handle& expert_ids, const py::handle& weights,
+                   const py::handle& num_experts) {
   const int32_t n = check_num_experts(num_experts);
   auto ids = check_ids(expert_ids, n, "expert_ids", /*check_range=*/false);
   if (!py::isinstance<py::array>(weights))
@@ -133,7 +139,8 @@ py::tuple schedule(const py::handle& expert_ids, const py::handle& weights, int6
   return py::make_tuple(offsets, token_indices, out_weights);
 }
 
-int64_t belady_hits(const py::handle& expert_ids, int64_t num_experts, int64_t capacity) {
+int64_t belady_hits(const py::handle& expert_ids, const py::handle& num_experts,
+                    int64_t capacity) {
   const int32_t n = check_num_experts(num_experts);
   if (capacity < 1 || capacity > n)
     throw py::value_error("capacity: expected an int in [1, " + std::to_string(n) + "], got " +
@@ -154,7 +161,7 @@ PYBIND11_MODULE(_core, m) {
   m.attr("ADAPTIVE") = static_cast<int>(moeray::kAdaptive);
 
   py::class_<Affinity>(m, "AffinityCore")
-      .def(py::init([](int64_t num_experts, double decay, double boost, double max_score) {
+      .def(py::init([](const py::handle& num_experts, double decay, double boost, double max_score) {
              return new Affinity(check_num_experts(num_experts), decay, boost, max_score);
            }),
            py::arg("num_experts"), py::arg("decay"), py::arg("activation_boost"),
@@ -230,7 +237,8 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<ExpertCache>(m, "ExpertCacheCore")
-      .def(py::init([](int64_t num_experts, int64_t max_hot, double threshold, int64_t policy) {
+      .def(py::init([](const py::handle& num_experts, int64_t max_hot, double threshold,
+                            int64_t policy) {
              const int32_t n = check_num_experts(num_experts);
              if (max_hot < 1 || max_hot > n)
                throw py::value_error("max_hot_experts: expected an int in [1, " +

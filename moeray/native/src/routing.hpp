@@ -1,4 +1,4 @@
-// Routing-wide kernels: stable counting sort by expert, and the Belady offline optimum.
+// Routing-wide kernels: stable counting sort by expert, and Belady's offline optimum.
 #pragma once
 
 #include <cmath>
@@ -37,45 +37,32 @@ inline bool schedule(const int32_t* ids, const float* weights, int64_t num_token
   return true;
 }
 
-// Hits of demand caching with perfect knowledge of the future, over one layer's accesses.
-// A token's experts are served together; a miss on a full hot set evicts the hot expert outside
-// the current token whose next use is farthest (ties: lowest id); when every hot expert serves
-// the current token, the miss bypasses the hot set.
+// Hits of Belady's MIN over one layer's accesses in row-major order: on a miss with a full hot
+// set, evict the hot expert whose next access is farthest in the future (never accessed again:
+// the lowest such id). This is the optimum of the demand-caching model that access() follows
+// (every miss admits), so no online policy replayed on the same stream can beat it.
 inline int64_t belady_hits(const int32_t* ids, int64_t num_tokens, int64_t top_k,
                            int32_t num_experts, int32_t capacity) {
-  const int64_t never = num_tokens;
-  std::vector<int64_t> next_use(num_tokens * top_k);
+  const int64_t total = num_tokens * top_k, never = total;
+  std::vector<int64_t> next_use(total);
   std::vector<int64_t> last_seen(num_experts, never);
-  for (int64_t t = num_tokens - 1; t >= 0; --t) {
-    const int32_t* row = ids + t * top_k;
-    for (int64_t j = 0; j < top_k; ++j) next_use[t * top_k + j] = last_seen[row[j]];
-    for (int64_t j = 0; j < top_k; ++j) last_seen[row[j]] = t;
+  for (int64_t i = total - 1; i >= 0; --i) {
+    next_use[i] = last_seen[ids[i]];
+    last_seen[ids[i]] = i;
   }
-  std::vector<int64_t> hot_next(num_experts, -1);  // -1: not hot
-  std::vector<int64_t> in_token(num_experts, -1);  // token index that last used the expert
+  std::vector<int64_t> hot_next(num_experts, -1);  // position of the next access; -1: not hot
   std::vector<int32_t> hot;                         // hot experts, unordered
   std::vector<int32_t> slot(num_experts, -1);       // position of an expert in `hot`
   hot.reserve(capacity);
   int64_t hits = 0;
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const int32_t* row = ids + t * top_k;
-    for (int64_t j = 0; j < top_k; ++j) in_token[row[j]] = t;
-    for (int64_t j = 0; j < top_k; ++j) {
-      const int32_t e = row[j];
-      if (hot_next[e] >= 0) {
-        ++hits;
-        hot_next[e] = next_use[t * top_k + j];
-        continue;
-      }
+  for (int64_t i = 0; i < total; ++i) {
+    const int32_t e = ids[i];
+    if (hot_next[e] < 0) {
       if (static_cast<int32_t>(hot.size()) >= capacity) {
-        int32_t victim = -1;
-        for (int32_t h : hot) {
-          if (in_token[h] == t) continue;
-          if (victim < 0 || hot_next[h] > hot_next[victim] ||
-              (hot_next[h] == hot_next[victim] && h < victim))
+        int32_t victim = hot[0];
+        for (int32_t h : hot)
+          if (hot_next[h] > hot_next[victim] || (hot_next[h] == hot_next[victim] && h < victim))
             victim = h;
-        }
-        if (victim < 0) continue;  // bypass
         const int32_t s = slot[victim];
         hot[s] = hot.back();
         slot[hot[s]] = s;
@@ -84,8 +71,10 @@ inline int64_t belady_hits(const int32_t* ids, int64_t num_tokens, int64_t top_k
       }
       slot[e] = static_cast<int32_t>(hot.size());
       hot.push_back(e);
-      hot_next[e] = next_use[t * top_k + j];
+    } else {
+      ++hits;
     }
+    hot_next[e] = next_use[i];
   }
   return hits;
 }
