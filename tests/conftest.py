@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,18 @@ def pytest_configure(config):
         "markers",
         "pure: the test exercises only moeray's policy layer and must not import ray",
     )
+
+
+def pytest_sessionstart(session):
+    """An unbuilt native core must not pass as a green run of the pure-Python twin."""
+    import moeray.native
+
+    if not moeray.native.IS_NATIVE and os.environ.get("MOERAY_PURE_PYTHON", "") in ("", "0"):
+        pytest.exit(
+            "moeray's native core (_core) is not importable: build it with `pip install .`, "
+            "or set MOERAY_PURE_PYTHON=1 to test the pure-Python twin on purpose",
+            returncode=1,
+        )
 
 
 def _import_native():
