@@ -351,7 +351,7 @@ class AffinityCacheMachine(CacheMachine):
 
     @invariant()
     def blended_victims_match(self):
-        for weight in (0.0, 0.3, 0.5, 1.0):
+        for weight in (0.0, 1e-6, 0.3, 0.5, 1.0):
             got = self.cache.suggest_eviction_with_affinity(self.affinity, weight)
             assert got == self.model.suggest_eviction_with_affinity(self.model_affinity, weight)
 
