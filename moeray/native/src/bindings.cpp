@@ -354,7 +354,7 @@ PYBIND11_MODULE(_core, m) {
                py::gil_scoped_release release;
                Lock lock(c.mutex);
                if (a == nullptr) {
-                 for (int64_t i = 0; i < rows * k; ++i) out[i] = c.access(p[i]);
+                 c.access_run(p, rows * k, out);
                } else {
                  Lock lock_a(a->mutex);
                  for (int64_t t = 0; t < rows; ++t) {
