@@ -12,6 +12,7 @@ import ast
 import os
 import re
 import subprocess
+import tempfile
 import sys
 import textwrap
 from pathlib import Path
@@ -46,6 +47,7 @@ def run_probe(modules: str, env_extra: dict[str, str] | None = None) -> subproce
         text=True,
         timeout=120,
         env=env,
+        cwd=tempfile.gettempdir(),  # not the checkout: `-c` puts the cwd first on sys.path
     )
 
 

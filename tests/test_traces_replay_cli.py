@@ -407,6 +407,7 @@ def test_cli_module_entry_point_matches(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=tmp_path,  # not the checkout: `-m` puts the cwd first on sys.path
     )
     assert proc.returncode == 0, proc.stderr
     assert table_rows(proc.stdout) == {"belady": pytest.approx(10 / 18, abs=5e-4)}
@@ -415,5 +416,6 @@ def test_cli_module_entry_point_matches(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=tmp_path,
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
