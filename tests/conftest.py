@@ -80,3 +80,23 @@ def _pure_tests_do_not_import_ray(request):
     yield
     if not had_ray and "ray" in sys.modules:
         pytest.fail(f"{request.node.nodeid} is marked pure but imported ray", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One quiet, loopback-only local Ray for every Ray test of the session (RAY-NOTES.md)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 2**20,
+        log_to_driver=False,
+        logging_level="ERROR",
+        _system_config={"worker_maximum_startup_concurrency": 16},
+    )
+    yield ray
+    ray.shutdown()

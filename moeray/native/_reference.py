@@ -149,6 +149,21 @@ class AffinityCore:
         equal = sum(1 for c in self._counts if c == count)
         return (lower + 0.5 * equal) / self._n
 
+    def load_state(self, scores, activation_counts) -> None:
+        """Restores scores (float64 [n]) and activation counts (int64 [n], >= 0)."""
+        for name, value, dtype in (("scores", scores, np.float64),
+                                   ("activation_counts", activation_counts, np.int64)):
+            if not isinstance(value, np.ndarray):
+                raise TypeError(f"{name}: expected a numpy array")
+            if value.dtype != dtype:
+                raise TypeError(f"{name}: expected dtype {np.dtype(dtype)}, got {value.dtype}")
+            if value.shape != (self._n,) or not value.flags.c_contiguous:
+                raise ValueError(f"{name}: expected a C-contiguous array of {self._n} values")
+        if (activation_counts < 0).any():
+            raise ValueError("activation_counts: counts must be >= 0")
+        self._scores = scores.tolist()
+        self._counts = activation_counts.tolist()
+
     def reset(self) -> None:
         self._scores = [0.0] * self._n
         self._counts = [0] * self._n

@@ -101,6 +101,13 @@ class Affinity {
     return (static_cast<double>(lower) + 0.5 * static_cast<double>(equal)) / static_cast<double>(n_);
   }
 
+  // Restores a state saved with scores() and counts() (a layer actor restarting from the
+  // coordinator's copy). Sizes are checked by the caller.
+  void load_state(const double* scores, const int64_t* counts) {
+    std::copy(scores, scores + n_, scores_.begin());
+    for (int32_t e = 0; e < n_; ++e) counts_[e] = static_cast<uint64_t>(counts[e]);
+  }
+
   void reset() {
     std::fill(scores_.begin(), scores_.end(), 0.0);
     std::fill(counts_.begin(), counts_.end(), 0);

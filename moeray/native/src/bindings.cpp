@@ -41,7 +41,7 @@ py::array_t<int32_t> check_ids(const py::handle& obj, int32_t num_experts,
     throw py::type_error(arg + ": expected a numpy int32 array, got " +
                          std::string(py::str(obj.get_type().attr("__name__"))));
   auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (!arr.dtype().is(py::dtype::of<int32_t>()))
+  if (!py::isinstance<py::array_t<int32_t>>(arr))
     throw py::type_error(arg + ": expected dtype int32, got " + std::string(py::str(arr.dtype())));
   if (arr.ndim() != 2)
     throw py::value_error(arg + ": expected shape [T, top_k], got " +
@@ -107,7 +107,7 @@ py::tuple schedule(const py::handle& expert_ids, const py::handle& weights,
     throw py::type_error("weights: expected a numpy float32 array, got " +
                          std::string(py::str(weights.get_type().attr("__name__"))));
   auto warr = py::reinterpret_borrow<py::array>(weights);
-  if (!warr.dtype().is(py::dtype::of<float>()))
+  if (!py::isinstance<py::array_t<float>>(warr))
     throw py::type_error("weights: expected dtype float32, got " +
                          std::string(py::str(warr.dtype())));
   if (warr.ndim() != 2 || warr.shape(0) != ids.shape(0) || warr.shape(1) != ids.shape(1))
@@ -231,6 +231,34 @@ PYBIND11_MODULE(_core, m) {
            },
            py::arg("candidates"))
       .def("frequency_percentile", &Affinity::frequency_percentile, py::arg("expert_id"))
+      .def("load_state",
+           [](Affinity& a, const py::handle& scores, const py::handle& counts) {
+             const int64_t n = a.num_experts();
+             auto as_vector = [n](const py::handle& obj, bool is_double, const char* name) {
+               if (!py::isinstance<py::array>(obj))
+                 throw py::type_error(std::string(name) + ": expected a numpy array");
+               auto arr = py::reinterpret_borrow<py::array>(obj);
+               const py::dtype dtype =
+                   is_double ? py::dtype::of<double>() : py::dtype::of<int64_t>();
+               if (is_double ? !py::isinstance<py::array_t<double>>(arr)
+                             : !py::isinstance<py::array_t<int64_t>>(arr))
+                 throw py::type_error(std::string(name) + ": expected dtype " +
+                                      std::string(py::str(dtype)) + ", got " +
+                                      std::string(py::str(arr.dtype())));
+               if (arr.ndim() != 1 || arr.shape(0) != n || !(arr.flags() & py::array::c_style))
+                 throw py::value_error(std::string(name) + ": expected a C-contiguous array of " +
+                                       std::to_string(n) + " values");
+               return arr;
+             };
+             auto s = as_vector(scores, true, "scores");
+             auto c = as_vector(counts, false, "activation_counts");
+             const int64_t* pc = static_cast<const int64_t*>(c.data());
+             for (int64_t e = 0; e < n; ++e)
+               if (pc[e] < 0) throw py::value_error("activation_counts: counts must be >= 0");
+             Lock lock(a.mutex);
+             a.load_state(static_cast<const double*>(s.data()), pc);
+           },
+           py::arg("scores"), py::arg("activation_counts"))
       .def("reset", [](Affinity& a) {
         Lock lock(a.mutex);
         a.reset();

@@ -1,0 +1,206 @@
+"""Every Ray call of moeray lives here: creating, calling, polling and killing actors.
+
+The actor bodies (``LayerCaches``, ``Coordinator``) are plain classes; this module wraps them
+with ``ray.remote`` and gives the coordinator a ``LayerTransport`` over real actor handles.
+"""
+
+from __future__ import annotations
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from moeray.actors.coordinator import Coordinator, ServiceConfig
+from moeray.wire import decode_step, encode_batches
+from moeray.actors.layer import LayerCaches, LayerState, LayerWindow, WindowGapError
+
+__all__ = [
+    "RayLayerTransport",
+    "CoordinatorHost",
+    "coordinator_name",
+    "layer_actor_name",
+    "create_coordinator",
+    "get_coordinator",
+    "call",
+    "call_async",
+    "kill",
+    "RayActorError",
+]
+
+_OPTIONS = {"num_cpus": 0, "max_restarts": 0, "lifetime": "detached"}
+
+
+def coordinator_name(config_name: str) -> str:
+    return f"{config_name}.coordinator"
+
+
+def layer_actor_name(config_name: str, actor: int) -> str:
+    return f"{config_name}.layers-{actor}"
+
+
+def _placement_options(resource: str | None) -> dict:
+    # A tiny amount of a node's custom resource pins the actor to that node without using it up.
+    return {"resources": {resource: 0.001}} if resource else {}
+
+
+class RayLayerTransport:
+    """The coordinator's view of its layer actors; every call returns at once."""
+
+    def __init__(self, config: ServiceConfig):
+        self._config = config
+        self._groups = config.actor_layers()
+        self._handles: list = [None] * len(self._groups)
+        self._generation = [0] * len(self._groups)
+        self._inflight: list[tuple[int, int, ray.ObjectRef]] = []
+        for actor in range(len(self._groups)):
+            self._handles[actor] = self._create(actor)
+
+    def _create(self, actor: int):
+        config = self._config
+        resource = config.placement[actor] if config.placement else None
+        layers = self._groups[actor]
+        return (
+            ray.remote(LayerCaches)
+            .options(
+                name=layer_actor_name(config.name, actor),
+                namespace=config.namespace,
+                **_OPTIONS,
+                **_placement_options(resource),
+            )
+            .remote(
+                layers,
+                config.num_experts,
+                {layer: config.capacity[layer] for layer in layers},
+                config.policy,
+                config.affinity_config(),
+                config.affinity_weight,
+            )
+        )
+
+    def send(self, actor: int, windows: list[LayerWindow]) -> None:
+        ref = self._handles[actor].apply.remote(windows)
+        self._inflight.append((actor, self._generation[actor], ref))
+
+    def restore(self, actor: int, states: list[LayerState]) -> None:
+        ref = self._handles[actor].restore.remote(states)
+        self._inflight.append((actor, self._generation[actor], ref))
+
+    def recreate(self, actor: int) -> None:
+        try:
+            ray.kill(self._handles[actor], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self._generation[actor] += 1
+        self._handles[actor] = self._create(actor)
+
+    def generation(self, actor: int) -> int:
+        return self._generation[actor]
+
+    def outstanding(self) -> int:
+        return len(self._inflight)
+
+    def poll(self, wait: bool) -> list[tuple[int, int, object]]:
+        """Finished calls in send order per actor; with ``wait``, at least the oldest one."""
+        if not self._inflight:
+            return []
+        refs = [ref for _, _, ref in self._inflight]
+        ready, _ = ray.wait(refs, num_returns=1 if wait else len(refs), timeout=None if wait else 0)
+        if wait:  # then take whatever else finished meanwhile
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        ready = set(ready)
+        done, keep, blocked = [], [], set()
+        for actor, generation, ref in self._inflight:
+            if actor in blocked or ref not in ready:
+                blocked.add(actor)  # later calls of this actor wait for this one
+                keep.append((actor, generation, ref))
+                continue
+            try:
+                done.append((actor, generation, ray.get(ref)))
+            except RayActorError as exc:  # the actor died
+                done.append((actor, generation, exc))
+            except RayTaskError as exc:  # a restarted actor that lost its place
+                if not isinstance(exc.cause, WindowGapError):
+                    raise
+                done.append((actor, generation, exc))
+        self._inflight = keep
+        return done
+
+    def handles(self) -> list:
+        return list(self._handles)
+
+    def kill_all(self) -> None:
+        for handle in self._handles:
+            kill(handle)
+        self._inflight = []
+
+
+class CoordinatorHost:
+    """The coordinator actor's body: a ``Coordinator`` over real layer actors."""
+
+    def __init__(self, config: ServiceConfig):
+        self._transport = RayLayerTransport(config)
+        self._coordinator = Coordinator(config, self._transport)
+
+    def config(self) -> ServiceConfig:
+        return self._coordinator.config
+
+    def submit(self, expert_ids, weights=None, schedule_batches: bool = True):
+        return self._coordinator.submit(expert_ids, weights, schedule_batches)
+
+    def submit_msgpack(self, payload: bytes) -> bytes:
+        expert_ids, weights = decode_step(payload)
+        batches = self._coordinator.submit(expert_ids, weights)
+        return encode_batches(batches or [])
+
+    def add_routing(self, ids) -> None:
+        self._coordinator.add_routing(ids)
+
+    def flush(self) -> None:
+        self._coordinator.flush()
+
+    def stats(self, sync: bool = True):
+        return self._coordinator.stats(sync)
+
+    def layer_actor_handles(self) -> list:
+        return self._transport.handles()
+
+    def shutdown(self) -> None:
+        self._transport.kill_all()
+
+
+def create_coordinator(config: ServiceConfig):
+    """Creates the named, detached coordinator actor (which creates its layer actors)."""
+    return (
+        ray.remote(CoordinatorHost)
+        .options(name=coordinator_name(config.name), namespace=config.namespace, **_OPTIONS)
+        .remote(config)
+    )
+
+
+def get_coordinator(name: str, namespace: str):
+    """The running coordinator of service ``name``; ValueError when there is none."""
+    try:
+        return ray.get_actor(coordinator_name(name), namespace=namespace)
+    except ValueError:
+        raise ValueError(f"name: no moeray service {name!r} in namespace {namespace!r}") from None
+
+
+def call(method, *args, **kwargs):
+    """Calls an actor method and waits for its result."""
+    return ray.get(method.remote(*args, **kwargs))
+
+
+def call_async(method, *args, **kwargs):
+    """Calls an actor method; returns its ObjectRef without waiting."""
+    return method.remote(*args, **kwargs)
+
+
+def wait_all(refs) -> None:
+    if refs:
+        ray.get(list(refs))
+
+
+def kill(handle) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # already gone
+        pass

@@ -1,0 +1,329 @@
+"""Body of the coordinator: coalesces routing per layer and keeps every layer actor in step.
+
+A plain class (no Ray here): it talks to layer actors through a ``LayerTransport`` (Ray's in
+``moeray.actors._ray``, a fake in tests). The coordinator is the source of truth:
+- routing is buffered per layer and sent as one ``LayerWindow`` per layer actor per window
+  (``window_steps`` submits, or ``window_ms`` since the window opened, whichever comes first);
+- windows are numbered per layer and kept until acknowledged; on ack their counters join the
+  layer's statistics and their routing updates the coordinator's copy of the layer's affinity;
+- when a layer actor fails, it is re-created, restored from that copy (last acknowledged window
+  and affinity) and sent every unacknowledged window again, so nothing is lost or counted twice.
+
+Accounting rule after a failure: statistics are the sum of acknowledged windows, each counted
+once. The restarted actor's hot set starts empty (its memory went with the process), so from
+the last acknowledged window on its hits can be lower than an uninterrupted replay's; the
+layer's ``restarts`` counter says when this happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Callable, Protocol
+
+import numpy as np
+
+from moeray.actors.layer import POLICIES, LayerAck, LayerState, LayerWindow
+from moeray.policy._validate import as_weights, check_int
+from moeray.policy.affinity import AffinityConfig, ExpertAffinity
+from moeray.policy.scheduler import ExpertBatches, schedule
+
+__all__ = [
+    "ServiceConfig",
+    "LayerStats",
+    "ServiceStats",
+    "LayerTransport",
+    "Coordinator",
+    "check_step",
+]
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Model shape, cache policy and coalescing of one moeray service.
+
+    capacity: hot experts per layer, one int for every layer or a tuple of num_layers ints.
+    window_steps: submits per window; window_ms: also close a window this old (None: never).
+    layers_per_actor: consecutive layers hosted by one actor process (1: one actor per layer).
+    placement: per layer actor, the Ray custom resource that pins it to a node (None: anywhere).
+    """
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    capacity: int | tuple[int, ...] = 8
+    policy: str = "lru"
+    prefetch_budget: int = 0
+    window_steps: int = 1
+    window_ms: float | None = None
+    layers_per_actor: int = 1
+    name: str = "moeray"
+    namespace: str = "moeray"
+    placement: tuple[str | None, ...] | None = None
+    affinity_decay: float = 0.95
+    affinity_boost: float = 0.05
+    affinity_weight: float = 0.8
+
+    def __post_init__(self):
+        check_int(self.num_layers, "num_layers", 1)
+        check_int(self.num_experts, "num_experts", 1, 2**31 - 1)
+        check_int(self.top_k, "top_k", 1, self.num_experts)
+        capacity = self.capacity
+        if isinstance(capacity, (list, tuple)):
+            if len(capacity) != self.num_layers:
+                raise ValueError(
+                    f"capacity: expected one int or {self.num_layers} ints, got {len(capacity)}"
+                )
+            capacity = tuple(check_int(c, "capacity", 1, self.num_experts) for c in capacity)
+        else:
+            capacity = (check_int(capacity, "capacity", 1, self.num_experts),) * self.num_layers
+        object.__setattr__(self, "capacity", capacity)
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {sorted(POLICIES)}, got {self.policy!r}")
+        check_int(self.prefetch_budget, "prefetch_budget", 0, self.num_experts)
+        check_int(self.window_steps, "window_steps", 1)
+        if self.window_ms is not None and not self.window_ms > 0:
+            raise ValueError(f"window_ms: expected None or a positive number, got {self.window_ms}")
+        check_int(self.layers_per_actor, "layers_per_actor", 1, self.num_layers)
+        if not self.name or not self.namespace:
+            raise ValueError("name, namespace: expected non-empty strings")
+        if self.placement is not None and len(self.placement) != len(self.actor_layers()):
+            raise ValueError(
+                f"placement: expected one resource (or None) per layer actor "
+                f"({len(self.actor_layers())}), got {len(self.placement)}"
+            )
+        if not 0.0 <= self.affinity_weight <= 1.0:
+            raise ValueError(f"affinity_weight: expected a float in [0, 1], got {self.affinity_weight}")
+
+    def actor_layers(self) -> list[list[int]]:
+        """Layers of each layer actor, in actor order."""
+        n = self.layers_per_actor
+        return [list(range(i, min(i + n, self.num_layers))) for i in range(0, self.num_layers, n)]
+
+    def affinity_config(self) -> AffinityConfig:
+        return (
+            AffinityConfig.with_num_experts(self.num_experts)
+            .with_decay(self.affinity_decay)
+            .with_activation_boost(self.affinity_boost)
+        )
+
+
+@dataclass
+class LayerStats:
+    """Counters of one layer over its acknowledged windows."""
+
+    layer: int
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    prefetch_hits: int = 0
+    prefetches: int = 0
+    windows: int = 0
+    tokens: int = 0
+    restarts: int = 0
+
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass
+class ServiceStats:
+    layers: list[LayerStats] = field(default_factory=list)
+    submits: int = 0
+    pending_windows: int = 0
+
+    def total(self) -> LayerStats:
+        out = LayerStats(layer=-1)
+        for s in self.layers:
+            for f in fields(LayerStats):
+                if f.name != "layer":
+                    setattr(out, f.name, getattr(out, f.name) + getattr(s, f.name))
+        return out
+
+
+class LayerTransport(Protocol):
+    """How the coordinator reaches layer actors; every call is non-blocking."""
+
+    def send(self, actor: int, windows: list[LayerWindow]) -> None: ...
+
+    def restore(self, actor: int, states: list[LayerState]) -> None: ...
+
+    def recreate(self, actor: int) -> None: ...
+
+    def poll(self, wait: bool) -> list[tuple[int, int, object]]:
+        """Finished calls as (actor, generation, acks or exception), in send order per actor."""
+        ...
+
+    def generation(self, actor: int) -> int: ...
+
+    def outstanding(self) -> int: ...
+
+
+def check_step(expert_ids, weights, config: ServiceConfig):
+    """A step's routing as int32 [num_layers, T, top_k] ids and float32 weights (or None).
+
+    Raises TypeError / ValueError naming the argument; nothing is changed on failure."""
+    if not isinstance(expert_ids, np.ndarray):
+        raise TypeError(f"expert_ids: expected a numpy array, got {type(expert_ids).__name__}")
+    if expert_ids.ndim != 3 or expert_ids.shape[0] != config.num_layers:
+        raise ValueError(
+            f"expert_ids: expected shape [num_layers={config.num_layers}, T, top_k], "
+            f"got {expert_ids.shape}"
+        )
+    if expert_ids.shape[2] != config.top_k:
+        raise ValueError(f"expert_ids: expected top_k={config.top_k}, got {expert_ids.shape[2]}")
+    if expert_ids.dtype.kind not in "iu":
+        raise TypeError(f"expert_ids: expected an integer dtype (int32), got {expert_ids.dtype}")
+    if expert_ids.size and (expert_ids.min() < 0 or expert_ids.max() >= config.num_experts):
+        raise ValueError(f"expert_ids: every id must be in [0, {config.num_experts})")
+    ids = np.ascontiguousarray(expert_ids, dtype=np.int32)
+    if weights is None:
+        return ids, None
+    w = as_weights(weights, ids.shape)
+    if not np.isfinite(w).all():
+        raise ValueError("weights: every weight must be finite (no NaN or inf)")
+    return ids, w
+
+
+class Coordinator:
+    """Coalesces routing per layer into windows and keeps layer actors in step (see module doc)."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        transport: LayerTransport,
+        timer: Callable[[], float] = time.monotonic,
+    ):
+        self.config = config
+        self._transport = transport
+        self._timer = timer
+        self._groups = config.actor_layers()
+        self._actor_of = {layer: a for a, layers in enumerate(self._groups) for layer in layers}
+        layers = range(config.num_layers)
+        self._buffer: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+        self._steps_in_window = 0
+        self._window_opened: float | None = None
+        self._sent_seq = {layer: 0 for layer in layers}
+        self._acked_seq = {layer: 0 for layer in layers}
+        self._unacked: dict[int, deque[LayerWindow]] = {layer: deque() for layer in layers}
+        self._affinity = {layer: ExpertAffinity(config.affinity_config()) for layer in layers}
+        self._stats = {layer: LayerStats(layer) for layer in layers}
+        self._submits = 0
+
+    # --- submitting ---
+
+    def submit(self, expert_ids, weights=None, schedule_batches: bool = True):
+        """Takes one step: expert_ids int [num_layers, T, top_k] (weights float, same shape, or
+        None). Returns each layer's ``ExpertBatches`` (when ``schedule_batches`` and weights are
+        given), after buffering the routing; never waits on a layer actor."""
+        ids, w = check_step(expert_ids, weights, self.config)
+        batches = None
+        if schedule_batches and w is not None:
+            batches = [schedule(ids[l], w[l], self.config.num_experts) for l in range(len(ids))]
+        self.add_routing(ids)
+        return batches
+
+    def add_routing(self, ids: np.ndarray) -> None:
+        """Buffers a validated step (int32 [num_layers, T, top_k]) and closes the window if due."""
+        if self._window_opened is None:
+            self._window_opened = self._timer()
+        for layer in range(self.config.num_layers):
+            self._buffer[layer].append(ids[layer])
+        self._steps_in_window += 1
+        self._submits += 1
+        if self._window_due():
+            self.flush()
+        self._collect(wait=False)
+
+    def _window_due(self) -> bool:
+        if self._steps_in_window >= self.config.window_steps:
+            return True
+        ms = self.config.window_ms
+        return ms is not None and (self._timer() - self._window_opened) * 1e3 >= ms
+
+    def flush(self) -> None:
+        """Sends the open window: one call per layer actor, carrying each of its layers."""
+        if self._steps_in_window == 0:
+            return
+        for actor, layers in enumerate(self._groups):
+            windows = []
+            for layer in layers:
+                self._sent_seq[layer] += 1
+                window = LayerWindow(
+                    layer=layer,
+                    seq=self._sent_seq[layer],
+                    expert_ids=np.ascontiguousarray(np.concatenate(self._buffer[layer])),
+                    prefetch_budget=self.config.prefetch_budget,
+                )
+                self._buffer[layer] = []
+                self._unacked[layer].append(window)
+                windows.append(window)
+            self._transport.send(actor, windows)
+        self._steps_in_window = 0
+        self._window_opened = None
+
+    # --- acknowledgements and failures ---
+
+    def sync(self) -> None:
+        """Flushes and waits until every window sent so far is acknowledged."""
+        self.flush()
+        while self._transport.outstanding():
+            self._collect(wait=True)
+
+    def _collect(self, wait: bool) -> None:
+        for actor, generation, result in self._transport.poll(wait):
+            if generation != self._transport.generation(actor):
+                continue  # a call to an actor already replaced
+            if isinstance(result, BaseException):
+                self._recover(actor)
+            else:
+                for ack in result or ():
+                    self._on_ack(ack)
+
+    def _on_ack(self, ack: LayerAck) -> None:
+        window = self._unacked[ack.layer].popleft()
+        assert window.seq == ack.seq == self._acked_seq[ack.layer] + 1, "acks arrive in order"
+        self._acked_seq[ack.layer] = ack.seq
+        self._affinity[ack.layer].update_batch(window.expert_ids)
+        s = self._stats[ack.layer]
+        s.hits += ack.hits
+        s.misses += ack.misses
+        s.evictions += ack.evictions
+        s.prefetch_hits += ack.prefetch_hits
+        s.prefetches += ack.prefetches
+        s.windows += 1
+        s.tokens += len(window.expert_ids)
+
+    def _recover(self, actor: int) -> None:
+        """Re-creates a failed layer actor, restores it and resends what it had not acked."""
+        self._transport.recreate(actor)
+        layers = self._groups[actor]
+        self._transport.restore(actor, [self.layer_state(layer) for layer in layers])
+        for layer in layers:
+            self._stats[layer].restarts += 1
+        resend = [w for layer in layers for w in self._unacked[layer]]
+        if resend:
+            self._transport.send(actor, sorted(resend, key=lambda w: (w.seq, w.layer)))
+
+    def layer_state(self, layer: int) -> LayerState:
+        affinity = self._affinity[layer]
+        return LayerState(
+            layer=layer,
+            seq=self._acked_seq[layer],
+            affinity_scores=affinity.scores(),
+            activation_counts=affinity.activation_counts(),
+        )
+
+    # --- reading ---
+
+    def stats(self, sync: bool = True) -> ServiceStats:
+        """Per-layer statistics of acknowledged windows (after a sync, of everything submitted)."""
+        if sync:
+            self.sync()
+        else:
+            self._collect(wait=False)
+        pending = sum(len(q) for q in self._unacked.values())
+        layers = [LayerStats(**vars(self._stats[layer])) for layer in sorted(self._stats)]
+        return ServiceStats(layers=layers, submits=self._submits, pending_windows=pending)

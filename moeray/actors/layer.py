@@ -1,0 +1,147 @@
+"""Body of a layer actor: the expert caches of one or more MoE layers hosted by one process.
+
+A plain class (no Ray here): ``moeray.actors._ray`` wraps it with ``ray.remote`` where it is
+created, and tests drive it directly. The coordinator sends it ``LayerWindow``s, the routing of
+one layer coalesced over a window and numbered per layer (1, 2, 3, ...); it applies each exactly
+once, in order, and answers with a ``LayerAck`` carrying that window's statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeray.policy.affinity import AffinityConfig, ExpertAffinity
+from moeray.policy.cache import EvictionPolicy, ExpertCache, ExpertCacheConfig
+
+__all__ = ["POLICIES", "LayerWindow", "LayerAck", "LayerState", "WindowGapError", "LayerCaches"]
+
+# policy name -> (base eviction policy, whether misses evict by the affinity blend)
+POLICIES = {
+    "lru": (EvictionPolicy.LRU, False),
+    "lfu": (EvictionPolicy.LFU, False),
+    "adaptive": (EvictionPolicy.ADAPTIVE, False),
+    "affinity-lru": (EvictionPolicy.LRU, True),
+}
+
+
+@dataclass(frozen=True)
+class LayerWindow:
+    """expert_ids: int32 [T, top_k], the layer's routing over one window, tokens in order.
+    seq: this layer's window number, from 1. prefetch_budget: experts to prefetch by affinity
+    after the window is applied (0: none)."""
+
+    layer: int
+    seq: int
+    expert_ids: np.ndarray
+    prefetch_budget: int = 0
+
+
+@dataclass(frozen=True)
+class LayerAck:
+    """What applying one window did: counters of that window alone."""
+
+    layer: int
+    seq: int
+    hits: int
+    misses: int
+    evictions: int
+    prefetch_hits: int
+    prefetches: int
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """The coordinator's copy of a layer: enough to restart its actor.
+
+    seq: last window applied; affinity_scores float64 [E] and activation_counts int64 [E] after it.
+    The hot set is not part of it: a restarted actor's memory is empty, as a real process's is."""
+
+    layer: int
+    seq: int
+    affinity_scores: np.ndarray
+    activation_counts: np.ndarray
+
+
+class WindowGapError(RuntimeError):
+    """A window arrived out of order: the actor needs a restore and the missing windows."""
+
+    def __init__(self, layer: int, expected: int, got: int):
+        super().__init__(f"layer {layer}: expected window {expected}, got {got}")
+        self.layer, self.expected, self.got = layer, expected, got
+
+
+class LayerCaches:
+    """Caches of ``layers`` (each num_experts wide, ``capacity[layer]`` hot) under one policy."""
+
+    def __init__(
+        self,
+        layers: list[int],
+        num_experts: int,
+        capacity: dict[int, int],
+        policy: str = "lru",
+        affinity_config: AffinityConfig | None = None,
+        affinity_weight: float = 0.8,
+    ):
+        if policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {sorted(POLICIES)}, got {policy!r}")
+        base, self._blended = POLICIES[policy]
+        self._weight = affinity_weight
+        affinity_config = affinity_config or AffinityConfig.with_num_experts(num_experts)
+        self._caches = {
+            layer: ExpertCache(num_experts, ExpertCacheConfig(capacity[layer], eviction_policy=base))
+            for layer in layers
+        }
+        self._affinity = {layer: ExpertAffinity(affinity_config) for layer in layers}
+        self._applied = {layer: 0 for layer in layers}
+
+    def layers(self) -> list[int]:
+        return list(self._caches)
+
+    def applied(self) -> dict[int, int]:
+        """layer -> seq of the last window applied."""
+        return dict(self._applied)
+
+    def restore(self, states: list[LayerState]) -> None:
+        """Takes the coordinator's copy after a restart: affinity and the last applied window."""
+        for state in states:
+            self._affinity[state.layer].load_state(state.affinity_scores, state.activation_counts)
+            self._applied[state.layer] = state.seq
+
+    def apply(self, windows: list[LayerWindow]) -> list[LayerAck]:
+        """Applies windows in order; a window already applied is skipped (a resend after a
+        failure), one that skips ahead raises WindowGapError before anything changes."""
+        acks = []
+        for window in windows:
+            last = self._applied[window.layer]
+            if window.seq <= last:
+                continue
+            if window.seq != last + 1:
+                raise WindowGapError(window.layer, last + 1, window.seq)
+            acks.append(self._apply_one(window))
+        return acks
+
+    def _apply_one(self, window: LayerWindow) -> LayerAck:
+        cache, affinity = self._caches[window.layer], self._affinity[window.layer]
+        before = cache.stats()
+        if self._blended:
+            cache.access_batch(window.expert_ids, affinity, self._weight)
+        else:
+            cache.access_batch(window.expert_ids)
+            affinity.update_batch(window.expert_ids)
+        prefetched = cache.prefetch_by_affinity(affinity, window.prefetch_budget)
+        after = cache.stats()
+        self._applied[window.layer] = window.seq
+        return LayerAck(
+            layer=window.layer,
+            seq=window.seq,
+            hits=after.hits - before.hits,
+            misses=after.misses - before.misses,
+            evictions=after.evictions - before.evictions,
+            prefetch_hits=after.prefetch_hits - before.prefetch_hits,
+            prefetches=len(prefetched),
+        )
+
+    def ping(self) -> bool:
+        return True

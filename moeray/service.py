@@ -1,0 +1,106 @@
+"""Start, find and stop a moeray service on a Ray cluster; submit routing to it.
+
+A service is a named, detached coordinator actor plus its layer actors, in a Ray namespace
+(``ServiceConfig.name``, ``ServiceConfig.namespace``). ``start`` creates one, ``connect`` finds a
+running one from any driver or job, ``ServiceHandle.shutdown`` removes every actor it created.
+Ray must be initialised by the caller (``ray.init()`` or a job's driver).
+
+``ServiceHandle.submit`` validates the step and groups it by expert in the caller's process
+(the native ``schedule``: microseconds), then hands the routing to the coordinator without
+waiting for it; at most ``max_in_flight`` submits are outstanding before the next one waits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable
+
+
+from moeray.actors import _ray
+from moeray.actors.coordinator import ServiceConfig, ServiceStats, check_step
+from moeray.policy.scheduler import ExpertBatches, schedule
+
+__all__ = ["ServiceConfig", "ServiceHandle", "start", "connect"]
+
+
+class ServiceHandle:
+    """A driver's handle on a running service."""
+
+    def __init__(self, coordinator, config: ServiceConfig, max_in_flight: int = 64,
+                 timer: Callable[[], float] = time.perf_counter):
+        self._coordinator = coordinator
+        self.config = config
+        self._in_flight: deque = deque()
+        self._max_in_flight = max_in_flight
+        self._timer = timer
+        self.submit_latency_s: list[float] = []  # one entry per submit, for p50 / p99
+
+    def submit(self, expert_ids, weights=None) -> list[ExpertBatches] | None:
+        """One forward pass: expert_ids int [num_layers, T, top_k], weights float, same shape
+        (or None: no schedule is returned). Returns each layer's ``ExpertBatches``.
+
+        Bad input raises TypeError / ValueError here and reaches no actor."""
+        start = self._timer()
+        ids, w = check_step(expert_ids, weights, self.config)
+        batches = None
+        if w is not None:
+            batches = [schedule(ids[l], w[l], self.config.num_experts) for l in range(len(ids))]
+        if len(self._in_flight) >= self._max_in_flight:
+            _ray.wait_all([self._in_flight.popleft()])
+        self._in_flight.append(_ray.call_async(self._coordinator.add_routing, ids))
+        self.submit_latency_s.append(self._timer() - start)
+        return batches
+
+    def submit_msgpack(self, payload: bytes) -> bytes:
+        """A step in the msgpack form of ``moeray.wire``; returns the schedules in that form.
+        This is the path of non-Python clients: it waits for the coordinator."""
+        return _ray.call(self._coordinator.submit_msgpack, payload)
+
+    def flush(self) -> None:
+        """Waits for every submit so far to reach the coordinator, then closes its window."""
+        _ray.wait_all(self._in_flight)
+        self._in_flight.clear()
+        _ray.call(self._coordinator.flush)
+
+    def stats(self) -> ServiceStats:
+        """Per-layer statistics once everything submitted so far has been applied."""
+        self.flush()
+        return _ray.call(self._coordinator.stats)
+
+    def layer_actor_handles(self) -> list:
+        return _ray.call(self._coordinator.layer_actor_handles)
+
+    def shutdown(self) -> None:
+        """Removes the coordinator and every layer actor of this service."""
+        try:
+            _ray.wait_all(self._in_flight)
+            _ray.call(self._coordinator.shutdown)
+        except _ray.RayActorError:
+            pass
+        finally:
+            self._in_flight.clear()
+            _ray.kill(self._coordinator)
+
+
+def start(config: ServiceConfig) -> ServiceHandle:
+    """Creates the service's actors and returns once the coordinator answers.
+
+    ValueError when a service of that name already runs in the namespace (use ``connect``)."""
+    if not isinstance(config, ServiceConfig):
+        raise TypeError(f"config: expected a ServiceConfig, got {type(config).__name__}")
+    try:
+        _ray.get_coordinator(config.name, config.namespace)
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"name: service {config.name!r} already runs; connect() to it")
+    coordinator = _ray.create_coordinator(config)
+    _ray.call(coordinator.config)  # surfaces creation errors here
+    return ServiceHandle(coordinator, config)
+
+
+def connect(name: str = "moeray", namespace: str = "moeray") -> ServiceHandle:
+    """A handle on the running service ``name``; ValueError when there is none."""
+    coordinator = _ray.get_coordinator(name, namespace)
+    return ServiceHandle(coordinator, _ray.call(coordinator.config))

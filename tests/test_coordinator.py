@@ -1,0 +1,267 @@
+"""The coordinator and layer-actor bodies without Ray: coalescing, ordering, failures, bad input.
+
+A fake transport hosts ``LayerCaches`` in-process and delivers calls when polled, in send
+order; it can "kill" an actor, which loses its state and fails every call in flight, as a dead
+Ray actor does. Expectations come from replaying the same routing through plain ``ExpertCache``s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moeray import ExpertAffinity, ExpertCache, ExpertCacheConfig
+from moeray.actors.coordinator import Coordinator, ServiceConfig
+from moeray.actors.layer import LayerCaches, LayerState, LayerWindow, WindowGapError
+from moeray.traces import default_trace_path, load_trace
+from moeray.wire import decode_batches, decode_step, encode_batches, encode_step
+
+pytestmark = pytest.mark.pure
+
+
+class Dead(Exception):
+    """What a call to a killed actor returns (RayActorError's stand-in)."""
+
+
+class FakeTransport:
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.groups = config.actor_layers()
+        self.bodies = [self._body(a) for a in range(len(self.groups))]
+        self.gen = [0] * len(self.groups)
+        self.inflight: list = []  # (actor, generation, kind, payload)
+        self.sends: list = []  # (actor, windows) as sent, for inspection
+        self.dead: set[int] = set()
+
+    def _body(self, actor):
+        layers = self.groups[actor]
+        c = self.config
+        return LayerCaches(layers, c.num_experts, {l: c.capacity[l] for l in layers}, c.policy,
+                           c.affinity_config(), c.affinity_weight)
+
+    def send(self, actor, windows):
+        self.sends.append((actor, list(windows)))
+        self.inflight.append((actor, self.gen[actor], "apply", windows))
+
+    def restore(self, actor, states):
+        self.inflight.append((actor, self.gen[actor], "restore", states))
+
+    def recreate(self, actor):
+        self.gen[actor] += 1
+        self.dead.discard(actor)
+        self.bodies[actor] = self._body(actor)
+
+    def generation(self, actor):
+        return self.gen[actor]
+
+    def outstanding(self):
+        return len(self.inflight)
+
+    def kill(self, actor):
+        self.dead.add(actor)
+
+    def poll(self, wait):
+        done = []
+        for actor, gen, kind, payload in self.inflight:
+            if actor in self.dead or gen != self.gen[actor]:
+                done.append((actor, gen, Dead()))
+            elif kind == "apply":
+                done.append((actor, gen, self.bodies[actor].apply(payload)))
+            else:
+                done.append((actor, gen, self.bodies[actor].restore(payload)))
+        self.inflight = []
+        return done
+
+
+@pytest.fixture(scope="module")
+def routing():
+    """int32 [layers=6, T=1200, top_k=4] from the bundled gpt-oss-20b slice, and its weights."""
+    trace = load_trace(default_trace_path())
+    ids = np.ascontiguousarray(trace.expert_ids[:1200, :6].transpose(1, 0, 2), dtype=np.int32)
+    weights = np.ascontiguousarray(trace.weights[:1200, :6].transpose(1, 0, 2))
+    return ids, weights
+
+
+def in_process_hits(ids, config: ServiceConfig) -> list[int]:
+    hits = []
+    for layer in range(config.num_layers):
+        cache = ExpertCache(config.num_experts, ExpertCacheConfig(config.capacity[layer]))
+        hits.append(int(cache.access_batch(ids[layer]).sum()))
+    return hits
+
+
+def make(config: ServiceConfig, timer=None):
+    transport = FakeTransport(config)
+    kwargs = {"timer": timer} if timer else {}
+    return Coordinator(config, transport, **kwargs), transport
+
+
+def submit_all(coordinator, ids, weights, step_tokens=100, on_step=None):
+    for i, start in enumerate(range(0, ids.shape[1], step_tokens)):
+        coordinator.submit(ids[:, start:start + step_tokens], weights[:, start:start + step_tokens])
+        if on_step:
+            on_step(i)
+
+
+@pytest.mark.parametrize("window_steps,layers_per_actor", [(1, 1), (3, 2), (5, 6)])
+def test_replay_through_coordinator_equals_in_process(routing, window_steps, layers_per_actor):
+    ids, weights = routing
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=(8, 8, 4, 4, 12, 8),
+                           window_steps=window_steps, layers_per_actor=layers_per_actor)
+    coordinator, _ = make(config)
+    submit_all(coordinator, ids, weights)
+    stats = coordinator.stats()
+    assert [s.hits for s in stats.layers] == in_process_hits(ids, config)
+    assert all(s.tokens == ids.shape[1] for s in stats.layers)
+    assert all(s.hits + s.misses == ids.shape[1] * 4 for s in stats.layers)
+    assert stats.pending_windows == 0 and stats.submits == 12
+    assert all(s.restarts == 0 for s in stats.layers)
+
+
+def test_affinity_policy_matches_in_process_and_coordinator_keeps_affinity(routing):
+    ids, weights = routing
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, policy="affinity-lru",
+                           window_steps=2, layers_per_actor=3)
+    coordinator, _ = make(config)
+    submit_all(coordinator, ids, weights)
+    stats = coordinator.stats()
+    for layer in range(6):
+        cache = ExpertCache(32, ExpertCacheConfig(8))
+        affinity = ExpertAffinity(config.affinity_config())
+        expected = int(cache.access_batch(ids[layer], affinity, config.affinity_weight).sum())
+        assert stats.layers[layer].hits == expected
+        # the coordinator's copy of the affinity, the source of truth for restarts
+        assert np.array_equal(coordinator.layer_state(layer).affinity_scores, affinity.scores())
+
+
+def test_windows_coalesce_steps_into_one_call_per_actor(routing):
+    ids, weights = routing
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, window_steps=3, layers_per_actor=2)
+    coordinator, transport = make(config)
+    coordinator.submit(ids[:, :10], weights[:, :10])
+    coordinator.submit(ids[:, 10:30], weights[:, 10:30])
+    assert transport.sends == []
+    coordinator.submit(ids[:, 30:35], weights[:, 30:35])
+    assert [actor for actor, _ in transport.sends] == [0, 1, 2]
+    for actor, windows in transport.sends:
+        assert [w.layer for w in windows] == config.actor_layers()[actor]
+        for w in windows:
+            assert w.seq == 1
+            assert np.array_equal(w.expert_ids, ids[w.layer, :35])
+
+
+def test_window_ms_closes_a_window_by_age(routing):
+    ids, weights = routing
+    now = [0.0]
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, window_steps=100, window_ms=50.0)
+    coordinator, transport = make(config, timer=lambda: now[0])
+    coordinator.submit(ids[:, :10], weights[:, :10])
+    now[0] = 0.049
+    coordinator.submit(ids[:, 10:20], weights[:, 10:20])
+    assert transport.sends == []
+    now[0] = 0.050
+    coordinator.submit(ids[:, 20:30], weights[:, 20:30])
+    assert len(transport.sends) == 6 and all(len(w[0].expert_ids) == 30 for _, w in transport.sends)
+
+
+def test_killed_actor_is_restored_and_nothing_is_lost_or_counted_twice(routing):
+    ids, weights = routing
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, window_steps=2,
+                           layers_per_actor=2)
+    coordinator, transport = make(config)
+
+    def maybe_kill(step):
+        if step == 5:
+            transport.kill(1)  # layers 2 and 3; the windows in flight to it fail
+
+    submit_all(coordinator, ids, weights, on_step=maybe_kill)
+    stats = coordinator.stats()
+    expected = in_process_hits(ids, config)
+    for s in stats.layers:
+        assert s.tokens == ids.shape[1], f"layer {s.layer} lost or repeated routing"
+        assert s.hits + s.misses == ids.shape[1] * 4
+        if s.layer in (2, 3):
+            assert s.restarts == 1
+            # LRU restarted empty holds a subset of what it would have held: never more hits
+            assert s.hits < expected[s.layer]
+        else:
+            assert s.restarts == 0 and s.hits == expected[s.layer]
+    assert stats.pending_windows == 0
+
+
+def test_layer_caches_apply_each_window_once_in_order():
+    body = LayerCaches([0], 8, {0: 2})
+    w = [LayerWindow(0, seq, np.array([[seq % 8, (seq + 1) % 8]], dtype=np.int32)) for seq in (1, 2, 3)]
+    assert [a.seq for a in body.apply(w[:2])] == [1, 2]
+    assert [a.seq for a in body.apply(w[:3])] == [3]  # 1 and 2 are resends: skipped
+    with pytest.raises(WindowGapError):
+        body.apply([LayerWindow(0, 5, w[0].expert_ids)])
+    assert body.applied() == {0: 3}
+    scores = np.linspace(0, 1, 8)
+    body.restore([LayerState(0, 7, scores, np.arange(8, dtype=np.int64))])
+    assert body.applied() == {0: 7}
+
+
+@pytest.mark.parametrize(
+    "mutate,error",
+    [
+        (lambda ids, w: (ids[:5], w[:5]), ValueError),  # wrong number of layers
+        (lambda ids, w: (ids[:, :, :2], w[:, :, :2]), ValueError),  # wrong top_k
+        (lambda ids, w: (np.where(ids == 3, 32, ids), w), ValueError),  # id out of range
+        (lambda ids, w: (np.where(ids == 3, -1, ids), w), ValueError),  # negative id
+        (lambda ids, w: (ids.astype(np.float32), w), TypeError),  # float ids
+        (lambda ids, w: (ids, np.where(ids == 3, np.nan, w).astype(np.float32)), ValueError),
+        (lambda ids, w: (ids, w[:, :5]), ValueError),  # weights shape
+    ],
+)
+def test_bad_step_is_refused_and_state_is_intact(routing, mutate, error):
+    ids, weights = routing
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, window_steps=1)
+    coordinator, _ = make(config)
+    coordinator.submit(ids[:, :600], weights[:, :600])
+    bad_ids, bad_weights = mutate(ids[:, 600:700].copy(), weights[:, 600:700].copy())
+    with pytest.raises(error):
+        coordinator.submit(bad_ids, bad_weights)
+    coordinator.submit(ids[:, 600:], weights[:, 600:])
+    stats = coordinator.stats()
+    assert stats.submits == 2
+    assert [s.hits for s in stats.layers] == in_process_hits(ids, config)
+
+
+def test_msgpack_step_round_trip_and_malformed_payloads(routing):
+    ids, weights = routing
+    step_ids, step_weights = decode_step(encode_step(ids[:, :7], weights[:, :7]))
+    assert step_ids.dtype == np.int32 and np.array_equal(step_ids, ids[:, :7])
+    assert step_weights.dtype == np.float32 and np.array_equal(step_weights, weights[:, :7])
+    assert decode_step(encode_step(ids[:, :3]))[1] is None
+    for payload in (b"\xc1garbage", b"\x93\x01\x02\x03", encode_step(ids[:, :3])[:-5]):
+        with pytest.raises(ValueError, match="step|expert_ids"):
+            decode_step(payload)
+    import msgpack
+
+    wrong_size = msgpack.packb({"expert_ids": {"shape": [6, 2, 4], "dtype": "int32", "data": b"\0" * 8}})
+    with pytest.raises(ValueError, match="expert_ids"):
+        decode_step(wrong_size)
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4)
+    coordinator, _ = make(config)
+    batches = coordinator.submit(*decode_step(encode_step(ids[:, :50], weights[:, :50])))
+    again = decode_batches(encode_batches(batches))
+    for a, b in zip(batches, again):
+        assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.token_indices, b.token_indices)
+        assert np.array_equal(a.weights, b.weights)
+    # expert 0's tokens of layer 0, in order, as the schedule's contract says
+    expected = [t for t in range(50) if 0 in ids[0, t]]
+    assert batches[0].tokens_of(0).tolist() == expected
+
+
+def test_service_config_validates():
+    with pytest.raises(ValueError, match="capacity"):
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, capacity=(4,))
+    with pytest.raises(ValueError, match="capacity"):
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, capacity=9)
+    with pytest.raises(ValueError, match="policy"):
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="fifo")
+    with pytest.raises(ValueError, match="placement"):
+        ServiceConfig(num_layers=4, num_experts=8, top_k=2, layers_per_actor=2, placement=("a",))
+    assert ServiceConfig(num_layers=5, num_experts=8, top_k=2, layers_per_actor=2).actor_layers() == [
+        [0, 1], [2, 3], [4]]
