@@ -12,16 +12,31 @@ waiting for it; at most ``max_in_flight`` submits are outstanding before the nex
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
+from dataclasses import dataclass, replace
 from typing import Callable
+
+import numpy as np
+
+from moeray._progress import Progress
 
 
 from moeray.actors import _ray
 from moeray.actors.coordinator import ServiceConfig, ServiceStats, check_step
 from moeray.policy.scheduler import ExpertBatches, schedule
+from moeray.replay import PolicyResult, ReplayConfig, ReplayReport, replay_trace
+from moeray.traces import Trace
 
-__all__ = ["ServiceConfig", "ServiceHandle", "start", "connect"]
+__all__ = [
+    "ServiceConfig",
+    "ServiceHandle",
+    "ServiceThroughput",
+    "start",
+    "connect",
+    "replay_through_service",
+]
 
 
 class ServiceHandle:
@@ -104,3 +119,92 @@ def connect(name: str = "moeray", namespace: str = "moeray") -> ServiceHandle:
     """A handle on the running service ``name``; ValueError when there is none."""
     coordinator = _ray.get_coordinator(name, namespace)
     return ServiceHandle(coordinator, _ray.call(coordinator.config))
+
+
+@dataclass(frozen=True)
+class ServiceThroughput:
+    """How fast one replay went through the service, end to end (submit to last ack)."""
+
+    policy: str
+    tokens: int
+    submits: int
+    seconds: float
+    submit_p50_ms: float
+    submit_p99_ms: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def submits_per_s(self) -> float:
+        return self.submits / self.seconds if self.seconds > 0 else float("inf")
+
+
+def replay_through_service(
+    trace: Trace,
+    config: ReplayConfig,
+    step_tokens: int = 256,
+    layers_per_actor: int | None = None,
+    window_steps: int = 4,
+    progress: Progress | None = None,
+    timer: Callable[[], float] = time.perf_counter,
+) -> tuple[ReplayReport, list[ServiceThroughput]]:
+    """Replays ``trace`` through one service per online policy (``belady`` stays in-process:
+    it is an oracle, not a policy a service can run). Steps of ``step_tokens`` tokens carry
+    every layer; the hit counts equal ``replay_trace``'s, which a test checks."""
+    ids = np.ascontiguousarray(trace.expert_ids.transpose(1, 0, 2), dtype=np.int32)
+    if trace.weights is not None:
+        weights = np.ascontiguousarray(trace.weights.transpose(1, 0, 2))
+    else:  # no router weights in the trace: group with equal weights
+        weights = np.full(ids.shape, 1.0 / trace.top_k, dtype=np.float32)
+    layers_per_actor = layers_per_actor or max(1, -(-trace.num_layers // (os.cpu_count() or 1)))
+    results: dict[str, PolicyResult] = {}
+    throughput = []
+    for name in config.policies:
+        if name == "belady":
+            results[name] = replay_trace(trace, replace(config, policies=("belady",))).results[name]
+            if progress is not None:
+                progress.advance(trace.num_layers, name)
+            continue
+        service_config = ServiceConfig(
+            num_layers=trace.num_layers,
+            num_experts=trace.num_experts,
+            top_k=trace.top_k,
+            capacity=config.capacity,
+            policy=name,
+            window_steps=window_steps,
+            layers_per_actor=min(layers_per_actor, trace.num_layers),
+            name=f"replay-{name}-{os.getpid()}",
+            affinity_decay=config.affinity_decay,
+            affinity_boost=config.affinity_boost,
+            affinity_weight=config.affinity_weight,
+        )
+        handle = start(service_config)
+        try:
+            begin = timer()
+            for first in range(0, trace.num_tokens, step_tokens):
+                handle.submit(ids[:, first:first + step_tokens], weights[:, first:first + step_tokens])
+            stats = handle.stats()
+            seconds = timer() - begin
+        finally:
+            handle.shutdown()
+        latency_ms = np.array(handle.submit_latency_s) * 1e3
+        throughput.append(ServiceThroughput(
+            policy=name,
+            tokens=trace.num_tokens,
+            submits=len(latency_ms),
+            seconds=seconds,
+            submit_p50_ms=float(np.percentile(latency_ms, 50)),
+            submit_p99_ms=float(np.percentile(latency_ms, 99)),
+        ))
+        results[name] = PolicyResult(
+            name,
+            tuple(s.hits for s in stats.layers),
+            trace.num_tokens * trace.top_k,
+            (seconds / trace.num_layers,) * trace.num_layers,
+        )
+        if progress is not None:
+            progress.advance(trace.num_layers, name)
+    report = ReplayReport(trace.name, trace.num_experts, config.capacity, results)
+    return report, throughput

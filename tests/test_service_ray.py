@@ -103,3 +103,27 @@ def test_bad_input_fails_for_its_caller_only(ray_local, routing):
         assert [s.hits for s in stats.layers] == in_process_hits(ids, 8)
     finally:
         handle.shutdown()
+
+
+def test_cli_replay_through_the_service_matches_local(ray_local, tmp_path, capsys):
+    """`moeray replay` (service backend, the default) reports the in-process hit rates."""
+    import json
+
+    from moeray import cli
+    from moeray.replay import ReplayConfig, replay_trace
+
+    trace = load_trace(default_trace_path())
+    small = tmp_path / "small.npz"
+    np.savez(small, expert_ids=trace.expert_ids[:1500, :6], expert_probs=trace.weights[:1500, :6],
+             num_experts=np.array(32))
+    out = tmp_path / "service.json"
+    argv = ["replay", str(small), "--policy", "lru", "--policy", "affinity-lru", "--policy", "belady",
+            "--layers-per-actor", "3", "--json", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "service throughput" in printed and "tokens/s" in printed
+    document = json.loads(out.read_text())
+    local = replay_trace(load_trace(small), ReplayConfig(capacity=8, policies=("lru", "affinity-lru", "belady")))
+    for name, result in local.results.items():
+        assert document["policies"][name]["per_layer_hit_rate"] == pytest.approx(result.per_layer_hit_rate, abs=0)
+    assert set(document["service"]) == {"lru", "affinity-lru"}

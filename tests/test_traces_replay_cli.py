@@ -293,7 +293,8 @@ def test_cli_replay_json(tmp_path, capsys, extra, capacity, expected):
     trace = write_hand_trace(tmp_path / "hand.npz")
     out = tmp_path / "out" / "result.json"
     out.parent.mkdir()
-    argv = ["replay", str(trace), "--json", str(out), "--policy", "lru", "--policy", "belady", *extra]
+    argv = ["replay", str(trace), "--backend", "local", "--json", str(out), "--policy", "lru",
+            "--policy", "belady", *extra]
     assert cli.main(argv) == 0
     stdout, stderr = capsys.readouterr()
     assert stderr == ""
@@ -315,7 +316,7 @@ def test_cli_replay_json(tmp_path, capsys, extra, capacity, expected):
 def test_cli_replay_all_policies_by_default(tmp_path, capsys):
     trace = write_hand_trace(tmp_path / "hand.npz")
     out = tmp_path / "all.json"
-    assert cli.main(["replay", str(trace), "--capacity", "0.5", "--json", str(out)]) == 0
+    assert cli.main(["replay", str(trace), "--backend", "local", "--capacity", "0.5", "--json", str(out)]) == 0
     assert list(table_rows(capsys.readouterr().out)) == list(POLICY_NAMES)
     check_json_schema(json.loads(out.read_text()), POLICY_NAMES, num_layers=2)
 
@@ -381,7 +382,7 @@ def moeray_command() -> list[str]:
 
 def test_console_script_replays_the_bundled_trace(bundled):
     proc = subprocess.run(
-        moeray_command() + ["replay", "--policy", "lru"],
+        moeray_command() + ["replay", "--backend", "local", "--policy", "lru"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -403,7 +404,8 @@ def test_console_script_replays_the_bundled_trace(bundled):
 def test_cli_module_entry_point_matches(tmp_path):
     trace = write_hand_trace(tmp_path / "hand.npz")
     proc = subprocess.run(
-        [sys.executable, "-m", "moeray.cli", "replay", str(trace), "--capacity", "0.5", "--policy", "belady"],
+        [sys.executable, "-m", "moeray.cli", "replay", str(trace), "--backend", "local", "--capacity", "0.5",
+         "--policy", "belady"],
         capture_output=True,
         text=True,
         timeout=300,

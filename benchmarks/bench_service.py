@@ -1,0 +1,117 @@
+"""End-to-end speed of the moeray service beside the Ray floors it is built on, in one run.
+
+Replays the bundled gpt-oss-20b slice (24 MoE layers, top-4) through a service on a local,
+loopback-only Ray in steps of 256 tokens, for several coalescing windows, and reports routed
+tokens per second (first submit to last acknowledgement), submits per second and submit latency
+p50 / p99. The floors, measured on the same Ray in the same run: one no-op actor round trip, and
+one no-op fan-out to as many actors as the service has layer actors.
+Goal (issue 3, 2-core VM): >= 100,000 routed tokens/s; submit p50 within 2x of a no-op round trip.
+
+usage: python benchmarks/bench_service.py [--layers-per-actor N] [--windows 1,4,16] [--repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+
+from moeray import service  # noqa: E402
+from moeray.traces import default_trace_path, load_trace  # noqa: E402
+
+
+@ray.remote(num_cpus=0)
+class _Noop:
+    def noop(self, *args):
+        return None
+
+
+def floors(num_actors: int, repeats: int) -> tuple[float, float]:
+    """(median no-op round trip, median no-op fan-out to num_actors actors), in ms."""
+    actors = [_Noop.remote() for _ in range(num_actors)]
+    ray.get([a.noop.remote() for a in actors])
+    rtt, fan = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ray.get(actors[0].noop.remote())
+        rtt.append(time.perf_counter() - start)
+    for _ in range(max(repeats // 4, 5)):
+        start = time.perf_counter()
+        ray.get([a.noop.remote() for a in actors])
+        fan.append(time.perf_counter() - start)
+    for a in actors:
+        ray.kill(a)
+    return statistics.median(rtt) * 1e3, statistics.median(fan) * 1e3
+
+
+def run_service(ids, weights, window_steps: int, layers_per_actor: int, step_tokens: int):
+    config = service.ServiceConfig(
+        num_layers=ids.shape[0], num_experts=32, top_k=ids.shape[2], capacity=8,
+        window_steps=window_steps, layers_per_actor=layers_per_actor,
+        name=f"bench-{window_steps}-{os.getpid()}",
+    )
+    handle = service.start(config)
+    try:
+        handle.submit(ids[:, :step_tokens], weights[:, :step_tokens])
+        handle.stats()  # every layer actor is up and has answered once
+        handle.submit_latency_s.clear()
+        start = time.perf_counter()
+        tokens = 0
+        for first in range(step_tokens, ids.shape[1], step_tokens):
+            handle.submit(ids[:, first:first + step_tokens], weights[:, first:first + step_tokens])
+            tokens += min(step_tokens, ids.shape[1] - first)
+        stats = handle.stats()
+        seconds = time.perf_counter() - start
+    finally:
+        handle.shutdown()
+    latency = np.array(handle.submit_latency_s) * 1e3
+    assert stats.total().tokens == ids.shape[1] * ids.shape[0]
+    return tokens / seconds, len(latency) / seconds, np.percentile(latency, 50), np.percentile(latency, 99)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers-per-actor", type=int, default=3,
+                        help="layers per actor process (default 3: 8 layer actors, what 2 cores hold)")
+    parser.add_argument("--windows", default="1,4,16", help="window sizes in steps (default 1,4,16)")
+    parser.add_argument("--step-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=200, help="round trips for the floors")
+    args = parser.parse_args(argv)
+
+    trace = load_trace(default_trace_path())
+    ids = np.ascontiguousarray(trace.expert_ids.transpose(1, 0, 2), dtype=np.int32)
+    weights = np.ascontiguousarray(trace.weights.transpose(1, 0, 2))
+    num_actors = -(-trace.num_layers // args.layers_per_actor)
+
+    ray.init(include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=False,
+             logging_level="ERROR", _system_config={"worker_maximum_startup_concurrency": 16})
+    try:
+        rtt_ms, fan_ms = floors(num_actors, args.repeats)
+        print(f"bundled trace: {trace.num_tokens:,} tokens x {trace.num_layers} layers x top-"
+              f"{trace.top_k}; {num_actors} layer actors ({args.layers_per_actor} layers each); "
+              f"steps of {args.step_tokens} tokens; {os.cpu_count()} CPUs", file=sys.stderr)
+        print("| window (steps) | routed tokens/s | submits/s | submit p50 | submit p99 | "
+              "no-op round trip | no-op fan-out | p50 / round trip |")
+        print("|---|---|---|---|---|---|---|---|")
+        for window in (int(w) for w in args.windows.split(",")):
+            tps, sps, p50, p99 = run_service(ids, weights, window, args.layers_per_actor,
+                                             args.step_tokens)
+            print(f"| {window} | {tps:,.0f} | {sps:,.0f} | {p50:.2f} ms | {p99:.2f} ms | "
+                  f"{rtt_ms:.2f} ms | {fan_ms:.2f} ms ({num_actors} actors) | {p50 / rtt_ms:.2f}x |")
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
