@@ -111,7 +111,7 @@ def start(config: ServiceConfig) -> ServiceHandle:
     else:
         raise ValueError(f"name: service {config.name!r} already runs; connect() to it")
     coordinator = _ray.create_coordinator(config)
-    _ray.call(coordinator.config)  # surfaces creation errors here
+    _ray.call(coordinator.ready)  # every actor is up, or its creation error surfaces here
     return ServiceHandle(coordinator, config)
 
 
@@ -146,7 +146,7 @@ def replay_through_service(
     config: ReplayConfig,
     step_tokens: int = 256,
     layers_per_actor: int | None = None,
-    window_steps: int = 4,
+    window_steps: int = 16,
     progress: Progress | None = None,
     timer: Callable[[], float] = time.perf_counter,
 ) -> tuple[ReplayReport, list[ServiceThroughput]]:

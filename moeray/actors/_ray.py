@@ -163,6 +163,11 @@ class CoordinatorHost:
     def layer_actor_handles(self) -> list:
         return self._transport.handles()
 
+    def ready(self) -> bool:
+        """Waits until every layer actor answers (process started, caches built)."""
+        wait_all([handle.ping.remote() for handle in self._transport.handles()])
+        return True
+
     def shutdown(self) -> None:
         self._transport.kill_all()
 
