@@ -25,6 +25,7 @@ from moeray._progress import Progress
 
 from moeray.actors import _ray
 from moeray.actors.coordinator import ServiceConfig, ServiceStats, check_step
+from moeray.metrics import SubmitLatency
 from moeray.policy.scheduler import ExpertBatches, schedule
 from moeray.replay import PolicyResult, ReplayConfig, ReplayReport, replay_trace
 from moeray.traces import Trace
@@ -50,6 +51,7 @@ class ServiceHandle:
         self._max_in_flight = max_in_flight
         self._timer = timer
         self.submit_latency_s: list[float] = []  # one entry per submit, for p50 / p99
+        self._latency_metric = SubmitLatency(config.name)
 
     def submit(self, expert_ids, weights=None) -> list[ExpertBatches] | None:
         """One forward pass: expert_ids int [num_layers, T, top_k], weights float, same shape
@@ -64,7 +66,9 @@ class ServiceHandle:
         if len(self._in_flight) >= self._max_in_flight:
             _ray.wait_all([self._in_flight.popleft()])
         self._in_flight.append(_ray.call_async(self._coordinator.add_routing, ids))
-        self.submit_latency_s.append(self._timer() - start)
+        elapsed = self._timer() - start
+        self.submit_latency_s.append(elapsed)
+        self._latency_metric.observe(elapsed)
         return batches
 
     def submit_msgpack(self, payload: bytes) -> bytes:

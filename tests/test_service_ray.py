@@ -127,3 +127,42 @@ def test_cli_replay_through_the_service_matches_local(ray_local, tmp_path, capsy
     for name, result in local.results.items():
         assert document["policies"][name]["per_layer_hit_rate"] == pytest.approx(result.per_layer_hit_rate, abs=0)
     assert set(document["service"]) == {"lru", "affinity-lru"}
+
+
+def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local, routing):
+    """Per-layer counters and the submit-latency histogram, read back from the metrics port."""
+    import re
+    import time
+    import urllib.request
+
+    ids, weights = routing
+    handle = service.start(config("svc-metrics", window_steps=4))
+    try:
+        replay(handle, ids[:, :1024], weights[:, :1024])
+        stats = handle.stats()
+    finally:
+        handle.shutdown()
+    want = {layer: stats.layers[layer] for layer in (0, 23)}
+
+    def scrape() -> str:
+        with urllib.request.urlopen(ray_local.moeray_test_metrics_url, timeout=5) as response:
+            return response.read().decode()
+
+    def value(text: str, name: str, layer: int) -> float | None:
+        pattern = rf'^{name}\{{[^}}]*layer="{layer}"[^}}]*service="svc-metrics"[^}}]*\}} (\S+)$'
+        alt = rf'^{name}\{{[^}}]*service="svc-metrics"[^}}]*layer="{layer}"[^}}]*\}} (\S+)$'
+        found = re.findall(pattern, text, re.M) + re.findall(alt, text, re.M)
+        return sum(float(v) for v in found) if found else None
+
+    deadline = time.monotonic() + 60
+    while True:
+        text = scrape()
+        got = {layer: (value(text, "ray_moeray_cache_hits_total", layer),
+                       value(text, "ray_moeray_cache_misses_total", layer),
+                       value(text, "ray_moeray_transfers_total", layer)) for layer in want}
+        expected = {layer: (s.hits, s.misses, s.misses + s.prefetches) for layer, s in want.items()}
+        latency_seen = re.search(r'^ray_moeray_submit_latency_ms_count\{[^}]*service="svc-metrics"', text, re.M)
+        if got == expected and latency_seen:
+            break
+        assert time.monotonic() < deadline, f"metrics never matched: {got} != {expected}"
+        time.sleep(0.5)

@@ -137,8 +137,12 @@ class CoordinatorHost:
     """The coordinator actor's body: a ``Coordinator`` over real layer actors."""
 
     def __init__(self, config: ServiceConfig):
+        from moeray.metrics import ServiceMetrics
+
         self._transport = RayLayerTransport(config)
-        self._coordinator = Coordinator(config, self._transport)
+        self._coordinator = Coordinator(
+            config, self._transport, on_ack=ServiceMetrics(config.name).record_ack
+        )
 
     def config(self) -> ServiceConfig:
         return self._coordinator.config

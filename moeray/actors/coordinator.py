@@ -195,9 +195,11 @@ class Coordinator:
         config: ServiceConfig,
         transport: LayerTransport,
         timer: Callable[[], float] = time.monotonic,
+        on_ack: Callable[[LayerAck], None] | None = None,
     ):
         self.config = config
         self._transport = transport
+        self._on_ack_hook = on_ack  # e.g. Prometheus counters (moeray.metrics)
         self._timer = timer
         self._groups = config.actor_layers()
         self._actor_of = {layer: a for a, layers in enumerate(self._groups) for layer in layers}
@@ -295,6 +297,8 @@ class Coordinator:
         s.prefetches += ack.prefetches
         s.windows += 1
         s.tokens += len(window.expert_ids)
+        if self._on_ack_hook is not None:
+            self._on_ack_hook(ack)
 
     def _recover(self, actor: int) -> None:
         """Re-creates a failed layer actor, restores it and resends what it had not acked."""
