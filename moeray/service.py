@@ -90,6 +90,14 @@ class ServiceHandle:
     def layer_actor_handles(self) -> list:
         return _ray.call(self._coordinator.layer_actor_handles)
 
+    def placement(self) -> list[str | None]:
+        """The node resource each layer actor is pinned to now (after any re-placement)."""
+        return _ray.call(self._coordinator.placement)
+
+    def layer_actor_nodes(self) -> list[str]:
+        """The Ray node id each layer actor runs on."""
+        return _ray.call(self._coordinator.layer_actor_nodes)
+
     def shutdown(self) -> None:
         """Removes the coordinator and every layer actor of this service."""
         try:

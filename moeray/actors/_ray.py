@@ -42,6 +42,17 @@ def _placement_options(resource: str | None) -> dict:
     return {"resources": {resource: 0.001}} if resource else {}
 
 
+class _LayerActor(LayerCaches):
+    """LayerCaches as a Ray actor, which can also say which node it runs on."""
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def _resource_available(resource: str) -> bool:
+    return ray.cluster_resources().get(resource, 0) > 0
+
+
 class RayLayerTransport:
     """The coordinator's view of its layer actors; every call returns at once."""
 
@@ -51,15 +62,28 @@ class RayLayerTransport:
         self._handles: list = [None] * len(self._groups)
         self._generation = [0] * len(self._groups)
         self._inflight: list[tuple[int, int, ray.ObjectRef]] = []
+        # the node resource each actor is pinned to; changes when its node is lost
+        self._resource = list(config.placement) if config.placement else [None] * len(self._groups)
         for actor in range(len(self._groups)):
             self._handles[actor] = self._create(actor)
 
+    def _replace_if_lost(self, actor: int) -> None:
+        """Moves an actor whose node resource is gone to the placement resource, still offered,
+        that hosts the fewest actors (the spread across shard-holding nodes stays even)."""
+        resource = self._resource[actor]
+        if resource is None or _resource_available(resource):
+            return
+        alive = [r for r in dict.fromkeys(self._config.placement) if r and _resource_available(r)]
+        if alive:
+            self._resource[actor] = min(alive, key=lambda r: (self._resource.count(r), alive.index(r)))
+
     def _create(self, actor: int):
         config = self._config
-        resource = config.placement[actor] if config.placement else None
+        self._replace_if_lost(actor)
+        resource = self._resource[actor]
         layers = self._groups[actor]
         return (
-            ray.remote(LayerCaches)
+            ray.remote(_LayerActor)
             .options(
                 name=layer_actor_name(config.name, actor),
                 namespace=config.namespace,
@@ -127,6 +151,9 @@ class RayLayerTransport:
     def handles(self) -> list:
         return list(self._handles)
 
+    def placement(self) -> list[str | None]:
+        return list(self._resource)
+
     def kill_all(self) -> None:
         for handle in self._handles:
             kill(handle)
@@ -166,6 +193,14 @@ class CoordinatorHost:
 
     def layer_actor_handles(self) -> list:
         return self._transport.handles()
+
+    def placement(self) -> list[str | None]:
+        """The node resource each layer actor is pinned to now (None: anywhere)."""
+        return self._transport.placement()
+
+    def layer_actor_nodes(self) -> list[str]:
+        """The Ray node id each layer actor runs on."""
+        return ray.get([handle.node_id.remote() for handle in self._transport.handles()])
 
     def ready(self) -> bool:
         """Waits until every layer actor answers (process started, caches built)."""
