@@ -6,8 +6,11 @@ running one from any driver or job, ``ServiceHandle.shutdown`` removes every act
 Ray must be initialised by the caller (``ray.init()`` or a job's driver).
 
 ``ServiceHandle.submit`` validates the step and groups it by expert in the caller's process
-(the native ``schedule``: microseconds), then hands the routing to the coordinator without
-waiting for it; at most ``max_in_flight`` submits are outstanding before the next one waits.
+(the native ``schedule``: microseconds), and coalesces the routing of ``window_steps`` submits
+(or ``window_ms``) itself before handing it to the coordinator as one closed window, without
+waiting: the coordinator sees one call per client window, not one per step, which is what
+keeps it from saturating under a fleet of clients. At most ``max_in_flight`` windows are
+outstanding before the next one waits.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class ServiceHandle:
         self._timer = timer
         self.submit_latency_s: list[float] = []  # one entry per submit, for p50 / p99
         self._latency_metric = SubmitLatency(config.name)
+        self._window: list[np.ndarray] = []  # this client's routing not yet sent
+        self._window_opened = 0.0
 
     def submit(self, expert_ids, weights=None) -> list[ExpertBatches] | None:
         """One forward pass: expert_ids int [num_layers, T, top_k], weights float, same shape
@@ -63,13 +68,29 @@ class ServiceHandle:
         batches = None
         if w is not None:
             batches = [schedule(ids[l], w[l], self.config.num_experts) for l in range(len(ids))]
-        if len(self._in_flight) >= self._max_in_flight:
-            _ray.wait_all([self._in_flight.popleft()])
-        self._in_flight.append(_ray.call_async(self._coordinator.add_routing, ids))
+        if not self._window:
+            self._window_opened = start
+        self._window.append(ids)
+        ms = self.config.window_ms
+        if len(self._window) >= self.config.window_steps or (
+            ms is not None and (start - self._window_opened) * 1e3 >= ms
+        ):
+            self._send_window()
         elapsed = self._timer() - start
         self.submit_latency_s.append(elapsed)
         self._latency_metric.observe(elapsed)
         return batches
+
+    def _send_window(self) -> None:
+        if not self._window:
+            return
+        if len(self._in_flight) >= self._max_in_flight:
+            _ray.wait_all([self._in_flight.popleft()])
+        routing = np.concatenate(self._window, axis=1)
+        self._in_flight.append(
+            _ray.call_async(self._coordinator.add_routing, routing, len(self._window), True)
+        )
+        self._window = []
 
     def submit_msgpack(self, payload: bytes) -> bytes:
         """A step in the msgpack form of ``moeray.wire``; returns the schedules in that form.
@@ -77,7 +98,9 @@ class ServiceHandle:
         return _ray.call(self._coordinator.submit_msgpack, payload)
 
     def flush(self) -> None:
-        """Waits for every submit so far to reach the coordinator, then closes its window."""
+        """Sends this client's open window and waits until everything submitted so far has
+        reached the coordinator; then closes the coordinator's open window."""
+        self._send_window()
         _ray.wait_all(self._in_flight)
         self._in_flight.clear()
         _ray.call(self._coordinator.flush)
@@ -101,6 +124,7 @@ class ServiceHandle:
     def shutdown(self) -> None:
         """Removes the coordinator and every layer actor of this service."""
         try:
+            self._window = []
             _ray.wait_all(self._in_flight)
             _ray.call(self._coordinator.shutdown)
         except _ray.RayActorError:

@@ -182,8 +182,8 @@ class CoordinatorHost:
         batches = self._coordinator.submit(expert_ids, weights)
         return encode_batches(batches or [])
 
-    def add_routing(self, ids) -> None:
-        self._coordinator.add_routing(ids)
+    def add_routing(self, ids, steps: int = 1, close_window: bool = False) -> None:
+        self._coordinator.add_routing(ids, steps, close_window)
 
     def flush(self) -> None:
         self._coordinator.flush()

@@ -227,15 +227,17 @@ class Coordinator:
         self.add_routing(ids)
         return batches
 
-    def add_routing(self, ids: np.ndarray) -> None:
-        """Buffers a validated step (int32 [num_layers, T, top_k]) and closes the window if due."""
+    def add_routing(self, ids: np.ndarray, steps: int = 1, close_window: bool = False) -> None:
+        """Buffers validated routing (int32 [num_layers, T, top_k]) of ``steps`` submits and
+        closes the window if due, or at once with ``close_window`` (a client that coalesced a
+        whole window itself)."""
         if self._window_opened is None:
             self._window_opened = self._timer()
         for layer in range(self.config.num_layers):
             self._buffer[layer].append(ids[layer])
-        self._steps_in_window += 1
-        self._submits += 1
-        if self._window_due():
+        self._steps_in_window += steps
+        self._submits += steps
+        if close_window or self._window_due():
             self.flush()
         self._collect(wait=False)
 
