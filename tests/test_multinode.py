@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
     try:
         config = service.ServiceConfig(num_layers=4, num_experts=16, top_k=2, capacity=4,
                                        placement=("node_a", "node_b", "node_a", "node_b"),
-                                       name="multinode")
+                                       coordinator_placement="head", name="multinode")
         handle = service.start(config)
         rng = np.random.default_rng(0)
         ids = rng.integers(0, 16, size=(4, 400, 2)).astype(np.int32)

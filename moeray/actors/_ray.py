@@ -215,7 +215,12 @@ def create_coordinator(config: ServiceConfig):
     """Creates the named, detached coordinator actor (which creates its layer actors)."""
     return (
         ray.remote(CoordinatorHost)
-        .options(name=coordinator_name(config.name), namespace=config.namespace, **_OPTIONS)
+        .options(
+            name=coordinator_name(config.name),
+            namespace=config.namespace,
+            **_OPTIONS,
+            **_placement_options(config.coordinator_placement),
+        )
         .remote(config)
     )
 

@@ -47,6 +47,8 @@ class ServiceConfig:
     window_steps: submits per window; window_ms: also close a window this old (None: never).
     layers_per_actor: consecutive layers hosted by one actor process (1: one actor per layer).
     placement: per layer actor, the Ray custom resource that pins it to a node (None: anywhere).
+    coordinator_placement: the resource that pins the coordinator, e.g. one only the head node
+    offers: the coordinator holds the service's state and is not re-created if its node is lost.
     """
 
     num_layers: int
@@ -61,6 +63,7 @@ class ServiceConfig:
     name: str = "moeray"
     namespace: str = "moeray"
     placement: tuple[str | None, ...] | None = None
+    coordinator_placement: str | None = None
     affinity_decay: float = 0.95
     affinity_boost: float = 0.05
     affinity_weight: float = 0.8
