@@ -27,9 +27,9 @@ from moeray._progress import Progress
 
 
 from moeray.actors import _ray
-from moeray.actors.coordinator import ServiceConfig, ServiceStats, check_step
+from moeray.actors.coordinator import ServiceConfig, ServiceStats, check_step, schedule_step
 from moeray.metrics import SubmitLatency
-from moeray.policy.scheduler import ExpertBatches, schedule
+from moeray.policy.scheduler import ExpertBatches
 from moeray.replay import PolicyResult, ReplayConfig, ReplayReport, replay_trace
 from moeray.traces import Trace
 
@@ -53,7 +53,9 @@ class ServiceHandle:
         self._in_flight: deque = deque()
         self._max_in_flight = max_in_flight
         self._timer = timer
-        self.submit_latency_s: list[float] = []  # one entry per submit, for p50 / p99
+        # the latest submits' latencies, for p50 / p99; bounded so a long-lived engine's
+        # handle does not grow without end (the Prometheus histogram keeps the full record)
+        self.submit_latency_s: deque[float] = deque(maxlen=100_000)
         self._latency_metric = SubmitLatency(config.name)
         self._window: list[np.ndarray] = []  # this client's routing not yet sent
         self._window_opened = 0.0
@@ -67,7 +69,7 @@ class ServiceHandle:
         ids, w = check_step(expert_ids, weights, self.config)
         batches = None
         if w is not None:
-            batches = [schedule(ids[l], w[l], self.config.num_experts) for l in range(len(ids))]
+            batches = schedule_step(ids, w, self.config.num_experts)
         if not self._window:
             self._window_opened = start
         self._window.append(ids)

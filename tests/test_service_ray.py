@@ -157,7 +157,7 @@ def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local, routing):
         found = re.findall(pattern, text, re.M) + re.findall(alt, text, re.M)
         return sum(float(v) for v in found) if found else None
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while True:
         text = scrape()
         got = {layer: (value(text, "ray_moeray_cache_hits_total", layer),

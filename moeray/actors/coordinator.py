@@ -36,6 +36,7 @@ __all__ = [
     "LayerTransport",
     "Coordinator",
     "check_step",
+    "schedule_step",
 ]
 
 
@@ -190,6 +191,11 @@ def check_step(expert_ids, weights, config: ServiceConfig):
     return ids, w
 
 
+def schedule_step(ids: np.ndarray, weights: np.ndarray, num_experts: int) -> list[ExpertBatches]:
+    """Each layer's routing of a checked step grouped by expert (``schedule`` per layer)."""
+    return [schedule(ids[layer], weights[layer], num_experts) for layer in range(len(ids))]
+
+
 class Coordinator:
     """Coalesces routing per layer into windows and keeps layer actors in step (see module doc)."""
 
@@ -226,7 +232,7 @@ class Coordinator:
         ids, w = check_step(expert_ids, weights, self.config)
         batches = None
         if schedule_batches and w is not None:
-            batches = [schedule(ids[l], w[l], self.config.num_experts) for l in range(len(ids))]
+            batches = schedule_step(ids, w, self.config.num_experts)
         self.add_routing(ids)
         return batches
 
