@@ -72,7 +72,7 @@ class ServiceHandle:
             batches = schedule_step(ids, w, self.config.num_experts)
         if not self._window:
             self._window_opened = start
-        self._window.append(ids)
+        self._window.append(ids.astype(self.config.ids_dtype()))  # 1/4 of int32's bytes
         ms = self.config.window_ms
         if len(self._window) >= self.config.window_steps or (
             ms is not None and (start - self._window_opened) * 1e3 >= ms

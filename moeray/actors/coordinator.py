@@ -3,9 +3,10 @@
 A plain class (no Ray here): it talks to layer actors through a ``LayerTransport`` (Ray's in
 ``moeray.actors._ray``, a fake in tests). The coordinator is the source of truth:
 - routing is buffered per layer and sent as one ``LayerWindow`` per layer actor per window
-  (``window_steps`` submits, or ``window_ms`` since the window opened, whichever comes first);
+  (``window_steps`` submits, or ``window_ms`` since the window opened, whichever comes first),
+  ids in the smallest integer type that holds them (a quarter of the bytes for <= 256 experts);
 - windows are numbered per layer and kept until acknowledged; on ack their counters join the
-  layer's statistics and their routing updates the coordinator's copy of the layer's affinity;
+  layer's statistics and the ack's affinity becomes the coordinator's copy of the layer's state;
 - when a layer actor fails, it is re-created, restored from that copy (last acknowledged window
   and affinity) and sent every unacknowledged window again, so nothing is lost or counted twice.
 
@@ -104,6 +105,13 @@ class ServiceConfig:
         """Layers of each layer actor, in actor order."""
         n = self.layers_per_actor
         return [list(range(i, min(i + n, self.num_layers))) for i in range(0, self.num_layers, n)]
+
+    def ids_dtype(self) -> np.dtype:
+        """The smallest integer type that holds every expert id: routing travels in it."""
+        for dtype in (np.uint8, np.uint16):
+            if self.num_experts <= np.iinfo(dtype).max + 1:
+                return np.dtype(dtype)
+        return np.dtype(np.int32)
 
     def affinity_config(self) -> AffinityConfig:
         return (
@@ -217,9 +225,11 @@ class Coordinator:
         self._steps_in_window = 0
         self._window_opened: float | None = None
         self._sent_seq = {layer: 0 for layer in layers}
-        self._acked_seq = {layer: 0 for layer in layers}
         self._unacked: dict[int, deque[LayerWindow]] = {layer: deque() for layer in layers}
-        self._affinity = {layer: ExpertAffinity(config.affinity_config()) for layer in layers}
+        empty = ExpertAffinity(config.affinity_config())
+        self._state = {
+            layer: LayerState(layer, 0, empty.scores(), empty.activation_counts()) for layer in layers
+        }
         self._stats = {layer: LayerStats(layer) for layer in layers}
         self._submits = 0
 
@@ -237,11 +247,12 @@ class Coordinator:
         return batches
 
     def add_routing(self, ids: np.ndarray, steps: int = 1, close_window: bool = False) -> None:
-        """Buffers validated routing (int32 [num_layers, T, top_k]) of ``steps`` submits and
+        """Buffers validated routing (ints [num_layers, T, top_k]) of ``steps`` submits and
         closes the window if due, or at once with ``close_window`` (a client that coalesced a
         whole window itself)."""
         if self._window_opened is None:
             self._window_opened = self._timer()
+        ids = ids.astype(self.config.ids_dtype(), copy=False)
         for layer in range(self.config.num_layers):
             self._buffer[layer].append(ids[layer])
         self._steps_in_window += steps
@@ -297,9 +308,10 @@ class Coordinator:
 
     def _on_ack(self, ack: LayerAck) -> None:
         window = self._unacked[ack.layer].popleft()
-        assert window.seq == ack.seq == self._acked_seq[ack.layer] + 1, "acks arrive in order"
-        self._acked_seq[ack.layer] = ack.seq
-        self._affinity[ack.layer].update_batch(window.expert_ids)
+        assert window.seq == ack.seq == self._state[ack.layer].seq + 1, "acks arrive in order"
+        self._state[ack.layer] = LayerState(
+            ack.layer, ack.seq, ack.affinity_scores, ack.activation_counts
+        )
         s = self._stats[ack.layer]
         s.hits += ack.hits
         s.misses += ack.misses
@@ -323,13 +335,8 @@ class Coordinator:
             self._transport.send(actor, sorted(resend, key=lambda w: (w.seq, w.layer)))
 
     def layer_state(self, layer: int) -> LayerState:
-        affinity = self._affinity[layer]
-        return LayerState(
-            layer=layer,
-            seq=self._acked_seq[layer],
-            affinity_scores=affinity.scores(),
-            activation_counts=affinity.activation_counts(),
-        )
+        """The coordinator's copy of ``layer`` as of its last acknowledged window."""
+        return self._state[layer]
 
     # --- reading ---
 

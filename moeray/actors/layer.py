@@ -40,7 +40,9 @@ class LayerWindow:
 
 @dataclass(frozen=True)
 class LayerAck:
-    """What applying one window did: counters of that window alone."""
+    """What applying one window did: counters of that window alone, and the layer's affinity
+    after it (float64 / int64 [E]: a few hundred bytes, cheaper to send than for the
+    coordinator to replay the window's routing into its own copy)."""
 
     layer: int
     seq: int
@@ -49,6 +51,8 @@ class LayerAck:
     evictions: int
     prefetch_hits: int
     prefetches: int
+    affinity_scores: np.ndarray
+    activation_counts: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,8 @@ class LayerCaches:
             evictions=after.evictions - before.evictions,
             prefetch_hits=after.prefetch_hits - before.prefetch_hits,
             prefetches=len(prefetched),
+            affinity_scores=affinity.scores(),
+            activation_counts=affinity.activation_counts(),
         )
 
     def ping(self) -> bool:
