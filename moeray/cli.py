@@ -116,8 +116,8 @@ def _print_stats(stats, out) -> None:
         label = "all" if s.layer < 0 else str(s.layer)
         print(f"{label:>5}{s.hit_rate():>10.3f}{s.hits:>12,}{s.misses:>12,}{s.evictions:>12,}"
               f"{s.prefetches:>12,}{s.tokens:>12,}{s.restarts:>10}", file=out)
-    print(f"submits: {stats.submits:,}; windows not yet acknowledged: {stats.pending_windows}",
-          file=out)
+    print(f"submits: {stats.submits:,}; windows not yet acknowledged: {stats.pending_windows}; "
+          f"coordinator CPU: {stats.coordinator_cpu_s:.1f} s", file=out)
 
 
 def _serve(args) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,6 +106,7 @@ def ray_head():
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait(timeout=30)
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # session logs: 2-15 MB each
 
 
 def _job(ray_head, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -6,6 +6,9 @@ with ``ray.remote`` and gives the coordinator a ``LayerTransport`` over real act
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
@@ -189,7 +192,7 @@ class CoordinatorHost:
         self._coordinator.flush()
 
     def stats(self, sync: bool = True):
-        return self._coordinator.stats(sync)
+        return replace(self._coordinator.stats(sync), coordinator_cpu_s=time.process_time())
 
     def layer_actor_handles(self) -> list:
         return self._transport.handles()

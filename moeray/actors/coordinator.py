@@ -145,6 +145,7 @@ class ServiceStats:
     layers: list[LayerStats] = field(default_factory=list)
     submits: int = 0
     pending_windows: int = 0
+    coordinator_cpu_s: float = 0.0  # CPU time of the coordinator's process so far
 
     def total(self) -> LayerStats:
         out = LayerStats(layer=-1)
