@@ -203,7 +203,7 @@ def _aux_dtype(config: SynthConfig) -> str:
 
 def _float(config, name, shape, std=None) -> _Planned:
     dtype = _aux_dtype(config)
-    std = std if std is not None else 1.0 / np.sqrt(shape[-1])
+    std = std if std is not None else 1.0 / float(np.sqrt(shape[-1]))  # a float64 would widen
     return _Planned(name, dtype, shape,
                     lambda rng: _encode(rng.standard_normal(shape, dtype=np.float32) * std, dtype))
 
@@ -222,8 +222,8 @@ def _projection(config, name, rows, cols, experts=None, fan_in=None) -> list[_Pl
     count = experts or 1
 
     def weights(rng):  # one expert at a time: bounds memory at one float32 projection
-        return (rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(fan_in)
-                for _ in range(count))
+        std = np.float32(1.0 / np.sqrt(fan_in))  # keeps the product float32
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * std for _ in range(count))
 
     if config.dtype != "ternary":
         dtype = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[config.dtype]

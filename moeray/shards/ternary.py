@@ -54,7 +54,7 @@ def pack_ternary(values: np.ndarray) -> np.ndarray:
 
     Out-of-range values clamp to -1 / +1 as in ruvllm's pack_ternary."""
     flat = (np.clip(np.asarray(values).reshape(-1), -1, 1).astype(np.int8) + 1).astype(np.uint8)
-    padded = np.full(-(-flat.size // 4) * 4, 1, dtype=np.uint8)  # padding codes read as 0
+    padded = np.zeros(-(-flat.size // 4) * 4, dtype=np.uint8)  # unused pairs 00, as in ruvllm
     padded[: flat.size] = flat
     quads = padded.reshape(-1, 4)
     return quads[:, 0] | (quads[:, 1] << 2) | (quads[:, 2] << 4) | (quads[:, 3] << 6)
