@@ -2,7 +2,7 @@
 
 ``backend`` is ``_core`` unless ``MOERAY_PURE_PYTHON=1`` is set (or the extension is missing,
 which only happens in a source checkout that was never built). Both expose the same API:
-``ExpertCacheCore``, ``AffinityCore``, ``schedule``, ``belady_hits`` and the policy codes
+``ExpertCacheCore``, ``AffinityCore``, ``PrefetcherCore``, ``schedule``, ``belady_hits`` and the policy codes
 ``LRU``, ``LFU``, ``ADAPTIVE``; ``IS_NATIVE`` says which one is in use.
 """
 

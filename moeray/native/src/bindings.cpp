@@ -8,14 +8,18 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "affinity.hpp"
 #include "expert_cache.hpp"
+#include "prefetch.hpp"
 #include "routing.hpp"
 
 namespace py = pybind11;
 using moeray::Affinity;
 using moeray::ExpertCache;
+using moeray::Prefetcher;
 
 namespace {
 
@@ -150,6 +154,32 @@ int64_t belady_hits(const py::handle& expert_ids, const py::handle& num_experts,
   const int64_t num_tokens = ids.shape(0), top_k = ids.shape(1);
   py::gil_scoped_release release;
   return moeray::belady_hits(p, num_tokens, top_k, n, static_cast<int32_t>(capacity));
+}
+
+int64_t check_expert(const Prefetcher& p, int64_t e) {
+  if (e < 0 || e >= p.num_experts())
+    throw py::value_error("expert_id: expected an id in [0, " + std::to_string(p.num_experts()) +
+                          "), got " + std::to_string(e));
+  return e;
+}
+
+// (file, offset, length) triples, each inside its file: nothing is ever read out of bounds.
+std::vector<moeray::ByteRange> check_ranges(const Prefetcher& p,
+                                            const std::vector<std::tuple<int64_t, int64_t, int64_t>>& ranges) {
+  std::vector<moeray::ByteRange> out;
+  out.reserve(ranges.size());
+  for (const auto& [file, offset, length] : ranges) {
+    if (file < 0 || file >= p.num_files())
+      throw py::value_error("ranges: file index " + std::to_string(file) + " not in [0, " +
+                            std::to_string(p.num_files()) + ")");
+    const int64_t size = p.file_size(static_cast<int32_t>(file));
+    if (offset < 0 || length < 0 || offset > size || length > size - offset)
+      throw py::value_error("ranges: bytes [" + std::to_string(offset) + ", +" +
+                            std::to_string(length) + ") run past file " + std::to_string(file) +
+                            " of " + std::to_string(size) + " bytes");
+    out.push_back({static_cast<int32_t>(file), offset, length});
+  }
+  return out;
 }
 
 }  // namespace
@@ -395,6 +425,69 @@ PYBIND11_MODULE(_core, m) {
              return hits;
            },
            py::arg("expert_ids"), py::arg("affinity") = nullptr, py::arg("affinity_weight") = 0.0);
+
+  py::class_<Prefetcher>(m, "PrefetcherCore")
+      .def(py::init([](const std::vector<std::string>& paths, const py::handle& num_experts) {
+             const int32_t n = check_num_experts(num_experts);
+             try {
+               return new Prefetcher(paths, n);
+             } catch (const std::runtime_error& exc) {
+               throw py::value_error(std::string("paths: ") + exc.what());
+             }
+           }),
+           py::arg("paths"), py::arg("num_experts"))
+      .def("num_experts", &Prefetcher::num_experts)
+      .def("set_ranges",
+           [](Prefetcher& p, int64_t e,
+              const std::vector<std::tuple<int64_t, int64_t, int64_t>>& ranges) {
+             p.set_ranges(check_expert(p, e), check_ranges(p, ranges));
+           },
+           py::arg("expert_id"), py::arg("ranges"))
+      .def("expert_bytes", [](const Prefetcher& p, int64_t e) { return p.expert_bytes(check_expert(p, e)); },
+           py::arg("expert_id"))
+      .def("prefetch", [](Prefetcher& p, int64_t e) { p.prefetch(check_expert(p, e)); },
+           py::arg("expert_id"))
+      .def("ready", [](const Prefetcher& p, int64_t e) { return p.ready(check_expert(p, e)); },
+           py::arg("expert_id"))
+      .def("wait",
+           [](Prefetcher& p, int64_t e) {
+             check_expert(p, e);
+             py::gil_scoped_release release;
+             return p.wait(e);
+           },
+           py::arg("expert_id"))
+      .def("release",
+           [](Prefetcher& p, int64_t e) {
+             check_expert(p, e);
+             py::gil_scoped_release release;
+             p.release(e);
+           },
+           py::arg("expert_id"))
+      .def("resident_bytes",
+           [](const Prefetcher& p, int64_t e) {
+             check_expert(p, e);
+             py::gil_scoped_release release;
+             return p.resident_bytes(e);
+           },
+           py::arg("expert_id"))
+      .def("read_ahead",
+           [](const Prefetcher& p, int64_t e, int64_t bytes) {
+             check_expert(p, e);
+             if (bytes < 0) throw py::value_error("bytes: expected an int >= 0, got " + std::to_string(bytes));
+             p.read_ahead(e, bytes);
+           },
+           py::arg("expert_id"), py::arg("bytes"))
+      .def("stats", [](const Prefetcher& p) {
+        const auto s = p.stats();
+        py::dict d;
+        d["bytes_populated"] = s.bytes_populated;
+        d["bytes_released"] = s.bytes_released;
+        d["prefetches_completed"] = s.prefetches_completed;
+        d["in_time"] = s.in_time;
+        d["late"] = s.late;
+        d["queue_wait_s"] = static_cast<double>(s.queue_wait_ns) * 1e-9;
+        return d;
+      });
 
   m.def("schedule", &schedule, py::arg("expert_ids"), py::arg("weights"), py::arg("num_experts"));
   m.def("belady_hits", &belady_hits, py::arg("expert_ids"), py::arg("num_experts"),
