@@ -390,3 +390,17 @@ def test_cli_help_lists_the_shapes(capsys):
     for family in MODEL_SHAPES:
         assert family in text
     assert "--scale" in text and "ternary" in text
+
+
+def test_the_shards_package_never_imports_ray():
+    """Static: no module of moeray/shards imports ray (the shard store is mechanism-free)."""
+    import ast
+    from pathlib import Path
+
+    import moeray.shards.store
+
+    for source in Path(moeray.shards.store.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "ray" or n.startswith("ray.") for n in names), source
