@@ -1,5 +1,9 @@
 """Routing traces: what a real model's routers chose, token by token, at every MoE layer.
 
+``load_trace`` reads both formats moeray writes: the moeray trace format (a msgpack stream,
+``moeray.trace``, docs/trace-format.md), recognised by its header whatever the file's name, and
+the ``.npz`` layout below.
+
 The ``.npz`` layout (that of ``shared/traces/``, read with ``allow_pickle=False``):
 - ``expert_ids``: integer [tokens, layers, top_k], each in [0, num_experts);
 - ``expert_probs`` (optional): float [tokens, layers, top_k], router weights of the chosen experts;
@@ -20,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from moeray.policy._validate import check_int
+from moeray.trace import is_trace_file, read_trace
 
 __all__ = ["Trace", "TraceNotFoundError", "load_trace", "default_trace_path", "DEFAULT_TRACE_NAME"]
 
@@ -78,7 +83,8 @@ def default_trace_path() -> Path:
 
 
 def load_trace(path: str | os.PathLike, num_experts: int | None = None) -> Trace:
-    """Reads a routing trace ``.npz`` (layout in the module docstring) and checks its shapes.
+    """Reads a routing trace (a moeray trace file, or an ``.npz`` in the layout of the module
+    docstring) and checks its shapes.
 
     num_experts: overrides the file's (or inferred) expert count; must exceed every id.
     Raises TraceNotFoundError for a missing file and ValueError for an unreadable, truncated or
@@ -87,6 +93,8 @@ def load_trace(path: str | os.PathLike, num_experts: int | None = None) -> Trace
     path = Path(path)
     if not path.is_file():
         raise TraceNotFoundError(2, f"path: no trace file at '{path}'", str(path))
+    if is_trace_file(path):
+        return _with_num_experts(read_trace(path), num_experts)
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
@@ -149,3 +157,14 @@ def load_trace(path: str | os.PathLike, num_experts: int | None = None) -> Trace
         num_experts=int(num_experts),
         name=path.name,
     )
+
+
+def _with_num_experts(trace: Trace, num_experts: int | None) -> Trace:
+    """``trace`` with its expert count overridden (it must exceed every id)."""
+    if num_experts is None:
+        return trace
+    num_experts = check_int(num_experts, "num_experts", 1, 2**31 - 1)
+    max_id = int(trace.expert_ids.max()) if trace.expert_ids.size else 0
+    if num_experts <= max_id:
+        raise ValueError(f"num_experts: {num_experts} experts but the trace uses id {max_id}")
+    return Trace(trace.expert_ids, trace.weights, trace.seq_offsets, num_experts, trace.name)
