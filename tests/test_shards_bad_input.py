@@ -167,6 +167,14 @@ def test_projection_shapes_that_disagree(tmp_path):
     opens_with_error(path, "expected gate, up [intermediate, hidden]", UP, "[4, 6]")
 
 
+def test_projections_of_different_dtypes(tmp_path):
+    header, size = expert_header()
+    header[UP].update(dtype="F16", data_offsets=[128, 192])
+    header[DOWN]["data_offsets"] = [192, 320]
+    path = raw_file(tmp_path / "a.safetensors", header, bytes(320))
+    opens_with_error(path, path, "projections differ in dtype", f"'{UP}' F16")
+
+
 def test_ternary_weight_without_metadata_or_scale(tmp_path):
     roles = ((GATE, (4, 2)), (UP, (4, 2)), (DOWN, (8, 1)))
     header, size = expert_header(roles=roles, dtype="U8", itemsize=1)

@@ -13,7 +13,7 @@ Recognised tensor names (``model.`` prefix optional; l = layer, e = expert):
 - stacked, gpt-oss: ``model.layers.{l}.mlp.experts.gate_up_proj`` [E, hidden, 2 * intermediate]
   (gate and up interleaved along the last axis), ``...down_proj`` [E, intermediate, hidden],
   optional ``..._bias`` [E, 2 * intermediate] and [E, hidden]; expert e is slice e of the
-  leading axis. The MXFP4 form (``..._blocks`` and ``..._scales``, U8) is mapped to byte ranges only.
+  leading axis. The MXFP4 form (``..._blocks`` and ``..._scales``, U8) gives byte ranges only.
 
 A projection stored in ruvllm's packed ternary format (``moeray.shards.ternary``) is a U8 tensor
 [rows, cols / 4] with an F32 ``<name>_scale`` beside it, in a file whose ``__metadata__`` declares
@@ -65,7 +65,8 @@ MXFP4 = "MXFP4"
 
 RECOGNISED_PATTERNS = (
     "model.layers.{l}.block_sparse_moe.experts.{e}.w1|w2|w3.weight (Mixtral)",
-    "model.layers.{l}.mlp.experts.{e}.gate_proj|up_proj|down_proj.weight (Qwen-MoE, DeepSeek, OLMoE)",
+    "model.layers.{l}.mlp.experts.{e}.gate_proj|up_proj|down_proj.weight "
+    "(Qwen-MoE, DeepSeek, OLMoE)",
     "model.layers.{l}.mlp.experts.gate_up_proj|down_proj[_bias|_blocks|_scales] (stacked, gpt-oss)",
     "any of these with a _scale tensor beside a U8 weight (ruvllm packed ternary)",
 )
@@ -108,7 +109,7 @@ class LayerSpec:
     block_size: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays do not compare as one bool
 class WeightView:
     """One tensor of one expert, a read-only zero-copy view of the mapping.
 
@@ -133,7 +134,7 @@ class WeightView:
         return self.data.astype(np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ExpertWeights:
     """The weights of expert ``expert`` of layer ``layer``, views of the mapping.
 
@@ -265,7 +266,8 @@ class ShardStore:
         self.close()
 
     def __repr__(self) -> str:
-        return f"ShardStore({str(self.path)!r}, layers={len(self._layers)}, files={len(self.files)})"
+        return (f"ShardStore({str(self.path)!r}, layers={len(self._layers)}, "
+                f"files={len(self.files)})")
 
     # -- internals -----------------------------------------------------------------------
     def _layer(self, layer: int) -> _Layer:
@@ -391,7 +393,8 @@ def _recognise(entry: TensorEntry) -> _Named | None:
     return None
 
 
-def _build_layers(headers: list[FileHeader], weight_map: dict[str, str] | None) -> dict[int, _Layer]:
+def _build_layers(headers: list[FileHeader],
+                  weight_map: dict[str, str] | None) -> dict[int, _Layer]:
     by_layer: dict[int, list[_Named]] = {}
     for header in headers:
         for entry in header.tensors.values():
@@ -478,6 +481,11 @@ def _layer_spec(layer: int, experts: tuple[dict[str, _Part], ...], layout: str,
                 metadata: dict[str, dict]) -> LayerSpec:
     first = experts[0]
     if "gate_up_blocks" in first:  # [2 * intermediate, hidden / 32, 16] and [hidden, ...]
+        for role in ("gate_up_blocks", "down_blocks"):
+            if len(first[role].shape) != 3:
+                entry = first[role].entry
+                raise ShardFormatError(f"{entry.path}: tensor '{entry.name}': MXFP4 blocks must "
+                                       f"be [E, rows, blocks, 16], got {list(entry.shape)}")
         hidden, intermediate = first["down_blocks"].shape[0], first["gate_up_blocks"].shape[0] // 2
         return LayerSpec(layer, len(experts), layout, MXFP4, hidden, intermediate)
     main_roles = ("gate", "up", "down") if layout == SWIGLU else ("gate_up", "down")
@@ -495,8 +503,9 @@ def _expert_shapes(layer, expert, parts, main_roles, layout, metadata):
     """(format, hidden, intermediate, block_size) of one expert, every tensor checked."""
     dtypes = {parts[r].entry.dtype for r in main_roles}
     if len(dtypes) > 1:
+        listed = ", ".join(f"'{parts[r].label()}' {parts[r].entry.dtype}" for r in main_roles)
         raise ShardFormatError(f"layer {layer} expert {expert}: projections differ in dtype "
-                               f"({', '.join(f'{parts[r].label()} {parts[r].entry.dtype}' for r in main_roles)})")
+                               f"({listed}; in {parts[main_roles[0]].entry.path})")
     dtype = dtypes.pop()
     shapes = {r: parts[r].shape for r in main_roles}
     fmt, block_size = dtype, 0

@@ -198,7 +198,8 @@ def _stacked_layer(config: SynthConfig, prefix: str) -> list[_Planned]:
 def _aux_dtype(config: SynthConfig) -> str:
     """Non-expert tensors: the checkpoint's float type; float16 beside ternary experts, as
     ruvllm keeps routers in FP16."""
-    return {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "ternary": "float16"}[config.dtype]
+    names = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "ternary": "float16"}
+    return names[config.dtype]
 
 
 def _float(config, name, shape, std=None) -> _Planned:
