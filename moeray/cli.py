@@ -1,4 +1,5 @@
-"""The ``moeray`` command line: ``moeray replay`` compares cache policies on a routing trace."""
+"""The ``moeray`` command line: ``moeray replay`` compares cache policies on a routing trace;
+``convert``, ``record`` and ``trace info`` bring routing in from other tools and describe it."""
 
 from __future__ import annotations
 
@@ -86,7 +87,142 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--namespace", default="moeray", help="Ray namespace (default moeray)")
     status.add_argument("--address", metavar="ADDRESS",
                         help="Ray cluster to join (default: RAY_ADDRESS, else auto)")
+    _add_trace_commands(commands)
     return parser
+
+
+_CONVERT_EPILOG = """\
+examples:
+  moeray convert ../shared/traces/gpt-oss-20b/gpt_oss_20b_decode_routing.npz gpt-oss.mtrace
+  moeray convert routing.csv routing.mtrace --num-experts 64
+  moeray convert expert_distribution_recorder_per_token.pt sglang.mtrace
+  moeray convert gpt-oss.mtrace gpt-oss.npz       # back to the .npz layout
+
+Sources: a moeray trace, the .npz layout of moeray.traces, CSV rows of (layer, token, expert
+ids) with an optional sequence column, or an SGLang per_token expert-distribution dump (.pt,
+read with torch, or an .npy of [layer, token, top_k]). See moeray/convert.py and
+docs/trace-format.md.
+"""
+
+_RECORD_EPILOG = """\
+examples:
+  moeray record --model ./Qwen3-30B-A3B --prompts prompts.txt --out qwen3.mtrace
+  moeray record --model tiny-olmoe --prompts prompts.txt --out olmoe.mtrace --max-new-tokens 16
+
+MODEL is a local Hugging Face model directory (config.json and weights; nothing is downloaded),
+or tiny-FAMILY for a small randomly initialised model of one of the families (for trying the
+pipeline without weights): FAMILIES. The prompts file holds one prompt per line (or JSONL with a
+"prompt" or "text" field). Needs the hf extra: pip install 'moeray[hf]'.
+"""
+
+
+def _add_trace_commands(commands) -> None:
+    from moeray.convert import SOURCE_FORMATS
+
+    convert = commands.add_parser(
+        "convert", help="convert routing from .npz, CSV or SGLang dumps to a moeray trace (or back)",
+        description="Reads routing in another format and writes it as a moeray trace (a versioned "
+        "msgpack stream), or as an .npz when DST ends in .npz.",
+        epilog=_CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_argument("src", metavar="SRC", type=Path, help="routing to read")
+    convert.add_argument("dst", metavar="DST", type=Path, help="file to write (.npz: the npz layout)")
+    convert.add_argument("--from", dest="source_format", choices=("auto",) + SOURCE_FORMATS, default="auto",
+                         help="format of SRC (default: guessed from its content and name)")
+    convert.add_argument("--model", default="", help="model name for the trace header (default: SRC's name)")
+    convert.add_argument("--num-experts", type=int, metavar="N",
+                         help="experts per layer (default: from SRC, else the largest id + 1)")
+    convert.add_argument("--weights-dtype", choices=("auto", "float16", "float32", "none"), default="auto",
+                         help="how to store router weights (default auto: as in SRC)")
+    convert.add_argument("--record-tokens", type=int, default=1024, metavar="T",
+                         help="at most this many tokens of one sequence per record (default 1024)")
+    convert.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                         help="progress bar on stderr (default: when stderr is a terminal)")
+
+    from moeray.record import FAMILIES
+
+    record = commands.add_parser(
+        "record", help="run a Hugging Face MoE model on prompts and record every MoE layer's routing",
+        description="Runs a transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
+        "DeepSeek-V2/V3, gpt-oss) on each prompt and records every MoE layer's top-k expert ids "
+        "and router weights, as the model used them, through forward hooks on its routers.",
+        epilog=_RECORD_EPILOG.replace("FAMILIES", ", ".join(FAMILIES)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    record.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                        help="local model directory, or tiny-FAMILY for a small random model")
+    record.add_argument("--prompts", required=True, type=Path, metavar="FILE",
+                        help="one prompt per line, or JSONL with a prompt or text field")
+    record.add_argument("--out", required=True, type=Path, metavar="TRACE", help="trace file to write")
+    record.add_argument("--max-new-tokens", type=int, default=0, metavar="N",
+                        help="after each prompt's prefill, greedily decode N tokens and record them "
+                        "too, one record per step (default 0: prefill only)")
+    record.add_argument("--max-prompt-tokens", type=int, default=2048, metavar="N",
+                        help="truncate longer prompts to N tokens (default 2048)")
+    record.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="torch dtype to run the model in (default float32)")
+    record.add_argument("--seed", type=int, default=0, help="torch seed for tiny random models (default 0)")
+    record.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on stderr (default: when stderr is a terminal)")
+
+    trace = commands.add_parser("trace", help="describe routing traces (trace info)",
+                                description="Commands that look at a routing trace.")
+    trace_commands = trace.add_subparsers(dest="trace_command", required=True, metavar="COMMAND")
+    info = trace_commands.add_parser(
+        "info", help="shape, per-layer expert load and previous-token overlap of a trace",
+        description="Prints a trace's shape, each layer's expert load (busiest expert over the mean: "
+        "1 is balanced), the fraction of a token's experts shared with the previous token of its "
+        "sequence (beside top_k / num_experts, its value for random routing) and a summary. Reads "
+        "moeray trace files record by record and .npz traces whole.",
+    )
+    info.add_argument("trace", metavar="TRACE", type=Path, help="trace file (.mtrace or .npz)")
+    info.add_argument("--plot", nargs="?", const=True, default=None, metavar="PNG",
+                      help="also draw the per-layer load heat map (default file: TRACE.load.png)")
+    info.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
+
+
+def _convert(args) -> int:
+    from moeray.convert import convert
+
+    if args.record_tokens < 1:
+        raise ValueError("--record-tokens: expected an int >= 1")
+    result = convert(args.src, args.dst, source_format=args.source_format, model=args.model,
+                     num_experts=args.num_experts, weights_dtype=args.weights_dtype,
+                     record_tokens=args.record_tokens, progress=args.progress)
+    t = result.trace
+    print(f"wrote {args.dst}: {t.num_tokens:,} tokens x {t.num_layers} layers x top-{t.top_k}, "
+          f"{t.num_experts} experts, {t.num_sequences:,} sequences, router weights: "
+          f"{'yes' if result.weights_dtype else 'no'}")
+    return 0
+
+
+def _record(args) -> int:
+    from moeray._progress import Progress
+    from moeray.record import read_prompts, record_trace
+
+    prompts = read_prompts(args.prompts)
+    steps = len(prompts) * (1 + max(args.max_new_tokens, 0))
+    with Progress(steps, "record", enabled=args.progress) as progress:
+        header, tokens = record_trace(args.model, prompts, args.out, max_new_tokens=args.max_new_tokens,
+                                      max_prompt_tokens=args.max_prompt_tokens, dtype=args.dtype,
+                                      seed=args.seed, progress=progress)
+    print(f"wrote {args.out}: {len(prompts)} prompts, {tokens:,} tokens x {header.num_layers} MoE layers "
+          f"x top-{header.top_k}, {header.num_experts} experts (model {header.model})")
+    return 0
+
+
+def _trace_info(args) -> int:
+    from moeray.trace_info import format_summary, plot_load, summarize_trace
+
+    summary = summarize_trace(args.trace)
+    print(format_summary(summary))
+    if args.plot is not None:
+        target = Path(str(args.trace) + ".load.png") if args.plot is True else Path(args.plot)
+        print(f"wrote {plot_load(summary, target)}")
+    if args.json:
+        args.json.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _load_service_config(path: Path):
@@ -260,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "convert":
+            return _convert(args)
+        if args.command == "record":
+            return _record(args)
+        if args.command == "trace":
+            return _trace_info(args)
     except (ValueError, OSError) as exc:
         print(f"moeray {args.command}: error: {exc}", file=sys.stderr)
         return 2

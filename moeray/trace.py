@@ -55,6 +55,7 @@ TRACE_SUFFIX = ".mtrace"
 
 # Little-endian on the wire whatever the host; numpy reads them without a copy on x86 and ARM.
 ID_DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "int32": np.dtype("<i4")}
+_ID_MAX = {"uint8": 2**8 - 1, "uint16": 2**16 - 1, "int32": 2**31 - 1}
 WEIGHT_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 _POSITION_DTYPE = np.dtype("<i4")
 
@@ -71,6 +72,7 @@ _MAX_METADATA_STR = 4096
 # capping them bounds the Python objects any input of any size can make us build.
 _MAX_CONTAINERS = 64
 
+_END = object()  # end of stream (msgpack's nil unpacks to None, so None cannot say it)
 _RECORD_KEYS = {"expert_ids", "weights", "seq", "positions", "crc32"}
 _HEADER_KEYS = {"format", "version", "model", "num_layers", "num_experts", "top_k", "dtypes",
                 "layer_ids", "metadata"}
@@ -127,7 +129,7 @@ class TraceHeader:
             object.__setattr__(self, "ids_dtype", _ids_dtype_for(self.num_experts))
         if not isinstance(self.ids_dtype, str) or self.ids_dtype not in ID_DTYPES:
             raise ValueError(f"ids_dtype: expected one of {sorted(ID_DTYPES)}, got {self.ids_dtype!r}")
-        if self.num_experts - 1 > np.iinfo(ID_DTYPES[self.ids_dtype]).max:
+        if self.num_experts - 1 > _ID_MAX[self.ids_dtype]:
             raise ValueError(f"ids_dtype: {self.ids_dtype} cannot hold expert id {self.num_experts - 1}")
         if self.weights_dtype is not None and (
             not isinstance(self.weights_dtype, str) or self.weights_dtype not in WEIGHT_DTYPES
@@ -478,7 +480,7 @@ class TraceReader:
         self._unpacker, self._containers = _unpacker(self._file, max_record_bytes)
         try:
             obj = self._next_object(None)
-            if obj is None:
+            if obj is _END:
                 raise TraceFormatError("empty file, no header", None, self.source)
             try:
                 self.header = TraceHeader.from_map(obj)
@@ -489,7 +491,7 @@ class TraceReader:
             raise
 
     def _next_object(self, index: int | None):
-        """The next msgpack object, or None at a clean end of the stream."""
+        """The next msgpack object, or _END at a clean end of the stream."""
         u = self._unpacker
         self._containers[0] = 0
         before = u.tell()
@@ -500,7 +502,7 @@ class TraceReader:
                 raise TraceFormatError(
                     f"truncated: the stream ends {u.tell() - before} bytes into it (at byte {before})",
                     index, self.source) from None
-            return None
+            return _END
         except msgpack.BufferFull:
             raise TraceFormatError("larger than max_record_bytes", index, self.source) from None
         except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -511,7 +513,7 @@ class TraceReader:
         while True:
             index = self.records_read
             obj = self._next_object(index)
-            if obj is None:
+            if obj is _END:
                 return
             try:
                 record = decode_record(obj, self.header, self.max_record_tokens)
@@ -525,26 +527,23 @@ class TraceReader:
         float32 weights). A new sequence starts wherever ``seq`` changes between records."""
         from moeray.traces import Trace
 
-        ids, weights, lengths, seqs = [], [], [], []
+        h = self.header
+        # Transposing record by record keeps each copy small and cache-friendly.
+        ids = [np.zeros((0, h.num_layers, h.top_k), dtype=ID_DTYPES[h.ids_dtype])]
+        weights = [np.zeros((0, h.num_layers, h.top_k), dtype=np.float32)]
+        lengths, seqs = [], []
         for record in self:
-            ids.append(record.expert_ids)
+            ids.append(record.expert_ids.transpose(1, 0, 2))
             if record.weights is not None:
-                weights.append(record.weights)
+                weights.append(record.weights.transpose(1, 0, 2))
             lengths.append(record.num_tokens)
             seqs.append(record.seq)
             if progress is not None:
                 progress.advance(1)
-        h = self.header
-        if ids:
-            all_ids = np.ascontiguousarray(np.concatenate(ids, axis=1).transpose(1, 0, 2))
-        else:
-            all_ids = np.zeros((0, h.num_layers, h.top_k), dtype=ID_DTYPES[h.ids_dtype])
+        all_ids = np.concatenate(ids, axis=0)
         all_weights = None
         if h.weights_dtype is not None:
-            all_weights = np.zeros(all_ids.shape, dtype=np.float32)
-            if weights:
-                all_weights = np.ascontiguousarray(
-                    np.concatenate(weights, axis=1).transpose(1, 0, 2), dtype=np.float32)
+            all_weights = np.concatenate(weights, axis=0, dtype=np.float32)
         starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         new_seq = [0] + [i for i in range(1, len(seqs)) if seqs[i] != seqs[i - 1]]
         offsets = np.append(starts[new_seq], starts[-1]) if seqs else np.array([0, 0])

@@ -1,0 +1,338 @@
+"""``moeray convert``: routing from the formats engines and papers already produce, to moeray's.
+
+Sources (``--from``, or guessed from the file):
+- ``trace``: a moeray trace file (docs/trace-format.md);
+- ``npz``: the ``.npz`` layout of ``moeray.traces`` (that of ``shared/traces/``);
+- ``csv``: rows of (layer, token, expert ids), see ``read_csv``;
+- ``sglang``: SGLang's ``per_token`` expert-distribution dump (``torch.save`` of
+  ``{"records": [{"topk_ids_of_layer": [layer, token, top_k], ...}]}``, read with
+  ``weights_only=True``), or a ``.npy`` of one ``[layer, token, top_k]`` array; see ``read_sglang``.
+The destination is an ``.npz`` when its name ends so, else a moeray trace file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moeray.trace import TraceHeader, TraceReader, TraceWriter, is_trace_file
+from moeray.traces import Trace, load_trace
+
+__all__ = ["SOURCE_FORMATS", "ConvertResult", "convert", "guess_format", "read_csv", "read_sglang"]
+
+SOURCE_FORMATS = ("trace", "npz", "csv", "sglang")
+
+_SEQ_COLUMNS = ("seq", "sequence", "sequence_id", "seq_id", "prompt", "prompt_num", "request", "rid")
+_LIST_SPLIT = re.compile(r"[\s;|,]+")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What was written: the trace as read, the model's layer index of each MoE layer (None:
+    0..num_layers-1) and how the weights were stored (None: not at all)."""
+
+    trace: Trace
+    layer_ids: tuple[int, ...] | None
+    weights_dtype: str | None
+    destination: Path
+
+
+def guess_format(path: Path) -> str:
+    """The source format of ``path`` from its content or, failing that, its suffix."""
+    if is_trace_file(path):
+        return "trace"
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04":
+        return "npz"
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".txt"):
+        return "csv"
+    if suffix in (".pt", ".pth", ".npy"):
+        return "sglang"
+    raise ValueError(f"--from: cannot tell the format of '{path}'; give one of {SOURCE_FORMATS}")
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _is_int_text(text: str) -> bool:
+    return bool(re.fullmatch(r"\s*-?\d+\s*", text))
+
+
+def read_csv(path: str | os.PathLike, num_experts: int | None = None) -> tuple[Trace, tuple[int, ...]]:
+    """Rows of (layer, token, expert ids): one row per token and MoE layer.
+
+    Without a header the columns are ``layer, token, ids...``; with one, the columns named
+    ``layer`` and ``token`` (or ``token_idx``/``position``), an optional sequence column (one of
+    ``seq, sequence, sequence_id, seq_id, prompt, prompt_num, request, rid``; any text), and
+    the ids: every other column, or one column holding them separated by spaces, ``;``, ``|`` or
+    ``,``. Tokens are ordered by token number within a sequence, sequences by first appearance;
+    every token needs every layer exactly once. Returns the trace and the layer numbers found.
+    """
+    path = Path(path)
+    with open(path, newline="") as f:
+        sample = f.read(4096)
+        dialect = csv.Sniffer().sniff(sample, delimiters=",\t;") if sample.strip() else csv.excel
+        f.seek(0)
+        rows = csv.reader(f, dialect)
+        first = next(rows, None)
+        if first is None:
+            raise ValueError(f"{path}: empty CSV")
+        layer_col, token_col, seq_col, id_cols, start = _csv_columns(first, path)
+        seqs, tokens, layers, ids = [], [], [], []
+        seq_index: dict[str, int] = {}
+        all_rows = rows if start else _chain([first], rows)
+        for line, row in enumerate(all_rows, start=1 + start):
+            if not row or not "".join(row).strip():
+                continue
+            try:
+                layers.append(int(row[layer_col]))
+                tokens.append(int(row[token_col]))
+                key = row[seq_col].strip() if seq_col is not None else ""
+                seqs.append(seq_index.setdefault(key, len(seq_index)))
+                cells = [row[c] for c in id_cols] if id_cols else row[max(layer_col, token_col) + 1:]
+                ids.append([int(x) for cell in cells for x in _LIST_SPLIT.split(cell.strip()) if x])
+            except (ValueError, IndexError) as exc:
+                raise ValueError(f"{path}: line {line}: expected layer, token and expert ids ({exc})") from None
+    if not ids:
+        raise ValueError(f"{path}: no rows")
+    top_k = len(ids[0])
+    bad = next((i for i, r in enumerate(ids) if len(r) != top_k or top_k == 0), None)
+    if bad is not None:
+        raise ValueError(f"{path}: row {bad + 1 + start}: {len(ids[bad])} expert ids, the first row has {top_k}")
+    return _assemble(np.array(seqs), np.array(tokens), np.array(layers), np.array(ids), path, num_experts)
+
+
+def _chain(*iterables):
+    for it in iterables:
+        yield from it
+
+
+def _csv_columns(first: list[str], path: Path):
+    """(layer column, token column, sequence column or None, id columns or None, header rows)."""
+    if all(_is_int_text(c) or _LIST_SPLIT.sub("", c).isdigit() for c in first[:2]):
+        return 0, 1, None, None, 0  # no header: layer, token, ids...
+    names = [c.strip().lower() for c in first]
+
+    def find(*options):
+        return next((names.index(o) for o in options if o in names), None)
+
+    layer, token = find("layer", "layer_id", "layer_idx"), find("token", "token_idx", "token_id", "position")
+    if layer is None or token is None:
+        raise ValueError(f"{path}: the header needs 'layer' and 'token' columns, got {first}")
+    seq = find(*_SEQ_COLUMNS)
+    used = {layer, token, seq}
+    id_cols = [i for i, n in enumerate(names) if i not in used and ("expert" in n or n.startswith("id") or n.startswith("e"))]
+    if not id_cols:
+        id_cols = [i for i in range(len(names)) if i not in used]
+    return layer, token, seq, id_cols, 1
+
+
+def _assemble(seqs, tokens, layers, ids, source, num_experts) -> tuple[Trace, tuple[int, ...]]:
+    """Rows of (seq, token, layer, ids[k]) into a Trace ordered by sequence, then token, then layer."""
+    layer_ids, layer_index = np.unique(layers, return_inverse=True)
+    num_layers = len(layer_ids)
+    order = np.lexsort((layer_index, tokens, seqs))
+    seqs, tokens, layer_index, ids = seqs[order], tokens[order], layer_index[order], ids[order]
+    if len(ids) % num_layers:
+        raise ValueError(f"{source}: {len(ids)} rows are not a whole number of tokens x {num_layers} layers")
+    expected = np.tile(np.arange(num_layers), len(ids) // num_layers)
+    same_token = (seqs.reshape(-1, num_layers) == seqs[::num_layers, None]).all(axis=1) & (
+        tokens.reshape(-1, num_layers) == tokens[::num_layers, None]).all(axis=1)
+    if not (np.array_equal(layer_index, expected) and same_token.all()):
+        row = int(np.argmax((layer_index != expected).reshape(-1, num_layers).any(axis=1) | ~same_token))
+        raise ValueError(
+            f"{source}: token {tokens[row * num_layers]} of sequence {seqs[row * num_layers]} does not "
+            f"have each of the {num_layers} layers {layer_ids.tolist()} exactly once")
+    expert_ids = ids.reshape(-1, num_layers, ids.shape[1])
+    token_seqs = seqs[::num_layers]
+    starts = np.flatnonzero(np.diff(token_seqs)) + 1
+    offsets = np.concatenate([[0], starts, [len(token_seqs)]]).astype(np.int64)
+    return _trace(expert_ids, None, offsets, source, num_experts), tuple(int(x) for x in layer_ids)
+
+
+def _trace(expert_ids, weights, offsets, source, num_experts) -> Trace:
+    if expert_ids.size and expert_ids.min() < 0:
+        raise ValueError(f"{source}: expert ids must be >= 0, got {expert_ids.min()}")
+    max_id = int(expert_ids.max()) if expert_ids.size else 0
+    if num_experts is None:
+        num_experts = max_id + 1
+    if num_experts <= max_id:
+        raise ValueError(f"num_experts: {num_experts} experts but {source} uses id {max_id}")
+    dtype = np.uint8 if num_experts <= 256 else np.uint16 if num_experts <= 2**16 else np.int32
+    return Trace(expert_ids.astype(dtype), weights, offsets, int(num_experts), Path(str(source)).name)
+
+
+# --------------------------------------------------------------------------- SGLang
+
+
+def _load_sglang(path: Path):
+    if path.suffix.lower() == ".npy":
+        return {"records": [{"topk_ids_of_layer": np.load(path, allow_pickle=False)}]}
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"{path}: reading a torch.save dump needs torch (pip install 'moeray[hf]')") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types on a bad or unsafe file
+        raise ValueError(f"{path}: not a readable SGLang dump ({type(exc).__name__}: {exc})") from None
+
+
+def _numpy(value) -> np.ndarray:
+    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+
+
+def read_sglang(path: str | os.PathLike, num_experts: int | None = None) -> tuple[Trace, tuple[int, ...]]:
+    """SGLang's ``per_token`` expert-distribution dump: records of ``topk_ids_of_layer``
+    [layer, token, top_k] (-1 where a layer is dense or a token is padding), in forward order.
+
+    Layers that are -1 throughout (dense) are dropped, then tokens that are -1 on every
+    remaining layer (padding). Physical ids map to logical ones through
+    ``last_physical_to_logical_map`` [layer, physical] when the dump has it. With ``rids``,
+    ``forward_mode`` (1 extend, 2 decode) and ``extend_seq_lens``, each request's tokens form
+    its own sequence; otherwise each record does. Returns the trace and the kept layer numbers.
+    """
+    path = Path(path)
+    dump = _load_sglang(path)
+    records = dump.get("records") if isinstance(dump, dict) else None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: expected a dump with a non-empty 'records' list")
+    arrays = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or "topk_ids_of_layer" not in record:
+            raise ValueError(f"{path}: record {i} has no 'topk_ids_of_layer'")
+        a = _numpy(record["topk_ids_of_layer"])
+        if a.ndim != 3 or a.dtype.kind not in "iu" or (arrays and a.shape[::2] != arrays[0].shape[::2]):
+            raise ValueError(f"{path}: record {i}: expected integer [layer, token, top_k], got {a.dtype} {a.shape}")
+        arrays.append(a.astype(np.int64))
+    mapping = dump.get("last_physical_to_logical_map")
+    if mapping is not None:
+        mapping = _numpy(mapping).astype(np.int64)
+    moe_layers = np.flatnonzero(np.stack([(a >= 0).any(axis=(1, 2)) for a in arrays]).any(axis=0))
+    if not len(moe_layers):
+        raise ValueError(f"{path}: every id is -1: no MoE routing in the dump")
+    ids, seqs, request_seq = [], [], {}
+    for i, (record, a) in enumerate(zip(records, arrays)):
+        a = a[moe_layers]
+        if mapping is not None:
+            a = np.where(a >= 0, np.take_along_axis(mapping[moe_layers], np.maximum(a, 0).reshape(len(moe_layers), -1), axis=1).reshape(a.shape), a)
+        keep = (a >= 0).any(axis=(0, 2))
+        a = a[:, keep]
+        if (a < 0).any():
+            raise ValueError(f"{path}: record {i}: a token has -1 on some MoE layers and not others")
+        for seq_key, part in _split_requests(record, a, i, int(keep.sum())):
+            ids.append(part.transpose(1, 0, 2))
+            seqs.extend([request_seq.setdefault(seq_key, len(request_seq))] * part.shape[1])
+    expert_ids = np.concatenate(ids, axis=0)
+    seqs = np.array(seqs)
+    starts = np.flatnonzero(np.diff(seqs)) + 1 if len(seqs) else np.array([], dtype=np.int64)
+    offsets = np.concatenate([[0], starts, [len(seqs)]]).astype(np.int64)
+    if num_experts is None and mapping is not None:
+        num_experts = int(mapping.max()) + 1
+    return _trace(expert_ids, None, offsets, path, num_experts), tuple(int(x) for x in moe_layers)
+
+
+def _split_requests(record: dict, a: np.ndarray, index: int, num_tokens: int):
+    """(sequence key, [layer, tokens, top_k]) per request of one forward pass, in token order."""
+    rids, mode = record.get("rids"), record.get("forward_mode")
+    if rids is None or mode is None:
+        yield ("record", index), a
+        return
+    lengths = [1] * len(rids) if int(mode) == 2 else [int(n) for n in _numpy(record.get("extend_seq_lens", []))]
+    if len(lengths) != len(rids) or sum(lengths) != num_tokens:
+        yield ("record", index), a  # padding or a layout we do not know: keep the pass whole
+        return
+    start = 0
+    for rid, length in zip(rids, lengths):
+        yield ("rid", str(rid)), a[:, start:start + length]
+        start += length
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _read_source(src: Path, fmt: str, num_experts: int | None):
+    if fmt == "trace":
+        with TraceReader(src) as reader:
+            layer_ids = reader.header.layer_ids
+        return load_trace(src, num_experts), layer_ids
+    if fmt == "npz":
+        return load_trace(src, num_experts), _npz_layer_ids(src)
+    if fmt == "csv":
+        return read_csv(src, num_experts)
+    if fmt == "sglang":
+        return read_sglang(src, num_experts)
+    raise ValueError(f"--from: expected one of {SOURCE_FORMATS}, got {fmt!r}")
+
+
+def _npz_layer_ids(path: Path) -> tuple[int, ...] | None:
+    """``moe_layer_ids`` of an npz (as in shared/traces/deepseek-v2-lite-chat), if any."""
+    with np.load(path, allow_pickle=False) as data:
+        if "moe_layer_ids" in data.files:
+            return tuple(int(x) for x in data["moe_layer_ids"])
+    return None
+
+
+def _weights_dtype(src: Path, fmt: str, trace: Trace, requested: str) -> str | None:
+    if trace.weights is None or requested == "none":
+        return None
+    if requested != "auto":
+        return requested
+    if fmt == "npz":  # keep float16 router weights float16: exact, and half the bytes
+        with np.load(src, allow_pickle=False) as data:
+            return "float16" if data["expert_probs"].dtype == np.float16 else "float32"
+    if fmt == "trace":
+        with TraceReader(src) as reader:
+            return reader.header.weights_dtype
+    return "float32"
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    source_format: str = "auto",
+    model: str = "",
+    num_experts: int | None = None,
+    weights_dtype: str = "auto",
+    record_tokens: int = 1024,
+    progress: bool | None = False,
+) -> ConvertResult:
+    """Reads ``src`` (``source_format`` one of SOURCE_FORMATS, or auto) and writes ``dst``: an
+    ``.npz`` in the layout of ``moeray.traces`` when its name ends in .npz, else a moeray trace
+    with records of at most ``record_tokens`` tokens of one sequence. weights_dtype: auto (the
+    source's), float16, float32 or none. progress: a bar on stderr while writing (None: when
+    stderr is a terminal)."""
+    from moeray._progress import Progress
+
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise ValueError(f"SRC: no such file '{src}'")
+    if src.resolve() == dst.resolve():
+        raise ValueError("DST: must differ from SRC")
+    fmt = guess_format(src) if source_format == "auto" else source_format
+    trace, layer_ids = _read_source(src, fmt, num_experts)
+    dtype = _weights_dtype(src, fmt, trace, weights_dtype)
+    if dst.suffix.lower() == ".npz":
+        arrays = {"expert_ids": trace.expert_ids, "seq_offsets": trace.seq_offsets,
+                  "num_experts": np.array(trace.num_experts)}
+        if dtype is not None:
+            arrays["expert_probs"] = trace.weights.astype(dtype)
+        if layer_ids is not None:
+            arrays["moe_layer_ids"] = np.array(layer_ids)
+        with open(dst, "wb") as f:
+            np.savez(f, **arrays)
+    else:
+        header = TraceHeader(num_layers=trace.num_layers, num_experts=trace.num_experts, top_k=trace.top_k,
+                             model=model or src.stem, weights_dtype=dtype, layer_ids=layer_ids,
+                             metadata={"converted_from": src.name, "source_format": fmt})
+        with TraceWriter(dst, header) as writer, Progress(trace.num_tokens, "convert", enabled=progress) as bar:
+            writer.write_trace(trace, record_tokens, bar)
+    return ConvertResult(trace, layer_ids, dtype, dst)
