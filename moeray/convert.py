@@ -46,6 +46,8 @@ def guess_format(path: Path) -> str:
     """The source format of ``path`` from its content or, failing that, its suffix."""
     if is_trace_file(path):
         return "trace"
+    if path.suffix.lower() in (".pt", ".pth"):  # torch.save files are zip archives too
+        return "sglang"
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PK\x03\x04":
@@ -53,7 +55,7 @@ def guess_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv", ".txt"):
         return "csv"
-    if suffix in (".pt", ".pth", ".npy"):
+    if suffix == ".npy":
         return "sglang"
     raise ValueError(f"--from: cannot tell the format of '{path}'; give one of {SOURCE_FORMATS}")
 
@@ -77,10 +79,11 @@ def read_csv(path: str | os.PathLike, num_experts: int | None = None) -> tuple[T
     """
     path = Path(path)
     with open(path, newline="") as f:
-        sample = f.read(4096)
-        dialect = csv.Sniffer().sniff(sample, delimiters=",\t;") if sample.strip() else csv.excel
+        line = f.readline()
+        # csv.Sniffer guesses wrong on short numeric samples; the first line tells enough.
+        delimiter = "\t" if "\t" in line else ";" if ";" in line and "," not in line else ","
         f.seek(0)
-        rows = csv.reader(f, dialect)
+        rows = csv.reader(f, delimiter=delimiter)
         first = next(rows, None)
         if first is None:
             raise ValueError(f"{path}: empty CSV")
@@ -140,16 +143,16 @@ def _assemble(seqs, tokens, layers, ids, source, num_experts) -> tuple[Trace, tu
     num_layers = len(layer_ids)
     order = np.lexsort((layer_index, tokens, seqs))
     seqs, tokens, layer_index, ids = seqs[order], tokens[order], layer_index[order], ids[order]
-    if len(ids) % num_layers:
-        raise ValueError(f"{source}: {len(ids)} rows are not a whole number of tokens x {num_layers} layers")
-    expected = np.tile(np.arange(num_layers), len(ids) // num_layers)
-    same_token = (seqs.reshape(-1, num_layers) == seqs[::num_layers, None]).all(axis=1) & (
-        tokens.reshape(-1, num_layers) == tokens[::num_layers, None]).all(axis=1)
-    if not (np.array_equal(layer_index, expected) and same_token.all()):
-        row = int(np.argmax((layer_index != expected).reshape(-1, num_layers).any(axis=1) | ~same_token))
+    # Each (sequence, token) group must hold layers 0..L-1 once each, in order after the sort.
+    starts = np.flatnonzero(np.concatenate([[True], (np.diff(seqs) != 0) | (np.diff(tokens) != 0)]))
+    sizes = np.diff(np.append(starts, len(ids)))
+    rank = np.arange(len(ids)) - np.repeat(starts, sizes)
+    bad_groups = (sizes != num_layers) | np.add.reduceat(layer_index != rank, starts).astype(bool)
+    if bad_groups.any():
+        row = starts[int(np.argmax(bad_groups))]
         raise ValueError(
-            f"{source}: token {tokens[row * num_layers]} of sequence {seqs[row * num_layers]} does not "
-            f"have each of the {num_layers} layers {layer_ids.tolist()} exactly once")
+            f"{source}: token {tokens[row]} of sequence {seqs[row]} does not have each of the "
+            f"{num_layers} layers {layer_ids.tolist()} exactly once")
     expert_ids = ids.reshape(-1, num_layers, ids.shape[1])
     token_seqs = seqs[::num_layers]
     starts = np.flatnonzero(np.diff(token_seqs)) + 1
