@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--address", metavar="ADDRESS",
                         help="Ray cluster to join (default: RAY_ADDRESS, else auto)")
     _add_trace_commands(commands)
+    from moeray.shards import cli as shards_cli  # numpy and the standard library only
+
+    shards_cli.add_parser(commands)
     return parser
 
 
@@ -402,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
             return _record(args)
         if args.command == "trace":
             return _trace_info(args)
+        if args.command == "shards":
+            from moeray.shards import cli as shards_cli
+
+            return shards_cli.run(args)
     except (ValueError, OSError) as exc:
         print(f"moeray {args.command}: error: {exc}", file=sys.stderr)
         return 2
