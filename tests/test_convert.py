@@ -20,7 +20,8 @@ from moeray.traces import Trace, default_trace_path, load_trace
 
 pytestmark = pytest.mark.pure
 
-CONFIG = ReplayConfig(capacity=8, policies=("lru", "belady", "affinity-lru"))
+CONFIG = ReplayConfig(capacity=8, policies=("lru", "belady"))
+HEAD_TOKENS = 2000  # enough routing to tell traces apart, quick on the pure-Python core too
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,13 @@ def small(bundled) -> Trace:
     return Trace(bundled.expert_ids[:stop], bundled.weights[:stop], bundled.seq_offsets[:4], 32, "small")
 
 
+def head(trace: Trace) -> Trace:
+    n = min(HEAD_TOKENS, trace.num_tokens)
+    return Trace(trace.expert_ids[:n], None, np.array([0, n]), trace.num_experts, trace.name)
+
+
 def same_hits(a: Trace, b: Trace) -> None:
-    ra, rb = replay_trace(a, CONFIG), replay_trace(b, CONFIG)
+    ra, rb = replay_trace(head(a), CONFIG), replay_trace(head(b), CONFIG)
     for name in CONFIG.policies:
         assert ra.results[name].per_layer_hits == rb.results[name].per_layer_hits, name
 
@@ -60,13 +66,13 @@ def test_npz_to_trace_and_back_replays_the_same(bundled, tmp_path, capsys):
 def test_shared_traces_convert_with_the_same_hit_rates(shared_traces, tmp_path):
     for npz in sorted(shared_traces.glob("*/*_routing.npz")):
         original = load_trace(npz)
-        head = int(original.seq_offsets[min(40, original.num_sequences)])
+        stop = int(original.seq_offsets[min(20, original.num_sequences)])
         part = tmp_path / "part.npz"
-        np.savez(part, expert_ids=original.expert_ids[:head], seq_offsets=original.seq_offsets[:41][original.seq_offsets[:41] <= head],
+        np.savez(part, expert_ids=original.expert_ids[:stop], seq_offsets=original.seq_offsets[:21],
                  num_experts=np.array(original.num_experts))
         converted = convert(part, tmp_path / (npz.stem + ".mtrace"))
         again = load_trace(converted.destination)
-        np.testing.assert_array_equal(again.expert_ids, original.expert_ids[:head])
+        np.testing.assert_array_equal(again.expert_ids, original.expert_ids[:stop])
         same_hits(again, load_trace(part))
     # moe_layer_ids of the DeepSeek trace travel into the header
     deepseek = next(shared_traces.glob("deepseek*/*.npz"))
@@ -233,4 +239,4 @@ def test_new_subcommands_have_help(capsys):
             cli.main(argv)
         assert info.value.code == 0
         out = capsys.readouterr().out
-        assert ("info" in out) if argv[1] == "--help" else len(out) > 300, argv
+        assert ("info" in out) if argv == ["trace", "--help"] else len(out) > 300, argv
