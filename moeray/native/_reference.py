@@ -507,8 +507,7 @@ class PrefetcherCore:
             _, view, size = self._files[file]
             if length == 0:
                 continue
-            start = offset // _PAGE * _PAGE
-            end = min(size, -(-(offset + length) // _PAGE) * _PAGE)
+            start, end = _outer_pages(offset, length, size)
             view.madvise(mmap.MADV_WILLNEED, start, end - start)
             for page in range(start, end, _PAGE):
                 view[page]
@@ -554,8 +553,7 @@ class PrefetcherCore:
             _, view, size = self._files[file]
             if length == 0:
                 continue
-            start = offset // _PAGE * _PAGE
-            end = min(size, -(-(offset + length) // _PAGE) * _PAGE)
+            start, end = _outer_pages(offset, length, size)
             pages = -(-(end - start) // _PAGE)
             vec = (ctypes.c_ubyte * pages)()
             base = _mapping_address(view) + start
@@ -571,6 +569,11 @@ class PrefetcherCore:
 
     def stats(self) -> dict:
         return dict(self._stats)
+
+
+def _outer_pages(offset: int, length: int, size: int) -> tuple[int, int]:
+    """[start, end) of the pages a byte range touches, within a file of ``size`` bytes."""
+    return offset // _PAGE * _PAGE, min(size, -(-(offset + length) // _PAGE) * _PAGE)
 
 
 def _mapping_address(view: mmap.mmap) -> int:

@@ -28,6 +28,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #ifndef MADV_POPULATE_READ
@@ -161,8 +162,7 @@ class Prefetcher {
     for (const auto& r : ranges) {
       if (r.length <= 0) continue;
       const auto& f = files_[r.file];
-      const int64_t start = r.offset / page_ * page_;
-      const int64_t end = std::min(f.size, (r.offset + r.length + page_ - 1) / page_ * page_);
+      const auto [start, end] = outer_pages(r);
       const size_t pages = static_cast<size_t>((end - start + page_ - 1) / page_);
       vec.assign(pages, 0);
       if (mincore(f.base + start, static_cast<size_t>(end - start), vec.data()) != 0) continue;
@@ -264,14 +264,19 @@ class Prefetcher {
     }
   }
 
+  // [start, end) of the pages a range touches, within its file.
+  std::pair<int64_t, int64_t> outer_pages(const ByteRange& r) const {
+    return {r.offset / page_ * page_,
+            std::min(files_[r.file].size, (r.offset + r.length + page_ - 1) / page_ * page_)};
+  }
+
   // Faults in every page overlapping the ranges; returns the bytes of those ranges.
   int64_t populate(const std::vector<ByteRange>& ranges) {
     int64_t bytes = 0;
     for (const auto& r : ranges) {
       if (r.length <= 0) continue;
       const auto& f = files_[r.file];
-      const int64_t start = r.offset / page_ * page_;
-      const int64_t end = std::min(f.size, (r.offset + r.length + page_ - 1) / page_ * page_);
+      const auto [start, end] = outer_pages(r);
       char* base = f.base + start;
       const size_t len = static_cast<size_t>(end - start);
       madvise(base, len, MADV_WILLNEED);  // one large read of exactly this range
