@@ -129,43 +129,90 @@ def test_cli_replay_through_the_service_matches_local(ray_local, tmp_path, capsy
     assert set(document["service"]) == {"lru", "affinity-lru"}
 
 
-def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local, routing):
-    """Per-layer counters and the submit-latency histogram, read back from the metrics port."""
-    import re
+# The driver of the metrics test, run as its own process: every Ray process gives the node's
+# metrics agent 30 one-second health checks when it starts and then drops its metrics for good
+# (Ray's kMetricAgentInitMaxRetries). On a loaded 2-core VM the agent can answer later than that
+# for the processes started with the session's Ray (this driver included), so the metrics test
+# starts a fresh driver, and with it fresh layer actors, once the agent answers.
+METRICS_DRIVER = r"""
+import json, re, sys, time, urllib.request
+import numpy as np
+import ray
+from moeray import service
+from moeray.traces import default_trace_path, load_trace
+
+address, url = sys.argv[1], sys.argv[2]
+ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+trace = load_trace(default_trace_path())
+ids = np.ascontiguousarray(trace.expert_ids[:1024].transpose(1, 0, 2), dtype=np.int32)
+weights = np.ascontiguousarray(trace.weights[:1024].transpose(1, 0, 2))
+handle = service.start(service.ServiceConfig(num_layers=24, num_experts=32, top_k=4, capacity=8,
+                                             layers_per_actor=12, window_steps=4, name="svc-metrics"))
+
+
+def value(text, name, layer):
+    pattern = rf'^{name}\{{[^}}]*layer="{layer}"[^}}]*service="svc-metrics"[^}}]*\}} (\S+)$'
+    alt = rf'^{name}\{{[^}}]*service="svc-metrics"[^}}]*layer="{layer}"[^}}]*\}} (\S+)$'
+    found = re.findall(pattern, text, re.M) + re.findall(alt, text, re.M)
+    return sum(float(v) for v in found) if found else None
+
+
+try:
+    for start in range(0, ids.shape[1], 256):
+        handle.submit(ids[:, start:start + 256], weights[:, start:start + 256])
+    stats = handle.stats()
+    expected = {layer: [stats.layers[layer].hits, stats.layers[layer].misses,
+                        stats.layers[layer].misses + stats.layers[layer].prefetches] for layer in (0, 23)}
+    # scrape while the service runs: a layer actor's last second of counts leaves with it
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+        except OSError:  # the endpoint is busy on a loaded machine: poll again
+            text = ""
+        got = {layer: [value(text, f"ray_moeray_{n}", layer)
+                       for n in ("cache_hits_total", "cache_misses_total", "transfers_total")]
+               for layer in expected}
+        latency = bool(re.search(
+            r'^ray_moeray_submit_latency_ms_count\{[^}]*service="svc-metrics"', text, re.M))
+        if (got == expected and latency) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+finally:
+    handle.shutdown()
+print(json.dumps({"expected": expected, "got": got, "latency_seen": latency}))
+"""
+
+
+def _wait_for_metrics_agent(url: str, timeout_s: float) -> None:
     import time
     import urllib.request
 
-    ids, weights = routing
-    handle = service.start(config("svc-metrics", window_steps=4))
-    try:
-        replay(handle, ids[:, :1024], weights[:, :1024])
-        stats = handle.stats()
-    finally:
-        handle.shutdown()
-    want = {layer: stats.layers[layer] for layer in (0, 23)}
-
-    def scrape() -> str:
-        try:
-            with urllib.request.urlopen(ray_local.moeray_test_metrics_url, timeout=10) as response:
-                return response.read().decode()
-        except OSError:  # the endpoint is busy on a loaded machine: poll again
-            return ""
-
-    def value(text: str, name: str, layer: int) -> float | None:
-        pattern = rf'^{name}\{{[^}}]*layer="{layer}"[^}}]*service="svc-metrics"[^}}]*\}} (\S+)$'
-        alt = rf'^{name}\{{[^}}]*service="svc-metrics"[^}}]*layer="{layer}"[^}}]*\}} (\S+)$'
-        found = re.findall(pattern, text, re.M) + re.findall(alt, text, re.M)
-        return sum(float(v) for v in found) if found else None
-
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + timeout_s
     while True:
-        text = scrape()
-        got = {layer: (value(text, "ray_moeray_cache_hits_total", layer),
-                       value(text, "ray_moeray_cache_misses_total", layer),
-                       value(text, "ray_moeray_transfers_total", layer)) for layer in want}
-        expected = {layer: (s.hits, s.misses, s.misses + s.prefetches) for layer, s in want.items()}
-        latency_seen = re.search(r'^ray_moeray_submit_latency_ms_count\{[^}]*service="svc-metrics"', text, re.M)
-        if got == expected and latency_seen:
-            break
-        assert time.monotonic() < deadline, f"metrics never matched: {got} != {expected}"
-        time.sleep(0.5)
+        try:
+            with urllib.request.urlopen(url, timeout=10):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"the node's metrics endpoint {url} never answered"
+            time.sleep(1)
+
+
+def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local):
+    """Per-layer counters and the submit-latency histogram, read back from the metrics port."""
+    import json
+    import subprocess
+    import sys
+
+    url = ray_local.moeray_test_metrics_url
+    _wait_for_metrics_agent(url, timeout_s=180)
+    address = ray_local.get_runtime_context().gcs_address
+    run = subprocess.run([sys.executable, "-c", METRICS_DRIVER, address, url],
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["got"] == result["expected"], "metrics never matched the service's own stats"
+    assert result["latency_seen"], "no submit-latency histogram for svc-metrics"
+    # the counters are the layers' real counts, not zeros that happen to agree
+    assert all(hits > 0 and misses > 0 for hits, misses, _ in result["expected"].values())
