@@ -18,6 +18,8 @@ examples:
   moeray replay --backend local                  # the same decisions in-process, no Ray
   moeray replay trace.npz --capacity 0.5 --policy lru --policy belady
   moeray replay --json results.json
+  moeray shards synth --shape gpt-oss-20b --layers 24 --out ckpt && \
+  moeray replay --backend local --shards ckpt    # hot sets held in real bytes, checked by mincore
 
 The trace is an .npz with expert_ids [tokens, layers, top_k] (optional expert_probs,
 seq_offsets, num_experts); see moeray.traces. Hit rates are per layer, averaged over layers;
@@ -55,13 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--address", metavar="ADDRESS",
                         help="join this Ray cluster (e.g. auto, or 127.0.0.1:6379) instead of "
                         "starting a local one")
-    replay.add_argument("--step-tokens", type=int, default=256, metavar="T",
-                        help="tokens per submitted step with --backend service (default 256)")
+    replay.add_argument("--step-tokens", type=int, metavar="T",
+                        help="tokens per step: per submit with --backend service (default 256), "
+                        "per window with --backend local --shards (default 1, decode-like)")
     replay.add_argument("--window-steps", type=int, default=16, metavar="N",
                         help="steps coalesced into one call per layer actor (default 16: on a "
                         "2-core machine per-call overhead, not decisions, bounds throughput)")
     replay.add_argument("--layers-per-actor", type=int, metavar="N",
                         help="layers hosted by one actor process (default: layers / CPUs)")
+    replay.add_argument("--shards", type=Path, metavar="DIR",
+                        help="a safetensors checkpoint (e.g. from `moeray shards synth`) whose "
+                        "expert bytes follow each policy's hot sets: reports per layer resident "
+                        "bytes (mincore) against capacity, bytes moved and late prefetches")
     replay.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     replay.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")
@@ -313,6 +320,23 @@ def _print_report(report, trace, out) -> None:
         print(f"{name:<14}{r.hit_rate:>10.3f}{worst:>16}{r.decisions_per_s / 1e6:>12.1f} M", file=out)
 
 
+def _print_shards(report, out) -> None:
+    print(f"shards {report.shards_path}: resident bytes (largest mincore reading) against "
+          "capacity; goal: at most capacity + one expert", file=out)
+    print(f"{'policy':<14}{'capacity':>11}{'resident max':>14}{'worst layer':>13}{'moved':>11}"
+          f"{'late':>7}{'stalls':>8}{'bound':>7}", file=out)
+    for name, r in report.shards.items():
+        ratio = [res / cap for res, cap in zip(r.resident_bytes_max, r.capacity_bytes)]
+        worst = max(range(len(ratio)), key=ratio.__getitem__)
+        print(f"{name:<14}{_mib(r.capacity_bytes[worst]):>11}{_mib(r.resident_bytes_max[worst]):>14}"
+              f"{f'L{worst}':>13}{_mib(sum(r.bytes_moved)):>11}{sum(r.late_prefetches):>7}"
+              f"{sum(r.stalls):>8}{'held' if not r.over_bound() else 'BROKEN':>7}", file=out)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def _print_throughput(throughput, out) -> None:
     print("service throughput (end to end, submit to last ack):", file=out)
     print(f"{'policy':<14}{'tokens/s':>12}{'submits/s':>12}{'submit p50':>13}{'p99':>10}", file=out)
@@ -351,7 +375,9 @@ def _ray_session(address: str | None, job: bool = False):
 
 def _replay(args) -> int:
     from moeray._progress import Progress
-    from moeray.replay import POLICY_NAMES, ReplayConfig, capacity_from_fraction, replay_trace
+    from moeray.replay import (
+        POLICY_NAMES, ReplayConfig, capacity_from_fraction, replay_shards, replay_trace,
+    )
     from moeray.traces import default_trace_path, load_trace
 
     trace = load_trace(args.trace if args.trace else default_trace_path())
@@ -362,20 +388,28 @@ def _replay(args) -> int:
     )
     total = len(config.policies) * trace.num_layers
     throughput = []
-    if args.backend == "local":
+    shards = str(args.shards) if args.shards else None
+    if args.backend == "local" and shards:
+        with Progress(total, "replay", enabled=args.progress) as progress:
+            report = replay_shards(trace, config, shards, step_tokens=args.step_tokens or 1,
+                                   progress=progress)
+    elif args.backend == "local":
         with Progress(total, "replay", enabled=args.progress) as progress:
             report = replay_trace(trace, config, progress=progress)
     else:
         from moeray.service import replay_through_service
 
-        if args.step_tokens < 1 or args.window_steps < 1:
+        step_tokens = 256 if args.step_tokens is None else args.step_tokens
+        if step_tokens < 1 or args.window_steps < 1:
             raise ValueError("--step-tokens and --window-steps: expected ints >= 1")
         with _ray_session(args.address), Progress(total, "replay", enabled=args.progress) as progress:
             report, throughput = replay_through_service(
-                trace, config, step_tokens=args.step_tokens, window_steps=args.window_steps,
-                layers_per_actor=args.layers_per_actor, progress=progress,
+                trace, config, step_tokens=step_tokens, window_steps=args.window_steps,
+                layers_per_actor=args.layers_per_actor, progress=progress, shards=shards,
             )
     _print_report(report, trace, sys.stdout)
+    if report.shards:
+        _print_shards(report, sys.stdout)
     if throughput:
         _print_throughput(throughput, sys.stdout)
     if args.json:

@@ -8,7 +8,7 @@ the timer only measures decisions per second.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -25,7 +25,9 @@ __all__ = [
     "ReplayConfig",
     "PolicyResult",
     "ReplayReport",
+    "ShardResult",
     "capacity_from_fraction",
+    "replay_shards",
     "replay_trace",
 ]
 
@@ -104,12 +106,41 @@ class PolicyResult:
 
 
 @dataclass(frozen=True)
+class ShardResult:
+    """Per layer, what keeping one policy's hot sets resident in a checkpoint's shards did.
+
+    capacity_bytes: hot experts x one expert's bytes. resident_bytes_max: the largest mincore
+    reading of the layer's shard. bytes_moved: bytes populated. late_prefetches: experts used
+    while a prefetch ahead of use had not finished. stalls: experts used that nobody had asked
+    for (on-demand loads)."""
+
+    capacity_bytes: tuple[int, ...]
+    expert_bytes: tuple[int, ...]
+    resident_bytes_max: tuple[int, ...]
+    bytes_moved: tuple[int, ...]
+    late_prefetches: tuple[int, ...]
+    stalls: tuple[int, ...]
+
+    def over_bound(self) -> list[int]:
+        """Layers whose resident bytes exceeded capacity plus one expert (the memory goal)."""
+        return [layer for layer, (resident, cap, one) in enumerate(
+            zip(self.resident_bytes_max, self.capacity_bytes, self.expert_bytes))
+            if resident > cap + one]
+
+    def to_json(self) -> dict:
+        return {key: list(getattr(self, key)) for key in (
+            "capacity_bytes", "resident_bytes_max", "bytes_moved", "late_prefetches", "stalls")}
+
+
+@dataclass(frozen=True)
 class ReplayReport:
     trace: str
     num_experts: int
     capacity: int
     results: dict[str, PolicyResult] = field(default_factory=dict)
     native: bool = IS_NATIVE
+    shards: dict[str, ShardResult] = field(default_factory=dict)  # with a checkpoint only
+    shards_path: str | None = None
 
     @property
     def capacity_fraction(self) -> float:
@@ -132,6 +163,9 @@ class ReplayReport:
                 }
                 for name, r in self.results.items()
             },
+            **({"shards": {"path": self.shards_path,
+                           "policies": {n: r.to_json() for n, r in self.shards.items()}}}
+               if self.shards else {}),
         }
 
 
@@ -177,3 +211,68 @@ def replay_trace(
             name, tuple(hits), trace.num_tokens * trace.top_k, tuple(seconds)
         )
     return ReplayReport(trace.name, trace.num_experts, config.capacity, results)
+
+
+def shard_bytes(shards: str, num_layers: int, capacity: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(capacity_bytes, expert_bytes) per trace layer of the checkpoint at ``shards`` (trace
+    layer i is its i-th MoE layer)."""
+    from moeray.shards import ShardStore
+
+    with ShardStore(shards) as store:
+        layers = store.layers
+        if num_layers > len(layers):
+            raise ValueError(f"shards: {shards} has {len(layers)} MoE layers, the trace {num_layers}")
+        one = tuple(max(store.expert_bytes(layer, e) for e in range(store.num_experts(layer)))
+                    for layer in layers[:num_layers])
+    return tuple(capacity * b for b in one), one
+
+
+def replay_shards(
+    trace: Trace,
+    config: ReplayConfig,
+    shards: str,
+    step_tokens: int = 1,
+    progress: Progress | None = None,
+) -> ReplayReport:
+    """``replay_trace`` against real bytes: every online policy runs in the layer actors' own
+    body (``LayerCaches``) over the checkpoint at ``shards``, one window per ``step_tokens``
+    tokens, waiting for each window's prefetches before reading resident bytes, so the readings
+    are the real peaks. Hits equal ``replay_trace``'s; ``belady`` has no shard result."""
+    from moeray.actors.layer import LayerCaches, LayerWindow
+
+    if isinstance(step_tokens, bool) or not isinstance(step_tokens, int) or step_tokens < 1:
+        raise ValueError(f"step_tokens: expected an int >= 1, got {step_tokens!r}")
+    capacity_bytes, expert_bytes = shard_bytes(shards, trace.num_layers, config.capacity)
+    layers = list(range(trace.num_layers))
+    ids = [np.ascontiguousarray(trace.layer_ids(layer), dtype=np.int32) for layer in layers]
+    affinity = (AffinityConfig.with_num_experts(trace.num_experts)
+                .with_decay(config.affinity_decay).with_activation_boost(config.affinity_boost))
+    results, shard_results = {}, {}
+    for name in config.policies:
+        if name == "belady":
+            results[name] = replay_trace(trace, replace(config, policies=("belady",))).results[name]
+            if progress is not None:
+                progress.advance(trace.num_layers, name)
+            continue
+        body = LayerCaches(layers, trace.num_experts, dict.fromkeys(layers, config.capacity), name,
+                           affinity, config.affinity_weight, shards=shards, settle=True)
+        hits, moved, late, stalls, peak = ([0] * len(layers) for _ in range(5))
+        seconds = [0.0] * len(layers)
+        for seq, first in enumerate(range(0, trace.num_tokens, step_tokens), start=1):
+            for layer in layers:
+                start = time.perf_counter()
+                (ack,) = body.apply([LayerWindow(layer, seq, ids[layer][first:first + step_tokens])])
+                seconds[layer] += time.perf_counter() - start
+                hits[layer] += ack.hits
+                moved[layer] += ack.bytes_moved
+                late[layer] += ack.late_prefetches
+                stalls[layer] += ack.stalls
+                peak[layer] = max(peak[layer], ack.resident_bytes_max)
+        del body  # unmaps the shards
+        results[name] = PolicyResult(name, tuple(hits), trace.num_tokens * trace.top_k, tuple(seconds))
+        shard_results[name] = ShardResult(capacity_bytes, expert_bytes, tuple(peak), tuple(moved),
+                                          tuple(late), tuple(stalls))
+        if progress is not None:
+            progress.advance(trace.num_layers, name)
+    return ReplayReport(trace.name, trace.num_experts, config.capacity, results,
+                        shards=shard_results, shards_path=str(shards))

@@ -30,7 +30,9 @@ from moeray.actors import _ray
 from moeray.actors.coordinator import ServiceConfig, ServiceStats, check_step, schedule_step
 from moeray.metrics import SubmitLatency
 from moeray.policy.scheduler import ExpertBatches
-from moeray.replay import PolicyResult, ReplayConfig, ReplayReport, replay_trace
+from moeray.replay import (
+    PolicyResult, ReplayConfig, ReplayReport, ShardResult, replay_trace, shard_bytes,
+)
 from moeray.traces import Trace
 
 __all__ = [
@@ -187,10 +189,16 @@ def replay_through_service(
     window_steps: int = 16,
     progress: Progress | None = None,
     timer: Callable[[], float] = time.perf_counter,
+    shards: str | None = None,
 ) -> tuple[ReplayReport, list[ServiceThroughput]]:
     """Replays ``trace`` through one service per online policy (``belady`` stays in-process:
     it is an oracle, not a policy a service can run). Steps of ``step_tokens`` tokens carry
-    every layer; the hit counts equal ``replay_trace``'s, which a test checks."""
+    every layer; the hit counts equal ``replay_trace``'s, which a test checks. With ``shards``
+    the layer actors keep the checkpoint's bytes resident for their hot sets, one window at a
+    time, and the report has a ``ShardResult`` per policy."""
+    if shards is not None:
+        capacity_bytes, expert_bytes = shard_bytes(shards, trace.num_layers, config.capacity)
+        shards = os.path.abspath(shards)
     ids = np.ascontiguousarray(trace.expert_ids.transpose(1, 0, 2), dtype=np.int32)
     if trace.weights is not None:
         weights = np.ascontiguousarray(trace.weights.transpose(1, 0, 2))
@@ -198,6 +206,7 @@ def replay_through_service(
         weights = np.full(ids.shape, 1.0 / trace.top_k, dtype=np.float32)
     layers_per_actor = layers_per_actor or max(1, -(-trace.num_layers // (os.cpu_count() or 1)))
     results: dict[str, PolicyResult] = {}
+    shard_results: dict[str, ShardResult] = {}
     throughput = []
     for name in config.policies:
         if name == "belady":
@@ -217,6 +226,7 @@ def replay_through_service(
             affinity_decay=config.affinity_decay,
             affinity_boost=config.affinity_boost,
             affinity_weight=config.affinity_weight,
+            shards=shards,
         )
         handle = start(service_config)
         try:
@@ -242,7 +252,13 @@ def replay_through_service(
             trace.num_tokens * trace.top_k,
             (seconds / trace.num_layers,) * trace.num_layers,
         )
+        if shards is not None:
+            shard_results[name] = ShardResult(
+                capacity_bytes, expert_bytes,
+                *(tuple(getattr(s, key) for s in stats.layers)
+                  for key in ("resident_bytes_max", "bytes_moved", "late_prefetches", "stalls")))
         if progress is not None:
             progress.advance(trace.num_layers, name)
-    report = ReplayReport(trace.name, trace.num_experts, config.capacity, results)
+    report = ReplayReport(trace.name, trace.num_experts, config.capacity, results,
+                          shards=shard_results, shards_path=shards)
     return report, throughput

@@ -216,3 +216,32 @@ def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local):
     assert result["latency_seen"], "no submit-latency histogram for svc-metrics"
     # the counters are the layers' real counts, not zeros that happen to agree
     assert all(hits > 0 and misses > 0 for hits, misses, _ in result["expected"].values())
+
+
+def test_layer_actors_keep_the_hot_sets_resident_in_real_bytes(ray_local, tmp_path):
+    """With shards, the layer actors move the checkpoint's bytes: every expert the hot sets
+    took in was populated, and no reading of a layer's shard exceeds capacity plus one expert."""
+    from moeray.replay import ReplayConfig, replay_trace
+    from moeray.service import replay_through_service
+    from moeray.shards import ShardStore
+    from moeray.shards.synth import MODEL_SHAPES, SynthConfig, write_checkpoint
+    from moeray.traces import Trace
+
+    write_checkpoint(SynthConfig(MODEL_SHAPES["gpt-oss-20b"].scaled(8), num_layers=2), tmp_path,
+                     progress=False)
+    with ShardStore(tmp_path) as store:
+        expert = store.expert_bytes(store.layers[0], 0)
+    full = load_trace(default_trace_path())
+    trace = Trace(full.expert_ids[:256, :2], full.weights[:256, :2], np.array([0, 256]),
+                  full.num_experts, "head")
+    config = ReplayConfig(capacity=8, policies=("lru",))
+    report, _ = replay_through_service(trace, config, step_tokens=16, window_steps=1,
+                                       layers_per_actor=2, shards=str(tmp_path))
+    assert report.results["lru"].per_layer_hits == replay_trace(trace, config).results["lru"].per_layer_hits
+    shards = report.shards["lru"]
+    assert shards.capacity_bytes == (8 * expert,) * 2
+    # each 16-token window admits some experts and the actor populates each one it keeps
+    assert all(moved > 0 and moved % expert == 0 for moved in shards.bytes_moved)
+    assert all(0 < stalls for stalls in shards.stalls)
+    assert all(0 < r for r in shards.resident_bytes_max)
+    assert shards.over_bound() == [], shards.resident_bytes_max

@@ -100,6 +100,7 @@ class RayLayerTransport:
                 config.policy,
                 config.affinity_config(),
                 config.affinity_weight,
+                config.shards,
             )
         )
 

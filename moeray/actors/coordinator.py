@@ -49,6 +49,8 @@ class ServiceConfig:
     window_steps: submits per window; window_ms: also close a window this old (None: never).
     layers_per_actor: consecutive layers hosted by one actor process (1: one actor per layer).
     placement: per layer actor, the Ray custom resource that pins it to a node (None: anywhere).
+    shards: a checkpoint directory, at this path on every node, whose expert bytes the layer
+    actors keep resident for their hot sets (None: decisions only, no bytes move).
     coordinator_placement: the resource that pins the coordinator, e.g. one only the head node
     offers: the coordinator holds the service's state and is not re-created if its node is lost.
     """
@@ -66,6 +68,7 @@ class ServiceConfig:
     namespace: str = "moeray"
     placement: tuple[str | None, ...] | None = None
     coordinator_placement: str | None = None
+    shards: str | None = None
     affinity_decay: float = 0.95
     affinity_boost: float = 0.05
     affinity_weight: float = 0.8
@@ -100,6 +103,8 @@ class ServiceConfig:
             )
         if not 0.0 <= self.affinity_weight <= 1.0:
             raise ValueError(f"affinity_weight: expected a float in [0, 1], got {self.affinity_weight}")
+        if self.shards is not None and not isinstance(self.shards, str):
+            raise TypeError(f"shards: expected a checkpoint path (str) or None, got {self.shards!r}")
 
     def actor_layers(self) -> list[list[int]]:
         """Layers of each layer actor, in actor order."""
@@ -134,6 +139,12 @@ class LayerStats:
     windows: int = 0
     tokens: int = 0
     restarts: int = 0
+    # with shards (ServiceConfig.shards): bytes populated, experts used late or stalled, and the
+    # largest resident-bytes reading of the layer's shard
+    bytes_moved: int = 0
+    late_prefetches: int = 0
+    stalls: int = 0
+    resident_bytes_max: int = 0
 
     def hit_rate(self) -> float:
         total = self.hits + self.misses
@@ -319,6 +330,10 @@ class Coordinator:
         s.evictions += ack.evictions
         s.prefetch_hits += ack.prefetch_hits
         s.prefetches += ack.prefetches
+        s.bytes_moved += ack.bytes_moved
+        s.late_prefetches += ack.late_prefetches
+        s.stalls += ack.stalls
+        s.resident_bytes_max = max(s.resident_bytes_max, ack.resident_bytes_max)
         s.windows += 1
         s.tokens += len(window.expert_ids)
         if self._on_ack_hook is not None:

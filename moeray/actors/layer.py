@@ -4,6 +4,12 @@ A plain class (no Ray here): ``moeray.actors._ray`` wraps it with ``ray.remote``
 created, and tests drive it directly. The coordinator sends it ``LayerWindow``s, the routing of
 one layer coalesced over a window and numbered per layer (1, 2, 3, ...); it applies each exactly
 once, in order, and answers with a ``LayerAck`` carrying that window's statistics.
+
+With ``shards`` (a checkpoint directory on the actor's node) each hosted layer also keeps the
+bytes of its shard resident for its hot set (``moeray.shards.residency``): after each window the
+experts that left the hot set are released and the ones that entered it (on demand, or predicted
+by affinity) are prefetched by the native prefetcher. Trace layer i is the checkpoint's i-th MoE
+layer (DeepSeek-V2-Lite's first MoE layer is its layer 1).
 """
 
 from __future__ import annotations
@@ -53,6 +59,12 @@ class LayerAck:
     prefetches: int
     affinity_scores: np.ndarray
     activation_counts: np.ndarray
+    # with shards: this window's bytes populated, experts used late / stalled, and the largest
+    # resident-bytes reading (mincore) taken while it was applied
+    bytes_moved: int = 0
+    late_prefetches: int = 0
+    stalls: int = 0
+    resident_bytes_max: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,7 +99,14 @@ class LayerCaches:
         policy: str = "lru",
         affinity_config: AffinityConfig | None = None,
         affinity_weight: float = 0.8,
+        shards: str | None = None,
+        settle: bool = False,
     ):
+        """shards: checkpoint directory whose bytes follow the hot sets (None: decisions only).
+        settle: model the consumer of a replay: read the experts a window stalled on and wait
+        for its prefetches before reading resident bytes (exact peaks); otherwise (the service,
+        whose consumer is the engine) the reading is taken when the next window arrives,
+        without waiting."""
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {sorted(POLICIES)}, got {policy!r}")
         base, self._blended = POLICIES[policy]
@@ -99,6 +118,8 @@ class LayerCaches:
         }
         self._affinity = {layer: ExpertAffinity(affinity_config) for layer in layers}
         self._applied = {layer: 0 for layer in layers}
+        self._residency = _open_residency(shards, layers, num_experts, capacity) if shards else {}
+        self._settle = settle
 
     def layers(self) -> list[int]:
         return list(self._caches)
@@ -128,6 +149,12 @@ class LayerCaches:
 
     def _apply_one(self, window: LayerWindow) -> LayerAck:
         cache, affinity = self._caches[window.layer], self._affinity[window.layer]
+        residency = self._residency.get(window.layer)
+        if residency is not None:
+            shard_before = residency.stats()
+            if not self._settle:
+                residency.measure()  # the previous window's prefetches had this window's gap
+            stalls = residency.use(np.unique(window.expert_ids), wait=self._settle)
         before = cache.stats()
         if self._blended:
             cache.access_batch(window.expert_ids, affinity, self._weight)
@@ -137,6 +164,21 @@ class LayerCaches:
         prefetched = cache.prefetch_by_affinity(affinity, window.prefetch_budget)
         after = cache.stats()
         self._applied[window.layer] = window.seq
+        shard = {}
+        if residency is not None:
+            hot = cache.hot_experts()
+            residency.sync(hot, prefetched)
+            if self._settle:  # a replay's consumer reads what it stalled on, even if not kept
+                residency.read_cold(stalls - set(hot))
+                residency.settle()
+                residency.measure()
+            now = residency.stats()
+            shard = dict(
+                bytes_moved=now.bytes_moved - shard_before.bytes_moved,
+                late_prefetches=now.late - shard_before.late,
+                stalls=now.stalls - shard_before.stalls,
+                resident_bytes_max=now.resident_bytes,  # this window's reading
+            )
         return LayerAck(
             layer=window.layer,
             seq=window.seq,
@@ -147,7 +189,33 @@ class LayerCaches:
             prefetches=len(prefetched),
             affinity_scores=affinity.scores(),
             activation_counts=affinity.activation_counts(),
+            **shard,
         )
+
+    def shard_capacity_bytes(self) -> dict[int, int]:
+        """layer -> capacity in bytes (hot experts x an expert's bytes); empty without shards."""
+        return {layer: r.stats().capacity_bytes for layer, r in self._residency.items()}
 
     def ping(self) -> bool:
         return True
+
+
+def _open_residency(path: str, layers: list[int], num_experts: int,
+                    capacity: dict[int, int]) -> dict:
+    """layer -> ShardResidency over the checkpoint at ``path`` (its i-th MoE layer for layer i)."""
+    from moeray.shards import ShardStore
+    from moeray.shards.residency import ShardResidency
+
+    store = ShardStore(path)
+    moe_layers = store.layers
+    if max(layers) >= len(moe_layers):
+        raise ValueError(f"shards: {path} has {len(moe_layers)} MoE layers, the service "
+                         f"{max(layers) + 1} or more")
+    out = {}
+    for layer in layers:
+        stored = moe_layers[layer]
+        if store.num_experts(stored) != num_experts:
+            raise ValueError(f"shards: {path} layer {stored} has {store.num_experts(stored)} "
+                             f"experts, the service {num_experts}")
+        out[layer] = ShardResidency(store, stored, capacity[layer])
+    return out

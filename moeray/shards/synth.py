@@ -312,3 +312,8 @@ def _save(tensors: dict[str, tuple[str, np.ndarray]], path: Path, metadata: dict
                  for name, (dtype, _) in tensors.items()}
     safetensors.serialize_file(specs, str(path), metadata=metadata)
     del arrays  # the specs point into these buffers until serialize_file returned
+    fd = os.open(path, os.O_RDONLY)
+    try:  # clean pages: a prefetcher's release can drop only those from the page cache
+        os.fsync(fd)
+    finally:
+        os.close(fd)
