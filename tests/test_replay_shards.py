@@ -138,3 +138,23 @@ def test_replay_shards_rejects_a_checkpoint_that_does_not_fit(checkpoint, trace)
         replay_shards(narrow, ReplayConfig(capacity=8, policies=("lru",)), str(checkpoint))
     with pytest.raises(ValueError, match="step_tokens"):
         replay_shards(trace, ReplayConfig(capacity=8, policies=("lru",)), str(checkpoint), 0)
+
+
+def test_release_drops_pages_a_kernel_read_through_the_store(checkpoint):
+    """A page some mapping still maps stays in the page cache: releasing an expert a kernel has
+    read through ``expert_weights`` must unmap it from the store's mapping too."""
+    from moeray.shards import expert_matvec
+
+    with ShardStore(checkpoint) as store:
+        layer = store.layers[0]
+        expert = store.expert_bytes(layer, 5)
+        residency = ShardResidency(store, layer, CAPACITY)
+        weights = store.expert_weights(layer, 5)
+        residency.sync([5])
+        residency.settle()
+        x = np.ones((1, weights.hidden_size), np.float32)
+        assert np.isfinite(expert_matvec(weights, x)).all()
+        assert residency.measure() >= expert
+        residency.sync([])
+        assert residency.measure() < expert // 4
+        del weights

@@ -56,6 +56,7 @@ class ShardResidency:
         if not 1 <= capacity <= num_experts:
             raise ValueError(f"capacity: expected an int in [1, {num_experts}], got {capacity}")
         ranges = [store.expert_ranges(layer, e) for e in range(num_experts)]
+        self._store, self._ranges = store, ranges
         paths = sorted({r.path for rs in ranges for r in rs})
         file_of = {path: i for i, path in enumerate(paths)}
         self._core = backend.PrefetcherCore(paths, num_experts)
@@ -77,19 +78,30 @@ class ShardResidency:
     def num_experts(self) -> int:
         return self._core.num_experts()
 
-    def sync(self, hot: Iterable[int], ahead: Iterable[int] = ()) -> None:
+    def sync(self, hot: Iterable[int], ahead: Iterable[int] = (), fetch: bool = True) -> None:
         """Makes the resident experts the hot set: releases the ones that left it, then
         prefetches the new ones. ``ahead``: those of the new ones brought in by prediction
-        rather than on demand (their use counts as in time or late, not as a stall)."""
+        rather than on demand (their use counts as in time or late, not as a stall).
+        ``fetch=False`` only releases: new experts come in when a kernel faults them in (the
+        no-prefetch baseline of ``benchmarks/bench_prefetch.py``)."""
         hot = {int(e) for e in hot}
         for e in sorted(self._resident - hot):
+            self._store.release_pages(self._ranges[e])  # a kernel may have mapped them
             self._core.release(e)
         self._resident &= hot
         self._ahead &= hot
         self._ahead |= {int(e) for e in ahead} & (hot - self._resident)
-        for e in sorted(hot - self._resident):
-            self._core.prefetch(e)
+        if fetch:
+            for e in sorted(hot - self._resident):
+                self._core.prefetch(e)
         self._resident |= hot
+
+    def ready(self, expert: int) -> bool:
+        return self._core.ready(expert)
+
+    def wait(self, expert: int) -> bool:
+        """Waits for one expert's bytes (loading them if nobody asked); True if already ready."""
+        return self._core.wait(expert)
 
     def use(self, experts: Iterable[int], wait: bool = True) -> set[int]:
         """Counts the consumer's use of ``experts`` (ids, repeats ignored) and returns the
@@ -117,6 +129,7 @@ class ShardResidency:
         for e in sorted({int(e) for e in experts} - self._resident):
             self._core.prefetch(e)
             self._core.wait(e)
+            self._store.release_pages(self._ranges[e])
             self._core.release(e)
 
     def settle(self) -> None:

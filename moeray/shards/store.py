@@ -250,6 +250,17 @@ class ShardStore:
         return ExpertWeights(layer, expert, spec.layout, spec.hidden_size,
                              spec.intermediate_size, tensors)
 
+    def release_pages(self, ranges) -> None:
+        """Unmaps from this store's mappings the whole pages inside ``ranges`` (MADV_DONTNEED):
+        a page some mapping still maps cannot leave the page cache, so a prefetcher's release
+        needs this when a kernel has read the same bytes through ``expert_weights``."""
+        page = mmap.PAGESIZE
+        for r in ranges:
+            mapping = self._maps.get(r.path)
+            start, end = -(-r.offset // page) * page, r.end // page * page
+            if mapping is not None and end > start:
+                mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         """Unmaps every file whose views are gone; the rest unmap when their last view goes."""
         for mapping in self._maps.values():
