@@ -122,13 +122,14 @@ def pybind_params(doc: str) -> list[tuple[str, object]]:
 
 
 def test_stub_declares_the_documented_api(stub):
-    """The names moeray.native promises: three classes, two functions, three policy codes."""
+    """The names moeray.native promises: three classes, three functions, three policy codes."""
     assert stub.public_names == {
         "ExpertCacheCore",
         "AffinityCore",
         "PrefetcherCore",
         "schedule",
         "belady_hits",
+        "expert_matvec",
         "LRU",
         "LFU",
         "ADAPTIVE",

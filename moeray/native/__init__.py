@@ -2,8 +2,10 @@
 
 ``backend`` is ``_core`` unless ``MOERAY_PURE_PYTHON=1`` is set (or the extension is missing,
 which only happens in a source checkout that was never built). Both expose the same API:
-``ExpertCacheCore``, ``AffinityCore``, ``PrefetcherCore``, ``schedule``, ``belady_hits`` and the policy codes
-``LRU``, ``LFU``, ``ADAPTIVE``; ``IS_NATIVE`` says which one is in use.
+``ExpertCacheCore``, ``AffinityCore``, ``PrefetcherCore``, ``schedule``, ``belady_hits``,
+``expert_matvec`` (one expert's FFN, weights read in place; the twin calls the numpy reference
+``moeray.shards.kernels.expert_matvec``) and the policy codes ``LRU``, ``LFU``, ``ADAPTIVE``;
+``IS_NATIVE`` says which one is in use.
 """
 
 from __future__ import annotations

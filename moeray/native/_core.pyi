@@ -62,6 +62,13 @@ def schedule(
     expert_ids: npt.NDArray[np.int32], weights: npt.NDArray[np.float32], num_experts: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.float32]]: ...
 def belady_hits(expert_ids: npt.NDArray[np.int32], num_experts: int, capacity: int) -> int: ...
+def expert_matvec(
+    layout: str,
+    hidden_size: int,
+    intermediate_size: int,
+    tensors: dict[str, tuple[str, npt.NDArray[np.generic], npt.NDArray[np.float32] | None, int]],
+    x: npt.NDArray[np.float32],
+) -> npt.NDArray[np.float32]: ...
 
 class PrefetcherCore:
     def __init__(self, paths: list[str], num_experts: int) -> None: ...

@@ -30,6 +30,7 @@ __all__ = [
     "schedule",
     "belady_hits",
     "PrefetcherCore",
+    "expert_matvec",
 ]
 
 LRU, LFU, ADAPTIVE = 0, 1, 2
@@ -582,3 +583,137 @@ def _mapping_address(view: mmap.mmap) -> int:
     address = array.ctypes.data
     del array  # an exported buffer would keep the mmap from closing
     return address
+
+
+# --- the consumer kernel: one expert's FFN, validated as the native binding validates ---
+
+_SIZE_RANGE = "an int in [1, 2**31)"
+_MAX_SIZE = 2**31 - 1
+_FORMAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "uint16", "TERNARY": "uint8"}
+
+
+def _check_int(value, name: str, lo: int, hi: int, expected: str) -> int:
+    """An int in [lo, hi] (never a bool), ``expected`` saying so in words."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = operator.index(value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: expected {expected}, got {value}")
+    return value
+
+
+def _check_array(value, label: str, dtype: str, shape: tuple[int, ...], note: str,
+                 shape_note: str = "") -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{label}: expected a numpy {dtype} array, got {type(value).__name__}")
+    if value.dtype != np.dtype(dtype):
+        raise TypeError(f"{label}: expected dtype {dtype}{note}, got {value.dtype}")
+    if value.shape != shape:
+        raise ValueError(f"{label}: expected shape {list(shape)}{note}{shape_note}, "
+                         f"got {list(value.shape)}")
+    if not value.flags.c_contiguous:
+        raise ValueError(f"{label}: expected a C-contiguous array")
+    return value
+
+
+def _layout_roles(layout: str, hidden: int, inter: int) -> list[tuple[str, bool, bool, int, int]]:
+    """(role, required, is_bias, rows, cols) of each tensor of ``layout``, in checking order."""
+    if layout == "swiglu":
+        return [("gate", True, False, inter, hidden), ("up", True, False, inter, hidden),
+                ("down", True, False, hidden, inter)]
+    return [("gate_up", True, False, hidden, 2 * inter), ("down", True, False, inter, hidden),
+            ("gate_up_bias", False, True, 1, 2 * inter), ("down_bias", False, True, 1, hidden)]
+
+
+def _check_weight(value, role: str, is_bias: bool, rows: int, cols: int):
+    """(format, data, scales, block_size) of one role, checked; returns it with a logical shape."""
+    where = f"tensors[{role!r}]"
+    if not isinstance(value, tuple):
+        raise TypeError(f"{where}: expected a tuple (format, data, scales, block_size), "
+                        f"got {type(value).__name__}")
+    if len(value) != 4:
+        raise ValueError(f"{where}: expected 4 items (format, data, scales, block_size), "
+                         f"got {len(value)}")
+    fmt, data, scales, block_size = value
+    if not isinstance(fmt, str):
+        raise TypeError(f"{where}: format: expected a str, got {type(fmt).__name__}")
+    allowed = ("F32", "F16", "BF16") if is_bias else ("F32", "F16", "BF16", "TERNARY")
+    if fmt not in allowed:
+        raise ValueError(f"{where}: format: expected one of {', '.join(allowed)}, got {fmt!r}")
+    ternary = fmt == "TERNARY"
+    if ternary:
+        block_size = _check_int(block_size, f"{where}: block_size", 1, _MAX_SIZE,
+                                "an int in [1, 2**31) for TERNARY")
+    else:
+        block_size = _check_int(block_size, f"{where}: block_size", 0, 0,
+                                f"0 for {fmt} (only TERNARY has blocks)")
+    shape = (cols,) if is_bias else (rows, cols)
+    if ternary:
+        if cols % 4:
+            raise ValueError(f"{where}: TERNARY packs 4 weights a byte along each row: cols must "
+                             f"be a multiple of 4, got {cols}")
+        shape = (rows, cols // 4)
+    data = _check_array(data, f"{where}: data", _FORMAT_DTYPES[fmt], shape, f" for {fmt}")
+    if not ternary:
+        if scales is not None:
+            raise ValueError(f"{where}: scales: expected None for {fmt} (only TERNARY has "
+                             f"scales), got {type(scales).__name__}")
+        return fmt, data, None, block_size, shape
+    blocks = -(-(rows * cols) // block_size)
+    scales = _check_array(scales, f"{where}: scales", "float32", (blocks,), "",
+                          f" (ceil({rows} * {cols} / {block_size}))")
+    # one block >= the whole matrix: the same weights, and the reference's np.repeat stays small
+    return fmt, data, scales, min(block_size, rows * cols), (rows, cols)
+
+
+def expert_matvec(layout, hidden_size, intermediate_size, tensors, x) -> np.ndarray:
+    """One expert's FFN over T tokens: x float32 [T, hidden], C-contiguous -> float32 [T, hidden].
+
+    ``layout`` 'swiglu' (roles gate, up [intermediate, hidden], down [hidden, intermediate]) or
+    'gpt-oss' (gate_up [hidden, 2 * intermediate], down [intermediate, hidden], optional
+    gate_up_bias [2 * intermediate] and down_bias [hidden]); ``tensors`` maps each role to
+    (format, data, scales, block_size) as a ``moeray.shards.WeightView`` holds them: F32 / F16 /
+    BF16 data float32 / float16 / uint16 [rows, cols] with scales None and block_size 0; TERNARY
+    data uint8 [rows, cols / 4], scales float32 [ceil(rows * cols / block_size)], block_size >= 1.
+    Computes with ``moeray.shards.kernels.expert_matvec``, the numpy reference.
+    """
+    if not isinstance(layout, str):
+        raise TypeError(f"layout: expected 'swiglu' or 'gpt-oss', got {type(layout).__name__}")
+    if layout not in ("swiglu", "gpt-oss"):
+        raise ValueError(f"layout: expected 'swiglu' or 'gpt-oss', got {layout!r}")
+    hidden = _check_int(hidden_size, "hidden_size", 1, _MAX_SIZE, _SIZE_RANGE)
+    inter = _check_int(intermediate_size, "intermediate_size", 1, _MAX_SIZE, _SIZE_RANGE)
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x: expected a numpy float32 array [T, hidden], got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(f"x: expected dtype float32, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != hidden:
+        raise ValueError(f"x: expected shape [T, {hidden}], got {list(x.shape)}")
+    if not x.flags.c_contiguous:
+        raise ValueError("x: expected a C-contiguous array")
+    if not isinstance(tensors, dict):
+        raise TypeError("tensors: expected a dict of role -> (format, data, scales, block_size), "
+                        f"got {type(tensors).__name__}")
+    roles = _layout_roles(layout, hidden, inter)
+    names = ", ".join(r[0] for r in roles)
+    for key in tensors:
+        if key not in [r[0] for r in roles] or not isinstance(key, str):
+            raise ValueError(f"tensors: unexpected role {key!r} for layout {layout!r} "
+                             f"(expected {names})")
+    required = ", ".join(r[0] for r in roles if r[1])
+    checked = {}
+    for role, is_required, is_bias, rows, cols in roles:
+        if role not in tensors:
+            if is_required:
+                raise ValueError(f"tensors: no {role!r} for layout {layout!r} (it needs "
+                                 f"{required})")
+            continue
+        checked[role] = _check_weight(tensors[role], role, is_bias, rows, cols)
+    # moeray.shards imports moeray.native: importing it back at module level would be circular
+    from moeray.shards.kernels import expert_matvec as numpy_expert_matvec
+    from moeray.shards.store import ExpertWeights, WeightView
+
+    views = {role: WeightView(role, fmt, shape, data, scales, block_size)
+             for role, (fmt, data, scales, block_size, shape) in checked.items()}
+    weights = ExpertWeights(-1, -1, layout, hidden, inter, views)  # not from a store
+    return numpy_expert_matvec(weights, x)

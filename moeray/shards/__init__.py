@@ -3,18 +3,20 @@
 Vocabulary (DESIGN.md): a ``shard`` is the bytes of one layer's experts held by one node, files
 on disk, memory-mapped. ``ShardStore(path)`` maps a checkpoint and gives, per (layer, expert),
 the byte ranges a prefetcher populates (``expert_ranges``) and zero-copy views a kernel reads
-(``expert_weights``); ``expert_matvec`` is the numpy reference of the consumer kernel.
+(``expert_weights``); ``expert_matvec`` is the numpy reference of the consumer kernel,
+``expert_matvec_native`` the same through ``moeray.native`` (weights read in place).
 Formats: F32, F16, BF16 (as uint16 bits; ``bf16_to_float32``) and ruvllm's packed ternary
 (2-bit weights, one float32 scale per block; ``moeray.shards.ternary``). ``write_checkpoint``
 writes synthetic checkpoints with the real names and shapes of gpt-oss-20b, Mixtral-8x7B,
 DeepSeek-V2-Lite and Qwen1.5-MoE (``moeray shards synth``).
 
-Imports only the standard library and numpy (``safetensors`` only to write); never Ray.
+Imports only the standard library, numpy and ``moeray.native`` (``safetensors`` only to write);
+never Ray.
 """
 
 from moeray.shards.errors import ShardFormatError, ShardNotFoundError
 from moeray.shards.formats import bf16_to_float32, float32_to_bf16
-from moeray.shards.kernels import expert_matvec
+from moeray.shards.kernels import expert_matvec, expert_matvec_native
 from moeray.shards.store import (
     GPT_OSS,
     SWIGLU,
@@ -43,6 +45,7 @@ __all__ = [
     "bf16_to_float32",
     "dequantize_ternary",
     "expert_matvec",
+    "expert_matvec_native",
     "float32_to_bf16",
     "quantize_ternary",
     "write_checkpoint",

@@ -1,17 +1,20 @@
-"""The reference consumer kernel: one expert's FFN over the tokens routed to it, in numpy.
+"""The consumer kernel: one expert's FFN over the tokens routed to it.
 
-This is the workload a prefetcher serves: it reads every byte of one expert's weights. The
-native kernel (``moeray.native``) must agree with it; here it favours clarity over speed
-(weights are widened or dequantized to float32 before each product).
+This is the workload a prefetcher serves: it reads every byte of one expert's weights.
+``expert_matvec`` is the numpy reference, favouring clarity over speed (weights are widened or
+dequantized to float32 before each product); ``expert_matvec_native`` computes the same through
+``moeray.native.backend`` (the C++ kernel reads the weights in place, each row once for all T
+tokens; under ``MOERAY_PURE_PYTHON=1`` the twin calls the reference).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from moeray import native
 from moeray.shards.store import GPT_OSS, SWIGLU, ExpertWeights
 
-__all__ = ["GPT_OSS_ALPHA", "GPT_OSS_LIMIT", "expert_matvec", "silu"]
+__all__ = ["GPT_OSS_ALPHA", "GPT_OSS_LIMIT", "expert_matvec", "expert_matvec_native", "silu"]
 
 # gpt-oss's clamped SwiGLU (transformers' GptOssExperts: alpha 1.702, limit 7.0)
 GPT_OSS_ALPHA = 1.702
@@ -47,6 +50,20 @@ def expert_matvec(weights: ExpertWeights, x: np.ndarray) -> np.ndarray:
         glu = gate * _sigmoid(GPT_OSS_ALPHA * gate)
         return ((up + 1.0) * glu) @ weights["down"].to_float32() + _bias(weights, "down_bias")
     raise ValueError(f"weights.layout: expected {SWIGLU!r} or {GPT_OSS!r}, got {weights.layout!r}")
+
+
+def expert_matvec_native(weights: ExpertWeights, x: np.ndarray, core=None) -> np.ndarray:
+    """``expert_matvec`` through a core's ``expert_matvec``: same contract, same result within
+    float32 rounding (the summation order differs). float [T, hidden] -> float32 [T, hidden].
+
+    ``core``: ``moeray.native.backend`` when None (the C++ core, or its twin under
+    ``MOERAY_PURE_PYTHON=1``); tests pass each core module in turn."""
+    core = native.backend if core is None else core
+    x = np.ascontiguousarray(_as_tokens(x, weights.hidden_size))
+    tensors = {role: (view.format, view.data, view.scales, view.block_size)
+               for role, view in weights.tensors.items()}
+    return core.expert_matvec(weights.layout, weights.hidden_size, weights.intermediate_size,
+                              tensors, x)
 
 
 def _as_tokens(x, hidden_size: int) -> np.ndarray:

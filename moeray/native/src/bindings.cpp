@@ -5,7 +5,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -13,6 +15,7 @@
 
 #include "affinity.hpp"
 #include "expert_cache.hpp"
+#include "matvec.hpp"
 #include "prefetch.hpp"
 #include "routing.hpp"
 
@@ -25,15 +28,27 @@ namespace {
 
 using Lock = std::lock_guard<std::mutex>;
 
-// num_experts is a count: a bool is a mistake here, though pybind11's int caster takes it.
-int32_t check_num_experts(const py::handle& obj) {
+std::string type_name(const py::handle& obj) {
+  return std::string(py::str(py::type::handle_of(obj).attr("__name__")));
+}
+
+// An int in [lo, hi], `expected` saying so in words. A bool is a mistake here, though
+// pybind11's int caster takes it; an int too large for int64 is out of range, not an error.
+int64_t check_int(const py::handle& obj, const std::string& name, int64_t lo, int64_t hi,
+                  const std::string& expected) {
   if (PyBool_Check(obj.ptr()) || !PyIndex_Check(obj.ptr()))
-    throw py::type_error("num_experts: expected an int, got " +
-                         std::string(py::str(obj.get_type().attr("__name__"))));
-  const int64_t n = py::cast<int64_t>(py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr())));
-  if (n < 1 || n > INT32_MAX)
-    throw py::value_error("num_experts: expected an int in [1, 2**31), got " + std::to_string(n));
-  return static_cast<int32_t>(n);
+    throw py::type_error(name + ": expected an int, got " + type_name(obj));
+  const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!index) throw py::error_already_set();
+  int overflow = 0;
+  const long long value = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0 || value < lo || value > hi)
+    throw py::value_error(name + ": expected " + expected + ", got " + std::string(py::str(index)));
+  return value;
+}
+
+int32_t check_num_experts(const py::handle& obj) {
+  return static_cast<int32_t>(check_int(obj, "num_experts", 1, INT32_MAX, "an int in [1, 2**31)"));
 }
 
 // int32 [T, top_k], C-contiguous, ids in [0, num_experts): the batch contract.
@@ -42,8 +57,7 @@ py::array_t<int32_t> check_ids(const py::handle& obj, int32_t num_experts,
                                const char* name = "expert_ids", bool check_range = true) {
   const std::string arg(name);
   if (!py::isinstance<py::array>(obj))
-    throw py::type_error(arg + ": expected a numpy int32 array, got " +
-                         std::string(py::str(obj.get_type().attr("__name__"))));
+    throw py::type_error(arg + ": expected a numpy int32 array, got " + type_name(obj));
   auto arr = py::reinterpret_borrow<py::array>(obj);
   if (!py::isinstance<py::array_t<int32_t>>(arr))
     throw py::type_error(arg + ": expected dtype int32, got " + std::string(py::str(arr.dtype())));
@@ -108,8 +122,7 @@ py::tuple schedule(const py::handle& expert_ids, const py::handle& weights,
   const int32_t n = check_num_experts(num_experts);
   auto ids = check_ids(expert_ids, n, "expert_ids", /*check_range=*/false);
   if (!py::isinstance<py::array>(weights))
-    throw py::type_error("weights: expected a numpy float32 array, got " +
-                         std::string(py::str(weights.get_type().attr("__name__"))));
+    throw py::type_error("weights: expected a numpy float32 array, got " + type_name(weights));
   auto warr = py::reinterpret_borrow<py::array>(weights);
   if (!py::isinstance<py::array_t<float>>(warr))
     throw py::type_error("weights: expected dtype float32, got " +
@@ -182,10 +195,197 @@ std::vector<moeray::ByteRange> check_ranges(const Prefetcher& p,
   return out;
 }
 
+// -- expert_matvec: every argument checked here, so the kernel (matvec.hpp) reads in bounds --
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string text = "[";
+  for (size_t d = 0; d < shape.size(); ++d) text += (d ? ", " : "") + std::to_string(shape[d]);
+  return text + "]";
+}
+
+std::vector<int64_t> shape_of(const py::array& arr) {
+  return std::vector<int64_t>(arr.shape(), arr.shape() + arr.ndim());
+}
+
+// A numpy array of `dtype` and `shape`, C-contiguous; `label` names it in errors, `note`
+// follows the expected dtype and shape (" for BF16"), `shape_note` the shape only.
+py::array check_array(const py::handle& obj, const std::string& label, const std::string& dtype,
+                      const std::vector<int64_t>& shape, const std::string& note,
+                      const std::string& shape_note = "") {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(label + ": expected a numpy " + dtype + " array, got " + type_name(obj));
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (!arr.dtype().equal(py::dtype(dtype)))
+    throw py::type_error(label + ": expected dtype " + dtype + note + ", got " +
+                         std::string(py::str(arr.dtype())));
+  if (shape_of(arr) != shape)
+    throw py::value_error(label + ": expected shape " + shape_text(shape) + note + shape_note +
+                          ", got " +
+                          shape_text(shape_of(arr)));
+  if (!(arr.flags() & py::array::c_style))
+    throw py::value_error(label + ": expected a C-contiguous array");
+  return arr;
+}
+
+struct Role {
+  const char* name;
+  bool required;
+  bool bias;  // a vector [cols]; float formats only
+  int64_t rows, cols;
+};
+
+// The roles of a layout with their logical shapes (matvec.hpp's WeightMatrix rows and cols).
+std::vector<Role> layout_roles(bool swiglu, int64_t hidden, int64_t inter) {
+  if (swiglu)
+    return {{"gate", true, false, inter, hidden}, {"up", true, false, inter, hidden},
+            {"down", true, false, hidden, inter}};
+  return {{"gate_up", true, false, hidden, 2 * inter}, {"down", true, false, inter, hidden},
+          {"gate_up_bias", false, true, 1, 2 * inter}, {"down_bias", false, true, 1, hidden}};
+}
+
+// One (format, data, scales, block_size) tuple, checked against its role; `keep` holds the
+// arrays alive while the kernel reads them without the GIL.
+moeray::WeightMatrix check_weight(const py::handle& value, const Role& role,
+                                  std::vector<py::array>& keep) {
+  const std::string where = std::string("tensors['") + role.name + "']";
+  if (!py::isinstance<py::tuple>(value))
+    throw py::type_error(where + ": expected a tuple (format, data, scales, block_size), got " +
+                         type_name(value));
+  auto items = py::reinterpret_borrow<py::tuple>(value);
+  if (items.size() != 4)
+    throw py::value_error(where + ": expected 4 items (format, data, scales, block_size), got " +
+                          std::to_string(items.size()));
+  const py::object format_obj = items[0], data = items[1], scales = items[2], block = items[3];
+  if (!PyUnicode_Check(format_obj.ptr()))
+    throw py::type_error(where + ": format: expected a str, got " + type_name(format_obj));
+  const std::string format = py::cast<std::string>(format_obj);
+  static const std::pair<const char*, moeray::WeightFormat> kFormats[] = {
+      {"F32", moeray::WeightFormat::kF32}, {"F16", moeray::WeightFormat::kF16},
+      {"BF16", moeray::WeightFormat::kBf16}, {"TERNARY", moeray::WeightFormat::kTernary}};
+  const size_t allowed = role.bias ? 3 : 4;  // a bias is never ternary
+  size_t f = 0;
+  while (f < allowed && format != kFormats[f].first) ++f;
+  if (f == allowed)
+    throw py::value_error(where + ": format: expected one of " +
+                          (role.bias ? "F32, F16, BF16" : "F32, F16, BF16, TERNARY") + ", got " +
+                          std::string(py::repr(format_obj)));
+  const bool ternary = kFormats[f].second == moeray::WeightFormat::kTernary;
+  const int64_t block_size =
+      ternary ? check_int(block, where + ": block_size", 1, INT32_MAX,
+                          "an int in [1, 2**31) for TERNARY")
+              : check_int(block, where + ": block_size", 0, 0,
+                          "0 for " + format + " (only TERNARY has blocks)");
+  moeray::WeightMatrix w{kFormats[f].second, nullptr, nullptr, block_size, role.rows, role.cols};
+  std::vector<int64_t> shape = role.bias ? std::vector<int64_t>{role.cols}
+                                         : std::vector<int64_t>{role.rows, role.cols};
+  static const char* kDtypes[] = {"float32", "float16", "uint16", "uint8"};
+  if (ternary) {
+    if (role.cols % 4 != 0)
+      throw py::value_error(where + ": TERNARY packs 4 weights a byte along each row: cols must "
+                            "be a multiple of 4, got " + std::to_string(role.cols));
+    shape[1] = role.cols / 4;
+  }
+  keep.push_back(check_array(data, where + ": data", kDtypes[f], shape, " for " + format));
+  w.data = static_cast<const uint8_t*>(keep.back().data());
+  if (!ternary) {
+    if (!scales.is_none())
+      throw py::value_error(where + ": scales: expected None for " + format +
+                            " (only TERNARY has scales), got " + type_name(scales));
+    return w;
+  }
+  const int64_t blocks = (role.rows * role.cols + block_size - 1) / block_size;
+  keep.push_back(check_array(scales, where + ": scales", "float32", {blocks}, "",
+                             " (ceil(" + std::to_string(role.rows) + " * " +
+                                 std::to_string(role.cols) + " / " + std::to_string(block_size) +
+                                 "))"));
+  w.scales = static_cast<const uint8_t*>(keep.back().data());
+  return w;
+}
+
+py::array_t<float> expert_matvec(const py::handle& layout, const py::handle& hidden_size,
+                                 const py::handle& intermediate_size, const py::handle& tensors,
+                                 const py::handle& x) {
+  if (!PyUnicode_Check(layout.ptr()))
+    throw py::type_error("layout: expected 'swiglu' or 'gpt-oss', got " + type_name(layout));
+  const std::string layout_name = py::cast<std::string>(layout);
+  if (layout_name != "swiglu" && layout_name != "gpt-oss")
+    throw py::value_error("layout: expected 'swiglu' or 'gpt-oss', got " +
+                          std::string(py::repr(layout)));
+  const bool swiglu = layout_name == "swiglu";
+  const std::string size_range = "an int in [1, 2**31)";
+  const int64_t hidden = check_int(hidden_size, "hidden_size", 1, INT32_MAX, size_range);
+  const int64_t inter = check_int(intermediate_size, "intermediate_size", 1, INT32_MAX, size_range);
+
+  if (!py::isinstance<py::array>(x))
+    throw py::type_error("x: expected a numpy float32 array [T, hidden], got " + type_name(x));
+  auto xa = py::reinterpret_borrow<py::array>(x);
+  if (!xa.dtype().equal(py::dtype("float32")))
+    throw py::type_error("x: expected dtype float32, got " + std::string(py::str(xa.dtype())));
+  if (xa.ndim() != 2 || xa.shape(1) != hidden)
+    throw py::value_error("x: expected shape [T, " + std::to_string(hidden) + "], got " +
+                          shape_text(shape_of(xa)));
+  if (!(xa.flags() & py::array::c_style))
+    throw py::value_error("x: expected a C-contiguous array");
+  const int64_t num_tokens = xa.shape(0);
+
+  if (!py::isinstance<py::dict>(tensors))
+    throw py::type_error("tensors: expected a dict of role -> (format, data, scales, "
+                         "block_size), got " + type_name(tensors));
+  auto by_role = py::reinterpret_borrow<py::dict>(tensors);
+  const std::vector<Role> roles = layout_roles(swiglu, hidden, inter);
+  std::string names;
+  for (const Role& role : roles) names += (names.empty() ? "" : ", ") + std::string(role.name);
+  for (const auto& item : by_role) {
+    const bool known = PyUnicode_Check(item.first.ptr()) &&
+                       std::any_of(roles.begin(), roles.end(), [&](const Role& role) {
+                         return py::cast<std::string>(item.first) == role.name;
+                       });
+    if (!known)
+      throw py::value_error("tensors: unexpected role " + std::string(py::repr(item.first)) +
+                            " for layout '" + layout_name + "' (expected " + names + ")");
+  }
+  std::string required;
+  for (const Role& role : roles)
+    if (role.required) required += (required.empty() ? "" : ", ") + std::string(role.name);
+  std::vector<py::array> keep;
+  std::vector<moeray::WeightMatrix> weights;
+  std::vector<bool> present;
+  for (const Role& role : roles) {
+    present.push_back(by_role.contains(role.name));
+    if (!present.back()) {
+      if (role.required)
+        throw py::value_error(std::string("tensors: no '") + role.name + "' for layout '" +
+                              layout_name + "' (it needs " + required + ")");
+      weights.push_back({});
+      continue;
+    }
+    const py::object value = by_role[role.name];
+    weights.push_back(check_weight(value, role, keep));
+  }
+
+  py::array_t<float> out({num_tokens, hidden});
+  if (num_tokens == 0) return out;
+  const auto* x_bytes = static_cast<const uint8_t*>(xa.data());
+  float* y = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    std::vector<float> tokens(num_tokens * hidden);  // aligned: x may sit anywhere in a buffer
+    std::memcpy(tokens.data(), x_bytes, tokens.size() * sizeof(float));
+    if (swiglu) {
+      moeray::swiglu_expert(weights[0], weights[1], weights[2], tokens.data(), num_tokens, y);
+    } else {
+      std::fill(y, y + num_tokens * hidden, 0.0f);
+      moeray::gpt_oss_expert(weights[0], weights[1], present[2] ? &weights[2] : nullptr,
+                             present[3] ? &weights[3] : nullptr, tokens.data(), num_tokens, y);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "moeray's native core (C++17): expert cache, affinity, scheduling, Belady.";
+  m.doc() = "moeray's native core (C++17): expert cache, affinity, scheduling, Belady, expert matvec.";
   m.attr("LRU") = static_cast<int>(moeray::kLru);
   m.attr("LFU") = static_cast<int>(moeray::kLfu);
   m.attr("ADAPTIVE") = static_cast<int>(moeray::kAdaptive);
@@ -492,4 +692,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("schedule", &schedule, py::arg("expert_ids"), py::arg("weights"), py::arg("num_experts"));
   m.def("belady_hits", &belady_hits, py::arg("expert_ids"), py::arg("num_experts"),
         py::arg("capacity"));
+  m.def("expert_matvec", &expert_matvec, py::arg("layout"), py::arg("hidden_size"),
+        py::arg("intermediate_size"), py::arg("tensors"), py::arg("x"),
+        "One expert's FFN over T tokens: x float32 [T, hidden] -> float32 [T, hidden], the "
+        "weights read in place (see moeray.shards.kernels.expert_matvec_native).");
 }
