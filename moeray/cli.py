@@ -18,12 +18,16 @@ examples:
   moeray replay --backend local                  # the same decisions in-process, no Ray
   moeray replay trace.npz --capacity 0.5 --policy lru --policy belady
   moeray replay --json results.json
+  moeray replay --backend local --per-layer --plot replay.png   # per-layer stalls, capacity curve
   moeray shards synth --shape gpt-oss-20b --layers 24 --out ckpt && \
   moeray replay --backend local --shards ckpt    # hot sets held in real bytes, checked by mincore
 
 The trace is an .npz with expert_ids [tokens, layers, top_k] (optional expert_probs,
-seq_offsets, num_experts); see moeray.traces. Hit rates are per layer, averaged over layers;
-Belady is the offline optimum for the same capacity.
+seq_offsets, num_experts); see moeray.traces. Hit and stall rates are per layer, averaged over
+layers; transfers/token counts experts brought into the hot sets of all layers (on demand or by
+prefetch) per token; wasted: prefetched experts evicted before any use. Belady is the offline
+optimum of demand caching for the same capacity; moeray is the predictive policy (cross-layer
+and previous-token prediction, prefetch), run in-process with every backend.
 """
 
 
@@ -70,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
                         "expert bytes follow each policy's hot sets: reports per layer resident "
                         "bytes (mincore) against capacity, bytes moved and late prefetches")
     replay.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    replay.add_argument("--per-layer", action="store_true",
+                        help="also print each layer's stall rate per policy")
+    replay.add_argument("--plot", type=Path, metavar="PNG",
+                        help="draw hit and stall rate per layer for each policy and a capacity "
+                        "curve (hit rate against capacity for lru, moeray, belady: replays the "
+                        "trace at several capacities, in-process); needs matplotlib "
+                        "(pip install 'moeray[plot]')")
     replay.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")
     serve = commands.add_parser(
@@ -314,10 +325,29 @@ def _print_report(report, trace, out) -> None:
         f"core: {'native' if report.native else 'pure Python'}",
         file=out,
     )
-    print(f"{'policy':<14}{'hit rate':>10}{'worst layer':>16}{'decisions/s':>14}", file=out)
+    print(f"{'policy':<14}{'hit rate':>10}{'stall rate':>12}{'transfers/token':>17}{'wasted':>10}"
+          f"{'worst layer':>16}{'decisions/s':>14}", file=out)
     for name, r in report.results.items():
         worst = f"{r.per_layer_hit_rate[r.worst_layer]:.3f} (L{r.worst_layer})"
-        print(f"{name:<14}{r.hit_rate:>10.3f}{worst:>16}{r.decisions_per_s / 1e6:>12.1f} M", file=out)
+        per_token = r.transfers_per_token
+        per_token = f"{per_token:.2f}" if per_token is not None else "-"
+        print(f"{name:<14}{r.hit_rate:>10.3f}{r.stall_rate:>12.3f}{per_token:>17}"
+              f"{r.wasted_prefetches:>10,}{worst:>16}{r.decisions_per_s / 1e6:>12.1f} M", file=out)
+    for name, r in report.results.items():
+        if r.predictors:
+            guesses = ", ".join(f"{p} {v['recall']:.3f}/{v['precision']:.3f}"
+                                for p, v in r.predictors.items())
+            print(f"{name} predictors, recall/precision of each top-{trace.top_k} guess: {guesses}; "
+                  f"prefetches {r.prefetches:,}, used {r.prefetch_hits:,}", file=out)
+
+
+def _print_per_layer(report, out) -> None:
+    names = list(report.results)
+    print("stall rate per layer:", file=out)
+    print(f"{'layer':>5}" + "".join(f"{n:>14}" for n in names), file=out)
+    rates = {n: r.per_layer_stall_rate for n, r in report.results.items()}
+    for layer in range(len(next(iter(rates.values())))):
+        print(f"{layer:>5}" + "".join(f"{rates[n][layer]:>14.3f}" for n in names), file=out)
 
 
 def _print_shards(report, out) -> None:
@@ -374,10 +404,13 @@ def _ray_session(address: str | None, job: bool = False):
 
 
 def _replay(args) -> int:
+    from dataclasses import replace
+
     from moeray._progress import Progress
     from moeray.replay import (
         POLICY_NAMES, ReplayConfig, capacity_from_fraction, replay_shards, replay_trace,
     )
+    from moeray.replay_plot import PLOT_FRACTIONS
     from moeray.traces import default_trace_path, load_trace
 
     trace = load_trace(args.trace if args.trace else default_trace_path())
@@ -389,6 +422,10 @@ def _replay(args) -> int:
     total = len(config.policies) * trace.num_layers
     throughput = []
     shards = str(args.shards) if args.shards else None
+    if args.plot is not None:
+        from moeray.replay_plot import require_matplotlib
+
+        require_matplotlib()  # before minutes of replay, not after
     if args.backend == "local" and shards:
         with Progress(total, "replay", enabled=args.progress) as progress:
             report = replay_shards(trace, config, shards, step_tokens=args.step_tokens or 1,
@@ -402,12 +439,26 @@ def _replay(args) -> int:
         step_tokens = 256 if args.step_tokens is None else args.step_tokens
         if step_tokens < 1 or args.window_steps < 1:
             raise ValueError("--step-tokens and --window-steps: expected ints >= 1")
-        with _ray_session(args.address), Progress(total, "replay", enabled=args.progress) as progress:
-            report, throughput = replay_through_service(
-                trace, config, step_tokens=step_tokens, window_steps=args.window_steps,
-                layers_per_actor=args.layers_per_actor, progress=progress, shards=shards,
-            )
+        served = tuple(p for p in config.policies if p != "moeray")  # the service has no moeray yet
+        results = {}
+        with Progress(total, "replay", enabled=args.progress) as progress:
+            if served:
+                with _ray_session(args.address):
+                    report, throughput = replay_through_service(
+                        trace, replace(config, policies=served), step_tokens=step_tokens,
+                        window_steps=args.window_steps, layers_per_actor=args.layers_per_actor,
+                        progress=progress, shards=shards,
+                    )
+                results.update(report.results)
+            if "moeray" in config.policies:
+                local = replay_trace(trace, replace(config, policies=("moeray",)), progress=progress)
+                report = report if served else local
+                results.update(local.results)
+        results = {n: replace(results[n], top_k=results[n].top_k or trace.top_k) for n in config.policies}
+        report = replace(report, results=results)
     _print_report(report, trace, sys.stdout)
+    if args.per_layer:
+        _print_per_layer(report, sys.stdout)
     if report.shards:
         _print_shards(report, sys.stdout)
     if throughput:
@@ -421,6 +472,12 @@ def _replay(args) -> int:
             } for t in throughput}
         args.json.write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stdout)
+    if args.plot is not None:
+        from moeray.replay_plot import plot_replay
+
+        with Progress(len(PLOT_FRACTIONS) * 3 * trace.num_layers, "capacity curve",
+                      enabled=args.progress) as progress:
+            print(f"wrote {plot_replay(report, trace, config, args.plot, progress=progress)}")
     return 0
 
 

@@ -3,6 +3,19 @@
 One cache per layer, empty at the start, persisting across sequences (as ``belady_hits`` does),
 so every policy sees exactly the stream the optimum sees. Decisions depend only on the trace;
 the timer only measures decisions per second.
+
+Accounting (issue 5), per layer and overall, the same for every policy:
+- hit: the expert was hot when its token reached the layer;
+- stall: it was not hot and no prefetch for it had been issued before that point (here
+  prefetches complete before the use they were issued in time for, so a stall is a use of an
+  expert that is not hot: stall rate = 1 - hit rate);
+- transfer: every expert brought into the hot set, on demand (a stall) or by prefetch;
+  ``transfers_per_token``: transfers of all layers over the number of tokens;
+- wasted prefetch: brought in by prefetch and evicted before any use.
+A prefetch issued once layer l's routing of token t is known is in time for layer l+1 of token t
+and every later token; no policy sees routing that has not happened yet. Demand policies (lru,
+lfu, adaptive, affinity-lru) and the oracle (belady) never prefetch: their stalls and transfers
+are their misses. ``moeray`` is the predictive policy of ``moeray.policy.predict``.
 """
 
 from __future__ import annotations
@@ -18,21 +31,30 @@ from moeray.native import IS_NATIVE
 from moeray.policy.affinity import AffinityConfig, ExpertAffinity
 from moeray.policy.belady import belady_hits
 from moeray.policy.cache import EvictionPolicy, ExpertCache, ExpertCacheConfig
+from moeray.policy.predict import PredictConfig, PredictiveCaches
 from moeray.traces import Trace
 
 __all__ = [
+    "DEMAND_POLICY_NAMES",
     "POLICY_NAMES",
     "ReplayConfig",
     "PolicyResult",
     "ReplayReport",
     "ShardResult",
     "capacity_from_fraction",
+    "IN_PROCESS_POLICY_NAMES",
+    "replay_predictive",
     "replay_shards",
     "replay_trace",
 ]
 
 # Names are part of the --json schema: later work adds names, never renames these.
-POLICY_NAMES = ("lru", "lfu", "adaptive", "affinity-lru", "belady")
+POLICY_NAMES = ("lru", "lfu", "adaptive", "affinity-lru", "belady", "moeray")
+# Policies that load only on demand (no prefetch): Belady's hit count bounds theirs.
+DEMAND_POLICY_NAMES = ("lru", "lfu", "adaptive", "affinity-lru", "belady")
+# Run in this process whatever the backend: an oracle, and the predictive policy (not yet
+# hosted by the service's layer actors).
+IN_PROCESS_POLICY_NAMES = ("belady", "moeray")
 
 _BASE_POLICY = {
     "lru": EvictionPolicy.LRU,
@@ -54,7 +76,8 @@ class ReplayConfig:
     """capacity: hot-set size in experts per layer, in [1, num_experts].
     policies: names from POLICY_NAMES. The affinity-lru policy evicts by
     ``suggest_eviction_with_affinity(affinity, affinity_weight)`` over an EMA affinity with
-    ``affinity_decay`` and ``affinity_boost``, updated after every token."""
+    ``affinity_decay`` and ``affinity_boost``, updated after every token. ``predict``: the
+    parameters of the ``moeray`` policy (one set for every trace)."""
 
     capacity: int
     policies: tuple[str, ...] = POLICY_NAMES
@@ -63,6 +86,7 @@ class ReplayConfig:
     affinity_weight: float = 0.8
     affinity_decay: float = 0.95
     affinity_boost: float = 0.05
+    predict: PredictConfig = PredictConfig()
 
     def __post_init__(self):
         if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1:
@@ -76,12 +100,24 @@ class ReplayConfig:
 
 @dataclass(frozen=True)
 class PolicyResult:
-    """Hits per layer of one policy; accesses_per_layer = tokens x top_k."""
+    """Hits per layer of one policy; accesses_per_layer = tokens x top_k.
+
+    per_layer_stalls, per_layer_transfers, per_layer_wasted: per layer counts (None: the
+    policy does not prefetch, so stalls and transfers are its misses and nothing is wasted).
+    top_k: experts per token (0: unknown, then ``transfers_per_token`` is None).
+    predictors: recall and precision of each predictor (predictive policies only)."""
 
     name: str
     per_layer_hits: tuple[int, ...]
     accesses_per_layer: int
     per_layer_seconds: tuple[float, ...]
+    per_layer_stalls: tuple[int, ...] | None = None
+    per_layer_transfers: tuple[int, ...] | None = None
+    per_layer_wasted: tuple[int, ...] | None = None
+    top_k: int = 0
+    prefetches: int = 0
+    prefetch_hits: int = 0
+    predictors: dict | None = None
 
     @property
     def per_layer_hit_rate(self) -> list[float]:
@@ -99,10 +135,62 @@ class PolicyResult:
         return int(np.argmin(self.per_layer_hit_rate))
 
     @property
+    def stalls(self) -> tuple[int, ...]:
+        if self.per_layer_stalls is not None:
+            return self.per_layer_stalls
+        return tuple(self.accesses_per_layer - h for h in self.per_layer_hits)
+
+    @property
+    def transfers(self) -> tuple[int, ...]:
+        return self.per_layer_transfers if self.per_layer_transfers is not None else self.stalls
+
+    @property
+    def per_layer_stall_rate(self) -> list[float]:
+        n = max(self.accesses_per_layer, 1)
+        return [s / n for s in self.stalls]
+
+    @property
+    def stall_rate(self) -> float:
+        """Stall rate averaged over layers."""
+        rates = self.per_layer_stall_rate
+        return float(np.mean(rates)) if rates else 0.0
+
+    @property
+    def num_tokens(self) -> int | None:
+        return self.accesses_per_layer // self.top_k if self.top_k else None
+
+    @property
+    def transfers_per_token(self) -> float | None:
+        """Experts brought into the hot sets of all layers, per token."""
+        tokens = self.num_tokens
+        return sum(self.transfers) / tokens if tokens else None
+
+    @property
+    def wasted_prefetches(self) -> int:
+        return sum(self.per_layer_wasted) if self.per_layer_wasted is not None else 0
+
+    @property
     def decisions_per_s(self) -> float:
         """Median over layers of accesses per second: robust to a noisy neighbour."""
         seconds = float(np.median(self.per_layer_seconds)) if self.per_layer_seconds else 0.0
         return self.accesses_per_layer / seconds if seconds > 0 else float("inf")
+
+    def to_json(self) -> dict:
+        doc = {
+            "hit_rate": self.hit_rate,
+            "per_layer_hit_rate": self.per_layer_hit_rate,
+            "decisions_per_s": self.decisions_per_s,
+            "stall_rate": self.stall_rate,
+            "per_layer_stall_rate": self.per_layer_stall_rate,
+            "transfers_per_token": self.transfers_per_token,
+            "wasted_prefetches": self.wasted_prefetches,
+            "per_layer_transfers": list(self.transfers),
+            "prefetches": self.prefetches,
+            "prefetch_hits": self.prefetch_hits,
+        }
+        if self.predictors is not None:
+            doc["predictors"] = self.predictors
+        return doc
 
 
 @dataclass(frozen=True)
@@ -147,22 +235,18 @@ class ReplayReport:
         return self.capacity / self.num_experts
 
     def to_json(self) -> dict:
-        """``{"trace", "capacity", "policies": {NAME: {"hit_rate", "per_layer_hit_rate"}}}``
-        plus extra keys (capacity_experts, num_experts, backend, decisions_per_s)."""
+        """``{"trace", "capacity", "policies": {NAME: {"hit_rate", "per_layer_hit_rate",
+        "stall_rate", "per_layer_stall_rate", "transfers_per_token", "wasted_prefetches"}}}``
+        plus extra keys (capacity_experts, num_experts, backend, decisions_per_s, per_layer_
+        transfers, prefetches, prefetch_hits; for moeray, predictors: {NAME: {recall,
+        precision}})."""
         return {
             "trace": self.trace,
             "capacity": self.capacity_fraction,
             "capacity_experts": self.capacity,
             "num_experts": self.num_experts,
             "backend": "native" if self.native else "python",
-            "policies": {
-                name: {
-                    "hit_rate": r.hit_rate,
-                    "per_layer_hit_rate": r.per_layer_hit_rate,
-                    "decisions_per_s": r.decisions_per_s,
-                }
-                for name, r in self.results.items()
-            },
+            "policies": {name: r.to_json() for name, r in self.results.items()},
             **({"shards": {"path": self.shards_path,
                            "policies": {n: r.to_json() for n, r in self.shards.items()}}}
                if self.shards else {}),
@@ -186,13 +270,50 @@ def _layer_hits(name: str, ids: np.ndarray, trace: Trace, config: ReplayConfig) 
     return int(cache.access_batch(ids).sum())
 
 
+def replay_predictive(
+    trace: Trace,
+    config: ReplayConfig,
+    timer: Callable[[], float] = time.perf_counter,
+    progress: Progress | None = None,
+) -> PolicyResult:
+    """The ``moeray`` policy over ``trace``, token by token (each token's layers in order)."""
+    caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k, config.capacity,
+                              config.predict)
+    done = [0, 0]  # tokens, progress units reported
+
+    def advance(tokens: int) -> None:
+        done[0] += tokens
+        units = trace.num_layers * done[0] // max(trace.num_tokens, 1)
+        if progress is not None and units > done[1]:
+            progress.advance(units - done[1], "moeray")
+        done[1] = units
+
+    start = timer()
+    stats = caches.run(trace.expert_ids, trace.seq_offsets, progress=advance)
+    seconds = (timer() - start) / trace.num_layers
+    recall, precision = stats.recall(), stats.precision()
+    return PolicyResult(
+        "moeray",
+        tuple(int(h) for h in stats.hits),
+        trace.num_tokens * trace.top_k,
+        (seconds,) * trace.num_layers,
+        per_layer_stalls=tuple(int(x) for x in stats.stalls),
+        per_layer_transfers=tuple(int(x) for x in stats.transfers),
+        per_layer_wasted=tuple(int(x) for x in stats.wasted_prefetches),
+        top_k=trace.top_k,
+        prefetches=int(stats.prefetches.sum()),
+        prefetch_hits=int(stats.prefetch_hits.sum()),
+        predictors={n: {"recall": recall[n], "precision": precision[n]} for n in recall},
+    )
+
+
 def replay_trace(
     trace: Trace,
     config: ReplayConfig,
     timer: Callable[[], float] = time.perf_counter,
     progress: Progress | None = None,
 ) -> ReplayReport:
-    """Hits per layer of every policy in ``config.policies`` over ``trace``."""
+    """Hits, stalls and transfers per layer of every policy in ``config.policies`` over ``trace``."""
     if config.capacity > trace.num_experts:
         raise ValueError(
             f"capacity: expected at most num_experts={trace.num_experts}, got {config.capacity}"
@@ -200,6 +321,9 @@ def replay_trace(
     layers = [trace.layer_ids(layer) for layer in range(trace.num_layers)]
     results = {}
     for name in config.policies:
+        if name == "moeray":
+            results[name] = replay_predictive(trace, config, timer, progress)
+            continue
         hits, seconds = [], []
         for ids in layers:
             start = timer()
@@ -208,7 +332,7 @@ def replay_trace(
             if progress is not None:
                 progress.advance(1, name)
         results[name] = PolicyResult(
-            name, tuple(hits), trace.num_tokens * trace.top_k, tuple(seconds)
+            name, tuple(hits), trace.num_tokens * trace.top_k, tuple(seconds), top_k=trace.top_k
         )
     return ReplayReport(trace.name, trace.num_experts, config.capacity, results)
 
@@ -237,7 +361,8 @@ def replay_shards(
     """``replay_trace`` against real bytes: every online policy runs in the layer actors' own
     body (``LayerCaches``) over the checkpoint at ``shards``, one window per ``step_tokens``
     tokens, waiting for each window's prefetches before reading resident bytes, so the readings
-    are the real peaks. Hits equal ``replay_trace``'s; ``belady`` has no shard result."""
+    are the real peaks. Hits equal ``replay_trace``'s; ``belady`` and ``moeray`` run in-process
+    as in ``replay_trace`` and have no shard result."""
     from moeray.actors.layer import LayerCaches, LayerWindow
 
     if isinstance(step_tokens, bool) or not isinstance(step_tokens, int) or step_tokens < 1:
@@ -249,8 +374,8 @@ def replay_shards(
                 .with_decay(config.affinity_decay).with_activation_boost(config.affinity_boost))
     results, shard_results = {}, {}
     for name in config.policies:
-        if name == "belady":
-            results[name] = replay_trace(trace, replace(config, policies=("belady",))).results[name]
+        if name in IN_PROCESS_POLICY_NAMES:
+            results[name] = replay_trace(trace, replace(config, policies=(name,))).results[name]
             if progress is not None:
                 progress.advance(trace.num_layers, name)
             continue
@@ -269,7 +394,8 @@ def replay_shards(
                 stalls[layer] += ack.stalls
                 peak[layer] = max(peak[layer], ack.resident_bytes_max)
         del body  # unmaps the shards
-        results[name] = PolicyResult(name, tuple(hits), trace.num_tokens * trace.top_k, tuple(seconds))
+        results[name] = PolicyResult(name, tuple(hits), trace.num_tokens * trace.top_k, tuple(seconds),
+                                     top_k=trace.top_k)
         shard_results[name] = ShardResult(capacity_bytes, expert_bytes, tuple(peak), tuple(moved),
                                           tuple(late), tuple(stalls))
         if progress is not None:

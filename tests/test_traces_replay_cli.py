@@ -21,7 +21,9 @@ import pytest
 import moeray
 import moeray.native
 from moeray import cli
-from moeray.replay import POLICY_NAMES, ReplayConfig, capacity_from_fraction, replay_trace
+from moeray.replay import (
+    DEMAND_POLICY_NAMES, POLICY_NAMES, ReplayConfig, capacity_from_fraction, replay_trace,
+)
 from moeray.traces import Trace, default_trace_path, load_trace
 
 pytestmark = pytest.mark.pure
@@ -55,8 +57,9 @@ HAND_HITS_CAP2 = {
     "belady": (4, 6),
     "affinity-lru": (3, 6),  # with affinity_weight 0 the blend is plain LRU
 }
-# Capacity 1, top-1: a hit is exactly a repeat of the previous access: layer 0 none, layer 1 two.
-HAND_HITS_CAP1 = {name: (0, 2) for name in POLICY_NAMES}
+# Capacity 1, top-1, loading on demand only: a hit is exactly a repeat of the previous access:
+# layer 0 none, layer 1 two. (moeray prefetches, so it may do better: tests/test_predict.py.)
+HAND_HITS_CAP1 = {name: (0, 2) for name in DEMAND_POLICY_NAMES}
 
 
 def hand_ids() -> np.ndarray:
@@ -193,8 +196,8 @@ def test_belady_bounds_every_policy_on_a_hand_trace():
     assert report.results["lfu"].per_layer_hits == (5,)  # the hand counts above
     assert report.results["belady"].per_layer_hits == (5,)
     best = report.results["belady"].per_layer_hits[0]
-    for name, r in report.results.items():
-        assert r.per_layer_hits[0] <= best, f"{name} beats the 'optimum'"
+    for name in DEMAND_POLICY_NAMES:  # the optimum of demand caching; moeray prefetches
+        assert report.results[name].per_layer_hits[0] <= best, f"{name} beats the 'optimum'"
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +219,8 @@ def test_replay_invariants_quarter_capacity(bundled_quarter_report):
         assert all(0.0 <= x <= 1.0 for x in r.per_layer_hit_rate), name
         assert 0.0 <= r.hit_rate <= 1.0
         assert r.hit_rate == pytest.approx(np.mean(r.per_layer_hit_rate))
+        if name not in DEMAND_POLICY_NAMES:  # moeray prefetches: Belady does not bound it
+            continue
         for layer, (h, b) in enumerate(zip(r.per_layer_hits, belady)):
             assert h <= b, f"{name} beats Belady at layer {layer}: {h} > {b}"
     # Real routing is far from the all-miss and all-hit extremes at 1/4 capacity.
@@ -233,9 +238,14 @@ def test_replay_full_capacity_misses_once_per_expert(bundled):
     n = trace.num_experts
     report = replay_trace(trace, ReplayConfig(capacity=n))
     accesses = trace.num_tokens * trace.top_k
-    expected = [1 - len(np.unique(trace.expert_ids[:, l, :])) / accesses for l in range(trace.num_layers)]
+    unique = [len(np.unique(trace.expert_ids[:, l, :])) for l in range(trace.num_layers)]
+    expected = [1 - u / accesses for u in unique]
     for name, r in report.results.items():
-        assert r.per_layer_hit_rate == pytest.approx(expected, abs=1e-12), name
+        if name in DEMAND_POLICY_NAMES:
+            assert r.per_layer_hit_rate == pytest.approx(expected, abs=1e-12), name
+        else:  # a prefetch can serve even an expert's first use; nothing is ever evicted
+            assert all(s <= u for s, u in zip(r.stalls, unique)), name
+            assert r.wasted_prefetches == 0
 
 
 def test_replay_config_and_capacity_errors():

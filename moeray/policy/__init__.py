@@ -1,4 +1,5 @@
-"""Pure policy: expert cache, affinity, batch scheduling, the Belady optimum, memory helpers.
+"""Pure policy: expert cache, affinity, batch scheduling, the Belady optimum, memory helpers,
+and the predictive ``moeray`` policy (cross-layer and previous-token prediction, prefetch).
 
 Imports only the standard library, numpy and ``moeray.native``; never Ray. Same inputs give the
 same decisions: nothing here reads a clock or global random state.
@@ -13,6 +14,7 @@ from moeray.policy.memory import (
     align_to_cache_line,
     expert_memory_footprint,
 )
+from moeray.policy.predict import PredictConfig, PredictiveCaches, PredictStats
 from moeray.policy.scheduler import ExpertBatch, ExpertBatches, MoeBatchScheduler, schedule
 
 __all__ = [
@@ -26,6 +28,9 @@ __all__ = [
     "ExpertCacheStats",
     "MoeBatchScheduler",
     "NullPrefetcher",
+    "PredictConfig",
+    "PredictStats",
+    "PredictiveCaches",
     "Prefetcher",
     "align_to_cache_line",
     "belady_hits",

@@ -1,0 +1,142 @@
+"""Policy quality on the real traces: hit rate, stall rate, transfers per token and wasted
+prefetches of lru, affinity-lru, belady and moeray, at several capacities, in one run.
+
+Accounting as in `moeray replay` (moeray/replay.py): a stall is a use of an expert that was not
+hot and not prefetched in time; a transfer is every expert brought into a hot set, on demand or
+by prefetch; transfers/token counts all layers. Belady is the offline optimum of demand caching
+(its stalls and transfers are its misses). moeray runs with its default parameters
+(moeray.policy.predict.PredictConfig), the same for every trace.
+
+Goals (issue 5, at 25 % of experts per layer): moeray's stall rate at or below Belady's miss
+rate on both traces, with transfers per token at most 1.5x Belady's.
+
+usage: python benchmarks/bench_quality.py [--traces DIR] [--tokens N] [--json PATH]
+Without ../shared/traces (or --traces) it uses the bundled gpt-oss-20b slice only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from moeray._progress import Progress
+from moeray.native import IS_NATIVE
+from moeray.policy.predict import PredictConfig
+from moeray.replay import ReplayConfig, capacity_from_fraction, replay_trace
+from moeray.traces import Trace, default_trace_path, load_trace
+
+SHARED_TRACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
+REAL_TRACES = (
+    "gpt-oss-20b/gpt_oss_20b_decode_routing.npz",
+    "deepseek-v2-lite-chat/deepseek_v2_lite_chat_prefill_routing.npz",
+)
+FRACTIONS = (0.125, 0.25, 0.5)
+POLICIES = ("lru", "affinity-lru", "belady", "moeray")
+GOAL_FRACTION = 0.25
+GOAL_TRANSFER_RATIO = 1.5
+
+
+def head(trace: Trace, tokens: int) -> Trace:
+    """The first ``tokens`` tokens of ``trace`` (all of it when tokens is 0), sequences kept."""
+    if tokens <= 0 or tokens >= trace.num_tokens:
+        return trace
+    offsets = trace.seq_offsets[trace.seq_offsets < tokens]
+    return Trace(trace.expert_ids[:tokens],
+                 None if trace.weights is None else trace.weights[:tokens],
+                 np.append(offsets, tokens).astype(np.int64), trace.num_experts, trace.name)
+
+
+def traces(folder: Path | None) -> list[Trace]:
+    folder = folder if folder is not None else SHARED_TRACES
+    found = [folder / name for name in REAL_TRACES if (folder / name).is_file()]
+    if not found:
+        print(f"no traces under {folder}: using the bundled gpt-oss-20b slice", file=sys.stderr)
+        found = [default_trace_path()]
+    return [load_trace(path) for path in found]
+
+
+def measure(trace: Trace, progress: Progress) -> list[dict]:
+    rows = []
+    for fraction in FRACTIONS:
+        capacity = capacity_from_fraction(fraction, trace.num_experts)
+        report = replay_trace(trace, ReplayConfig(capacity=capacity, policies=POLICIES),
+                              progress=progress)
+        for name, r in report.results.items():
+            rows.append({
+                "trace": trace.name, "tokens": trace.num_tokens, "capacity": fraction,
+                "capacity_experts": capacity, "policy": name, "hit_rate": r.hit_rate,
+                "stall_rate": r.stall_rate, "transfers_per_token": r.transfers_per_token,
+                "wasted_prefetches": r.wasted_prefetches, "prefetches": r.prefetches,
+                "per_layer_stall_rate": r.per_layer_stall_rate,
+                **({"predictors": r.predictors} if r.predictors else {}),
+            })
+    return rows
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    out = []
+    for name in dict.fromkeys(r["trace"] for r in rows):
+        at = {r["policy"]: r for r in rows if r["trace"] == name and r["capacity"] == GOAL_FRACTION}
+        if "moeray" not in at or "belady" not in at:
+            continue
+        m, b = at["moeray"], at["belady"]
+        ratio = m["transfers_per_token"] / b["transfers_per_token"]
+        out.append({"trace": name, "moeray_stall_rate": m["stall_rate"],
+                     "belady_miss_rate": b["stall_rate"],
+                     "stall_goal_met": m["stall_rate"] <= b["stall_rate"],
+                     "transfer_ratio": ratio, "transfer_goal_met": ratio <= GOAL_TRANSFER_RATIO})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--traces", type=Path, help="folder of the real traces (default ../shared/traces)")
+    parser.add_argument("--tokens", type=int, default=20_000,
+                        help="replay the first N tokens of each trace (default 20,000; 0: all)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    args = parser.parse_args(argv)
+    chosen = [head(t, args.tokens) for t in traces(args.traces)]
+    total = sum(len(FRACTIONS) * len(POLICIES) * t.num_layers for t in chosen)
+    rows = []
+    with Progress(total, "quality", enabled=args.progress) as progress:
+        for trace in chosen:
+            rows += measure(trace, progress)
+    print(f"core: {'native' if IS_NATIVE else 'pure Python'}; moeray parameters: "
+          f"{asdict(PredictConfig())}\n")
+    print("| trace | tokens | capacity | policy | hit rate | stall rate | transfers/token | "
+          "wasted prefetches |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['trace']} | {r['tokens']:,} | {r['capacity']:g} ({r['capacity_experts']}) | "
+              f"{r['policy']} | {r['hit_rate']:.3f} | {r['stall_rate']:.3f} | "
+              f"{r['transfers_per_token']:.2f} | {r['wasted_prefetches']:,} |")
+    print()
+    for r in rows:  # the predictors do not depend on capacity: one line per trace
+        if r.get("predictors") and r["capacity"] == GOAL_FRACTION:
+            guesses = ", ".join(f"{n} {v['recall']:.3f}/{v['precision']:.3f}"
+                                for n, v in r["predictors"].items())
+            print(f"- {r['trace']}: moeray predictors, recall/precision of each top-k guess: "
+                  f"{guesses}")
+    print()
+    met = goals(rows)
+    for g in met:
+        print(f"- goal at {GOAL_FRACTION:g}, {g['trace']}: stall rate {g['moeray_stall_rate']:.3f} "
+              f"<= Belady's miss rate {g['belady_miss_rate']:.3f}: "
+              f"{'met' if g['stall_goal_met'] else 'NOT met'}; transfers/token "
+              f"{g['transfer_ratio']:.2f}x Belady's <= {GOAL_TRANSFER_RATIO}x: "
+              f"{'met' if g['transfer_goal_met'] else 'NOT met'}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "goals": met,
+                                         "moeray_parameters": asdict(PredictConfig())}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
