@@ -119,3 +119,18 @@ def test_ranges_and_ids_are_checked(core, shard):
         core.PrefetcherCore([str(shard.parent / "nonexistent.bin")], 2)
     p.set_ranges(1, [(0, size - 11, 11)])  # the last bytes of the file are fine
     assert p.expert_bytes(1) == 11
+
+
+def test_file_array_is_a_read_only_view_of_the_mapping(core, shard):
+    """Kernels read through the prefetcher's own mapping (whose page tables populate filled)."""
+    p = _prefetcher(core, shard)
+    view = p.file_array(0)
+    assert view.dtype == np.uint8 and view.shape == (NUM_EXPERTS * EXPERT_BYTES,)
+    assert not view.flags.writeable
+    with open(shard, "rb") as f:
+        f.seek(3 * EXPERT_BYTES + 12345)
+        assert view[3 * EXPERT_BYTES + 12345:3 * EXPERT_BYTES + 12345 + 64].tobytes() == f.read(64)
+    del p  # the view keeps the mapping alive
+    assert int(view[-1]) == shard.read_bytes()[-1]
+    with pytest.raises(ValueError, match="file"):
+        _prefetcher(core, shard).file_array(1)

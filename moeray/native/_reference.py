@@ -474,7 +474,10 @@ class PrefetcherCore:
     def __del__(self):
         for fd, view, _ in getattr(self, "_files", ()):
             if view is not None:
-                view.close()
+                try:
+                    view.close()
+                except BufferError:  # a file_array still reads it: it unmaps with that array
+                    pass
             os.close(fd)
 
     def num_experts(self) -> int:
@@ -567,6 +570,14 @@ class PrefetcherCore:
         self._expert(expert_id)
         if _index(bytes, "bytes") < 0:
             raise ValueError(f"bytes: expected an int >= 0, got {bytes}")
+
+    def file_array(self, file: int) -> np.ndarray:
+        """uint8 [file size], a read-only view of this prefetcher's mapping of file ``file``."""
+        file = _index(file, "file")
+        if not 0 <= file < len(self._files):
+            raise ValueError(f"file: expected an index in [0, {len(self._files)}), got {file}")
+        _, view, _ = self._files[file]
+        return np.frombuffer(view, dtype=np.uint8) if view is not None else np.zeros(0, np.uint8)
 
     def stats(self) -> dict:
         return dict(self._stats)

@@ -60,6 +60,7 @@ class ShardResidency:
         paths = sorted({r.path for rs in ranges for r in rs})
         file_of = {path: i for i, path in enumerate(paths)}
         self._core = backend.PrefetcherCore(paths, num_experts)
+        self._mapped = {path: self._core.file_array(i) for i, path in enumerate(paths)}
         for e, rs in enumerate(ranges):
             self._core.set_ranges(e, [(file_of[r.path], r.offset, r.length) for r in rs])
         shard = store.layer_ranges(layer)
@@ -95,6 +96,11 @@ class ShardResidency:
             for e in sorted(hot - self._resident):
                 self._core.prefetch(e)
         self._resident |= hot
+
+    def expert_weights(self, expert: int):
+        """The expert's weights read through the prefetcher's own mapping, whose page tables
+        its populate filled: a kernel reading them takes no page faults."""
+        return self._store.expert_weights(self.layer, expert, mapped=self._mapped)
 
     def ready(self, expert: int) -> bool:
         return self._core.ready(expert)

@@ -237,15 +237,20 @@ class ShardStore:
         return sum(r.length for r in self.layer_ranges(layer))
 
     # -- weights -------------------------------------------------------------------------
-    def expert_weights(self, layer: int, expert: int) -> ExpertWeights:
-        """Zero-copy views of one expert's weights (formats F32, F16, BF16 and TERNARY)."""
+    def expert_weights(self, layer: int, expert: int,
+                       mapped: Mapping[str, np.ndarray] | None = None) -> ExpertWeights:
+        """Zero-copy views of one expert's weights (formats F32, F16, BF16 and TERNARY).
+
+        mapped: path -> uint8 array of that whole file mapped elsewhere (a prefetcher's
+        ``file_array``), to read through the mapping whose page tables the prefetcher populated
+        rather than this store's own, which would take a page fault per 4 KiB on first touch."""
         spec = self.layer_spec(layer)
         if spec.format not in (*FLOAT_FORMATS, TERNARY):
             raise ShardFormatError(
                 f"{self.path}: layer {layer} is {spec.format}: byte ranges only; expert_weights "
                 "reads F32, F16, BF16 and ruvllm ternary")
         parts = self._parts(layer, expert)
-        tensors = {role: self._view(part, spec, parts.get(f"{role}_scale"))
+        tensors = {role: self._view(part, spec, parts.get(f"{role}_scale"), mapped)
                    for role, part in parts.items() if not role.endswith("_scale")}
         return ExpertWeights(layer, expert, spec.layout, spec.hidden_size,
                              spec.intermediate_size, tensors)
@@ -296,23 +301,29 @@ class ShardStore:
                              f"got {expert!r}")
         return experts[int(expert)]
 
-    def _array(self, part: _Part, dtype: np.dtype) -> np.ndarray:
+    def _array(self, part: _Part, dtype: np.dtype, mapped=None) -> np.ndarray:
         if not self._maps:
             raise ValueError(f"{self.path}: the store is closed")
         byte_range = part.byte_range()
         count = byte_range.length // dtype.itemsize
-        flat = np.frombuffer(self._maps[byte_range.path], dtype=dtype, count=count,
-                             offset=byte_range.offset)
+        if mapped is None:
+            buffer = self._maps[byte_range.path]
+        else:
+            buffer = mapped[byte_range.path]
+            if buffer.dtype != np.uint8 or buffer.shape != (len(self._maps[byte_range.path]),):
+                raise ValueError(f"mapped: {byte_range.path} must be a uint8 array of the whole "
+                                 f"file ({len(self._maps[byte_range.path])} bytes)")
+        flat = np.frombuffer(buffer, dtype=dtype, count=count, offset=byte_range.offset)
         return flat.reshape(part.shape)
 
-    def _view(self, part: _Part, spec: LayerSpec, scale: _Part | None) -> WeightView:
+    def _view(self, part: _Part, spec: LayerSpec, scale: _Part | None, mapped=None) -> WeightView:
         entry = part.entry
-        data = self._array(part, NUMPY_DTYPES[entry.dtype])
+        data = self._array(part, NUMPY_DTYPES[entry.dtype], mapped)
         if scale is None:
             return WeightView(part.label(), entry.dtype, part.shape, data)
         rows, packed_cols = part.shape
         return WeightView(part.label(), TERNARY, (rows, packed_cols * 4), data,
-                          self._array(scale, NUMPY_DTYPES["F32"]), spec.block_size)
+                          self._array(scale, NUMPY_DTYPES["F32"], mapped), spec.block_size)
 
 
 # -- finding the files ---------------------------------------------------------------------

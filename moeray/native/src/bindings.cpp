@@ -677,6 +677,22 @@ PYBIND11_MODULE(_core, m) {
              p.read_ahead(e, bytes);
            },
            py::arg("expert_id"), py::arg("bytes"))
+      .def("file_array",
+           [](py::object self, int64_t file) {
+             const Prefetcher& p = self.cast<const Prefetcher&>();
+             if (file < 0 || file >= p.num_files())
+               throw py::value_error("file: expected an index in [0, " +
+                                     std::to_string(p.num_files()) + "), got " + std::to_string(file));
+             const int64_t n = p.file_size(static_cast<int32_t>(file));
+             if (n == 0) return py::array_t<uint8_t>(0);
+             // a read-only view of this prefetcher's own mapping, keeping the prefetcher alive
+             py::array_t<uint8_t> out({n}, {int64_t{1}},
+                                      reinterpret_cast<const uint8_t*>(p.data(static_cast<int32_t>(file))),
+                                      self);
+             out.attr("setflags")(py::arg("write") = false);
+             return out;
+           },
+           py::arg("file"))
       .def("stats", [](const Prefetcher& p) {
         const auto s = p.stats();
         py::dict d;
