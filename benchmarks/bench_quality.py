@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,10 @@ FRACTIONS = (0.125, 0.25, 0.5)
 POLICIES = ("lru", "affinity-lru", "belady", "moeray")
 GOAL_FRACTION = 0.25
 GOAL_TRANSFER_RATIO = 1.5
+# Not a policy of `moeray replay`: the moeray policy with its two thrift knobs turned, to show
+# the other end of the stalls-for-transfers trade (same for every trace).
+THRIFTY = replace(PredictConfig(), prefetch_threshold=0.3, victim_affinity_weight=0.5)
+THRIFTY_NAME = "moeray thrifty"
 
 
 def head(trace: Trace, tokens: int) -> Trace:
@@ -66,7 +70,10 @@ def measure(trace: Trace, progress: Progress) -> list[dict]:
         capacity = capacity_from_fraction(fraction, trace.num_experts)
         report = replay_trace(trace, ReplayConfig(capacity=capacity, policies=POLICIES),
                               progress=progress)
-        for name, r in report.results.items():
+        thrifty = replay_trace(trace, ReplayConfig(capacity=capacity, policies=("moeray",),
+                                                   predict=THRIFTY), progress=progress)
+        results = {**report.results, THRIFTY_NAME: thrifty.results["moeray"]}
+        for name, r in results.items():
             rows.append({
                 "trace": trace.name, "tokens": trace.num_tokens, "capacity": fraction,
                 "capacity_experts": capacity, "policy": name, "hit_rate": r.hit_rate,
@@ -82,15 +89,17 @@ def goals(rows: list[dict]) -> list[dict]:
     out = []
     for name in dict.fromkeys(r["trace"] for r in rows):
         at = {r["policy"]: r for r in rows if r["trace"] == name and r["capacity"] == GOAL_FRACTION}
-        if "moeray" not in at or "belady" not in at:
-            continue
-        m, b = at["moeray"], at["belady"]
-        ratio = m["transfers_per_token"] / b["transfers_per_token"]
-        out.append({"trace": name, "moeray_stall_rate": m["stall_rate"],
-                     "belady_miss_rate": b["stall_rate"],
-                     "stall_goal_met": m["stall_rate"] <= b["stall_rate"],
-                     "transfer_ratio": ratio, "transfer_goal_met": ratio <= GOAL_TRANSFER_RATIO})
+        for policy in ("moeray", THRIFTY_NAME):
+            if policy in at and "belady" in at:
+                out.append(_goal(name, policy, at[policy], at["belady"]))
     return out
+
+
+def _goal(name: str, policy: str, m: dict, b: dict) -> dict:
+    ratio = m["transfers_per_token"] / b["transfers_per_token"]
+    return {"trace": name, "policy": policy, "moeray_stall_rate": m["stall_rate"],
+            "belady_miss_rate": b["stall_rate"], "stall_goal_met": m["stall_rate"] <= b["stall_rate"],
+            "transfer_ratio": ratio, "transfer_goal_met": ratio <= GOAL_TRANSFER_RATIO}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args(argv)
     chosen = [head(t, args.tokens) for t in traces(args.traces)]
-    total = sum(len(FRACTIONS) * len(POLICIES) * t.num_layers for t in chosen)
+    total = sum(len(FRACTIONS) * (len(POLICIES) + 1) * t.num_layers for t in chosen)
     rows = []
     with Progress(total, "quality", enabled=args.progress) as progress:
         for trace in chosen:
             rows += measure(trace, progress)
     print(f"core: {'native' if IS_NATIVE else 'pure Python'}; moeray parameters: "
-          f"{asdict(PredictConfig())}\n")
+          f"{asdict(PredictConfig())}; {THRIFTY_NAME}: the same with prefetch_threshold "
+          f"{THRIFTY.prefetch_threshold}, victim_affinity_weight {THRIFTY.victim_affinity_weight}\n")
     print("| trace | tokens | capacity | policy | hit rate | stall rate | transfers/token | "
           "wasted prefetches |")
     print("|---|---|---|---|---|---|---|---|")
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['transfers_per_token']:.2f} | {r['wasted_prefetches']:,} |")
     print()
     for r in rows:  # the predictors do not depend on capacity: one line per trace
-        if r.get("predictors") and r["capacity"] == GOAL_FRACTION:
+        if r.get("predictors") and r["capacity"] == GOAL_FRACTION and r["policy"] == "moeray":
             guesses = ", ".join(f"{n} {v['recall']:.3f}/{v['precision']:.3f}"
                                 for n, v in r["predictors"].items())
             print(f"- {r['trace']}: moeray predictors, recall/precision of each top-k guess: "
@@ -126,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     met = goals(rows)
     for g in met:
-        print(f"- goal at {GOAL_FRACTION:g}, {g['trace']}: stall rate {g['moeray_stall_rate']:.3f} "
+        print(f"- goal at {GOAL_FRACTION:g}, {g['trace']}, {g['policy']}: stall rate "
+              f"{g['moeray_stall_rate']:.3f} "
               f"<= Belady's miss rate {g['belady_miss_rate']:.3f}: "
               f"{'met' if g['stall_goal_met'] else 'NOT met'}; transfers/token "
               f"{g['transfer_ratio']:.2f}x Belady's <= {GOAL_TRANSFER_RATIO}x: "

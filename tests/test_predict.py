@@ -117,6 +117,15 @@ def test_no_decision_uses_routing_that_has_not_happened_yet():
     np.testing.assert_array_equal(counts(ids, t), counts(changed, t))
 
 
+def test_a_prefetch_threshold_above_every_probability_turns_prefetch_off():
+    ids = deterministic_stream(tokens=150)
+    off = run(ids, 16, 4, replace(PredictConfig(), prefetch_threshold=1.0))
+    assert off.prefetches.sum() == 0 and off.wasted_prefetches.sum() == 0
+    assert (off.transfers == off.stalls).all()
+    on = run(ids, 16, 4)
+    assert on.stalls[1:].sum() < off.stalls[1:].sum()
+
+
 def test_hot_sets_never_exceed_capacity_and_counts_add_up():
     ids = deterministic_stream(tokens=300, layers=3, num_experts=10, top_k=3, seed=2)
     caches = PredictiveCaches(3, 10, 3, [3, 5, 10])
@@ -138,6 +147,8 @@ def test_config_and_input_errors():
                           ({"affinity_decay": 0.0}, "affinity_decay"),
                           ({"cross_weight": -0.1}, "cross_weight"),
                           ({"prefetch_margin": 1.5}, "prefetch_margin"),
+                          ({"prefetch_threshold": -0.1}, "prefetch_threshold"),
+                          ({"victim_affinity_weight": -1.0}, "victim_affinity_weight"),
                           ({"cross_weight": 0.0, "previous_weight": 0.0, "affinity_weight": 0.0},
                            "cross_weight")]:
         with pytest.raises(ValueError, match=field):

@@ -138,3 +138,42 @@ def test_cli_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypa
     assert captured.out == ""  # refused before replaying
     assert "moeray[plot]" in captured.err and "Traceback" not in captured.err
     assert not png.exists()
+
+
+def test_cli_service_backend_runs_moeray_in_process_beside_the_served_policies(tmp_path, capsys,
+                                                                                monkeypatch):
+    """The service's layer actors do not host moeray yet: `moeray replay` (service backend)
+    sends it only the other policies and replays moeray in-process. A fake service stands in
+    for Ray here (it returns the in-process demand results, without top_k, as the service does)."""
+    import contextlib
+    import types
+
+    from moeray.replay import PolicyResult, ReplayReport
+
+    asked = []
+
+    def fake_replay_through_service(trace, config, **kwargs):
+        asked.append(config.policies)
+        local = replay_trace(trace, config)
+        results = {n: PolicyResult(n, r.per_layer_hits, r.accesses_per_layer, r.per_layer_seconds)
+                   for n, r in local.results.items()}
+        return ReplayReport(trace.name, trace.num_experts, config.capacity, results), []
+
+    fake = types.ModuleType("moeray.service")
+    fake.replay_through_service = fake_replay_through_service
+    monkeypatch.setitem(sys.modules, "moeray.service", fake)
+    monkeypatch.setattr(cli, "_ray_session", lambda address: contextlib.nullcontext())
+    trace = write(tmp_path / "hand.npz", np.array(HAND_LAYERS).T, 4)
+    out = tmp_path / "service.json"
+    argv = ["replay", str(trace), "--capacity", "0.5", "--policy", "lru", "--policy", "moeray",
+            "--json", str(out)]
+    assert cli.main(argv) == 0
+    assert asked == [("lru",)]
+    doc = json.loads(out.read_text())
+    assert list(doc["policies"]) == ["lru", "moeray"]
+    assert doc["policies"]["lru"]["transfers_per_token"] == pytest.approx(1.0)  # 9 misses / 9
+    assert "predictors" in doc["policies"]["moeray"]
+    asked.clear()
+    assert cli.main(["replay", str(trace), "--policy", "moeray"]) == 0  # nothing to serve
+    assert asked == []
+    assert "moeray" in capsys.readouterr().out

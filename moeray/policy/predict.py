@@ -24,11 +24,13 @@ layers 0..L-1 would make. Prefetches complete before the use they were issued in
 an expert used while hot is a hit, otherwise a stall.
 
 Parameters are chosen once for every trace (``PredictConfig`` defaults): prefetch budget 4
-experts per layer per token, transition decay 0.999, affinity decay 0.9, blend 0.5 cross-layer
-+ 0.3 previous-token + 0.2 affinity, prefetch margin 0.05, eviction score 0.5 previous-token +
-0.5 affinity. They were picked on the first 3,000 tokens of the gpt-oss-20b and
-DeepSeek-V2-Lite developer traces, trading stalls against transfers (budget 0-4, margin
-0.05-0.5): more budget and a lower margin cut stalls and add wasted transfers.
+experts per layer per token, transition decay 0.999, affinity decay 0.9, blend 0.7 cross-layer
++ 0.2 previous-token + 0.1 affinity, prefetch margin 0.05, no prefetch threshold, eviction
+score 0.5 previous-token + 0.5 affinity. They were picked by hand on the first 3,000 tokens of
+the gpt-oss-20b and DeepSeek-V2-Lite developer traces, stalls first (budget 0-4, margin
+0.05-0.5, threshold 0-0.3, blends 0.5/0.3/0.2 and 0.7/0.2/0.1): more budget and a lower margin
+cut stalls and add wasted transfers; ``prefetch_threshold`` and ``victim_affinity_weight`` turn
+the trade the other way.
 """
 
 from __future__ import annotations
@@ -54,17 +56,23 @@ class PredictConfig:
     >= 0, blend of the three predictors (normalised over those available: layer 0 and the
     first token of a sequence have fewer). prefetch_margin: in [0, 1], how much more likely
     a prefetched expert must be than the one it evicts. keep_previous_weight,
-    keep_affinity_weight: >= 0, the score by which a demand load chooses its victim."""
+    keep_affinity_weight: >= 0, the score by which a demand load chooses its victim.
+    prefetch_threshold: in [0, 1], the least blended probability worth a prefetch.
+    victim_affinity_weight: >= 0, added affinity (times this weight) to the value of a hot
+    expert a prefetch would evict, so experts used often are kept. The last two trade stalls
+    for transfers (0: stalls first)."""
 
     prefetch_budget: int = 4
     transition_decay: float = 0.999
     affinity_decay: float = 0.9
-    cross_weight: float = 0.5
-    previous_weight: float = 0.3
-    affinity_weight: float = 0.2
+    cross_weight: float = 0.7
+    previous_weight: float = 0.2
+    affinity_weight: float = 0.1
     prefetch_margin: float = 0.05
     keep_previous_weight: float = 0.5
     keep_affinity_weight: float = 0.5
+    prefetch_threshold: float = 0.0
+    victim_affinity_weight: float = 0.0
 
     def __post_init__(self):
         check_int(self.prefetch_budget, "prefetch_budget", 0)
@@ -73,14 +81,15 @@ class PredictConfig:
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name}: expected a float in (0, 1), got {value}")
         for name in ("cross_weight", "previous_weight", "affinity_weight", "keep_previous_weight",
-                     "keep_affinity_weight"):
+                     "keep_affinity_weight", "victim_affinity_weight"):
             if check_float(getattr(self, name), name) < 0.0:
                 raise ValueError(f"{name}: expected a float >= 0, got {getattr(self, name)}")
         if self.cross_weight + self.previous_weight + self.affinity_weight <= 0.0:
             raise ValueError("cross_weight, previous_weight, affinity_weight: expected a positive sum")
-        margin = check_float(self.prefetch_margin, "prefetch_margin")
-        if not 0.0 <= margin <= 1.0:
-            raise ValueError(f"prefetch_margin: expected a float in [0, 1], got {margin}")
+        for name in ("prefetch_margin", "prefetch_threshold"):
+            value = check_float(getattr(self, name), name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: expected a float in [0, 1], got {value}")
 
 
 @dataclass
@@ -240,15 +249,16 @@ class PredictiveCaches:
 
         # Prefetch: the most likely cold experts, each against the least likely hot one.
         hot = self._hot
+        value = p + cfg.victim_affinity_weight * self._affinity if cfg.victim_affinity_weight else p
         for _ in range(cfg.prefetch_budget):
             cand_scores = np.where(hot, -np.inf, p)
             cand = cand_scores.argmax(axis=1)
             cand_p = cand_scores[rows, cand]
             full = self._hot_count >= self.capacity
-            victim_scores = np.where(hot, p - 1e-9 * self._touch / self._clock, np.inf)
+            victim_scores = np.where(hot, value - 1e-9 * self._touch / self._clock, np.inf)
             victim = victim_scores.argmin(axis=1)
             bar = np.where(full, victim_scores[rows, victim] + cfg.prefetch_margin, cfg.prefetch_margin)
-            go = (cand_p > bar) & (cand_p > 0.0)
+            go = (cand_p > bar) & (cand_p > cfg.prefetch_threshold)
             if not go.any():
                 break
             evict = go & full
