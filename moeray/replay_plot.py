@@ -10,7 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from moeray._progress import Progress
-from moeray.replay import ReplayConfig, ReplayReport, capacity_from_fraction, replay_trace
+from moeray.replay import (
+    POLICY_NAMES, ReplayConfig, ReplayReport, capacity_from_fraction, replay_trace,
+)
 from moeray.traces import Trace
 
 __all__ = ["PLOT_FRACTIONS", "CURVE_POLICIES", "capacity_curve", "plot_replay", "require_matplotlib"]
@@ -57,8 +59,8 @@ def plot_replay(report: ReplayReport, trace: Trace, config: ReplayConfig, path,
     fig, (ax_hit, ax_stall, ax_curve) = plt.subplots(1, 3, figsize=(17, 4.8))
     for name, r in report.results.items():
         layers = range(len(r.per_layer_hits))
-        ax_hit.plot(layers, r.per_layer_hit_rate, marker=".", label=name)
-        ax_stall.plot(layers, r.per_layer_stall_rate, marker=".", label=name)
+        ax_hit.plot(layers, r.per_layer_hit_rate, marker=".", label=name, color=_color(name))
+        ax_stall.plot(layers, r.per_layer_stall_rate, marker=".", label=name, color=_color(name))
     for ax, what in ((ax_hit, "hit rate"), (ax_stall, "stall rate")):
         ax.set_xlabel("MoE layer")
         ax.set_ylabel(what)
@@ -67,7 +69,8 @@ def plot_replay(report: ReplayReport, trace: Trace, config: ReplayConfig, path,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for name, points in curve.items():
-        ax_curve.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax_curve.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
+                      color=_color(name))
     ax_curve.set_xlabel("capacity (fraction of experts, every layer)")
     ax_curve.set_ylabel("hit rate (moeray: 1 - stall rate)")
     ax_curve.set_ylim(0, 1)
@@ -80,3 +83,8 @@ def plot_replay(report: ReplayReport, trace: Trace, config: ReplayConfig, path,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _color(name: str) -> str:
+    """One colour per policy in every panel."""
+    return f"C{POLICY_NAMES.index(name) % 10}"
