@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                         "2-core machine per-call overhead, not decisions, bounds throughput)")
     replay.add_argument("--layers-per-actor", type=int, metavar="N",
                         help="layers hosted by one actor process (default: layers / CPUs)")
+    replay.add_argument("--tokens", type=int, metavar="N",
+                        help="replay only the first N tokens of the trace (default: all)")
     replay.add_argument("--shards", type=Path, metavar="DIR",
                         help="a safetensors checkpoint (e.g. from `moeray shards synth`) whose "
                         "expert bytes follow each policy's hot sets: reports per layer resident "
@@ -414,6 +416,8 @@ def _replay(args) -> int:
     from moeray.traces import default_trace_path, load_trace
 
     trace = load_trace(args.trace if args.trace else default_trace_path())
+    if args.tokens is not None:
+        trace = trace.head(args.tokens)
     config = ReplayConfig(
         capacity=capacity_from_fraction(args.capacity, trace.num_experts),
         policies=tuple(dict.fromkeys(args.policies or POLICY_NAMES)),

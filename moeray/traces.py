@@ -77,6 +77,17 @@ class Trace:
         return np.ascontiguousarray(self.weights[:, layer, :], dtype=np.float32)
 
 
+    def head(self, tokens: int) -> Trace:
+        """The first ``tokens`` tokens (all of them when the trace is shorter), sequences cut
+        at that point."""
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1:
+            raise ValueError(f"tokens: expected an int >= 1, got {tokens!r}")
+        n = min(int(tokens), self.num_tokens)
+        offsets = np.append(self.seq_offsets[self.seq_offsets < n], n).astype(np.int64)
+        weights = None if self.weights is None else self.weights[:n]
+        return Trace(self.expert_ids[:n], weights, offsets, self.num_experts, self.name)
+
+
 def default_trace_path() -> Path:
     """The bundled slice of the gpt-oss-20b decode trace (see moeray/data/NOTICE)."""
     return Path(str(resources.files("moeray") / "data" / "gpt-oss-20b-slice.npz"))

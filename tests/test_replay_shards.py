@@ -115,10 +115,12 @@ def test_cli_replay_local_shards_writes_the_shards_object(checkpoint, trace, tmp
              seq_offsets=np.array([0, 64]), num_experts=trace.num_experts)
     out = tmp_path / "out.json"
     code = main(["replay", str(small), "--backend", "local", "--shards", str(checkpoint),
-                 "--policy", "lru", "--policy", "belady", "--json", str(out), "--no-progress"])
+                 "--policy", "lru", "--policy", "belady", "--json", str(out), "--no-progress",
+                 "--tokens", "48"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "resident" in printed and "held" in printed
+    assert "48 tokens" in printed  # --tokens cut the trace
     document = json.loads(out.read_text())
     shards = document["shards"]
     assert shards["path"] == str(checkpoint)
@@ -158,3 +160,14 @@ def test_release_drops_pages_a_kernel_read_through_the_store(checkpoint):
         residency.sync([])
         assert residency.measure() < expert // 4
         del weights
+
+
+def test_trace_head_cuts_tokens_and_sequences():
+    full = load_trace(default_trace_path())
+    head = full.head(600)
+    assert head.num_tokens == 600 and head.num_layers == full.num_layers
+    assert np.array_equal(head.expert_ids, full.expert_ids[:600])
+    assert head.seq_offsets.tolist() == [0, 511, 600]  # the bundled slice's first sequence is 511
+    assert full.head(10**9).num_tokens == full.num_tokens
+    with pytest.raises(ValueError, match="tokens"):
+        full.head(0)
