@@ -202,6 +202,18 @@ class PredictiveCaches:
             st.predictor_uses[index] += ids.size
         self._guesses.clear()
 
+    def _evict(self, hot: np.ndarray, layers: np.ndarray, victim: np.ndarray) -> None:
+        """Evicts expert victim[l] of every layer l where ``layers`` (bool [L]) is set; a
+        prefetched expert leaving unused counts as a wasted prefetch."""
+        if not layers.any():
+            return
+        er, ev = self._rows[layers], victim[layers]
+        self._stats.wasted_prefetches += np.bincount(er[self._pending[er, ev]],
+                                                     minlength=self.num_layers)
+        hot[er, ev] = False
+        self._pending[er, ev] = False
+        self._hot_count -= layers
+
     @property
     def stats(self) -> PredictStats:
         """Counters so far (see PredictStats)."""
@@ -261,13 +273,7 @@ class PredictiveCaches:
             go = (cand_p > bar) & (cand_p > cfg.prefetch_threshold)
             if not go.any():
                 break
-            evict = go & full
-            if evict.any():
-                er, ev = rows[evict], victim[evict]
-                st.wasted_prefetches += np.bincount(er[self._pending[er, ev]], minlength=L)
-                hot[er, ev] = False
-                self._pending[er, ev] = False
-                self._hot_count -= evict
+            self._evict(hot, go & full, victim)
             gr, gc = rows[go], cand[go]
             hot[gr, gc] = True
             self._pending[gr, gc] = True
@@ -293,12 +299,7 @@ class PredictiveCaches:
                 st.stalls += miss
                 evict = miss & (self._hot_count >= self.capacity)
                 if evict.any():
-                    victim = np.where(hot & ~used, keep, np.inf).argmin(axis=1)
-                    er, ev = rows[evict], victim[evict]
-                    st.wasted_prefetches += np.bincount(er[self._pending[er, ev]], minlength=L)
-                    hot[er, ev] = False
-                    self._pending[er, ev] = False
-                    self._hot_count -= evict
+                    self._evict(hot, evict, np.where(hot & ~used, keep, np.inf).argmin(axis=1))
                 mr, me = rows[miss], e[miss]
                 hot[mr, me] = True
                 self._hot_count += miss
