@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="policy to replay; repeat for several (default: all)")
     replay.add_argument("--affinity-weight", type=float, default=0.8,
                         help="weight of affinity in affinity-lru eviction, in [0, 1] (default 0.8)")
+    replay.add_argument("--hint-accuracy", type=float, metavar="P",
+                        help="give the moeray policy synthetic engine hints made from the trace: "
+                        "each hinted expert is the used one with probability P in [0, 1], else a "
+                        "random unused one (default: no hints)")
+    replay.add_argument("--resplit-every", type=int, metavar="N",
+                        help="moeray policy: re-split the total capacity across layers by "
+                        "marginal benefit every N tokens (0: fixed per-layer capacity; default: "
+                        "moeray's default)")
     replay.add_argument("--backend", choices=("service", "local"), default="service",
                         help="service: through a moeray service on Ray (a local Ray unless "
                         "--address is given); local: in this process, no Ray (default: service)")
@@ -405,6 +413,19 @@ def _ray_session(address: str | None, job: bool = False):
         ray.shutdown()
 
 
+def _resplit_predict(every: int):
+    from dataclasses import replace
+
+    from moeray.policy.predict import PredictConfig
+    from moeray.policy.split import SplitConfig
+
+    if every < 0:
+        raise ValueError(f"--resplit-every: expected an int >= 0, got {every}")
+    default = PredictConfig()
+    split = None if every == 0 else replace(default.split or SplitConfig(), every_tokens=every)
+    return replace(default, split=split)
+
+
 def _replay(args) -> int:
     from dataclasses import replace
 
@@ -422,6 +443,8 @@ def _replay(args) -> int:
         capacity=capacity_from_fraction(args.capacity, trace.num_experts),
         policies=tuple(dict.fromkeys(args.policies or POLICY_NAMES)),
         affinity_weight=args.affinity_weight,
+        hint_accuracy=args.hint_accuracy,
+        **({} if args.resplit_every is None else {"predict": _resplit_predict(args.resplit_every)}),
     )
     total = len(config.policies) * trace.num_layers
     throughput = []

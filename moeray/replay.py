@@ -16,6 +16,14 @@ A prefetch issued once layer l's routing of token t is known is in time for laye
 and every later token; no policy sees routing that has not happened yet. Demand policies (lru,
 lfu, adaptive, affinity-lru) and the oracle (belady) never prefetch: their stalls and transfers
 are their misses. ``moeray`` is the predictive policy of ``moeray.policy.predict``.
+
+Engine hints (``ReplayConfig.hint_accuracy``): synthetic hints derived from the trace itself,
+for the moeray policy only: for each token and layer, each of the top_k hinted ids is the
+expert the token really used in that routing slot with probability ``hint_accuracy``, otherwise
+an expert the token did not use there (distinct wrong ones, drawn with ``hint_seed``). A hint
+names only the hinted layer's own routing of that token, which is what an engine that computed
+the gate ahead would know; nothing else is taken from the future. With re-split on
+(``PredictConfig.split``), moeray's result also counts what re-splitting cost (``resplit``).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ __all__ = [
     "ReplayReport",
     "ShardResult",
     "capacity_from_fraction",
+    "synthetic_hints",
     "IN_PROCESS_POLICY_NAMES",
     "replay_predictive",
     "replay_shards",
@@ -77,7 +86,9 @@ class ReplayConfig:
     policies: names from POLICY_NAMES. The affinity-lru policy evicts by
     ``suggest_eviction_with_affinity(affinity, affinity_weight)`` over an EMA affinity with
     ``affinity_decay`` and ``affinity_boost``, updated after every token. ``predict``: the
-    parameters of the ``moeray`` policy (one set for every trace)."""
+    parameters of the ``moeray`` policy (one set for every trace). hint_accuracy: None (no
+    hints) or a float in [0, 1]: the moeray policy gets synthetic engine hints of that accuracy
+    (see the module docstring), drawn from ``hint_seed``."""
 
     capacity: int
     policies: tuple[str, ...] = POLICY_NAMES
@@ -87,8 +98,14 @@ class ReplayConfig:
     affinity_decay: float = 0.95
     affinity_boost: float = 0.05
     predict: PredictConfig = PredictConfig()
+    hint_accuracy: float | None = None
+    hint_seed: int = 0
 
     def __post_init__(self):
+        if self.hint_accuracy is not None and not (
+                isinstance(self.hint_accuracy, (int, float)) and not isinstance(self.hint_accuracy, bool)
+                and 0.0 <= self.hint_accuracy <= 1.0):
+            raise ValueError(f"hint_accuracy: expected None or a float in [0, 1], got {self.hint_accuracy!r}")
         if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1:
             raise ValueError(f"capacity: expected an int >= 1, got {self.capacity!r}")
         unknown = [p for p in self.policies if p not in POLICY_NAMES]
@@ -105,7 +122,12 @@ class PolicyResult:
     per_layer_stalls, per_layer_transfers, per_layer_wasted: per layer counts (None: the
     policy does not prefetch, so stalls and transfers are its misses and nothing is wasted).
     top_k: experts per token (0: unknown, then ``transfers_per_token`` is None).
-    predictors: recall and precision of each predictor (predictive policies only)."""
+    predictors: recall and precision of each predictor (predictive policies only; "hints"
+    only when the policy had hints). resplit: what re-splitting one total capacity across
+    layers did (moeray with re-split only): {"moved": experts of capacity moved between layers,
+    "evictions": hot experts evicted by shrinking layers, "transfers": later loads of experts
+    a re-split evicted (part of transfers), "per_layer_transfers", "final_capacity": per
+    layer}."""
 
     name: str
     per_layer_hits: tuple[int, ...]
@@ -118,6 +140,7 @@ class PolicyResult:
     prefetches: int = 0
     prefetch_hits: int = 0
     predictors: dict | None = None
+    resplit: dict | None = None
 
     @property
     def per_layer_hit_rate(self) -> list[float]:
@@ -190,6 +213,8 @@ class PolicyResult:
         }
         if self.predictors is not None:
             doc["predictors"] = self.predictors
+        if self.resplit is not None:
+            doc["resplit"] = self.resplit
         return doc
 
 
@@ -239,7 +264,8 @@ class ReplayReport:
         "stall_rate", "per_layer_stall_rate", "transfers_per_token", "wasted_prefetches"}}}``
         plus extra keys (capacity_experts, num_experts, backend, decisions_per_s, per_layer_
         transfers, prefetches, prefetch_hits; for moeray, predictors: {NAME: {recall,
-        precision}})."""
+        precision}}, and with re-split, resplit: {moved, evictions, transfers, per_layer_
+        transfers, final_capacity})."""
         return {
             "trace": self.trace,
             "capacity": self.capacity_fraction,
@@ -270,15 +296,47 @@ def _layer_hits(name: str, ids: np.ndarray, trace: Trace, config: ReplayConfig) 
     return int(cache.access_batch(ids).sum())
 
 
+def synthetic_hints(expert_ids: np.ndarray, num_experts: int, accuracy: float,
+                    rng: np.random.Generator, chunk_tokens: int = 1024) -> np.ndarray:
+    """Engine hints made from the routing itself: expert_ids integer [T, L, top_k] in
+    [0, num_experts); returns int32 [T, L, top_k] where each slot is the used expert with
+    probability ``accuracy`` and otherwise one of the experts the token did not use at that
+    layer (distinct within a token's layer; -1 when fewer than top_k unused experts exist)."""
+    expert_ids = np.asarray(expert_ids)
+    if expert_ids.ndim != 3:
+        raise ValueError(f"expert_ids: expected [tokens, layers, top_k], got shape {expert_ids.shape}")
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy: expected a float in [0, 1], got {accuracy}")
+    T, L, k = expert_ids.shape
+    out = np.empty((T, L, k), dtype=np.int32)
+    spare = min(k, num_experts - 1)  # unused experts there are at least num_experts - k of
+    for first in range(0, T, chunk_tokens):
+        ids = expert_ids[first:first + chunk_tokens].astype(np.intp)
+        n = ids.shape[0]
+        keys = rng.random((n, L, num_experts), dtype=np.float32)
+        np.put_along_axis(keys, ids, 2.0, axis=2)  # used experts sort last
+        wrong = np.full((n, L, k), -1, dtype=np.intp)
+        wrong[..., :spare] = np.argsort(keys, axis=2, kind="stable")[..., :spare]
+        wrong[np.take_along_axis(keys, np.maximum(wrong, 0), axis=2) >= 2.0] = -1
+        right = rng.random((n, L, k)) < accuracy
+        out[first:first + n] = np.where(right, ids, wrong)
+    return out
+
+
 def replay_predictive(
     trace: Trace,
     config: ReplayConfig,
     timer: Callable[[], float] = time.perf_counter,
     progress: Progress | None = None,
 ) -> PolicyResult:
-    """The ``moeray`` policy over ``trace``, token by token (each token's layers in order)."""
+    """The ``moeray`` policy over ``trace``, token by token (each token's layers in order),
+    with synthetic hints when ``config.hint_accuracy`` is set."""
     caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k, config.capacity,
                               config.predict)
+    hints = None
+    if config.hint_accuracy is not None:
+        hints = synthetic_hints(trace.expert_ids, trace.num_experts, config.hint_accuracy,
+                                np.random.default_rng(config.hint_seed))
     done = [0, 0]  # tokens, progress units reported
 
     def advance(tokens: int) -> None:
@@ -289,9 +347,18 @@ def replay_predictive(
         done[1] = units
 
     start = timer()
-    stats = caches.run(trace.expert_ids, trace.seq_offsets, progress=advance)
+    stats = caches.run(trace.expert_ids, trace.seq_offsets, progress=advance, hints=hints)
     seconds = (timer() - start) / trace.num_layers
     recall, precision = stats.recall(), stats.precision()
+    if hints is None:
+        del recall["hints"]
+    resplit = None
+    if config.predict.split is not None:
+        resplit = {"moved": int(stats.resplit_moved),
+                   "evictions": int(stats.resplit_evictions.sum()),
+                   "transfers": int(stats.resplit_transfers.sum()),
+                   "per_layer_transfers": [int(x) for x in stats.resplit_transfers],
+                   "final_capacity": [int(c) for c in caches.capacity]}
     return PolicyResult(
         "moeray",
         tuple(int(h) for h in stats.hits),
@@ -304,6 +371,7 @@ def replay_predictive(
         prefetches=int(stats.prefetches.sum()),
         prefetch_hits=int(stats.prefetch_hits.sum()),
         predictors={n: {"recall": recall[n], "precision": precision[n]} for n in recall},
+        resplit=resplit,
     )
 
 

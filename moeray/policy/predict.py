@@ -15,13 +15,35 @@ evicts, among the hot experts this token has not used at this layer, the one lea
 be used by the next token (previous-token table from this token's routing, blended with
 affinity; least recently touched among equals).
 
+Engine hints (optional, ``step(ids, hints=...)``): expert ids an engine computed for a layer
+(for example the next layer's gate applied to the current hidden state), available with the
+previous layer's routing, so in time for that layer of the same token. Each layer keeps decayed
+counts of how its hints fared: precision q (hinted experts used / hinted) and recall r (uses
+that were hinted / uses), both with a prior of ``hint_prior`` misses, so hints start with no
+weight and earn it. At a layer with hints, a hinted expert's estimate becomes q + (1 - q) p (the
+hint is right, or the blend is) and every other expert's (1 - r) p (what the hints miss); the
+prefetch loop and its victims then use these estimates within the same budget. Truthful hints
+drive q and r to 1: the hinted experts are prefetched first and nothing else is; pure noise
+keeps q and r near top_k / num_experts and changes little.
+
+One capacity, re-split (optional, ``PredictConfig.split``): the sum of the starting capacities
+is split across layers by ``moeray.policy.split.CapacitySplit`` from every layer's routing of
+earlier tokens, re-split every ``split.every_tokens`` tokens. A shrinking layer evicts its hot
+experts least likely to be used by the next token (the demand-eviction score); those evictions
+and the later loads of the experts they pushed out (``resplit_transfers``, a proxy for the
+transfers re-splitting causes) are counted apart. ``set_capacity`` applies a split computed
+elsewhere (a coordinator running the same ``CapacitySplit``).
+
 Timing (the accounting rules of ``moeray replay``): the prefetch for layer l >= 1 of token t
-uses layer l-1's routing of token t and older routing only, so it is issued in time for layer
-l of token t; the prefetch for layer 0 uses routing of earlier tokens only. Hot sets of
-different layers never interact (one capacity per layer), so ``step`` handles the layers of
-one token together in numpy arrays and makes exactly the decisions a token-major loop over
-layers 0..L-1 would make. Prefetches complete before the use they were issued in time for:
-an expert used while hot is a hit, otherwise a stall.
+uses layer l-1's routing of token t and older routing only (and token t's hints for layer l),
+so it is issued in time for layer l of token t; the prefetch for layer 0 uses routing of
+earlier tokens only. Without re-split, hot sets of different layers never interact (one
+capacity per layer): a layer's decisions depend only on its own state, its previous layer's
+routing and its own routing and hints. With re-split, capacities change only between tokens,
+from all layers' routing of earlier tokens. So ``step`` handles the layers of one token
+together in numpy arrays and makes exactly the decisions a token-major loop over layers
+0..L-1 would make. Prefetches complete before the use they were issued in time for: an expert
+used while hot is a hit, otherwise a stall.
 
 Parameters are chosen once for every trace (``PredictConfig`` defaults): prefetch budget 4
 experts per layer per token, transition decay 0.999, affinity decay 0.9, blend 0.7 cross-layer
@@ -30,7 +52,8 @@ score 0.5 previous-token + 0.5 affinity. They were picked by hand on the first 3
 the gpt-oss-20b and DeepSeek-V2-Lite developer traces, stalls first (budget 0-4, margin
 0.05-0.5, threshold 0-0.3, blends 0.5/0.3/0.2 and 0.7/0.2/0.1): more budget and a lower margin
 cut stalls and add wasted transfers; ``prefetch_threshold`` and ``victim_affinity_weight`` turn
-the trade the other way.
+the trade the other way. Hint prior 16 misses (hints: see above). Re-split: off by default
+(``split=None``); ``SplitConfig()`` defaults when on (see ``moeray.policy.split``).
 """
 
 from __future__ import annotations
@@ -40,12 +63,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moeray.policy._validate import check_float, check_int
+from moeray.policy.split import CapacitySplit, SplitConfig
 
 __all__ = ["PREDICTOR_NAMES", "PredictConfig", "PredictStats", "PredictiveCaches"]
 
 # Names of the predictors whose recall and precision the report shows ("combined" is the blend
-# that drives prefetches).
-PREDICTOR_NAMES = ("cross-layer", "previous-token", "affinity", "combined")
+# that drives prefetches; "hints" are the engine's, counted only where a layer had any).
+PREDICTOR_NAMES = ("cross-layer", "previous-token", "affinity", "combined", "hints")
+_HINTS = PREDICTOR_NAMES.index("hints")
 
 
 @dataclass(frozen=True)
@@ -60,7 +85,9 @@ class PredictConfig:
     prefetch_threshold: in [0, 1], the least blended probability worth a prefetch.
     victim_affinity_weight: >= 0, added affinity (times this weight) to the value of a hot
     expert a prefetch would evict, so experts used often are kept. The last two trade stalls
-    for transfers (0: stalls first)."""
+    for transfers (0: stalls first). hint_prior: >= 0, misses assumed before a layer's first
+    hint, so hints earn their weight. split: None (each layer keeps its capacity) or a
+    SplitConfig: one total capacity re-split across layers."""
 
     prefetch_budget: int = 4
     transition_decay: float = 0.999
@@ -73,15 +100,19 @@ class PredictConfig:
     keep_affinity_weight: float = 0.5
     prefetch_threshold: float = 0.0
     victim_affinity_weight: float = 0.0
+    hint_prior: float = 16.0
+    split: SplitConfig | None = None
 
     def __post_init__(self):
+        if self.split is not None and not isinstance(self.split, SplitConfig):
+            raise ValueError(f"split: expected None or a SplitConfig, got {type(self.split).__name__}")
         check_int(self.prefetch_budget, "prefetch_budget", 0)
         for name in ("transition_decay", "affinity_decay"):
             value = check_float(getattr(self, name), name)
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name}: expected a float in (0, 1), got {value}")
         for name in ("cross_weight", "previous_weight", "affinity_weight", "keep_previous_weight",
-                     "keep_affinity_weight", "victim_affinity_weight"):
+                     "keep_affinity_weight", "victim_affinity_weight", "hint_prior"):
             if check_float(getattr(self, name), name) < 0.0:
                 raise ValueError(f"{name}: expected a float >= 0, got {getattr(self, name)}")
         if self.cross_weight + self.previous_weight + self.affinity_weight <= 0.0:
@@ -102,7 +133,11 @@ class PredictStats:
     prefetches. predictor_hits / predictor_guesses [predictors]: experts of each predictor's
     top-k guess that the token used / guessed, summed over layers and tokens, and
     predictor_uses [predictors]: uses where that predictor had a guess (its recall's
-    denominator)."""
+    denominator). resplit_evictions: hot experts evicted because a re-split shrank the layer;
+    resplit_transfers: later loads (stall or prefetch) of experts a re-split evicted, the first
+    after each such eviction (part of transfers, counted apart); resplit_moved: experts of
+    capacity moved between layers (int, all layers). evictions: every hot expert evicted (by a
+    prefetch, a demand load or a re-split)."""
 
     hits: np.ndarray
     stalls: np.ndarray
@@ -112,6 +147,15 @@ class PredictStats:
     predictor_hits: np.ndarray = field(default_factory=lambda: np.zeros(len(PREDICTOR_NAMES), np.int64))
     predictor_guesses: np.ndarray = field(default_factory=lambda: np.zeros(len(PREDICTOR_NAMES), np.int64))
     predictor_uses: np.ndarray = field(default_factory=lambda: np.zeros(len(PREDICTOR_NAMES), np.int64))
+    resplit_evictions: np.ndarray | None = None
+    resplit_transfers: np.ndarray | None = None
+    resplit_moved: int = 0
+    evictions: np.ndarray | None = None
+
+    def __post_init__(self):
+        for name in ("resplit_evictions", "resplit_transfers", "evictions"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros_like(self.hits))
 
     @property
     def transfers(self) -> np.ndarray:
@@ -131,9 +175,10 @@ class PredictStats:
 class PredictiveCaches:
     """The hot sets of ``num_layers`` layers under the ``moeray`` policy.
 
-    capacity: int in [1, num_experts] (every layer) or a sequence of one per layer.
-    ``step(ids, new_sequence)`` feeds one token: ids integer [num_layers, top_k], each in
-    [0, num_experts). Decisions depend only on the routing fed so far.
+    capacity: int in [1, num_experts] (every layer) or a sequence of one per layer (with
+    ``config.split``, the starting split of their sum). ``step(ids, new_sequence, hints)``
+    feeds one token: ids integer [num_layers, top_k], each in [0, num_experts). Decisions depend
+    only on the routing (and hints) fed so far.
     """
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, capacity,
@@ -167,6 +212,14 @@ class PredictiveCaches:
         z = lambda: np.zeros(L, dtype=np.int64)  # noqa: E731
         self._stats = PredictStats(z(), z(), z(), z(), z())
         self._guesses: list = []
+        # Hints: decayed per-layer counts of hinted experts used, hinted, and uses at layers
+        # with hints (precision and recall estimates).
+        self._hint_hits = np.zeros(L)
+        self._hint_guesses = np.zeros(L)
+        self._hint_uses = np.zeros(L)
+        self._split = (CapacitySplit(L, E, self.capacity, config.split)
+                       if config.split is not None else None)
+        self._resplit_out: np.ndarray | None = None  # [l, e]: evicted by a re-split, not reloaded
 
     # ------------------------------------------------------------------ predictions
 
@@ -213,6 +266,49 @@ class PredictiveCaches:
         hot[er, ev] = False
         self._pending[er, ev] = False
         self._hot_count -= layers
+        self._stats.evictions += layers
+
+    def _keep_scores(self, ids: np.ndarray) -> np.ndarray:
+        """How much each expert is worth keeping for the token after one routed ``ids``
+        [L, top_k]: the demand-eviction score, float [L, E] (least recently touched lowest
+        among equals)."""
+        cfg = self.config
+        nxt = self._table_scores(self._prev, self._prev_n, ids)
+        keep = cfg.keep_previous_weight * nxt + cfg.keep_affinity_weight * self._affinity
+        return keep - 1e-9 * (1.0 - self._touch / max(self._clock, 1))
+
+    def set_capacity(self, capacity) -> None:
+        """Sets each layer's capacity from the next token on: int in [1, num_experts] or one per
+        layer (a re-split: see ``moeray.policy.split``). A layer over its new capacity evicts the
+        hot experts least likely to be used by the next token, counted in resplit_evictions;
+        a layer that grows fills the room by later prefetches and loads."""
+        caps = np.broadcast_to(np.asarray(capacity), (self.num_layers,))
+        if caps.dtype.kind not in "iu" or caps.min() < 1 or caps.max() > self.num_experts:
+            raise ValueError(f"capacity: expected ints in [1, {self.num_experts}], got {capacity!r}")
+        self.capacity = caps.astype(np.int64).copy()
+        over = self._hot_count > self.capacity
+        if not over.any():
+            return
+        if self._resplit_out is None:
+            self._resplit_out = np.zeros_like(self._hot)
+        keep = (self._keep_scores(self._last_ids) if self._last_ids is not None
+                else -self._touch)
+        while over.any():
+            victim = np.where(self._hot, keep, np.inf).argmin(axis=1)
+            self._evict(self._hot, over, victim)
+            self._stats.resplit_evictions += over
+            self._resplit_out[self._rows[over], victim[over]] = True
+            over = self._hot_count > self.capacity
+
+    def _count_reloads(self, layers: np.ndarray, experts: np.ndarray) -> None:
+        """Loads of ``experts`` at ``layers`` (int arrays): those a re-split evicted count as
+        re-split transfers, once."""
+        if self._resplit_out is None or not len(layers):
+            return
+        back = self._resplit_out[layers, experts]
+        if back.any():
+            self._stats.resplit_transfers += np.bincount(layers[back], minlength=self.num_layers)
+            self._resplit_out[layers[back], experts[back]] = False
 
     @property
     def stats(self) -> PredictStats:
@@ -222,9 +318,12 @@ class PredictiveCaches:
 
     # ------------------------------------------------------------------ one token
 
-    def step(self, ids, new_sequence: bool = False) -> None:
+    def step(self, ids, new_sequence: bool = False, hints=None) -> None:
         """Serves one token: ids integer [num_layers, top_k]; new_sequence: the token starts a
-        sequence (the previous-token predictor has nothing to go on)."""
+        sequence (the previous-token predictor has nothing to go on); hints: None or integer
+        [num_layers, h], h >= 1, each in [-1, num_experts) (-1: no hint), an engine's
+        predicted experts of this token at each layer (see the module docstring)."""
+        hinted = self._check_hints(hints) if hints is not None else None
         ids = np.asarray(ids)
         if ids.shape != (self.num_layers, self.top_k) or ids.dtype.kind not in "iu":
             raise ValueError(f"ids: expected integers of shape {(self.num_layers, self.top_k)}, "
@@ -257,6 +356,8 @@ class PredictiveCaches:
                 p[1:] += cfg.cross_weight * cross[1:]
                 weight[1:] += cfg.cross_weight
         p /= np.maximum(weight, 1e-300)
+        if hinted is not None:
+            p = self._apply_hints(p, hinted)
         self._guess_stats(3, p, ids)
 
         # Prefetch: the most likely cold experts, each against the least likely hot one.
@@ -275,6 +376,7 @@ class PredictiveCaches:
                 break
             self._evict(hot, go & full, victim)
             gr, gc = rows[go], cand[go]
+            self._count_reloads(gr, gc)
             hot[gr, gc] = True
             self._pending[gr, gc] = True
             self._touch[gr, gc] = self._clock
@@ -283,9 +385,7 @@ class PredictiveCaches:
 
         # Accesses: the token's experts in routing order; a miss evicts the hot expert, not used
         # by this token here, least likely to be used by the next token.
-        nxt = self._table_scores(self._prev, self._prev_n, ids)
-        keep = cfg.keep_previous_weight * nxt + cfg.keep_affinity_weight * self._affinity
-        keep = keep - 1e-9 * (1.0 - self._touch / self._clock)  # least recently touched first
+        keep = self._keep_scores(ids)
         used = np.zeros_like(hot)
         for j in range(self.top_k):
             e = ids[:, j]
@@ -301,6 +401,7 @@ class PredictiveCaches:
                 if evict.any():
                     self._evict(hot, evict, np.where(hot & ~used, keep, np.inf).argmin(axis=1))
                 mr, me = rows[miss], e[miss]
+                self._count_reloads(mr, me)
                 hot[mr, me] = True
                 self._hot_count += miss
             used[rows, e] = True
@@ -326,14 +427,64 @@ class PredictiveCaches:
         self._affinity *= cfg.affinity_decay
         self._affinity[rows[:, None], ids] += 1.0 - cfg.affinity_decay
         self._last_ids = ids
+        if hinted is not None:
+            self._learn_hints(hinted, used)
+        if self._split is not None:
+            for plan in self._split.observe(ids[None]):  # applies from the next token on
+                self.set_capacity(plan.capacity)
+                st.resplit_moved += plan.moved
 
-    def run(self, expert_ids, seq_offsets=None, progress=None) -> PredictStats:
+    # ------------------------------------------------------------------ hints
+
+    def _check_hints(self, hints) -> np.ndarray:
+        """hints as bool [L, E]: hinted[l, e] when some hint for layer l names e."""
+        hints = np.asarray(hints)
+        if hints.ndim != 2 or hints.shape[0] != self.num_layers or hints.shape[1] < 1 \
+                or hints.dtype.kind not in "iu":
+            raise ValueError(f"hints: expected integers of shape [{self.num_layers}, h], h >= 1, "
+                             f"got {hints.dtype} {hints.shape}")
+        if hints.min() < -1 or hints.max() >= self.num_experts:
+            raise ValueError(f"hints: expected ids in [0, {self.num_experts}) or -1 (no hint)")
+        hints = hints.astype(np.intp)
+        hinted = np.zeros((self.num_layers, self.num_experts + 1), dtype=bool)
+        hinted[self._rows[:, None], hints] = True  # -1 lands in the spare last column
+        return hinted[:, :-1]
+
+    def _apply_hints(self, p: np.ndarray, hinted: np.ndarray) -> np.ndarray:
+        """The blend ``p`` [L, E] updated by this token's hints (see the module docstring)."""
+        prior = self.config.hint_prior
+        q = (self._hint_hits / np.maximum(self._hint_guesses + prior, 1e-300))[:, None]
+        r = (self._hint_hits / np.maximum(self._hint_uses + prior, 1e-300))[:, None]
+        some = hinted.any(axis=1, keepdims=True)
+        return np.where(hinted, q + (1.0 - q) * p, np.where(some, (1.0 - r) * p, p))
+
+    def _learn_hints(self, hinted: np.ndarray, used: np.ndarray) -> None:
+        some = hinted.any(axis=1)
+        right = (hinted & used).sum(axis=1)
+        guesses = hinted.sum(axis=1)
+        uses = np.where(some, used.sum(axis=1), 0)
+        for counts in (self._hint_hits, self._hint_guesses, self._hint_uses):
+            counts *= self.config.transition_decay
+        self._hint_hits += right
+        self._hint_guesses += guesses
+        self._hint_uses += uses
+        st = self._stats
+        st.predictor_hits[_HINTS] += int(right.sum())
+        st.predictor_guesses[_HINTS] += int(guesses.sum())
+        st.predictor_uses[_HINTS] += int(uses.sum())
+
+    def run(self, expert_ids, seq_offsets=None, progress=None, hints=None) -> PredictStats:
         """Feeds every token of expert_ids: integer [tokens, num_layers, top_k]; seq_offsets:
-        int [sequences + 1] (default one sequence). Returns ``stats``."""
+        int [sequences + 1] (default one sequence); hints: None or integer [tokens, num_layers,
+        h] (see ``step``). Returns ``stats``."""
         expert_ids = np.asarray(expert_ids)
+        if hints is not None and np.shape(hints)[:1] != expert_ids.shape[:1]:
+            raise ValueError(f"hints: expected {expert_ids.shape[0]} tokens, got shape "
+                             f"{np.shape(hints)}")
         starts = set(np.asarray(seq_offsets if seq_offsets is not None else [0]).tolist())
         for t in range(expert_ids.shape[0]):
-            self.step(expert_ids[t], new_sequence=t in starts)
+            self.step(expert_ids[t], new_sequence=t in starts,
+                      hints=None if hints is None else hints[t])
             if progress is not None and (t + 1) % 1024 == 0:
                 progress(1024)
         if progress is not None and expert_ids.shape[0] % 1024:
