@@ -11,6 +11,11 @@ Ray must be initialised by the caller (``ray.init()`` or a job's driver).
 waiting: the coordinator sees one call per client window, not one per step, which is what
 keeps it from saturating under a fleet of clients. At most ``max_in_flight`` windows are
 outstanding before the next one waits.
+
+``submit(..., seq_starts=...)`` marks the tokens that begin a sequence; only the ``moeray``
+policy reads it (its previous-token predictor starts afresh there). Without it the stream is
+one continuing sequence. The msgpack path (``submit_msgpack``) has no such field yet: its steps
+continue one stream.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ from moeray._progress import Progress
 
 
 from moeray.actors import _ray
-from moeray.actors.coordinator import ServiceConfig, ServiceStats, check_step, schedule_step
+from moeray.actors.layer import PREDICTIVE_POLICY
+from moeray.actors.coordinator import (
+    ServiceConfig, ServiceStats, check_seq_starts, check_step, schedule_step,
+)
 from moeray.metrics import SubmitLatency
 from moeray.policy.scheduler import ExpertBatches
 from moeray.replay import (
@@ -60,21 +68,26 @@ class ServiceHandle:
         self.submit_latency_s: deque[float] = deque(maxlen=100_000)
         self._latency_metric = SubmitLatency(config.name)
         self._window: list[np.ndarray] = []  # this client's routing not yet sent
+        self._window_starts: list[np.ndarray | None] = []  # and its sequence starts
         self._window_opened = 0.0
 
-    def submit(self, expert_ids, weights=None) -> list[ExpertBatches] | None:
+    def submit(self, expert_ids, weights=None, seq_starts=None) -> list[ExpertBatches] | None:
         """One forward pass: expert_ids int [num_layers, T, top_k], weights float, same shape
-        (or None: no schedule is returned). Returns each layer's ``ExpertBatches``.
+        (or None: no schedule is returned), seq_starts bool [T]: True where a token begins a
+        sequence (or None: the step continues the stream; only ``moeray`` reads it). Returns
+        each layer's ``ExpertBatches``.
 
         Bad input raises TypeError / ValueError here and reaches no actor."""
         start = self._timer()
         ids, w = check_step(expert_ids, weights, self.config)
+        starts = check_seq_starts(seq_starts, ids.shape[1])
         batches = None
         if w is not None:
             batches = schedule_step(ids, w, self.config.num_experts)
         if not self._window:
             self._window_opened = start
         self._window.append(ids.astype(self.config.ids_dtype()))  # 1/4 of int32's bytes
+        self._window_starts.append(starts)
         ms = self.config.window_ms
         if len(self._window) >= self.config.window_steps or (
             ms is not None and (start - self._window_opened) * 1e3 >= ms
@@ -91,10 +104,15 @@ class ServiceHandle:
         if len(self._in_flight) >= self._max_in_flight:
             _ray.wait_all([self._in_flight.popleft()])
         routing = np.concatenate(self._window, axis=1)
+        starts = None
+        if any(s is not None for s in self._window_starts):
+            starts = np.concatenate([np.zeros(ids.shape[1], dtype=bool) if s is None else s
+                                     for ids, s in zip(self._window, self._window_starts)])
         self._in_flight.append(
-            _ray.call_async(self._coordinator.add_routing, routing, len(self._window), True)
+            _ray.call_async(self._coordinator.add_routing, routing, len(self._window), True, starts)
         )
         self._window = []
+        self._window_starts = []
 
     def submit_msgpack(self, payload: bytes) -> bytes:
         """A step in the msgpack form of ``moeray.wire``; returns the schedules in that form.
@@ -129,6 +147,7 @@ class ServiceHandle:
         """Removes the coordinator and every layer actor of this service."""
         try:
             self._window = []
+            self._window_starts = []
             _ray.wait_all(self._in_flight)
             _ray.call(self._coordinator.shutdown)
         except _ray.RayActorError:
@@ -193,9 +212,12 @@ def replay_through_service(
 ) -> tuple[ReplayReport, list[ServiceThroughput]]:
     """Replays ``trace`` through one service per online policy (``belady`` stays in-process:
     it is an oracle, not a policy a service can run). Steps of ``step_tokens`` tokens carry
-    every layer; the hit counts equal ``replay_trace``'s, which a test checks. With ``shards``
-    the layer actors keep the checkpoint's bytes resident for their hot sets, one window at a
-    time, and the report has a ``ShardResult`` per policy."""
+    every layer, and the trace's sequence starts (``seq_offsets``); the hit counts equal
+    ``replay_trace``'s, and ``moeray``'s stalls, transfers and wasted prefetches too, which
+    tests check (the service reports no predictor recall / precision: ``predictors`` is None).
+    With ``shards`` the layer actors keep the checkpoint's bytes resident for their hot sets,
+    one window at a time, and the report has a ``ShardResult`` per policy (not for
+    ``moeray``, which a service with shards refuses)."""
     if shards is not None:
         capacity_bytes, expert_bytes = shard_bytes(shards, trace.num_layers, config.capacity)
         shards = os.path.abspath(shards)
@@ -204,6 +226,8 @@ def replay_through_service(
         weights = np.ascontiguousarray(trace.weights.transpose(1, 0, 2))
     else:  # no router weights in the trace: group with equal weights
         weights = np.full(ids.shape, 1.0 / trace.top_k, dtype=np.float32)
+    seq_starts = np.zeros(trace.num_tokens, dtype=bool)
+    seq_starts[trace.seq_offsets[trace.seq_offsets < trace.num_tokens]] = True
     layers_per_actor = layers_per_actor or max(1, -(-trace.num_layers // (os.cpu_count() or 1)))
     results: dict[str, PolicyResult] = {}
     shard_results: dict[str, ShardResult] = {}
@@ -227,12 +251,14 @@ def replay_through_service(
             affinity_boost=config.affinity_boost,
             affinity_weight=config.affinity_weight,
             shards=shards,
+            predict=config.predict,
         )
         handle = start(service_config)
         try:
             begin = timer()
             for first in range(0, trace.num_tokens, step_tokens):
-                handle.submit(ids[:, first:first + step_tokens], weights[:, first:first + step_tokens])
+                step = slice(first, first + step_tokens)
+                handle.submit(ids[:, step], weights[:, step], seq_starts[step])
             stats = handle.stats()
             seconds = timer() - begin
         finally:
@@ -246,11 +272,22 @@ def replay_through_service(
             submit_p50_ms=float(np.percentile(latency_ms, 50)),
             submit_p99_ms=float(np.percentile(latency_ms, 99)),
         ))
+        prefetching = {}
+        if name == PREDICTIVE_POLICY:  # demand policies: stalls and transfers are misses
+            prefetching = dict(
+                per_layer_stalls=tuple(s.misses for s in stats.layers),
+                per_layer_transfers=tuple(s.misses + s.prefetches for s in stats.layers),
+                per_layer_wasted=tuple(s.wasted_prefetches for s in stats.layers),
+                top_k=trace.top_k,
+                prefetches=sum(s.prefetches for s in stats.layers),
+                prefetch_hits=sum(s.prefetch_hits for s in stats.layers),
+            )
         results[name] = PolicyResult(
             name,
             tuple(s.hits for s in stats.layers),
             trace.num_tokens * trace.top_k,
             (seconds / trace.num_layers,) * trace.num_layers,
+            **prefetching,
         )
         if shards is not None:
             shard_results[name] = ShardResult(

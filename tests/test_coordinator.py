@@ -13,6 +13,7 @@ import pytest
 from moeray import ExpertAffinity, ExpertCache, ExpertCacheConfig
 from moeray.actors.coordinator import Coordinator, ServiceConfig
 from moeray.actors.layer import LayerCaches, LayerState, LayerWindow, WindowGapError
+from moeray.policy.predict import PredictConfig, PredictiveCaches
 from moeray.traces import default_trace_path, load_trace
 from moeray.wire import decode_batches, decode_step, encode_batches, encode_step
 
@@ -37,7 +38,7 @@ class FakeTransport:
         layers = self.groups[actor]
         c = self.config
         return LayerCaches(layers, c.num_experts, {l: c.capacity[l] for l in layers}, c.policy,
-                           c.affinity_config(), c.affinity_weight)
+                           c.affinity_config(), c.affinity_weight, predict=c.predict)
 
     def send(self, actor, windows):
         self.sends.append((actor, list(windows)))
@@ -265,3 +266,134 @@ def test_service_config_validates():
         ServiceConfig(num_layers=4, num_experts=8, top_k=2, layers_per_actor=2, placement=("a",))
     assert ServiceConfig(num_layers=5, num_experts=8, top_k=2, layers_per_actor=2).actor_layers() == [
         [0, 1], [2, 3], [4]]
+
+
+# --- the moeray policy hosted by the layer actors ---
+
+
+@pytest.fixture(scope="module")
+def stream():
+    """The first 1200 tokens and 6 layers of the bundled slice as a Trace (sequences start at
+    0, 511, 612, 677, 1188), its routing int32 [6, 1200, 4], weights, and seq_starts bool [1200]."""
+    from moeray.traces import Trace
+
+    full = load_trace(default_trace_path()).head(1200)
+    trace = Trace(full.expert_ids[:, :6], full.weights[:, :6], full.seq_offsets, 32, "head")
+    ids = np.ascontiguousarray(trace.expert_ids.transpose(1, 0, 2), dtype=np.int32)
+    weights = np.ascontiguousarray(trace.weights.transpose(1, 0, 2))
+    starts = np.zeros(1200, dtype=bool)
+    starts[trace.seq_offsets[:-1]] = True
+    return trace, ids, weights, starts
+
+
+def submit_stream(coordinator, ids, weights, starts, step_tokens=100, on_step=None):
+    for i, lo in enumerate(range(0, ids.shape[1], step_tokens)):
+        hi = lo + step_tokens
+        coordinator.submit(ids[:, lo:hi], weights[:, lo:hi], seq_starts=starts[lo:hi])
+        if on_step:
+            on_step(i)
+
+
+@pytest.mark.parametrize("window_steps,layers_per_actor,budget", [(1, 1, 4), (3, 2, 4), (5, 4, 2),
+                                                                  (2, 6, 4)])
+def test_moeray_through_coordinator_equals_the_whole_model(stream, window_steps, layers_per_actor,
+                                                           budget):
+    trace, ids, weights, starts = stream
+    capacity = (8, 8, 6, 10, 8, 8)
+    predict = PredictConfig(prefetch_budget=budget)
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=capacity, policy="moeray",
+                           window_steps=window_steps, layers_per_actor=layers_per_actor,
+                           predict=predict)
+    coordinator, _ = make(config)
+    submit_stream(coordinator, ids, weights, starts)
+    stats = coordinator.stats()
+    expected = PredictiveCaches(6, 32, 4, capacity, predict).run(trace.expert_ids, trace.seq_offsets)
+    assert [s.hits for s in stats.layers] == expected.hits.tolist()
+    assert [s.misses for s in stats.layers] == expected.stalls.tolist()
+    assert [s.prefetches for s in stats.layers] == expected.prefetches.tolist()
+    assert [s.prefetch_hits for s in stats.layers] == expected.prefetch_hits.tolist()
+    assert [s.wasted_prefetches for s in stats.layers] == expected.wasted_prefetches.tolist()
+    assert all(s.tokens == 1200 and s.restarts == 0 for s in stats.layers)
+    assert stats.total().prefetches > 0
+
+
+def test_moeray_windows_carry_the_previous_layer_sequence_starts_and_budgets(stream):
+    trace, ids, weights, starts = stream
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, policy="moeray", window_steps=2,
+                           layers_per_actor=4, predict={"prefetch_budget": 3})
+    assert config.predict == PredictConfig(prefetch_budget=3)  # a JSON config's dict
+    coordinator, transport = make(config)
+    coordinator.submit(ids[:, 500:520], weights[:, 500:520], seq_starts=starts[500:520])
+    coordinator.submit(ids[:, 520:530], weights[:, 520:530])  # no starts: continues
+    (a0, first), (a1, second) = transport.sends
+    assert (a0, [w.layer for w in first]) == (0, [0, 1, 2, 3])
+    assert (a1, [w.layer for w in second]) == (1, [4, 5])
+    assert first[0].previous_layer_ids is None  # layer 0 has no layer before it
+    assert np.array_equal(second[0].previous_layer_ids, ids[3, 500:530])
+    assert all(w.previous_layer_ids is None for w in first[1:] + second[1:])
+    for w in first + second:
+        assert w.prefetch_budget == 3
+        assert np.flatnonzero(w.seq_starts).tolist() == [11]  # token 511 starts a sequence
+    # a demand policy neither needs nor gets them
+    lru, lru_transport = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4, layers_per_actor=4,
+                                            prefetch_budget=2))
+    lru.submit(ids[:, 500:520], weights[:, 500:520], seq_starts=starts[500:520])
+    for _, windows in lru_transport.sends:
+        assert all(w.previous_layer_ids is None and w.seq_starts is None for w in windows)
+        assert all(w.prefetch_budget == 2 for w in windows)
+
+
+def test_moeray_killed_actor_restarts_empty_and_nothing_is_lost_or_applied_twice(stream):
+    """Actor 1 (layers 2, 3) dies after window 3 (600 tokens) was acknowledged: layers 2 and 3
+    count windows 1-3 as the whole model does, then what a fresh predictor over layers 1..3
+    (1 as the shadow) decides from token 600 on; the other actors are untouched."""
+    trace, ids, weights, starts = stream
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, policy="moeray",
+                           window_steps=2, layers_per_actor=2)
+    coordinator, transport = make(config)
+
+    def maybe_kill(step):
+        if step == 5:  # window 3 (steps 4-5) is acknowledged; window 4 will find actor 1 dead
+            transport.kill(1)
+
+    submit_stream(coordinator, ids, weights, starts, on_step=maybe_kill)
+    stats = coordinator.stats()
+    whole = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids, trace.seq_offsets)
+    before = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids[:600], [0, 511])
+    after = PredictiveCaches(3, 32, 4, 8).run(trace.expert_ids[600:, 1:4], [0, 12, 77, 588])
+    for s in stats.layers:
+        assert s.tokens == 1200 and s.hits + s.misses == 1200 * 4, f"layer {s.layer}"
+        if s.layer in (2, 3):
+            j = s.layer - 1
+            assert s.restarts == 1
+            assert s.hits == before.hits[s.layer] + after.hits[j]
+            assert s.misses == before.stalls[s.layer] + after.stalls[j]
+            assert s.prefetches == before.prefetches[s.layer] + after.prefetches[j]
+            assert s.hits != whole.hits[s.layer]  # the restart really cost its tables
+        else:
+            assert s.restarts == 0
+            assert (s.hits, s.misses, s.prefetches) == (
+                whole.hits[s.layer], whole.stalls[s.layer], whole.prefetches[s.layer])
+    assert stats.pending_windows == 0
+
+
+def test_seq_starts_and_moeray_config_are_checked(stream):
+    trace, ids, weights, starts = stream
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, policy="moeray")
+    coordinator, transport = make(config)
+    for bad, error in ((starts[:50], ValueError), (starts[:100].astype(np.int8), TypeError),
+                       (list(starts[:100]), TypeError)):
+        with pytest.raises(error, match="seq_starts"):
+            coordinator.submit(ids[:, :100], weights[:, :100], seq_starts=bad)
+    assert transport.sends == [] and coordinator.stats().submits == 0
+    with pytest.raises(ValueError, match="prefetch_budget"):
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="moeray", prefetch_budget=2)
+    with pytest.raises(ValueError, match="shards"):
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="moeray", shards="/ckpt")
+    with pytest.raises(ValueError, match="predict"):
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="moeray", predict={"budget": 2})
+    with pytest.raises(ValueError, match="prefetch_budget"):
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="moeray",
+                      predict={"prefetch_budget": -1})
+    with pytest.raises(TypeError, match="predict"):
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, predict=4)

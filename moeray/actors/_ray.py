@@ -101,6 +101,7 @@ class RayLayerTransport:
                 config.affinity_config(),
                 config.affinity_weight,
                 config.shards,
+                predict=config.predict,
             )
         )
 
@@ -178,16 +179,17 @@ class CoordinatorHost:
     def config(self) -> ServiceConfig:
         return self._coordinator.config
 
-    def submit(self, expert_ids, weights=None, schedule_batches: bool = True):
-        return self._coordinator.submit(expert_ids, weights, schedule_batches)
+    def submit(self, expert_ids, weights=None, schedule_batches: bool = True, seq_starts=None):
+        return self._coordinator.submit(expert_ids, weights, schedule_batches, seq_starts)
 
     def submit_msgpack(self, payload: bytes) -> bytes:
         expert_ids, weights = decode_step(payload)
         batches = self._coordinator.submit(expert_ids, weights)
         return encode_batches(batches or [])
 
-    def add_routing(self, ids, steps: int = 1, close_window: bool = False) -> None:
-        self._coordinator.add_routing(ids, steps, close_window)
+    def add_routing(self, ids, steps: int = 1, close_window: bool = False,
+                    seq_starts=None) -> None:
+        self._coordinator.add_routing(ids, steps, close_window, seq_starts)
 
     def flush(self) -> None:
         self._coordinator.flush()

@@ -14,6 +14,19 @@ Accounting rule after a failure: statistics are the sum of acknowledged windows,
 once. The restarted actor's hot set starts empty (its memory went with the process), so from
 the last acknowledged window on its hits can be lower than an uninterrupted replay's; the
 layer's ``restarts`` counter says when this happened.
+
+The ``moeray`` policy (``moeray.policy.predict``) runs in the layer actors, token by token.
+Each layer actor whose first layer a is not 0 also gets layer a-1's routing of the window's
+tokens (``LayerWindow.previous_layer_ids``: the cross-layer predictor of layer a reads it), and
+every window carries the tokens that begin a sequence (``seq_starts``). The coordinator sets
+each layer's prefetch budget per window (``prefetch_budgets``: ``predict.prefetch_budget``
+experts per token), a function of the configuration only, never of timing, so a trace replayed
+through the service gives ``replay_predictive``'s hits, stalls, prefetches and wasted
+prefetches exactly. Restart rule under ``moeray``: a re-created actor's predictor starts empty
+(hot sets, transition tables and the policy's affinity went with the process); the
+coordinator's copy of the layer (``LayerState``: the service's affinity EMA of the routing,
+for monitoring) is restored as for the other policies, and the unacknowledged windows are
+resent, so no window is lost or applied twice.
 """
 
 from __future__ import annotations
@@ -25,9 +38,12 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from moeray.actors.layer import POLICIES, LayerAck, LayerState, LayerWindow
+from moeray.actors.layer import (
+    PREDICTIVE_POLICY, SERVICE_POLICY_NAMES, LayerAck, LayerState, LayerWindow,
+)
 from moeray.policy._validate import as_weights, check_int
 from moeray.policy.affinity import AffinityConfig, ExpertAffinity
+from moeray.policy.predict import PredictConfig
 from moeray.policy.scheduler import ExpertBatches, schedule
 
 __all__ = [
@@ -37,6 +53,8 @@ __all__ = [
     "LayerTransport",
     "Coordinator",
     "check_step",
+    "check_seq_starts",
+    "prefetch_budgets",
     "schedule_step",
 ]
 
@@ -53,6 +71,11 @@ class ServiceConfig:
     actors keep resident for their hot sets (None: decisions only, no bytes move).
     coordinator_placement: the resource that pins the coordinator, e.g. one only the head node
     offers: the coordinator holds the service's state and is not re-created if its node is lost.
+    policy: lru | lfu | adaptive | affinity-lru (demand caches; ``prefetch_budget`` experts are
+    prefetched by affinity after each window) or moeray (the predictive policy; its parameters
+    are ``predict``, a PredictConfig or a dict of its fields, and its budget, experts per layer
+    per token, is ``predict.prefetch_budget``; ``prefetch_budget`` must stay 0 and ``shards``
+    None).
     """
 
     num_layers: int
@@ -72,6 +95,7 @@ class ServiceConfig:
     affinity_decay: float = 0.95
     affinity_boost: float = 0.05
     affinity_weight: float = 0.8
+    predict: PredictConfig = PredictConfig()
 
     def __post_init__(self):
         check_int(self.num_layers, "num_layers", 1)
@@ -87,9 +111,25 @@ class ServiceConfig:
         else:
             capacity = (check_int(capacity, "capacity", 1, self.num_experts),) * self.num_layers
         object.__setattr__(self, "capacity", capacity)
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy: expected one of {sorted(POLICIES)}, got {self.policy!r}")
+        if self.policy not in SERVICE_POLICY_NAMES:
+            raise ValueError(
+                f"policy: expected one of {sorted(SERVICE_POLICY_NAMES)}, got {self.policy!r}"
+            )
         check_int(self.prefetch_budget, "prefetch_budget", 0, self.num_experts)
+        if isinstance(self.predict, dict):  # from a JSON config (moeray serve --config)
+            try:
+                object.__setattr__(self, "predict", PredictConfig(**self.predict))
+            except TypeError as exc:
+                raise ValueError(f"predict: {exc}") from None
+        if not isinstance(self.predict, PredictConfig):
+            raise TypeError(f"predict: expected a PredictConfig or a dict, got {self.predict!r}")
+        if self.policy == PREDICTIVE_POLICY:
+            if self.prefetch_budget:
+                raise ValueError("prefetch_budget: expected 0 with policy 'moeray', whose budget "
+                                 "is predict.prefetch_budget (experts per layer per token)")
+            if self.shards is not None:
+                raise ValueError("shards: not supported with policy 'moeray' yet; use a demand "
+                                 "policy (lru, lfu, adaptive, affinity-lru)")
         check_int(self.window_steps, "window_steps", 1)
         if self.window_ms is not None and not self.window_ms > 0:
             raise ValueError(f"window_ms: expected None or a positive number, got {self.window_ms}")
@@ -145,6 +185,9 @@ class LayerStats:
     late_prefetches: int = 0
     stalls: int = 0
     resident_bytes_max: int = 0
+    # moeray: prefetched experts evicted before any use; its misses are its stalls, so
+    # misses + prefetches are its transfers
+    wasted_prefetches: int = 0
 
     def hit_rate(self) -> float:
         total = self.hits + self.misses
@@ -211,6 +254,29 @@ def check_step(expert_ids, weights, config: ServiceConfig):
     return ids, w
 
 
+def check_seq_starts(seq_starts, num_tokens: int) -> np.ndarray | None:
+    """seq_starts: bool [T] (True where a token begins a sequence) or None; returned as a bool
+    array, or None when no token begins one. TypeError / ValueError naming the argument."""
+    if seq_starts is None:
+        return None
+    if not isinstance(seq_starts, np.ndarray):
+        raise TypeError(f"seq_starts: expected a numpy bool array or None, got {type(seq_starts).__name__}")
+    if seq_starts.dtype != np.bool_:
+        raise TypeError(f"seq_starts: expected dtype bool, got {seq_starts.dtype}")
+    if seq_starts.shape != (num_tokens,):
+        raise ValueError(f"seq_starts: expected shape [T={num_tokens}], got {seq_starts.shape}")
+    return seq_starts if seq_starts.any() else None
+
+
+def prefetch_budgets(config: ServiceConfig) -> tuple[int, ...]:
+    """Each layer's prefetch budget for its windows: under moeray ``predict.prefetch_budget``
+    experts per token, else ``prefetch_budget`` experts by affinity per window. A function of
+    the configuration alone: decisions never depend on when acknowledgements arrive."""
+    if config.policy == PREDICTIVE_POLICY:
+        return (config.predict.prefetch_budget,) * config.num_layers
+    return (config.prefetch_budget,) * config.num_layers
+
+
 def schedule_step(ids: np.ndarray, weights: np.ndarray, num_experts: int) -> list[ExpertBatches]:
     """Each layer's routing of a checked step grouped by expert (``schedule`` per layer)."""
     return [schedule(ids[layer], weights[layer], num_experts) for layer in range(len(ids))]
@@ -234,6 +300,9 @@ class Coordinator:
         self._actor_of = {layer: a for a, layers in enumerate(self._groups) for layer in layers}
         layers = range(config.num_layers)
         self._buffer: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+        self._predictive = config.policy == PREDICTIVE_POLICY
+        self._starts: list[np.ndarray | None] = []  # per buffered submit (moeray only)
+        self._budgets = prefetch_budgets(config)
         self._steps_in_window = 0
         self._window_opened: float | None = None
         self._sent_seq = {layer: 0 for layer in layers}
@@ -247,26 +316,34 @@ class Coordinator:
 
     # --- submitting ---
 
-    def submit(self, expert_ids, weights=None, schedule_batches: bool = True):
+    def submit(self, expert_ids, weights=None, schedule_batches: bool = True, seq_starts=None):
         """Takes one step: expert_ids int [num_layers, T, top_k] (weights float, same shape, or
-        None). Returns each layer's ``ExpertBatches`` (when ``schedule_batches`` and weights are
-        given), after buffering the routing; never waits on a layer actor."""
+        None; seq_starts bool [T], True where a token begins a sequence, or None: the step
+        continues the stream). Returns each layer's ``ExpertBatches`` (when
+        ``schedule_batches`` and weights are given), after buffering the routing; never waits
+        on a layer actor."""
         ids, w = check_step(expert_ids, weights, self.config)
+        starts = check_seq_starts(seq_starts, ids.shape[1])
         batches = None
         if schedule_batches and w is not None:
             batches = schedule_step(ids, w, self.config.num_experts)
-        self.add_routing(ids)
+        self.add_routing(ids, seq_starts=starts)
         return batches
 
-    def add_routing(self, ids: np.ndarray, steps: int = 1, close_window: bool = False) -> None:
+    def add_routing(self, ids: np.ndarray, steps: int = 1, close_window: bool = False,
+                    seq_starts: np.ndarray | None = None) -> None:
         """Buffers validated routing (ints [num_layers, T, top_k]) of ``steps`` submits and
         closes the window if due, or at once with ``close_window`` (a client that coalesced a
-        whole window itself)."""
+        whole window itself). seq_starts: validated bool [T] or None (see ``submit``)."""
         if self._window_opened is None:
             self._window_opened = self._timer()
         ids = ids.astype(self.config.ids_dtype(), copy=False)
         for layer in range(self.config.num_layers):
             self._buffer[layer].append(ids[layer])
+        if self._predictive:  # only the predictor reads sequence boundaries
+            self._starts.append(
+                seq_starts if seq_starts is not None else np.zeros(ids.shape[1], dtype=bool)
+            )
         self._steps_in_window += steps
         self._submits += steps
         if close_window or self._window_due():
@@ -283,15 +360,27 @@ class Coordinator:
         """Sends the open window: one call per layer actor, carrying each of its layers."""
         if self._steps_in_window == 0:
             return
+        routing = {layer: np.ascontiguousarray(np.concatenate(parts))
+                   for layer, parts in self._buffer.items()}
+        starts = None
+        if self._predictive:
+            starts = np.concatenate(self._starts)
+            starts = starts if starts.any() else None
+            self._starts = []
         for actor, layers in enumerate(self._groups):
             windows = []
             for layer in layers:
                 self._sent_seq[layer] += 1
+                previous = None
+                if self._predictive and layer == layers[0] and layer > 0:
+                    previous = routing[layer - 1]  # the actor's cross-layer predictor reads it
                 window = LayerWindow(
                     layer=layer,
                     seq=self._sent_seq[layer],
-                    expert_ids=np.ascontiguousarray(np.concatenate(self._buffer[layer])),
-                    prefetch_budget=self.config.prefetch_budget,
+                    expert_ids=routing[layer],
+                    prefetch_budget=self._budgets[layer],
+                    previous_layer_ids=previous,
+                    seq_starts=starts,
                 )
                 self._buffer[layer] = []
                 self._unacked[layer].append(window)
@@ -334,6 +423,7 @@ class Coordinator:
         s.late_prefetches += ack.late_prefetches
         s.stalls += ack.stalls
         s.resident_bytes_max = max(s.resident_bytes_max, ack.resident_bytes_max)
+        s.wasted_prefetches += ack.wasted_prefetches
         s.windows += 1
         s.tokens += len(window.expert_ids)
         if self._on_ack_hook is not None:

@@ -10,18 +10,39 @@ bytes of its shard resident for its hot set (``moeray.shards.residency``): after
 experts that left the hot set are released and the ones that entered it (on demand, or predicted
 by affinity) are prefetched by the native prefetcher. Trace layer i is the checkpoint's i-th MoE
 layer (DeepSeek-V2-Lite's first MoE layer is its layer 1).
+
+The ``moeray`` policy (``moeray.policy.predict.PredictiveCaches``) runs token by token over all
+the actor's layers at once, so it applies the windows of one window number together (every
+hosted layer's, in one call, as the coordinator sends them). Its hot sets never interact across
+layers, and layer l's predictions use only layer l-1's routing of the same token, layer l's own
+earlier routing and layer l's affinity; so an actor hosting layers a..b (a > 0) runs it over
+a-1..b, feeding the "shadow" layer a-1 with the routing the coordinator attaches to layer a's
+window (``previous_layer_ids``) and discarding its counters, and makes exactly the decisions
+the whole model's ``PredictiveCaches`` makes for a..b. ``seq_starts`` marks the tokens that
+begin a sequence (the previous-token predictor starts afresh there). ``shards`` is not
+supported with ``moeray`` (ValueError).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from moeray.policy.affinity import AffinityConfig, ExpertAffinity
 from moeray.policy.cache import EvictionPolicy, ExpertCache, ExpertCacheConfig
+from moeray.policy.predict import PredictConfig, PredictiveCaches
 
-__all__ = ["POLICIES", "LayerWindow", "LayerAck", "LayerState", "WindowGapError", "LayerCaches"]
+__all__ = [
+    "POLICIES",
+    "PREDICTIVE_POLICY",
+    "SERVICE_POLICY_NAMES",
+    "LayerWindow",
+    "LayerAck",
+    "LayerState",
+    "WindowGapError",
+    "LayerCaches",
+]
 
 # policy name -> (base eviction policy, whether misses evict by the affinity blend)
 POLICIES = {
@@ -30,18 +51,26 @@ POLICIES = {
     "adaptive": (EvictionPolicy.ADAPTIVE, False),
     "affinity-lru": (EvictionPolicy.LRU, True),
 }
+# the predictive policy (moeray.policy.predict): prefetches by prediction, token by token
+PREDICTIVE_POLICY = "moeray"
+SERVICE_POLICY_NAMES = (*POLICIES, PREDICTIVE_POLICY)
 
 
 @dataclass(frozen=True)
 class LayerWindow:
-    """expert_ids: int32 [T, top_k], the layer's routing over one window, tokens in order.
+    """expert_ids: int [T, top_k], the layer's routing over one window, tokens in order.
     seq: this layer's window number, from 1. prefetch_budget: experts to prefetch by affinity
-    after the window is applied (0: none)."""
+    after the window is applied (0: none); under ``moeray``, experts to prefetch per token.
+    previous_layer_ids: int [T, top_k], layer - 1's routing of the same tokens (``moeray`` only,
+    on the first layer of an actor whose first layer is not 0; else None). seq_starts: bool [T],
+    True where a token begins a sequence (None: the window continues one stream)."""
 
     layer: int
     seq: int
     expert_ids: np.ndarray
     prefetch_budget: int = 0
+    previous_layer_ids: np.ndarray | None = None
+    seq_starts: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +94,8 @@ class LayerAck:
     late_prefetches: int = 0
     stalls: int = 0
     resident_bytes_max: int = 0
+    # moeray: prefetched experts evicted before any use (its misses are its stalls)
+    wasted_prefetches: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,7 +103,9 @@ class LayerState:
     """The coordinator's copy of a layer: enough to restart its actor.
 
     seq: last window applied; affinity_scores float64 [E] and activation_counts int64 [E] after it.
-    The hot set is not part of it: a restarted actor's memory is empty, as a real process's is."""
+    The hot set is not part of it: a restarted actor's memory is empty, as a real process's is
+    (under ``moeray`` its prediction tables too; the affinity here is then the service's
+    affinity EMA of the layer's routing, kept for monitoring, not the policy's own)."""
 
     layer: int
     seq: int
@@ -101,28 +134,42 @@ class LayerCaches:
         affinity_weight: float = 0.8,
         shards: str | None = None,
         settle: bool = False,
+        predict: PredictConfig | None = None,
     ):
         """shards: checkpoint directory whose bytes follow the hot sets (None: decisions only).
         settle: model the consumer of a replay: read the experts a window stalled on and wait
         for its prefetches before reading resident bytes (exact peaks); otherwise (the service,
         whose consumer is the engine) the reading is taken when the next window arrives,
-        without waiting."""
-        if policy not in POLICIES:
-            raise ValueError(f"policy: expected one of {sorted(POLICIES)}, got {policy!r}")
-        base, self._blended = POLICIES[policy]
+        without waiting. predict: the ``moeray`` policy's parameters (None: the defaults);
+        under ``moeray``, ``layers`` must be consecutive."""
+        if policy not in SERVICE_POLICY_NAMES:
+            raise ValueError(f"policy: expected one of {sorted(SERVICE_POLICY_NAMES)}, got {policy!r}")
+        self._layers = list(layers)
         self._weight = affinity_weight
         affinity_config = affinity_config or AffinityConfig.with_num_experts(num_experts)
+        # under moeray, the service's affinity EMA of each layer's routing: monitoring and
+        # LayerState only (the policy keeps its own)
+        self._affinity = {layer: ExpertAffinity(affinity_config) for layer in layers}
+        self._applied = {layer: 0 for layer in layers}
+        self._settle = settle
+        self._predictive: _PredictiveHost | None = None
+        if policy == PREDICTIVE_POLICY:
+            if shards:
+                raise ValueError("shards: not supported with policy 'moeray' (its hot sets do "
+                                 "not yet drive shard residency); use a demand policy")
+            self._predictive = _PredictiveHost(self._layers, num_experts, capacity,
+                                               predict if predict is not None else PredictConfig())
+            self._caches, self._residency = {}, {}
+            return
+        base, self._blended = POLICIES[policy]
         self._caches = {
             layer: ExpertCache(num_experts, ExpertCacheConfig(capacity[layer], eviction_policy=base))
             for layer in layers
         }
-        self._affinity = {layer: ExpertAffinity(affinity_config) for layer in layers}
-        self._applied = {layer: 0 for layer in layers}
         self._residency = _open_residency(shards, layers, num_experts, capacity) if shards else {}
-        self._settle = settle
 
     def layers(self) -> list[int]:
-        return list(self._caches)
+        return list(self._layers)
 
     def applied(self) -> dict[int, int]:
         """layer -> seq of the last window applied."""
@@ -136,7 +183,10 @@ class LayerCaches:
 
     def apply(self, windows: list[LayerWindow]) -> list[LayerAck]:
         """Applies windows in order; a window already applied is skipped (a resend after a
-        failure), one that skips ahead raises WindowGapError before anything changes."""
+        failure), one that skips ahead raises WindowGapError before anything changes.
+        Under ``moeray`` every hosted layer's window of one number comes in the same call."""
+        if self._predictive is not None:
+            return self._apply_predictive(windows)
         acks = []
         for window in windows:
             last = self._applied[window.layer]
@@ -192,12 +242,126 @@ class LayerCaches:
             **shard,
         )
 
+    def _apply_predictive(self, windows: list[LayerWindow]) -> list[LayerAck]:
+        by_seq: dict[int, dict[int, LayerWindow]] = {}
+        for window in windows:
+            if window.layer not in self._applied:
+                raise ValueError(f"windows: layer {window.layer} is not hosted here ({self._layers})")
+            by_seq.setdefault(window.seq, {})[window.layer] = window
+        acks = []
+        first = self._layers[0]
+        for seq in sorted(by_seq):
+            last = self._applied[first]  # every hosted layer advances together under moeray
+            if seq <= last:
+                continue
+            if seq != last + 1:
+                raise WindowGapError(first, last + 1, seq)
+            group = by_seq[seq]
+            if sorted(group) != self._layers:
+                raise ValueError(f"windows: the moeray policy applies every hosted layer's window "
+                                 f"together; window {seq} has layers {sorted(group)}, this actor "
+                                 f"hosts {self._layers}")
+            ordered = [group[layer] for layer in self._layers]
+            counts = self._predictive.apply(ordered)
+            for window, count in zip(ordered, counts):
+                affinity = self._affinity[window.layer]
+                affinity.update_batch(window.expert_ids)
+                self._applied[window.layer] = seq
+                acks.append(LayerAck(
+                    layer=window.layer, seq=seq, **count,
+                    affinity_scores=affinity.scores(),
+                    activation_counts=affinity.activation_counts(),
+                ))
+        return acks
+
     def shard_capacity_bytes(self) -> dict[int, int]:
         """layer -> capacity in bytes (hot experts x an expert's bytes); empty without shards."""
         return {layer: r.stats().capacity_bytes for layer, r in self._residency.items()}
 
     def ping(self) -> bool:
         return True
+
+
+class _PredictiveHost:
+    """One ``PredictiveCaches`` over an actor's consecutive layers a..b, plus the shadow layer
+    a-1 when a > 0 (see the module docstring); built at the first window (top_k from its
+    routing)."""
+
+    def __init__(self, layers: list[int], num_experts: int, capacity: dict[int, int],
+                 config: PredictConfig):
+        if not isinstance(config, PredictConfig):
+            raise TypeError(f"predict: expected a PredictConfig, got {type(config).__name__}")
+        if layers != list(range(layers[0], layers[0] + len(layers))):
+            raise ValueError(f"layers: the moeray policy needs consecutive layers, got {layers}")
+        self._layers = layers
+        self._shadow = layers[0] > 0
+        # the shadow's hot set never touches the others': any valid capacity gives the same
+        # decisions for a..b; its own layer's is the faithful one when known
+        shadow_capacity = [capacity.get(layers[0] - 1, capacity[layers[0]])] if self._shadow else []
+        self._capacity = np.array(shadow_capacity + [capacity[layer] for layer in layers], np.int64)
+        self._num_experts = num_experts
+        self._config = config
+        self._caches: PredictiveCaches | None = None
+
+    def apply(self, windows: list[LayerWindow]) -> list[dict]:
+        """Feeds one window of every hosted layer (in layer order), token by token; returns each
+        layer's counters of this window."""
+        head = windows[0]
+        tokens = len(head.expert_ids)
+        rows = [w.expert_ids for w in windows]
+        if self._shadow:
+            previous = head.previous_layer_ids
+            if previous is None:
+                raise ValueError(f"previous_layer_ids: the moeray policy needs layer "
+                                 f"{head.layer - 1}'s routing with layer {head.layer}'s window")
+            rows.insert(0, previous)
+        if any(np.shape(r)[:1] != (tokens,) for r in rows):
+            raise ValueError(f"windows: every layer's routing of window {head.seq} must cover "
+                             f"the same {tokens} tokens")
+        budget = head.prefetch_budget
+        if any(w.prefetch_budget != budget for w in windows):
+            # PredictiveCaches takes one budget for all its layers
+            raise ValueError(f"prefetch_budget: the moeray policy takes one budget per actor, "
+                             f"got {[w.prefetch_budget for w in windows]} in window {head.seq}")
+        ids = np.stack(rows, axis=1)  # [T, layers (+ shadow), top_k]
+        if self._caches is None:
+            self._caches = PredictiveCaches(len(self._capacity), self._num_experts, ids.shape[2],
+                                            self._capacity, self._config)
+        caches = self._caches
+        if caches.config.prefetch_budget != budget:
+            caches.config = replace(caches.config, prefetch_budget=budget)
+        before = _counters(caches)
+        starts = head.seq_starts
+        if starts is None:
+            for t in range(tokens):
+                caches.step(ids[t])
+        else:
+            starts = np.asarray(starts, dtype=bool)
+            if starts.shape != (tokens,):
+                raise ValueError(f"seq_starts: expected bool [{tokens}], got shape {starts.shape}")
+            for t in range(tokens):
+                caches.step(ids[t], new_sequence=bool(starts[t]))
+        after = _counters(caches)
+        delta = {key: after[key] - before[key] for key in after}
+        # PredictiveCaches admits into free room or in place of one victim, and never drops a
+        # hot expert otherwise: its hot set holds min(capacity, transfers) experts, so every
+        # transfer beyond capacity evicted one
+        full = lambda transfers: np.maximum(transfers - self._capacity, 0)  # noqa: E731
+        evictions = full(after["stalls"] + after["prefetches"]) - full(before["stalls"] + before["prefetches"])
+        skip = 1 if self._shadow else 0
+        return [
+            dict(hits=int(delta["hits"][i]), misses=int(delta["stalls"][i]),
+                 evictions=int(evictions[i]), prefetch_hits=int(delta["prefetch_hits"][i]),
+                 prefetches=int(delta["prefetches"][i]),
+                 wasted_prefetches=int(delta["wasted_prefetches"][i]))
+            for i in range(skip, skip + len(windows))
+        ]
+
+
+def _counters(caches: PredictiveCaches) -> dict[str, np.ndarray]:
+    stats = caches.stats
+    return {key: getattr(stats, key).copy()  # the stats' arrays grow in place
+            for key in ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches")}
 
 
 def _open_residency(path: str, layers: list[int], num_experts: int,

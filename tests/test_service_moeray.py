@@ -1,0 +1,138 @@
+"""The ``moeray`` policy hosted by the service's layer actors.
+
+Pure tests first (no Ray): the decomposition the actors rely on (a ``PredictiveCaches`` over
+layers a-1..b makes the whole model's decisions for a..b), and a layer actor's body applying
+windows. Then the real service on a local Ray: per-layer hits, stalls, transfers, prefetches
+and wasted prefetches equal ``replay_predictive``'s, and a layer actor killed mid-replay loses
+no window and applies none twice. Expectations come from ``PredictiveCaches`` run in-process
+over the whole model, never from the service's code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moeray.actors.layer import LayerCaches, LayerWindow, WindowGapError
+from moeray.policy.predict import PredictConfig, PredictiveCaches
+from moeray.traces import Trace, default_trace_path, load_trace
+
+COUNTERS = ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches")
+
+
+@pytest.fixture(scope="module")
+def trace():
+    """The bundled gpt-oss-20b slice's first 700 tokens (four sequences: starts 0, 511, 612,
+    677) and first 6 layers."""
+    full = load_trace(default_trace_path()).head(700)
+    t = Trace(full.expert_ids[:, :6], full.weights[:, :6], full.seq_offsets, full.num_experts, "head")
+    assert t.num_sequences == 4
+    return t
+
+
+def whole_model(trace, capacity, config=PredictConfig()):
+    caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k, capacity, config)
+    return caches.run(trace.expert_ids, trace.seq_offsets)
+
+
+def starts_of(trace):
+    starts = np.zeros(trace.num_tokens, dtype=bool)
+    starts[trace.seq_offsets[:-1]] = True
+    return starts
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("first,last", [(0, 2), (1, 3), (3, 5), (5, 5)])
+def test_a_shadow_layer_gives_the_whole_models_decisions(trace, first, last):
+    """Layers first..last with layer first-1 as a shadow (its counters dropped) decide exactly
+    as the model's PredictiveCaches over every layer does."""
+    capacity = [8, 6, 8, 10, 8, 7]
+    full = whole_model(trace, capacity)
+    lo = max(first - 1, 0)
+    part = PredictiveCaches(last + 1 - lo, trace.num_experts, trace.top_k, capacity[lo:last + 1])
+    part = part.run(trace.expert_ids[:, lo:last + 1], trace.seq_offsets)
+    skip = first - lo
+    for key in COUNTERS:
+        assert getattr(part, key)[skip:].tolist() == getattr(full, key)[first:last + 1].tolist(), key
+    assert full.prefetches[first:last + 1].sum() > 0 and full.wasted_prefetches.sum() > 0
+
+
+@pytest.mark.pure
+def test_without_the_shadow_layer_the_first_layers_decisions_differ(trace):
+    """The shadow matters: layer 3 alone has no cross-layer prediction and decides otherwise."""
+    full = whole_model(trace, 8)
+    alone = PredictiveCaches(3, trace.num_experts, trace.top_k, 8).run(
+        trace.expert_ids[:, 3:6], trace.seq_offsets)
+    assert alone.stalls[0] != full.stalls[3] or alone.prefetches[0] != full.prefetches[3]
+
+
+def apply_all(body, trace, layers, window_tokens, starts=True):
+    """Feeds body the trace in windows of window_tokens, as the coordinator would; sums acks."""
+    seq_starts = starts_of(trace) if starts else None
+    totals = {layer: dict.fromkeys(("hits", "misses", "prefetches", "prefetch_hits",
+                                    "wasted_prefetches", "evictions"), 0) for layer in layers}
+    for seq, lo in enumerate(range(0, trace.num_tokens, window_tokens), start=1):
+        hi = lo + window_tokens
+        windows = [LayerWindow(layer, seq, trace.layer_ids(layer)[lo:hi], prefetch_budget=4,
+                               previous_layer_ids=(trace.layer_ids(layer - 1)[lo:hi]
+                                                   if layer == layers[0] and layer > 0 else None),
+                               seq_starts=None if seq_starts is None else seq_starts[lo:hi])
+                   for layer in layers]
+        for ack in body.apply(windows):
+            for key in totals[ack.layer]:
+                totals[ack.layer][key] += getattr(ack, key)
+    return totals
+
+
+@pytest.mark.pure
+def test_layer_actor_body_runs_moeray_as_the_whole_model(trace):
+    full = whole_model(trace, 8)
+    layers = [2, 3, 4]
+    body = LayerCaches(layers, trace.num_experts, dict.fromkeys(layers, 8), "moeray")
+    totals = apply_all(body, trace, layers, window_tokens=64)
+    for layer in layers:
+        got = totals[layer]
+        assert got["hits"] == full.hits[layer] and got["misses"] == full.stalls[layer]
+        assert got["prefetches"] == full.prefetches[layer]
+        assert got["prefetch_hits"] == full.prefetch_hits[layer]
+        assert got["wasted_prefetches"] == full.wasted_prefetches[layer]
+        # every transfer beyond the first 8 (the hot set filling up) evicted one expert
+        assert got["evictions"] == got["misses"] + got["prefetches"] - 8
+    assert body.applied() == dict.fromkeys(layers, 11)
+
+
+@pytest.mark.pure
+def test_sequence_starts_reach_the_predictor(trace):
+    """Dropping the sequence starts changes decisions (the previous-token predictor would chain
+    sequences), so the windows' seq_starts are really used."""
+    layers = [0, 1]
+    with_starts = apply_all(LayerCaches(layers, 32, {0: 8, 1: 8}, "moeray"), trace, layers, 100)
+    without = apply_all(LayerCaches(layers, 32, {0: 8, 1: 8}, "moeray"), trace, layers, 100,
+                        starts=False)
+    assert with_starts != without
+    one_stream = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids)
+    assert [without[layer]["misses"] for layer in layers] == one_stream.stalls[:2].tolist()
+
+
+@pytest.mark.pure
+def test_moeray_body_refuses_what_it_cannot_apply(trace):
+    ids = trace.layer_ids(2)[:10]
+    body = LayerCaches([2, 3], 32, {2: 8, 3: 8}, "moeray")
+    with pytest.raises(ValueError, match="previous_layer_ids"):
+        body.apply([LayerWindow(2, 1, ids), LayerWindow(3, 1, ids)])
+    with pytest.raises(ValueError, match="every hosted layer"):
+        body.apply([LayerWindow(2, 1, ids, previous_layer_ids=ids)])
+    with pytest.raises(WindowGapError):
+        body.apply([LayerWindow(2, 2, ids, previous_layer_ids=ids), LayerWindow(3, 2, ids)])
+    with pytest.raises(ValueError, match="one budget"):
+        body.apply([LayerWindow(2, 1, ids, 4, ids), LayerWindow(3, 1, ids, 2)])
+    with pytest.raises(ValueError, match="seq_starts"):
+        body.apply([LayerWindow(2, 1, ids, previous_layer_ids=ids, seq_starts=np.ones(3, bool)),
+                    LayerWindow(3, 1, ids)])
+    assert body.applied() == {2: 0, 3: 0}  # nothing was applied
+    with pytest.raises(ValueError, match="consecutive"):
+        LayerCaches([1, 3], 32, {1: 8, 3: 8}, "moeray")
+    with pytest.raises(ValueError, match="shards"):
+        LayerCaches([0], 32, {0: 8}, "moeray", shards="/nonexistent")
+    with pytest.raises(TypeError, match="predict"):
+        LayerCaches([0], 32, {0: 8}, "moeray", predict={"prefetch_budget": 2})
