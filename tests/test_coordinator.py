@@ -397,3 +397,8 @@ def test_seq_starts_and_moeray_config_are_checked(stream):
                       predict={"prefetch_budget": -1})
     with pytest.raises(TypeError, match="predict"):
         ServiceConfig(num_layers=2, num_experts=8, top_k=2, predict=4)
+    from moeray.policy.split import SplitConfig
+
+    with pytest.raises(ValueError, match="split"):
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="moeray",
+                      predict=PredictConfig(split=SplitConfig()))

@@ -17,7 +17,7 @@ from moeray.actors.layer import LayerCaches, LayerWindow, WindowGapError
 from moeray.policy.predict import PredictConfig, PredictiveCaches
 from moeray.traces import Trace, default_trace_path, load_trace
 
-COUNTERS = ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches")
+COUNTERS = ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches", "evictions")
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,16 @@ def trace():
     return t
 
 
-def whole_model(trace, capacity, config=PredictConfig()):
-    caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k, capacity, config)
-    return caches.run(trace.expert_ids, trace.seq_offsets)
+_WHOLE: dict = {}
+
+
+def whole_model(trace, capacity):
+    """PredictStats of the default moeray policy over every layer of ``trace`` (memoised)."""
+    key = (id(trace), str(capacity))
+    if key not in _WHOLE:
+        caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k, capacity)
+        _WHOLE[key] = caches.run(trace.expert_ids, trace.seq_offsets)
+    return _WHOLE[key]
 
 
 def starts_of(trace):
@@ -96,6 +103,7 @@ def test_layer_actor_body_runs_moeray_as_the_whole_model(trace):
         assert got["prefetches"] == full.prefetches[layer]
         assert got["prefetch_hits"] == full.prefetch_hits[layer]
         assert got["wasted_prefetches"] == full.wasted_prefetches[layer]
+        assert got["evictions"] == full.evictions[layer]
         # every transfer beyond the first 8 (the hot set filling up) evicted one expert
         assert got["evictions"] == got["misses"] + got["prefetches"] - 8
     assert body.applied() == dict.fromkeys(layers, 11)
@@ -136,3 +144,7 @@ def test_moeray_body_refuses_what_it_cannot_apply(trace):
         LayerCaches([0], 32, {0: 8}, "moeray", shards="/nonexistent")
     with pytest.raises(TypeError, match="predict"):
         LayerCaches([0], 32, {0: 8}, "moeray", predict={"prefetch_budget": 2})
+    from moeray.policy.split import SplitConfig
+
+    with pytest.raises(ValueError, match="split"):  # a re-split couples every layer
+        LayerCaches([0], 32, {0: 8}, "moeray", predict=PredictConfig(split=SplitConfig()))

@@ -74,8 +74,8 @@ class ServiceConfig:
     policy: lru | lfu | adaptive | affinity-lru (demand caches; ``prefetch_budget`` experts are
     prefetched by affinity after each window) or moeray (the predictive policy; its parameters
     are ``predict``, a PredictConfig or a dict of its fields, and its budget, experts per layer
-    per token, is ``predict.prefetch_budget``; ``prefetch_budget`` must stay 0 and ``shards``
-    None).
+    per token, is ``predict.prefetch_budget``; ``prefetch_budget`` must stay 0, ``shards`` and
+    ``predict.split`` None; engine hints are not taken).
     """
 
     num_layers: int
@@ -130,6 +130,10 @@ class ServiceConfig:
             if self.shards is not None:
                 raise ValueError("shards: not supported with policy 'moeray' yet; use a demand "
                                  "policy (lru, lfu, adaptive, affinity-lru)")
+            if self.predict.split is not None:
+                # a re-split couples all layers' capacities; the layer actors cannot follow it
+                raise ValueError("predict.split: not supported by the service yet; None keeps "
+                                 "each layer's capacity")
         check_int(self.window_steps, "window_steps", 1)
         if self.window_ms is not None and not self.window_ms > 0:
             raise ValueError(f"window_ms: expected None or a positive number, got {self.window_ms}")

@@ -15,7 +15,8 @@ The ``moeray`` policy (``moeray.policy.predict.PredictiveCaches``) runs token by
 the actor's layers at once, so it applies the windows of one window number together (every
 hosted layer's, in one call, as the coordinator sends them). Its hot sets never interact across
 layers, and layer l's predictions use only layer l-1's routing of the same token, layer l's own
-earlier routing and layer l's affinity; so an actor hosting layers a..b (a > 0) runs it over
+earlier routing and layer l's affinity (without ``PredictConfig.split``, which the service
+refuses); so an actor hosting layers a..b (a > 0) runs it over
 a-1..b, feeding the "shadow" layer a-1 with the routing the coordinator attaches to layer a's
 window (``previous_layer_ids``) and discarding its counters, and makes exactly the decisions
 the whole model's ``PredictiveCaches`` makes for a..b. ``seq_starts`` marks the tokens that
@@ -291,6 +292,10 @@ class _PredictiveHost:
                  config: PredictConfig):
         if not isinstance(config, PredictConfig):
             raise TypeError(f"predict: expected a PredictConfig, got {type(config).__name__}")
+        if config.split is not None:
+            # a re-split couples every layer's capacity: the shadow layer would not suffice
+            raise ValueError("predict.split: not supported by the service yet (None: each layer "
+                             "keeps its capacity)")
         if layers != list(range(layers[0], layers[0] + len(layers))):
             raise ValueError(f"layers: the moeray policy needs consecutive layers, got {layers}")
         self._layers = layers
@@ -343,15 +348,10 @@ class _PredictiveHost:
                 caches.step(ids[t], new_sequence=bool(starts[t]))
         after = _counters(caches)
         delta = {key: after[key] - before[key] for key in after}
-        # PredictiveCaches admits into free room or in place of one victim, and never drops a
-        # hot expert otherwise: its hot set holds min(capacity, transfers) experts, so every
-        # transfer beyond capacity evicted one
-        full = lambda transfers: np.maximum(transfers - self._capacity, 0)  # noqa: E731
-        evictions = full(after["stalls"] + after["prefetches"]) - full(before["stalls"] + before["prefetches"])
         skip = 1 if self._shadow else 0
         return [
             dict(hits=int(delta["hits"][i]), misses=int(delta["stalls"][i]),
-                 evictions=int(evictions[i]), prefetch_hits=int(delta["prefetch_hits"][i]),
+                 evictions=int(delta["evictions"][i]), prefetch_hits=int(delta["prefetch_hits"][i]),
                  prefetches=int(delta["prefetches"][i]),
                  wasted_prefetches=int(delta["wasted_prefetches"][i]))
             for i in range(skip, skip + len(windows))
@@ -361,7 +361,8 @@ class _PredictiveHost:
 def _counters(caches: PredictiveCaches) -> dict[str, np.ndarray]:
     stats = caches.stats
     return {key: getattr(stats, key).copy()  # the stats' arrays grow in place
-            for key in ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches")}
+            for key in ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches",
+                        "evictions")}
 
 
 def _open_residency(path: str, layers: list[int], num_experts: int,
