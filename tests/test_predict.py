@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moeray.policy.predict import PREDICTOR_NAMES, PredictConfig, PredictiveCaches
+from moeray.policy.split import CapacitySplit, SplitConfig
 
 pytestmark = pytest.mark.pure
 
@@ -91,17 +92,22 @@ def test_a_deterministic_next_layer_stops_stalling_after_warm_up(config):
     assert recall["cross-layer"] > 0.95 and set(recall) == set(PREDICTOR_NAMES)
 
 
-def test_no_decision_uses_routing_that_has_not_happened_yet():
+@pytest.mark.parametrize("config", [PredictConfig(), replace(PredictConfig(), split=SplitConfig(
+    every_tokens=8, max_move=2, min_gain=0.0))], ids=["fixed", "re-split"])
+def test_no_decision_uses_routing_that_has_not_happened_yet(config):
     """Changing token t's routing at layers >= l changes nothing counted at layers < l up to
-    token t; changing later tokens changes nothing up to token t."""
+    token t; changing later tokens changes nothing up to token t. With re-split, capacities
+    come from earlier tokens of every layer, so the same holds."""
     rng = np.random.default_rng(1)
     layers, num_experts, top_k, tokens = 5, 12, 3, 120
     ids = np.stack([np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(layers)])
                     for _ in range(tokens)]).astype(np.int32)
 
     def counts(stream, upto):
-        caches = PredictiveCaches(layers, num_experts, top_k, 4)
+        caches = PredictiveCaches(layers, num_experts, top_k, 4, config)
         caches.run(stream[:upto + 1])
+        if config.split is not None:
+            assert caches.stats.resplit_moved > 0
         s = caches.stats
         return np.stack([s.hits, s.stalls, s.prefetches, s.wasted_prefetches])
 
@@ -164,3 +170,159 @@ def test_config_and_input_errors():
         caches.step(np.array([[0, 1], [2, 3]]))
     with pytest.raises(TypeError, match="config"):
         PredictiveCaches(2, 4, 1, 2, config={})
+
+
+# ---------------------------------------------------------------------- engine hints
+
+
+def random_stream(tokens, layers, num_experts, top_k, seed):
+    rng = np.random.default_rng(seed)
+    return np.stack([np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(layers)])
+                     for _ in range(tokens)]).astype(np.int32)
+
+
+def test_truthful_hints_stall_no_more_and_are_reported_right():
+    # A stream with some cross-layer structure and noise, where prediction alone stalls.
+    ids = deterministic_stream(tokens=400, layers=4, num_experts=16, top_k=2, seed=3)
+    noisy = random_stream(400, 4, 16, 2, seed=4)
+    mix = np.random.default_rng(5).random((400, 4)) < 0.4
+    ids = np.where(mix[:, :, None], noisy, ids)
+    plain = PredictiveCaches(4, 16, 2, 4).run(ids)
+    hinted = PredictiveCaches(4, 16, 2, 4).run(ids, hints=ids)
+    assert hinted.stalls.sum() <= plain.stalls.sum()
+    assert hinted.stalls.sum() < 0.5 * plain.stalls.sum()  # they help a lot, not only a little
+    assert hinted.recall()["hints"] == 1.0 and hinted.precision()["hints"] == 1.0
+    assert plain.predictor_uses[PREDICTOR_NAMES.index("hints")] == 0
+
+
+def test_no_hint_ids_change_nothing():
+    ids = random_stream(200, 3, 10, 2, seed=6)
+    plain = PredictiveCaches(3, 10, 2, 3).run(ids)
+    empty = PredictiveCaches(3, 10, 2, 3).run(ids, hints=np.full((200, 3, 1), -1))
+    for key in ("hits", "stalls", "prefetches", "wasted_prefetches", "predictor_hits"):
+        np.testing.assert_array_equal(getattr(plain, key), getattr(empty, key))
+
+
+def test_noise_hints_keep_the_accounting_and_precision_near_chance():
+    ids = random_stream(300, 3, 16, 2, seed=7)
+    rng = np.random.default_rng(8)
+    hints = rng.integers(-1, 16, (300, 3, 4))
+    caches = PredictiveCaches(3, 16, 2, [2, 4, 16])
+    for t in range(300):
+        caches.step(ids[t], hints=hints[t])
+        assert (caches._hot.sum(axis=1) <= caches.capacity).all()
+    s = caches.stats
+    assert (s.hits + s.stalls == 300 * 2).all()
+    assert (s.prefetch_hits + s.wasted_prefetches <= s.prefetches).all()
+    assert s.stalls[2] <= 16  # full capacity: first uses only
+    # About 3.6 distinct hinted of 16, 2 used: precision near 2/16, recall near 3.6/16.
+    assert 0.05 < s.precision()["hints"] < 0.2 and 0.1 < s.recall()["hints"] < 0.35
+
+
+def test_a_layers_hints_change_only_that_layer():
+    ids = random_stream(150, 4, 12, 3, seed=9)
+    hints = np.random.default_rng(10).integers(0, 12, (150, 4, 3))
+    changed = hints.copy()
+    changed[:, 2] = ids[:, 2]  # truthful at layer 2 only
+    a = PredictiveCaches(4, 12, 3, 4).run(ids, hints=hints)
+    b = PredictiveCaches(4, 12, 3, 4).run(ids, hints=changed)
+    for key in ("hits", "stalls", "prefetches", "wasted_prefetches"):
+        x, y = getattr(a, key), getattr(b, key)
+        np.testing.assert_array_equal(np.delete(x, 2), np.delete(y, 2))
+    assert b.stalls[2] < a.stalls[2]
+
+
+def test_bad_hints_are_clear_errors():
+    caches = PredictiveCaches(2, 4, 1, 2)
+    ok = np.array([[0], [1]])
+    for hints, what in [(np.array([0, 1]), "shape"), (np.zeros((3, 1), int), "shape"),
+                        (np.zeros((2, 0), int), "shape"), (np.zeros((2, 1)), "float"),
+                        (np.array([[0], [4]]), "range"), (np.array([[-2], [0]]), "range")]:
+        with pytest.raises(ValueError, match="hints"):
+            caches.step(ok, hints=hints)
+    with pytest.raises(ValueError, match="hints"):
+        caches.run(np.zeros((3, 2, 1), int), hints=np.zeros((2, 2, 1), int))
+    before = caches.stats.hits.copy()
+    caches.step(ok, hints=np.array([[-1, 3], [1, 1]]))  # -1 and repeats are fine
+    assert caches.stats.hits.sum() + caches.stats.stalls.sum() == 2 + before.sum()
+
+
+# ---------------------------------------------------------------------- re-split
+
+SPLIT = SplitConfig(every_tokens=50, max_move=1)
+DEMAND = PredictConfig(prefetch_budget=0)  # decisions easy to follow: a demand cache
+
+
+def narrow_and_wide(tokens=1500, seed=0):
+    """Layer 0 picks 2 of 8 experts uniformly (needs 8 to stop stalling); layer 1 uses 2..7
+    in its first three tokens, then always experts 0 and 1 (needs 2)."""
+    rng = np.random.default_rng(seed)
+    ids = np.empty((tokens, 2, 2), dtype=np.int32)
+    for t in range(tokens):
+        ids[t, 0] = rng.choice(8, 2, replace=False)
+        ids[t, 1] = (2 + 2 * t, 3 + 2 * t) if t < 3 else (0, 1)
+    return ids
+
+
+def test_resplit_moves_capacity_to_the_layer_that_stalls_and_counts_its_cost():
+    ids = narrow_and_wide()
+    fixed = PredictiveCaches(2, 8, 2, 5, DEMAND).run(ids)
+    caches = PredictiveCaches(2, 8, 2, 5, replace(DEMAND, split=SPLIT))
+    for t in range(len(ids)):
+        caches.step(ids[t])
+        assert caches.capacity.sum() == 10
+        assert (caches._hot.sum(axis=1) <= caches.capacity).all()
+    s = caches.stats
+    assert caches.capacity.tolist() == [8, 2]
+    assert s.resplit_moved == 3
+    # Layer 1 holds 0, 1 and three of 2..7, idle: shrinking 5 -> 2 evicts the three idle
+    # ones, never loaded again; layer 1 stalls on its first 8 uses only, either way.
+    assert s.resplit_evictions.tolist() == [0, 3] and s.resplit_transfers.tolist() == [0, 0]
+    assert s.stalls[1] == fixed.stalls[1] == 8
+    # Layer 0 with 8 of 8 hot stops stalling; with 5 of 8 it stalls on ~3/8 of uses.
+    assert s.stalls[0] < 0.25 * fixed.stalls[0]
+    assert (s.evictions >= s.resplit_evictions).all()
+
+
+def test_a_coordinator_applying_the_same_split_gets_the_same_decisions():
+    """The service's shape: layers run without re-split; a coordinator runs CapacitySplit over
+    every layer's routing and sends set_capacity before each plan's first token."""
+    ids = deterministic_stream(tokens=500, layers=3, num_experts=10, top_k=2, seed=4)
+    ids[::3, 0] = (ids[::3, 0] + 1) % 10  # some drift between layers' needs
+    config = SplitConfig(every_tokens=20, max_move=2, min_gain=0.0)
+    inside = PredictiveCaches(3, 10, 2, [4, 3, 3], replace(PredictConfig(), split=config))
+    inside.run(ids)
+    layer_side = PredictiveCaches(3, 10, 2, [4, 3, 3])
+    coordinator = CapacitySplit(3, 10, [4, 3, 3], config)
+    plans = {p.token: p for window in np.array_split(ids, 9) for p in coordinator.observe(window)}
+    assert plans
+    for t in range(len(ids)):
+        if t in plans:
+            layer_side.set_capacity(plans[t].capacity)
+        layer_side.step(ids[t], new_sequence=t == 0)
+    a, b = inside.stats, layer_side.stats
+    for key in ("hits", "stalls", "prefetches", "wasted_prefetches", "resplit_evictions",
+                "resplit_transfers"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
+    assert a.resplit_evictions.sum() > 0
+    np.testing.assert_array_equal(inside.capacity, layer_side.capacity)
+
+
+def test_set_capacity_errors_and_shrink_evicts_the_least_needed():
+    caches = PredictiveCaches(1, 6, 1, 4, DEMAND)
+    for e in (0, 1, 2, 3, 0, 0, 0):
+        caches.step(np.array([[e]]))
+    # Keep score after token 0: half P(next | 0) (0 followed 0 twice, 1 once: 2/3, 1/3, 0, 0)
+    # and half affinity (0 highest, then the latest: 3, 2, 1, all below 0.1): keep 0 and 1.
+    caches.set_capacity(2)
+    assert caches._hot[0].nonzero()[0].tolist() == [0, 1]
+    assert caches.stats.resplit_evictions.tolist() == [2]
+    caches.step(np.array([[1]]))  # kept: a hit
+    caches.step(np.array([[3]]))  # pushed out by the re-split: its reload is counted
+    assert caches.stats.resplit_transfers.tolist() == [1]
+    assert caches.stats.stalls.tolist() == [5]
+    for bad in (0, 7, [2, 2], 1.5):
+        with pytest.raises(ValueError, match="capacity"):
+            caches.set_capacity(bad)
+    with pytest.raises(ValueError, match="split"):
+        PredictConfig(split=50)

@@ -11,7 +11,9 @@ import pytest
 
 from moeray import cli
 from moeray.policy.predict import PredictConfig
-from moeray.replay import DEMAND_POLICY_NAMES, POLICY_NAMES, ReplayConfig, replay_trace
+from moeray.replay import (
+    DEMAND_POLICY_NAMES, POLICY_NAMES, ReplayConfig, replay_trace, synthetic_hints,
+)
 from moeray.traces import Trace
 
 pytestmark = pytest.mark.pure
@@ -177,3 +179,62 @@ def test_cli_service_backend_runs_moeray_in_process_beside_the_served_policies(t
     assert cli.main(["replay", str(trace), "--policy", "moeray"]) == 0  # nothing to serve
     assert asked == []
     assert "moeray" in capsys.readouterr().out
+
+
+def test_synthetic_hints_name_only_the_hinted_layers_routing():
+    rng = np.random.default_rng(11)
+    ids = np.stack([np.stack([rng.choice(16, 3, replace=False) for _ in range(4)])
+                    for _ in range(3000)]).astype(np.int32)
+    used = np.zeros((3000, 4, 17), dtype=bool)
+    np.put_along_axis(used, ids, True, axis=2)
+
+    def hints(stream, accuracy, seed=0):
+        return synthetic_hints(stream, 16, accuracy, np.random.default_rng(seed), chunk_tokens=700)
+
+    np.testing.assert_array_equal(hints(ids, 1.0), ids)
+    wrong = hints(ids, 0.0)
+    assert not np.take_along_axis(used, wrong, axis=2).any()
+    assert all(len(set(row)) == 3 for row in wrong.reshape(-1, 3)[:500])  # distinct wrong ones
+    some = hints(ids, 0.6)
+    assert abs((some == ids).mean() - 0.6) < 0.02
+    assert (np.take_along_axis(used, some, axis=2) == (some == ids)).all()  # right = the slot's
+    np.testing.assert_array_equal(hints(ids, 0.6), some)  # seeded
+    # Hints of (token, layer) depend on that routing only: change every other layer and token.
+    changed = ids.copy()
+    changed[:, 1:] = (changed[:, 1:] + 5) % 16
+    changed[1:, 0] = (changed[1:, 0] + 7) % 16
+    np.testing.assert_array_equal(hints(changed, 0.6)[0, 0], some[0, 0])
+    with pytest.raises(ValueError, match="accuracy"):
+        synthetic_hints(ids, 16, 1.5, rng)
+
+
+def test_cli_hints_and_resplit_reach_the_json(tmp_path):
+    rng = np.random.default_rng(12)
+    tokens = np.stack([rng.choice(4, 2, replace=False) for _ in range(400)])
+    layered = np.stack([tokens[:, 0], tokens[:, 1], (tokens[:, 0] + 1) % 4], axis=1)  # top-1
+    trace = write(tmp_path / "t.npz", layered, 4)
+    out = tmp_path / "hints.json"
+    argv = ["replay", str(trace), "--backend", "local", "--capacity", "0.5", "--policy", "lru",
+            "--policy", "moeray", "--json", str(out)]
+    assert cli.main(argv + ["--hint-accuracy", "1", "--resplit-every", "16"]) == 0
+    moeray = json.loads(out.read_text())["policies"]["moeray"]
+    assert moeray["predictors"]["hints"] == {"recall": 1.0, "precision": 1.0}
+    resplit = moeray["resplit"]
+    assert sum(resplit["final_capacity"]) == 3 * 2
+    assert set(resplit) == {"moved", "evictions", "transfers", "per_layer_transfers",
+                            "final_capacity"}
+    assert resplit["transfers"] <= resplit["evictions"]
+    assert cli.main(argv + ["--resplit-every", "0"]) == 0
+    moeray = json.loads(out.read_text())["policies"]["moeray"]
+    assert "hints" not in moeray["predictors"] and "resplit" not in moeray
+
+
+def test_hint_and_resplit_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="hint_accuracy"):
+        ReplayConfig(capacity=2, hint_accuracy=1.5)
+    trace = write(tmp_path / "hand.npz", np.array(HAND_LAYERS).T, 4)
+    for flag, value, name in (("--hint-accuracy", "-0.5", "hint_accuracy"),
+                              ("--resplit-every", "-1", "--resplit-every")):
+        assert cli.main(["replay", str(trace), "--backend", "local", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert name in err and "Traceback" not in err

@@ -1,5 +1,6 @@
 """Pure policy: expert cache, affinity, batch scheduling, the Belady optimum, memory helpers,
-and the predictive ``moeray`` policy (cross-layer and previous-token prediction, prefetch).
+the predictive ``moeray`` policy (cross-layer and previous-token prediction, engine hints,
+prefetch), and one total capacity re-split across layers by marginal benefit.
 
 Imports only the standard library, numpy and ``moeray.native``; never Ray. Same inputs give the
 same decisions: nothing here reads a clock or global random state.
@@ -16,9 +17,11 @@ from moeray.policy.memory import (
 )
 from moeray.policy.predict import PredictConfig, PredictiveCaches, PredictStats
 from moeray.policy.scheduler import ExpertBatch, ExpertBatches, MoeBatchScheduler, schedule
+from moeray.policy.split import CapacitySplit, SplitConfig, SplitPlan
 
 __all__ = [
     "AffinityConfig",
+    "CapacitySplit",
     "EvictionPolicy",
     "ExpertAffinity",
     "ExpertBatch",
@@ -32,6 +35,8 @@ __all__ = [
     "PredictStats",
     "PredictiveCaches",
     "Prefetcher",
+    "SplitConfig",
+    "SplitPlan",
     "align_to_cache_line",
     "belady_hits",
     "expert_memory_footprint",

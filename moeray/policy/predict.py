@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moeray.policy._validate import check_float, check_int
-from moeray.policy.split import CapacitySplit, SplitConfig
+from moeray.policy.split import CapacitySplit, SplitConfig, per_layer_capacity
 
 __all__ = ["PREDICTOR_NAMES", "PredictConfig", "PredictStats", "PredictiveCaches"]
 
@@ -188,10 +188,7 @@ class PredictiveCaches:
         self.num_layers = check_int(num_layers, "num_layers", 1)
         self.num_experts = check_int(num_experts, "num_experts", 1)
         self.top_k = check_int(top_k, "top_k", 1, num_experts)
-        caps = np.broadcast_to(np.asarray(capacity), (num_layers,))
-        if caps.dtype.kind not in "iu" or caps.min() < 1 or caps.max() > num_experts:
-            raise ValueError(f"capacity: expected ints in [1, {num_experts}], got {capacity!r}")
-        self.capacity = caps.astype(np.int64).copy()
+        self.capacity = per_layer_capacity(capacity, num_layers, num_experts)
         self.config = config
         L, E = num_layers, num_experts
         self._rows = np.arange(L)
@@ -220,6 +217,7 @@ class PredictiveCaches:
         self._split = (CapacitySplit(L, E, self.capacity, config.split)
                        if config.split is not None else None)
         self._resplit_out: np.ndarray | None = None  # [l, e]: evicted by a re-split, not reloaded
+        self._due: list = []  # re-split plans for the next token
 
     # ------------------------------------------------------------------ predictions
 
@@ -282,10 +280,7 @@ class PredictiveCaches:
         layer (a re-split: see ``moeray.policy.split``). A layer over its new capacity evicts the
         hot experts least likely to be used by the next token, counted in resplit_evictions;
         a layer that grows fills the room by later prefetches and loads."""
-        caps = np.broadcast_to(np.asarray(capacity), (self.num_layers,))
-        if caps.dtype.kind not in "iu" or caps.min() < 1 or caps.max() > self.num_experts:
-            raise ValueError(f"capacity: expected ints in [1, {self.num_experts}], got {capacity!r}")
-        self.capacity = caps.astype(np.int64).copy()
+        self.capacity = per_layer_capacity(capacity, self.num_layers, self.num_experts)
         over = self._hot_count > self.capacity
         if not over.any():
             return
@@ -332,6 +327,10 @@ class PredictiveCaches:
             raise ValueError(f"ids: expected ids in [0, {self.num_experts})")
         ids = ids.astype(np.intp)
         cfg, st, rows, L = self.config, self._stats, self._rows, self.num_layers
+        for plan in self._due:  # a re-split is part of this token, not of the one before
+            self.set_capacity(plan.capacity)
+            st.resplit_moved += plan.moved
+        self._due = []
         have_prev = self._last_ids is not None and not new_sequence
         self._clock += 1
 
@@ -430,9 +429,7 @@ class PredictiveCaches:
         if hinted is not None:
             self._learn_hints(hinted, used)
         if self._split is not None:
-            for plan in self._split.observe(ids[None]):  # applies from the next token on
-                self.set_capacity(plan.capacity)
-                st.resplit_moved += plan.moved
+            self._due = self._split.observe(ids[None])  # from the next token on
 
     # ------------------------------------------------------------------ hints
 

@@ -36,7 +36,19 @@ import numpy as np
 
 from moeray.policy._validate import check_float, check_int
 
-__all__ = ["CapacitySplit", "SplitConfig", "SplitPlan", "best_split", "lru_hit_curves"]
+__all__ = ["CapacitySplit", "SplitConfig", "SplitPlan", "best_split", "lru_hit_curves",
+           "per_layer_capacity"]
+
+
+def per_layer_capacity(capacity, num_layers: int, num_experts: int) -> np.ndarray:
+    """capacity: an int (every layer) or one int per layer, each in [1, num_experts]; returns
+    int64 [num_layers], or ValueError naming ``capacity``."""
+    caps = np.asarray(capacity)
+    if caps.ndim > 1 or (caps.ndim == 1 and caps.shape[0] != num_layers) \
+            or caps.dtype.kind not in "iu" or caps.min() < 1 or caps.max() > num_experts:
+        raise ValueError(f"capacity: expected an int or {num_layers} ints, each in "
+                         f"[1, {num_experts}], got {capacity!r}")
+    return np.broadcast_to(caps, (num_layers,)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -133,11 +145,8 @@ class CapacitySplit:
             raise TypeError(f"config: expected a SplitConfig, got {type(config).__name__}")
         self.num_layers = check_int(num_layers, "num_layers", 1)
         self.num_experts = check_int(num_experts, "num_experts", 1)
-        caps = np.broadcast_to(np.asarray(capacity), (num_layers,))
-        if caps.dtype.kind not in "iu" or caps.min() < 1 or caps.max() > num_experts:
-            raise ValueError(f"capacity: expected ints in [1, {num_experts}], got {capacity!r}")
         self.config = config
-        self._capacity = caps.astype(np.int64).copy()
+        self._capacity = per_layer_capacity(capacity, num_layers, num_experts)
         self.total_capacity = int(self._capacity.sum())
         L, E = num_layers, num_experts
         self._rows = np.arange(L)
