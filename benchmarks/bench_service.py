@@ -8,7 +8,17 @@ one no-op fan-out to as many actors as the service has layer actors.
 Goal (issue 3, 2-core VM): >= 100,000 routed tokens/s; submit p50 within 2x of a no-op round trip
 ("goals met": throughput / latency).
 
+Then the policies side by side (issue 5: prediction and budget work adds at most 20 % to the
+coordinator's time per step): each of ``--policies`` replays the same tokens (the bundled trace
+``--compare-passes`` times, sequence starts included) at one window, and the table gives routed
+tokens/s and the coordinator's CPU per step, two ways: its thread inside its methods (the work
+steps cause) and its whole process less its idle rate (measured over a quiet second, as
+bench_cluster.py does; Ray's threads burn CPU there even while idle). ``moeray``'s layer actors
+run numpy per token, so its tokens/s is far below the demand policies'; the coordinator's share
+is what the goal is about.
+
 usage: python benchmarks/bench_service.py [--layers-per-actor N] [--windows 1,4,16,64,256] [--passes P]
+       [--policies lru,moeray] [--compare-window 4] [--compare-passes 1]
 """
 
 from __future__ import annotations
@@ -55,6 +65,46 @@ def floors(num_actors: int, repeats: int) -> tuple[float, float]:
     return statistics.median(rtt) * 1e3, statistics.median(fan) * 1e3
 
 
+def run_policy(ids, weights, starts, policy: str, window_steps: int, layers_per_actor: int,
+               step_tokens: int, passes: int) -> dict:
+    """One service of ``policy`` replays ids [layers, T, top_k] ``passes`` times (steps of
+    step_tokens, sequence starts ``starts`` bool [T]); tokens/s and coordinator CPU per step."""
+    config = service.ServiceConfig(
+        num_layers=ids.shape[0], num_experts=32, top_k=ids.shape[2], capacity=8, policy=policy,
+        window_steps=window_steps, layers_per_actor=layers_per_actor,
+        name=f"bench-{policy}-{os.getpid()}",
+    )
+    handle = service.start(config)
+    try:
+        handle.submit(ids[:, :step_tokens], weights[:, :step_tokens], starts[:step_tokens])
+        stats = handle.stats()  # every layer actor is up and has answered once
+        idle_start, cpu_idle = time.perf_counter(), stats.coordinator_cpu_s
+        time.sleep(1.0)
+        before = handle.stats()
+        idle_rate = (before.coordinator_cpu_s - cpu_idle) / (time.perf_counter() - idle_start)
+        start = time.perf_counter()
+        tokens = steps = 0
+        for _ in range(passes):
+            for first in range(0, ids.shape[1], step_tokens):
+                part = slice(first, first + step_tokens)
+                handle.submit(ids[:, part], weights[:, part], starts[part])
+                tokens += min(step_tokens, ids.shape[1] - first)
+                steps += 1
+        stats = handle.stats()
+        seconds = time.perf_counter() - start
+    finally:
+        handle.shutdown()
+    assert stats.total().tokens == (tokens + step_tokens) * ids.shape[0]
+    process = stats.coordinator_cpu_s - before.coordinator_cpu_s - idle_rate * seconds
+    return dict(
+        policy=policy, tokens=tokens, steps=steps, tokens_per_s=tokens / seconds,
+        method_ms_per_step=(stats.coordinator_method_cpu_s - before.coordinator_method_cpu_s)
+        * 1e3 / steps,
+        process_ms_per_step=max(0.0, process) * 1e3 / steps,
+        stall_rate=1.0 - stats.total().hit_rate(),
+    )
+
+
 def run_service(ids, weights, window_steps: int, layers_per_actor: int, step_tokens: int,
                 passes: int):
     config = service.ServiceConfig(
@@ -93,6 +143,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=200, help="round trips for the floors")
     parser.add_argument("--passes", type=int, default=20,
                         help="replays of the bundled trace per measurement (default 20: 206,620 tokens)")
+    parser.add_argument("--policies", default="lru,moeray",
+                        help="policies compared side by side, the first is the baseline "
+                        "(default lru,moeray; empty: skip the comparison)")
+    parser.add_argument("--compare-window", type=int, default=4,
+                        help="window (steps) of the policy comparison (default 4)")
+    parser.add_argument("--compare-passes", type=int, default=1,
+                        help="replays of the bundled trace per policy in the comparison "
+                        "(default 1: 10,331 tokens; moeray's layer actors need seconds per pass)")
     args = parser.parse_args(argv)
 
     trace = load_trace(default_trace_path())
@@ -112,16 +170,41 @@ def main(argv=None) -> int:
         print("| window (steps) | routed tokens/s | submits/s | submit p50 | submit p99 | "
               "no-op round trip | no-op fan-out | p50 / round trip | goals met |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for window in (int(w) for w in args.windows.split(",")):
+        for window in (int(w) for w in args.windows.split(",") if w):
             tps, sps, p50, p99 = run_service(ids, weights, window, args.layers_per_actor,
                                              args.step_tokens, args.passes)
             print(f"| {window} | {tps:,.0f} | {sps:,.0f} | {p50:.2f} ms | {p99:.2f} ms | "
                   f"{rtt_ms:.2f} ms | {fan_ms:.2f} ms ({num_actors} actors) | {p50 / rtt_ms:.2f}x | "
                   f"{'yes' if tps >= 100_000 else 'no'} / {'yes' if p50 <= 2 * rtt_ms else 'no'} |",
                   flush=True)
+        policies = [p for p in args.policies.split(",") if p]
+        if policies:
+            starts = np.zeros(trace.num_tokens, dtype=bool)
+            starts[trace.seq_offsets[:-1]] = True
+            rows = [run_policy(ids, weights, starts, policy, args.compare_window,
+                               args.layers_per_actor, args.step_tokens, args.compare_passes)
+                    for policy in policies]
+            base = rows[0]
+            print()
+            print(f"| policy | tokens | window (steps) | routed tokens/s | stall rate | "
+                  f"coordinator CPU / step, own thread | vs {base['policy']} | "
+                  f"coordinator CPU / step, process less idle | vs {base['policy']} |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for row in rows:
+                print(f"| {row['policy']} | {row['tokens']:,} | {args.compare_window} | "
+                      f"{row['tokens_per_s']:,.0f} | {row['stall_rate']:.3f} | "
+                      f"{row['method_ms_per_step']:.3f} ms | "
+                      f"{_relative(row['method_ms_per_step'], base['method_ms_per_step'])} | "
+                      f"{row['process_ms_per_step']:.3f} ms | "
+                      f"{_relative(row['process_ms_per_step'], base['process_ms_per_step'])} |",
+                      flush=True)
     finally:
         ray.shutdown()
     return 0
+
+
+def _relative(value: float, base: float) -> str:
+    return f"{(value / base - 1) * 100:+.0f} %" if base > 0 else "n/a"
 
 
 if __name__ == "__main__":

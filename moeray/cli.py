@@ -27,7 +27,9 @@ seq_offsets, num_experts); see moeray.traces. Hit and stall rates are per layer,
 layers; transfers/token counts experts brought into the hot sets of all layers (on demand or by
 prefetch) per token; wasted: prefetched experts evicted before any use. Belady is the offline
 optimum of demand caching for the same capacity; moeray is the predictive policy (cross-layer
-and previous-token prediction, prefetch), run in-process with every backend.
+and previous-token prediction, prefetch): with --backend service its layer actors run it, except
+with --hint-accuracy or a capacity re-split (--resplit-every), which only the in-process replay
+has; belady always runs in-process.
 """
 
 
@@ -466,7 +468,15 @@ def _replay(args) -> int:
         step_tokens = 256 if args.step_tokens is None else args.step_tokens
         if step_tokens < 1 or args.window_steps < 1:
             raise ValueError("--step-tokens and --window-steps: expected ints >= 1")
-        served = tuple(p for p in config.policies if p != "moeray")  # the service has no moeray yet
+        from moeray.replay import IN_PROCESS_POLICY_NAMES
+
+        # replay_through_service runs belady (an oracle) in-process itself; the layer actors
+        # host moeray, but not engine hints, a capacity re-split or shards
+        local_only = set(IN_PROCESS_POLICY_NAMES) - {"belady"}
+        if config.hint_accuracy is not None or config.predict.split is not None or shards:
+            local_only.add("moeray")
+        served = tuple(p for p in config.policies if p not in local_only)
+        in_process = tuple(p for p in config.policies if p in local_only)
         results = {}
         with Progress(total, "replay", enabled=args.progress) as progress:
             if served:
@@ -477,8 +487,8 @@ def _replay(args) -> int:
                         progress=progress, shards=shards,
                     )
                 results.update(report.results)
-            if "moeray" in config.policies:
-                local = replay_trace(trace, replace(config, policies=("moeray",)), progress=progress)
+            if in_process:
+                local = replay_trace(trace, replace(config, policies=in_process), progress=progress)
                 report = report if served else local
                 results.update(local.results)
         results = {n: replace(results[n], top_k=results[n].top_k or trace.top_k) for n in config.policies}

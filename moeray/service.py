@@ -218,6 +218,9 @@ def replay_through_service(
     With ``shards`` the layer actors keep the checkpoint's bytes resident for their hot sets,
     one window at a time, and the report has a ``ShardResult`` per policy (not for
     ``moeray``, which a service with shards refuses)."""
+    if PREDICTIVE_POLICY in config.policies and getattr(config, "hint_accuracy", None) is not None:
+        raise ValueError("hint_accuracy: the service takes no engine hints; replay moeray with "
+                         "hints in-process (replay_trace)")
     if shards is not None:
         capacity_bytes, expert_bytes = shard_bytes(shards, trace.num_layers, config.capacity)
         shards = os.path.abspath(shards)

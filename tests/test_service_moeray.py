@@ -148,3 +148,86 @@ def test_moeray_body_refuses_what_it_cannot_apply(trace):
 
     with pytest.raises(ValueError, match="split"):  # a re-split couples every layer
         LayerCaches([0], 32, {0: 8}, "moeray", predict=PredictConfig(split=SplitConfig()))
+
+
+# --- the real service on a local Ray ---
+
+
+def test_replay_through_service_equals_replay_predictive(ray_local, trace):
+    """Per layer: hits, stalls, transfers, prefetches and wasted prefetches of the service's
+    moeray equal the in-process replay's; 3 sequences start inside the 50-token steps."""
+    from moeray.replay import ReplayConfig, replay_predictive, replay_trace
+    from moeray.service import replay_through_service
+
+    config = ReplayConfig(capacity=8, policies=("moeray", "lru"),
+                          predict=PredictConfig(prefetch_budget=3))
+    report, throughput = replay_through_service(trace, config, step_tokens=50, window_steps=3,
+                                                layers_per_actor=4)
+    served, local = report.results["moeray"], replay_predictive(trace, config)
+    assert served.per_layer_hits == local.per_layer_hits
+    assert served.stalls == local.stalls
+    assert served.transfers == local.transfers
+    assert served.per_layer_wasted == local.per_layer_wasted
+    assert (served.prefetches, served.prefetch_hits) == (local.prefetches, local.prefetch_hits)
+    assert served.transfers_per_token == local.transfers_per_token
+    assert local.prefetches > 0 and local.wasted_prefetches > 0
+    assert report.results["lru"].per_layer_hits == replay_trace(
+        trace, ReplayConfig(capacity=8, policies=("lru",))).results["lru"].per_layer_hits
+    assert [t.policy for t in throughput] == ["moeray", "lru"]
+
+
+def test_moeray_layer_actor_killed_mid_replay(ray_local, trace):
+    """Layers of the killed actor lose no routing and count none twice; the other actor's
+    layers still decide exactly as the whole model does."""
+    from moeray import service
+
+    ids = np.ascontiguousarray(trace.expert_ids.transpose(1, 0, 2), dtype=np.int32)
+    weights = np.ascontiguousarray(trace.weights.transpose(1, 0, 2))
+    starts = starts_of(trace)
+    handle = service.start(service.ServiceConfig(
+        num_layers=6, num_experts=32, top_k=4, capacity=8, policy="moeray", layers_per_actor=3,
+        window_steps=2, name="svc-moeray-kill"))
+    try:
+        victims = handle.layer_actor_handles()
+        for i, lo in enumerate(range(0, trace.num_tokens, 50)):
+            handle.submit(ids[:, lo:lo + 50], weights[:, lo:lo + 50], seq_starts=starts[lo:lo + 50])
+            if i == 5:
+                ray_local.kill(victims[1], no_restart=True)  # layers 3..5
+        stats = handle.stats()
+    finally:
+        handle.shutdown()
+    whole = whole_model(trace, 8)
+    for s in stats.layers:
+        assert s.tokens == trace.num_tokens, f"layer {s.layer} lost or repeated routing"
+        assert s.hits + s.misses == trace.num_tokens * 4
+        if s.layer < 3:
+            assert s.restarts == 0
+            assert (s.hits, s.misses, s.prefetches, s.wasted_prefetches) == (
+                whole.hits[s.layer], whole.stalls[s.layer], whole.prefetches[s.layer],
+                whole.wasted_prefetches[s.layer])
+        else:
+            assert s.restarts >= 1
+
+
+def test_cli_service_backend_serves_moeray(ray_local, tmp_path, monkeypatch):
+    """`moeray replay` (service backend) with moeray served by the layer actors (as once
+    moeray.replay no longer lists it as in-process): same stall rates as --backend local."""
+    import json
+
+    from moeray import cli, replay
+
+    monkeypatch.setattr(replay, "IN_PROCESS_POLICY_NAMES", ("belady",))
+    full = load_trace(default_trace_path())
+    small = tmp_path / "small.npz"
+    np.savez(small, expert_ids=full.expert_ids[:600, :4], expert_probs=full.weights[:600, :4],
+             seq_offsets=np.array([0, 511, 600]), num_experts=np.array(32))
+    argv = ["replay", str(small), "--policy", "moeray", "--policy", "belady", "--layers-per-actor",
+            "2", "--step-tokens", "64", "--window-steps", "2"]
+    assert cli.main(argv + ["--json", str(tmp_path / "service.json")]) == 0
+    assert cli.main(argv + ["--backend", "local", "--json", str(tmp_path / "local.json")]) == 0
+    service_doc = json.loads((tmp_path / "service.json").read_text())
+    local_doc = json.loads((tmp_path / "local.json").read_text())
+    assert set(service_doc["service"]) == {"moeray"}  # served, with its throughput
+    for key in ("per_layer_hit_rate", "per_layer_stall_rate", "per_layer_transfers",
+                "wasted_prefetches", "prefetches"):
+        assert service_doc["policies"]["moeray"][key] == local_doc["policies"]["moeray"][key], key

@@ -204,6 +204,9 @@ class ServiceStats:
     submits: int = 0
     pending_windows: int = 0
     coordinator_cpu_s: float = 0.0  # CPU time of the coordinator's process so far
+    # CPU time of the coordinator's thread inside its methods (submits, windows, acknowledgements),
+    # without the Ray threads that keep its process busy even while idle
+    coordinator_method_cpu_s: float = 0.0
 
     def total(self) -> LayerStats:
         out = LayerStats(layer=-1)
