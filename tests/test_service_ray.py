@@ -141,18 +141,18 @@ import ray
 from moeray import service
 from moeray.traces import default_trace_path, load_trace
 
-address, url = sys.argv[1], sys.argv[2]
+address, url, name = sys.argv[1], sys.argv[2], sys.argv[3]
 ray.init(address=address, log_to_driver=False, logging_level="ERROR")
 trace = load_trace(default_trace_path())
 ids = np.ascontiguousarray(trace.expert_ids[:1024].transpose(1, 0, 2), dtype=np.int32)
 weights = np.ascontiguousarray(trace.weights[:1024].transpose(1, 0, 2))
 handle = service.start(service.ServiceConfig(num_layers=24, num_experts=32, top_k=4, capacity=8,
-                                             layers_per_actor=12, window_steps=4, name="svc-metrics"))
+                                             layers_per_actor=12, window_steps=4, name=name))
 
 
-def value(text, name, layer):
-    pattern = rf'^{name}\{{[^}}]*layer="{layer}"[^}}]*service="svc-metrics"[^}}]*\}} (\S+)$'
-    alt = rf'^{name}\{{[^}}]*service="svc-metrics"[^}}]*layer="{layer}"[^}}]*\}} (\S+)$'
+def value(text, metric, layer):
+    pattern = rf'^{metric}\{{[^}}]*layer="{layer}"[^}}]*service="{name}"[^}}]*\}} (\S+)$'
+    alt = rf'^{metric}\{{[^}}]*service="{name}"[^}}]*layer="{layer}"[^}}]*\}} (\S+)$'
     found = re.findall(pattern, text, re.M) + re.findall(alt, text, re.M)
     return sum(float(v) for v in found) if found else None
 
@@ -175,10 +175,10 @@ try:
                        for n in ("cache_hits_total", "cache_misses_total", "transfers_total")]
                for layer in expected}
         latency = bool(re.search(
-            r'^ray_moeray_submit_latency_ms_count\{[^}]*service="svc-metrics"', text, re.M))
+            rf'^ray_moeray_submit_latency_ms_count\{{[^}}]*service="{name}"', text, re.M))
         if (got == expected and latency) or time.monotonic() > deadline:
             break
-        time.sleep(0.5)
+        time.sleep(2)  # each scrape makes the agent render ~0.5 MB: don't starve it
 finally:
     handle.shutdown()
 print(json.dumps({"expected": expected, "got": got, "latency_seen": latency}))
@@ -199,7 +199,7 @@ def _wait_for_metrics_agent(url: str, timeout_s: float) -> None:
             time.sleep(1)
 
 
-def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local):
+def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local, tmp_path):
     """Per-layer counters and the submit-latency histogram, read back from the metrics port."""
     import json
     import subprocess
@@ -208,10 +208,18 @@ def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local):
     url = ray_local.moeray_test_metrics_url
     _wait_for_metrics_agent(url, timeout_s=180)
     address = ray_local.get_runtime_context().gcs_address
-    run = subprocess.run([sys.executable, "-c", METRICS_DRIVER, address, url],
-                         capture_output=True, text=True, timeout=400)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    # A Ray process that cannot reach the node's metrics agent in its first 30 health checks
+    # drops its metrics for good (kMetricAgentInitMaxRetries); on a loaded 2-core VM that can
+    # befall the coordinator's process. Then not one moeray counter reaches the endpoint, and
+    # a second service (fresh processes) is tried once. Any counter that does arrive must match.
+    for attempt in range(2):
+        run = subprocess.run([sys.executable, "-c", METRICS_DRIVER, address, url,
+                              f"svc-metrics-{attempt}"],
+                             capture_output=True, text=True, timeout=400, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        if any(v is not None for values in result["got"].values() for v in values):
+            break
     assert result["got"] == result["expected"], "metrics never matched the service's own stats"
     assert result["latency_seen"], "no submit-latency histogram for svc-metrics"
     # the counters are the layers' real counts, not zeros that happen to agree
