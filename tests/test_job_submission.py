@@ -210,7 +210,7 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
             raise AssertionError(_job(ray_head, "logs", job_id).stdout)
         result = subprocess.run([sys.executable, "-c", _CLIENT, ray_head["gcs"], SERVICE["name"],
                                  str(steps)], env=ray_head["env"], capture_output=True, text=True,
-                                timeout=120)
+                                timeout=120, cwd=tmp_path)  # workers put the cwd on sys.path
         if result.returncode != 0:
             if "no moeray service" in result.stderr:
                 return None  # the job has not started the service yet
