@@ -10,6 +10,11 @@ by prefetch; transfers/token counts all layers. Belady is the offline optimum of
 Goals (issue 5, at 25 % of experts per layer): moeray's stall rate at or below Belady's miss
 rate on both traces, with transfers per token at most 1.5x Belady's.
 
+At 25 % only, three more rows of the moeray policy (not policy names of `moeray replay`):
+`moeray re-split` (one total capacity re-split across layers, moeray.policy.split, its
+SplitConfig defaults) and `moeray hints P` (synthetic engine hints from the trace itself, each
+hinted id right with probability P, seed 0: `moeray replay --hint-accuracy P`).
+
 usage: python benchmarks/bench_quality.py [--traces DIR] [--tokens N] [--json PATH]
 Without ../shared/traces (or --traces) it uses the bundled gpt-oss-20b slice only.
 """
@@ -27,6 +32,7 @@ import numpy as np
 from moeray._progress import Progress
 from moeray.native import IS_NATIVE
 from moeray.policy.predict import PredictConfig
+from moeray.policy.split import SplitConfig
 from moeray.replay import ReplayConfig, capacity_from_fraction, replay_trace
 from moeray.traces import Trace, default_trace_path, load_trace
 
@@ -43,6 +49,12 @@ GOAL_TRANSFER_RATIO = 1.5
 # the other end of the stalls-for-transfers trade (same for every trace).
 THRIFTY = replace(PredictConfig(), prefetch_threshold=0.3, victim_affinity_weight=0.5)
 THRIFTY_NAME = "moeray thrifty"
+RESPLIT = replace(PredictConfig(), split=SplitConfig())
+RESPLIT_NAME = "moeray re-split"
+HINT_ACCURACIES = (0.9, 0.6)
+# Extra rows at GOAL_FRACTION: name -> ReplayConfig fields for the moeray policy.
+EXTRAS = {RESPLIT_NAME: {"predict": RESPLIT},
+          **{f"moeray hints {p:g}": {"hint_accuracy": p} for p in HINT_ACCURACIES}}
 
 
 def head(trace: Trace, tokens: int) -> Trace:
@@ -73,6 +85,11 @@ def measure(trace: Trace, progress: Progress) -> list[dict]:
         thrifty = replay_trace(trace, ReplayConfig(capacity=capacity, policies=("moeray",),
                                                    predict=THRIFTY), progress=progress)
         results = {**report.results, THRIFTY_NAME: thrifty.results["moeray"]}
+        if fraction == GOAL_FRACTION:
+            for name, fields in EXTRAS.items():
+                extra = replay_trace(trace, ReplayConfig(capacity=capacity, policies=("moeray",),
+                                                         **fields), progress=progress)
+                results[name] = extra.results["moeray"]
         for name, r in results.items():
             rows.append({
                 "trace": trace.name, "tokens": trace.num_tokens, "capacity": fraction,
@@ -81,6 +98,7 @@ def measure(trace: Trace, progress: Progress) -> list[dict]:
                 "wasted_prefetches": r.wasted_prefetches, "prefetches": r.prefetches,
                 "per_layer_stall_rate": r.per_layer_stall_rate,
                 **({"predictors": r.predictors} if r.predictors else {}),
+                **({"resplit": r.resplit} if r.resplit else {}),
             })
     return rows
 
@@ -89,7 +107,7 @@ def goals(rows: list[dict]) -> list[dict]:
     out = []
     for name in dict.fromkeys(r["trace"] for r in rows):
         at = {r["policy"]: r for r in rows if r["trace"] == name and r["capacity"] == GOAL_FRACTION}
-        for policy in ("moeray", THRIFTY_NAME):
+        for policy in ("moeray", THRIFTY_NAME, *EXTRAS):
             if policy in at and "belady" in at:
                 out.append(_goal(name, policy, at[policy], at["belady"]))
     return out
@@ -111,14 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args(argv)
     chosen = [head(t, args.tokens) for t in traces(args.traces)]
-    total = sum(len(FRACTIONS) * (len(POLICIES) + 1) * t.num_layers for t in chosen)
+    total = sum((len(FRACTIONS) * (len(POLICIES) + 1) + len(EXTRAS)) * t.num_layers for t in chosen)
     rows = []
     with Progress(total, "quality", enabled=args.progress) as progress:
         for trace in chosen:
             rows += measure(trace, progress)
     print(f"core: {'native' if IS_NATIVE else 'pure Python'}; moeray parameters: "
           f"{asdict(PredictConfig())}; {THRIFTY_NAME}: the same with prefetch_threshold "
-          f"{THRIFTY.prefetch_threshold}, victim_affinity_weight {THRIFTY.victim_affinity_weight}\n")
+          f"{THRIFTY.prefetch_threshold}, victim_affinity_weight {THRIFTY.victim_affinity_weight}; "
+          f"{RESPLIT_NAME}: split {asdict(RESPLIT.split)}\n")
     print("| trace | tokens | capacity | policy | hit rate | stall rate | transfers/token | "
           "wasted prefetches |")
     print("|---|---|---|---|---|---|---|---|")
@@ -128,11 +147,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['transfers_per_token']:.2f} | {r['wasted_prefetches']:,} |")
     print()
     for r in rows:  # the predictors do not depend on capacity: one line per trace
-        if r.get("predictors") and r["capacity"] == GOAL_FRACTION and r["policy"] == "moeray":
+        if r.get("predictors") and r["capacity"] == GOAL_FRACTION and (
+                r["policy"] == "moeray" or r["policy"].startswith("moeray hints")):
             guesses = ", ".join(f"{n} {v['recall']:.3f}/{v['precision']:.3f}"
                                 for n, v in r["predictors"].items())
-            print(f"- {r['trace']}: moeray predictors, recall/precision of each top-k guess: "
-                  f"{guesses}")
+            print(f"- {r['trace']}: {r['policy']} predictors, recall/precision of each top-k "
+                  f"guess: {guesses}")
+    for r in rows:
+        if r.get("resplit"):
+            s = r["resplit"]
+            print(f"- {r['trace']}: {r['policy']} at {r['capacity']:g}: moved {s['moved']:,} "
+                  f"experts of capacity, evicted {s['evictions']:,} by shrinking, "
+                  f"{s['transfers']:,} later loads of those "
+                  f"({s['transfers'] / r['tokens']:.3f} transfers/token); final capacity per "
+                  f"layer {s['final_capacity']}")
     print()
     met = goals(rows)
     for g in met:

@@ -293,7 +293,7 @@ def test_a_coordinator_applying_the_same_split_gets_the_same_decisions():
     inside = PredictiveCaches(3, 10, 2, [4, 3, 3], replace(PredictConfig(), split=config))
     inside.run(ids)
     layer_side = PredictiveCaches(3, 10, 2, [4, 3, 3])
-    coordinator = CapacitySplit(3, 10, [4, 3, 3], config)
+    coordinator = CapacitySplit.for_model(3, 10, 2, [4, 3, 3], config)
     plans = {p.token: p for window in np.array_split(ids, 9) for p in coordinator.observe(window)}
     assert plans
     for t in range(len(ids)):

@@ -139,3 +139,19 @@ def test_errors():
         split.observe(np.zeros((1, 2, 1)))  # floats
     with pytest.raises(ValueError, match="total"):
         best_split(np.zeros((2, 4)), 7)  # at most 2 x 3
+
+
+def test_no_layer_below_the_floor():
+    rng = np.random.default_rng(3)
+    curves = np.concatenate([np.zeros((3, 1)), rng.random((3, 6)).cumsum(axis=1)], axis=1)
+    curves[0] = np.linspace(0, 0.01, 7)  # layer 0 barely gains: a floor-free split starves it
+    assert best_split(curves, 12)[0] == 1
+    got = best_split(curves, 12, min_capacity=3)
+    assert got[0] == 3 and got.sum() == 12 and got.min() >= 3
+    with pytest.raises(ValueError, match="total"):
+        best_split(curves, 8, min_capacity=3)  # below 3 x 3
+    # for_model: top_k is the floor, unless a layer starts below it.
+    assert CapacitySplit.for_model(2, 8, 4, [6, 5]).min_capacity == 4
+    assert CapacitySplit.for_model(2, 8, 4, [6, 2]).min_capacity == 2
+    with pytest.raises(ValueError, match="min_capacity"):
+        CapacitySplit(2, 8, [6, 2], min_capacity=3)

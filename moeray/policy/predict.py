@@ -214,7 +214,7 @@ class PredictiveCaches:
         self._hint_hits = np.zeros(L)
         self._hint_guesses = np.zeros(L)
         self._hint_uses = np.zeros(L)
-        self._split = (CapacitySplit(L, E, self.capacity, config.split)
+        self._split = (CapacitySplit.for_model(L, E, top_k, self.capacity, config.split)
                        if config.split is not None else None)
         self._resplit_out: np.ndarray | None = None  # [l, e]: evicted by a re-split, not reloaded
         self._due: list = []  # re-split plans for the next token

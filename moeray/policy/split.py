@@ -17,15 +17,18 @@ capacities as a replay does, and sends them to the layers with the window that c
 
 API (the same in ``PredictiveCaches`` and in a coordinator)::
 
-    split = CapacitySplit(num_layers, num_experts, capacity, SplitConfig())
+    split = CapacitySplit.for_model(num_layers, num_experts, top_k, capacity, SplitConfig())
     for window in routing:                     # int [T, num_layers, top_k], tokens in order
         for plan in split.observe(window):     # SplitPlan(token, capacity, moved)
             ...  # layer l holds plan.capacity[l] experts from token plan.token on
 
 Parameters (``SplitConfig`` defaults, one set for every trace): re-split every 256 tokens,
 histogram decay 0.999 per token, at most 4 experts of capacity moved per re-split, min gain
-0.002 of the decayed accesses. Picked by hand on the first 3,000 tokens of the gpt-oss-20b and
-DeepSeek-V2-Lite developer traces.
+0.002 of the decayed accesses; no layer below top_k (``for_model``). Tried by hand on the first
+3,000 tokens of the gpt-oss-20b and DeepSeek-V2-Lite developer traces under the moeray policy
+(every 128-1024 tokens, 2-8 moved, min gain 0-0.002, decay 0.999-0.9999): none changed the
+stall rate by more than 0.001 either way, so ``PredictConfig`` leaves re-split off. The LRU
+curve is a proxy: moeray's prediction flattens its own curve unevenly across layers.
 """
 
 from __future__ import annotations
@@ -94,20 +97,23 @@ def lru_hit_curves(histogram: np.ndarray) -> np.ndarray:
     return out
 
 
-def best_split(curves: np.ndarray, total: int, prefer=None) -> np.ndarray:
-    """The capacities c_l in [1, E], summing to ``total`` in [L, L * E], that maximise
-    sum_l curves[l, c_l]; curves: float [L, E + 1] (curves[l, c]: hits at capacity c).
+def best_split(curves: np.ndarray, total: int, prefer=None, min_capacity: int = 1) -> np.ndarray:
+    """The capacities c_l in [min_capacity, E], summing to ``total`` in [L * min_capacity,
+    L * E], that maximise sum_l curves[l, c_l]; curves: float [L, E + 1] (curves[l, c]: hits
+    at capacity c).
     prefer: int [L] or None; among equal totals the split nearest to it wins (so flat curves
     keep capacity where it is). Returns int64 [L]."""
     curves = np.asarray(curves, dtype=np.float64)
     L, E = curves.shape[0], curves.shape[1] - 1
-    total = check_int(total, "total", L, L * E)
+    min_capacity = check_int(min_capacity, "min_capacity", 1, E)
+    total = check_int(total, "total", L * min_capacity, L * E)
     sizes = np.arange(1, E + 1)
     # A tie-break far below one access: each expert away from ``prefer`` costs 1e-9 of the scale.
     tie = 1e-9 * max(float(np.abs(curves).max()), 1.0)
     gain = curves[:, 1:].copy()
     if prefer is not None:
         gain -= tie * np.abs(sizes[None, :] - np.asarray(prefer)[:, None])
+    gain[:, :min_capacity - 1] = -np.inf
     # best[c]: the most hits of the layers so far with c experts in all; choice[l, c]: layer
     # l's capacity in that optimum.
     first = min(E, total)
@@ -130,17 +136,18 @@ def best_split(curves: np.ndarray, total: int, prefer=None) -> np.ndarray:
     for layer in range(L - 1, -1, -1):
         out[layer] = choice[layer, left]
         left -= out[layer]
-    assert left == 0 and out.min() >= 1, (out, total)
+    assert left == 0 and out.min() >= min_capacity, (out, total)
     return out
 
 
 class CapacitySplit:
     """Online split of one total capacity across ``num_layers`` layers (see the module
     docstring). capacity: the starting split, int in [1, num_experts] (every layer) or one per
-    layer; its sum is the total, kept by every re-split."""
+    layer; its sum is the total, kept by every re-split. min_capacity: in [1, min(capacity)],
+    the least any layer gets (top_k is natural: one token's experts of a layer fit at once)."""
 
     def __init__(self, num_layers: int, num_experts: int, capacity,
-                 config: SplitConfig = SplitConfig()):
+                 config: SplitConfig = SplitConfig(), min_capacity: int = 1):
         if not isinstance(config, SplitConfig):
             raise TypeError(f"config: expected a SplitConfig, got {type(config).__name__}")
         self.num_layers = check_int(num_layers, "num_layers", 1)
@@ -148,6 +155,7 @@ class CapacitySplit:
         self.config = config
         self._capacity = per_layer_capacity(capacity, num_layers, num_experts)
         self.total_capacity = int(self._capacity.sum())
+        self.min_capacity = check_int(min_capacity, "min_capacity", 1, int(self._capacity.min()))
         L, E = num_layers, num_experts
         self._rows = np.arange(L)
         self._last = np.full((L, E), -1, dtype=np.int64)  # access counter of each last use
@@ -158,6 +166,16 @@ class CapacitySplit:
         self._scale = 1.0
         self._tokens = 0
         self.moved = 0  # experts of capacity moved by every re-split so far
+
+    @classmethod
+    def for_model(cls, num_layers: int, num_experts: int, top_k: int, capacity,
+                  config: SplitConfig = SplitConfig()) -> CapacitySplit:
+        """The split ``PredictiveCaches`` runs (and a coordinator must run to match it): no layer
+        below top_k (one token's experts of a layer fit at once), or below the smallest
+        starting capacity if that is less."""
+        caps = per_layer_capacity(capacity, num_layers, num_experts)
+        top_k = check_int(top_k, "top_k", 1, num_experts)
+        return cls(num_layers, num_experts, caps, config, min_capacity=min(top_k, int(caps.min())))
 
     @property
     def capacity(self) -> np.ndarray:
@@ -218,7 +236,8 @@ class CapacitySplit:
     def _resplit(self) -> SplitPlan | None:
         curves = self.curves()
         current = self._capacity
-        target = best_split(curves, self.total_capacity, prefer=current)
+        target = best_split(curves, self.total_capacity, prefer=current,
+                            min_capacity=self.min_capacity)
         rows = self._rows
         accesses = self._accesses / self._scale
         gain = curves[rows, target].sum() - curves[rows, current].sum()
