@@ -12,10 +12,11 @@ Then the policies side by side (issue 5: prediction and budget work adds at most
 coordinator's time per step). Two measurements:
 - through Ray: each of ``--policies`` replays the same tokens (the bundled trace
   ``--compare-passes`` times, sequence starts included) at one window; routed tokens/s and the
-  CPU of the coordinator's thread inside its methods per step (Ray's own threads, which burn
-  CPU in its process even while idle, are left out: the moeray run lasts far longer, so its
-  process CPU would mostly be idle time). ``moeray``'s layer actors run numpy per token, so its
-  tokens/s is far below the demand policies'; the coordinator's share is what the goal is about.
+  CPU of the coordinator's thread inside its methods per step (``coordinator_method_cpu_s``:
+  less its blocking waits for layer actors and without Ray's own threads, which both cost CPU
+  in proportion to how long the run lasts, and the moeray run lasts far longer). ``moeray``'s
+  layer actors run numpy per token, so its tokens/s is far below the demand policies'; the
+  coordinator's share is what the goal is about.
 - the coordinator's body alone (``Coordinator`` over a transport that pickles each call's
   windows, as Ray does, and acknowledges at once), the policies interleaved over
   ``--body-rounds`` rounds, median CPU per step: the extra work moeray asks of the coordinator

@@ -65,6 +65,7 @@ class RayLayerTransport:
         self._handles: list = [None] * len(self._groups)
         self._generation = [0] * len(self._groups)
         self._inflight: list[tuple[int, int, ray.ObjectRef]] = []
+        self.blocked_cpu_s = 0.0  # this thread's CPU while blocked waiting for a layer actor
         # the node resource each actor is pinned to; changes when its node is lost
         self._resource = list(config.placement) if config.placement else [None] * len(self._groups)
         for actor in range(len(self._groups)):
@@ -132,9 +133,11 @@ class RayLayerTransport:
         if not self._inflight:
             return []
         refs = [ref for _, _, ref in self._inflight]
-        ready, _ = ray.wait(refs, num_returns=1 if wait else len(refs), timeout=None if wait else 0)
-        if wait:  # then take whatever else finished meanwhile
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if wait:  # block until one call finishes, then take whatever else finished meanwhile
+            start = time.thread_time()
+            ray.wait(refs, num_returns=1, timeout=None)
+            self.blocked_cpu_s += time.thread_time() - start
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         ready = set(ready)
         done, keep, blocked = [], [], set()
         for actor, generation, ref in self._inflight:
@@ -207,8 +210,10 @@ class CoordinatorHost:
 
     def stats(self, sync: bool = True):
         stats = self._timed(self._coordinator.stats, sync)
+        # a blocked ray.wait costs CPU in proportion to how long layer actors take, not to
+        # the work steps cause: left out
         return replace(stats, coordinator_cpu_s=time.process_time(),
-                       coordinator_method_cpu_s=self._method_cpu_s)
+                       coordinator_method_cpu_s=self._method_cpu_s - self._transport.blocked_cpu_s)
 
     def layer_actor_handles(self) -> list:
         return self._transport.handles()

@@ -205,7 +205,8 @@ class ServiceStats:
     pending_windows: int = 0
     coordinator_cpu_s: float = 0.0  # CPU time of the coordinator's process so far
     # CPU time of the coordinator's thread inside its methods (submits, windows, acknowledgements),
-    # without the Ray threads that keep its process busy even while idle
+    # less its blocking waits for layer actors, and without the Ray threads that keep its
+    # process busy even while idle: the work that steps cause
     coordinator_method_cpu_s: float = 0.0
 
     def total(self) -> LayerStats:
