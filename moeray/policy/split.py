@@ -27,8 +27,11 @@ histogram decay 0.999 per token, at most 4 experts of capacity moved per re-spli
 0.002 of the decayed accesses; no layer below top_k (``for_model``). Tried by hand on the first
 3,000 tokens of the gpt-oss-20b and DeepSeek-V2-Lite developer traces under the moeray policy
 (every 128-1024 tokens, 2-8 moved, min gain 0-0.002, decay 0.999-0.9999): none changed the
-stall rate by more than 0.001 either way, so ``PredictConfig`` leaves re-split off. The LRU
-curve is a proxy: moeray's prediction flattens its own curve unevenly across layers.
+stall rate by more than 0.001 either way; on the first 20,000 tokens (``bench_quality.py``)
+these defaults raise moeray's stall rate by 0.003 on both traces at 1/4 of experts, so
+``PredictConfig`` leaves re-split off. The LRU curve is a proxy: moeray's prediction flattens
+its own curve unevenly across layers (weighting accesses by how unlikely the cross-layer table
+made them did not help on both traces either).
 """
 
 from __future__ import annotations
