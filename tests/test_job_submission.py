@@ -1,5 +1,6 @@
 """`moeray serve` as a Ray job: a head started with `ray start` on free loopback ports, the
-service submitted with `ray job submit`, checked from another driver, then stopped.
+service submitted to its job server (Ray's ``JobSubmissionClient``, the REST calls `ray job
+submit` makes, without a CLI process per retry), checked from another driver, then stopped.
 
 Only what the test started is stopped: the head runs as `ray start --block` in its own process
 group (its Ray processes share its fate), so a SIGTERM to that group ends this cluster and no
@@ -65,59 +66,102 @@ def _wait_for(what: str, probe, timeout_s: float, head: subprocess.Popen | None 
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+class _Head:
+    """One `ray start --head --block` on free loopback ports, in its own process group."""
+
+    def __init__(self):
+        ports = _free_ports(9)
+        gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = ports
+        self.temp_dir = tempfile.mkdtemp(prefix="moeray-job-", dir="/tmp")
+        self.env = _ray_env()
+        self.gcs = f"127.0.0.1:{gcs}"
+        self.dashboard = f"http://127.0.0.1:{dashboard}"
+        self.log_path = Path(self.temp_dir) / "head.log"
+        command = _ray_cli() + [
+            "start", "--head", "--block", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
+            f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+            "--min-worker-port=0", "--max-worker-port=0",  # the OS picks: no clash with another Ray
+            "--num-cpus=2", f"--object-store-memory={150 * 2**20}",
+        ]
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, env=self.env, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_until_up(self) -> None:
+        """Until `ray start` says the node is up and the job server answers. The dashboard can
+        answer before the head gives up on a raylet that missed Ray's fixed 30 s registration
+        wait, so both are needed."""
+
+        def up():
+            if "Ray runtime started" not in self.log_path.read_text(errors="replace"):
+                return False
+            try:
+                with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        _wait_for("the Ray head and its job server", up, 240, self.process)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # this head's process group only
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+        self._log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # session logs: 2-15 MB each
+
+
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head of this test's own on free loopback ports, with the dashboard (job server)."""
-    gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = _free_ports(9)
-    temp_dir = tempfile.mkdtemp(prefix="moeray-job-", dir="/tmp")
-    env = _ray_env()
-    command = _ray_cli() + [
-        "start", "--head", "--block", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
-        f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-        "--min-worker-port=0", "--max-worker-port=0",  # the OS picks: no clash with another Ray
-        "--num-cpus=2", f"--object-store-memory={150 * 2**20}",
-    ]
-    log = open(Path(temp_dir) / "head.log", "w")
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    dashboard_url = f"http://127.0.0.1:{dashboard}"
+    """A Ray head of this test's own, with the dashboard (job server); a head that timed out
+    during startup on a loaded machine is replaced once by a fresh one."""
+    head = _Head()
+    try:
+        head.wait_until_up()
+    except AssertionError as exc:
+        if "timed out during startup" not in head.log_path.read_text(errors="replace"):
+            head.stop()
+            raise AssertionError(f"{exc}: {head.log_path.read_text()[-2000:]}") from None
+        head.stop()
+        head = _Head()
+        head.wait_until_up()
+    try:
+        yield {"gcs": head.gcs, "dashboard": head.dashboard, "env": head.env,
+               "log": head.log_path, "logs": Path(head.temp_dir) / "session_latest" / "logs"}
+    finally:
+        head.stop()
 
-    def job_server_up():
+
+def _retry(what: str, call, timeout_s: float = 300):
+    """call() until it returns, retrying what a loaded machine's job server does now and then:
+    refuse a connection, or answer before its agent has registered ("No available agent")."""
+    failures = []
+
+    def attempt():
         try:
-            with urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+            return (call(),)
+        except (OSError, RuntimeError) as exc:  # requests errors are OSErrors
+            failures.append(repr(exc)[-500:])
+            return None
 
     try:
-        _wait_for("the job server", job_server_up, 120, head)
-        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": dashboard_url, "env": env,
-               "log": Path(temp_dir) / "head.log"}
-    finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)  # this head's process group only
-            try:
-                head.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait(timeout=30)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)  # session logs: 2-15 MB each
+        return _wait_for(what, attempt, timeout_s)[0]
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last errors: {failures[-2:]}") from None
 
 
-def _job(ray_head, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["dashboard"])
-    return subprocess.run(_ray_cli() + ["job", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def _client(ray_head):
+    from ray.job_submission import JobSubmissionClient
 
-
-def _job_status(ray_head, job_id: str) -> str:
-    result = _job(ray_head, "status", job_id)
-    return result.stdout + result.stderr
+    return _retry("the job server", lambda: JobSubmissionClient(ray_head["dashboard"]))
 
 
 _CLIENT = """
@@ -172,27 +216,30 @@ def _expected_counts(ids: np.ndarray) -> tuple[list[int], list[int]]:
     "never registers its agent or drops its connection, which CI cannot tell from a bug",
 )
 def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
+    from ray.job_submission import JobStatus
+
     config = tmp_path / "service.json"
     config.write_text(json.dumps(SERVICE))
     job_id = f"moeray-serve-test-{os.getpid()}"
-    failures = []
+    client = _client(ray_head)
 
     def submit():
-        result = _job(ray_head, "submit", "--no-wait", "--submission-id", job_id, "--",
-                      sys.executable, "-m", "moeray.cli", "serve", "--config", str(config),
-                      "--report-s", "0")
-        output = result.stdout + result.stderr
-        if result.returncode == 0 or "already exists" in output:  # a retry of one that got in
-            return True
-        # the job server answers before its agent has registered ("No available agent"), and
-        # a loaded machine drops a connection now and then: try again
-        failures.append(output[-2000:])
-        return None
+        try:
+            return client.submit_job(
+                entrypoint=f"{sys.executable} -m moeray.cli serve --config {config} --report-s 0",
+                submission_id=job_id)
+        except RuntimeError as exc:
+            if "already exists" in str(exc):  # a retry of a submit that got in
+                return job_id
+            raise
 
     try:
-        _wait_for("the job server to take the job", submit, 150)
-    except AssertionError:
-        raise AssertionError("\n---\n".join(failures[-2:])) from None
+        _retry("the job server to take the job", submit)
+    except AssertionError as exc:
+        tails = {name: (ray_head["logs"] / name).read_text(errors="replace")[-1500:]
+                 for name in ("dashboard.log", "dashboard.err") if (ray_head["logs"] / name).exists()}
+        raise AssertionError(f"{exc}\n{tails}\nhead: {ray_head['log'].read_text()[-1500:]}") from None
+    status = lambda: _retry("the job status", lambda: client.get_job_status(job_id))  # noqa: E731
 
     rng = np.random.default_rng(7)
     tokens = 40
@@ -206,11 +253,11 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
     np.savez(steps, ids=ids, weights=weights)
 
     def service_answers():
-        if "FAILED" in _job_status(ray_head, job_id):
-            raise AssertionError(_job(ray_head, "logs", job_id).stdout)
+        if status() == JobStatus.FAILED:
+            raise AssertionError(client.get_job_logs(job_id))
         result = subprocess.run([sys.executable, "-c", _CLIENT, ray_head["gcs"], SERVICE["name"],
                                  str(steps)], env=ray_head["env"], capture_output=True, text=True,
-                                timeout=120, cwd=tmp_path)  # workers put the cwd on sys.path
+                                timeout=180, cwd=tmp_path)  # workers put the cwd on sys.path
         if result.returncode != 0:
             if "no moeray service" in result.stderr:
                 return None  # the job has not started the service yet
@@ -218,30 +265,30 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
         return json.loads(result.stdout.strip().splitlines()[-1])
 
     try:
-        answer = _wait_for("the service to answer", service_answers, 180)
+        answer = _wait_for("the service to answer", service_answers, 300)
         hits, misses = _expected_counts(ids)
         assert answer["schedules_match"]
         assert answer["tokens"] == [tokens] * SERVICE["num_layers"]
         assert answer["hits"] == hits and answer["misses"] == misses
 
-        status = subprocess.run(
+        moeray_status = subprocess.run(
             [sys.executable, "-m", "moeray.cli", "status", "--name", SERVICE["name"],
              "--address", ray_head["gcs"]],
-            env=ray_head["env"], capture_output=True, text=True, timeout=120,
+            env=ray_head["env"], capture_output=True, text=True, timeout=180, cwd=tmp_path,
         )
-        assert status.returncode == 0, status.stderr
-        rows = {line.split()[0]: line.split() for line in status.stdout.splitlines() if line.strip()}
+        assert moeray_status.returncode == 0, moeray_status.stderr
+        rows = {line.split()[0]: line.split() for line in moeray_status.stdout.splitlines()
+                if line.strip()}
         assert rows["all"][2].replace(",", "") == str(sum(hits))
         assert rows["all"][3].replace(",", "") == str(sum(misses))
-        assert "RUNNING" in _job_status(ray_head, job_id)  # serve stays up until stopped
+        assert status() == JobStatus.RUNNING  # serve stays up until stopped
     finally:
-        stopped = _job(ray_head, "stop", job_id)
-    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    _wait_for("the job to stop", lambda: "RUNNING" not in _job_status(ray_head, job_id), 60)
-    logs = _job(ray_head, "logs", job_id).stdout
+        _retry("the job server to stop the job", lambda: client.stop_job(job_id))
+    _wait_for("the job to stop", lambda: status() != JobStatus.RUNNING, 120)
+    logs = _retry("the job's logs", lambda: client.get_job_logs(job_id))
     assert f"started service {SERVICE['name']!r}" in logs
     # serve shut down the service it started: no coordinator is left to connect to
     gone = subprocess.run([sys.executable, "-m", "moeray.cli", "status", "--name", SERVICE["name"],
                            "--address", ray_head["gcs"]], env=ray_head["env"], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=180, cwd=tmp_path)
     assert gone.returncode == 2 and "no moeray service" in gone.stderr
