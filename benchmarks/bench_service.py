@@ -10,8 +10,9 @@ Goal (issue 3, 2-core VM): >= 100,000 routed tokens/s; submit p50 within 2x of a
 
 Then the policies side by side (issue 5: prediction and budget work adds at most 20 % to the
 coordinator's time per step). Two measurements:
-- through Ray: each of ``--policies`` replays the same tokens (the bundled trace
-  ``--compare-passes`` times, sequence starts included) at one window; routed tokens/s and the
+- through Ray: each of ``--policies`` replays the same tokens (the first ``--compare-tokens``
+  of the bundled trace, ``--compare-passes`` times, sequence starts included) at one window;
+  routed tokens/s and the
   CPU of the coordinator's thread inside its methods per step (``coordinator_method_cpu_s``:
   less its blocking waits for layer actors and without Ray's own threads, which both cost CPU
   in proportion to how long the run lasts, and the moeray run lasts far longer). ``moeray``'s
@@ -24,7 +25,8 @@ coordinator's time per step). Two measurements:
   that extra against the coordinator's CPU per step through Ray for the first policy.
 
 usage: python benchmarks/bench_service.py [--layers-per-actor N] [--windows 1,4,16,64,256] [--passes P]
-       [--policies lru,moeray] [--compare-window 4] [--compare-passes 1] [--body-rounds 15]
+       [--policies lru,moeray] [--compare-window 4] [--compare-tokens 5120] [--compare-passes 1]
+       [--body-rounds 15]
 """
 
 from __future__ import annotations
@@ -208,9 +210,12 @@ def main(argv=None) -> int:
                         help="window (steps) of the policy comparison (default 4)")
     parser.add_argument("--body-rounds", type=int, default=15,
                         help="interleaved rounds of the coordinator-body measurement (default 15)")
+    parser.add_argument("--compare-tokens", type=int, default=5120,
+                        help="tokens of the bundled trace replayed per pass in the comparison "
+                        "(default 5120 of 10,331: moeray's layer actors take about 2-8 ms per "
+                        "token on a 2-core VM)")
     parser.add_argument("--compare-passes", type=int, default=1,
-                        help="replays of the bundled trace per policy in the comparison "
-                        "(default 1: 10,331 tokens; moeray's layer actors need seconds per pass)")
+                        help="passes over those tokens per policy in the comparison (default 1)")
     args = parser.parse_args(argv)
 
     trace = load_trace(default_trace_path())
@@ -239,8 +244,12 @@ def main(argv=None) -> int:
                   flush=True)
         policies = [p for p in args.policies.split(",") if p]
         if policies:
+            n = min(args.compare_tokens, trace.num_tokens)
             starts = np.zeros(trace.num_tokens, dtype=bool)
             starts[trace.seq_offsets[:-1]] = True
+            ids, weights, starts = ids[:, :n], weights[:, :n], starts[:n]
+            print(f"policy comparison: the first {n:,} tokens of the bundled trace, "
+                  f"{args.compare_passes} pass(es) per policy", file=sys.stderr)
             rows = [run_policy(ids, weights, starts, policy, args.compare_window,
                                args.layers_per_actor, args.step_tokens, args.compare_passes)
                     for policy in policies]
