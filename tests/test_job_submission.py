@@ -210,11 +210,6 @@ def _expected_counts(ids: np.ndarray) -> tuple[list[int], list[int]]:
     return hits, misses
 
 
-@pytest.mark.skipif(
-    os.environ.get("MOERAY_JOB_TEST") != "1",
-    reason="opt-in (MOERAY_JOB_TEST=1): on a loaded 2-core VM the head's job server sometimes "
-    "never registers its agent or drops its connection, which CI cannot tell from a bug",
-)
 def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
     from ray.job_submission import JobStatus
 
