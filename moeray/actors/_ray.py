@@ -129,13 +129,14 @@ class RayLayerTransport:
         return len(self._inflight)
 
     def poll(self, wait: bool) -> list[tuple[int, int, object]]:
-        """Finished calls in send order per actor; with ``wait``, at least the oldest one."""
+        """Finished calls in send order per actor; with ``wait``, every outstanding one (the
+        coordinator waits only to sync: one wake-up, not one per call, when actors lag)."""
         if not self._inflight:
             return []
         refs = [ref for _, _, ref in self._inflight]
-        if wait:  # block until one call finishes, then take whatever else finished meanwhile
+        if wait:
             start = time.thread_time()
-            ray.wait(refs, num_returns=1, timeout=None)
+            ray.wait(refs, num_returns=len(refs), timeout=None)
             self.blocked_cpu_s += time.thread_time() - start
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         ready = set(ready)
