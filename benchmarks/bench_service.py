@@ -48,6 +48,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 
 from moeray import service  # noqa: E402
+from moeray.actors import _ray  # noqa: E402  (ray.init outside the checkout)
 from moeray.actors.coordinator import Coordinator  # noqa: E402
 from moeray.actors.layer import LayerAck  # noqa: E402
 from moeray.traces import default_trace_path, load_trace  # noqa: E402
@@ -225,8 +226,8 @@ def main(argv=None) -> int:
         args.layers_per_actor = max(1, -(-trace.num_layers // (os.cpu_count() or 1)))
     num_actors = -(-trace.num_layers // args.layers_per_actor)
 
-    ray.init(include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=False,
-             logging_level="ERROR", _system_config={"worker_maximum_startup_concurrency": 16})
+    _ray.init(include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=False,
+              logging_level="ERROR", _system_config={"worker_maximum_startup_concurrency": 16})
     try:
         rtt_ms, fan_ms = floors(num_actors, args.repeats)
         print(f"bundled trace: {trace.num_tokens:,} tokens x {trace.num_layers} layers x top-"

@@ -344,13 +344,17 @@ def _print_report(report, trace, out) -> None:
         per_token = r.transfers_per_token
         per_token = f"{per_token:.2f}" if per_token is not None else "-"
         print(f"{name:<14}{r.hit_rate:>10.3f}{r.stall_rate:>12.3f}{per_token:>17}"
-              f"{r.wasted_prefetches:>10,}{worst:>16}{r.decisions_per_s / 1e6:>12.1f} M", file=out)
+              f"{r.wasted_prefetches:>10,}{worst:>16}{r.decisions_per_s / 1e6:>12.3g} M", file=out)
     for name, r in report.results.items():
         if r.predictors:
             guesses = ", ".join(f"{p} {v['recall']:.3f}/{v['precision']:.3f}"
                                 for p, v in r.predictors.items())
             print(f"{name} predictors, recall/precision of each top-{trace.top_k} guess: {guesses}; "
                   f"prefetches {r.prefetches:,}, used {r.prefetch_hits:,}", file=out)
+        if r.resplit:
+            print(f"{name} re-split: moved {r.resplit['moved']:,} experts of capacity, evicted "
+                  f"{r.resplit['evictions']:,}, reloaded {r.resplit['transfers']:,}; final "
+                  f"capacity {r.resplit['final_capacity']}", file=out)
 
 
 def _print_per_layer(report, out) -> None:
@@ -401,14 +405,16 @@ def _ray_session(address: str | None, job: bool = False):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    from moeray.actors import _ray
+
     if ray.is_initialized():
         yield
         return
     if address is None:
-        ray.init(include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
-                 logging_level="ERROR", _system_config={"worker_maximum_startup_concurrency": 16})
+        _ray.init(include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
+                  logging_level="ERROR", _system_config={"worker_maximum_startup_concurrency": 16})
     else:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        _ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     try:
         yield
     finally:

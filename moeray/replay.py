@@ -63,7 +63,7 @@ POLICY_NAMES = ("lru", "lfu", "adaptive", "affinity-lru", "belady", "moeray")
 DEMAND_POLICY_NAMES = ("lru", "lfu", "adaptive", "affinity-lru", "belady")
 # Run in this process whatever the backend: an oracle, and the predictive policy (not yet
 # hosted by the service's layer actors).
-IN_PROCESS_POLICY_NAMES = ("belady", "moeray")
+IN_PROCESS_POLICY_NAMES = ("belady",)
 
 _BASE_POLICY = {
     "lru": EvictionPolicy.LRU,
@@ -442,7 +442,7 @@ def replay_shards(
                 .with_decay(config.affinity_decay).with_activation_boost(config.affinity_boost))
     results, shard_results = {}, {}
     for name in config.policies:
-        if name in IN_PROCESS_POLICY_NAMES:
+        if name in IN_PROCESS_POLICY_NAMES or name == "moeray":  # one window per layer here
             results[name] = replay_trace(trace, replace(config, policies=(name,))).results[name]
             if progress is not None:
                 progress.advance(trace.num_layers, name)

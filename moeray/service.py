@@ -21,7 +21,9 @@ continue one stream.
 from __future__ import annotations
 
 import os
+import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -70,6 +72,8 @@ class ServiceHandle:
         self._window: list[np.ndarray] = []  # this client's routing not yet sent
         self._window_starts: list[np.ndarray | None] = []  # and its sequence starts
         self._window_opened = 0.0
+        self._window_number = 0  # which window a window_ms timer was armed for
+        self._lock = threading.Lock()  # submit and the window_ms timer both send windows
 
     def submit(self, expert_ids, weights=None, seq_starts=None) -> list[ExpertBatches] | None:
         """One forward pass: expert_ids int [num_layers, T, top_k], weights float, same shape
@@ -84,21 +88,36 @@ class ServiceHandle:
         batches = None
         if w is not None:
             batches = schedule_step(ids, w, self.config.num_experts)
-        if not self._window:
-            self._window_opened = start
-        self._window.append(ids.astype(self.config.ids_dtype()))  # 1/4 of int32's bytes
-        self._window_starts.append(starts)
         ms = self.config.window_ms
-        if len(self._window) >= self.config.window_steps or (
-            ms is not None and (start - self._window_opened) * 1e3 >= ms
-        ):
-            self._send_window()
+        with self._lock:
+            if not self._window:
+                self._window_opened = start
+                self._window_number += 1
+                if ms is not None and self.config.window_steps > 1:
+                    # an engine that pauses must not leave its routing unsent: close the
+                    # window when it is ms old even if no submit comes to do it
+                    closer = threading.Timer(ms / 1e3, self._close_window, (self._window_number,))
+                    closer.daemon = True
+                    closer.start()
+            self._window.append(ids.astype(self.config.ids_dtype()))  # 1/4 of int32's bytes
+            self._window_starts.append(starts)
+            if len(self._window) >= self.config.window_steps or (
+                ms is not None and (start - self._window_opened) * 1e3 >= ms
+            ):
+                self._send_window()
         elapsed = self._timer() - start
         self.submit_latency_s.append(elapsed)
         self._latency_metric.observe(elapsed)
         return batches
 
+    def _close_window(self, number: int) -> None:
+        """The window_ms timer: sends window ``number`` if it is still open."""
+        with self._lock:
+            if self._window and self._window_number == number:
+                self._send_window()
+
     def _send_window(self) -> None:
+        """Sends the open window (the caller holds the lock)."""
         if not self._window:
             return
         if len(self._in_flight) >= self._max_in_flight:
@@ -122,9 +141,11 @@ class ServiceHandle:
     def flush(self) -> None:
         """Sends this client's open window and waits until everything submitted so far has
         reached the coordinator; then closes the coordinator's open window."""
-        self._send_window()
-        _ray.wait_all(self._in_flight)
-        self._in_flight.clear()
+        with self._lock:
+            self._send_window()
+            in_flight = list(self._in_flight)
+            self._in_flight.clear()
+        _ray.wait_all(in_flight)
         _ray.call(self._coordinator.flush)
 
     def stats(self) -> ServiceStats:
@@ -146,8 +167,9 @@ class ServiceHandle:
     def shutdown(self) -> None:
         """Removes the coordinator and every layer actor of this service."""
         try:
-            self._window = []
-            self._window_starts = []
+            with self._lock:
+                self._window = []
+                self._window_starts = []
             _ray.wait_all(self._in_flight)
             _ray.call(self._coordinator.shutdown)
         except _ray.RayActorError:
@@ -171,7 +193,23 @@ def start(config: ServiceConfig) -> ServiceHandle:
         raise ValueError(f"name: service {config.name!r} already runs; connect() to it")
     coordinator = _ray.create_coordinator(config)
     _ray.call(coordinator.ready)  # every actor is up, or its creation error surfaces here
+    _warn_if_core_differs(*_ray.call(coordinator.core))
     return ServiceHandle(coordinator, config)
+
+
+def _warn_if_core_differs(path: str, native: bool) -> None:
+    """A service whose actors fell back to the pure-Python core, beside a native driver, runs
+    tens of times slower: say so, and name the usual cause."""
+    import moeray
+    from moeray.native import IS_NATIVE
+
+    if IS_NATIVE and not native:
+        warnings.warn(
+            f"the service's actors run moeray's pure-Python core, imported from {path} (this "
+            f"process: native, from {moeray.__file__}). Ray puts the driver's working directory "
+            "first on workers' sys.path: a driver started in a moeray checkout makes them import "
+            "its unbuilt source tree. Start the driver in another directory (moeray's own commands do).",
+            RuntimeWarning, stacklevel=3)
 
 
 def connect(name: str = "moeray", namespace: str = "moeray") -> ServiceHandle:

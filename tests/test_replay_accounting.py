@@ -142,11 +142,11 @@ def test_cli_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypa
     assert not png.exists()
 
 
-def test_cli_service_backend_runs_moeray_in_process_beside_the_served_policies(tmp_path, capsys,
-                                                                                monkeypatch):
-    """The service's layer actors do not host moeray yet: `moeray replay` (service backend)
-    sends it only the other policies and replays moeray in-process. A fake service stands in
-    for Ray here (it returns the in-process demand results, without top_k, as the service does)."""
+def test_cli_service_backend_serves_moeray_unless_hints_or_resplit(tmp_path, capsys, monkeypatch):
+    """`moeray replay` (service backend) sends moeray to the layer actors with the other
+    policies, and keeps it in-process when asked for engine hints or a capacity re-split, which
+    the actors do not host. A fake service stands in for Ray here (it returns the in-process
+    results, without top_k, as the service does)."""
     import contextlib
     import types
 
@@ -170,14 +170,15 @@ def test_cli_service_backend_runs_moeray_in_process_beside_the_served_policies(t
     argv = ["replay", str(trace), "--capacity", "0.5", "--policy", "lru", "--policy", "moeray",
             "--json", str(out)]
     assert cli.main(argv) == 0
-    assert asked == [("lru",)]
+    assert asked == [("lru", "moeray")]
     doc = json.loads(out.read_text())
     assert list(doc["policies"]) == ["lru", "moeray"]
     assert doc["policies"]["lru"]["transfers_per_token"] == pytest.approx(1.0)  # 9 misses / 9
-    assert "predictors" in doc["policies"]["moeray"]
     asked.clear()
-    assert cli.main(["replay", str(trace), "--policy", "moeray"]) == 0  # nothing to serve
-    assert asked == []
+    for extra in (["--hint-accuracy", "0.9"], ["--resplit-every", "4"]):
+        assert cli.main(["replay", str(trace), "--policy", "moeray", "--json", str(out)] + extra) == 0
+        assert asked == []  # nothing to serve
+        assert "predictors" in json.loads(out.read_text())["policies"]["moeray"]
     assert "moeray" in capsys.readouterr().out
 
 

@@ -210,13 +210,11 @@ def test_moeray_layer_actor_killed_mid_replay(ray_local, trace):
 
 
 def test_cli_service_backend_serves_moeray(ray_local, tmp_path, monkeypatch):
-    """`moeray replay` (service backend) with moeray served by the layer actors (as once
-    moeray.replay no longer lists it as in-process): same stall rates as --backend local."""
+    """`moeray replay` (service backend) with moeray served by the layer actors: the same
+    stall rates as --backend local."""
     import json
 
-    from moeray import cli, replay
-
-    monkeypatch.setattr(replay, "IN_PROCESS_POLICY_NAMES", ("belady",))
+    from moeray import cli
     full = load_trace(default_trace_path())
     small = tmp_path / "small.npz"
     np.savez(small, expert_ids=full.expert_ids[:600, :4], expert_probs=full.weights[:600, :4],

@@ -253,3 +253,37 @@ def test_layer_actors_keep_the_hot_sets_resident_in_real_bytes(ray_local, tmp_pa
     assert all(0 < stalls for stalls in shards.stalls)
     assert all(0 < r for r in shards.resident_bytes_max)
     assert shards.over_bound() == [], shards.resident_bytes_max
+
+
+def test_window_ms_timer_sends_a_window_no_submit_closes():
+    """A handle's window_ms closes its window by a timer: an engine that pauses after one step
+    still has its routing sent (a fake coordinator records what reaches it; no Ray)."""
+    import threading
+    import time
+
+    from moeray.service import ServiceConfig, ServiceHandle
+
+    received = []
+    arrived = threading.Event()
+
+    class FakeMethod:
+        def remote(self, routing, steps, close_window, starts):
+            received.append((routing.copy(), steps, close_window))
+            arrived.set()
+            return object()
+
+    coordinator = type("FakeCoordinator", (), {"add_routing": FakeMethod()})()
+    config = ServiceConfig(num_layers=2, num_experts=8, top_k=2, capacity=4, window_steps=1000,
+                           window_ms=50.0)
+    handle = ServiceHandle(coordinator, config)
+    ids = np.array([[[0, 1], [2, 3]], [[4, 5], [6, 7]]], dtype=np.int32)  # [layers, T=2, k]
+    handle.submit(ids)
+    assert received == []  # the window is open: 1 of 1,000 steps, younger than 50 ms
+    assert arrived.wait(timeout=10), "window_ms passed and the window was never sent"
+    routing, steps, close_window = received[0]
+    assert steps == 1 and close_window and np.array_equal(routing, ids)
+    # the next window gets its own timer and carries both steps submitted while it was open
+    handle.submit(ids)
+    handle.submit(ids)
+    time.sleep(0.5)
+    assert len(received) == 2 and received[1][1] == 2

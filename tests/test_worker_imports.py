@@ -23,3 +23,18 @@ def test_workers_import_the_drivers_moeray_and_core(ray_local):
     path, native = ray.get(ray.remote(num_cpus=0)(worker_moeray).remote())
     assert path == moeray.__file__
     assert native == moeray.native.IS_NATIVE
+
+
+def test_start_warns_when_the_services_actors_fell_back_to_pure_python():
+    import warnings
+
+    import pytest
+
+    from moeray.service import _warn_if_core_differs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_core_differs(moeray.__file__, moeray.native.IS_NATIVE)  # same core: silent
+    if moeray.native.IS_NATIVE:
+        with pytest.warns(RuntimeWarning, match="pure-Python core, imported from /src/moeray"):
+            _warn_if_core_differs("/src/moeray/__init__.py", False)

@@ -6,6 +6,8 @@ with ``ray.remote`` and gives the coordinator a ``LayerTransport`` over real act
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import replace
 
@@ -24,6 +26,7 @@ __all__ = [
     "create_coordinator",
     "get_coordinator",
     "call",
+    "init",
     "call_async",
     "kill",
     "RayActorError",
@@ -232,6 +235,13 @@ class CoordinatorHost:
         wait_all([handle.ping.remote() for handle in self._transport.handles()])
         return True
 
+    def core(self) -> tuple[str, bool]:
+        """Where this process imported moeray from, and whether its core is the native one."""
+        import moeray
+        from moeray.native import IS_NATIVE
+
+        return moeray.__file__, IS_NATIVE
+
     def shutdown(self) -> None:
         self._transport.kill_all()
 
@@ -256,6 +266,20 @@ def get_coordinator(name: str, namespace: str):
         return ray.get_actor(coordinator_name(name), namespace=namespace)
     except ValueError:
         raise ValueError(f"name: no moeray service {name!r} in namespace {namespace!r}") from None
+
+
+def init(**kwargs) -> None:
+    """``ray.init(**kwargs)`` from an empty working directory. Ray puts the driver's working
+    directory first on every worker's sys.path: a driver run inside a moeray checkout would make
+    the workers import the checkout's unbuilt source tree (and its pure-Python core) instead of
+    the installed package."""
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="moeray-driver-") as empty:
+        os.chdir(empty)
+        try:
+            ray.init(**kwargs)
+        finally:
+            os.chdir(cwd)
 
 
 def call(method, *args, **kwargs):

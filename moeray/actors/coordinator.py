@@ -64,7 +64,8 @@ class ServiceConfig:
     """Model shape, cache policy and coalescing of one moeray service.
 
     capacity: hot experts per layer, one int for every layer or a tuple of num_layers ints.
-    window_steps: submits per window; window_ms: also close a window this old (None: never).
+    window_steps: submits per window; window_ms: also close a window this old (None: never;
+    a ServiceHandle closes its own window by a timer, the coordinator at the next submit).
     layers_per_actor: consecutive layers hosted by one actor process (1: one actor per layer).
     placement: per layer actor, the Ray custom resource that pins it to a node (None: anywhere).
     shards: a checkpoint directory, at this path on every node, whose expert bytes the layer
