@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import moeray.native
 from moeray import ExpertCache, ExpertCacheConfig, service
 from moeray.traces import default_trace_path, load_trace
 from moeray.wire import decode_batches, encode_step
@@ -248,11 +249,17 @@ def test_layer_actors_keep_the_hot_sets_resident_in_real_bytes(ray_local, tmp_pa
     assert report.results["lru"].per_layer_hits == replay_trace(trace, config).results["lru"].per_layer_hits
     shards = report.shards["lru"]
     assert shards.capacity_bytes == (8 * expert,) * 2
-    # each 16-token window admits some experts and the actor populates each one it keeps
-    assert all(moved > 0 and moved % expert == 0 for moved in shards.bytes_moved)
+    # the prefetcher populates whole experts; a window's admissions are queued to it
+    assert all(moved % expert == 0 for moved in shards.bytes_moved)
     assert all(0 < stalls for stalls in shards.stalls)
-    assert all(0 < r for r in shards.resident_bytes_max)
     assert shards.over_bound() == [], shards.resident_bytes_max
+    if not moeray.native.IS_NATIVE:
+        # the twin populates as it is asked, so every expert a window kept was read in. The
+        # native prefetcher works behind the windows and the service waits for none: a
+        # prefetch that a later window releases before the thread reaches it moves no bytes,
+        # so how many bytes move through the service there depends on timing.
+        assert all(moved > 0 for moved in shards.bytes_moved)
+        assert all(0 < r for r in shards.resident_bytes_max)
 
 
 def test_window_ms_timer_sends_a_window_no_submit_closes():
