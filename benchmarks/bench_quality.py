@@ -10,10 +10,16 @@ by prefetch; transfers/token counts all layers. Belady is the offline optimum of
 Goals (issue 5, at 25 % of experts per layer): moeray's stall rate at or below Belady's miss
 rate on both traces, with transfers per token at most 1.5x Belady's.
 
-At 25 % only, three more rows of the moeray policy (not policy names of `moeray replay`):
-`moeray re-split` (one total capacity re-split across layers, moeray.policy.split, its
-SplitConfig defaults) and `moeray hints P` (synthetic engine hints from the trace itself, each
-hinted id right with probability P, seed 0: `moeray replay --hint-accuracy P`).
+At 25 % only, more rows of the moeray policy (not policy names of `moeray replay`):
+`moeray thrifty` (two thrift knobs turned, the other end of the stalls-for-transfers trade),
+`moeray before pairs` (the defaults of the previous release: single-expert cross-layer tables,
+victims valued by this token alone, budget 4), `moeray re-split` (one total capacity re-split
+across layers, moeray.policy.split, its SplitConfig defaults), `moeray hints P` (synthetic
+engine hints from the trace itself, each hinted id right with probability P, seed 0:
+`moeray replay --hint-accuracy P`) and `moeray, oracle evictions, threshold X`: not a policy
+but a bound, moeray's predictions and prefetches (above a blended probability X) with every
+victim chosen by the true next use (Belady's rule, from the future), which shows how much of
+the gap to the goals is eviction.
 
 usage: python benchmarks/bench_quality.py [--traces DIR] [--tokens N] [--json PATH]
 Without ../shared/traces (or --traces) it uses the bundled gpt-oss-20b slice only.
@@ -33,7 +39,8 @@ from moeray._progress import Progress
 from moeray.native import IS_NATIVE
 from moeray.policy.predict import PredictConfig
 from moeray.policy.split import SplitConfig
-from moeray.replay import ReplayConfig, capacity_from_fraction, replay_trace
+from moeray.policy.predict import PredictiveCaches
+from moeray.replay import ReplayConfig, capacity_from_fraction, replay_predictive, replay_trace
 from moeray.traces import Trace, default_trace_path, load_trace
 
 SHARED_TRACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
@@ -49,12 +56,41 @@ GOAL_TRANSFER_RATIO = 1.5
 # the other end of the stalls-for-transfers trade (same for every trace).
 THRIFTY = replace(PredictConfig(), prefetch_threshold=0.3, victim_affinity_weight=0.5)
 THRIFTY_NAME = "moeray thrifty"
+BEFORE_PAIRS = replace(PredictConfig(), prefetch_budget=4, cross_pairs=False, victim_next_weight=0.0)
 RESPLIT = replace(PredictConfig(), split=SplitConfig())
 RESPLIT_NAME = "moeray re-split"
 HINT_ACCURACIES = (0.9, 0.6)
+# The oracle row's prefetch thresholds: at the default 0 its free evictions buy stalls with
+# transfers; 0.3 and 0.4 show where both goals come within reach.
+ORACLE_THRESHOLDS = (0.3, 0.4)
+ORACLE_NAMES = tuple(f"moeray, oracle evictions, threshold {t:g}" for t in ORACLE_THRESHOLDS)
 # Extra rows at GOAL_FRACTION: name -> ReplayConfig fields for the moeray policy.
-EXTRAS = {RESPLIT_NAME: {"predict": RESPLIT},
+EXTRAS = {THRIFTY_NAME: {"predict": THRIFTY}, "moeray before pairs": {"predict": BEFORE_PAIRS},
+          RESPLIT_NAME: {"predict": RESPLIT},
           **{f"moeray hints {p:g}": {"hint_accuracy": p} for p in HINT_ACCURACIES}}
+
+
+class OracleEvictions(PredictiveCaches):
+    """Not a policy (it reads the future): moeray's predictions and prefetches, with every
+    victim, of a prefetch or of a demand load, chosen by the true next use of each hot expert
+    (Belady's rule). Hooks: ``_hot_value`` and ``_keep_scores`` of PredictiveCaches."""
+
+    def __init__(self, trace: Trace, capacity: int, config: PredictConfig):
+        super().__init__(trace.num_layers, trace.num_experts, trace.top_k, capacity, config)
+        T, L, E = trace.num_tokens, trace.num_layers, trace.num_experts
+        used = np.zeros((T, L, E), dtype=bool)
+        np.put_along_axis(used, trace.expert_ids.astype(np.intp), True, axis=2)
+        self._next_use = np.full((T + 1, L, E), 2**30, dtype=np.int32)  # first use at or after t
+        for t in range(T - 1, -1, -1):
+            self._next_use[t] = np.where(used[t], t, self._next_use[t + 1])
+
+    def _hot_value(self, p):
+        t = self._clock - 1  # this token: step advances the clock before its prefetches
+        return 1.0 / (1.0 + (self._next_use[t] - t))  # 1 when this token uses it
+
+    def _keep_scores(self, ids):
+        t = self._clock - 1
+        return -(self._next_use[t + 1] - t).astype(np.float64)  # later next use: evict first
 
 
 def head(trace: Trace, tokens: int) -> Trace:
@@ -82,14 +118,17 @@ def measure(trace: Trace, progress: Progress) -> list[dict]:
         capacity = capacity_from_fraction(fraction, trace.num_experts)
         report = replay_trace(trace, ReplayConfig(capacity=capacity, policies=POLICIES),
                               progress=progress)
-        thrifty = replay_trace(trace, ReplayConfig(capacity=capacity, policies=("moeray",),
-                                                   predict=THRIFTY), progress=progress)
-        results = {**report.results, THRIFTY_NAME: thrifty.results["moeray"]}
+        results = dict(report.results)
         if fraction == GOAL_FRACTION:
             for name, fields in EXTRAS.items():
                 extra = replay_trace(trace, ReplayConfig(capacity=capacity, policies=("moeray",),
                                                          **fields), progress=progress)
                 results[name] = extra.results["moeray"]
+            for name, threshold in zip(ORACLE_NAMES, ORACLE_THRESHOLDS):
+                config = replace(PredictConfig(), prefetch_threshold=threshold)
+                results[name] = replay_predictive(
+                    trace, ReplayConfig(capacity=capacity, policies=("moeray",)),
+                    progress=progress, caches=OracleEvictions(trace, capacity, config))
         for name, r in results.items():
             rows.append({
                 "trace": trace.name, "tokens": trace.num_tokens, "capacity": fraction,
@@ -107,7 +146,7 @@ def goals(rows: list[dict]) -> list[dict]:
     out = []
     for name in dict.fromkeys(r["trace"] for r in rows):
         at = {r["policy"]: r for r in rows if r["trace"] == name and r["capacity"] == GOAL_FRACTION}
-        for policy in ("moeray", THRIFTY_NAME, *EXTRAS):
+        for policy in ("moeray", *EXTRAS, *ORACLE_NAMES):
             if policy in at and "belady" in at:
                 out.append(_goal(name, policy, at[policy], at["belady"]))
     return out
@@ -129,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args(argv)
     chosen = [head(t, args.tokens) for t in traces(args.traces)]
-    total = sum((len(FRACTIONS) * (len(POLICIES) + 1) + len(EXTRAS)) * t.num_layers for t in chosen)
+    total = sum((len(FRACTIONS) * len(POLICIES) + len(EXTRAS) + len(ORACLE_NAMES)) * t.num_layers for t in chosen)
     rows = []
     with Progress(total, "quality", enabled=args.progress) as progress:
         for trace in chosen:
@@ -137,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"core: {'native' if IS_NATIVE else 'pure Python'}; moeray parameters: "
           f"{asdict(PredictConfig())}; {THRIFTY_NAME}: the same with prefetch_threshold "
           f"{THRIFTY.prefetch_threshold}, victim_affinity_weight {THRIFTY.victim_affinity_weight}; "
+          f"moeray before pairs: the same with prefetch_budget {BEFORE_PAIRS.prefetch_budget}, "
+          f"cross_pairs {BEFORE_PAIRS.cross_pairs}, victim_next_weight "
+          f"{BEFORE_PAIRS.victim_next_weight}; "
           f"{RESPLIT_NAME}: split {asdict(RESPLIT.split)}\n")
     print("| trace | tokens | capacity | policy | hit rate | stall rate | transfers/token | "
           "wasted prefetches |")

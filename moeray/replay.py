@@ -328,11 +328,14 @@ def replay_predictive(
     config: ReplayConfig,
     timer: Callable[[], float] = time.perf_counter,
     progress: Progress | None = None,
+    caches: PredictiveCaches | None = None,
 ) -> PolicyResult:
     """The ``moeray`` policy over ``trace``, token by token (each token's layers in order),
-    with synthetic hints when ``config.hint_accuracy`` is set."""
-    caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k, config.capacity,
-                              config.predict)
+    with synthetic hints when ``config.hint_accuracy`` is set. caches: fresh hot sets to
+    replay with (a variant under study; default: built from ``config``)."""
+    if caches is None:
+        caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k,
+                                  config.capacity, config.predict)
     hints = None
     if config.hint_accuracy is not None:
         hints = synthetic_hints(trace.expert_ids, trace.num_experts, config.hint_accuracy,

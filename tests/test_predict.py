@@ -132,6 +132,53 @@ def test_a_prefetch_threshold_above_every_probability_turns_prefetch_off():
     assert on.stalls[1:].sum() < off.stalls[1:].sum()
 
 
+def pair_stream(tokens=400, seed=3):
+    """Layer 0: a random pair of {0, 1, 2, 3}; layer 1: target A = (4, 5), B = (6, 7) or
+    C = (8, 9) by the pair: (0,1) and (2,3) -> A, (0,2) and (1,3) -> B, (0,3) and (1,2) -> C.
+    Every expert of layer 0 is in one pair of each target, so alone it says nothing about
+    layer 1 (1/3 each); the pair says everything."""
+    target = {(0, 1): 4, (2, 3): 4, (0, 2): 6, (1, 3): 6, (0, 3): 8, (1, 2): 8}
+    rng = np.random.default_rng(seed)
+    pairs = list(target)
+    ids = np.empty((tokens, 2, 2), dtype=np.int32)
+    for t in range(tokens):
+        pair = pairs[rng.integers(len(pairs))]
+        ids[t, 0] = pair if rng.random() < 0.5 else pair[::-1]  # order within a pair is noise
+        ids[t, 1] = (target[pair], target[pair] + 1)
+    return ids
+
+
+def test_the_pair_table_predicts_what_single_experts_cannot():
+    ids = pair_stream()
+    stall_rate = {}
+    for pairs in (True, False):
+        config = replace(CROSS_ONLY, prefetch_budget=2, cross_pairs=pairs)
+        caches = PredictiveCaches(2, 10, 2, 2, config)
+        caches.run(ids[:100])
+        before = caches.stats.stalls[1]
+        caches.run(ids[100:])
+        stall_rate[pairs] = (caches.stats.stalls[1] - before) / (300 * 2)
+    # With pairs, layer 1 knows its target before each token arrives; without, the three
+    # targets tie and about 2 in 3 tokens find the wrong pair hot.
+    assert stall_rate[True] <= 0.01, stall_rate
+    assert stall_rate[False] > 0.4, stall_rate
+
+
+def test_hashed_pair_buckets_stay_in_range(monkeypatch):
+    import moeray.policy.predict as predict
+    monkeypatch.setattr(predict, "PAIR_TABLE_ENTRIES", 3 * 12 * 5)  # 5 buckets for 78 pairs
+    ids = random_stream(200, 3, 12, 3, seed=4)
+    caches = PredictiveCaches(3, 12, 3, 4)
+    assert caches._pair_buckets == 5
+    index = caches._pair_index(ids.reshape(-1, 3))
+    assert index.min() >= 0 and index.max() < 5 and len(np.unique(index)) == 5
+    s = caches.run(ids)
+    assert (s.hits + s.stalls == 200 * 3).all()
+    assert (caches._hot.sum(axis=1) <= caches.capacity).all()
+    # top-1 routing has no pairs: the cross-layer table is the single-expert one
+    assert PredictiveCaches(3, 12, 1, 4)._pair_buckets == 0
+
+
 def test_hot_sets_never_exceed_capacity_and_counts_add_up():
     ids = deterministic_stream(tokens=300, layers=3, num_experts=10, top_k=3, seed=2)
     caches = PredictiveCaches(3, 10, 3, [3, 5, 10])
@@ -155,6 +202,8 @@ def test_config_and_input_errors():
                           ({"prefetch_margin": 1.5}, "prefetch_margin"),
                           ({"prefetch_threshold": -0.1}, "prefetch_threshold"),
                           ({"victim_affinity_weight": -1.0}, "victim_affinity_weight"),
+                          ({"pair_prior": -1.0}, "pair_prior"),
+                          ({"cross_pairs": 1}, "cross_pairs"),
                           ({"cross_weight": 0.0, "previous_weight": 0.0, "affinity_weight": 0.0},
                            "cross_weight")]:
         with pytest.raises(ValueError, match=field):

@@ -75,7 +75,7 @@ class ServiceConfig:
     policy: lru | lfu | adaptive | affinity-lru (demand caches; ``prefetch_budget`` experts are
     prefetched by affinity after each window) or moeray (the predictive policy; its parameters
     are ``predict``, a PredictConfig or a dict of its fields, and its budget, experts per layer
-    per token, is ``predict.prefetch_budget``; ``prefetch_budget`` must stay 0, ``shards`` and
+    per token, is ``predict.prefetch_budget`` (None: top_k); ``prefetch_budget`` must stay 0, ``shards`` and
     ``predict.split`` None; engine hints are not taken).
     """
 
@@ -282,7 +282,8 @@ def prefetch_budgets(config: ServiceConfig) -> tuple[int, ...]:
     experts per token, else ``prefetch_budget`` experts by affinity per window. A function of
     the configuration alone: decisions never depend on when acknowledgements arrive."""
     if config.policy == PREDICTIVE_POLICY:
-        return (config.predict.prefetch_budget,) * config.num_layers
+        budget = config.predict.prefetch_budget
+        return (config.top_k if budget is None else budget,) * config.num_layers
     return (config.prefetch_budget,) * config.num_layers
 
 

@@ -1,8 +1,11 @@
 """The ``moeray`` policy: per-layer hot sets driven by online predictions of the next routing.
 
 Three predictors, each learned online from the routing seen so far (nothing else):
-- cross-layer: a transition table P(e' at l | e at l-1), with exponential decay per token;
-  once layer l-1's routing of token t is known it predicts token t's experts at layer l;
+- cross-layer: transition tables P(e' at l | a pair of experts at l-1), each pair backed off
+  to the single-expert tables P(e' at l | e at l-1) while it is rarely seen, with exponential
+  decay per token; once layer l-1's routing of token t is known they predict token t's
+  experts at layer l (the mean over the pairs of that routing). A pair says more than its two
+  experts alone: top-k precision +5 points on both real traces;
 - previous-token: a table P(e' at token t | e at token t-1) per layer (within one sequence),
   with decay; it predicts token t's experts at layer l from token t-1's;
 - affinity: per layer and expert, an EMA of "used by this token" (an estimate of how often
@@ -10,7 +13,10 @@ Three predictors, each learned online from the routing seen so far (nothing else
 Their scores are blended with fixed weights into one estimate ``p[l, e]`` that token t uses
 expert e at layer l. Before token t reaches layer l, up to ``prefetch_budget`` cold experts with
 the highest ``p`` are prefetched into layer l's hot set, each evicting the hot expert of lowest
-``p`` if it scores at least ``prefetch_margin`` lower. A miss (a stall) loads on demand and
+value if it is worth at least ``prefetch_margin`` less. A hot expert's value is ``p`` plus what
+the next token is expected to want of it (``victim_next_weight``): without that term
+prefetches evict experts the following tokens need again (on the first 3,000 tokens of
+gpt-oss-20b, transfers 2.96x Belady's without it, 2.10x with it). A miss (a stall) loads on demand and
 evicts, among the hot experts this token has not used at this layer, the one least likely to
 be used by the next token (previous-token table from this token's routing, blended with
 affinity; least recently touched among equals).
@@ -45,15 +51,18 @@ together in numpy arrays and makes exactly the decisions a token-major loop over
 0..L-1 would make. Prefetches complete before the use they were issued in time for: an expert
 used while hot is a hit, otherwise a stall.
 
-Parameters are chosen once for every trace (``PredictConfig`` defaults): prefetch budget 4
-experts per layer per token, transition decay 0.999, affinity decay 0.9, blend 0.7 cross-layer
-+ 0.2 previous-token + 0.1 affinity, prefetch margin 0.05, no prefetch threshold, eviction
-score 0.5 previous-token + 0.5 affinity. They were picked by hand on the first 3,000 tokens of
-the gpt-oss-20b and DeepSeek-V2-Lite developer traces, stalls first (budget 0-4, margin
-0.05-0.5, threshold 0-0.3, blends 0.5/0.3/0.2 and 0.7/0.2/0.1): more budget and a lower margin
-cut stalls and add wasted transfers; ``prefetch_threshold`` and ``victim_affinity_weight`` turn
-the trade the other way. Hint prior 16 misses (hints: see above). Re-split: off by default
-(``split=None``); ``SplitConfig()`` defaults when on (see ``moeray.policy.split``).
+Parameters are chosen once for every trace (``PredictConfig`` defaults): prefetch budget
+top_k experts per layer per token, transition decay 0.999, pair prior 1, affinity decay 0.9,
+blend 0.7 cross-layer + 0.2 previous-token + 0.1 affinity, prefetch margin 0.05, no prefetch
+threshold, victim value p + 0.7 next-token estimate, eviction score 0.5 previous-token + 0.5
+affinity. They were picked by hand on the first 3,000 tokens of the gpt-oss-20b and
+DeepSeek-V2-Lite developer traces, as the fewest transfers whose stall rate stays below
+Belady's miss rate on both (next-token weight 0.3-1.0, budget 4 or top_k, margin 0.05-0.2,
+threshold 0-0.4, victim affinity 0-1): a lower next-token weight, more budget and a lower
+margin cut stalls and add transfers; ``prefetch_threshold`` and ``victim_affinity_weight`` turn
+the trade further towards fewer transfers. Hint prior 16 misses (hints: see above). Re-split:
+off by default (``split=None``); ``SplitConfig()`` defaults when on (see
+``moeray.policy.split``).
 """
 
 from __future__ import annotations
@@ -65,31 +74,38 @@ import numpy as np
 from moeray.policy._validate import check_float, check_int
 from moeray.policy.split import CapacitySplit, SplitConfig, per_layer_capacity
 
-__all__ = ["PREDICTOR_NAMES", "PredictConfig", "PredictStats", "PredictiveCaches"]
+__all__ = ["PAIR_TABLE_ENTRIES", "PREDICTOR_NAMES", "PredictConfig", "PredictStats", "PredictiveCaches"]
 
 # Names of the predictors whose recall and precision the report shows ("combined" is the blend
 # that drives prefetches; "hints" are the engine's, counted only where a layer had any).
 PREDICTOR_NAMES = ("cross-layer", "previous-token", "affinity", "combined", "hints")
 _HINTS = PREDICTOR_NAMES.index("hints")
+# Most entries of one pair table (float64; 64 MiB): beyond it pairs share hashed buckets.
+PAIR_TABLE_ENTRIES = 2**23
 
 
 @dataclass(frozen=True)
 class PredictConfig:
     """prefetch_budget: prefetches per layer per token step, >= 0 (0: a demand cache that
-    evicts by prediction). transition_decay, affinity_decay: per-token decay in (0, 1) of the
+    evicts by prediction; None: top_k, as many as a token uses). transition_decay, affinity_decay: per-token decay in (0, 1) of the
     transition tables and the affinity EMA. cross_weight, previous_weight, affinity_weight:
     >= 0, blend of the three predictors (normalised over those available: layer 0 and the
     first token of a sequence have fewer). prefetch_margin: in [0, 1], how much more likely
     a prefetched expert must be than the one it evicts. keep_previous_weight,
     keep_affinity_weight: >= 0, the score by which a demand load chooses its victim.
     prefetch_threshold: in [0, 1], the least blended probability worth a prefetch.
-    victim_affinity_weight: >= 0, added affinity (times this weight) to the value of a hot
-    expert a prefetch would evict, so experts used often are kept. The last two trade stalls
+    victim_next_weight, victim_affinity_weight: >= 0, added to the value of a hot expert a
+    prefetch would evict: its estimated use by the next token (the previous-token table
+    applied to this token's estimates) and its affinity, times these weights, so an expert
+    the next tokens want is not evicted for one this token may want. The last two trade stalls
     for transfers (0: stalls first). hint_prior: >= 0, misses assumed before a layer's first
-    hint, so hints earn their weight. split: None (each layer keeps its capacity) or a
+    hint, so hints earn their weight. cross_pairs: the cross-layer predictor conditions on
+    each pair of the previous layer's experts (True) or on each expert alone (False).
+    pair_prior: >= 0, pseudo-count of the single-expert estimate in each pair's estimate (a
+    pair seen rarely leans on its two experts' own tables). split: None (each layer keeps its capacity) or a
     SplitConfig: one total capacity re-split across layers."""
 
-    prefetch_budget: int = 4
+    prefetch_budget: int | None = None
     transition_decay: float = 0.999
     affinity_decay: float = 0.9
     cross_weight: float = 0.7
@@ -99,20 +115,27 @@ class PredictConfig:
     keep_previous_weight: float = 0.5
     keep_affinity_weight: float = 0.5
     prefetch_threshold: float = 0.0
+    victim_next_weight: float = 0.7
     victim_affinity_weight: float = 0.0
     hint_prior: float = 16.0
+    cross_pairs: bool = True
+    pair_prior: float = 1.0
     split: SplitConfig | None = None
 
     def __post_init__(self):
         if self.split is not None and not isinstance(self.split, SplitConfig):
             raise ValueError(f"split: expected None or a SplitConfig, got {type(self.split).__name__}")
-        check_int(self.prefetch_budget, "prefetch_budget", 0)
+        if self.prefetch_budget is not None:
+            check_int(self.prefetch_budget, "prefetch_budget", 0)
         for name in ("transition_decay", "affinity_decay"):
             value = check_float(getattr(self, name), name)
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name}: expected a float in (0, 1), got {value}")
+        if not isinstance(self.cross_pairs, bool):
+            raise ValueError(f"cross_pairs: expected a bool, got {self.cross_pairs!r}")
         for name in ("cross_weight", "previous_weight", "affinity_weight", "keep_previous_weight",
-                     "keep_affinity_weight", "victim_affinity_weight", "hint_prior"):
+                     "keep_affinity_weight", "victim_next_weight", "victim_affinity_weight", "hint_prior",
+                     "pair_prior"):
             if check_float(getattr(self, name), name) < 0.0:
                 raise ValueError(f"{name}: expected a float >= 0, got {getattr(self, name)}")
         if self.cross_weight + self.previous_weight + self.affinity_weight <= 0.0:
@@ -202,6 +225,16 @@ class PredictiveCaches:
         self._cross = np.zeros((L, E, E))  # [l, e at l-1, e' at l]; row 0 unused
         self._cross_n = np.zeros((L, E))
         self._prev = np.zeros((L, E, E))  # [l, e at t-1, e' at t]
+        # Pair table [l, pair at l-1, e' at l]: a pair (a <= b) of the previous layer's experts
+        # tells more than each alone (top-k precision on the real traces +5 points, see
+        # BENCHMARKS.md). Too many pairs for PAIR_TABLE_ENTRIES are hashed into fewer buckets.
+        self._pair_a, self._pair_b = np.triu_indices(top_k, 1)
+        pairs = E * (E + 1) // 2
+        use_pairs = config.cross_pairs and top_k > 1 and L > 1
+        self._pair_buckets = (min(pairs, max(1, PAIR_TABLE_ENTRIES // (L * E))) if use_pairs
+                              else 0)
+        self._pair = np.zeros((L, self._pair_buckets, E))
+        self._pair_n = np.zeros((L, self._pair_buckets))
         self._prev_n = np.zeros((L, E))
         self._scale = 1.0
         self._affinity = np.zeros((L, E))
@@ -227,6 +260,41 @@ class PredictiveCaches:
         num = table[rows, ids]  # [L, k, E]
         den = counts[rows, ids][..., None]
         return (num / np.maximum(den, 1e-300)).sum(axis=1) * (1.0 / ids.shape[1])
+
+    def _pair_index(self, src: np.ndarray) -> np.ndarray:
+        """Bucket of every pair of each row's experts: src int [n, k] -> int [n, k(k-1)/2]."""
+        a, b = src[:, self._pair_a], src[:, self._pair_b]
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        index = lo * self.num_experts - lo * (lo - 1) // 2 + (hi - lo)  # triangular, a <= b
+        if self._pair_buckets < self.num_experts * (self.num_experts + 1) // 2:
+            index = index.astype(np.int64) * 2654435761 % self._pair_buckets  # hashed, spread
+        return index
+
+    def _cross_scores(self, src: np.ndarray) -> np.ndarray:
+        """P(e' at l | routing at l - 1) for l >= 1 from src = ids[:-1]: float [L - 1, E], the
+        mean over the source experts (or over their pairs, each backed off to its two
+        experts' tables by pair_prior) of the decayed transition frequencies."""
+        rows = self._rows[:-1, None]
+        cond = self._cross[1:][rows, src] / np.maximum(self._cross_n[1:][rows, src], 1e-300)[..., None]
+        if not self._pair_buckets:
+            return cond.mean(axis=1)
+        back = 0.5 * (cond[:, self._pair_a] + cond[:, self._pair_b])  # [L - 1, pairs, E]
+        index = self._pair_index(src)
+        prior = self.config.pair_prior * self._scale
+        num = self._pair[1:][rows, index] + prior * back
+        den = self._pair_n[1:][rows, index][..., None] + prior
+        return (num / np.maximum(den, 1e-300)).mean(axis=1)
+
+    def _learn_cross(self, ids: np.ndarray, inc: float) -> None:
+        # A router's k experts are distinct, so the index triples are too (plain += is exact;
+        # a repeated id within one token's routing counts once, as do hashed pairs colliding).
+        rows = self._rows[1:, None]
+        self._cross[rows[..., None], ids[:-1, :, None], ids[1:, None, :]] += inc
+        self._cross_n[rows, ids[:-1]] += inc
+        if self._pair_buckets:
+            index = self._pair_index(ids[:-1])
+            self._pair[rows[..., None], index[:, :, None], ids[1:, None, :]] += inc
+            self._pair_n[rows, index] += inc
 
     def _guess_stats(self, index: int, scores: np.ndarray, ids: np.ndarray) -> None:
         """Queues the top-k guess of ``scores`` [n, E] against ``ids`` [n, k] for predictor
@@ -274,6 +342,17 @@ class PredictiveCaches:
         nxt = self._table_scores(self._prev, self._prev_n, ids)
         keep = cfg.keep_previous_weight * nxt + cfg.keep_affinity_weight * self._affinity
         return keep - 1e-9 * (1.0 - self._touch / max(self._clock, 1))
+
+    def _hot_value(self, p: np.ndarray) -> np.ndarray:
+        """What keeping each expert is worth when a prefetch looks for a victim: float [L, E]
+        from this token's estimates ``p``."""
+        cfg, value = self.config, p
+        if cfg.victim_next_weight:
+            cond = self._prev / np.maximum(self._prev_n, 1e-300)[..., None]  # [l, e at t, e' at t+1]
+            value = value + cfg.victim_next_weight / self.top_k * np.einsum("le,lef->lf", p, cond)
+        if cfg.victim_affinity_weight:
+            value = value + cfg.victim_affinity_weight * self._affinity
+        return value
 
     def set_capacity(self, capacity) -> None:
         """Sets each layer's capacity from the next token on: int in [1, num_experts] or one per
@@ -349,7 +428,7 @@ class PredictiveCaches:
                 weight += cfg.previous_weight
         if L > 1:
             cross = np.zeros_like(p)
-            cross[1:] = self._table_scores(self._cross[1:], self._cross_n[1:], ids[:-1])
+            cross[1:] = self._cross_scores(ids[:-1])
             self._guess_stats(0, cross[1:], ids[1:])
             if cfg.cross_weight > 0:
                 p[1:] += cfg.cross_weight * cross[1:]
@@ -361,8 +440,9 @@ class PredictiveCaches:
 
         # Prefetch: the most likely cold experts, each against the least likely hot one.
         hot = self._hot
-        value = p + cfg.victim_affinity_weight * self._affinity if cfg.victim_affinity_weight else p
-        for _ in range(cfg.prefetch_budget):
+        value = self._hot_value(p)
+        budget = self.top_k if cfg.prefetch_budget is None else cfg.prefetch_budget
+        for _ in range(budget):
             cand_scores = np.where(hot, -np.inf, p)
             cand = cand_scores.argmax(axis=1)
             cand_p = cand_scores[rows, cand]
@@ -411,16 +491,12 @@ class PredictiveCaches:
         inc = self._scale
         r3 = rows[:, None, None]
         if L > 1:
-            src, dst = ids[:-1, :, None], ids[1:, None, :]
-            # A router's k experts are distinct, so the index triples are too (plain += is
-            # exact; a repeated id within one token's routing counts once).
-            self._cross[r3[1:], src, dst] += inc
-            self._cross_n[rows[1:, None], ids[:-1]] += inc
+            self._learn_cross(ids, inc)
         if have_prev:
             self._prev[r3, self._last_ids[:, :, None], ids[:, None, :]] += inc
             self._prev_n[rows[:, None], self._last_ids] += inc
         if self._scale > 1e200:
-            for a in (self._cross, self._cross_n, self._prev, self._prev_n):
+            for a in (self._cross, self._cross_n, self._pair, self._pair_n, self._prev, self._prev_n):
                 a /= self._scale
             self._scale = 1.0
         self._affinity *= cfg.affinity_decay
