@@ -164,6 +164,29 @@ def test_the_pair_table_predicts_what_single_experts_cannot():
     assert stall_rate[False] > 0.4, stall_rate
 
 
+def test_prefetch_victims_keep_what_the_next_token_wants():
+    """Layer 1 cycles A=0, B=1, then X, a random one of 3..9; layer 0 names the same expert,
+    so the cross-layer table knows each token's expert exactly (no stalls after warm-up).
+    Capacity 2, one prefetch per token. At X's token A and B are hot and this token wants
+    neither. Valued by this token alone they tie and the least recently used, A, goes, though
+    the next token wants it: 3 transfers a period (X, A, B). Valued also by the next token
+    (the previous-token table says A follows X), B goes and A is hit: 2 (X and B), fewer when
+    X repeats and is still hot."""
+    rng = np.random.default_rng(0)
+    seq = np.array([e for _ in range(300) for e in (0, 1, int(rng.integers(3, 10)))])
+    ids = np.stack([seq, seq], axis=1)[:, :, None]
+    per_period = {}
+    for weight in (0.0, 0.7):
+        config = replace(CROSS_ONLY, victim_next_weight=weight)
+        caches = PredictiveCaches(2, 10, 1, 2, config)
+        caches.run(ids[:300])
+        before = caches.stats.transfers[1], caches.stats.stalls[1]
+        caches.run(ids[300:])
+        assert caches.stats.stalls[1] == before[1]
+        per_period[weight] = (caches.stats.transfers[1] - before[0]) / 200
+    assert per_period[0.0] >= 2.9 and per_period[0.7] <= 2.05, per_period
+
+
 def test_hashed_pair_buckets_stay_in_range(monkeypatch):
     import moeray.policy.predict as predict
     monkeypatch.setattr(predict, "PAIR_TABLE_ENTRIES", 3 * 12 * 5)  # 5 buckets for 78 pairs

@@ -11,12 +11,13 @@ Three predictors, each learned online from the routing seen so far (nothing else
 - affinity: per layer and expert, an EMA of "used by this token" (an estimate of how often
   the expert is used).
 Their scores are blended with fixed weights into one estimate ``p[l, e]`` that token t uses
-expert e at layer l. Before token t reaches layer l, up to ``prefetch_budget`` cold experts with
-the highest ``p`` are prefetched into layer l's hot set, each evicting the hot expert of lowest
-value if it is worth at least ``prefetch_margin`` less. A hot expert's value is ``p`` plus what
-the next token is expected to want of it (``victim_next_weight``): without that term
-prefetches evict experts the following tokens need again (on the first 3,000 tokens of
-gpt-oss-20b, transfers 2.96x Belady's without it, 2.10x with it). A miss (a stall) loads on demand and
+expert e at layer l. Before token t reaches layer l, up to ``prefetch_budget`` cold experts
+with the highest ``p`` are prefetched into layer l's hot set, each evicting the hot expert of
+lowest value (least recently touched among equals) if it is worth at least
+``prefetch_margin`` less. A hot expert's value is ``p`` plus what the next token is expected
+to want of it (``victim_next_weight``): without that term prefetches evict experts the
+following tokens need again (on the first 3,000 tokens of gpt-oss-20b, transfers 2.96x
+Belady's without it, 2.10x with it). A miss (a stall) loads on demand and
 evicts, among the hot experts this token has not used at this layer, the one least likely to
 be used by the next token (previous-token table from this token's routing, blended with
 affinity; least recently touched among equals).
@@ -447,7 +448,7 @@ class PredictiveCaches:
             cand = cand_scores.argmax(axis=1)
             cand_p = cand_scores[rows, cand]
             full = self._hot_count >= self.capacity
-            victim_scores = np.where(hot, value - 1e-9 * self._touch / self._clock, np.inf)
+            victim_scores = np.where(hot, value + 1e-9 * self._touch / self._clock, np.inf)
             victim = victim_scores.argmin(axis=1)
             bar = np.where(full, victim_scores[rows, victim] + cfg.prefetch_margin, cfg.prefetch_margin)
             go = (cand_p > bar) & (cand_p > cfg.prefetch_threshold)
