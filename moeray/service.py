@@ -39,6 +39,7 @@ from moeray.actors.coordinator import (
     ServiceConfig, ServiceStats, check_seq_starts, check_step, schedule_step,
 )
 from moeray.metrics import SubmitLatency
+from moeray.policy.predict import predictor_rates
 from moeray.policy.scheduler import ExpertBatches
 from moeray.replay import (
     PolicyResult, ReplayConfig, ReplayReport, ShardResult, replay_trace, shard_bytes,
@@ -238,6 +239,18 @@ class ServiceThroughput:
         return self.submits / self.seconds if self.seconds > 0 else float("inf")
 
 
+def _predictors(total) -> dict[str, dict[str, float]] | None:
+    """Recall and precision of each moeray predictor from a service's summed LayerStats, as
+    ``replay_predictive`` reports them (hints only where some were given)."""
+    if not total.predictor_uses:
+        return None
+    recall = predictor_rates(total.predictor_hits, total.predictor_uses)
+    precision = predictor_rates(total.predictor_hits, total.predictor_guesses)
+    hinted = total.predictor_uses[list(recall).index("hints")] > 0
+    return {n: {"recall": recall[n], "precision": precision[n]}
+            for n in recall if n != "hints" or hinted}
+
+
 def replay_through_service(
     trace: Trace,
     config: ReplayConfig,
@@ -322,6 +335,7 @@ def replay_through_service(
                 top_k=trace.top_k,
                 prefetches=sum(s.prefetches for s in stats.layers),
                 prefetch_hits=sum(s.prefetch_hits for s in stats.layers),
+                predictors=_predictors(stats.total()),
             )
         results[name] = PolicyResult(
             name,

@@ -313,6 +313,9 @@ def test_moeray_through_coordinator_equals_the_whole_model(stream, window_steps,
     assert [s.prefetches for s in stats.layers] == expected.prefetches.tolist()
     assert [s.prefetch_hits for s in stats.layers] == expected.prefetch_hits.tolist()
     assert [s.wasted_prefetches for s in stats.layers] == expected.wasted_prefetches.tolist()
+    for key in ("predictor_hits", "predictor_guesses", "predictor_uses"):
+        assert [list(getattr(s, key)) for s in stats.layers] == getattr(expected, key).T.tolist()
+        assert list(getattr(stats.total(), key)) == getattr(expected, key).sum(axis=1).tolist()
     assert all(s.tokens == 1200 and s.restarts == 0 for s in stats.layers)
     assert stats.total().prefetches > 0
 

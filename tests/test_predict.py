@@ -90,6 +90,13 @@ def test_a_deterministic_next_layer_stops_stalling_after_warm_up(config):
         assert ((after.prefetches - prefetches)[1:] > 0).all()
     recall = after.recall()
     assert recall["cross-layer"] > 0.95 and set(recall) == set(PREDICTOR_NAMES)
+    # Per layer: the cross-layer table guesses from layer 1 on, affinity everywhere, for each
+    # of the 600 tokens' 2 uses; no hints were given.
+    uses = after.predictor_uses
+    assert uses[PREDICTOR_NAMES.index("cross-layer")].tolist() == [0, 1200, 1200, 1200]
+    assert uses[PREDICTOR_NAMES.index("affinity")].tolist() == [1200] * 4
+    assert uses[PREDICTOR_NAMES.index("hints")].sum() == 0
+    assert (after.predictor_hits <= after.predictor_guesses).all()
 
 
 @pytest.mark.parametrize("config", [PredictConfig(), replace(PredictConfig(), split=SplitConfig(
@@ -264,7 +271,7 @@ def test_truthful_hints_stall_no_more_and_are_reported_right():
     assert hinted.stalls.sum() <= plain.stalls.sum()
     assert hinted.stalls.sum() < 0.5 * plain.stalls.sum()  # they help a lot, not only a little
     assert hinted.recall()["hints"] == 1.0 and hinted.precision()["hints"] == 1.0
-    assert plain.predictor_uses[PREDICTOR_NAMES.index("hints")] == 0
+    assert plain.predictor_uses[PREDICTOR_NAMES.index("hints")].sum() == 0
 
 
 def test_no_hint_ids_change_nothing():

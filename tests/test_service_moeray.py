@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from moeray.actors.layer import LayerCaches, LayerWindow, WindowGapError
-from moeray.policy.predict import PredictConfig, PredictiveCaches
+from moeray.policy.predict import PREDICTOR_NAMES, PredictConfig, PredictiveCaches
 from moeray.traces import Trace, default_trace_path, load_trace
+
+PER_PREDICTOR = ("predictor_hits", "predictor_guesses", "predictor_uses")
 
 COUNTERS = ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches", "evictions")
 
@@ -76,8 +78,10 @@ def test_without_the_shadow_layer_the_first_layers_decisions_differ(trace):
 def apply_all(body, trace, layers, window_tokens, starts=True):
     """Feeds body the trace in windows of window_tokens, as the coordinator would; sums acks."""
     seq_starts = starts_of(trace) if starts else None
-    totals = {layer: dict.fromkeys(("hits", "misses", "prefetches", "prefetch_hits",
-                                    "wasted_prefetches", "evictions"), 0) for layer in layers}
+    totals = {layer: {**dict.fromkeys(("hits", "misses", "prefetches", "prefetch_hits",
+                                       "wasted_prefetches", "evictions"), 0),
+                      **{key: np.zeros(len(PREDICTOR_NAMES), np.int64) for key in PER_PREDICTOR}}
+              for layer in layers}
     for seq, lo in enumerate(range(0, trace.num_tokens, window_tokens), start=1):
         hi = lo + window_tokens
         windows = [LayerWindow(layer, seq, trace.layer_ids(layer)[lo:hi], prefetch_budget=4,
@@ -87,7 +91,8 @@ def apply_all(body, trace, layers, window_tokens, starts=True):
                    for layer in layers]
         for ack in body.apply(windows):
             for key in totals[ack.layer]:
-                totals[ack.layer][key] += getattr(ack, key)
+                totals[ack.layer][key] += np.asarray(getattr(ack, key)) if key in PER_PREDICTOR \
+                    else getattr(ack, key)
     return totals
 
 
@@ -106,6 +111,8 @@ def test_layer_actor_body_runs_moeray_as_the_whole_model(trace):
         assert got["evictions"] == full.evictions[layer]
         # every transfer beyond the first 8 (the hot set filling up) evicted one expert
         assert got["evictions"] == got["misses"] + got["prefetches"] - 8
+        for key in PER_PREDICTOR:  # the shadow layer's guesses are not counted
+            assert got[key].tolist() == getattr(full, key)[:, layer].tolist(), key
     assert body.applied() == dict.fromkeys(layers, 11)
 
 
@@ -170,6 +177,7 @@ def test_replay_through_service_equals_replay_predictive(ray_local, trace):
     assert served.per_layer_wasted == local.per_layer_wasted
     assert (served.prefetches, served.prefetch_hits) == (local.prefetches, local.prefetch_hits)
     assert served.transfers_per_token == local.transfers_per_token
+    assert served.predictors == local.predictors and "hints" not in served.predictors
     assert local.prefetches > 0 and local.wasted_prefetches > 0
     assert report.results["lru"].per_layer_hits == replay_trace(
         trace, ReplayConfig(capacity=8, policies=("lru",))).results["lru"].per_layer_hits

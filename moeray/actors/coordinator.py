@@ -191,8 +191,13 @@ class LayerStats:
     stalls: int = 0
     resident_bytes_max: int = 0
     # moeray: prefetched experts evicted before any use; its misses are its stalls, so
-    # misses + prefetches are its transfers
+    # misses + prefetches are its transfers. Per predictor (moeray.policy.predict's
+    # PREDICTOR_NAMES): experts its top-k guesses named that were used, experts guessed, and
+    # the uses it guessed for (recall = hits / uses, precision = hits / guesses)
     wasted_prefetches: int = 0
+    predictor_hits: tuple[int, ...] = ()
+    predictor_guesses: tuple[int, ...] = ()
+    predictor_uses: tuple[int, ...] = ()
 
     def hit_rate(self) -> float:
         total = self.hits + self.misses
@@ -214,9 +219,22 @@ class ServiceStats:
         out = LayerStats(layer=-1)
         for s in self.layers:
             for f in fields(LayerStats):
-                if f.name != "layer":
+                if f.name in _PER_PREDICTOR:
+                    setattr(out, f.name, _add_counts(getattr(out, f.name), getattr(s, f.name)))
+                elif f.name != "layer":
                     setattr(out, f.name, getattr(out, f.name) + getattr(s, f.name))
         return out
+
+
+_PER_PREDICTOR = ("predictor_hits", "predictor_guesses", "predictor_uses")
+
+
+def _add_counts(mine: tuple[int, ...], theirs) -> tuple[int, ...]:
+    """Per-predictor counts added element by element (an empty tuple: none yet)."""
+    theirs = tuple(int(x) for x in theirs)
+    if not mine or not theirs:
+        return mine or theirs
+    return tuple(a + b for a, b in zip(mine, theirs, strict=True))
 
 
 class LayerTransport(Protocol):
@@ -434,6 +452,8 @@ class Coordinator:
         s.stalls += ack.stalls
         s.resident_bytes_max = max(s.resident_bytes_max, ack.resident_bytes_max)
         s.wasted_prefetches += ack.wasted_prefetches
+        for key in _PER_PREDICTOR:
+            setattr(s, key, _add_counts(getattr(s, key), getattr(ack, key)))
         s.windows += 1
         s.tokens += len(window.expert_ids)
         if self._on_ack_hook is not None:

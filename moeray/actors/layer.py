@@ -95,8 +95,12 @@ class LayerAck:
     late_prefetches: int = 0
     stalls: int = 0
     resident_bytes_max: int = 0
-    # moeray: prefetched experts evicted before any use (its misses are its stalls)
+    # moeray: prefetched experts evicted before any use (its misses are its stalls), and per
+    # predictor (PREDICTOR_NAMES) its top-k guesses' hits, guesses and the uses they guessed
     wasted_prefetches: int = 0
+    predictor_hits: tuple[int, ...] = ()
+    predictor_guesses: tuple[int, ...] = ()
+    predictor_uses: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -353,16 +357,20 @@ class _PredictiveHost:
             dict(hits=int(delta["hits"][i]), misses=int(delta["stalls"][i]),
                  evictions=int(delta["evictions"][i]), prefetch_hits=int(delta["prefetch_hits"][i]),
                  prefetches=int(delta["prefetches"][i]),
-                 wasted_prefetches=int(delta["wasted_prefetches"][i]))
+                 wasted_prefetches=int(delta["wasted_prefetches"][i]),
+                 **{key: tuple(int(x) for x in delta[key][:, i]) for key in _PREDICTOR_COUNTERS})
             for i in range(skip, skip + len(windows))
         ]
+
+
+_PREDICTOR_COUNTERS = ("predictor_hits", "predictor_guesses", "predictor_uses")
 
 
 def _counters(caches: PredictiveCaches) -> dict[str, np.ndarray]:
     stats = caches.stats
     return {key: getattr(stats, key).copy()  # the stats' arrays grow in place
             for key in ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches",
-                        "evictions")}
+                        "evictions", *_PREDICTOR_COUNTERS)}
 
 
 def _open_residency(path: str, layers: list[int], num_experts: int,

@@ -75,7 +75,8 @@ import numpy as np
 from moeray.policy._validate import check_float, check_int
 from moeray.policy.split import CapacitySplit, SplitConfig, per_layer_capacity
 
-__all__ = ["PAIR_TABLE_ENTRIES", "PREDICTOR_NAMES", "PredictConfig", "PredictStats", "PredictiveCaches"]
+__all__ = ["PAIR_TABLE_ENTRIES", "PREDICTOR_NAMES", "PredictConfig", "PredictStats",
+           "PredictiveCaches", "predictor_rates"]
 
 # Names of the predictors whose recall and precision the report shows ("combined" is the blend
 # that drives prefetches; "hints" are the engine's, counted only where a layer had any).
@@ -154,10 +155,10 @@ class PredictStats:
     hits: uses of a hot expert. stalls: uses of an expert that was not hot. prefetches:
     experts brought in by prefetch. prefetch_hits: first uses of a prefetched expert.
     wasted_prefetches: prefetched experts evicted before any use. transfers = stalls +
-    prefetches. predictor_hits / predictor_guesses [predictors]: experts of each predictor's
-    top-k guess that the token used / guessed, summed over layers and tokens, and
-    predictor_uses [predictors]: uses where that predictor had a guess (its recall's
-    denominator). resplit_evictions: hot experts evicted because a re-split shrank the layer;
+    prefetches. predictor_hits / predictor_guesses [predictors, num_layers]: experts of each
+    predictor's top-k guess that the token used / guessed, summed over tokens, and
+    predictor_uses [predictors, num_layers]: uses where that predictor had a guess (its
+    recall's denominator). resplit_evictions: hot experts evicted because a re-split shrank the layer;
     resplit_transfers: later loads (stall or prefetch) of experts a re-split evicted, the first
     after each such eviction (part of transfers, counted apart); resplit_moved: experts of
     capacity moved between layers (int, all layers). evictions: every hot expert evicted (by a
@@ -168,9 +169,9 @@ class PredictStats:
     prefetches: np.ndarray
     prefetch_hits: np.ndarray
     wasted_prefetches: np.ndarray
-    predictor_hits: np.ndarray = field(default_factory=lambda: np.zeros(len(PREDICTOR_NAMES), np.int64))
-    predictor_guesses: np.ndarray = field(default_factory=lambda: np.zeros(len(PREDICTOR_NAMES), np.int64))
-    predictor_uses: np.ndarray = field(default_factory=lambda: np.zeros(len(PREDICTOR_NAMES), np.int64))
+    predictor_hits: np.ndarray | None = None
+    predictor_guesses: np.ndarray | None = None
+    predictor_uses: np.ndarray | None = None
     resplit_evictions: np.ndarray | None = None
     resplit_transfers: np.ndarray | None = None
     resplit_moved: int = 0
@@ -180,20 +181,29 @@ class PredictStats:
         for name in ("resplit_evictions", "resplit_transfers", "evictions"):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros_like(self.hits))
+        for name in ("predictor_hits", "predictor_guesses", "predictor_uses"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros((len(PREDICTOR_NAMES), len(self.hits)), np.int64))
 
     @property
     def transfers(self) -> np.ndarray:
         return self.stalls + self.prefetches
 
     def recall(self) -> dict[str, float]:
-        """Per predictor: fraction of used experts that its top-k guess named."""
-        return {n: float(h / u) if u else 0.0
-                for n, h, u in zip(PREDICTOR_NAMES, self.predictor_hits, self.predictor_uses)}
+        """Per predictor, all layers: fraction of used experts that its top-k guess named."""
+        return predictor_rates(self.predictor_hits, self.predictor_uses)
 
     def precision(self) -> dict[str, float]:
-        """Per predictor: fraction of its guessed experts that the token used."""
-        return {n: float(h / g) if g else 0.0
-                for n, h, g in zip(PREDICTOR_NAMES, self.predictor_hits, self.predictor_guesses)}
+        """Per predictor, all layers: fraction of its guessed experts that the token used."""
+        return predictor_rates(self.predictor_hits, self.predictor_guesses)
+
+
+def predictor_rates(hits, totals) -> dict[str, float]:
+    """Predictor name -> hits / totals summed over layers (0.0 without any): recall with
+    uses, precision with guesses; arrays [predictors, layers] or [predictors]."""
+    hits = np.asarray(hits).reshape(len(PREDICTOR_NAMES), -1).sum(axis=1)
+    totals = np.asarray(totals).reshape(len(PREDICTOR_NAMES), -1).sum(axis=1)
+    return {n: float(h / t) if t else 0.0 for n, h, t in zip(PREDICTOR_NAMES, hits, totals)}
 
 
 class PredictiveCaches:
@@ -299,7 +309,8 @@ class PredictiveCaches:
 
     def _guess_stats(self, index: int, scores: np.ndarray, ids: np.ndarray) -> None:
         """Queues the top-k guess of ``scores`` [n, E] against ``ids`` [n, k] for predictor
-        ``index``; counted in batches (one numpy pass per 256 tokens)."""
+        ``index``, rows for the last n layers; counted in batches (one numpy pass per 256
+        tokens)."""
         self._guesses.append((index, scores.astype(np.float32), ids))
         if len(self._guesses) >= 1024:
             self._flush_guesses()
@@ -312,14 +323,16 @@ class PredictiveCaches:
                 continue
             scores = np.concatenate([s for s, _ in batch])
             ids = np.concatenate([i for _, i in batch])
+            layers = np.concatenate([self._rows[self.num_layers - len(i):] for _, i in batch])
             guess = np.argpartition(-scores, k - 1, axis=1)[:, :k]
             valid = np.take_along_axis(scores, guess, axis=1) > 0.0
             used = np.zeros(scores.shape, dtype=bool)
             np.put_along_axis(used, ids, True, axis=1)
             hit = np.take_along_axis(used, guess, axis=1) & valid
-            st.predictor_hits[index] += int(hit.sum())
-            st.predictor_guesses[index] += int(valid.sum())
-            st.predictor_uses[index] += ids.size
+            L = self.num_layers
+            st.predictor_hits[index] += np.bincount(layers, hit.sum(axis=1), L).astype(np.int64)
+            st.predictor_guesses[index] += np.bincount(layers, valid.sum(axis=1), L).astype(np.int64)
+            st.predictor_uses[index] += np.bincount(layers, minlength=L) * k
         self._guesses.clear()
 
     def _evict(self, hot: np.ndarray, layers: np.ndarray, victim: np.ndarray) -> None:
@@ -543,9 +556,9 @@ class PredictiveCaches:
         self._hint_guesses += guesses
         self._hint_uses += uses
         st = self._stats
-        st.predictor_hits[_HINTS] += int(right.sum())
-        st.predictor_guesses[_HINTS] += int(guesses.sum())
-        st.predictor_uses[_HINTS] += int(uses.sum())
+        st.predictor_hits[_HINTS] += right
+        st.predictor_guesses[_HINTS] += guesses
+        st.predictor_uses[_HINTS] += uses
 
     def run(self, expert_ids, seq_offsets=None, progress=None, hints=None) -> PredictStats:
         """Feeds every token of expert_ids: integer [tokens, num_layers, top_k]; seq_offsets:
