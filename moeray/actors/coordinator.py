@@ -75,8 +75,8 @@ class ServiceConfig:
     policy: lru | lfu | adaptive | affinity-lru (demand caches; ``prefetch_budget`` experts are
     prefetched by affinity after each window) or moeray (the predictive policy; its parameters
     are ``predict``, a PredictConfig or a dict of its fields, and its budget, experts per layer
-    per token, is ``predict.prefetch_budget`` (None: top_k); ``prefetch_budget`` must stay 0, ``shards`` and
-    ``predict.split`` None; engine hints are not taken).
+    per token, is ``predict.prefetch_budget``, None for top_k; ``prefetch_budget`` must stay 0,
+    ``shards`` and ``predict.split`` None; engine hints are not taken).
     """
 
     num_layers: int

@@ -5,7 +5,7 @@ Three predictors, each learned online from the routing seen so far (nothing else
   to the single-expert tables P(e' at l | e at l-1) while it is rarely seen, with exponential
   decay per token; once layer l-1's routing of token t is known they predict token t's
   experts at layer l (the mean over the pairs of that routing). A pair says more than its two
-  experts alone: top-k precision +5 points on both real traces;
+  experts alone: top-k precision +7 points on both real traces (BENCHMARKS.md);
 - previous-token: a table P(e' at token t | e at token t-1) per layer (within one sequence),
   with decay; it predicts token t's experts at layer l from token t-1's;
 - affinity: per layer and expert, an EMA of "used by this token" (an estimate of how often
@@ -89,23 +89,24 @@ PAIR_TABLE_ENTRIES = 2**23
 @dataclass(frozen=True)
 class PredictConfig:
     """prefetch_budget: prefetches per layer per token step, >= 0 (0: a demand cache that
-    evicts by prediction; None: top_k, as many as a token uses). transition_decay, affinity_decay: per-token decay in (0, 1) of the
-    transition tables and the affinity EMA. cross_weight, previous_weight, affinity_weight:
-    >= 0, blend of the three predictors (normalised over those available: layer 0 and the
-    first token of a sequence have fewer). prefetch_margin: in [0, 1], how much more likely
+    evicts by prediction; None: top_k, as many as a token uses). transition_decay,
+    affinity_decay: per-token decay in (0, 1) of the transition tables and the affinity EMA.
+    cross_weight, previous_weight, affinity_weight: >= 0, blend of the three predictors
+    (normalised over those available: layer 0 and the first token of a sequence have fewer). prefetch_margin: in [0, 1], how much more likely
     a prefetched expert must be than the one it evicts. keep_previous_weight,
     keep_affinity_weight: >= 0, the score by which a demand load chooses its victim.
     prefetch_threshold: in [0, 1], the least blended probability worth a prefetch.
     victim_next_weight, victim_affinity_weight: >= 0, added to the value of a hot expert a
     prefetch would evict: its estimated use by the next token (the previous-token table
     applied to this token's estimates) and its affinity, times these weights, so an expert
-    the next tokens want is not evicted for one this token may want. The last two trade stalls
-    for transfers (0: stalls first). hint_prior: >= 0, misses assumed before a layer's first
-    hint, so hints earn their weight. cross_pairs: the cross-layer predictor conditions on
-    each pair of the previous layer's experts (True) or on each expert alone (False).
-    pair_prior: >= 0, pseudo-count of the single-expert estimate in each pair's estimate (a
-    pair seen rarely leans on its two experts' own tables). split: None (each layer keeps its capacity) or a
-    SplitConfig: one total capacity re-split across layers."""
+    the next tokens want is not evicted for one this token may want. prefetch_threshold and
+    the two victim weights trade stalls for transfers (0: stalls first). hint_prior: >= 0,
+    misses assumed before a layer's first hint, so hints earn their weight. cross_pairs: the
+    cross-layer predictor conditions on each pair of the previous layer's experts (True) or
+    on each expert alone (False). pair_prior: >= 0, pseudo-count of the single-expert
+    estimate in each pair's estimate (a pair seen rarely leans on its two experts' own
+    tables). split: None (each layer keeps its capacity) or a SplitConfig: one total
+    capacity re-split across layers."""
 
     prefetch_budget: int | None = None
     transition_decay: float = 0.999
@@ -136,8 +137,8 @@ class PredictConfig:
         if not isinstance(self.cross_pairs, bool):
             raise ValueError(f"cross_pairs: expected a bool, got {self.cross_pairs!r}")
         for name in ("cross_weight", "previous_weight", "affinity_weight", "keep_previous_weight",
-                     "keep_affinity_weight", "victim_next_weight", "victim_affinity_weight", "hint_prior",
-                     "pair_prior"):
+                     "keep_affinity_weight", "victim_next_weight", "victim_affinity_weight",
+                     "hint_prior", "pair_prior"):
             if check_float(getattr(self, name), name) < 0.0:
                 raise ValueError(f"{name}: expected a float >= 0, got {getattr(self, name)}")
         if self.cross_weight + self.previous_weight + self.affinity_weight <= 0.0:
@@ -158,10 +159,10 @@ class PredictStats:
     prefetches. predictor_hits / predictor_guesses [predictors, num_layers]: experts of each
     predictor's top-k guess that the token used / guessed, summed over tokens, and
     predictor_uses [predictors, num_layers]: uses where that predictor had a guess (its
-    recall's denominator). resplit_evictions: hot experts evicted because a re-split shrank the layer;
-    resplit_transfers: later loads (stall or prefetch) of experts a re-split evicted, the first
-    after each such eviction (part of transfers, counted apart); resplit_moved: experts of
-    capacity moved between layers (int, all layers). evictions: every hot expert evicted (by a
+    recall's denominator). resplit_evictions: hot experts evicted because a re-split shrank
+    the layer; resplit_transfers: later loads (stall or prefetch) of experts a re-split
+    evicted, the first after each such eviction (part of transfers, counted apart);
+    resplit_moved: experts of capacity moved between layers (int, all layers). evictions: every hot expert evicted (by a
     prefetch, a demand load or a re-split)."""
 
     hits: np.ndarray
@@ -237,8 +238,7 @@ class PredictiveCaches:
         self._cross_n = np.zeros((L, E))
         self._prev = np.zeros((L, E, E))  # [l, e at t-1, e' at t]
         # Pair table [l, pair at l-1, e' at l]: a pair (a <= b) of the previous layer's experts
-        # tells more than each alone (top-k precision on the real traces +5 points, see
-        # BENCHMARKS.md). Too many pairs for PAIR_TABLE_ENTRIES are hashed into fewer buckets.
+        # tells more than each alone. Too many pairs for PAIR_TABLE_ENTRIES share hashed buckets.
         self._pair_a, self._pair_b = np.triu_indices(top_k, 1)
         pairs = E * (E + 1) // 2
         use_pairs = config.cross_pairs and top_k > 1 and L > 1
@@ -286,7 +286,8 @@ class PredictiveCaches:
         mean over the source experts (or over their pairs, each backed off to its two
         experts' tables by pair_prior) of the decayed transition frequencies."""
         rows = self._rows[:-1, None]
-        cond = self._cross[1:][rows, src] / np.maximum(self._cross_n[1:][rows, src], 1e-300)[..., None]
+        den = np.maximum(self._cross_n[1:][rows, src], 1e-300)[..., None]
+        cond = self._cross[1:][rows, src] / den
         if not self._pair_buckets:
             return cond.mean(axis=1)
         back = 0.5 * (cond[:, self._pair_a] + cond[:, self._pair_b])  # [L - 1, pairs, E]
