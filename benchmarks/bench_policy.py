@@ -1,0 +1,66 @@
+"""Speed of the moeray policy's own work (moeray.policy.predict, numpy), in-process, beside its
+previous defaults, measured side by side in one run.
+
+Each row replays the first N tokens of a real trace through ``PredictiveCaches.run`` at 1/4
+of each layer's experts; the two configurations alternate, and the table shows the median of
+the repeats. `moeray` has today's defaults (cross-layer tables over pairs, next-token victim
+values, budget top_k); `moeray before pairs` is the previous defaults (single-expert tables,
+victims valued by this token alone, budget 4). The layer actors of the service run this same
+code, so it bounds what they serve under `policy="moeray"`.
+
+usage: python benchmarks/bench_policy.py [--traces DIR] [--tokens N] [--repeats R]
+Without ../shared/traces (or --traces) it uses the bundled gpt-oss-20b slice only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bench_quality import head, traces
+
+from moeray.policy.predict import PredictConfig, PredictiveCaches
+from moeray.replay import capacity_from_fraction
+
+CONFIGS = {
+    "moeray": PredictConfig(),
+    "moeray before pairs": replace(PredictConfig(), prefetch_budget=4, cross_pairs=False,
+                                   victim_next_weight=0.0),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--traces", help="folder of the real traces (default ../shared/traces)")
+    parser.add_argument("--tokens", type=int, default=1500,
+                        help="replay the first N tokens of each trace (default 1,500)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per row (default 3)")
+    args = parser.parse_args(argv)
+    if args.tokens < 1 or args.repeats < 1:
+        parser.error("--tokens and --repeats: expected ints >= 1")
+    print("| trace | tokens | policy | tokens/s (median) | us/token | repeats |")
+    print("|---|---|---|---|---|---|")
+    for trace in traces(Path(args.traces) if args.traces else None):
+        trace = head(trace, args.tokens)
+        capacity = capacity_from_fraction(0.25, trace.num_experts)
+        rates = {name: [] for name in CONFIGS}
+        for _ in range(args.repeats):
+            for name, config in CONFIGS.items():
+                caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k,
+                                          capacity, config)
+                start = time.perf_counter()
+                caches.run(trace.expert_ids, trace.seq_offsets)
+                rates[name].append(trace.num_tokens / (time.perf_counter() - start))
+        for name, values in rates.items():
+            rate = statistics.median(values)
+            print(f"| {trace.name} | {trace.num_tokens:,} | {name} | {rate:,.0f} | "
+                  f"{1e6 / rate:,.0f} | {len(values)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
