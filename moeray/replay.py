@@ -352,9 +352,6 @@ def replay_predictive(
     start = timer()
     stats = caches.run(trace.expert_ids, trace.seq_offsets, progress=advance, hints=hints)
     seconds = (timer() - start) / trace.num_layers
-    recall, precision = stats.recall(), stats.precision()
-    if hints is None:
-        del recall["hints"]
     resplit = None
     if config.predict.split is not None:
         resplit = {"moved": int(stats.resplit_moved),
@@ -373,7 +370,7 @@ def replay_predictive(
         top_k=trace.top_k,
         prefetches=int(stats.prefetches.sum()),
         prefetch_hits=int(stats.prefetch_hits.sum()),
-        predictors={n: {"recall": recall[n], "precision": precision[n]} for n in recall},
+        predictors=stats.report(),
         resplit=resplit,
     )
 

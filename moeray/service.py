@@ -39,7 +39,7 @@ from moeray.actors.coordinator import (
     ServiceConfig, ServiceStats, check_seq_starts, check_step, schedule_step,
 )
 from moeray.metrics import SubmitLatency
-from moeray.policy.predict import predictor_rates
+from moeray.policy.predict import predictor_report
 from moeray.policy.scheduler import ExpertBatches
 from moeray.replay import (
     PolicyResult, ReplayConfig, ReplayReport, ShardResult, replay_trace, shard_bytes,
@@ -239,18 +239,6 @@ class ServiceThroughput:
         return self.submits / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _predictors(total) -> dict[str, dict[str, float]] | None:
-    """Recall and precision of each moeray predictor from a service's summed LayerStats, as
-    ``replay_predictive`` reports them (hints only where some were given)."""
-    if not total.predictor_uses:
-        return None
-    recall = predictor_rates(total.predictor_hits, total.predictor_uses)
-    precision = predictor_rates(total.predictor_hits, total.predictor_guesses)
-    hinted = total.predictor_uses[list(recall).index("hints")] > 0
-    return {n: {"recall": recall[n], "precision": precision[n]}
-            for n in recall if n != "hints" or hinted}
-
-
 def replay_through_service(
     trace: Trace,
     config: ReplayConfig,
@@ -264,8 +252,8 @@ def replay_through_service(
     """Replays ``trace`` through one service per online policy (``belady`` stays in-process:
     it is an oracle, not a policy a service can run). Steps of ``step_tokens`` tokens carry
     every layer, and the trace's sequence starts (``seq_offsets``); the hit counts equal
-    ``replay_trace``'s, and ``moeray``'s stalls, transfers and wasted prefetches too, which
-    tests check (the service reports no predictor recall / precision: ``predictors`` is None).
+    ``replay_trace``'s, and ``moeray``'s stalls, transfers, wasted prefetches and predictor
+    recall / precision too, which tests check.
     With ``shards`` the layer actors keep the checkpoint's bytes resident for their hot sets,
     one window at a time, and the report has a ``ShardResult`` per policy (not for
     ``moeray``, which a service with shards refuses)."""
@@ -328,6 +316,7 @@ def replay_through_service(
         ))
         prefetching = {}
         if name == PREDICTIVE_POLICY:  # demand policies: stalls and transfers are misses
+            total = stats.total()
             prefetching = dict(
                 per_layer_stalls=tuple(s.misses for s in stats.layers),
                 per_layer_transfers=tuple(s.misses + s.prefetches for s in stats.layers),
@@ -335,7 +324,9 @@ def replay_through_service(
                 top_k=trace.top_k,
                 prefetches=sum(s.prefetches for s in stats.layers),
                 prefetch_hits=sum(s.prefetch_hits for s in stats.layers),
-                predictors=_predictors(stats.total()),
+                predictors=(predictor_report(total.predictor_hits, total.predictor_guesses,
+                                             total.predictor_uses)
+                            if total.predictor_uses else None),  # None: no window acked
             )
         results[name] = PolicyResult(
             name,

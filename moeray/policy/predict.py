@@ -16,11 +16,10 @@ with the highest ``p`` are prefetched into layer l's hot set, each evicting the 
 lowest value (least recently touched among equals) if it is worth at least
 ``prefetch_margin`` less. A hot expert's value is ``p`` plus what the next token is expected
 to want of it (``victim_next_weight``): without that term prefetches evict experts the
-following tokens need again (on the first 3,000 tokens of gpt-oss-20b, transfers 2.96x
-Belady's without it, 2.10x with it). A miss (a stall) loads on demand and
-evicts, among the hot experts this token has not used at this layer, the one least likely to
-be used by the next token (previous-token table from this token's routing, blended with
-affinity; least recently touched among equals).
+following tokens need again, and transfers grow (BENCHMARKS.md, "Policy quality"). A miss
+(a stall) loads on demand and evicts, among the hot experts this token has not used at this
+layer, the one least likely to be used by the next token (previous-token table from this
+token's routing, blended with affinity; least recently touched among equals).
 
 Engine hints (optional, ``step(ids, hints=...)``): expert ids an engine computed for a layer
 (for example the next layer's gate applied to the current hidden state), available with the
@@ -76,7 +75,7 @@ from moeray.policy._validate import check_float, check_int
 from moeray.policy.split import CapacitySplit, SplitConfig, per_layer_capacity
 
 __all__ = ["PAIR_TABLE_ENTRIES", "PREDICTOR_NAMES", "PredictConfig", "PredictStats",
-           "PredictiveCaches", "predictor_rates"]
+           "PredictiveCaches", "predictor_rates", "predictor_report"]
 
 # Names of the predictors whose recall and precision the report shows ("combined" is the blend
 # that drives prefetches; "hints" are the engine's, counted only where a layer had any).
@@ -199,12 +198,27 @@ class PredictStats:
         return predictor_rates(self.predictor_hits, self.predictor_guesses)
 
 
+    def report(self) -> dict[str, dict[str, float]]:
+        """Predictor name -> {recall, precision}, all layers (hints only where some were
+        given): what ``moeray replay`` reports, in-process and through the service."""
+        return predictor_report(self.predictor_hits, self.predictor_guesses, self.predictor_uses)
+
+
 def predictor_rates(hits, totals) -> dict[str, float]:
     """Predictor name -> hits / totals summed over layers (0.0 without any): recall with
     uses, precision with guesses; arrays [predictors, layers] or [predictors]."""
     hits = np.asarray(hits).reshape(len(PREDICTOR_NAMES), -1).sum(axis=1)
     totals = np.asarray(totals).reshape(len(PREDICTOR_NAMES), -1).sum(axis=1)
     return {n: float(h / t) if t else 0.0 for n, h, t in zip(PREDICTOR_NAMES, hits, totals)}
+
+
+def predictor_report(hits, guesses, uses) -> dict[str, dict[str, float]]:
+    """Predictor name -> {recall, precision} from counts [predictors, layers] or [predictors];
+    "hints" only where some hint was counted."""
+    recall, precision = predictor_rates(hits, uses), predictor_rates(hits, guesses)
+    hinted = np.asarray(uses).reshape(len(PREDICTOR_NAMES), -1)[_HINTS].sum() > 0
+    return {n: {"recall": recall[n], "precision": precision[n]}
+            for n in PREDICTOR_NAMES if n != "hints" or hinted}
 
 
 class PredictiveCaches:
