@@ -65,7 +65,8 @@ HINT_ACCURACIES = (0.9, 0.6)
 ORACLE_THRESHOLDS = (0.3, 0.4)
 ORACLE_NAMES = tuple(f"moeray, oracle evictions, threshold {t:g}" for t in ORACLE_THRESHOLDS)
 # Extra rows at GOAL_FRACTION: name -> ReplayConfig fields for the moeray policy.
-EXTRAS = {THRIFTY_NAME: {"predict": THRIFTY}, "moeray before pairs": {"predict": BEFORE_PAIRS},
+BEFORE_PAIRS_NAME = "moeray before pairs"
+EXTRAS = {THRIFTY_NAME: {"predict": THRIFTY}, BEFORE_PAIRS_NAME: {"predict": BEFORE_PAIRS},
           RESPLIT_NAME: {"predict": RESPLIT},
           **{f"moeray hints {p:g}": {"hint_accuracy": p} for p in HINT_ACCURACIES}}
 
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for r in rows:  # the predictors do not depend on capacity: one line per trace
         if r.get("predictors") and r["capacity"] == GOAL_FRACTION and (
-                r["policy"] == "moeray" or r["policy"].startswith("moeray hints")):
+                r["policy"] in ("moeray", BEFORE_PAIRS_NAME) or r["policy"].startswith("moeray hints")):
             guesses = ", ".join(f"{n} {v['recall']:.3f}/{v['precision']:.3f}"
                                 for n, v in r["predictors"].items())
             print(f"- {r['trace']}: {r['policy']} predictors, recall/precision of each top-k "
