@@ -4,8 +4,9 @@ previous defaults, measured side by side in one run.
 Each row replays the first N tokens of a real trace through ``PredictiveCaches.run`` at 1/4
 of each layer's experts; the two configurations alternate, and the table shows the median of
 the repeats. `moeray` has today's defaults (cross-layer tables over pairs, next-token victim
-values, budget top_k); `moeray before pairs` is the previous defaults (single-expert tables,
-victims valued by this token alone, budget 4). The layer actors of the service run this same
+values, budget top_k); `moeray before pairs` is the defaults before the pair tables
+(bench_quality.BEFORE_PAIRS: single-expert tables, victims valued by this token alone, budget
+4). The layer actors of the service run this same
 code, so it bounds what they serve under `policy="moeray"`.
 
 usage: python benchmarks/bench_policy.py [--traces DIR] [--tokens N] [--repeats R]
@@ -18,19 +19,14 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from bench_quality import head, traces
+from bench_quality import BEFORE_PAIRS, BEFORE_PAIRS_NAME, head, traces
 
 from moeray.policy.predict import PredictConfig, PredictiveCaches
 from moeray.replay import capacity_from_fraction
 
-CONFIGS = {
-    "moeray": PredictConfig(),
-    "moeray before pairs": replace(PredictConfig(), prefetch_budget=4, cross_pairs=False,
-                                   victim_next_weight=0.0),
-}
+CONFIGS = {"moeray": PredictConfig(), BEFORE_PAIRS_NAME: BEFORE_PAIRS}
 
 
 def main(argv: list[str] | None = None) -> int:

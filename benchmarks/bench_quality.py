@@ -12,8 +12,10 @@ rate on both traces, with transfers per token at most 1.5x Belady's.
 
 At 25 % only, more rows of the moeray policy (not policy names of `moeray replay`):
 `moeray thrifty` (two thrift knobs turned, the other end of the stalls-for-transfers trade),
-`moeray before pairs` (the defaults of the previous release: single-expert cross-layer tables,
-victims valued by this token alone, budget 4), `moeray re-split` (one total capacity re-split
+`moeray before eviction retune` (the defaults of the previous release: affinity in the demand
+eviction score, no prefetch threshold, one decay for both tables), `moeray before pairs` (the
+release before: also single-expert cross-layer tables, victims valued by this token alone,
+budget 4), `moeray re-split` (one total capacity re-split
 across layers, moeray.policy.split, its SplitConfig defaults), `moeray hints P` (synthetic
 engine hints from the trace itself, each hinted id right with probability P, seed 0:
 `moeray replay --hint-accuracy P`) and `moeray, oracle evictions, threshold X`: not a policy
@@ -56,7 +58,13 @@ GOAL_TRANSFER_RATIO = 1.5
 # the other end of the stalls-for-transfers trade (same for every trace).
 THRIFTY = replace(PredictConfig(), prefetch_threshold=0.3, victim_affinity_weight=0.5)
 THRIFTY_NAME = "moeray thrifty"
-BEFORE_PAIRS = replace(PredictConfig(), prefetch_budget=4, cross_pairs=False, victim_next_weight=0.0)
+# The defaults of the two previous releases, to measure each change in the same run: before the
+# eviction retune (affinity in the eviction score, no prefetch threshold, one decay for both
+# tables), and before that, before the pair tables.
+PREVIOUS = replace(PredictConfig(), previous_decay=0.999, keep_affinity_weight=0.5,
+                   prefetch_threshold=0.0)
+PREVIOUS_NAME = "moeray before eviction retune"
+BEFORE_PAIRS = replace(PREVIOUS, prefetch_budget=4, cross_pairs=False, victim_next_weight=0.0)
 RESPLIT = replace(PredictConfig(), split=SplitConfig())
 RESPLIT_NAME = "moeray re-split"
 HINT_ACCURACIES = (0.9, 0.6)
@@ -66,7 +74,8 @@ ORACLE_THRESHOLDS = (0.3, 0.4)
 ORACLE_NAMES = tuple(f"moeray, oracle evictions, threshold {t:g}" for t in ORACLE_THRESHOLDS)
 # Extra rows at GOAL_FRACTION: name -> ReplayConfig fields for the moeray policy.
 BEFORE_PAIRS_NAME = "moeray before pairs"
-EXTRAS = {THRIFTY_NAME: {"predict": THRIFTY}, BEFORE_PAIRS_NAME: {"predict": BEFORE_PAIRS},
+EXTRAS = {THRIFTY_NAME: {"predict": THRIFTY}, PREVIOUS_NAME: {"predict": PREVIOUS},
+          BEFORE_PAIRS_NAME: {"predict": BEFORE_PAIRS},
           RESPLIT_NAME: {"predict": RESPLIT},
           **{f"moeray hints {p:g}": {"hint_accuracy": p} for p in HINT_ACCURACIES}}
 
@@ -177,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"core: {'native' if IS_NATIVE else 'pure Python'}; moeray parameters: "
           f"{asdict(PredictConfig())}; {THRIFTY_NAME}: the same with prefetch_threshold "
           f"{THRIFTY.prefetch_threshold}, victim_affinity_weight {THRIFTY.victim_affinity_weight}; "
-          f"moeray before pairs: the same with prefetch_budget {BEFORE_PAIRS.prefetch_budget}, "
-          f"cross_pairs {BEFORE_PAIRS.cross_pairs}, victim_next_weight "
-          f"{BEFORE_PAIRS.victim_next_weight}; "
+          f"{PREVIOUS_NAME}: the same with previous_decay {PREVIOUS.previous_decay}, "
+          f"keep_affinity_weight {PREVIOUS.keep_affinity_weight}, prefetch_threshold "
+          f"{PREVIOUS.prefetch_threshold}; {BEFORE_PAIRS_NAME}: the latter with prefetch_budget "
+          f"{BEFORE_PAIRS.prefetch_budget}, cross_pairs {BEFORE_PAIRS.cross_pairs}, "
+          f"victim_next_weight {BEFORE_PAIRS.victim_next_weight}; "
           f"{RESPLIT_NAME}: split {asdict(RESPLIT.split)}\n")
     print("| trace | tokens | capacity | policy | hit rate | stall rate | transfers/token | "
           "wasted prefetches |")
@@ -191,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for r in rows:  # the predictors do not depend on capacity: one line per trace
         if r.get("predictors") and r["capacity"] == GOAL_FRACTION and (
-                r["policy"] in ("moeray", BEFORE_PAIRS_NAME) or r["policy"].startswith("moeray hints")):
+                r["policy"] in ("moeray", PREVIOUS_NAME, BEFORE_PAIRS_NAME) or r["policy"].startswith("moeray hints")):
             guesses = ", ".join(f"{n} {v['recall']:.3f}/{v['precision']:.3f}"
                                 for n, v in r["predictors"].items())
             print(f"- {r['trace']}: {r['policy']} predictors, recall/precision of each top-k "

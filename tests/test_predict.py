@@ -194,6 +194,26 @@ def test_prefetch_victims_keep_what_the_next_token_wants():
     assert per_period[0.0] >= 2.9 and per_period[0.7] <= 2.05, per_period
 
 
+def test_previous_token_tables_forget_at_their_own_decay():
+    """One sequence, 2 layers, top-1, each token the same expert at both layers: 0 is followed
+    by 1 for 100 tokens (50 times 0 -> 1), then by 2 for 100 tokens (50 times 0 -> 2).
+
+    After the switch, the previous-token guess after a 0 names 2 once P(2 | 0) overtakes
+    P(1 | 0). With previous_decay 0.5 that is from the first 0 -> 2 on: 49 of the 50 guesses
+    after a 0 are right. With 0.999 the 50 old 0 -> 1 weigh about 50 x 0.999^100 ~ 45 against
+    the new ones, so it takes some 45 of the 50 before the guess turns. The cross-layer tables
+    keep transition_decay: their guesses are the same with either previous_decay."""
+    phase = lambda e: [x for _ in range(50) for x in (0, e)]  # noqa: E731
+    tokens = [[e, e] for e in phase(1) + phase(2)]
+    fast = run(tokens, 3, 2, replace(PredictConfig(), previous_decay=0.5))
+    slow = run(tokens, 3, 2, replace(PredictConfig(), previous_decay=0.999))
+    previous, cross = PREDICTOR_NAMES.index("previous-token"), PREDICTOR_NAMES.index("cross-layer")
+    # Both layers see the same stream: per layer, the fast tables are right ~45 more times.
+    assert (fast.predictor_hits[previous] - slow.predictor_hits[previous] >= 30).all()
+    assert (fast.predictor_hits[cross] == slow.predictor_hits[cross]).all()
+    assert (fast.predictor_guesses[cross] == slow.predictor_guesses[cross]).all()
+
+
 def test_hashed_pair_buckets_stay_in_range(monkeypatch):
     import moeray.policy.predict as predict
     monkeypatch.setattr(predict, "PAIR_TABLE_ENTRIES", 3 * 12 * 5)  # 5 buckets for 78 pairs
@@ -227,6 +247,7 @@ def test_hot_sets_never_exceed_capacity_and_counts_add_up():
 def test_config_and_input_errors():
     for kwargs, field in [({"prefetch_budget": -1}, "prefetch_budget"),
                           ({"transition_decay": 1.0}, "transition_decay"),
+                          ({"previous_decay": 0.0}, "previous_decay"),
                           ({"affinity_decay": 0.0}, "affinity_decay"),
                           ({"cross_weight": -0.1}, "cross_weight"),
                           ({"prefetch_margin": 1.5}, "prefetch_margin"),

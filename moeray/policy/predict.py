@@ -19,7 +19,7 @@ to want of it (``victim_next_weight``): without that term prefetches evict exper
 following tokens need again, and transfers grow (BENCHMARKS.md, "Policy quality"). A miss
 (a stall) loads on demand and evicts, among the hot experts this token has not used at this
 layer, the one least likely to be used by the next token (previous-token table from this
-token's routing, blended with affinity; least recently touched among equals).
+token's routing; least recently touched among equals).
 
 Engine hints (optional, ``step(ids, hints=...)``): expert ids an engine computed for a layer
 (for example the next layer's gate applied to the current hidden state), available with the
@@ -52,17 +52,21 @@ together in numpy arrays and makes exactly the decisions a token-major loop over
 used while hot is a hit, otherwise a stall.
 
 Parameters are chosen once for every trace (``PredictConfig`` defaults): prefetch budget
-top_k experts per layer per token, transition decay 0.999, pair prior 1, affinity decay 0.9,
-blend 0.7 cross-layer + 0.2 previous-token + 0.1 affinity, prefetch margin 0.05, no prefetch
-threshold, victim value p + 0.7 next-token estimate, eviction score 0.5 previous-token + 0.5
-affinity. They were picked by hand on the first 3,000 tokens of the gpt-oss-20b and
-DeepSeek-V2-Lite developer traces, as the fewest transfers whose stall rate stays below
-Belady's miss rate on both (next-token weight 0.3-1.0, budget 4 or top_k, margin 0.05-0.2,
-threshold 0-0.4, victim affinity 0-1): a lower next-token weight, more budget and a lower
-margin cut stalls and add transfers; ``prefetch_threshold`` and ``victim_affinity_weight`` turn
-the trade further towards fewer transfers. Hint prior 16 misses (hints: see above). Re-split:
-off by default (``split=None``); ``SplitConfig()`` defaults when on (see
-``moeray.policy.split``).
+top_k experts per layer per token, cross-layer decay 0.999, previous-token decay 0.99, pair
+prior 1, affinity decay 0.9, blend 0.7 cross-layer + 0.2 previous-token + 0.1 affinity,
+prefetch margin 0.05, prefetch threshold 0.2, victim value p + 0.7 next-token estimate,
+eviction score the previous-token estimate alone. They were picked by hand on the first 3,000
+tokens of the gpt-oss-20b and DeepSeek-V2-Lite developer traces, as the fewest transfers whose
+stall rate stays below Belady's miss rate on both, and the last candidates were compared on
+the whole traces (bench_quality's 20,000 tokens; so those are not held out). A lower next-token
+weight, more budget and a lower margin cut stalls and add transfers; ``prefetch_threshold`` and
+``victim_affinity_weight`` turn the trade further towards fewer transfers. Previous-token
+relations are local to a sequence, so their tables forget faster than the cross-layer ones,
+which follow the model's structure (0.99 against 0.999: fewer stalls and transfers on
+gpt-oss-20b, the same on DeepSeek-V2-Lite). Affinity in the eviction score, a longer-horizon
+frequency, or a previous-token estimate run two or more tokens ahead all made demand
+evictions worse. Hint prior 16 misses (hints: see above). Re-split: off by default
+(``split=None``); ``SplitConfig()`` defaults when on (see ``moeray.policy.split``).
 """
 
 from __future__ import annotations
@@ -89,7 +93,8 @@ PAIR_TABLE_ENTRIES = 2**23
 class PredictConfig:
     """prefetch_budget: prefetches per layer per token step, >= 0 (0: a demand cache that
     evicts by prediction; None: top_k, as many as a token uses). transition_decay,
-    affinity_decay: per-token decay in (0, 1) of the transition tables and the affinity EMA.
+    previous_decay, affinity_decay: per-token decay in (0, 1) of the cross-layer tables, the
+    previous-token tables and the affinity EMA.
     cross_weight, previous_weight, affinity_weight: >= 0, blend of the three predictors
     (normalised over those available: layer 0 and the first token of a sequence have fewer). prefetch_margin: in [0, 1], how much more likely
     a prefetched expert must be than the one it evicts. keep_previous_weight,
@@ -109,14 +114,15 @@ class PredictConfig:
 
     prefetch_budget: int | None = None
     transition_decay: float = 0.999
+    previous_decay: float = 0.99
     affinity_decay: float = 0.9
     cross_weight: float = 0.7
     previous_weight: float = 0.2
     affinity_weight: float = 0.1
     prefetch_margin: float = 0.05
     keep_previous_weight: float = 0.5
-    keep_affinity_weight: float = 0.5
-    prefetch_threshold: float = 0.0
+    keep_affinity_weight: float = 0.0
+    prefetch_threshold: float = 0.2
     victim_next_weight: float = 0.7
     victim_affinity_weight: float = 0.0
     hint_prior: float = 16.0
@@ -129,7 +135,7 @@ class PredictConfig:
             raise ValueError(f"split: expected None or a SplitConfig, got {type(self.split).__name__}")
         if self.prefetch_budget is not None:
             check_int(self.prefetch_budget, "prefetch_budget", 0)
-        for name in ("transition_decay", "affinity_decay"):
+        for name in ("transition_decay", "previous_decay", "affinity_decay"):
             value = check_float(getattr(self, name), name)
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name}: expected a float in (0, 1), got {value}")
@@ -246,8 +252,9 @@ class PredictiveCaches:
         self._pending = np.zeros((L, E), dtype=bool)  # prefetched, not yet used
         self._touch = np.zeros((L, E), dtype=np.float64)  # last touch, for ties
         self._clock = 0
-        # Transition tables hold decayed counts, scaled by self._scale so that decay is lazy:
-        # an event adds _scale, and _scale grows by 1/decay per token.
+        # Transition tables hold decayed counts, scaled so that decay is lazy: an event adds
+        # the scale, and the scale grows by 1/decay per token (_scale for the cross-layer
+        # tables, _prev_scale for the previous-token ones).
         self._cross = np.zeros((L, E, E))  # [l, e at l-1, e' at l]; row 0 unused
         self._cross_n = np.zeros((L, E))
         self._prev = np.zeros((L, E, E))  # [l, e at t-1, e' at t]
@@ -262,6 +269,7 @@ class PredictiveCaches:
         self._pair_n = np.zeros((L, self._pair_buckets))
         self._prev_n = np.zeros((L, E))
         self._scale = 1.0
+        self._prev_scale = 1.0
         self._affinity = np.zeros((L, E))
         self._last_ids: np.ndarray | None = None
         z = lambda: np.zeros(L, dtype=np.int64)  # noqa: E731
@@ -516,18 +524,22 @@ class PredictiveCaches:
             self._touch[rows, e] = self._clock
 
         # Learn from this token's routing.
-        self._scale /= cfg.transition_decay  # lazy decay of both tables
-        inc = self._scale
-        r3 = rows[:, None, None]
+        self._scale /= cfg.transition_decay  # lazy decay of the tables
+        self._prev_scale /= cfg.previous_decay
         if L > 1:
-            self._learn_cross(ids, inc)
+            self._learn_cross(ids, self._scale)
         if have_prev:
-            self._prev[r3, self._last_ids[:, :, None], ids[:, None, :]] += inc
+            inc = self._prev_scale
+            self._prev[rows[:, None, None], self._last_ids[:, :, None], ids[:, None, :]] += inc
             self._prev_n[rows[:, None], self._last_ids] += inc
         if self._scale > 1e200:
-            for a in (self._cross, self._cross_n, self._pair, self._pair_n, self._prev, self._prev_n):
+            for a in (self._cross, self._cross_n, self._pair, self._pair_n):
                 a /= self._scale
             self._scale = 1.0
+        if self._prev_scale > 1e200:
+            self._prev /= self._prev_scale
+            self._prev_n /= self._prev_scale
+            self._prev_scale = 1.0
         self._affinity *= cfg.affinity_decay
         self._affinity[rows[:, None], ids] += 1.0 - cfg.affinity_decay
         self._last_ids = ids
