@@ -8,6 +8,12 @@ Tags: ``service`` and ``layer``.
 - ``moeray_prefetches``, ``moeray_prefetch_hits``: experts prefetched by affinity, and later hits
   on them;
 - ``moeray_transfers``: experts moved into the fast tier (misses plus prefetches);
+- ``moeray_wasted_prefetches``: under the ``moeray`` policy, prefetched experts evicted before
+  any use;
+- ``moeray_predictor_hits``, ``moeray_predictor_guesses``, ``moeray_predictor_uses``: under
+  ``moeray``, per predictor (tag ``predictor``, ``moeray.policy.predict.PREDICTOR_NAMES``) the
+  experts of its top-k guesses the tokens used, its guessed experts, and the uses it had a
+  guess for: precision is hits / guesses, recall hits / uses;
 - ``moeray_submit_latency_ms``: Histogram of ``ServiceHandle.submit`` in the submitting process.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 from ray.util import metrics
 
 from moeray.actors.layer import LayerAck
+from moeray.policy.predict import PREDICTOR_NAMES
 
 __all__ = ["ServiceMetrics", "SubmitLatency"]
 
@@ -26,9 +33,7 @@ class ServiceMetrics:
     """Counters fed by the coordinator as layer actors acknowledge windows."""
 
     def __init__(self, service: str):
-        tags = ("service", "layer")
-
-        def counter(name: str, description: str):
+        def counter(name: str, description: str, tags=("service", "layer")):
             c = metrics.Counter(name, description=description, tag_keys=tags)
             c.set_default_tags({"service": service})
             return c
@@ -39,6 +44,15 @@ class ServiceMetrics:
         self._prefetches = counter("moeray_prefetches", "experts prefetched by affinity")
         self._prefetch_hits = counter("moeray_prefetch_hits", "hits on prefetched experts")
         self._transfers = counter("moeray_transfers", "experts moved into the fast tier")
+        self._wasted = counter("moeray_wasted_prefetches",
+                               "prefetched experts evicted before any use (moeray policy)")
+        predictor_tags = ("service", "layer", "predictor")
+        self._predictor = {
+            field: counter(f"moeray_predictor_{field}", description, predictor_tags)
+            for field, description in (
+                ("hits", "experts of a predictor's top-k guesses that were used"),
+                ("guesses", "experts a predictor guessed"),
+                ("uses", "expert uses a predictor had a guess for"))}
 
     def record_ack(self, ack: LayerAck) -> None:
         tags = {"layer": str(ack.layer)}
@@ -49,9 +63,14 @@ class ServiceMetrics:
             (self._prefetches, ack.prefetches),
             (self._prefetch_hits, ack.prefetch_hits),
             (self._transfers, ack.misses + ack.prefetches),
+            (self._wasted, ack.wasted_prefetches),
         ):
             if value:
                 counter.inc(value, tags=tags)
+        for field, counter in self._predictor.items():
+            for name, value in zip(PREDICTOR_NAMES, getattr(ack, f"predictor_{field}")):
+                if value:
+                    counter.inc(value, tags={**tags, "predictor": name})
 
 
 class SubmitLatency:

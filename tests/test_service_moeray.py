@@ -116,6 +116,62 @@ def test_layer_actor_body_runs_moeray_as_the_whole_model(trace):
     assert body.applied() == dict.fromkeys(layers, 11)
 
 
+class _FakeCounter:
+    """Stands in for ray.util.metrics.Counter: sums every inc by its full tag set."""
+
+    def __init__(self, name, description, tag_keys):
+        self.name, self.tag_keys, self.default, self.totals = name, tag_keys, {}, {}
+
+    def set_default_tags(self, tags):
+        self.default = dict(tags)
+
+    def inc(self, value, tags):
+        key = tuple(sorted({**self.default, **tags}.items()))
+        assert {k for k, _ in key} == set(self.tag_keys), key  # every declared tag is set
+        self.totals[key] = self.totals.get(key, 0) + value
+
+
+def test_prometheus_counters_carry_moerays_wasted_prefetches_and_predictors(trace, monkeypatch):
+    """The acks of a moeray layer body, fed to ServiceMetrics as the coordinator does, count
+    per layer and predictor what the whole-model policy counted."""
+    import types
+
+    import moeray.metrics
+
+    made = {}
+
+    def counter(name, description, tag_keys):
+        made[name] = _FakeCounter(name, description, tag_keys)
+        return made[name]
+
+    monkeypatch.setattr(moeray.metrics, "metrics", types.SimpleNamespace(Counter=counter))
+    sink = moeray.metrics.ServiceMetrics("svc")
+    full = whole_model(trace, 8)
+    layers = [2, 3]
+    body = LayerCaches(layers, trace.num_experts, dict.fromkeys(layers, 8), "moeray")
+    for seq, lo in enumerate(range(0, trace.num_tokens, 100), start=1):
+        windows = [LayerWindow(layer, seq, trace.layer_ids(layer)[lo:lo + 100], prefetch_budget=4,
+                               previous_layer_ids=(trace.layer_ids(1)[lo:lo + 100]
+                                                   if layer == 2 else None),
+                               seq_starts=starts_of(trace)[lo:lo + 100])
+                   for layer in layers]
+        for ack in body.apply(windows):
+            sink.record_ack(ack)
+
+    def total(metric, layer, predictor=None):
+        tags = {"service": "svc", "layer": str(layer),
+                **({} if predictor is None else {"predictor": predictor})}
+        return made[metric].totals.get(tuple(sorted(tags.items())), 0)
+
+    for layer in layers:
+        assert total("moeray_wasted_prefetches", layer) == full.wasted_prefetches[layer] > 0
+        for i, name in enumerate(PREDICTOR_NAMES):
+            for field in ("hits", "guesses", "uses"):
+                expected = getattr(full, f"predictor_{field}")[i, layer]
+                assert total(f"moeray_predictor_{field}", layer, name) == expected, (name, field)
+        assert total("moeray_predictor_hits", layer, "cross-layer") > 0
+
+
 @pytest.mark.pure
 def test_sequence_starts_reach_the_predictor(trace):
     """Dropping the sequence starts changes decisions (the previous-token predictor would chain
