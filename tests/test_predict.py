@@ -229,9 +229,12 @@ def test_hashed_pair_buckets_stay_in_range(monkeypatch):
     assert PredictiveCaches(3, 12, 1, 4)._pair_buckets == 0
 
 
-def test_hot_sets_never_exceed_capacity_and_counts_add_up():
+@pytest.mark.parametrize("capacity", [[3, 5, 10], [1, 2, 3]])
+def test_hot_sets_never_exceed_capacity_and_counts_add_up(capacity):
+    """Also below top_k (capacity 1 and 2 of a top-3 routing), where a miss finds every hot
+    expert already used by this token and must still evict a hot one."""
     ids = deterministic_stream(tokens=300, layers=3, num_experts=10, top_k=3, seed=2)
-    caches = PredictiveCaches(3, 10, 3, [3, 5, 10])
+    caches = PredictiveCaches(3, 10, 3, capacity)
     for t in range(len(ids)):
         caches.step(ids[t], new_sequence=t % 50 == 0)
         assert (caches._hot.sum(axis=1) <= caches.capacity).all()
@@ -240,8 +243,27 @@ def test_hot_sets_never_exceed_capacity_and_counts_add_up():
     assert (s.hits + s.stalls == 300 * 3).all()
     assert (s.prefetch_hits <= s.prefetches).all()
     assert (s.prefetch_hits + s.wasted_prefetches <= s.prefetches).all()
-    # Full capacity: only each expert's first use can stall.
-    assert s.stalls[2] <= 10
+    # every transfer into a full hot set evicted exactly one hot expert
+    assert (s.evictions == s.stalls + s.prefetches - caches._hot_count).all()
+    if capacity[2] == 10:  # full capacity: only each expert's first use can stall
+        assert s.stalls[2] <= 10
+
+
+def test_a_new_config_applies_from_the_next_token():
+    """The layer actors set the budget the coordinator sends: after config's budget becomes 0,
+    no expert is prefetched any more (on the native step as on numpy)."""
+    ids = deterministic_stream(tokens=200, layers=3, num_experts=10, top_k=2, seed=4)
+    caches = PredictiveCaches(3, 10, 2, 4)
+    for t in range(100):
+        caches.step(ids[t])
+    before = caches.stats.prefetches.copy()
+    assert before.sum() > 0
+    caches.config = replace(caches.config, prefetch_budget=0)
+    for t in range(100, 200):
+        caches.step(ids[t])
+    assert caches.stats.prefetches.tolist() == before.tolist()
+    with pytest.raises(TypeError, match="config"):
+        caches.config = {"prefetch_budget": 0}
 
 
 def test_config_and_input_errors():

@@ -5,7 +5,9 @@ which only happens in a source checkout that was never built). Both expose the s
 ``ExpertCacheCore``, ``AffinityCore``, ``PrefetcherCore``, ``schedule``, ``belady_hits``,
 ``expert_matvec`` (one expert's FFN, weights read in place; the twin calls the numpy reference
 ``moeray.shards.kernels.expert_matvec``) and the policy codes ``LRU``, ``LFU``, ``ADAPTIVE``;
-``IS_NATIVE`` says which one is in use.
+``IS_NATIVE`` says which one is in use. ``_core`` also has ``_predict_step``, one token of the
+``moeray`` policy (``moeray.policy.predict.PredictiveCaches``) over that class's numpy state; its
+pure-Python twin is the class's own numpy path, which runs wherever ``backend`` is ``_reference``.
 """
 
 from __future__ import annotations

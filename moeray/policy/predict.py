@@ -67,6 +67,12 @@ gpt-oss-20b, the same on DeepSeek-V2-Lite). Affinity in the eviction score, a lo
 frequency, or a previous-token estimate run two or more tokens ahead all made demand
 evictions worse. Hint prior 16 misses (hints: see above). Re-split: off by default
 (``split=None``); ``SplitConfig()`` defaults when on (see ``moeray.policy.split``).
+
+Native step: a token without hints runs in one call of the native core
+(``moeray.native._core._predict_step``) when it is in use, over the same state arrays and with
+the same decisions as the numpy code (``_step_numpy``), which serves tokens with hints and
+``MOERAY_PURE_PYTHON=1``; re-splits (``set_capacity``) and hint learning stay in numpy. Predictor
+counts take each predictor's k highest float32 scores, ties to the lower expert id.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moeray.native import IS_NATIVE, backend
 from moeray.policy._validate import check_float, check_int
 from moeray.policy.split import CapacitySplit, SplitConfig, per_layer_capacity
 
@@ -85,6 +92,11 @@ __all__ = ["PAIR_TABLE_ENTRIES", "PREDICTOR_NAMES", "PredictConfig", "PredictSta
 # that drives prefetches; "hints" are the engine's, counted only where a layer had any).
 PREDICTOR_NAMES = ("cross-layer", "previous-token", "affinity", "combined", "hints")
 _HINTS = PREDICTOR_NAMES.index("hints")
+# The config fields the native step reads, besides prefetch_budget.
+_NATIVE_WEIGHTS = ("cross_weight", "previous_weight", "affinity_weight", "prefetch_margin",
+                   "prefetch_threshold", "keep_previous_weight", "keep_affinity_weight",
+                   "victim_next_weight", "victim_affinity_weight", "pair_prior",
+                   "affinity_decay")
 # Most entries of one pair table (float64; 64 MiB): beyond it pairs share hashed buckets.
 PAIR_TABLE_ENTRIES = 2**23
 
@@ -236,10 +248,13 @@ class PredictiveCaches:
     only on the routing (and hints) fed so far.
     """
 
+    # Tokens without hints run in the native core when it is in use (``_step_native``), the
+    # others in numpy (``_step_numpy``, the reference); both keep the same state, so they
+    # interleave. A test sets this False to compare the two.
+    _native = IS_NATIVE and hasattr(backend, "_predict_step")
+
     def __init__(self, num_layers: int, num_experts: int, top_k: int, capacity,
                  config: PredictConfig = PredictConfig()):
-        if not isinstance(config, PredictConfig):
-            raise TypeError(f"config: expected a PredictConfig, got {type(config).__name__}")
         self.num_layers = check_int(num_layers, "num_layers", 1)
         self.num_experts = check_int(num_experts, "num_experts", 1)
         self.top_k = check_int(top_k, "top_k", 1, num_experts)
@@ -284,6 +299,20 @@ class PredictiveCaches:
                        if config.split is not None else None)
         self._resplit_out: np.ndarray | None = None  # [l, e]: evicted by a re-split, not reloaded
         self._due: list = []  # re-split plans for the next token
+
+    @property
+    def config(self) -> PredictConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: PredictConfig) -> None:
+        """A new config applies from the next token on (the layer actors change the budget)."""
+        if not isinstance(config, PredictConfig):
+            raise TypeError(f"config: expected a PredictConfig, got {type(config).__name__}")
+        self._config = config
+        budget = config.prefetch_budget
+        self._native_config = {"prefetch_budget": self.top_k if budget is None else budget,
+                               **{name: float(getattr(config, name)) for name in _NATIVE_WEIGHTS}}
 
     # ------------------------------------------------------------------ predictions
 
@@ -347,7 +376,9 @@ class PredictiveCaches:
             scores = np.concatenate([s for s, _ in batch])
             ids = np.concatenate([i for _, i in batch])
             layers = np.concatenate([self._rows[self.num_layers - len(i):] for _, i in batch])
-            guess = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            # The k highest float32 scores, ties to the lower expert id (argpartition leaves
+            # the choice among ties open; the native step counts by the same rule).
+            guess = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             valid = np.take_along_axis(scores, guess, axis=1) > 0.0
             used = np.zeros(scores.shape, dtype=bool)
             np.put_along_axis(used, ids, True, axis=1)
@@ -427,6 +458,13 @@ class PredictiveCaches:
         self._flush_guesses()
         return self._stats
 
+    def hot_set(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``layer``'s hot experts now and, of those, the ones prefetched and not used
+        yet (int64 ids, ascending): what shard residency follows."""
+        layer = check_int(layer, "layer", 0, self.num_layers - 1)
+        hot = np.flatnonzero(self._hot[layer])
+        return hot, np.flatnonzero(self._pending[layer])
+
     # ------------------------------------------------------------------ one token
 
     def step(self, ids, new_sequence: bool = False, hints=None) -> None:
@@ -442,13 +480,56 @@ class PredictiveCaches:
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
             raise ValueError(f"ids: expected ids in [0, {self.num_experts})")
         ids = ids.astype(np.intp)
-        cfg, st, rows, L = self.config, self._stats, self._rows, self.num_layers
+        st = self._stats
         for plan in self._due:  # a re-split is part of this token, not of the one before
             self.set_capacity(plan.capacity)
             st.resplit_moved += plan.moved
         self._due = []
         have_prev = self._last_ids is not None and not new_sequence
         self._clock += 1
+        if hinted is None and self._native:
+            self._step_native(ids, have_prev)
+        else:
+            self._step_numpy(ids, have_prev, hinted)
+        self._last_ids = ids
+        if self._split is not None:
+            self._due = self._split.observe(ids[None])  # from the next token on
+
+    def _step_native(self, ids: np.ndarray, have_prev: bool) -> None:
+        """``_step_numpy`` without hints, in one call of the native core (the same decisions
+        and state; see ``moeray.native._core._predict_step``)."""
+        cfg = self.config
+        scale = self._scale
+        self._scale /= cfg.transition_decay  # lazy decay of the tables, as in _step_numpy
+        self._prev_scale /= cfg.previous_decay
+        backend._predict_step(self._native_state(), ids, self._last_ids if have_prev else None,
+                              self._clock, scale, self._scale, self._prev_scale,
+                              self._native_config)
+        if self._scale > 1e200:  # the kernel divided the tables by it
+            self._scale = 1.0
+        if self._prev_scale > 1e200:
+            self._prev_scale = 1.0
+
+    def _native_state(self) -> dict:
+        """The arrays ``_predict_step`` reads and updates in place (by the names it expects)."""
+        st = self._stats
+        return {
+            "hot": self._hot, "hot_count": self._hot_count, "pending": self._pending,
+            "touch": self._touch, "capacity": self.capacity, "resplit_out": self._resplit_out,
+            "cross": self._cross, "cross_n": self._cross_n, "pair": self._pair,
+            "pair_n": self._pair_n, "prev": self._prev, "prev_n": self._prev_n,
+            "affinity": self._affinity, "hits": st.hits, "stalls": st.stalls,
+            "prefetches": st.prefetches, "prefetch_hits": st.prefetch_hits,
+            "wasted_prefetches": st.wasted_prefetches, "evictions": st.evictions,
+            "resplit_transfers": st.resplit_transfers, "predictor_hits": st.predictor_hits,
+            "predictor_guesses": st.predictor_guesses, "predictor_uses": st.predictor_uses,
+        }
+
+    def _step_numpy(self, ids: np.ndarray, have_prev: bool, hinted: np.ndarray | None) -> None:
+        """One token's predictions, prefetches, accesses and learning (the clock already
+        advanced): ids intp [L, top_k]; hinted: None or bool [L, E] (``_check_hints``). The
+        reference of ``_step_native``, and the path of tokens with hints."""
+        cfg, st, rows, L = self.config, self._stats, self._rows, self.num_layers
 
         # Predictions for this token, from routing already seen (see the module docstring).
         weight = np.zeros((L, 1))
@@ -515,7 +596,12 @@ class PredictiveCaches:
                 st.stalls += miss
                 evict = miss & (self._hot_count >= self.capacity)
                 if evict.any():
-                    self._evict(hot, evict, np.where(hot & ~used, keep, np.inf).argmin(axis=1))
+                    victim = np.where(hot & ~used, keep, np.inf).argmin(axis=1)
+                    # capacity below top_k: every hot expert served this token already, and
+                    # the one it used first leaves
+                    for l in np.flatnonzero(evict & ~(hot & ~used).any(axis=1)):
+                        victim[l] = next(x for x in ids[l, :j] if hot[l, x])
+                    self._evict(hot, evict, victim)
                 mr, me = rows[miss], e[miss]
                 self._count_reloads(mr, me)
                 hot[mr, me] = True
@@ -542,11 +628,8 @@ class PredictiveCaches:
             self._prev_scale = 1.0
         self._affinity *= cfg.affinity_decay
         self._affinity[rows[:, None], ids] += 1.0 - cfg.affinity_decay
-        self._last_ids = ids
         if hinted is not None:
             self._learn_hints(hinted, used)
-        if self._split is not None:
-            self._due = self._split.observe(ids[None])  # from the next token on
 
     # ------------------------------------------------------------------ hints
 

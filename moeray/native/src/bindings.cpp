@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -16,6 +17,7 @@
 #include "affinity.hpp"
 #include "expert_cache.hpp"
 #include "matvec.hpp"
+#include "predict.hpp"
 #include "prefetch.hpp"
 #include "routing.hpp"
 
@@ -382,6 +384,243 @@ py::array_t<float> expert_matvec(const py::handle& layout, const py::handle& hid
   return out;
 }
 
+// -- _predict_step: PredictiveCaches' state, checked here so the kernel (predict.hpp) reads and
+// writes in bounds. The Python caller (moeray/policy/predict.py, _step_native) passes its own
+// arrays, so a failure here is a bug there; the messages name the entry and what was expected.
+
+const char* const kStateKeys[] = {
+    "hot", "hot_count", "pending", "touch", "capacity", "resplit_out", "cross", "cross_n",
+    "pair", "pair_n", "prev", "prev_n", "affinity", "hits", "stalls", "prefetches",
+    "prefetch_hits", "wasted_prefetches", "evictions", "resplit_transfers", "predictor_hits",
+    "predictor_guesses", "predictor_uses"};
+const char* const kConfigKeys[] = {
+    "prefetch_budget", "cross_weight", "previous_weight", "affinity_weight", "prefetch_margin",
+    "prefetch_threshold", "keep_previous_weight", "keep_affinity_weight", "victim_next_weight",
+    "victim_affinity_weight", "pair_prior", "affinity_decay"};
+
+// The values of dict `obj` for `keys`, in order: `obj` must be a dict with exactly these keys.
+// The keys are interned once and never freed (they live as long as the module), so a lookup
+// is a pointer comparison: this runs once per token.
+template <size_t N>
+std::array<py::handle, N> dict_values(const py::handle& obj, const char* name,
+                                      const char* const (&keys)[N]) {
+  static const std::array<PyObject*, N> interned = [&] {
+    std::array<PyObject*, N> out{};
+    for (size_t i = 0; i < N; ++i) out[i] = PyUnicode_InternFromString(keys[i]);
+    return out;
+  }();
+  if (!PyDict_Check(obj.ptr()))
+    throw py::type_error(std::string(name) + ": expected a dict, got " + type_name(obj));
+  std::array<py::handle, N> values{};
+  for (size_t i = 0; i < N; ++i) {
+    if (interned[i] == nullptr) throw py::error_already_set();
+    PyObject* value = PyDict_GetItemWithError(obj.ptr(), interned[i]);
+    if (value == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      throw py::value_error(std::string(name) + ": no '" + keys[i] + "'");
+    }
+    values[i] = value;
+  }
+  if (static_cast<size_t>(PyDict_Size(obj.ptr())) != N) {
+    for (const auto& item : py::reinterpret_borrow<py::dict>(obj)) {
+      const bool known = PyUnicode_Check(item.first.ptr()) &&
+                         std::any_of(std::begin(keys), std::end(keys), [&](const char* key) {
+                           return py::cast<std::string>(item.first) == key;
+                         });
+      if (!known)
+        throw py::value_error(std::string(name) + ": unexpected key " +
+                              std::string(py::repr(item.first)));
+    }
+  }
+  return values;
+}
+
+const char* dtype_name(bool) { return "bool"; }
+const char* dtype_name(int64_t) { return "int64"; }
+const char* dtype_name(double) { return "float64"; }
+
+// state[key]: a writeable C-contiguous numpy array of T and `shape`, kept alive in `keep` (the
+// kernel runs without the GIL). The common case costs a few pointer reads; a failure is
+// explained by check_array.
+template <typename T>
+T* state_array(const py::handle& obj, const char* key, std::initializer_list<int64_t> shape,
+               std::vector<py::array>& keep) {
+  if (py::isinstance<py::array_t<T>>(obj)) {
+    auto arr = py::reinterpret_borrow<py::array>(obj);
+    bool ok = arr.ndim() == static_cast<py::ssize_t>(shape.size()) &&
+              (arr.flags() & py::array::c_style) && arr.writeable();
+    py::ssize_t d = 0;
+    for (int64_t n : shape) ok = ok && arr.shape(d++) == n;
+    if (ok) {
+      keep.push_back(arr);
+      return static_cast<T*>(arr.mutable_data());
+    }
+  }
+  const std::string label = std::string("state['") + key + "']";
+  check_array(obj, label, dtype_name(T{}), std::vector<int64_t>(shape), "");
+  throw py::value_error(label + ": expected a writeable array");
+}
+
+// A 2-D numpy array whose shape is read from it (its dtype and layout checked afterwards).
+std::vector<int64_t> shape_2d(const py::handle& obj, const std::string& label,
+                              const std::string& dtype, const std::string& expected) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(label + ": expected a numpy " + dtype + " array, got " + type_name(obj));
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (arr.ndim() != 2)
+    throw py::value_error(label + ": expected shape " + expected + ", got " +
+                          shape_text(shape_of(arr)));
+  return shape_of(arr);
+}
+
+// ids int64 [L, k], C-contiguous, each in [0, E).
+const int64_t* check_token_ids(const py::handle& obj, const char* name, int64_t L, int64_t k,
+                               int64_t E, std::vector<py::array>& keep) {
+  const py::array arr = py::isinstance<py::array_t<int64_t>>(obj)
+                            ? py::reinterpret_borrow<py::array>(obj)
+                            : check_array(obj, name, "int64", {L, k}, "");
+  if (arr.ndim() != 2 || arr.shape(0) != L || arr.shape(1) != k ||
+      !(arr.flags() & py::array::c_style))
+    check_array(obj, name, "int64", {L, k}, "");
+  const auto* ids = static_cast<const int64_t*>(arr.data());
+  for (int64_t i = 0; i < L * k; ++i)
+    if (ids[i] < 0 || ids[i] >= E)
+      throw py::value_error(std::string(name) + ": every id must be in [0, " + std::to_string(E) +
+                            "), got " + std::to_string(ids[i]));
+  keep.push_back(arr);
+  return ids;
+}
+
+double config_float(const py::handle& obj, const char* key, double lo, double hi, bool open,
+                    const char* expected) {
+  const std::string name = std::string("config['") + key + "']";
+  if (PyBool_Check(obj.ptr()) || !(PyFloat_Check(obj.ptr()) || PyLong_Check(obj.ptr())))
+    throw py::type_error(name + ": expected a float, got " + type_name(obj));
+  const double x = py::cast<double>(obj);
+  const bool inside = open ? (x > lo && x < hi) : (x >= lo && x <= hi);
+  if (!std::isfinite(x) || !inside)
+    throw py::value_error(name + ": expected " + expected + ", got " +
+                          std::string(py::str(py::float_(x))));
+  return x;
+}
+
+double check_scale(double x, const char* name) {
+  if (!std::isfinite(x) || !(x > 0.0))
+    throw py::value_error(std::string(name) + ": expected a finite float > 0, got " +
+                          std::string(py::str(py::float_(x))));
+  return x;
+}
+
+void predict_step(const py::handle& state_obj, const py::handle& ids_obj,
+                  const py::handle& last_ids_obj, const py::handle& clock_obj, double scale,
+                  double next_scale, double next_prev_scale, const py::handle& config_obj) {
+  const auto st = dict_values(state_obj, "state", kStateKeys);
+  const auto cf = dict_values(config_obj, "config", kConfigKeys);
+  auto at = [&](const char* key) {  // state[key], by its place in kStateKeys
+    size_t i = 0;
+    while (std::strcmp(kStateKeys[i], key) != 0) ++i;
+    return st[i];
+  };
+  auto label = [](const char* key) { return std::string("state['") + key + "']"; };
+  std::vector<py::array> keep;
+  keep.reserve(std::size(kStateKeys) + 2);
+
+  const auto hot_shape = shape_2d(at("hot"), label("hot"), "bool", "[num_layers, num_experts]");
+  const int64_t L = hot_shape[0], E = hot_shape[1];
+  if (L < 1 || E < 1 || E > INT32_MAX)
+    throw py::value_error(label("hot") + ": expected shape [num_layers, num_experts], each >= 1, "
+                          "got " + shape_text(hot_shape));
+  // the hashed pair index (triangular index * 2654435761) must not overflow int64
+  if (E * (E + 1) / 2 > INT64_MAX / 2654435761LL)
+    throw py::value_error(label("hot") + ": at most 83,000 experts, got " + std::to_string(E));
+  const int64_t k = shape_2d(ids_obj, "ids", "int64", "[num_layers, top_k]")[1];
+  if (k < 1 || k > E)
+    throw py::value_error("ids: expected shape [" + std::to_string(L) + ", top_k], top_k in [1, " +
+                          std::to_string(E) + "], got top_k " + std::to_string(k));
+  const py::handle pair = at("pair");
+  if (!py::isinstance<py::array>(pair))
+    throw py::type_error(label("pair") + ": expected a numpy float64 array, got " + type_name(pair));
+  if (py::reinterpret_borrow<py::array>(pair).ndim() != 3)
+    throw py::value_error(label("pair") + ": expected shape [" + std::to_string(L) +
+                          ", buckets, " + std::to_string(E) + "], got " +
+                          shape_text(shape_of(py::reinterpret_borrow<py::array>(pair))));
+  const int64_t B = py::reinterpret_borrow<py::array>(pair).shape(1);
+  if (B > E * (E + 1) / 2 || (B > 0 && k < 2))
+    throw py::value_error(label("pair") + ": expected 0 buckets with top_k 1, else at most " +
+                          std::to_string(E * (E + 1) / 2) + ", got " + std::to_string(B));
+  const int64_t P = shape_2d(at("predictor_hits"), label("predictor_hits"), "int64",
+                             "[predictors, num_layers]")[0];
+  if (P < 4)
+    throw py::value_error(label("predictor_hits") + ": expected at least 4 predictors, got " +
+                          std::to_string(P));
+
+  moeray::PredictState s{};
+  s.layers = L;
+  s.experts = E;
+  s.top_k = k;
+  s.buckets = B;
+  auto bools = [&](const char* key) { return state_array<bool>(at(key), key, {L, E}, keep); };
+  auto doubles = [&](const char* key, std::initializer_list<int64_t> shape) {
+    return state_array<double>(at(key), key, shape, keep);
+  };
+  auto counts = [&](const char* key, std::initializer_list<int64_t> shape) {
+    return state_array<int64_t>(at(key), key, shape, keep);
+  };
+  s.hot = bools("hot");
+  s.pending = bools("pending");
+  s.resplit_out = at("resplit_out").is_none() ? nullptr : bools("resplit_out");
+  s.hot_count = counts("hot_count", {L});
+  s.capacity = counts("capacity", {L});
+  s.touch = doubles("touch", {L, E});
+  s.cross = doubles("cross", {L, E, E});
+  s.cross_n = doubles("cross_n", {L, E});
+  s.pair = doubles("pair", {L, B, E});
+  s.pair_n = doubles("pair_n", {L, B});
+  s.prev = doubles("prev", {L, E, E});
+  s.prev_n = doubles("prev_n", {L, E});
+  s.affinity = doubles("affinity", {L, E});
+  s.hits = counts("hits", {L});
+  s.stalls = counts("stalls", {L});
+  s.prefetches = counts("prefetches", {L});
+  s.prefetch_hits = counts("prefetch_hits", {L});
+  s.wasted_prefetches = counts("wasted_prefetches", {L});
+  s.evictions = counts("evictions", {L});
+  s.resplit_transfers = counts("resplit_transfers", {L});
+  s.predictor_hits = counts("predictor_hits", {P, L});
+  s.predictor_guesses = counts("predictor_guesses", {P, L});
+  s.predictor_uses = counts("predictor_uses", {P, L});
+
+  moeray::PredictToken t{};
+  t.ids = check_token_ids(ids_obj, "ids", L, k, E, keep);
+  t.last_ids = last_ids_obj.is_none() ? nullptr
+                                      : check_token_ids(last_ids_obj, "last_ids", L, k, E, keep);
+  t.clock = check_int(clock_obj, "clock", 1, INT64_MAX, "an int >= 1");
+  t.scale = check_scale(scale, "scale");
+  t.next_scale = check_scale(next_scale, "next_scale");
+  t.next_prev_scale = check_scale(next_prev_scale, "next_prev_scale");
+
+  moeray::PredictParams c{};
+  c.prefetch_budget = check_int(cf[0], "config['prefetch_budget']", 0, INT64_MAX, "an int >= 0");
+  const double big = std::numeric_limits<double>::max();
+  const char* nonneg = "a float >= 0";
+  double* weights[] = {&c.cross_weight, &c.previous_weight, &c.affinity_weight,
+                       &c.prefetch_margin, &c.prefetch_threshold, &c.keep_previous_weight,
+                       &c.keep_affinity_weight, &c.victim_next_weight,
+                       &c.victim_affinity_weight, &c.pair_prior, &c.affinity_decay};
+  for (size_t i = 1; i < std::size(kConfigKeys); ++i) {
+    const std::string key = kConfigKeys[i];
+    if (key == "affinity_decay")
+      *weights[i - 1] = config_float(cf[i], kConfigKeys[i], 0.0, 1.0, true, "a float in (0, 1)");
+    else if (key == "prefetch_margin" || key == "prefetch_threshold")
+      *weights[i - 1] = config_float(cf[i], kConfigKeys[i], 0.0, 1.0, false, "a float in [0, 1]");
+    else
+      *weights[i - 1] = config_float(cf[i], kConfigKeys[i], 0.0, big, false, nonneg);
+  }
+
+  py::gil_scoped_release release;
+  moeray::predict_step(s, c, t);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -708,6 +947,11 @@ PYBIND11_MODULE(_core, m) {
   m.def("schedule", &schedule, py::arg("expert_ids"), py::arg("weights"), py::arg("num_experts"));
   m.def("belady_hits", &belady_hits, py::arg("expert_ids"), py::arg("num_experts"),
         py::arg("capacity"));
+  m.def("_predict_step", &predict_step, py::arg("state"), py::arg("ids"), py::arg("last_ids"),
+        py::arg("clock"), py::arg("scale"), py::arg("next_scale"), py::arg("next_prev_scale"),
+        py::arg("config"),
+        "One token without hints of moeray.policy.predict.PredictiveCaches, its state arrays "
+        "updated in place (the numpy twin: PredictiveCaches._step_numpy).");
   m.def("expert_matvec", &expert_matvec, py::arg("layout"), py::arg("hidden_size"),
         py::arg("intermediate_size"), py::arg("tensors"), py::arg("x"),
         "One expert's FFN over T tokens: x float32 [T, hidden] -> float32 [T, hidden], the "

@@ -1,0 +1,455 @@
+// One token of the `moeray` predictive policy (moeray/policy/predict.py, PredictiveCaches): the
+// native twin of `_step_numpy` for a token without hints, over the same state arrays.
+//
+// The numpy step handles all layers at once; a layer's decisions depend only on its own rows of
+// the state (and the routing of the layer before), so this kernel runs the layers one after
+// the other, each from prediction to learning, and reaches the same state. Every floating
+// expression keeps numpy's operands and order (numpy sums over a non-last axis one term after
+// the other; `mean` is that sum divided by the count; the einsum of `_hot_value` adds its
+// products in expert order), so native and numpy agree bit for bit (built with
+// -ffp-contract=off). Indices were checked at the boundary (bindings.cpp): nothing here reads
+// out of bounds.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace moeray {
+
+// PredictConfig's fields, prefetch_budget resolved (None -> top_k).
+struct PredictParams {
+  int64_t prefetch_budget;
+  double cross_weight, previous_weight, affinity_weight;
+  double prefetch_margin, prefetch_threshold;
+  double keep_previous_weight, keep_affinity_weight;
+  double victim_next_weight, victim_affinity_weight;
+  double pair_prior, affinity_decay;
+};
+
+// Views of PredictiveCaches' arrays (C-contiguous, L layers, E experts, k = top_k). bool
+// [L, E]: hot, pending, resplit_out (null: no re-split yet); int64 [L]: hot_count, capacity and
+// the counters; double: touch [L, E], cross [L, E, E], cross_n [L, E], pair [L, B, E], pair_n
+// [L, B] (B = 0: no pair tables), prev [L, E, E], prev_n [L, E], affinity [L, E];
+// predictor_* int64 [P, L], P >= 4 (rows 0..3: cross-layer, previous-token, affinity,
+// combined).
+struct PredictState {
+  int64_t layers, experts, top_k, buckets;
+  bool *hot, *pending, *resplit_out;
+  int64_t* hot_count;
+  const int64_t* capacity;
+  double *touch, *cross, *cross_n, *pair, *pair_n, *prev, *prev_n, *affinity;
+  int64_t *hits, *stalls, *prefetches, *prefetch_hits, *wasted_prefetches, *evictions,
+      *resplit_transfers;
+  int64_t *predictor_hits, *predictor_guesses, *predictor_uses;
+};
+
+// The token: ids int64 [L, k]; last_ids the previous token's (null: none in this sequence);
+// clock the token's clock (already advanced); scale the cross-layer tables' scale before this
+// token, next_scale and next_prev_scale the scales its events add (> 1e200: rescale after).
+struct PredictToken {
+  const int64_t* ids;
+  const int64_t* last_ids;
+  int64_t clock;
+  double scale, next_scale, next_prev_scale;
+};
+
+namespace predict_detail {
+
+constexpr double kTiny = 1e-300;  // numpy's np.maximum(den, 1e-300)
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr uint64_t kHash = 2654435761u;
+
+// True when row[i] appears earlier in row: numpy's fancy `+=` adds once per distinct index.
+inline bool seen_before(const int64_t* row, int64_t i) {
+  return std::find(row, row + i, row[i]) != row + i;
+}
+
+// Buffers of one step, reused by its layers: E doubles each, cond k * E.
+struct Scratch {
+  explicit Scratch(int64_t experts, int64_t top_k)
+      : p(experts), scores(experts), cond(top_k * experts), value(experts), keep(experts),
+        tie(experts), f32(experts), flags(experts) {}
+  std::vector<double> p, scores, cond, value, keep, tie;
+  std::vector<float> f32;
+  std::vector<int64_t> buckets, hot_list;
+  std::vector<char> flags;
+};
+
+class Layer {
+ public:
+  Layer(const PredictState& s, const PredictParams& c, const PredictToken& t, int64_t l,
+        Scratch& w)
+      : s_(s), c_(c), t_(t), w_(w), l_(l), E_(s.experts), k_(s.top_k),
+        ids_(t.ids + l * s.top_k), src_(l > 0 ? t.ids + (l - 1) * s.top_k : nullptr),
+        last_(t.last_ids ? t.last_ids + l * s.top_k : nullptr) {}
+
+  void run() {
+    predict(w_.p, w_.scores, w_.cond);
+    prefetch(w_.p, w_.value, w_.flags);
+    access(w_.scores, w_.keep, w_.flags);
+    learn();
+  }
+
+ private:
+  const double* row(const double* a) const { return a + l_ * E_; }
+  double* row(double* a) const { return a + l_ * E_; }
+  const double* table(const double* a, int64_t e) const { return a + (l_ * E_ + e) * E_; }
+  double* table(double* a, int64_t e) const { return a + (l_ * E_ + e) * E_; }
+
+  // Bucket of the pair (a, b) of experts: the triangular index, hashed when the table holds
+  // fewer buckets than pairs (predict.py `_pair_index`).
+  int64_t pair_index(int64_t a, int64_t b) const {
+    const int64_t lo = std::min(a, b), hi = std::max(a, b);
+    int64_t index = lo * E_ - lo * (lo - 1) / 2 + (hi - lo);
+    if (s_.buckets < E_ * (E_ + 1) / 2)
+      index = static_cast<int64_t>(static_cast<uint64_t>(index) * kHash) % s_.buckets;
+    return index;
+  }
+
+  // `_table_scores` of one layer: (sum over j of table[src_j] / counts[src_j]) * (1 / k).
+  void table_scores(const double* tab, const double* counts, const int64_t* src,
+                    double* out) const {
+    std::fill(out, out + E_, 0.0);  // 0 + x is x: numpy's sum starts from the first term
+    for (int64_t j = 0; j < k_; ++j) {
+      const double* t = table(tab, src[j]);
+      const double den = std::max(row(counts)[src[j]], kTiny);
+      for (int64_t f = 0; f < E_; ++f) out[f] += t[f] / den;
+    }
+    const double inv = 1.0 / static_cast<double>(k_);
+    for (int64_t f = 0; f < E_; ++f) out[f] *= inv;
+  }
+
+  // `_cross_scores` of one layer l >= 1 from the routing of layer l - 1; cond: [k, E] scratch.
+  void cross_scores(double* out, std::vector<double>& cond) const {
+    for (int64_t j = 0; j < k_; ++j) {
+      const double* t = table(s_.cross, src_[j]);
+      const double den = std::max(row(s_.cross_n)[src_[j]], kTiny);
+      for (int64_t f = 0; f < E_; ++f) cond[j * E_ + f] = t[f] / den;
+    }
+    std::fill(out, out + E_, 0.0);
+    if (s_.buckets == 0) {  // mean over the k source experts
+      for (int64_t j = 0; j < k_; ++j)
+        for (int64_t f = 0; f < E_; ++f) out[f] += cond[j * E_ + f];
+      for (int64_t f = 0; f < E_; ++f) out[f] /= static_cast<double>(k_);
+      return;
+    }
+    // mean over the pairs (a < b, numpy's triu_indices order), each backed off to its experts
+    const double prior = c_.pair_prior * t_.scale;
+    int64_t pairs = 0;
+    for (int64_t a = 0; a < k_; ++a) {
+      for (int64_t b = a + 1; b < k_; ++b, ++pairs) {
+        const int64_t bucket = pair_index(src_[a], src_[b]);
+        const double* num = s_.pair + (l_ * s_.buckets + bucket) * E_;
+        const double den = std::max(s_.pair_n[l_ * s_.buckets + bucket] + prior, kTiny);
+        const double *ca = &cond[a * E_], *cb = &cond[b * E_];
+        for (int64_t f = 0; f < E_; ++f) out[f] += (num[f] + prior * (0.5 * (ca[f] + cb[f]))) / den;
+      }
+    }
+    for (int64_t f = 0; f < E_; ++f) out[f] /= static_cast<double>(pairs);
+  }
+
+  // Counts predictor `index`'s guess for this layer: the k highest float32 scores (ties to the
+  // lower expert id), those > 0 guessed, those the token uses hit (`_flush_guesses`). Without
+  // sorting: a used expert with a positive score is in the guess when fewer than k experts
+  // rank ahead of it, and the guess holds min(k, positive scores) experts.
+  void count_guess(int64_t index, const double* scores) const {
+    float* v = w_.f32.data();
+    const int32_t E = static_cast<int32_t>(E_);  // int32 counts: the compare loops vectorize
+    int32_t positive = 0;
+    for (int32_t e = 0; e < E; ++e) v[e] = static_cast<float>(scores[e]);
+    for (int32_t e = 0; e < E; ++e) positive += v[e] > 0.0f;
+    int64_t hits = 0;
+    for (int64_t j = 0; j < k_; ++j) {
+      const int32_t u = static_cast<int32_t>(ids_[j]);
+      const float vu = v[u];
+      if (seen_before(ids_, j) || !(vu > 0.0f)) continue;
+      int32_t ahead = 0;  // higher scores, and equal ones of lower ids (one loop: it vectorizes)
+      for (int32_t e = 0; e < E; ++e) ahead += (v[e] > vu) | ((v[e] == vu) & (e < u));
+      hits += ahead < k_;
+    }
+    const int64_t at = index * s_.layers + l_;
+    s_.predictor_hits[at] += hits;
+    s_.predictor_guesses[at] += std::min<int64_t>(positive, k_);
+    s_.predictor_uses[at] += k_;
+  }
+
+  // The blend p of the three predictors (`_step_numpy`, "Predictions for this token").
+  void predict(std::vector<double>& p, std::vector<double>& scratch, std::vector<double>& cond) {
+    double weight = 0.0;
+    std::fill(p.begin(), p.end(), 0.0);
+    const double* aff = row(s_.affinity);
+    if (c_.affinity_weight > 0) {
+      for (int64_t f = 0; f < E_; ++f) p[f] += c_.affinity_weight * aff[f];
+      weight += c_.affinity_weight;
+    }
+    count_guess(2, aff);
+    if (last_) {
+      table_scores(s_.prev, s_.prev_n, last_, scratch.data());
+      count_guess(1, scratch.data());
+      if (c_.previous_weight > 0) {
+        for (int64_t f = 0; f < E_; ++f) p[f] += c_.previous_weight * scratch[f];
+        weight += c_.previous_weight;
+      }
+    }
+    if (l_ > 0) {
+      cross_scores(scratch.data(), cond);
+      count_guess(0, scratch.data());
+      if (c_.cross_weight > 0) {
+        for (int64_t f = 0; f < E_; ++f) p[f] += c_.cross_weight * scratch[f];
+        weight += c_.cross_weight;
+      }
+    }
+    const double den = std::max(weight, kTiny);
+    for (int64_t f = 0; f < E_; ++f) p[f] /= den;
+    count_guess(3, p.data());
+  }
+
+  // `_hot_value` of expert f from this token's p and next, its einsum("le,lef->lf", p,
+  // prev / prev_n) term.
+  double hot_value(const std::vector<double>& p, int64_t f, double next) const {
+    double value = p[f];
+    if (c_.victim_next_weight != 0.0)
+      value = value + c_.victim_next_weight / static_cast<double>(k_) * next;
+    if (c_.victim_affinity_weight != 0.0) value = value + c_.victim_affinity_weight * row(s_.affinity)[f];
+    return value;
+  }
+
+  // The einsum term of expert f, the products added in expert order as numpy's einsum does.
+  double next_use(const std::vector<double>& p, int64_t f) const {
+    double next = 0.0;
+    if (c_.victim_next_weight != 0.0)
+      for (int64_t e = 0; e < E_; ++e)
+        if (p[e] != 0.0) next += p[e] * (table(s_.prev, e)[f] / std::max(row(s_.prev_n)[e], kTiny));
+    return next;
+  }
+
+  // hot_value of every hot expert into value (have: set where computed); the same sums as
+  // next_use, a table row at a time over the hot experts (a zero p[e] adds +0: skipped).
+  void hot_values(const std::vector<double>& p, const bool* hot, std::vector<double>& value,
+                  std::vector<char>& have) const {
+    std::vector<int64_t>& list = w_.hot_list;
+    list.clear();
+    for (int64_t f = 0; f < E_; ++f)
+      if (hot[f]) list.push_back(f);
+    const size_t n = list.size();
+    std::vector<double>& next = w_.keep;  // free until the accesses
+    std::fill(next.begin(), next.begin() + n, 0.0);
+    if (c_.victim_next_weight != 0.0) {
+      for (int64_t e = 0; e < E_; ++e) {
+        if (p[e] == 0.0) continue;
+        const double* t = table(s_.prev, e);
+        const double den = std::max(row(s_.prev_n)[e], kTiny);
+        for (size_t i = 0; i < n; ++i) next[i] += p[e] * (t[list[i]] / den);
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      value[list[i]] = hot_value(p, list[i], next[i]);
+      have[list[i]] = 1;
+    }
+  }
+
+  // predict.py `_evict` of one hot expert.
+  void evict(int64_t e) {
+    bool* hot = s_.hot + l_ * E_;
+    bool* pending = s_.pending + l_ * E_;
+    s_.wasted_prefetches[l_] += pending[e];
+    hot[e] = false;
+    pending[e] = false;
+    --s_.hot_count[l_];
+    ++s_.evictions[l_];
+  }
+
+  // predict.py `_count_reloads` of one load.
+  void count_reload(int64_t e) {
+    if (s_.resplit_out == nullptr || !s_.resplit_out[l_ * E_ + e]) return;
+    ++s_.resplit_transfers[l_];
+    s_.resplit_out[l_ * E_ + e] = false;
+  }
+
+  // Up to prefetch_budget prefetches: the likeliest cold expert against the least valuable hot
+  // one. The hot values are computed when a full layer first needs them (p and the tables stay
+  // fixed through this token's prefetches), a prefetched expert's when it is next needed.
+  void prefetch(const std::vector<double>& p, std::vector<double>& value,
+                std::vector<char>& have_value) {
+    bool* hot = s_.hot + l_ * E_;
+    double* touch = row(s_.touch);
+    const double clock = static_cast<double>(t_.clock);
+    std::fill(have_value.begin(), have_value.end(), 0);
+    bool valued = false;
+    // numpy's tie-break 1e-9 * touch / clock, once per layer (only a prefetch changes a touch)
+    double* tie = w_.tie.data();
+    for (int64_t e = 0; e < E_; ++e) tie[e] = 1e-9 * touch[e] / clock;
+    for (int64_t round = 0; round < c_.prefetch_budget; ++round) {
+      int64_t cand = -1;
+      for (int64_t e = 0; e < E_; ++e)
+        if (!hot[e] && (cand < 0 || p[e] > p[cand])) cand = e;
+      // every expert hot (numpy's candidate scores -inf), or the candidate under the threshold
+      if (cand < 0 || !(p[cand] > c_.prefetch_threshold)) return;
+      const bool full = s_.hot_count[l_] >= s_.capacity[l_];
+      double bar = c_.prefetch_margin;
+      int64_t victim = 0;
+      if (full) {
+        // A hot value is at least its p (what it adds is >= 0): when the candidate cannot beat
+        // even the smallest p + tie-break, it cannot beat the victim either, and the values
+        // are not needed.
+        double floor = kInf;
+        for (int64_t e = 0; e < E_; ++e)
+          if (hot[e]) floor = std::min(floor, p[e] + tie[e]);
+        if (!(p[cand] > floor + c_.prefetch_margin)) return;
+        if (!valued) {
+          hot_values(p, hot, value, have_value);
+          valued = true;
+        }
+        double best = kInf;
+        for (int64_t e = 0; e < E_; ++e) {
+          if (!hot[e]) continue;
+          if (!have_value[e]) {  // prefetched this token
+            value[e] = hot_value(p, e, next_use(p, e));
+            have_value[e] = 1;
+          }
+          const double score = value[e] + tie[e];
+          if (score < best) {
+            best = score;
+            victim = e;
+          }
+        }
+        bar = best + c_.prefetch_margin;
+      }
+      if (!(p[cand] > bar)) return;
+      if (full) evict(victim);
+      count_reload(cand);
+      hot[cand] = true;
+      s_.pending[l_ * E_ + cand] = true;
+      touch[cand] = clock;
+      tie[cand] = 1e-9 * touch[cand] / clock;
+      ++s_.hot_count[l_];
+      ++s_.prefetches[l_];
+    }
+  }
+
+  // The token's experts in routing order; a miss on a full layer evicts the unused hot expert
+  // of lowest `_keep_scores` (computed at the first such miss: the candidates' touches do not
+  // change before, only used experts are touched).
+  void access(std::vector<double>& nxt, std::vector<double>& keep, std::vector<char>& used) {
+    bool* hot = s_.hot + l_ * E_;
+    bool* pending = s_.pending + l_ * E_;
+    double* touch = row(s_.touch);
+    std::fill(used.begin(), used.end(), 0);
+    bool have_keep = false;
+    for (int64_t j = 0; j < k_; ++j) {
+      const int64_t e = ids_[j];
+      const bool hit = hot[e];
+      s_.hits[l_] += hit;
+      s_.prefetch_hits[l_] += pending[e];
+      pending[e] = false;
+      if (!hit) {
+        ++s_.stalls[l_];
+        if (s_.hot_count[l_] >= s_.capacity[l_]) {
+          if (!have_keep) {
+            keep_scores(nxt, keep);
+            have_keep = true;
+          }
+          int64_t victim = -1;
+          double best = kInf;
+          for (int64_t f = 0; f < E_; ++f) {
+            if (hot[f] && !used[f] && (victim < 0 || keep[f] < best)) {
+              best = keep[f];
+              victim = f;
+            }
+          }
+          // capacity below top_k: every hot expert served this token already, and the one it
+          // used first leaves (a full layer holds at least one, so the loop finds it)
+          for (int64_t i = 0; victim < 0 && i < j; ++i)
+            if (hot[ids_[i]]) victim = ids_[i];
+          evict(victim);
+        }
+        count_reload(e);
+        hot[e] = true;
+        ++s_.hot_count[l_];
+      }
+      used[e] = 1;
+      touch[e] = static_cast<double>(t_.clock);
+    }
+  }
+
+  // predict.py `_keep_scores` of this layer.
+  void keep_scores(std::vector<double>& nxt, std::vector<double>& keep) const {
+    table_scores(s_.prev, s_.prev_n, ids_, nxt.data());
+    const double* aff = row(s_.affinity);
+    const double* touch = row(s_.touch);
+    const double clock = static_cast<double>(std::max<int64_t>(t_.clock, 1));
+    for (int64_t f = 0; f < E_; ++f)
+      keep[f] = (c_.keep_previous_weight * nxt[f] + c_.keep_affinity_weight * aff[f]) -
+                1e-9 * (1.0 - touch[f] / clock);
+  }
+
+  // Adds `inc` to table[l, a, b] for each distinct (a in src, b in ids), and to counts[l, a]
+  // for each distinct a: numpy's fancy `+=` adds once per distinct index.
+  void learn_table(double* tab, double* counts, const int64_t* src, double inc) {
+    for (int64_t i = 0; i < k_; ++i) {
+      if (seen_before(src, i)) continue;
+      for (int64_t j = 0; j < k_; ++j)
+        if (!seen_before(ids_, j)) table(tab, src[i])[ids_[j]] += inc;
+      row(counts)[src[i]] += inc;
+    }
+  }
+
+  void learn() {
+    if (l_ > 0) {
+      learn_table(s_.cross, s_.cross_n, src_, t_.next_scale);
+      if (s_.buckets) {
+        std::vector<int64_t>& buckets = w_.buckets;
+        buckets.clear();
+        for (int64_t a = 0; a < k_; ++a)
+          for (int64_t b = a + 1; b < k_; ++b) buckets.push_back(pair_index(src_[a], src_[b]));
+        for (size_t i = 0; i < buckets.size(); ++i) {
+          if (seen_before(buckets.data(), static_cast<int64_t>(i))) continue;  // hashed pairs collide
+          double* num = s_.pair + (l_ * s_.buckets + buckets[i]) * E_;
+          for (int64_t j = 0; j < k_; ++j)
+            if (!seen_before(ids_, j)) num[ids_[j]] += t_.next_scale;
+          s_.pair_n[l_ * s_.buckets + buckets[i]] += t_.next_scale;
+        }
+      }
+    }
+    if (last_) learn_table(s_.prev, s_.prev_n, last_, t_.next_prev_scale);
+    if (t_.next_scale > 1e200) {  // the lazy decay's rescale, this layer's rows
+      divide(s_.cross + l_ * E_ * E_, E_ * E_, t_.next_scale);
+      divide(row(s_.cross_n), E_, t_.next_scale);
+      divide(s_.pair + l_ * s_.buckets * E_, s_.buckets * E_, t_.next_scale);
+      divide(s_.pair_n + l_ * s_.buckets, s_.buckets, t_.next_scale);
+    }
+    if (t_.next_prev_scale > 1e200) {
+      divide(s_.prev + l_ * E_ * E_, E_ * E_, t_.next_prev_scale);
+      divide(row(s_.prev_n), E_, t_.next_prev_scale);
+    }
+    double* aff = row(s_.affinity);
+    for (int64_t f = 0; f < E_; ++f) aff[f] *= c_.affinity_decay;
+    const double boost = 1.0 - c_.affinity_decay;
+    for (int64_t j = 0; j < k_; ++j)
+      if (!seen_before(ids_, j)) aff[ids_[j]] += boost;
+  }
+
+  static void divide(double* a, int64_t n, double by) {
+    for (int64_t i = 0; i < n; ++i) a[i] /= by;
+  }
+
+  const PredictState& s_;
+  const PredictParams& c_;
+  const PredictToken& t_;
+  Scratch& w_;
+  const int64_t l_, E_, k_;
+  const int64_t *ids_, *src_, *last_;
+};
+
+}  // namespace predict_detail
+
+// One token without hints: predictions, prefetches, accesses and learning of every layer, the
+// state updated in place exactly as PredictiveCaches._step_numpy does.
+inline void predict_step(const PredictState& s, const PredictParams& c, const PredictToken& t) {
+  predict_detail::Scratch scratch(s.experts, s.top_k);
+  for (int64_t l = 0; l < s.layers; ++l) predict_detail::Layer(s, c, t, l, scratch).run();
+}
+
+}  // namespace moeray
