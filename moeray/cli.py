@@ -477,9 +477,9 @@ def _replay(args) -> int:
         from moeray.replay import IN_PROCESS_POLICY_NAMES
 
         # replay_through_service runs belady (an oracle) in-process itself; the layer actors
-        # host moeray, but not engine hints, a capacity re-split or shards
+        # host moeray, but not engine hints or a capacity re-split
         local_only = set(IN_PROCESS_POLICY_NAMES) - {"belady"}
-        if config.hint_accuracy is not None or config.predict.split is not None or shards:
+        if config.hint_accuracy is not None or config.predict.split is not None:
             local_only.add("moeray")
         served = tuple(p for p in config.policies if p not in local_only)
         in_process = tuple(p for p in config.policies if p in local_only)

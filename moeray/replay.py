@@ -429,8 +429,11 @@ def replay_shards(
     """``replay_trace`` against real bytes: every online policy runs in the layer actors' own
     body (``LayerCaches``) over the checkpoint at ``shards``, one window per ``step_tokens``
     tokens, waiting for each window's prefetches before reading resident bytes, so the readings
-    are the real peaks. Hits equal ``replay_trace``'s; ``belady`` and ``moeray`` run in-process
-    as in ``replay_trace`` and have no shard result."""
+    are the real peaks. Hits equal ``replay_trace``'s; ``belady`` (an oracle) runs in-process and
+    has no shard result. ``moeray``'s counts come from ``replay_predictive`` (the same
+    decisions), and its bytes from the layer body, which applies every layer's window of one
+    step together (with engine hints or a re-split, which the body does not take, it runs
+    in-process only, without a shard result)."""
     from moeray.actors.layer import LayerCaches, LayerWindow
 
     if isinstance(step_tokens, bool) or not isinstance(step_tokens, int) or step_tokens < 1:
@@ -441,29 +444,49 @@ def replay_shards(
     affinity = (AffinityConfig.with_num_experts(trace.num_experts)
                 .with_decay(config.affinity_decay).with_activation_boost(config.affinity_boost))
     results, shard_results = {}, {}
+    seq_starts = np.zeros(trace.num_tokens, dtype=bool)
+    seq_starts[trace.seq_offsets[trace.seq_offsets < trace.num_tokens]] = True
+    budget = config.predict.prefetch_budget  # moeray's, per token, as the coordinator sends it
+    budget = trace.top_k if budget is None else budget
+    # the layer body hosts moeray without engine hints or a capacity re-split
+    served_moeray = config.hint_accuracy is None and config.predict.split is None
     for name in config.policies:
-        if name in IN_PROCESS_POLICY_NAMES or name == "moeray":  # one window per layer here
+        if name in IN_PROCESS_POLICY_NAMES or (name == "moeray" and not served_moeray):
             results[name] = replay_trace(trace, replace(config, policies=(name,))).results[name]
             if progress is not None:
                 progress.advance(trace.num_layers, name)
             continue
         body = LayerCaches(layers, trace.num_experts, dict.fromkeys(layers, config.capacity), name,
-                           affinity, config.affinity_weight, shards=shards, settle=True)
+                           affinity, config.affinity_weight, shards=shards, settle=True,
+                           predict=config.predict)
         hits, moved, late, stalls, peak = ([0] * len(layers) for _ in range(5))
         seconds = [0.0] * len(layers)
         for seq, first in enumerate(range(0, trace.num_tokens, step_tokens), start=1):
-            for layer in layers:
+            step = slice(first, first + step_tokens)
+            if name == "moeray":  # every layer's window of a step together, one shared time
+                windows = [[LayerWindow(layer, seq, ids[layer][step], budget,
+                                        seq_starts=seq_starts[step]) for layer in layers]]
+            else:
+                windows = [[LayerWindow(layer, seq, ids[layer][step])] for layer in layers]
+            for group in windows:
                 start = time.perf_counter()
-                (ack,) = body.apply([LayerWindow(layer, seq, ids[layer][first:first + step_tokens])])
-                seconds[layer] += time.perf_counter() - start
-                hits[layer] += ack.hits
-                moved[layer] += ack.bytes_moved
-                late[layer] += ack.late_prefetches
-                stalls[layer] += ack.stalls
-                peak[layer] = max(peak[layer], ack.resident_bytes_max)
+                acks = body.apply(group)
+                for ack in acks:
+                    layer = ack.layer
+                    seconds[layer] += (time.perf_counter() - start) / len(acks)
+                    hits[layer] += ack.hits
+                    moved[layer] += ack.bytes_moved
+                    late[layer] += ack.late_prefetches
+                    stalls[layer] += ack.stalls
+                    peak[layer] = max(peak[layer], ack.resident_bytes_max)
         del body  # unmaps the shards
-        results[name] = PolicyResult(name, tuple(hits), trace.num_tokens * trace.top_k, tuple(seconds),
-                                     top_k=trace.top_k)
+        if name == "moeray":  # stalls, transfers and predictors as replay_trace reports them
+            results[name] = replay_predictive(trace, config)
+            if results[name].per_layer_hits != tuple(hits):  # one policy, one set of decisions
+                raise RuntimeError("moeray in the layer body and in-process disagree")
+        else:
+            results[name] = PolicyResult(name, tuple(hits), trace.num_tokens * trace.top_k,
+                                         tuple(seconds), top_k=trace.top_k)
         shard_results[name] = ShardResult(capacity_bytes, expert_bytes, tuple(peak), tuple(moved),
                                           tuple(late), tuple(stalls))
         if progress is not None:

@@ -255,8 +255,8 @@ def replay_through_service(
     ``replay_trace``'s, and ``moeray``'s stalls, transfers, wasted prefetches and predictor
     recall / precision too, which tests check.
     With ``shards`` the layer actors keep the checkpoint's bytes resident for their hot sets,
-    one window at a time, and the report has a ``ShardResult`` per policy (not for
-    ``moeray``, which a service with shards refuses)."""
+    one window at a time, and the report has a ``ShardResult`` per policy (``moeray``
+    included)."""
     if PREDICTIVE_POLICY in config.policies and getattr(config, "hint_accuracy", None) is not None:
         raise ValueError("hint_accuracy: the service takes no engine hints; replay moeray with "
                          "hints in-process (replay_trace)")

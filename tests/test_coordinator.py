@@ -391,8 +391,6 @@ def test_seq_starts_and_moeray_config_are_checked(stream):
     assert transport.sends == [] and coordinator.stats().submits == 0
     with pytest.raises(ValueError, match="prefetch_budget"):
         ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="moeray", prefetch_budget=2)
-    with pytest.raises(ValueError, match="shards"):
-        ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="moeray", shards="/ckpt")
     with pytest.raises(ValueError, match="predict"):
         ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="moeray", predict={"budget": 2})
     with pytest.raises(ValueError, match="prefetch_budget"):

@@ -80,6 +80,46 @@ def test_every_stall_moves_one_expert_and_the_bound_holds(checkpoint, trace):
         assert all(r >= CAPACITY * expert for r in shards.resident_bytes_max)
 
 
+def test_moeray_moves_the_bytes_of_its_hot_sets(checkpoint, trace):
+    """Under the predictive policy the bytes follow its hot sets too: after every window the
+    resident experts are exactly the policy's hot set, the bound holds, and every expert
+    populated was one the policy brought in (a stall or a prefetch)."""
+    from moeray.actors.layer import LayerCaches, LayerWindow
+    from moeray.policy.predict import PredictiveCaches
+
+    config = ReplayConfig(capacity=CAPACITY, policies=("moeray",))
+    report = replay_shards(trace, config, str(checkpoint), step_tokens=4)
+    decisions = replay_trace(trace, config).results["moeray"]
+    with ShardStore(checkpoint) as store:
+        expert = store.expert_bytes(store.layers[0], 0)
+    result, shards = report.results["moeray"], report.shards["moeray"]
+    assert result.per_layer_hits == decisions.per_layer_hits
+    assert result.per_layer_transfers == decisions.per_layer_transfers
+    assert all(moved % expert == 0 for moved in shards.bytes_moved)
+    # experts prefetched and evicted within one window never reach the shard: at most the
+    # policy's transfers, and at least a full hot set
+    assert all(CAPACITY * expert <= moved <= transfers * expert
+               for moved, transfers in zip(shards.bytes_moved, decisions.per_layer_transfers))
+    assert shards.over_bound() == [], (shards.resident_bytes_max, shards.capacity_bytes)
+    assert all(r >= CAPACITY * expert for r in shards.resident_bytes_max)
+
+    # window by window, in the layer body: resident experts == the policy's hot set
+    layers = list(range(LAYERS))
+    body = LayerCaches(layers, trace.num_experts, dict.fromkeys(layers, CAPACITY), "moeray",
+                       shards=str(checkpoint), settle=True)
+    mirror = PredictiveCaches(LAYERS, trace.num_experts, trace.top_k, CAPACITY)
+    for seq, first in enumerate(range(0, 64, 16), start=1):
+        step = slice(first, first + 16)
+        body.apply([LayerWindow(layer, seq, trace.layer_ids(layer)[step], trace.top_k)
+                    for layer in layers])
+        for t in range(first, first + 16):
+            mirror.step(trace.expert_ids[t], new_sequence=t == 0)
+        for layer in layers:
+            hot, _ = mirror.hot_set(layer)
+            assert body._residency[layer].resident_experts() == hot.tolist(), (seq, layer)
+    del body  # unmaps the shards
+
+
 def test_the_resident_reading_sees_a_hot_set_over_capacity(checkpoint):
     """The bound check can fail: holding 12 experts under a capacity of 8 reads over the bound."""
     with ShardStore(checkpoint) as store:

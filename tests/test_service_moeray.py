@@ -203,8 +203,6 @@ def test_moeray_body_refuses_what_it_cannot_apply(trace):
     assert body.applied() == {2: 0, 3: 0}  # nothing was applied
     with pytest.raises(ValueError, match="consecutive"):
         LayerCaches([1, 3], 32, {1: 8, 3: 8}, "moeray")
-    with pytest.raises(ValueError, match="shards"):
-        LayerCaches([0], 32, {0: 8}, "moeray", shards="/nonexistent")
     with pytest.raises(TypeError, match="predict"):
         LayerCaches([0], 32, {0: 8}, "moeray", predict={"prefetch_budget": 2})
     from moeray.policy.split import SplitConfig

@@ -228,8 +228,9 @@ def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local, tmp_path):
 
 
 def test_layer_actors_keep_the_hot_sets_resident_in_real_bytes(ray_local, tmp_path):
-    """With shards, the layer actors move the checkpoint's bytes: every expert the hot sets
-    took in was populated, and no reading of a layer's shard exceeds capacity plus one expert."""
+    """With shards, the layer actors move the checkpoint's bytes, under a demand policy and
+    under moeray: every expert the hot sets took in was populated, and no reading of a layer's
+    shard exceeds capacity plus one expert."""
     from moeray.replay import ReplayConfig, replay_trace
     from moeray.service import replay_through_service
     from moeray.shards import ShardStore
@@ -243,23 +244,25 @@ def test_layer_actors_keep_the_hot_sets_resident_in_real_bytes(ray_local, tmp_pa
     full = load_trace(default_trace_path())
     trace = Trace(full.expert_ids[:256, :2], full.weights[:256, :2], np.array([0, 256]),
                   full.num_experts, "head")
-    config = ReplayConfig(capacity=8, policies=("lru",))
+    config = ReplayConfig(capacity=8, policies=("lru", "moeray"))  # a demand policy, moeray
     report, _ = replay_through_service(trace, config, step_tokens=16, window_steps=1,
                                        layers_per_actor=2, shards=str(tmp_path))
-    assert report.results["lru"].per_layer_hits == replay_trace(trace, config).results["lru"].per_layer_hits
-    shards = report.shards["lru"]
-    assert shards.capacity_bytes == (8 * expert,) * 2
-    # the prefetcher populates whole experts; a window's admissions are queued to it
-    assert all(moved % expert == 0 for moved in shards.bytes_moved)
-    assert all(0 < stalls for stalls in shards.stalls)
-    assert shards.over_bound() == [], shards.resident_bytes_max
-    if not moeray.native.IS_NATIVE:
-        # the twin populates as it is asked, so every expert a window kept was read in. The
-        # native prefetcher works behind the windows and the service waits for none: a
-        # prefetch that a later window releases before the thread reaches it moves no bytes,
-        # so how many bytes move through the service there depends on timing.
-        assert all(moved > 0 for moved in shards.bytes_moved)
-        assert all(0 < r for r in shards.resident_bytes_max)
+    local = replay_trace(trace, config)
+    for name in config.policies:
+        assert report.results[name].per_layer_hits == local.results[name].per_layer_hits, name
+        shards = report.shards[name]
+        assert shards.capacity_bytes == (8 * expert,) * 2
+        # the prefetcher populates whole experts; a window's admissions are queued to it
+        assert all(moved % expert == 0 for moved in shards.bytes_moved)
+        assert all(0 < stalls for stalls in shards.stalls)
+        assert shards.over_bound() == [], (name, shards.resident_bytes_max)
+        if not moeray.native.IS_NATIVE:
+            # the twin populates as it is asked, so every expert a window kept was read in.
+            # The native prefetcher works behind the windows and the service waits for none:
+            # a prefetch that a later window releases before the thread reaches it moves no
+            # bytes, so how many bytes move through the service there depends on timing.
+            assert all(moved > 0 for moved in shards.bytes_moved)
+            assert all(0 < r for r in shards.resident_bytes_max)
 
 
 def test_window_ms_timer_sends_a_window_no_submit_closes():

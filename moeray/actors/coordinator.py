@@ -75,8 +75,8 @@ class ServiceConfig:
     policy: lru | lfu | adaptive | affinity-lru (demand caches; ``prefetch_budget`` experts are
     prefetched by affinity after each window) or moeray (the predictive policy; its parameters
     are ``predict``, a PredictConfig or a dict of its fields, and its budget, experts per layer
-    per token, is ``predict.prefetch_budget``, None for top_k; ``prefetch_budget`` must stay 0,
-    ``shards`` and ``predict.split`` None; engine hints are not taken).
+    per token, is ``predict.prefetch_budget``, None for top_k; ``prefetch_budget`` must stay 0
+    and ``predict.split`` None; engine hints are not taken).
     """
 
     num_layers: int
@@ -128,9 +128,6 @@ class ServiceConfig:
             if self.prefetch_budget:
                 raise ValueError("prefetch_budget: expected 0 with policy 'moeray', whose budget "
                                  "is predict.prefetch_budget (experts per layer per token)")
-            if self.shards is not None:
-                raise ValueError("shards: not supported with policy 'moeray' yet; use a demand "
-                                 "policy (lru, lfu, adaptive, affinity-lru)")
             if self.predict.split is not None:
                 # a re-split couples all layers' capacities; the layer actors cannot follow it
                 raise ValueError("predict.split: not supported by the service yet; None keeps "

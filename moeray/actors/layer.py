@@ -20,8 +20,9 @@ refuses); so an actor hosting layers a..b (a > 0) runs it over
 a-1..b, feeding the "shadow" layer a-1 with the routing the coordinator attaches to layer a's
 window (``previous_layer_ids``) and discarding its counters, and makes exactly the decisions
 the whole model's ``PredictiveCaches`` makes for a..b. ``seq_starts`` marks the tokens that
-begin a sequence (the previous-token predictor starts afresh there). ``shards`` is not
-supported with ``moeray`` (ValueError).
+begin a sequence (the previous-token predictor starts afresh there). With ``shards`` the bytes
+follow its hot sets as they stand after each window, as for the demand policies: the experts it
+prefetched and has not used yet are the ones brought in ahead of use.
 """
 
 from __future__ import annotations
@@ -159,18 +160,15 @@ class LayerCaches:
         self._settle = settle
         self._predictive: _PredictiveHost | None = None
         if policy == PREDICTIVE_POLICY:
-            if shards:
-                raise ValueError("shards: not supported with policy 'moeray' (its hot sets do "
-                                 "not yet drive shard residency); use a demand policy")
             self._predictive = _PredictiveHost(self._layers, num_experts, capacity,
                                                predict if predict is not None else PredictConfig())
-            self._caches, self._residency = {}, {}
-            return
-        base, self._blended = POLICIES[policy]
-        self._caches = {
-            layer: ExpertCache(num_experts, ExpertCacheConfig(capacity[layer], eviction_policy=base))
-            for layer in layers
-        }
+            self._caches = {}
+        else:
+            base, self._blended = POLICIES[policy]
+            self._caches = {
+                layer: ExpertCache(num_experts, ExpertCacheConfig(capacity[layer], eviction_policy=base))
+                for layer in layers
+            }
         self._residency = _open_residency(shards, layers, num_experts, capacity) if shards else {}
 
     def layers(self) -> list[int]:
@@ -202,14 +200,37 @@ class LayerCaches:
             acks.append(self._apply_one(window))
         return acks
 
+    def _shard_begin(self, window: LayerWindow):
+        """Before a window is applied: the consumer uses its experts' bytes. Returns what
+        ``_shard_end`` needs (None without shards)."""
+        residency = self._residency.get(window.layer)
+        if residency is None:
+            return None
+        before = residency.stats()
+        if not self._settle:
+            residency.measure()  # the previous window's prefetches had this window's gap
+        return residency, before, residency.use(np.unique(window.expert_ids), wait=self._settle)
+
+    def _shard_end(self, begun, hot, ahead) -> dict:
+        """After a window: the bytes follow the hot set (``ahead``: those of its experts brought
+        in by prediction); returns the window's shard fields of LayerAck."""
+        residency, before, stalls = begun
+        residency.sync(hot, ahead)
+        if self._settle:  # a replay's consumer reads what it stalled on, even if not kept
+            residency.read_cold(stalls - {int(e) for e in hot})
+            residency.settle()
+            residency.measure()
+        now = residency.stats()
+        return dict(
+            bytes_moved=now.bytes_moved - before.bytes_moved,
+            late_prefetches=now.late - before.late,
+            stalls=now.stalls - before.stalls,
+            resident_bytes_max=now.resident_bytes,  # this window's reading
+        )
+
     def _apply_one(self, window: LayerWindow) -> LayerAck:
         cache, affinity = self._caches[window.layer], self._affinity[window.layer]
-        residency = self._residency.get(window.layer)
-        if residency is not None:
-            shard_before = residency.stats()
-            if not self._settle:
-                residency.measure()  # the previous window's prefetches had this window's gap
-            stalls = residency.use(np.unique(window.expert_ids), wait=self._settle)
+        begun = self._shard_begin(window)
         before = cache.stats()
         if self._blended:
             cache.access_batch(window.expert_ids, affinity, self._weight)
@@ -219,21 +240,7 @@ class LayerCaches:
         prefetched = cache.prefetch_by_affinity(affinity, window.prefetch_budget)
         after = cache.stats()
         self._applied[window.layer] = window.seq
-        shard = {}
-        if residency is not None:
-            hot = cache.hot_experts()
-            residency.sync(hot, prefetched)
-            if self._settle:  # a replay's consumer reads what it stalled on, even if not kept
-                residency.read_cold(stalls - set(hot))
-                residency.settle()
-                residency.measure()
-            now = residency.stats()
-            shard = dict(
-                bytes_moved=now.bytes_moved - shard_before.bytes_moved,
-                late_prefetches=now.late - shard_before.late,
-                stalls=now.stalls - shard_before.stalls,
-                resident_bytes_max=now.resident_bytes,  # this window's reading
-            )
+        shard = self._shard_end(begun, cache.hot_experts(), prefetched) if begun is not None else {}
         return LayerAck(
             layer=window.layer,
             seq=window.seq,
@@ -267,13 +274,16 @@ class LayerCaches:
                                  f"together; window {seq} has layers {sorted(group)}, this actor "
                                  f"hosts {self._layers}")
             ordered = [group[layer] for layer in self._layers]
+            begun = [self._shard_begin(window) for window in ordered]
             counts = self._predictive.apply(ordered)
-            for window, count in zip(ordered, counts):
+            sets = self._predictive.hot_sets() if self._residency else [None] * len(ordered)
+            for window, count, b, hot_set in zip(ordered, counts, begun, sets):
                 affinity = self._affinity[window.layer]
                 affinity.update_batch(window.expert_ids)
                 self._applied[window.layer] = seq
+                shard = self._shard_end(b, *hot_set) if b is not None else {}
                 acks.append(LayerAck(
-                    layer=window.layer, seq=seq, **count,
+                    layer=window.layer, seq=seq, **count, **shard,
                     affinity_scores=affinity.scores(),
                     activation_counts=affinity.activation_counts(),
                 ))
@@ -304,6 +314,7 @@ class _PredictiveHost:
             raise ValueError(f"layers: the moeray policy needs consecutive layers, got {layers}")
         self._layers = layers
         self._shadow = layers[0] > 0
+        self._skip = 1 if self._shadow else 0  # the shadow layer's row in the caches
         # the shadow's hot set never touches the others': any valid capacity gives the same
         # decisions for a..b; its own layer's is the faithful one when known
         shadow_capacity = [capacity.get(layers[0] - 1, capacity[layers[0]])] if self._shadow else []
@@ -352,7 +363,7 @@ class _PredictiveHost:
                 caches.step(ids[t], new_sequence=bool(starts[t]))
         after = _counters(caches)
         delta = {key: after[key] - before[key] for key in after}
-        skip = 1 if self._shadow else 0
+        skip = self._skip
         return [
             dict(hits=int(delta["hits"][i]), misses=int(delta["stalls"][i]),
                  evictions=int(delta["evictions"][i]), prefetch_hits=int(delta["prefetch_hits"][i]),
@@ -361,6 +372,14 @@ class _PredictiveHost:
                  **{key: tuple(int(x) for x in delta[key][:, i]) for key in _PREDICTOR_COUNTERS})
             for i in range(skip, skip + len(windows))
         ]
+
+
+    def hot_sets(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per hosted layer (in order), its hot experts and, of those, the ones prefetched and
+        not used yet; empty before the first window."""
+        if self._caches is None:
+            return [(np.zeros(0, np.int64),) * 2 for _ in self._layers]
+        return [self._caches.hot_set(self._skip + i) for i in range(len(self._layers))]
 
 
 _PREDICTOR_COUNTERS = ("predictor_hits", "predictor_guesses", "predictor_uses")
