@@ -1,13 +1,14 @@
-"""Speed of the moeray policy's own work (moeray.policy.predict, numpy), in-process, beside its
-previous defaults, measured side by side in one run.
+"""Speed of the moeray policy's own work (moeray.policy.predict), in-process: its native step
+beside its numpy twin and beside its defaults before the pair tables, side by side in one run.
 
 Each row replays the first N tokens of a real trace through ``PredictiveCaches.run`` at 1/4
-of each layer's experts; the two configurations alternate, and the table shows the median of
-the repeats. `moeray` has today's defaults (cross-layer tables over pairs, next-token victim
-values, budget top_k); `moeray before pairs` is the defaults before the pair tables
-(bench_quality.BEFORE_PAIRS: single-expert tables, victims valued by this token alone, budget
-4). The layer actors of the service run this same
-code, so it bounds what they serve under `policy="moeray"`.
+of each layer's experts; the rows alternate, and the table shows the median of the repeats.
+`moeray` has today's defaults on the native step (moeray/native/src/predict.hpp); `moeray on
+numpy` the same policy and decisions on the numpy code (`_step_numpy`, what
+MOERAY_PURE_PYTHON=1 runs); `moeray before pairs`, on the native step, the defaults before the
+pair tables (bench_quality.BEFORE_PAIRS: single-expert tables, victims valued by this token
+alone, budget 4). The layer actors of the service run this same code, so it bounds what they
+serve under `policy="moeray"`.
 
 usage: python benchmarks/bench_policy.py [--traces DIR] [--tokens N] [--repeats R]
 Without ../shared/traces (or --traces) it uses the bundled gpt-oss-20b slice only.
@@ -26,7 +27,9 @@ from bench_quality import BEFORE_PAIRS, BEFORE_PAIRS_NAME, head, traces
 from moeray.policy.predict import PredictConfig, PredictiveCaches
 from moeray.replay import capacity_from_fraction
 
-CONFIGS = {"moeray": PredictConfig(), BEFORE_PAIRS_NAME: BEFORE_PAIRS}
+# row name -> (config, the native step on); rows on the native step only where it is in use
+ROWS = {"moeray": (PredictConfig(), True), "moeray on numpy": (PredictConfig(), False),
+        BEFORE_PAIRS_NAME: (BEFORE_PAIRS, True)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,16 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.repeats < 1:
         parser.error("--tokens and --repeats: expected ints >= 1")
+    print(f"native step: {'in use' if PredictiveCaches._native else 'not in use (numpy only)'}")
     print("| trace | tokens | policy | tokens/s (median) | us/token | repeats |")
     print("|---|---|---|---|---|---|")
     for trace in traces(Path(args.traces) if args.traces else None):
         trace = head(trace, args.tokens)
         capacity = capacity_from_fraction(0.25, trace.num_experts)
-        rates = {name: [] for name in CONFIGS}
+        rates = {name: [] for name in ROWS}
         for _ in range(args.repeats):
-            for name, config in CONFIGS.items():
+            for name, (config, native) in ROWS.items():
                 caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k,
                                           capacity, config)
+                caches._native = native and PredictiveCaches._native
                 start = time.perf_counter()
                 caches.run(trace.expert_ids, trace.seq_offsets)
                 rates[name].append(trace.num_tokens / (time.perf_counter() - start))
