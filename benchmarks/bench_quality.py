@@ -83,7 +83,10 @@ EXTRAS = {THRIFTY_NAME: {"predict": THRIFTY}, PREVIOUS_NAME: {"predict": PREVIOU
 class OracleEvictions(PredictiveCaches):
     """Not a policy (it reads the future): moeray's predictions and prefetches, with every
     victim, of a prefetch or of a demand load, chosen by the true next use of each hot expert
-    (Belady's rule). Hooks: ``_hot_value`` and ``_keep_scores`` of PredictiveCaches."""
+    (Belady's rule). Hooks: ``_hot_value`` and ``_keep_scores`` of PredictiveCaches, which
+    only its numpy step calls, so this runs on numpy."""
+
+    _native = False
 
     def __init__(self, trace: Trace, capacity: int, config: PredictConfig):
         super().__init__(trace.num_layers, trace.num_experts, trace.top_k, capacity, config)
