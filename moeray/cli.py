@@ -27,9 +27,9 @@ seq_offsets, num_experts); see moeray.traces. Hit and stall rates are per layer,
 layers; transfers/token counts experts brought into the hot sets of all layers (on demand or by
 prefetch) per token; wasted: prefetched experts evicted before any use. Belady is the offline
 optimum of demand caching for the same capacity; moeray is the predictive policy (cross-layer
-and previous-token prediction, prefetch): with --backend service its layer actors run it, except
-with --hint-accuracy or a capacity re-split (--resplit-every), which only the in-process replay
-has; belady always runs in-process.
+and previous-token prediction, prefetch): with --backend service its layer actors run it (with
+--hint-accuracy the service gets the hints with each step), except with a capacity re-split
+(--resplit-every), which only the in-process replay has; belady always runs in-process.
 """
 
 
@@ -477,9 +477,9 @@ def _replay(args) -> int:
         from moeray.replay import IN_PROCESS_POLICY_NAMES
 
         # replay_through_service runs belady (an oracle) in-process itself; the layer actors
-        # host moeray, but not engine hints or a capacity re-split
+        # host moeray, but not a capacity re-split
         local_only = set(IN_PROCESS_POLICY_NAMES) - {"belady"}
-        if config.hint_accuracy is not None or config.predict.split is not None:
+        if config.predict.split is not None:
             local_only.add("moeray")
         served = tuple(p for p in config.policies if p not in local_only)
         in_process = tuple(p for p in config.policies if p in local_only)

@@ -14,8 +14,10 @@ outstanding before the next one waits.
 
 ``submit(..., seq_starts=...)`` marks the tokens that begin a sequence; only the ``moeray``
 policy reads it (its previous-token predictor starts afresh there). Without it the stream is
-one continuing sequence. The msgpack path (``submit_msgpack``) has no such field yet: its steps
-continue one stream.
+one continuing sequence. ``submit(..., hints=...)`` carries an engine's predicted experts of
+each token at each layer to the ``moeray`` policy (``moeray.policy.predict``, "Engine hints").
+The msgpack path (``submit_msgpack``) has neither field yet: its steps continue one stream,
+without hints.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ from moeray._progress import Progress
 from moeray.actors import _ray
 from moeray.actors.layer import PREDICTIVE_POLICY
 from moeray.actors.coordinator import (
-    ServiceConfig, ServiceStats, check_seq_starts, check_step, schedule_step,
+    ServiceConfig, ServiceStats, check_hints, check_seq_starts, check_step, join_hints,
+    schedule_step,
 )
 from moeray.metrics import SubmitLatency
 from moeray.policy.predict import predictor_report
 from moeray.policy.scheduler import ExpertBatches
 from moeray.replay import (
     PolicyResult, ReplayConfig, ReplayReport, ShardResult, replay_trace, shard_bytes,
+    synthetic_hints,
 )
 from moeray.traces import Trace
 
@@ -72,20 +76,25 @@ class ServiceHandle:
         self._latency_metric = SubmitLatency(config.name)
         self._window: list[np.ndarray] = []  # this client's routing not yet sent
         self._window_starts: list[np.ndarray | None] = []  # and its sequence starts
+        self._window_hints: list[tuple[int, np.ndarray | None]] = []  # and its engine hints
         self._window_opened = 0.0
         self._window_number = 0  # which window a window_ms timer was armed for
         self._lock = threading.Lock()  # submit and the window_ms timer both send windows
 
-    def submit(self, expert_ids, weights=None, seq_starts=None) -> list[ExpertBatches] | None:
+    def submit(self, expert_ids, weights=None, seq_starts=None,
+               hints=None) -> list[ExpertBatches] | None:
         """One forward pass: expert_ids int [num_layers, T, top_k], weights float, same shape
         (or None: no schedule is returned), seq_starts bool [T]: True where a token begins a
-        sequence (or None: the step continues the stream; only ``moeray`` reads it). Returns
-        each layer's ``ExpertBatches``.
+        sequence (or None: the step continues the stream; only ``moeray`` reads it), hints int
+        [num_layers, T, h]: an engine's predicted experts of each token at each layer, -1 for
+        none (or None; only ``moeray`` takes them: ``moeray.policy.predict``, "Engine hints").
+        Returns each layer's ``ExpertBatches``.
 
         Bad input raises TypeError / ValueError here and reaches no actor."""
         start = self._timer()
         ids, w = check_step(expert_ids, weights, self.config)
         starts = check_seq_starts(seq_starts, ids.shape[1])
+        hinted = check_hints(hints, self.config, ids.shape[1])
         batches = None
         if w is not None:
             batches = schedule_step(ids, w, self.config.num_experts)
@@ -102,6 +111,7 @@ class ServiceHandle:
                     closer.start()
             self._window.append(ids.astype(self.config.ids_dtype()))  # 1/4 of int32's bytes
             self._window_starts.append(starts)
+            self._window_hints.append((ids.shape[1], hinted))
             if len(self._window) >= self.config.window_steps or (
                 ms is not None and (start - self._window_opened) * 1e3 >= ms
             ):
@@ -129,10 +139,12 @@ class ServiceHandle:
             starts = np.concatenate([np.zeros(ids.shape[1], dtype=bool) if s is None else s
                                      for ids, s in zip(self._window, self._window_starts)])
         self._in_flight.append(
-            _ray.call_async(self._coordinator.add_routing, routing, len(self._window), True, starts)
+            _ray.call_async(self._coordinator.add_routing, routing, len(self._window), True, starts,
+                            join_hints(self._window_hints))
         )
         self._window = []
         self._window_starts = []
+        self._window_hints = []
 
     def submit_msgpack(self, payload: bytes) -> bytes:
         """A step in the msgpack form of ``moeray.wire``; returns the schedules in that form.
@@ -253,13 +265,15 @@ def replay_through_service(
     it is an oracle, not a policy a service can run). Steps of ``step_tokens`` tokens carry
     every layer, and the trace's sequence starts (``seq_offsets``); the hit counts equal
     ``replay_trace``'s, and ``moeray``'s stalls, transfers, wasted prefetches and predictor
-    recall / precision too, which tests check.
+    recall / precision too, which tests check. With ``config.hint_accuracy`` the moeray
+    service gets the synthetic hints ``replay_trace`` makes, with each step.
     With ``shards`` the layer actors keep the checkpoint's bytes resident for their hot sets,
     one window at a time, and the report has a ``ShardResult`` per policy (``moeray``
     included)."""
-    if PREDICTIVE_POLICY in config.policies and getattr(config, "hint_accuracy", None) is not None:
-        raise ValueError("hint_accuracy: the service takes no engine hints; replay moeray with "
-                         "hints in-process (replay_trace)")
+    hints = None  # [layers, T, top_k], for the moeray service only, as replay_trace makes them
+    if PREDICTIVE_POLICY in config.policies and config.hint_accuracy is not None:
+        hints = synthetic_hints(trace.expert_ids, trace.num_experts, config.hint_accuracy,
+                                np.random.default_rng(config.hint_seed)).transpose(1, 0, 2)
     if shards is not None:
         capacity_bytes, expert_bytes = shard_bytes(shards, trace.num_layers, config.capacity)
         shards = os.path.abspath(shards)
@@ -300,7 +314,9 @@ def replay_through_service(
             begin = timer()
             for first in range(0, trace.num_tokens, step_tokens):
                 step = slice(first, first + step_tokens)
-                handle.submit(ids[:, step], weights[:, step], seq_starts[step])
+                handle.submit(ids[:, step], weights[:, step], seq_starts[step],
+                              hints[:, step] if hints is not None and name == PREDICTIVE_POLICY
+                              else None)
             stats = handle.stats()
             seconds = timer() - begin
         finally:

@@ -13,7 +13,7 @@ import pytest
 from moeray import ExpertAffinity, ExpertCache, ExpertCacheConfig
 from moeray.actors.coordinator import Coordinator, ServiceConfig
 from moeray.actors.layer import LayerCaches, LayerState, LayerWindow, WindowGapError
-from moeray.policy.predict import PredictConfig, PredictiveCaches
+from moeray.policy.predict import PREDICTOR_NAMES, PredictConfig, PredictiveCaches
 from moeray.traces import default_trace_path, load_trace
 from moeray.wire import decode_batches, decode_step, encode_batches, encode_step
 
@@ -318,6 +318,56 @@ def test_moeray_through_coordinator_equals_the_whole_model(stream, window_steps,
         assert list(getattr(stats.total(), key)) == getattr(expected, key).sum(axis=1).tolist()
     assert all(s.tokens == 1200 and s.restarts == 0 for s in stats.layers)
     assert stats.total().prefetches > 0
+
+
+@pytest.mark.parametrize("window_steps,layers_per_actor", [(3, 2), (1, 6)])
+def test_engine_hints_through_coordinator_equal_the_whole_model(stream, window_steps,
+                                                                 layers_per_actor):
+    """Steps with hints of 4 slots, of 2 and none, coalesced into windows (narrower steps padded
+    with -1): every layer counts what the whole model counts with the same hints per token,
+    hint precision and recall included."""
+    from moeray.replay import synthetic_hints
+
+    trace, ids, weights, starts = stream
+    made = synthetic_hints(trace.expert_ids, 32, 0.8, np.random.default_rng(1))  # [T, L, 4]
+    per_token = np.full_like(made, -1)
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, policy="moeray",
+                           window_steps=window_steps, layers_per_actor=layers_per_actor)
+    coordinator, _ = make(config)
+    for i, lo in enumerate(range(0, 1200, 100)):
+        hi = lo + 100
+        width = (0, 4, 2)[i % 3]
+        hints = None
+        if width:
+            hints = np.ascontiguousarray(made[lo:hi, :, :width].transpose(1, 0, 2))
+            per_token[lo:hi, :, :width] = made[lo:hi, :, :width]
+        coordinator.submit(ids[:, lo:hi], weights[:, lo:hi], seq_starts=starts[lo:hi], hints=hints)
+    stats = coordinator.stats()
+    expected = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids, trace.seq_offsets,
+                                                 hints=per_token)
+    assert [s.hits for s in stats.layers] == expected.hits.tolist()
+    assert [s.prefetches for s in stats.layers] == expected.prefetches.tolist()
+    for key in ("predictor_hits", "predictor_guesses", "predictor_uses"):
+        assert [list(getattr(s, key)) for s in stats.layers] == getattr(expected, key).T.tolist()
+    assert stats.total().predictor_uses[PREDICTOR_NAMES.index("hints")] > 0
+
+
+def test_engine_hints_are_checked_at_submit(stream):
+    trace, ids, weights, starts = stream
+    step = ids[:, :10]
+    moeray_service, transport = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4,
+                                                   policy="moeray"))
+    good = np.full((6, 10, 2), -1, np.int64)
+    for bad, error, match in ((good[:, :9], ValueError, "shape"), (good[..., :0], ValueError, "h >= 1"),
+                              (good + 33, ValueError, "-1"), (good - 1, ValueError, "-1"),
+                              (good.astype(np.float32), TypeError, "integer"),
+                              (good.tolist(), TypeError, "numpy")):
+        with pytest.raises(error, match=match):
+            moeray_service.submit(step, hints=bad)
+    lru_service, _ = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4))
+    with pytest.raises(ValueError, match="only the moeray policy"):
+        lru_service.submit(step, hints=good)
+    assert moeray_service.stats().submits == 0 and transport.sends == []
 
 
 def test_moeray_windows_carry_the_previous_layer_sequence_starts_and_budgets(stream):

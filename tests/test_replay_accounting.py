@@ -142,11 +142,11 @@ def test_cli_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypa
     assert not png.exists()
 
 
-def test_cli_service_backend_serves_moeray_unless_hints_or_resplit(tmp_path, capsys, monkeypatch):
+def test_cli_service_backend_serves_moeray_unless_resplit(tmp_path, capsys, monkeypatch):
     """`moeray replay` (service backend) sends moeray to the layer actors with the other
-    policies, and keeps it in-process when asked for engine hints or a capacity re-split, which
-    the actors do not host. A fake service stands in for Ray here (it returns the in-process
-    results, without top_k, as the service does)."""
+    policies, engine hints included, and keeps it in-process when asked for a capacity re-split,
+    which the actors do not host. A fake service stands in for Ray here (it returns the
+    in-process results, without top_k, as the service does)."""
     import contextlib
     import types
 
@@ -175,10 +175,14 @@ def test_cli_service_backend_serves_moeray_unless_hints_or_resplit(tmp_path, cap
     assert list(doc["policies"]) == ["lru", "moeray"]
     assert doc["policies"]["lru"]["transfers_per_token"] == pytest.approx(1.0)  # 9 misses / 9
     asked.clear()
-    for extra in (["--hint-accuracy", "0.9"], ["--resplit-every", "4"]):
-        assert cli.main(["replay", str(trace), "--policy", "moeray", "--json", str(out)] + extra) == 0
-        assert asked == []  # nothing to serve
-        assert "predictors" in json.loads(out.read_text())["policies"]["moeray"]
+    assert cli.main(["replay", str(trace), "--policy", "moeray", "--json", str(out),
+                     "--hint-accuracy", "0.9"]) == 0
+    assert asked == [("moeray",)]  # the hints go with the steps
+    asked.clear()
+    assert cli.main(["replay", str(trace), "--policy", "moeray", "--json", str(out),
+                     "--resplit-every", "4"]) == 0
+    assert asked == []  # nothing to serve
+    assert "predictors" in json.loads(out.read_text())["policies"]["moeray"]
     assert "moeray" in capsys.readouterr().out
 
 

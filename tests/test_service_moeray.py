@@ -214,13 +214,16 @@ def test_moeray_body_refuses_what_it_cannot_apply(trace):
 # --- the real service on a local Ray ---
 
 
-def test_replay_through_service_equals_replay_predictive(ray_local, trace):
+@pytest.mark.parametrize("hint_accuracy", [None, 0.8])
+def test_replay_through_service_equals_replay_predictive(ray_local, trace, hint_accuracy):
     """Per layer: hits, stalls, transfers, prefetches and wasted prefetches of the service's
-    moeray equal the in-process replay's; 3 sequences start inside the 50-token steps."""
+    moeray equal the in-process replay's; 3 sequences start inside the 50-token steps. With
+    synthetic engine hints, which reach the layer actors with each step, likewise, and the
+    hints' recall and precision too."""
     from moeray.replay import ReplayConfig, replay_predictive, replay_trace
     from moeray.service import replay_through_service
 
-    config = ReplayConfig(capacity=8, policies=("moeray", "lru"),
+    config = ReplayConfig(capacity=8, policies=("moeray", "lru"), hint_accuracy=hint_accuracy,
                           predict=PredictConfig(prefetch_budget=3))
     report, throughput = replay_through_service(trace, config, step_tokens=50, window_steps=3,
                                                 layers_per_actor=4)
@@ -231,7 +234,8 @@ def test_replay_through_service_equals_replay_predictive(ray_local, trace):
     assert served.per_layer_wasted == local.per_layer_wasted
     assert (served.prefetches, served.prefetch_hits) == (local.prefetches, local.prefetch_hits)
     assert served.transfers_per_token == local.transfers_per_token
-    assert served.predictors == local.predictors and "hints" not in served.predictors
+    assert served.predictors == local.predictors
+    assert ("hints" in served.predictors) == (hint_accuracy is not None)
     assert local.prefetches > 0 and local.wasted_prefetches > 0
     assert report.results["lru"].per_layer_hits == replay_trace(
         trace, ReplayConfig(capacity=8, policies=("lru",))).results["lru"].per_layer_hits

@@ -277,7 +277,8 @@ def test_window_ms_timer_sends_a_window_no_submit_closes():
     arrived = threading.Event()
 
     class FakeMethod:
-        def remote(self, routing, steps, close_window, starts):
+        def remote(self, routing, steps, close_window, starts, hints):
+            assert starts is None and hints is None  # none submitted
             received.append((routing.copy(), steps, close_window))
             arrived.set()
             return object()

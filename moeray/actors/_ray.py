@@ -196,9 +196,10 @@ class CoordinatorHost:
     def config(self) -> ServiceConfig:
         return self._coordinator.config
 
-    def submit(self, expert_ids, weights=None, schedule_batches: bool = True, seq_starts=None):
+    def submit(self, expert_ids, weights=None, schedule_batches: bool = True, seq_starts=None,
+               hints=None):
         return self._timed(self._coordinator.submit, expert_ids, weights, schedule_batches,
-                           seq_starts)
+                           seq_starts, hints)
 
     def submit_msgpack(self, payload: bytes) -> bytes:
         expert_ids, weights = decode_step(payload)
@@ -206,8 +207,8 @@ class CoordinatorHost:
         return encode_batches(batches or [])
 
     def add_routing(self, ids, steps: int = 1, close_window: bool = False,
-                    seq_starts=None) -> None:
-        self._timed(self._coordinator.add_routing, ids, steps, close_window, seq_starts)
+                    seq_starts=None, hints=None) -> None:
+        self._timed(self._coordinator.add_routing, ids, steps, close_window, seq_starts, hints)
 
     def flush(self) -> None:
         self._timed(self._coordinator.flush)

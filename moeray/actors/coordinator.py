@@ -54,6 +54,8 @@ __all__ = [
     "Coordinator",
     "check_step",
     "check_seq_starts",
+    "check_hints",
+    "join_hints",
     "prefetch_budgets",
     "schedule_step",
 ]
@@ -76,7 +78,7 @@ class ServiceConfig:
     prefetched by affinity after each window) or moeray (the predictive policy; its parameters
     are ``predict``, a PredictConfig or a dict of its fields, and its budget, experts per layer
     per token, is ``predict.prefetch_budget``, None for top_k; ``prefetch_budget`` must stay 0
-    and ``predict.split`` None; engine hints are not taken).
+    and ``predict.split`` None; engine hints come with a step, ``submit(..., hints=...)``).
     """
 
     num_layers: int
@@ -292,6 +294,45 @@ def check_seq_starts(seq_starts, num_tokens: int) -> np.ndarray | None:
     return seq_starts if seq_starts.any() else None
 
 
+def check_hints(hints, config: "ServiceConfig", num_tokens: int) -> np.ndarray | None:
+    """hints: None, or an engine's predicted experts of each token at each layer, int
+    [num_layers, T, h], h >= 1, each in [-1, num_experts) (-1: no hint; see
+    ``moeray.policy.predict``, "Engine hints"), which only ``moeray`` reads; returned as int32.
+    TypeError / ValueError naming the argument."""
+    if hints is None:
+        return None
+    if config.policy != PREDICTIVE_POLICY:
+        raise ValueError(f"hints: only the moeray policy reads engine hints, this service runs "
+                         f"{config.policy!r}")
+    if not isinstance(hints, np.ndarray):
+        raise TypeError(f"hints: expected a numpy integer array or None, got {type(hints).__name__}")
+    if hints.dtype.kind not in "iu":
+        raise TypeError(f"hints: expected an integer dtype, got {hints.dtype}")
+    if hints.ndim != 3 or hints.shape[:2] != (config.num_layers, num_tokens) or hints.shape[2] < 1:
+        raise ValueError(f"hints: expected shape [num_layers={config.num_layers}, T={num_tokens}, "
+                         f"h >= 1], got {hints.shape}")
+    if hints.size and (hints.min() < -1 or hints.max() >= config.num_experts):
+        raise ValueError(f"hints: every id must be in [0, {config.num_experts}) or -1 (no hint)")
+    return np.ascontiguousarray(hints, dtype=np.int32)
+
+
+def join_hints(parts: list[tuple[int, np.ndarray | None]]) -> np.ndarray | None:
+    """The hints of consecutive steps, (tokens, validated hints or None) each, as one int32
+    [num_layers, tokens, h] array, h the widest step's, -1 where a step had fewer or none; None
+    when no step had any."""
+    given = [h for _, h in parts if h is not None]
+    if not given:
+        return None
+    out = np.full((given[0].shape[0], sum(n for n, _ in parts), max(h.shape[2] for h in given)),
+                  -1, dtype=np.int32)
+    at = 0
+    for n, h in parts:
+        if h is not None:
+            out[:, at:at + n, :h.shape[2]] = h
+        at += n
+    return out
+
+
 def prefetch_budgets(config: ServiceConfig) -> tuple[int, ...]:
     """Each layer's prefetch budget for its windows: under moeray ``predict.prefetch_budget``
     experts per token, else ``prefetch_budget`` experts by affinity per window. A function of
@@ -327,6 +368,7 @@ class Coordinator:
         self._buffer: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
         self._predictive = config.policy == PREDICTIVE_POLICY
         self._starts: list[np.ndarray | None] = []  # per buffered submit (moeray only)
+        self._hints: list[tuple[int, np.ndarray | None]] = []  # likewise: (tokens, hints)
         self._budgets = prefetch_budgets(config)
         self._steps_in_window = 0
         self._window_opened: float | None = None
@@ -341,25 +383,28 @@ class Coordinator:
 
     # --- submitting ---
 
-    def submit(self, expert_ids, weights=None, schedule_batches: bool = True, seq_starts=None):
+    def submit(self, expert_ids, weights=None, schedule_batches: bool = True, seq_starts=None,
+               hints=None):
         """Takes one step: expert_ids int [num_layers, T, top_k] (weights float, same shape, or
         None; seq_starts bool [T], True where a token begins a sequence, or None: the step
-        continues the stream). Returns each layer's ``ExpertBatches`` (when
-        ``schedule_batches`` and weights are given), after buffering the routing; never waits
-        on a layer actor."""
+        continues the stream; hints: an engine's predicted experts, see ``check_hints``).
+        Returns each layer's ``ExpertBatches`` (when ``schedule_batches`` and weights are
+        given), after buffering the routing; never waits on a layer actor."""
         ids, w = check_step(expert_ids, weights, self.config)
         starts = check_seq_starts(seq_starts, ids.shape[1])
+        hinted = check_hints(hints, self.config, ids.shape[1])
         batches = None
         if schedule_batches and w is not None:
             batches = schedule_step(ids, w, self.config.num_experts)
-        self.add_routing(ids, seq_starts=starts)
+        self.add_routing(ids, seq_starts=starts, hints=hinted)
         return batches
 
     def add_routing(self, ids: np.ndarray, steps: int = 1, close_window: bool = False,
-                    seq_starts: np.ndarray | None = None) -> None:
+                    seq_starts: np.ndarray | None = None, hints: np.ndarray | None = None) -> None:
         """Buffers validated routing (ints [num_layers, T, top_k]) of ``steps`` submits and
         closes the window if due, or at once with ``close_window`` (a client that coalesced a
-        whole window itself). seq_starts: validated bool [T] or None (see ``submit``)."""
+        whole window itself). seq_starts: validated bool [T] or None; hints: validated int32
+        [num_layers, T, h] or None (see ``submit``)."""
         if self._window_opened is None:
             self._window_opened = self._timer()
         ids = ids.astype(self.config.ids_dtype(), copy=False)
@@ -369,6 +414,7 @@ class Coordinator:
             self._starts.append(
                 seq_starts if seq_starts is not None else np.zeros(ids.shape[1], dtype=bool)
             )
+            self._hints.append((ids.shape[1], hints))
         self._steps_in_window += steps
         self._submits += steps
         if close_window or self._window_due():
@@ -387,11 +433,12 @@ class Coordinator:
             return
         routing = {layer: np.ascontiguousarray(np.concatenate(parts))
                    for layer, parts in self._buffer.items()}
-        starts = None
+        starts = hints = None
         if self._predictive:
             starts = np.concatenate(self._starts)
             starts = starts if starts.any() else None
-            self._starts = []
+            hints = join_hints(self._hints)
+            self._starts, self._hints = [], []
         for actor, layers in enumerate(self._groups):
             windows = []
             for layer in layers:
@@ -406,6 +453,7 @@ class Coordinator:
                     prefetch_budget=self._budgets[layer],
                     previous_layer_ids=previous,
                     seq_starts=starts,
+                    hints=None if hints is None else hints[layer],
                 )
                 self._buffer[layer] = []
                 self._unacked[layer].append(window)

@@ -20,7 +20,8 @@ refuses); so an actor hosting layers a..b (a > 0) runs it over
 a-1..b, feeding the "shadow" layer a-1 with the routing the coordinator attaches to layer a's
 window (``previous_layer_ids``) and discarding its counters, and makes exactly the decisions
 the whole model's ``PredictiveCaches`` makes for a..b. ``seq_starts`` marks the tokens that
-begin a sequence (the previous-token predictor starts afresh there). With ``shards`` the bytes
+begin a sequence (the previous-token predictor starts afresh there); ``hints`` carries an
+engine's predicted experts of each token for that layer. With ``shards`` the bytes
 follow its hot sets as they stand after each window, as for the demand policies: the experts it
 prefetched and has not used yet are the ones brought in ahead of use.
 """
@@ -65,7 +66,9 @@ class LayerWindow:
     after the window is applied (0: none); under ``moeray``, experts to prefetch per token.
     previous_layer_ids: int [T, top_k], layer - 1's routing of the same tokens (``moeray`` only,
     on the first layer of an actor whose first layer is not 0; else None). seq_starts: bool [T],
-    True where a token begins a sequence (None: the window continues one stream)."""
+    True where a token begins a sequence (None: the window continues one stream). hints: int
+    [T, h], an engine's predicted experts of this layer per token, -1 for none (``moeray``
+    only; None: no hints)."""
 
     layer: int
     seq: int
@@ -73,6 +76,7 @@ class LayerWindow:
     prefetch_budget: int = 0
     previous_layer_ids: np.ndarray | None = None
     seq_starts: np.ndarray | None = None
+    hints: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -350,17 +354,20 @@ class _PredictiveHost:
         caches = self._caches
         if caches.config.prefetch_budget != budget:
             caches.config = replace(caches.config, prefetch_budget=budget)
-        before = _counters(caches)
+        hints = self._hints(windows, tokens, len(rows))
         starts = head.seq_starts
-        if starts is None:
-            for t in range(tokens):
-                caches.step(ids[t])
-        else:
+        if starts is not None:
             starts = np.asarray(starts, dtype=bool)
             if starts.shape != (tokens,):
                 raise ValueError(f"seq_starts: expected bool [{tokens}], got shape {starts.shape}")
+        before = _counters(caches)
+        if starts is None and hints is None:
             for t in range(tokens):
-                caches.step(ids[t], new_sequence=bool(starts[t]))
+                caches.step(ids[t])
+        else:
+            for t in range(tokens):
+                caches.step(ids[t], new_sequence=starts is not None and bool(starts[t]),
+                            hints=None if hints is None else hints[t])
         after = _counters(caches)
         delta = {key: after[key] - before[key] for key in after}
         skip = self._skip
@@ -373,6 +380,22 @@ class _PredictiveHost:
             for i in range(skip, skip + len(windows))
         ]
 
+    def _hints(self, windows: list[LayerWindow], tokens: int, rows: int) -> np.ndarray | None:
+        """The windows' hints as int [tokens, rows, h] (-1 for none; the shadow layer takes
+        none: its decisions are dropped, and a layer's hints change only that layer's), or
+        None without any."""
+        given = [w.hints for w in windows if w.hints is not None]
+        if not given:
+            return None
+        for w in windows:
+            if w.hints is not None and (np.ndim(w.hints) != 2 or len(w.hints) != tokens):
+                raise ValueError(f"hints: expected int [{tokens}, h] for layer {w.layer}, got "
+                                 f"shape {np.shape(w.hints)}")
+        out = np.full((tokens, rows, max(h.shape[1] for h in given)), -1, dtype=np.int64)
+        for i, w in enumerate(windows):
+            if w.hints is not None:
+                out[:, self._skip + i, :w.hints.shape[1]] = w.hints
+        return out
 
     def hot_sets(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per hosted layer (in order), its hot experts and, of those, the ones prefetched and

@@ -23,8 +23,8 @@ token's routing; least recently touched among equals).
 
 Engine hints (optional, ``step(ids, hints=...)``): expert ids an engine computed for a layer
 (for example the next layer's gate applied to the current hidden state), available with the
-previous layer's routing, so in time for that layer of the same token. Each layer keeps decayed
-counts of how its hints fared: precision q (hinted experts used / hinted) and recall r (uses
+previous layer's routing, so in time for that layer of the same token. Each layer keeps counts,
+decayed per token that hints it, of how its hints fared: precision q (hinted experts used / hinted) and recall r (uses
 that were hinted / uses), both with a prior of ``hint_prior`` misses, so hints start with no
 weight and earn it. At a layer with hints, a hinted expert's estimate becomes q + (1 - q) p (the
 hint is right, or the blend is) and every other expert's (1 - r) p (what the hints miss); the
@@ -660,8 +660,10 @@ class PredictiveCaches:
         right = (hinted & used).sum(axis=1)
         guesses = hinted.sum(axis=1)
         uses = np.where(some, used.sum(axis=1), 0)
+        # decay per hinted token of each layer: a token without hints (None, or -1 for every
+        # slot of a layer) leaves the layer's hint record as it was
         for counts in (self._hint_hits, self._hint_guesses, self._hint_uses):
-            counts *= self.config.transition_decay
+            counts[some] *= self.config.transition_decay
         self._hint_hits += right
         self._hint_guesses += guesses
         self._hint_uses += uses
