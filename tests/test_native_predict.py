@@ -244,21 +244,3 @@ def test_boundary_accepts_what_step_passes():
     caches = PredictiveCaches(3, 6, 2, 2)
     backend._predict_step(**arguments(caches))
     assert caches._hot_count.tolist() == [2, 2, 2] and caches.stats.stalls.tolist() == [2, 2, 2]
-
-
-def test_signature_matches_the_stub_comment():
-    """``_predict_step`` is private and native only, so ``_core.pyi`` gives its signature in a
-    comment (tests/test_native_stub.py wants every stubbed function in ``_reference``)."""
-    import re
-    from pathlib import Path
-
-    import moeray.native
-
-    stub = Path(moeray.native.__file__).with_name("_core.pyi").read_text()
-    block = stub[stub.index("# def _predict_step("):]
-    block = block[:block.index(") -> None")]
-    stubbed = re.findall(r"^#\s+(\w+):", block, flags=re.M)
-    first_line = backend._predict_step.__doc__.strip().splitlines()[0]
-    bound = re.findall(r"(\w+): ", first_line[first_line.index("(") + 1:])
-    assert stubbed == bound == ["state", "ids", "last_ids", "clock", "scale", "next_scale",
-                                "next_prev_scale", "config"]

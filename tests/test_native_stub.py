@@ -3,7 +3,8 @@
 The stub is parsed with ``ast``. Its public names (module functions, constants, classes and each
 class's public methods) must equal what ``_core`` exposes and what ``_reference`` exposes, and
 every stubbed signature (parameter names, in order, and default values) must match the
-reference's ``inspect.signature`` and the signature pybind11 records in each docstring.
+reference's ``inspect.signature`` and the signature pybind11 records in each docstring. A
+private function (``_predict_step``) is native only: checked against ``_core`` alone.
 """
 
 from __future__ import annotations
@@ -164,10 +165,13 @@ def test_reference_signatures_match_stub(stub):
             assert actual == _params(fn), f"{cls_name}.{name}"
             checked += 1
     for name, fn in stub.functions.items():
+        if name.startswith("_"):  # private, native only: its twin is not in _reference
+            continue
         sig = inspect.signature(getattr(_reference, name))
         assert [(p.name, p.default) for p in sig.parameters.values()] == _params(fn), name
         checked += 1
-    assert checked == sum(len(m) for m in stub.classes.values()) + len(stub.functions) >= 30
+    public_functions = [n for n in stub.functions if not n.startswith("_")]
+    assert checked == sum(len(m) for m in stub.classes.values()) + len(public_functions) >= 30
 
 
 def test_reference_constants_are_distinct_ints(stub):

@@ -70,20 +70,18 @@ def expert_matvec(
     x: npt.NDArray[np.float32],
 ) -> npt.NDArray[np.float32]: ...
 
-# Private, native only (its twin is PredictiveCaches._step_numpy in moeray/policy/predict.py, not
-# _reference), so it is not declared here: tests/test_native_stub.py requires every function of
-# this stub in _reference. Its signature, checked by tests/test_native_predict.py:
-#
-# def _predict_step(
-#     state: dict[str, npt.NDArray[np.generic] | None],
-#     ids: npt.NDArray[np.int64],
-#     last_ids: npt.NDArray[np.int64] | None,
-#     clock: int,
-#     scale: float,
-#     next_scale: float,
-#     next_prev_scale: float,
-#     config: dict[str, float],
-# ) -> None: ...
+# Private and native only: its twin is PredictiveCaches._step_numpy (moeray/policy/predict.py),
+# not _reference, so tests/test_native_stub.py checks it against _core alone.
+def _predict_step(
+    state: dict[str, npt.NDArray[np.generic] | None],
+    ids: npt.NDArray[np.int64],
+    last_ids: npt.NDArray[np.int64] | None,
+    clock: int,
+    scale: float,
+    next_scale: float,
+    next_prev_scale: float,
+    config: dict[str, float],
+) -> None: ...
 
 class PrefetcherCore:
     def __init__(self, paths: list[str], num_experts: int) -> None: ...
