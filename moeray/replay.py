@@ -39,7 +39,7 @@ from moeray.native import IS_NATIVE
 from moeray.policy.affinity import AffinityConfig, ExpertAffinity
 from moeray.policy.belady import belady_hits
 from moeray.policy.cache import EvictionPolicy, ExpertCache, ExpertCacheConfig
-from moeray.policy.predict import PredictConfig, PredictiveCaches
+from moeray.policy.predict import PredictConfig, PredictiveCaches, predictor_report
 from moeray.traces import Trace
 
 __all__ = [
@@ -419,6 +419,28 @@ def shard_bytes(shards: str, num_layers: int, capacity: int) -> tuple[tuple[int,
     return tuple(capacity * b for b in one), one
 
 
+def served_result(name: str, layers, trace: Trace, per_layer_seconds) -> PolicyResult:
+    """A policy's result from the layer actors' counters per layer (``LayerStats``, summed
+    acknowledgements); under ``moeray`` with its stalls (its misses), transfers, wasted
+    prefetches and predictors (demand policies: stalls and transfers are their misses)."""
+    prefetching = {}
+    if name == "moeray":
+        counts = {key: [getattr(s, key) for s in layers if getattr(s, key)]
+                  for key in ("predictor_hits", "predictor_guesses", "predictor_uses")}
+        prefetching = dict(
+            per_layer_stalls=tuple(s.misses for s in layers),
+            per_layer_transfers=tuple(s.misses + s.prefetches for s in layers),
+            per_layer_wasted=tuple(s.wasted_prefetches for s in layers),
+            top_k=trace.top_k,
+            prefetches=sum(s.prefetches for s in layers),
+            prefetch_hits=sum(s.prefetch_hits for s in layers),
+            predictors=(predictor_report(*(np.sum(counts[key], axis=0) for key in counts))
+                        if counts["predictor_uses"] else None),  # None: no window acked
+        )
+    return PolicyResult(name, tuple(s.hits for s in layers), trace.num_tokens * trace.top_k,
+                        tuple(per_layer_seconds), **prefetching)
+
+
 def replay_shards(
     trace: Trace,
     config: ReplayConfig,
@@ -430,10 +452,11 @@ def replay_shards(
     body (``LayerCaches``) over the checkpoint at ``shards``, one window per ``step_tokens``
     tokens, waiting for each window's prefetches before reading resident bytes, so the readings
     are the real peaks. Hits equal ``replay_trace``'s; ``belady`` (an oracle) runs in-process and
-    has no shard result. ``moeray``'s counts come from ``replay_predictive`` (the same
-    decisions), and its bytes from the layer body, which applies every layer's window of one
-    step together (with engine hints or a re-split, which the body does not take, it runs
-    in-process only, without a shard result)."""
+    has no shard result. ``moeray`` runs in the layer body too, every layer's window of one
+    step together (engine hints, ``hint_accuracy``, with them), and reports its stalls,
+    transfers and predictors as ``replay_predictive`` does (with a re-split, which the body does
+    not take, it runs in-process only, without a shard result)."""
+    from moeray.actors.coordinator import LayerStats
     from moeray.actors.layer import LayerCaches, LayerWindow
 
     if isinstance(step_tokens, bool) or not isinstance(step_tokens, int) or step_tokens < 1:
@@ -448,10 +471,13 @@ def replay_shards(
     seq_starts[trace.seq_offsets[trace.seq_offsets < trace.num_tokens]] = True
     budget = config.predict.prefetch_budget  # moeray's, per token, as the coordinator sends it
     budget = trace.top_k if budget is None else budget
-    # the layer body hosts moeray without engine hints or a capacity re-split
-    served_moeray = config.hint_accuracy is None and config.predict.split is None
+    hints = None  # [layers, T, top_k]: moeray's, as replay_trace makes them
+    if config.hint_accuracy is not None:
+        hints = synthetic_hints(trace.expert_ids, trace.num_experts, config.hint_accuracy,
+                                np.random.default_rng(config.hint_seed)).transpose(1, 0, 2)
     for name in config.policies:
-        if name in IN_PROCESS_POLICY_NAMES or (name == "moeray" and not served_moeray):
+        # the layer body hosts moeray without a capacity re-split
+        if name in IN_PROCESS_POLICY_NAMES or (name == "moeray" and config.predict.split is not None):
             results[name] = replay_trace(trace, replace(config, policies=(name,))).results[name]
             if progress is not None:
                 progress.advance(trace.num_layers, name)
@@ -459,36 +485,34 @@ def replay_shards(
         body = LayerCaches(layers, trace.num_experts, dict.fromkeys(layers, config.capacity), name,
                            affinity, config.affinity_weight, shards=shards, settle=True,
                            predict=config.predict)
-        hits, moved, late, stalls, peak = ([0] * len(layers) for _ in range(5))
+        stats = [LayerStats(layer) for layer in layers]
         seconds = [0.0] * len(layers)
         for seq, first in enumerate(range(0, trace.num_tokens, step_tokens), start=1):
             step = slice(first, first + step_tokens)
             if name == "moeray":  # every layer's window of a step together, one shared time
                 windows = [[LayerWindow(layer, seq, ids[layer][step], budget,
-                                        seq_starts=seq_starts[step]) for layer in layers]]
+                                        seq_starts=seq_starts[step],
+                                        hints=None if hints is None else hints[layer, step])
+                            for layer in layers]]
             else:
                 windows = [[LayerWindow(layer, seq, ids[layer][step])] for layer in layers]
             for group in windows:
                 start = time.perf_counter()
                 acks = body.apply(group)
                 for ack in acks:
-                    layer = ack.layer
-                    seconds[layer] += (time.perf_counter() - start) / len(acks)
-                    hits[layer] += ack.hits
-                    moved[layer] += ack.bytes_moved
-                    late[layer] += ack.late_prefetches
-                    stalls[layer] += ack.stalls
-                    peak[layer] = max(peak[layer], ack.resident_bytes_max)
+                    seconds[ack.layer] += (time.perf_counter() - start) / len(acks)
+                    stats[ack.layer].add(ack)
         del body  # unmaps the shards
-        if name == "moeray":  # stalls, transfers and predictors as replay_trace reports them
-            results[name] = replay_predictive(trace, config)
-            if results[name].per_layer_hits != tuple(hits):  # one policy, one set of decisions
-                raise RuntimeError("moeray in the layer body and in-process disagree")
+        if name == "moeray":  # with its stalls, transfers and predictors
+            results[name] = served_result(name, stats, trace, seconds)
         else:
-            results[name] = PolicyResult(name, tuple(hits), trace.num_tokens * trace.top_k,
-                                         tuple(seconds), top_k=trace.top_k)
-        shard_results[name] = ShardResult(capacity_bytes, expert_bytes, tuple(peak), tuple(moved),
-                                          tuple(late), tuple(stalls))
+            results[name] = PolicyResult(name, tuple(s.hits for s in stats),
+                                         trace.num_tokens * trace.top_k, tuple(seconds),
+                                         top_k=trace.top_k)
+        shard_results[name] = ShardResult(
+            capacity_bytes, expert_bytes,
+            *(tuple(getattr(s, key) for s in stats)
+              for key in ("resident_bytes_max", "bytes_moved", "late_prefetches", "stalls")))
         if progress is not None:
             progress.advance(trace.num_layers, name)
     return ReplayReport(trace.name, trace.num_experts, config.capacity, results,

@@ -42,10 +42,10 @@ from moeray.actors.coordinator import (
     schedule_step,
 )
 from moeray.metrics import SubmitLatency
-from moeray.policy.predict import predictor_report
 from moeray.policy.scheduler import ExpertBatches
 from moeray.replay import (
-    PolicyResult, ReplayConfig, ReplayReport, ShardResult, replay_trace, shard_bytes,
+    PolicyResult, ReplayConfig, ReplayReport, ShardResult, replay_trace, served_result,
+    shard_bytes,
     synthetic_hints,
 )
 from moeray.traces import Trace
@@ -330,27 +330,8 @@ def replay_through_service(
             submit_p50_ms=float(np.percentile(latency_ms, 50)),
             submit_p99_ms=float(np.percentile(latency_ms, 99)),
         ))
-        prefetching = {}
-        if name == PREDICTIVE_POLICY:  # demand policies: stalls and transfers are misses
-            total = stats.total()
-            prefetching = dict(
-                per_layer_stalls=tuple(s.misses for s in stats.layers),
-                per_layer_transfers=tuple(s.misses + s.prefetches for s in stats.layers),
-                per_layer_wasted=tuple(s.wasted_prefetches for s in stats.layers),
-                top_k=trace.top_k,
-                prefetches=sum(s.prefetches for s in stats.layers),
-                prefetch_hits=sum(s.prefetch_hits for s in stats.layers),
-                predictors=(predictor_report(total.predictor_hits, total.predictor_guesses,
-                                             total.predictor_uses)
-                            if total.predictor_uses else None),  # None: no window acked
-            )
-        results[name] = PolicyResult(
-            name,
-            tuple(s.hits for s in stats.layers),
-            trace.num_tokens * trace.top_k,
-            (seconds / trace.num_layers,) * trace.num_layers,
-            **prefetching,
-        )
+        results[name] = served_result(name, stats.layers, trace,
+                                      (seconds / trace.num_layers,) * trace.num_layers)
         if shards is not None:
             shard_results[name] = ShardResult(
                 capacity_bytes, expert_bytes,

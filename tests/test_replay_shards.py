@@ -80,14 +80,16 @@ def test_every_stall_moves_one_expert_and_the_bound_holds(checkpoint, trace):
         assert all(r >= CAPACITY * expert for r in shards.resident_bytes_max)
 
 
-def test_moeray_moves_the_bytes_of_its_hot_sets(checkpoint, trace):
+@pytest.mark.parametrize("hint_accuracy", [None, 0.9])
+def test_moeray_moves_the_bytes_of_its_hot_sets(checkpoint, trace, hint_accuracy):
     """Under the predictive policy the bytes follow its hot sets too: after every window the
     resident experts are exactly the policy's hot set, the bound holds, and every expert
-    populated was one the policy brought in (a stall or a prefetch)."""
+    populated was one the policy brought in (a stall or a prefetch). Its counts, predictors
+    included, are the in-process replay's, with engine hints too."""
     from moeray.actors.layer import LayerCaches, LayerWindow
     from moeray.policy.predict import PredictiveCaches
 
-    config = ReplayConfig(capacity=CAPACITY, policies=("moeray",))
+    config = ReplayConfig(capacity=CAPACITY, policies=("moeray",), hint_accuracy=hint_accuracy)
     report = replay_shards(trace, config, str(checkpoint), step_tokens=4)
     decisions = replay_trace(trace, config).results["moeray"]
     with ShardStore(checkpoint) as store:
@@ -95,6 +97,9 @@ def test_moeray_moves_the_bytes_of_its_hot_sets(checkpoint, trace):
     result, shards = report.results["moeray"], report.shards["moeray"]
     assert result.per_layer_hits == decisions.per_layer_hits
     assert result.per_layer_transfers == decisions.per_layer_transfers
+    assert result.per_layer_wasted == decisions.per_layer_wasted
+    assert result.predictors == decisions.predictors
+    assert ("hints" in result.predictors) == (hint_accuracy is not None)
     assert all(moved % expert == 0 for moved in shards.bytes_moved)
     # experts prefetched and evicted within one window never reach the shard: at most the
     # policy's transfers, and at least a full hot set

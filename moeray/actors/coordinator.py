@@ -202,6 +202,21 @@ class LayerStats:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
+    def add(self, ack: LayerAck) -> None:
+        """Adds one acknowledged window's counters (not ``windows`` and ``tokens``)."""
+        self.hits += ack.hits
+        self.misses += ack.misses
+        self.evictions += ack.evictions
+        self.prefetch_hits += ack.prefetch_hits
+        self.prefetches += ack.prefetches
+        self.bytes_moved += ack.bytes_moved
+        self.late_prefetches += ack.late_prefetches
+        self.stalls += ack.stalls
+        self.resident_bytes_max = max(self.resident_bytes_max, ack.resident_bytes_max)
+        self.wasted_prefetches += ack.wasted_prefetches
+        for key in _PER_PREDICTOR:
+            setattr(self, key, _add_counts(getattr(self, key), getattr(ack, key)))
+
 
 @dataclass
 class ServiceStats:
@@ -487,18 +502,7 @@ class Coordinator:
             ack.layer, ack.seq, ack.affinity_scores, ack.activation_counts
         )
         s = self._stats[ack.layer]
-        s.hits += ack.hits
-        s.misses += ack.misses
-        s.evictions += ack.evictions
-        s.prefetch_hits += ack.prefetch_hits
-        s.prefetches += ack.prefetches
-        s.bytes_moved += ack.bytes_moved
-        s.late_prefetches += ack.late_prefetches
-        s.stalls += ack.stalls
-        s.resident_bytes_max = max(s.resident_bytes_max, ack.resident_bytes_max)
-        s.wasted_prefetches += ack.wasted_prefetches
-        for key in _PER_PREDICTOR:
-            setattr(s, key, _add_counts(getattr(s, key), getattr(ack, key)))
+        s.add(ack)
         s.windows += 1
         s.tokens += len(window.expert_ids)
         if self._on_ack_hook is not None:

@@ -24,9 +24,9 @@ token's routing; least recently touched among equals).
 Engine hints (optional, ``step(ids, hints=...)``): expert ids an engine computed for a layer
 (for example the next layer's gate applied to the current hidden state), available with the
 previous layer's routing, so in time for that layer of the same token. Each layer keeps counts,
-decayed per token that hints it, of how its hints fared: precision q (hinted experts used / hinted) and recall r (uses
-that were hinted / uses), both with a prior of ``hint_prior`` misses, so hints start with no
-weight and earn it. At a layer with hints, a hinted expert's estimate becomes q + (1 - q) p (the
+decayed per token that hints it, of how its hints fared: precision q (hinted experts used /
+hinted) and recall r (uses that were hinted / uses), both with a prior of ``hint_prior``
+misses, so hints start with no weight and earn it. At a layer with hints, a hinted expert's estimate becomes q + (1 - q) p (the
 hint is right, or the blend is) and every other expert's (1 - r) p (what the hints miss); the
 prefetch loop and its victims then use these estimates within the same budget. Truthful hints
 drive q and r to 1: the hinted experts are prefetched first and nothing else is; pure noise
@@ -299,6 +299,7 @@ class PredictiveCaches:
                        if config.split is not None else None)
         self._resplit_out: np.ndarray | None = None  # [l, e]: evicted by a re-split, not reloaded
         self._due: list = []  # re-split plans for the next token
+        self._native_arrays: dict | None = None  # _native_state(), cached
 
     @property
     def config(self) -> PredictConfig:
@@ -428,6 +429,7 @@ class PredictiveCaches:
         hot experts least likely to be used by the next token, counted in resplit_evictions;
         a layer that grows fills the room by later prefetches and loads."""
         self.capacity = per_layer_capacity(capacity, self.num_layers, self.num_experts)
+        self._native_arrays = None  # holds the old capacity (and maybe no _resplit_out)
         over = self._hot_count > self.capacity
         if not over.any():
             return
@@ -502,7 +504,9 @@ class PredictiveCaches:
         scale = self._scale
         self._scale /= cfg.transition_decay  # lazy decay of the tables, as in _step_numpy
         self._prev_scale /= cfg.previous_decay
-        backend._predict_step(self._native_state(), ids, self._last_ids if have_prev else None,
+        if self._native_arrays is None:  # built once; set_capacity drops it
+            self._native_arrays = self._native_state()
+        backend._predict_step(self._native_arrays, ids, self._last_ids if have_prev else None,
                               self._clock, scale, self._scale, self._prev_scale,
                               self._native_config)
         if self._scale > 1e200:  # the kernel divided the tables by it
@@ -511,7 +515,9 @@ class PredictiveCaches:
             self._prev_scale = 1.0
 
     def _native_state(self) -> dict:
-        """The arrays ``_predict_step`` reads and updates in place (by the names it expects)."""
+        """The arrays ``_predict_step`` reads and updates in place (by the names it expects);
+        every one is updated in place elsewhere too, so the dict stays valid until
+        ``set_capacity`` replaces ``capacity`` or creates ``_resplit_out``."""
         st = self._stats
         return {
             "hot": self._hot, "hot_count": self._hot_count, "pending": self._pending,
