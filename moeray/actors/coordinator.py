@@ -15,18 +15,18 @@ once. The restarted actor's hot set starts empty (its memory went with the proce
 the last acknowledged window on its hits can be lower than an uninterrupted replay's; the
 layer's ``restarts`` counter says when this happened.
 
-The ``moeray`` policy (``moeray.policy.predict``) runs in the layer actors, token by token.
-Each layer actor whose first layer a is not 0 also gets layer a-1's routing of the window's
-tokens (``LayerWindow.previous_layer_ids``: the cross-layer predictor of layer a reads it), and
-every window carries the tokens that begin a sequence (``seq_starts``). The coordinator sets
-each layer's prefetch budget per window (``prefetch_budgets``: ``predict.prefetch_budget``
-experts per token), a function of the configuration only, never of timing, so a trace replayed
-through the service gives ``replay_predictive``'s hits, stalls, prefetches and wasted
-prefetches exactly. Restart rule under ``moeray``: a re-created actor's predictor starts empty
-(hot sets, transition tables and the policy's affinity went with the process); the
-coordinator's copy of the layer (``LayerState``: the service's affinity EMA of the routing,
-for monitoring) is restored as for the other policies, and the unacknowledged windows are
-resent, so no window is lost or applied twice.
+The ``moeray`` policy (``moeray.policy.predict``) runs in the layer actors, token by token. Each
+layer actor whose first layer a is not 0 also gets layer a-1's routing of the window's tokens
+(``LayerWindow.previous_layer_ids``: the cross-layer predictor of layer a reads it), and every
+window carries the tokens that begin a sequence (``seq_starts``) and, per layer, the engine hints
+submitted with its steps (``hints``, narrower steps padded with -1). The coordinator sets each
+layer's prefetch budget per window (``prefetch_budgets``: ``predict.prefetch_budget`` experts per
+token), a function of the configuration only, never of timing, so a trace replayed through the
+service gives ``replay_predictive``'s hits, stalls, prefetches and wasted prefetches exactly.
+Restart rule under ``moeray``: a re-created actor's predictor starts empty (hot sets, transition
+tables and the policy's affinity went with the process); the coordinator's copy of the layer
+(``LayerState``: the service's affinity EMA of the routing, for monitoring) is restored as for the
+other policies, and the unacknowledged windows are resent, so no window is lost or applied twice.
 """
 
 from __future__ import annotations

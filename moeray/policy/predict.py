@@ -21,16 +21,16 @@ following tokens need again, and transfers grow (BENCHMARKS.md, "Policy quality"
 layer, the one least likely to be used by the next token (previous-token table from this
 token's routing; least recently touched among equals).
 
-Engine hints (optional, ``step(ids, hints=...)``): expert ids an engine computed for a layer
-(for example the next layer's gate applied to the current hidden state), available with the
-previous layer's routing, so in time for that layer of the same token. Each layer keeps counts,
-decayed per token that hints it, of how its hints fared: precision q (hinted experts used /
-hinted) and recall r (uses that were hinted / uses), both with a prior of ``hint_prior``
-misses, so hints start with no weight and earn it. At a layer with hints, a hinted expert's estimate becomes q + (1 - q) p (the
+Engine hints (optional, ``step(ids, hints=...)``): expert ids an engine computed for a layer (for
+example the next layer's gate applied to the current hidden state), available with the previous
+layer's routing, so in time for that layer of the same token. Each layer keeps counts, decayed per
+token that hints it, of how its hints fared: precision q (hinted experts used / hinted) and recall
+r (uses that were hinted / uses), both with a prior of ``hint_prior`` misses, so hints start with
+no weight and earn it. At a layer with hints, a hinted expert's estimate becomes q + (1 - q) p (the
 hint is right, or the blend is) and every other expert's (1 - r) p (what the hints miss); the
-prefetch loop and its victims then use these estimates within the same budget. Truthful hints
-drive q and r to 1: the hinted experts are prefetched first and nothing else is; pure noise
-keeps q and r near top_k / num_experts and changes little.
+prefetch loop and its victims then use these estimates within the same budget. Truthful hints drive
+q and r to 1: the hinted experts are prefetched first and nothing else is; pure noise keeps q and r
+near top_k / num_experts and changes little.
 
 One capacity, re-split (optional, ``PredictConfig.split``): the sum of the starting capacities
 is split across layers by ``moeray.policy.split.CapacitySplit`` from every layer's routing of
