@@ -8,7 +8,8 @@ lets C client actors (a data-parallel serving fleet: each has its own ``ServiceH
 synthetic routing with per-layer locality for a fixed time, and reports routed tokens per
 second (all clients, first submit to last acknowledgement), submit latency p50 / p99 (per
 step, in the clients) and the coordinator's CPU time per step (its process, Ray's threads
-included).
+included). Every point runs the lru policy: the sweep measures the service's mechanism, and the
+moeray policy's own cost per token is bench_service's and bench_policy's.
 
 The sweep changes one factor at a time around a base point (24 layers x 32 experts top-4,
 256-token steps, 1 client): layers, experts, clients, batch size, plus DeepSeek-V3's shape
@@ -126,6 +127,7 @@ def measure(ray, point: Point, resources: list[str], head_resource: str | None,
     config = service.ServiceConfig(
         num_layers=point.layers, num_experts=point.experts, top_k=point.top_k,
         capacity=max(1, point.experts // 4), window_steps=max(1, window_tokens // point.batch),
+        policy="lru",  # the mechanism's cost (coalescing, fan-out), as recorded since issue 2
         layers_per_actor=layers_per_actor, name=f"bench-cluster-{os.getpid()}-{index}",
         placement=tuple(resources[a % len(resources)] for a in range(num_actors)) if resources else None,
         coordinator_placement=head_resource,

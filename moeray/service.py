@@ -16,8 +16,8 @@ outstanding before the next one waits.
 policy reads it (its previous-token predictor starts afresh there). Without it the stream is
 one continuing sequence. ``submit(..., hints=...)`` carries an engine's predicted experts of
 each token at each layer to the ``moeray`` policy (``moeray.policy.predict``, "Engine hints").
-The msgpack path (``submit_msgpack``) has neither field yet: its steps continue one stream,
-without hints.
+The msgpack path (``submit_msgpack``) carries both (``moeray.wire``: ``positions`` 0 where a
+sequence starts, ``hints``).
 """
 
 from __future__ import annotations
@@ -148,7 +148,10 @@ class ServiceHandle:
 
     def submit_msgpack(self, payload: bytes) -> bytes:
         """A step in the msgpack form of ``moeray.wire``; returns the schedules in that form.
-        This is the path of non-Python clients: it waits for the coordinator."""
+        This is the path of non-Python clients: it waits for the coordinator. This handle's
+        open window goes first, so steps mixed with ``submit`` keep their order."""
+        with self._lock:
+            self._send_window()
         return _ray.call(self._coordinator.submit_msgpack, payload)
 
     def flush(self) -> None:

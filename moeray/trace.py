@@ -42,6 +42,9 @@ __all__ = [
     "TraceWriter",
     "TraceReader",
     "encode_record",
+    "record_map",
+    "encode_array",
+    "decode_array",
     "decode_record",
     "header_for",
     "is_trace_file",
@@ -222,7 +225,7 @@ class TraceRecord:
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode_array(a: np.ndarray, dtype: np.dtype, name: str) -> dict:
+def encode_array(a: np.ndarray, dtype: np.dtype, name: str) -> dict:
     return {"shape": list(a.shape), "dtype": name, "data": np.ascontiguousarray(a, dtype=dtype).tobytes()}
 
 
@@ -239,16 +242,32 @@ def encode_record(
     """msgpack bytes of one record. expert_ids: [L, T, k] integers that fit ``ids_dtype``;
     weights: floats of the same shape; positions: [T]. The caller validates ranges
     (``TraceWriter.write`` does)."""
-    record = {"expert_ids": _encode_array(expert_ids, ID_DTYPES[ids_dtype], ids_dtype)}
+    return msgpack.packb(record_map(expert_ids, weights, seq=seq, positions=positions,
+                                    ids_dtype=ids_dtype, weights_dtype=weights_dtype, crc=crc),
+                         use_bin_type=True)
+
+
+def record_map(
+    expert_ids: np.ndarray,
+    weights: np.ndarray | None = None,
+    *,
+    seq: int | None = None,
+    positions: np.ndarray | None = None,
+    ids_dtype: str = "int32",
+    weights_dtype: str = "float32",
+    crc: bool = True,
+) -> dict:
+    """The map ``encode_record`` packs (a step on the wire adds its own fields to it)."""
+    record = {"expert_ids": encode_array(expert_ids, ID_DTYPES[ids_dtype], ids_dtype)}
     if weights is not None:
-        record["weights"] = _encode_array(weights, WEIGHT_DTYPES[weights_dtype], weights_dtype)
+        record["weights"] = encode_array(weights, WEIGHT_DTYPES[weights_dtype], weights_dtype)
     if seq is not None:
         record["seq"] = int(seq)
     if positions is not None:
-        record["positions"] = _encode_array(positions, _POSITION_DTYPE, "int32")
+        record["positions"] = encode_array(positions, _POSITION_DTYPE, "int32")
     if crc:
         record["crc32"] = _crc(record)
-    return msgpack.packb(record, use_bin_type=True)
+    return record
 
 
 def _crc(record: dict) -> int:
@@ -259,7 +278,7 @@ def _crc(record: dict) -> int:
     return crc
 
 
-def _decode_array(obj, name: str, dtypes: dict, max_tokens: int) -> tuple[np.ndarray, str]:
+def decode_array(obj, name: str, dtypes: dict, max_tokens: int) -> tuple[np.ndarray, str]:
     """A read-only array view of an ARRAY map; checks everything before touching ``data``."""
     if not isinstance(obj, dict) or set(obj) != {"shape", "dtype", "data"}:
         raise ValueError(f"{name}: expected a map with shape, dtype and data")
@@ -292,7 +311,7 @@ def decode_record(
     if unknown:
         raise ValueError(f"unknown fields {sorted(map(str, unknown))}")
     ids_types = ID_DTYPES if header is None else {header.ids_dtype: ID_DTYPES[header.ids_dtype]}
-    ids, _ = _decode_array(obj["expert_ids"], "expert_ids", ids_types, max_record_tokens)
+    ids, _ = decode_array(obj["expert_ids"], "expert_ids", ids_types, max_record_tokens)
     if ids.ndim != 3:
         raise ValueError(f"expert_ids: expected shape [num_layers, T, top_k], got {list(ids.shape)}")
     num_tokens = ids.shape[1]
@@ -305,7 +324,7 @@ def decode_record(
         if header is not None and header.weights_dtype is None:
             raise ValueError("weights: the header declares no weights")
         w_types = WEIGHT_DTYPES if header is None else {header.weights_dtype: WEIGHT_DTYPES[header.weights_dtype]}
-        weights, _ = _decode_array(obj["weights"], "weights", w_types, max_record_tokens)
+        weights, _ = decode_array(obj["weights"], "weights", w_types, max_record_tokens)
         if weights.shape != ids.shape:
             raise ValueError(f"weights: expected shape {list(ids.shape)}, got {list(weights.shape)}")
         if header is not None and not np.isfinite(weights).all():
@@ -316,7 +335,7 @@ def decode_record(
     if not _is_int(seq) or not 0 <= seq <= _MAX_SEQ:
         raise ValueError(f"seq: expected an int in [0, 2**63), got {seq!r}")
     if "positions" in obj:
-        positions, _ = _decode_array(obj["positions"], "positions", {"int32": _POSITION_DTYPE}, max_record_tokens)
+        positions, _ = decode_array(obj["positions"], "positions", {"int32": _POSITION_DTYPE}, max_record_tokens)
         if positions.shape != (num_tokens,):
             raise ValueError(f"positions: expected shape [{num_tokens}], got {list(positions.shape)}")
         if num_tokens and positions.min() < 0:

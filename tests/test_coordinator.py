@@ -108,7 +108,7 @@ def submit_all(coordinator, ids, weights, step_tokens=100, on_step=None):
 def test_replay_through_coordinator_equals_in_process(routing, window_steps, layers_per_actor):
     ids, weights = routing
     config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=(8, 8, 4, 4, 12, 8),
-                           window_steps=window_steps, layers_per_actor=layers_per_actor)
+                           policy="lru", window_steps=window_steps, layers_per_actor=layers_per_actor)
     coordinator, _ = make(config)
     submit_all(coordinator, ids, weights)
     stats = coordinator.stats()
@@ -167,8 +167,8 @@ def test_window_ms_closes_a_window_by_age(routing):
 
 def test_killed_actor_is_restored_and_nothing_is_lost_or_counted_twice(routing):
     ids, weights = routing
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, window_steps=2,
-                           layers_per_actor=2)
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, policy="lru",
+                           window_steps=2, layers_per_actor=2)
     coordinator, transport = make(config)
 
     def maybe_kill(step):
@@ -217,7 +217,8 @@ def test_layer_caches_apply_each_window_once_in_order():
 )
 def test_bad_step_is_refused_and_state_is_intact(routing, mutate, error):
     ids, weights = routing
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, window_steps=1)
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, policy="lru",
+                           window_steps=1)
     coordinator, _ = make(config)
     coordinator.submit(ids[:, :600], weights[:, :600])
     bad_ids, bad_weights = mutate(ids[:, 600:700].copy(), weights[:, 600:700].copy())
@@ -231,9 +232,10 @@ def test_bad_step_is_refused_and_state_is_intact(routing, mutate, error):
 
 def test_msgpack_step_round_trip_and_malformed_payloads(routing):
     ids, weights = routing
-    step_ids, step_weights = decode_step(encode_step(ids[:, :7], weights[:, :7]))
+    step_ids, step_weights, starts, hints = decode_step(encode_step(ids[:, :7], weights[:, :7]))
     assert step_ids.dtype == np.int32 and np.array_equal(step_ids, ids[:, :7])
     assert step_weights.dtype == np.float32 and np.array_equal(step_weights, weights[:, :7])
+    assert starts is None and hints is None  # no positions: the step continues the stream
     assert decode_step(encode_step(ids[:, :3]))[1] is None
     for payload in (b"\xc1garbage", b"\x93\x01\x02\x03", encode_step(ids[:, :3])[:-5]):
         with pytest.raises(ValueError, match="step|expert_ids"):
@@ -245,7 +247,8 @@ def test_msgpack_step_round_trip_and_malformed_payloads(routing):
         decode_step(wrong_size)
     config = ServiceConfig(num_layers=6, num_experts=32, top_k=4)
     coordinator, _ = make(config)
-    batches = coordinator.submit(*decode_step(encode_step(ids[:, :50], weights[:, :50])))
+    step = decode_step(encode_step(ids[:, :50], weights[:, :50]))
+    batches = coordinator.submit(step.expert_ids, step.weights)
     again = decode_batches(encode_batches(batches))
     for a, b in zip(batches, again):
         assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.token_indices, b.token_indices)
@@ -253,6 +256,34 @@ def test_msgpack_step_round_trip_and_malformed_payloads(routing):
     # expert 0's tokens of layer 0, in order, as the schedule's contract says
     expected = [t for t in range(50) if 0 in ids[0, t]]
     assert batches[0].tokens_of(0).tolist() == expected
+
+
+def test_msgpack_steps_carry_sequence_starts_and_hints(stream):
+    """A stream sent as msgpack steps (positions and hints on the wire) is served exactly as
+    the same steps submitted as numpy arrays."""
+    trace, ids, weights, starts = stream
+    rng = np.random.default_rng(3)
+    hints = np.where(rng.random((6, 1200, 2)) < 0.8, ids[:, :, :2], -1)
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, window_steps=2)
+    direct, _ = make(config)
+    wired, _ = make(config)
+    for lo in range(0, 1200, 70):  # steps that start mid-sequence and span several sequences
+        hi = min(lo + 70, 1200)
+        direct.submit(ids[:, lo:hi], weights[:, lo:hi], seq_starts=starts[lo:hi], hints=hints[:, lo:hi])
+        step = decode_step(encode_step(ids[:, lo:hi], weights[:, lo:hi], seq_starts=starts[lo:hi],
+                                       hints=hints[:, lo:hi]))
+        assert np.array_equal(step.seq_starts, starts[lo:hi]) and np.array_equal(step.hints, hints[:, lo:hi])
+        wired.submit(step.expert_ids, step.weights, seq_starts=step.seq_starts, hints=step.hints)
+    a, b = direct.stats(), wired.stats()
+    assert [s.misses for s in a.layers] == [s.misses for s in b.layers]
+    assert [list(s.predictor_hits) for s in a.layers] == [list(s.predictor_hits) for s in b.layers]
+    assert b.total().predictor_uses[PREDICTOR_NAMES.index("hints")] > 0
+    import msgpack
+
+    bad = msgpack.unpackb(encode_step(ids[:, :5], hints=hints[:, :5]), raw=False)
+    bad["hints"]["dtype"] = "float32"
+    with pytest.raises(ValueError, match="hints"):
+        decode_step(msgpack.packb(bad, use_bin_type=True))
 
 
 def test_service_config_validates():
@@ -352,6 +383,19 @@ def test_engine_hints_through_coordinator_equal_the_whole_model(stream, window_s
     assert stats.total().predictor_uses[PREDICTOR_NAMES.index("hints")] > 0
 
 
+def test_a_service_configured_with_the_model_shape_alone_serves_moeray(stream):
+    """No policy and no parameters named: the predictive policy with its defaults."""
+    trace, ids, weights, starts = stream
+    coordinator, _ = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4, window_steps=2,
+                                        layers_per_actor=3))
+    submit_stream(coordinator, ids, weights, starts)
+    stats = coordinator.stats()
+    expected = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids, trace.seq_offsets)
+    assert [s.misses for s in stats.layers] == expected.stalls.tolist()
+    assert [s.prefetches for s in stats.layers] == expected.prefetches.tolist()
+    assert stats.total().prefetches > 0  # it predicted and prefetched
+
+
 def test_engine_hints_are_checked_at_submit(stream):
     trace, ids, weights, starts = stream
     step = ids[:, :10]
@@ -364,7 +408,7 @@ def test_engine_hints_are_checked_at_submit(stream):
                               (good.tolist(), TypeError, "numpy")):
         with pytest.raises(error, match=match):
             moeray_service.submit(step, hints=bad)
-    lru_service, _ = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4))
+    lru_service, _ = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4, policy="lru"))
     with pytest.raises(ValueError, match="only the moeray policy"):
         lru_service.submit(step, hints=good)
     assert moeray_service.stats().submits == 0 and transport.sends == []
@@ -388,8 +432,8 @@ def test_moeray_windows_carry_the_previous_layer_sequence_starts_and_budgets(str
         assert w.prefetch_budget == 3
         assert np.flatnonzero(w.seq_starts).tolist() == [11]  # token 511 starts a sequence
     # a demand policy neither needs nor gets them
-    lru, lru_transport = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4, layers_per_actor=4,
-                                            prefetch_budget=2))
+    lru, lru_transport = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4, policy="lru",
+                                            layers_per_actor=4, prefetch_budget=2))
     lru.submit(ids[:, 500:520], weights[:, 500:520], seq_starts=starts[500:520])
     for _, windows in lru_transport.sends:
         assert all(w.previous_layer_ids is None and w.seq_starts is None for w in windows)

@@ -193,21 +193,14 @@ ray.shutdown()
 
 
 def _expected_counts(ids: np.ndarray) -> tuple[list[int], list[int]]:
-    """Hits and misses of each layer's LRU cache, replayed in this process."""
-    from moeray.policy import EvictionPolicy, ExpertCache, ExpertCacheConfig
+    """Hits and stalls of each layer under the service's default policy (moeray, its default
+    parameters), replayed in this process: ids [layers, T, top_k], one sequence."""
+    from moeray.policy.predict import PredictiveCaches
 
-    hits, misses = [], []
-    for layer in range(ids.shape[0]):
-        cache = ExpertCache(SERVICE["num_experts"],
-                            ExpertCacheConfig(max_hot_experts=SERVICE["capacity"],
-                                              eviction_policy=EvictionPolicy.LRU))
-        for token in ids[layer]:
-            for expert in token:
-                cache.access(int(expert))
-        stats = cache.stats()
-        hits.append(stats.hits)
-        misses.append(stats.misses)
-    return hits, misses
+    caches = PredictiveCaches(SERVICE["num_layers"], SERVICE["num_experts"], SERVICE["top_k"],
+                              SERVICE["capacity"])
+    stats = caches.run(ids.transpose(1, 0, 2))
+    return stats.hits.tolist(), stats.stalls.tolist()
 
 
 def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):

@@ -244,8 +244,10 @@ def test_replay_through_service_equals_replay_predictive(ray_local, trace, hint_
 
 def test_moeray_layer_actor_killed_mid_replay(ray_local, trace):
     """Layers of the killed actor lose no routing and count none twice; the other actor's
-    layers still decide exactly as the whole model does."""
+    layers still decide exactly as the whole model does. Every third step comes as msgpack
+    (its sequence starts as positions), between the handle's own windows."""
     from moeray import service
+    from moeray.wire import encode_step
 
     ids = np.ascontiguousarray(trace.expert_ids.transpose(1, 0, 2), dtype=np.int32)
     weights = np.ascontiguousarray(trace.weights.transpose(1, 0, 2))
@@ -256,7 +258,12 @@ def test_moeray_layer_actor_killed_mid_replay(ray_local, trace):
     try:
         victims = handle.layer_actor_handles()
         for i, lo in enumerate(range(0, trace.num_tokens, 50)):
-            handle.submit(ids[:, lo:lo + 50], weights[:, lo:lo + 50], seq_starts=starts[lo:lo + 50])
+            if i % 3 == 2:
+                handle.submit_msgpack(encode_step(ids[:, lo:lo + 50], weights[:, lo:lo + 50],
+                                                  seq_starts=starts[lo:lo + 50]))
+            else:
+                handle.submit(ids[:, lo:lo + 50], weights[:, lo:lo + 50],
+                              seq_starts=starts[lo:lo + 50])
             if i == 5:
                 ray_local.kill(victims[1], no_restart=True)  # layers 3..5
         stats = handle.stats()

@@ -25,7 +25,7 @@ def in_process_hits(ids, capacity):
 
 
 def config(name, **kw):
-    base = dict(num_layers=24, num_experts=32, top_k=4, capacity=8, layers_per_actor=12,
+    base = dict(num_layers=24, num_experts=32, top_k=4, capacity=8, policy="lru", layers_per_actor=12,
                 window_steps=2, name=name)
     base.update(kw)
     return service.ServiceConfig(**base)

@@ -144,7 +144,9 @@ def test_a_trace_record_is_a_valid_wire_step(tmp_path):
     unpacker = msgpack.Unpacker(io.BytesIO(buf.getvalue()), raw=False)
     unpacker.unpack()  # the header
     record_bytes = msgpack.packb(unpacker.unpack(), use_bin_type=True)
-    step_ids, step_weights = decode_step(record_bytes)
+    step_ids, step_weights, seq_starts, hints = decode_step(record_bytes)
+    assert hints is None
+    assert seq_starts.tolist() == [True, False, False]  # position 0: the record begins a sequence
     assert step_ids.dtype == np.int32 and step_weights.dtype == np.float32
     np.testing.assert_array_equal(step_ids, ids)
     np.testing.assert_array_equal(step_weights, weights.astype(np.float32))

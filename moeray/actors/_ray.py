@@ -202,8 +202,9 @@ class CoordinatorHost:
                            seq_starts, hints)
 
     def submit_msgpack(self, payload: bytes) -> bytes:
-        expert_ids, weights = decode_step(payload)
-        batches = self._timed(self._coordinator.submit, expert_ids, weights)
+        step = decode_step(payload)
+        batches = self._timed(self._coordinator.submit, step.expert_ids, step.weights, True,
+                              step.seq_starts, step.hints)
         return encode_batches(batches or [])
 
     def add_routing(self, ids, steps: int = 1, close_window: bool = False,

@@ -74,18 +74,19 @@ class ServiceConfig:
     actors keep resident for their hot sets (None: decisions only, no bytes move).
     coordinator_placement: the resource that pins the coordinator, e.g. one only the head node
     offers: the coordinator holds the service's state and is not re-created if its node is lost.
-    policy: lru | lfu | adaptive | affinity-lru (demand caches; ``prefetch_budget`` experts are
-    prefetched by affinity after each window) or moeray (the predictive policy; its parameters
+    policy: moeray (the default: the predictive policy; its parameters
     are ``predict``, a PredictConfig or a dict of its fields, and its budget, experts per layer
     per token, is ``predict.prefetch_budget``, None for top_k; ``prefetch_budget`` must stay 0
-    and ``predict.split`` None; engine hints come with a step, ``submit(..., hints=...)``).
+    and ``predict.split`` None; engine hints come with a step, ``submit(..., hints=...)``) or
+    lru | lfu | adaptive | affinity-lru (demand caches, cheaper per token; ``prefetch_budget``
+    experts are prefetched by affinity after each window).
     """
 
     num_layers: int
     num_experts: int
     top_k: int
     capacity: int | tuple[int, ...] = 8
-    policy: str = "lru"
+    policy: str = PREDICTIVE_POLICY
     prefetch_budget: int = 0
     window_steps: int = 1
     window_ms: float | None = None
@@ -128,8 +129,9 @@ class ServiceConfig:
             raise TypeError(f"predict: expected a PredictConfig or a dict, got {self.predict!r}")
         if self.policy == PREDICTIVE_POLICY:
             if self.prefetch_budget:
-                raise ValueError("prefetch_budget: expected 0 with policy 'moeray', whose budget "
-                                 "is predict.prefetch_budget (experts per layer per token)")
+                raise ValueError("prefetch_budget: expected 0 with policy 'moeray' (the default), "
+                                 "whose budget is predict.prefetch_budget (experts per layer per "
+                                 "token); the affinity prefetch budget is the demand policies'")
             if self.predict.split is not None:
                 # a re-split couples all layers' capacities; the layer actors cannot follow it
                 raise ValueError("predict.split: not supported by the service yet; None keeps "
