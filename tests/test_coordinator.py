@@ -61,6 +61,9 @@ class FakeTransport:
     def kill(self, actor):
         self.dead.add(actor)
 
+    def settle_shards(self, actor):
+        return None if actor in self.dead else self.bodies[actor].settle_shards()
+
     def poll(self, wait):
         done = []
         for actor, gen, kind, payload in self.inflight:

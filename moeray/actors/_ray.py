@@ -160,6 +160,12 @@ class RayLayerTransport:
         self._inflight = keep
         return done
 
+    def settle_shards(self, actor: int) -> dict[int, dict] | None:
+        try:
+            return ray.get(self._handles[actor].settle_shards.remote())
+        except RayActorError:  # dead: the next window's failure re-creates it
+            return None
+
     def handles(self) -> list:
         return list(self._handles)
 

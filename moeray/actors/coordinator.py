@@ -211,13 +211,19 @@ class LayerStats:
         self.evictions += ack.evictions
         self.prefetch_hits += ack.prefetch_hits
         self.prefetches += ack.prefetches
-        self.bytes_moved += ack.bytes_moved
-        self.late_prefetches += ack.late_prefetches
-        self.stalls += ack.stalls
-        self.resident_bytes_max = max(self.resident_bytes_max, ack.resident_bytes_max)
+        self.add_shard(ack.bytes_moved, ack.late_prefetches, ack.stalls, ack.resident_bytes_max)
         self.wasted_prefetches += ack.wasted_prefetches
         for key in _PER_PREDICTOR:
             setattr(self, key, _add_counts(getattr(self, key), getattr(ack, key)))
+
+    def add_shard(self, bytes_moved: int, late_prefetches: int, stalls: int,
+                  resident_bytes_max: int) -> None:
+        """Adds shard counters: a window's, or what arrived after the last window (a layer
+        actor's ``settle_shards``)."""
+        self.bytes_moved += bytes_moved
+        self.late_prefetches += late_prefetches
+        self.stalls += stalls
+        self.resident_bytes_max = max(self.resident_bytes_max, resident_bytes_max)
 
 
 @dataclass
@@ -269,6 +275,10 @@ class LayerTransport(Protocol):
     def generation(self, actor: int) -> int: ...
 
     def outstanding(self) -> int: ...
+
+    def settle_shards(self, actor: int) -> dict[int, dict] | None:
+        """Blocking: the actor's ``LayerCaches.settle_shards()``, None if it is dead."""
+        ...
 
 
 def check_step(expert_ids, weights, config: ServiceConfig):
@@ -528,9 +538,15 @@ class Coordinator:
     # --- reading ---
 
     def stats(self, sync: bool = True) -> ServiceStats:
-        """Per-layer statistics of acknowledged windows (after a sync, of everything submitted)."""
+        """Per-layer statistics of acknowledged windows (after a sync, of everything submitted;
+        with shards, a sync also waits for the layer actors' prefetches in flight and counts
+        their bytes and a last resident reading)."""
         if sync:
             self.sync()
+            if self.config.shards is not None:
+                for actor in range(len(self._groups)):
+                    for layer, fields in (self._transport.settle_shards(actor) or {}).items():
+                        self._stats[layer].add_shard(**fields)
         else:
             self._collect(wait=False)
         pending = sum(len(q) for q in self._unacked.values())

@@ -174,6 +174,9 @@ class LayerCaches:
                 for layer in layers
             }
         self._residency = _open_residency(shards, layers, num_experts, capacity) if shards else {}
+        # each layer's residency counters as last reported (an ack or settle_shards): the
+        # prefetcher's bytes keep arriving between windows, and each is reported once
+        self._reported = {layer: r.stats() for layer, r in self._residency.items()}
 
     def layers(self) -> list[int]:
         return list(self._layers)
@@ -210,27 +213,41 @@ class LayerCaches:
         residency = self._residency.get(window.layer)
         if residency is None:
             return None
-        before = residency.stats()
         if not self._settle:
             residency.measure()  # the previous window's prefetches had this window's gap
-        return residency, before, residency.use(np.unique(window.expert_ids), wait=self._settle)
+        return window.layer, residency.use(np.unique(window.expert_ids), wait=self._settle)
 
     def _shard_end(self, begun, hot, ahead) -> dict:
         """After a window: the bytes follow the hot set (``ahead``: those of its experts brought
         in by prediction); returns the window's shard fields of LayerAck."""
-        residency, before, stalls = begun
+        layer, stalls = begun
+        residency = self._residency[layer]
         residency.sync(hot, ahead)
         if self._settle:  # a replay's consumer reads what it stalled on, even if not kept
             residency.read_cold(stalls - {int(e) for e in hot})
             residency.settle()
             residency.measure()
-        now = residency.stats()
+        return self._shard_report(layer)
+
+    def _shard_report(self, layer: int) -> dict:
+        """The shard fields of LayerAck since the last report, and the latest reading."""
+        now, last = self._residency[layer].stats(), self._reported[layer]
+        self._reported[layer] = now
         return dict(
-            bytes_moved=now.bytes_moved - before.bytes_moved,
-            late_prefetches=now.late - before.late,
-            stalls=now.stalls - before.stalls,
-            resident_bytes_max=now.resident_bytes,  # this window's reading
+            bytes_moved=now.bytes_moved - last.bytes_moved,
+            late_prefetches=now.late - last.late,
+            stalls=now.stalls - last.stalls,
+            resident_bytes_max=now.resident_bytes,
         )
+
+    def settle_shards(self) -> dict[int, dict]:
+        """Waits for every hosted layer's prefetches in flight and reads its resident bytes:
+        layer -> the shard fields of LayerAck since the last window (the bytes that arrived
+        after it); empty without shards. The service's final count (``Coordinator.stats``)."""
+        for layer, residency in self._residency.items():
+            residency.settle()
+            residency.measure()
+        return {layer: self._shard_report(layer) for layer in self._residency}
 
     def _apply_one(self, window: LayerWindow) -> LayerAck:
         cache, affinity = self._caches[window.layer], self._affinity[window.layer]
