@@ -155,3 +155,47 @@ def test_no_layer_below_the_floor():
     assert CapacitySplit.for_model(2, 8, 4, [6, 2]).min_capacity == 2
     with pytest.raises(ValueError, match="min_capacity"):
         CapacitySplit(2, 8, [6, 2], min_capacity=3)
+
+
+@pytest.mark.skipif(not CapacitySplit._native,
+                    reason="the native stack distances are not in use (MOERAY_PURE_PYTHON=1 or unbuilt)")
+def test_native_stack_distances_equal_the_numpy_twin():
+    """The same routing, in windows of varied sizes, into a CapacitySplit on the native core and
+    one forced onto numpy: the same histogram to the bit, last uses, plans; decay 0.5 makes the
+    scale pass 1e200 (a rescale) after 665 tokens. Some tokens repeat an expert in one routing."""
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 9, size=(900, 5, 3))
+    config = SplitConfig(every_tokens=37, decay=0.5, max_move=2, min_gain=0.0)
+    native, twin = CapacitySplit(5, 9, 4, config), CapacitySplit(5, 9, 4, config)
+    twin._native = False
+    cuts = np.sort(rng.choice(np.arange(1, 900), 40, replace=False))
+    plans = [(native.observe(w), twin.observe(w)) for w in np.split(ids, cuts)]
+    assert all(a == b for a, b in plans) and any(a for a, _ in plans)
+    assert native._histogram.tobytes() == twin._histogram.tobytes()
+    assert np.array_equal(native._last, twin._last) and native._accesses == twin._accesses
+    assert native._scale == twin._scale and native._scale < 1e200  # rescaled once at least
+
+
+@pytest.mark.skipif(not CapacitySplit._native,
+                    reason="the native stack distances are not in use (MOERAY_PURE_PYTHON=1 or unbuilt)")
+def test_native_stack_distances_check_their_arguments():
+    from moeray.native import backend
+
+    last = np.full((2, 4), -1, dtype=np.int64)
+    ids = np.zeros((3, 2, 2), dtype=np.int64)
+    assert backend._stack_distances(last, ids, 0).shape == (3, 2, 2)
+    for bad_last, bad_ids, counter, error, match in (
+            (last, ids + 4, 0, ValueError, r"\[0, 4\)"),
+            (last, ids - 1, 0, ValueError, r"\[0, 4\)"),
+            (last, ids.astype(np.int32), 0, TypeError, "int64"),
+            (last, ids[:, :1], 0, ValueError, "shape"),
+            (last.astype(np.int32), ids, 0, TypeError, "int64"),
+            (np.full((4, 2), -1, dtype=np.int64).T, ids, 0, ValueError, "C-contiguous"),
+            (last, ids, -1, ValueError, "counter"),
+            (last, ids, 2**63 - 2, ValueError, "counter")):
+        with pytest.raises(error, match=match):
+            backend._stack_distances(bad_last, bad_ids, counter)
+    frozen = last.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        backend._stack_distances(frozen, ids, 0)

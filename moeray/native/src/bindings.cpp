@@ -384,6 +384,47 @@ py::array_t<float> expert_matvec(const py::handle& layout, const py::handle& hid
   return out;
 }
 
+// -- _stack_distances: CapacitySplit's access counters and one chunk of routing, checked here so
+// the kernel (routing.hpp) indexes in bounds.
+
+py::array_t<int64_t> stack_distances(const py::handle& last_obj, const py::handle& ids_obj,
+                                     int64_t counter) {
+  if (!py::isinstance<py::array_t<int64_t>>(last_obj))
+    throw py::type_error("last: expected a numpy int64 array [layers, experts], got " +
+                         type_name(last_obj));
+  auto last = py::reinterpret_borrow<py::array>(last_obj);
+  if (last.ndim() != 2 || !(last.flags() & py::array::c_style) || !last.writeable() ||
+      last.shape(0) < 1 || last.shape(1) < 1)
+    throw py::value_error("last: expected a writeable C-contiguous int64 array [layers, experts], "
+                          "got shape " + shape_text(shape_of(last)));
+  const int64_t L = last.shape(0), E = last.shape(1);
+  if (!py::isinstance<py::array_t<int64_t>>(ids_obj))
+    throw py::type_error("ids: expected a numpy int64 array [tokens, layers, top_k], got " +
+                         type_name(ids_obj));
+  auto ids = py::reinterpret_borrow<py::array>(ids_obj);
+  if (ids.ndim() != 3 || ids.shape(1) != L || ids.shape(2) < 1 ||
+      !(ids.flags() & py::array::c_style))
+    throw py::value_error("ids: expected a C-contiguous int64 array [tokens, " + std::to_string(L) +
+                          ", top_k], got shape " + shape_text(shape_of(ids)));
+  const int64_t T = ids.shape(0), k = ids.shape(2);
+  const auto* p = static_cast<const int64_t*>(ids.data());
+  for (int64_t i = 0; i < T * L * k; ++i)
+    if (p[i] < 0 || p[i] >= E)
+      throw py::value_error("ids: every id must be in [0, " + std::to_string(E) + "), got " +
+                            std::to_string(p[i]));
+  if (counter < 0 || counter > INT64_MAX - T * k)
+    throw py::value_error("counter: expected an int in [0, 2**63 - tokens * top_k), got " +
+                          std::to_string(counter));
+  py::array_t<int64_t> out({T, k, L});
+  auto* row = static_cast<int64_t*>(last.mutable_data());
+  auto* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    moeray::stack_distances(p, T, L, k, E, row, counter, o);
+  }
+  return out;
+}
+
 // -- _predict_step: PredictiveCaches' state, checked here so the kernel (predict.hpp) reads and
 // writes in bounds. The Python caller (moeray/policy/predict.py, _step_native) passes its own
 // arrays, so a failure here is a bug there; the messages name the entry and what was expected.
@@ -952,6 +993,9 @@ PYBIND11_MODULE(_core, m) {
         py::arg("config"),
         "One token without hints of moeray.policy.predict.PredictiveCaches, its state arrays "
         "updated in place (the numpy twin: PredictiveCaches._step_numpy).");
+  m.def("_stack_distances", &stack_distances, py::arg("last"), py::arg("ids"), py::arg("counter"),
+        "LRU stack distances of a chunk of routing, int64 [tokens, top_k, layers] (-1: first use), "
+        "last updated in place (the numpy twin: moeray.policy.split.CapacitySplit._distances_numpy).");
   m.def("expert_matvec", &expert_matvec, py::arg("layout"), py::arg("hidden_size"),
         py::arg("intermediate_size"), py::arg("tensors"), py::arg("x"),
         "One expert's FFN over T tokens: x float32 [T, hidden] -> float32 [T, hidden], the "
