@@ -28,8 +28,8 @@ layers; transfers/token counts experts brought into the hot sets of all layers (
 prefetch) per token; wasted: prefetched experts evicted before any use. Belady is the offline
 optimum of demand caching for the same capacity; moeray is the predictive policy (cross-layer
 and previous-token prediction, prefetch): with --backend service its layer actors run it (with
---hint-accuracy the service gets the hints with each step), except with a capacity re-split
-(--resplit-every), which only the in-process replay has; belady always runs in-process.
+--hint-accuracy the service gets the hints with each step; with --resplit-every the coordinator
+re-splits the capacity); belady always runs in-process.
 """
 
 
@@ -287,6 +287,9 @@ def _print_stats(stats, out) -> None:
               f"{s.prefetches:>12,}{s.tokens:>12,}{s.restarts:>10}", file=out)
     print(f"submits: {stats.submits:,}; windows not yet acknowledged: {stats.pending_windows}; "
           f"coordinator CPU: {stats.coordinator_cpu_s:.1f} s", file=out)
+    if stats.resplit_moved:
+        print(f"capacity re-split across layers: {stats.resplit_moved:,} experts moved; now "
+              f"{list(stats.capacity)}", file=out)
 
 
 def _serve(args) -> int:
@@ -476,29 +479,19 @@ def _replay(args) -> int:
             raise ValueError("--step-tokens and --window-steps: expected ints >= 1")
         from moeray.replay import IN_PROCESS_POLICY_NAMES
 
-        # replay_through_service runs belady (an oracle) in-process itself; the layer actors
-        # host moeray, but not a capacity re-split
-        local_only = set(IN_PROCESS_POLICY_NAMES) - {"belady"}
-        if config.predict.split is not None:
-            local_only.add("moeray")
-        served = tuple(p for p in config.policies if p not in local_only)
-        in_process = tuple(p for p in config.policies if p in local_only)
-        results = {}
+        # replay_through_service runs belady (an oracle) in-process itself
+        served = any(p not in IN_PROCESS_POLICY_NAMES for p in config.policies)
         with Progress(total, "replay", enabled=args.progress) as progress:
             if served:
                 with _ray_session(args.address):
                     report, throughput = replay_through_service(
-                        trace, replace(config, policies=served), step_tokens=step_tokens,
-                        window_steps=args.window_steps, layers_per_actor=args.layers_per_actor,
-                        progress=progress, shards=shards,
+                        trace, config, step_tokens=step_tokens, window_steps=args.window_steps,
+                        layers_per_actor=args.layers_per_actor, progress=progress, shards=shards,
                     )
-                results.update(report.results)
-            if in_process:
-                local = replay_trace(trace, replace(config, policies=in_process), progress=progress)
-                report = report if served else local
-                results.update(local.results)
-        results = {n: replace(results[n], top_k=results[n].top_k or trace.top_k) for n in config.policies}
-        report = replace(report, results=results)
+            else:  # belady alone: no service to start
+                report = replay_trace(trace, config, progress=progress)
+        report = replace(report, results={n: replace(r, top_k=r.top_k or trace.top_k)
+                                          for n, r in report.results.items()})
     _print_report(report, trace, sys.stdout)
     if args.per_layer:
         _print_per_layer(report, sys.stdout)

@@ -40,6 +40,7 @@ from moeray.policy.affinity import AffinityConfig, ExpertAffinity
 from moeray.policy.belady import belady_hits
 from moeray.policy.cache import EvictionPolicy, ExpertCache, ExpertCacheConfig
 from moeray.policy.predict import PredictConfig, PredictiveCaches, predictor_report
+from moeray.policy.split import CapacitySplit, SplitSchedule
 from moeray.traces import Trace
 
 __all__ = [
@@ -354,11 +355,8 @@ def replay_predictive(
     seconds = (timer() - start) / trace.num_layers
     resplit = None
     if config.predict.split is not None:
-        resplit = {"moved": int(stats.resplit_moved),
-                   "evictions": int(stats.resplit_evictions.sum()),
-                   "transfers": int(stats.resplit_transfers.sum()),
-                   "per_layer_transfers": [int(x) for x in stats.resplit_transfers],
-                   "final_capacity": [int(c) for c in caches.capacity]}
+        resplit = resplit_report(stats.resplit_moved, stats.resplit_evictions,
+                                 stats.resplit_transfers, caches.capacity)
     return PolicyResult(
         "moeray",
         tuple(int(h) for h in stats.hits),
@@ -416,13 +414,29 @@ def shard_bytes(shards: str, num_layers: int, capacity: int) -> tuple[tuple[int,
             raise ValueError(f"shards: {shards} has {len(layers)} MoE layers, the trace {num_layers}")
         one = tuple(max(store.expert_bytes(layer, e) for e in range(store.num_experts(layer)))
                     for layer in layers[:num_layers])
-    return tuple(capacity * b for b in one), one
+    return shard_capacity([capacity] * num_layers, one), one
 
 
-def served_result(name: str, layers, trace: Trace, per_layer_seconds) -> PolicyResult:
+def shard_capacity(capacity, expert_bytes) -> tuple[int, ...]:
+    """Per layer, capacity (experts) x one expert's bytes: ShardResult.capacity_bytes."""
+    return tuple(int(c) * b for c, b in zip(capacity, expert_bytes))
+
+
+def resplit_report(moved, evictions, transfers, capacity) -> dict:
+    """PolicyResult.resplit: experts of capacity moved, hot experts evicted by shrinking and
+    later loads of those (per layer arrays summed), and the final split."""
+    return {"moved": int(moved), "evictions": int(np.sum(evictions)),
+            "transfers": int(np.sum(transfers)),
+            "per_layer_transfers": [int(x) for x in transfers],
+            "final_capacity": [int(c) for c in capacity]}
+
+
+def served_result(name: str, layers, trace: Trace, per_layer_seconds,
+                  resplit: dict | None = None) -> PolicyResult:
     """A policy's result from the layer actors' counters per layer (``LayerStats``, summed
     acknowledgements); under ``moeray`` with its stalls (its misses), transfers, wasted
-    prefetches and predictors (demand policies: stalls and transfers are their misses)."""
+    prefetches and predictors (demand policies: stalls and transfers are their misses), and
+    ``resplit`` (``resplit_report``) when the capacity was re-split."""
     prefetching = {}
     if name == "moeray":
         counts = {key: [getattr(s, key) for s in layers if getattr(s, key)]
@@ -438,7 +452,7 @@ def served_result(name: str, layers, trace: Trace, per_layer_seconds) -> PolicyR
                         if counts["predictor_uses"] else None),  # None: no window acked
         )
     return PolicyResult(name, tuple(s.hits for s in layers), trace.num_tokens * trace.top_k,
-                        tuple(per_layer_seconds), **prefetching)
+                        tuple(per_layer_seconds), resplit=resplit, **prefetching)
 
 
 def replay_shards(
@@ -453,9 +467,9 @@ def replay_shards(
     tokens, waiting for each window's prefetches before reading resident bytes, so the readings
     are the real peaks. Hits equal ``replay_trace``'s; ``belady`` (an oracle) runs in-process and
     has no shard result. ``moeray`` runs in the layer body too, every layer's window of one
-    step together (engine hints, ``hint_accuracy``, with them), and reports its stalls,
-    transfers and predictors as ``replay_predictive`` does (with a re-split, which the body does
-    not take, it runs in-process only, without a shard result)."""
+    step together (engine hints, ``hint_accuracy``, with them; with a re-split, the split a
+    coordinator would send), and reports its stalls, transfers and predictors as
+    ``replay_predictive`` does; its shard bound is then each layer's largest capacity."""
     from moeray.actors.coordinator import LayerStats
     from moeray.actors.layer import LayerCaches, LayerWindow
 
@@ -476,8 +490,7 @@ def replay_shards(
         hints = synthetic_hints(trace.expert_ids, trace.num_experts, config.hint_accuracy,
                                 np.random.default_rng(config.hint_seed)).transpose(1, 0, 2)
     for name in config.policies:
-        # the layer body hosts moeray without a capacity re-split
-        if name in IN_PROCESS_POLICY_NAMES or (name == "moeray" and config.predict.split is not None):
+        if name in IN_PROCESS_POLICY_NAMES:
             results[name] = replay_trace(trace, replace(config, policies=(name,))).results[name]
             if progress is not None:
                 progress.advance(trace.num_layers, name)
@@ -487,12 +500,22 @@ def replay_shards(
                            predict=config.predict)
         stats = [LayerStats(layer) for layer in layers]
         seconds = [0.0] * len(layers)
+        split = None  # moeray's re-split, as a coordinator runs it
+        if name == "moeray" and config.predict.split is not None:
+            split = SplitSchedule(CapacitySplit.for_model(
+                trace.num_layers, trace.num_experts, trace.top_k, config.capacity,
+                config.predict.split))
         for seq, first in enumerate(range(0, trace.num_tokens, step_tokens), start=1):
             step = slice(first, first + step_tokens)
             if name == "moeray":  # every layer's window of a step together, one shared time
+                resplits = ()
+                if split is not None:
+                    split.observe(trace.expert_ids[step])
+                    resplits = split.window(len(ids[0][step]))
                 windows = [[LayerWindow(layer, seq, ids[layer][step], budget,
                                         seq_starts=seq_starts[step],
-                                        hints=None if hints is None else hints[layer, step])
+                                        hints=None if hints is None else hints[layer, step],
+                                        resplits=resplits)
                             for layer in layers]]
             else:
                 windows = [[LayerWindow(layer, seq, ids[layer][step])] for layer in layers]
@@ -504,14 +527,17 @@ def replay_shards(
                     stats[ack.layer].add(ack)
         del body  # unmaps the shards
         if name == "moeray":  # with its stalls, transfers and predictors
-            results[name] = served_result(name, stats, trace, seconds)
+            resplit = None if split is None else resplit_report(
+                split.moved, [s.resplit_evictions for s in stats],
+                [s.resplit_transfers for s in stats], split.capacity)
+            results[name] = served_result(name, stats, trace, seconds, resplit)
         else:
             results[name] = PolicyResult(name, tuple(s.hits for s in stats),
                                          trace.num_tokens * trace.top_k, tuple(seconds),
                                          top_k=trace.top_k)
         shard_results[name] = ShardResult(
-            capacity_bytes, expert_bytes,
-            *(tuple(getattr(s, key) for s in stats)
+            capacity_bytes if split is None else shard_capacity(split.capacity_max, expert_bytes),
+            expert_bytes, *(tuple(getattr(s, key) for s in stats)
               for key in ("resident_bytes_max", "bytes_moved", "late_prefetches", "stalls")))
         if progress is not None:
             progress.advance(trace.num_layers, name)

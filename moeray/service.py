@@ -44,9 +44,8 @@ from moeray.actors.coordinator import (
 from moeray.metrics import SubmitLatency
 from moeray.policy.scheduler import ExpertBatches
 from moeray.replay import (
-    PolicyResult, ReplayConfig, ReplayReport, ShardResult, replay_trace, served_result,
-    shard_bytes,
-    synthetic_hints,
+    PolicyResult, ReplayConfig, ReplayReport, ShardResult, replay_trace, resplit_report,
+    served_result, shard_bytes, shard_capacity, synthetic_hints,
 )
 from moeray.traces import Trace
 
@@ -278,7 +277,7 @@ def replay_through_service(
         hints = synthetic_hints(trace.expert_ids, trace.num_experts, config.hint_accuracy,
                                 np.random.default_rng(config.hint_seed)).transpose(1, 0, 2)
     if shards is not None:
-        capacity_bytes, expert_bytes = shard_bytes(shards, trace.num_layers, config.capacity)
+        _, expert_bytes = shard_bytes(shards, trace.num_layers, config.capacity)
         shards = os.path.abspath(shards)
     ids = np.ascontiguousarray(trace.expert_ids.transpose(1, 0, 2), dtype=np.int32)
     if trace.weights is not None:
@@ -333,11 +332,16 @@ def replay_through_service(
             submit_p50_ms=float(np.percentile(latency_ms, 50)),
             submit_p99_ms=float(np.percentile(latency_ms, 99)),
         ))
+        resplit = None
+        if name == PREDICTIVE_POLICY and config.predict.split is not None:
+            resplit = resplit_report(stats.resplit_moved,
+                                     [s.resplit_evictions for s in stats.layers],
+                                     [s.resplit_transfers for s in stats.layers], stats.capacity)
         results[name] = served_result(name, stats.layers, trace,
-                                      (seconds / trace.num_layers,) * trace.num_layers)
+                                      (seconds / trace.num_layers,) * trace.num_layers, resplit)
         if shards is not None:
             shard_results[name] = ShardResult(
-                capacity_bytes, expert_bytes,
+                shard_capacity(stats.capacity_max, expert_bytes), expert_bytes,
                 *(tuple(getattr(s, key) for s in stats.layers)
                   for key in ("resident_bytes_max", "bytes_moved", "late_prefetches", "stalls")))
         if progress is not None:

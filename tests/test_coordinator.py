@@ -386,6 +386,36 @@ def test_engine_hints_through_coordinator_equal_the_whole_model(stream, window_s
     assert stats.total().predictor_uses[PREDICTOR_NAMES.index("hints")] > 0
 
 
+@pytest.mark.parametrize("window_steps,layers_per_actor", [(1, 1), (3, 4), (2, 6)])
+def test_moeray_resplit_through_coordinator_equals_the_whole_model(stream, window_steps,
+                                                                   layers_per_actor):
+    """One total capacity re-split across layers: the coordinator runs the split over every
+    layer's routing and sends each window its capacities; the layer actors decide exactly as
+    the whole model's PredictiveCaches with the same SplitConfig, re-split costs included."""
+    from moeray.policy.split import SplitConfig
+
+    trace, ids, weights, starts = stream
+    capacity = (8, 8, 6, 10, 8, 8)
+    predict = PredictConfig(split=SplitConfig(every_tokens=64, max_move=2, min_gain=0.0))
+    coordinator, _ = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=capacity,
+                                        window_steps=window_steps,
+                                        layers_per_actor=layers_per_actor, predict=predict))
+    submit_stream(coordinator, ids, weights, starts, step_tokens=70)
+    stats = coordinator.stats()
+    caches = PredictiveCaches(6, 32, 4, capacity, predict)
+    expected = caches.run(trace.expert_ids, trace.seq_offsets)
+    assert expected.resplit_moved > 0 and expected.resplit_evictions.sum() > 0  # it re-split
+    for key, mine in (("hits", "hits"), ("stalls", "misses"), ("prefetches", "prefetches"),
+                      ("wasted_prefetches", "wasted_prefetches"),
+                      ("resplit_evictions", "resplit_evictions"),
+                      ("resplit_transfers", "resplit_transfers")):
+        assert [getattr(s, mine) for s in stats.layers] == getattr(expected, key).tolist(), key
+    assert stats.resplit_moved == expected.resplit_moved
+    assert stats.capacity == tuple(caches.capacity) and sum(stats.capacity) == sum(capacity)
+    assert all(m >= max(c, f) for m, c, f in zip(stats.capacity_max, capacity, stats.capacity))
+    assert stats.capacity_max != capacity  # some layer grew
+
+
 def test_a_service_configured_with_the_model_shape_alone_serves_moeray(stream):
     """No policy and no parameters named: the predictive policy with its defaults."""
     trace, ids, weights, starts = stream
@@ -497,6 +527,8 @@ def test_seq_starts_and_moeray_config_are_checked(stream):
         ServiceConfig(num_layers=2, num_experts=8, top_k=2, predict=4)
     from moeray.policy.split import SplitConfig
 
+    from_json = ServiceConfig(num_layers=2, num_experts=8, top_k=2,
+                              predict={"split": {"every_tokens": 128}})  # moeray serve --config
+    assert from_json.predict.split == SplitConfig(every_tokens=128)
     with pytest.raises(ValueError, match="split"):
-        ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="moeray",
-                      predict=PredictConfig(split=SplitConfig()))
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, predict={"split": {"every": 128}})

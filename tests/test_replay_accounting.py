@@ -142,11 +142,11 @@ def test_cli_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypa
     assert not png.exists()
 
 
-def test_cli_service_backend_serves_moeray_unless_resplit(tmp_path, capsys, monkeypatch):
+def test_cli_service_backend_serves_every_online_policy(tmp_path, capsys, monkeypatch):
     """`moeray replay` (service backend) sends moeray to the layer actors with the other
-    policies, engine hints included, and keeps it in-process when asked for a capacity re-split,
-    which the actors do not host. A fake service stands in for Ray here (it returns the
-    in-process results, without top_k, as the service does)."""
+    policies, engine hints and a capacity re-split included, and starts no service for belady
+    alone. A fake service stands in for Ray here (it returns the in-process results, without
+    top_k, as the service does)."""
     import contextlib
     import types
 
@@ -181,8 +181,11 @@ def test_cli_service_backend_serves_moeray_unless_resplit(tmp_path, capsys, monk
     asked.clear()
     assert cli.main(["replay", str(trace), "--policy", "moeray", "--json", str(out),
                      "--resplit-every", "4"]) == 0
-    assert asked == []  # nothing to serve
-    assert "predictors" in json.loads(out.read_text())["policies"]["moeray"]
+    assert asked == [("moeray",)]  # the coordinator re-splits
+    asked.clear()
+    assert cli.main(["replay", str(trace), "--policy", "belady", "--json", str(out)]) == 0
+    assert asked == []  # an oracle: nothing to serve
+    assert json.loads(out.read_text())["policies"]["belady"]["transfers_per_token"] > 0
     assert "moeray" in capsys.readouterr().out
 
 

@@ -216,3 +216,26 @@ def test_trace_head_cuts_tokens_and_sequences():
     assert full.head(10**9).num_tokens == full.num_tokens
     with pytest.raises(ValueError, match="tokens"):
         full.head(0)
+
+
+def test_moeray_resplit_moves_the_bytes_of_its_hot_sets(checkpoint, trace):
+    """With one capacity re-split across layers the layer body takes the split a coordinator
+    sends: the counts and re-split costs are the in-process replay's, and each layer's bound
+    is its largest capacity."""
+    from moeray.policy.predict import PredictConfig
+    from moeray.policy.split import SplitConfig
+
+    split = SplitConfig(every_tokens=16, max_move=2, min_gain=0.0)
+    config = ReplayConfig(capacity=CAPACITY, policies=("moeray",), predict=PredictConfig(split=split))
+    report = replay_shards(trace, config, str(checkpoint), step_tokens=5)
+    decisions = replay_trace(trace, config).results["moeray"]
+    result, shards = report.results["moeray"], report.shards["moeray"]
+    assert result.per_layer_hits == decisions.per_layer_hits
+    assert result.per_layer_transfers == decisions.per_layer_transfers
+    assert result.resplit == decisions.resplit and decisions.resplit["moved"] > 0
+    with ShardStore(checkpoint) as store:
+        expert = store.expert_bytes(store.layers[0], 0)
+    assert max(shards.capacity_bytes) > CAPACITY * expert  # some layer grew
+    assert all(c >= f * expert for c, f in zip(shards.capacity_bytes,
+                                               decisions.resplit["final_capacity"]))
+    assert shards.over_bound() == [], (shards.resident_bytes_max, shards.capacity_bytes)

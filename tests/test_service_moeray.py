@@ -200,15 +200,15 @@ def test_moeray_body_refuses_what_it_cannot_apply(trace):
     with pytest.raises(ValueError, match="seq_starts"):
         body.apply([LayerWindow(2, 1, ids, previous_layer_ids=ids, seq_starts=np.ones(3, bool)),
                     LayerWindow(3, 1, ids)])
+    for bad in (((10, (8,) * 4),), ((0, (8,) * 3),)):  # offset past the window, too few layers
+        with pytest.raises(ValueError, match="resplits"):
+            body.apply([LayerWindow(2, 1, ids, previous_layer_ids=ids, resplits=bad),
+                        LayerWindow(3, 1, ids, resplits=bad)])
     assert body.applied() == {2: 0, 3: 0}  # nothing was applied
     with pytest.raises(ValueError, match="consecutive"):
         LayerCaches([1, 3], 32, {1: 8, 3: 8}, "moeray")
     with pytest.raises(TypeError, match="predict"):
         LayerCaches([0], 32, {0: 8}, "moeray", predict={"prefetch_budget": 2})
-    from moeray.policy.split import SplitConfig
-
-    with pytest.raises(ValueError, match="split"):  # a re-split couples every layer
-        LayerCaches([0], 32, {0: 8}, "moeray", predict=PredictConfig(split=SplitConfig()))
 
 
 # --- the real service on a local Ray ---
@@ -282,9 +282,11 @@ def test_moeray_layer_actor_killed_mid_replay(ray_local, trace):
             assert s.restarts >= 1
 
 
-def test_cli_service_backend_serves_moeray(ray_local, tmp_path, monkeypatch):
+@pytest.mark.parametrize("resplit", [[], ["--resplit-every", "48"]], ids=["fixed", "resplit"])
+def test_cli_service_backend_serves_moeray(ray_local, tmp_path, resplit):
     """`moeray replay` (service backend) with moeray served by the layer actors: the same
-    stall rates as --backend local."""
+    stall rates as --backend local, and with a capacity re-split (the coordinator's) the same
+    re-splits and costs."""
     import json
 
     from moeray import cli
@@ -293,12 +295,14 @@ def test_cli_service_backend_serves_moeray(ray_local, tmp_path, monkeypatch):
     np.savez(small, expert_ids=full.expert_ids[:600, :4], expert_probs=full.weights[:600, :4],
              seq_offsets=np.array([0, 511, 600]), num_experts=np.array(32))
     argv = ["replay", str(small), "--policy", "moeray", "--policy", "belady", "--layers-per-actor",
-            "2", "--step-tokens", "64", "--window-steps", "2"]
+            "2", "--step-tokens", "64", "--window-steps", "2", *resplit]
     assert cli.main(argv + ["--json", str(tmp_path / "service.json")]) == 0
     assert cli.main(argv + ["--backend", "local", "--json", str(tmp_path / "local.json")]) == 0
     service_doc = json.loads((tmp_path / "service.json").read_text())
     local_doc = json.loads((tmp_path / "local.json").read_text())
     assert set(service_doc["service"]) == {"moeray"}  # served, with its throughput
     for key in ("per_layer_hit_rate", "per_layer_stall_rate", "per_layer_transfers",
-                "wasted_prefetches", "prefetches"):
-        assert service_doc["policies"]["moeray"][key] == local_doc["policies"]["moeray"][key], key
+                "wasted_prefetches", "prefetches", "resplit"):
+        assert service_doc["policies"]["moeray"].get(key) == local_doc["policies"]["moeray"].get(key), key
+    if resplit:
+        assert service_doc["policies"]["moeray"]["resplit"]["moved"] > 0

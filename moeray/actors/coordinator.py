@@ -44,6 +44,7 @@ from moeray.actors.layer import (
 from moeray.policy._validate import as_weights, check_int
 from moeray.policy.affinity import AffinityConfig, ExpertAffinity
 from moeray.policy.predict import PredictConfig
+from moeray.policy.split import CapacitySplit, SplitConfig, SplitSchedule
 from moeray.policy.scheduler import ExpertBatches, schedule
 
 __all__ = [
@@ -77,7 +78,8 @@ class ServiceConfig:
     policy: moeray (the default: the predictive policy; its parameters
     are ``predict``, a PredictConfig or a dict of its fields, and its budget, experts per layer
     per token, is ``predict.prefetch_budget``, None for top_k; ``prefetch_budget`` must stay 0
-    and ``predict.split`` None; engine hints come with a step, ``submit(..., hints=...)``) or
+    engine hints come with a step, ``submit(..., hints=...)``; with ``predict.split`` the
+    coordinator re-splits the sum of ``capacity`` across layers) or
     lru | lfu | adaptive | affinity-lru (demand caches, cheaper per token; ``prefetch_budget``
     experts are prefetched by affinity after each window).
     """
@@ -121,8 +123,14 @@ class ServiceConfig:
             )
         check_int(self.prefetch_budget, "prefetch_budget", 0, self.num_experts)
         if isinstance(self.predict, dict):  # from a JSON config (moeray serve --config)
+            fields = dict(self.predict)
+            if isinstance(fields.get("split"), dict):
+                try:
+                    fields["split"] = SplitConfig(**fields["split"])
+                except TypeError as exc:
+                    raise ValueError(f"predict.split: {exc}") from None
             try:
-                object.__setattr__(self, "predict", PredictConfig(**self.predict))
+                object.__setattr__(self, "predict", PredictConfig(**fields))
             except TypeError as exc:
                 raise ValueError(f"predict: {exc}") from None
         if not isinstance(self.predict, PredictConfig):
@@ -132,10 +140,6 @@ class ServiceConfig:
                 raise ValueError("prefetch_budget: expected 0 with policy 'moeray' (the default), "
                                  "whose budget is predict.prefetch_budget (experts per layer per "
                                  "token); the affinity prefetch budget is the demand policies'")
-            if self.predict.split is not None:
-                # a re-split couples all layers' capacities; the layer actors cannot follow it
-                raise ValueError("predict.split: not supported by the service yet; None keeps "
-                                 "each layer's capacity")
         check_int(self.window_steps, "window_steps", 1)
         if self.window_ms is not None and not self.window_ms > 0:
             raise ValueError(f"window_ms: expected None or a positive number, got {self.window_ms}")
@@ -199,6 +203,9 @@ class LayerStats:
     predictor_hits: tuple[int, ...] = ()
     predictor_guesses: tuple[int, ...] = ()
     predictor_uses: tuple[int, ...] = ()
+    # moeray with predict.split: hot experts a shrinking re-split evicted, later loads of those
+    resplit_evictions: int = 0
+    resplit_transfers: int = 0
 
     def hit_rate(self) -> float:
         total = self.hits + self.misses
@@ -213,6 +220,8 @@ class LayerStats:
         self.prefetches += ack.prefetches
         self.add_shard(ack.bytes_moved, ack.late_prefetches, ack.stalls, ack.resident_bytes_max)
         self.wasted_prefetches += ack.wasted_prefetches
+        self.resplit_evictions += ack.resplit_evictions
+        self.resplit_transfers += ack.resplit_transfers
         for key in _PER_PREDICTOR:
             setattr(self, key, _add_counts(getattr(self, key), getattr(ack, key)))
 
@@ -236,6 +245,12 @@ class ServiceStats:
     # less its blocking waits for layer actors, and without the Ray threads that keep its
     # process busy even while idle: the work that steps cause
     coordinator_method_cpu_s: float = 0.0
+    # experts of capacity moved between layers so far (moeray with predict.split), each layer's
+    # capacity now (the latest split sent; without a re-split, ServiceConfig.capacity) and its
+    # largest so far
+    resplit_moved: int = 0
+    capacity: tuple[int, ...] = ()
+    capacity_max: tuple[int, ...] = ()
 
     def total(self) -> LayerStats:
         out = LayerStats(layer=-1)
@@ -407,6 +422,13 @@ class Coordinator:
         }
         self._stats = {layer: LayerStats(layer) for layer in layers}
         self._submits = 0
+        # One capacity re-split across layers (moeray with predict.split): the split runs over
+        # every layer's routing as it comes; its plans go out with the windows of their tokens.
+        self._split: SplitSchedule | None = None
+        if self._predictive and config.predict.split is not None:
+            self._split = SplitSchedule(CapacitySplit.for_model(
+                config.num_layers, config.num_experts, config.top_k, config.capacity,
+                config.predict.split))
 
     # --- submitting ---
 
@@ -442,6 +464,8 @@ class Coordinator:
                 seq_starts if seq_starts is not None else np.zeros(ids.shape[1], dtype=bool)
             )
             self._hints.append((ids.shape[1], hints))
+        if self._split is not None:
+            self._split.observe(ids.transpose(1, 0, 2))
         self._steps_in_window += steps
         self._submits += steps
         if close_window or self._window_due():
@@ -466,6 +490,7 @@ class Coordinator:
             starts = starts if starts.any() else None
             hints = join_hints(self._hints)
             self._starts, self._hints = [], []
+        resplits = self._split.window(len(routing[0])) if self._split is not None else ()
         for actor, layers in enumerate(self._groups):
             windows = []
             for layer in layers:
@@ -481,6 +506,7 @@ class Coordinator:
                     previous_layer_ids=previous,
                     seq_starts=starts,
                     hints=None if hints is None else hints[layer],
+                    resplits=resplits,
                 )
                 self._buffer[layer] = []
                 self._unacked[layer].append(window)
@@ -551,4 +577,8 @@ class Coordinator:
             self._collect(wait=False)
         pending = sum(len(q) for q in self._unacked.values())
         layers = [LayerStats(**vars(self._stats[layer])) for layer in sorted(self._stats)]
-        return ServiceStats(layers=layers, submits=self._submits, pending_windows=pending)
+        split = self._split
+        return ServiceStats(layers=layers, submits=self._submits, pending_windows=pending,
+                            resplit_moved=split.moved if split else 0,
+                            capacity=split.capacity if split else self.config.capacity,
+                            capacity_max=split.capacity_max if split else self.config.capacity)

@@ -15,8 +15,9 @@ The ``moeray`` policy (``moeray.policy.predict.PredictiveCaches``) runs token by
 the actor's layers at once, so it applies the windows of one window number together (every
 hosted layer's, in one call, as the coordinator sends them). Its hot sets never interact across
 layers, and layer l's predictions use only layer l-1's routing of the same token, layer l's own
-earlier routing and layer l's affinity (without ``PredictConfig.split``, which the service
-refuses); so an actor hosting layers a..b (a > 0) runs it over
+earlier routing and layer l's affinity (with ``PredictConfig.split`` the coordinator runs the
+re-split over every layer's routing and sends each window its capacities, ``resplits``); so an
+actor hosting layers a..b (a > 0) runs it over
 a-1..b, feeding the "shadow" layer a-1 with the routing the coordinator attaches to layer a's
 window (``previous_layer_ids``) and discarding its counters, and makes exactly the decisions
 the whole model's ``PredictiveCaches`` makes for a..b. ``seq_starts`` marks the tokens that
@@ -68,7 +69,9 @@ class LayerWindow:
     on the first layer of an actor whose first layer is not 0; else None). seq_starts: bool [T],
     True where a token begins a sequence (None: the window continues one stream). hints: int
     [T, h], an engine's predicted experts of this layer per token, -1 for none (``moeray``
-    only; None: no hints)."""
+    only; None: no hints). resplits: ``moeray`` with ``predict.split`` only: (token offset in
+    the window, every layer's capacity from that token on) pairs, in order, the first at offset 0
+    (the split in force when the window begins, so a restarted actor follows it too)."""
 
     layer: int
     seq: int
@@ -77,6 +80,7 @@ class LayerWindow:
     previous_layer_ids: np.ndarray | None = None
     seq_starts: np.ndarray | None = None
     hints: np.ndarray | None = None
+    resplits: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,10 @@ class LayerAck:
     predictor_hits: tuple[int, ...] = ()
     predictor_guesses: tuple[int, ...] = ()
     predictor_uses: tuple[int, ...] = ()
+    # moeray with predict.split: hot experts evicted because a re-split shrank the layer, and
+    # later loads of those (moeray.policy.predict.PredictStats)
+    resplit_evictions: int = 0
+    resplit_transfers: int = 0
 
 
 @dataclass(frozen=True)
@@ -327,10 +335,9 @@ class _PredictiveHost:
                  config: PredictConfig):
         if not isinstance(config, PredictConfig):
             raise TypeError(f"predict: expected a PredictConfig, got {type(config).__name__}")
-        if config.split is not None:
-            # a re-split couples every layer's capacity: the shadow layer would not suffice
-            raise ValueError("predict.split: not supported by the service yet (None: each layer "
-                             "keeps its capacity)")
+        # a re-split couples every layer: the coordinator runs it and sends each window's
+        # capacities (LayerWindow.resplits), which this actor applies token by token
+        config = replace(config, split=None)
         if layers != list(range(layers[0], layers[0] + len(layers))):
             raise ValueError(f"layers: the moeray policy needs consecutive layers, got {layers}")
         self._layers = layers
@@ -377,12 +384,15 @@ class _PredictiveHost:
             starts = np.asarray(starts, dtype=bool)
             if starts.shape != (tokens,):
                 raise ValueError(f"seq_starts: expected bool [{tokens}], got shape {starts.shape}")
+        resplits = self._resplits(head, tokens)
         before = _counters(caches)
-        if starts is None and hints is None:
+        if starts is None and hints is None and not resplits:
             for t in range(tokens):
                 caches.step(ids[t])
         else:
             for t in range(tokens):
+                if t in resplits and not np.array_equal(resplits[t], caches.capacity):
+                    caches.set_capacity(resplits[t])
                 caches.step(ids[t], new_sequence=starts is not None and bool(starts[t]),
                             hints=None if hints is None else hints[t])
         after = _counters(caches)
@@ -393,9 +403,23 @@ class _PredictiveHost:
                  evictions=int(delta["evictions"][i]), prefetch_hits=int(delta["prefetch_hits"][i]),
                  prefetches=int(delta["prefetches"][i]),
                  wasted_prefetches=int(delta["wasted_prefetches"][i]),
+                 resplit_evictions=int(delta["resplit_evictions"][i]),
+                 resplit_transfers=int(delta["resplit_transfers"][i]),
                  **{key: tuple(int(x) for x in delta[key][:, i]) for key in _PREDICTOR_COUNTERS})
             for i in range(skip, skip + len(windows))
         ]
+
+    def _resplits(self, window: LayerWindow, tokens: int) -> dict[int, np.ndarray]:
+        """Token offset -> the capacities of this actor's rows (the shadow layer's first) from
+        that token on, from the window's re-splits (see LayerWindow)."""
+        out = {}
+        for offset, capacity in window.resplits:
+            if not 0 <= offset < tokens or len(capacity) <= self._layers[-1]:
+                raise ValueError(f"resplits: expected (offset in [0, {tokens}), a capacity per "
+                                 f"layer) pairs, got ({offset}, {capacity})")
+            first = self._layers[0] - self._skip
+            out[offset] = np.asarray(capacity[first:self._layers[-1] + 1], dtype=np.int64)
+        return out
 
     def _hints(self, windows: list[LayerWindow], tokens: int, rows: int) -> np.ndarray | None:
         """The windows' hints as int [tokens, rows, h] (-1 for none; the shadow layer takes
@@ -429,7 +453,8 @@ def _counters(caches: PredictiveCaches) -> dict[str, np.ndarray]:
     stats = caches.stats
     return {key: getattr(stats, key).copy()  # the stats' arrays grow in place
             for key in ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches",
-                        "evictions", *_PREDICTOR_COUNTERS)}
+                        "evictions", "resplit_evictions", "resplit_transfers",
+                        *_PREDICTOR_COUNTERS)}
 
 
 def _open_residency(path: str, layers: list[int], num_experts: int,

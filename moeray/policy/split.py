@@ -50,8 +50,8 @@ from moeray.policy._validate import check_float, check_int
 # Tokens of one histogram update (an upper bound on the arrays of one np.add.at).
 _CHUNK_TOKENS = 256
 
-__all__ = ["CapacitySplit", "SplitConfig", "SplitPlan", "best_split", "lru_hit_curves",
-           "per_layer_capacity"]
+__all__ = ["CapacitySplit", "SplitConfig", "SplitPlan", "SplitSchedule", "best_split",
+           "lru_hit_curves", "per_layer_capacity"]
 
 
 def per_layer_capacity(capacity, num_layers: int, num_experts: int) -> np.ndarray:
@@ -306,3 +306,40 @@ class CapacitySplit:
         self._capacity = caps
         self.moved += moved
         return SplitPlan(self._tokens, tuple(int(c) for c in caps), moved)
+
+
+class SplitSchedule:
+    """A ``CapacitySplit`` fed routing as it arrives and read window by window, as a coordinator
+    sends it: ``observe(ids)`` takes tokens in order; ``window(tokens)`` returns the re-splits of
+    the next window of ``tokens`` tokens (the tokens observed come first) as (token offset in the
+    window, every layer's capacity from that token on) pairs, the first at offset 0: the split in
+    force when the window begins (``LayerWindow.resplits``). ``capacity``: the split in force
+    after the windows taken; ``capacity_max``: each layer's largest so far; ``moved``: experts
+    of capacity the taken re-splits moved."""
+
+    def __init__(self, split: CapacitySplit):
+        self._split = split
+        self._plans: list[SplitPlan] = []  # due in tokens not yet taken
+        self.capacity = tuple(int(c) for c in split.capacity)
+        self.capacity_max = self.capacity
+        self.moved = 0
+        self._taken = 0  # tokens of the windows taken
+
+    def observe(self, ids) -> None:
+        """ids: integer [T, num_layers, top_k], the next tokens (``CapacitySplit.observe``)."""
+        self._plans += self._split.observe(ids)
+
+    def window(self, tokens: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        first, end = self._taken, self._taken + check_int(tokens, "tokens", 0)
+        if end > self._split.tokens:
+            raise ValueError(f"tokens: {end} taken, only {self._split.tokens} observed")
+        out = [(0, self.capacity)]
+        while self._plans and self._plans[0].token < end:
+            plan = self._plans.pop(0)
+            out.append((plan.token - first, plan.capacity))
+            self.capacity = plan.capacity
+            self.capacity_max = tuple(max(a, b) for a, b in zip(self.capacity_max, plan.capacity))
+            self.moved += plan.moved
+        self._taken = end
+        return tuple(out)
+
