@@ -199,3 +199,27 @@ def test_native_stack_distances_check_their_arguments():
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
         backend._stack_distances(frozen, ids, 0)
+
+
+def test_split_schedule_hands_each_window_its_resplits():
+    """Plans land in the window of their token, at their offset, after the split in force at
+    the window's start; a window cannot run past the tokens observed."""
+    from moeray.policy.split import SplitSchedule
+
+    ids = narrow_and_wide(300, seed=4)
+    config = SplitConfig(every_tokens=40, max_move=1)
+    plans = CapacitySplit(2, 8, 5, config).observe(ids)
+    schedule = SplitSchedule(CapacitySplit(2, 8, 5, config))
+    schedule.observe(ids[:130])
+    with pytest.raises(ValueError, match="observed"):
+        schedule.window(131)
+    windows = [schedule.window(50), schedule.window(80)]
+    schedule.observe(ids[130:])
+    windows.append(schedule.window(170))
+    assert [w[0] for w in windows] == [(0, (5, 5)), (0, windows[0][-1][1]), (0, windows[1][-1][1])]
+    starts = [0, 50, 130]
+    got = [(start + offset, capacity) for start, w in zip(starts, windows) for offset, capacity in w[1:]]
+    assert got == [(p.token, p.capacity) for p in plans] and got
+    assert schedule.capacity == plans[-1].capacity
+    assert schedule.moved == sum(p.moved for p in plans)
+    assert schedule.capacity_max == tuple(max(5, *(p.capacity[l] for p in plans)) for l in range(2))
