@@ -1,7 +1,8 @@
 """End-to-end speed of the moeray service beside the Ray floors it is built on, in one run.
 
 Replays the bundled gpt-oss-20b slice (24 MoE layers, top-4; 20 passes) through a service on a local,
-loopback-only Ray in steps of 256 tokens, for several coalescing windows, and reports routed
+loopback-only Ray in steps of 256 tokens, under lru (the mechanism's speed: the policies' own
+costs are compared below), for several coalescing windows, and reports routed
 tokens per second (first submit to last acknowledgement), submits per second and submit latency
 p50 / p99. The floors, measured on the same Ray in the same run: one no-op actor round trip, and
 one no-op fan-out to as many actors as the service has layer actors.
@@ -21,11 +22,12 @@ coordinator's time per step). Two measurements:
 - the coordinator's body alone (``Coordinator`` over a transport that pickles each call's
   windows, as Ray does, and acknowledges at once), the policies interleaved over
   ``--body-rounds`` rounds, median CPU per step: the extra work moeray asks of the coordinator
-  (previous-layer routing, sequence starts, budgets) without Ray's noise; the last column puts
-  that extra against the coordinator's CPU per step through Ray for the first policy.
+  (previous-layer routing, sequence starts, budgets; with ``moeray+resplit`` also the capacity
+  re-split over every layer's routing) without Ray's noise; the last column puts that extra
+  against the coordinator's CPU per step through Ray for the first policy.
 
 usage: python benchmarks/bench_service.py [--layers-per-actor N] [--windows 1,4,16,64,256] [--passes P]
-       [--policies lru,moeray] [--compare-window 4] [--compare-tokens 5120] [--compare-passes 1]
+       [--policies lru,moeray,moeray+resplit] [--compare-window 4] [--compare-tokens 5120] [--compare-passes 1]
        [--body-rounds 15]
 """
 
@@ -51,6 +53,8 @@ from moeray import service  # noqa: E402
 from moeray.actors import _ray  # noqa: E402  (ray.init outside the checkout)
 from moeray.actors.coordinator import Coordinator  # noqa: E402
 from moeray.actors.layer import LayerAck  # noqa: E402
+from moeray.policy.predict import PredictConfig  # noqa: E402
+from moeray.policy.split import SplitConfig  # noqa: E402
 from moeray.traces import default_trace_path, load_trace  # noqa: E402
 
 
@@ -78,15 +82,27 @@ def floors(num_actors: int, repeats: int) -> tuple[float, float]:
     return statistics.median(rtt) * 1e3, statistics.median(fan) * 1e3
 
 
+# A row of the comparison that is not a policy name: moeray with one capacity re-split across
+# layers by the coordinator (SplitConfig defaults).
+RESPLIT = "moeray+resplit"
+
+
+def policy_config(policy: str, **fields) -> service.ServiceConfig:
+    """The ServiceConfig of one row of the comparison: a policy name, or RESPLIT."""
+    if policy == RESPLIT:
+        fields.update(policy="moeray", predict=PredictConfig(split=SplitConfig()))
+    else:
+        fields.update(policy=policy)
+    return service.ServiceConfig(num_experts=32, capacity=8, **fields)
+
+
 def run_policy(ids, weights, starts, policy: str, window_steps: int, layers_per_actor: int,
                step_tokens: int, passes: int) -> dict:
     """One service of ``policy`` replays ids [layers, T, top_k] ``passes`` times (steps of
     step_tokens, sequence starts ``starts`` bool [T]); tokens/s and coordinator CPU per step."""
-    config = service.ServiceConfig(
-        num_layers=ids.shape[0], num_experts=32, top_k=ids.shape[2], capacity=8, policy=policy,
-        window_steps=window_steps, layers_per_actor=layers_per_actor,
-        name=f"bench-{policy}-{os.getpid()}",
-    )
+    config = policy_config(policy, num_layers=ids.shape[0], top_k=ids.shape[2],
+                           window_steps=window_steps, layers_per_actor=layers_per_actor,
+                           name=f"bench-{policy.replace('+', '-')}-{os.getpid()}")
     handle = service.start(config)
     try:
         handle.submit(ids[:, :step_tokens], weights[:, :step_tokens], starts[:step_tokens])
@@ -150,9 +166,8 @@ def coordinator_body_ms_per_step(ids, starts, policies, window_steps: int, layer
     samples = {policy: [] for policy in policies}
     for _ in range(rounds):
         for policy in policies:
-            config = service.ServiceConfig(
-                num_layers=ids.shape[0], num_experts=32, top_k=ids.shape[2], capacity=8,
-                policy=policy, window_steps=window_steps, layers_per_actor=layers_per_actor)
+            config = policy_config(policy, num_layers=ids.shape[0], top_k=ids.shape[2],
+                                   window_steps=window_steps, layers_per_actor=layers_per_actor)
             coordinator = Coordinator(config, _PicklingTransport(config))
             steps = 0
             start = time.process_time()
@@ -169,7 +184,7 @@ def coordinator_body_ms_per_step(ids, starts, policies, window_steps: int, layer
 def run_service(ids, weights, window_steps: int, layers_per_actor: int, step_tokens: int,
                 passes: int):
     config = service.ServiceConfig(
-        num_layers=ids.shape[0], num_experts=32, top_k=ids.shape[2], capacity=8,
+        num_layers=ids.shape[0], num_experts=32, top_k=ids.shape[2], capacity=8, policy="lru",
         window_steps=window_steps, layers_per_actor=layers_per_actor,
         name=f"bench-{window_steps}-{os.getpid()}",
     )
@@ -204,9 +219,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=200, help="round trips for the floors")
     parser.add_argument("--passes", type=int, default=20,
                         help="replays of the bundled trace per measurement (default 20: 206,620 tokens)")
-    parser.add_argument("--policies", default="lru,moeray",
-                        help="policies compared side by side, the first is the baseline "
-                        "(default lru,moeray; empty: skip the comparison)")
+    parser.add_argument("--policies", default=f"lru,moeray,{RESPLIT}",
+                        help="policies compared side by side, the first is the baseline; "
+                        f"{RESPLIT}: moeray with the capacity re-split by the coordinator "
+                        f"(default lru,moeray,{RESPLIT}; empty: skip the comparison)")
     parser.add_argument("--compare-window", type=int, default=4,
                         help="window (steps) of the policy comparison (default 4)")
     parser.add_argument("--body-rounds", type=int, default=15,
