@@ -159,7 +159,7 @@ def test_no_layer_below_the_floor():
 
 @pytest.mark.skipif(not CapacitySplit._native,
                     reason="the native stack distances are not in use (MOERAY_PURE_PYTHON=1 or unbuilt)")
-def test_native_stack_distances_equal_the_numpy_twin():
+def test_native_stack_histogram_equals_the_numpy_twin():
     """The same routing, in windows of varied sizes, into a CapacitySplit on the native core and
     one forced onto numpy: the same histogram to the bit, last uses, plans; decay 0.5 makes the
     scale pass 1e200 (a rescale) after 665 tokens. Some tokens repeat an expert in one routing."""
@@ -178,27 +178,35 @@ def test_native_stack_distances_equal_the_numpy_twin():
 
 @pytest.mark.skipif(not CapacitySplit._native,
                     reason="the native stack distances are not in use (MOERAY_PURE_PYTHON=1 or unbuilt)")
-def test_native_stack_distances_check_their_arguments():
+def test_native_stack_histogram_checks_its_arguments():
     from moeray.native import backend
 
     last = np.full((2, 4), -1, dtype=np.int64)
+    hist = np.zeros((2, 4))
     ids = np.zeros((3, 2, 2), dtype=np.int64)
-    assert backend._stack_distances(last, ids, 0).shape == (3, 2, 2)
-    for bad_last, bad_ids, counter, error, match in (
-            (last, ids + 4, 0, ValueError, r"\[0, 4\)"),
-            (last, ids - 1, 0, ValueError, r"\[0, 4\)"),
-            (last, ids.astype(np.int32), 0, TypeError, "int64"),
-            (last, ids[:, :1], 0, ValueError, "shape"),
-            (last.astype(np.int32), ids, 0, TypeError, "int64"),
-            (np.full((4, 2), -1, dtype=np.int64).T, ids, 0, ValueError, "C-contiguous"),
-            (last, ids, -1, ValueError, "counter"),
-            (last, ids, 2**63 - 2, ValueError, "counter")):
+    scales = np.ones(3)
+    backend._stack_histogram(last, hist, ids, 0, scales)
+    # expert 0, six accesses per layer: distance 0 after the first one, each weighing 1
+    assert hist.tolist() == [[5.0, 0, 0, 0]] * 2 and last.tolist() == [[5, -1, -1, -1]] * 2
+    for args, error, match in (
+            ((last, hist, ids + 4, 0, scales), ValueError, r"\[0, 4\)"),
+            ((last, hist, ids - 1, 0, scales), ValueError, r"\[0, 4\)"),
+            ((last, hist, ids.astype(np.int32), 0, scales), TypeError, "int64"),
+            ((last, hist, ids[:, :1], 0, scales), ValueError, "shape"),
+            ((last.astype(np.int32), hist, ids, 0, scales), TypeError, "int64"),
+            ((np.full((4, 2), -1, dtype=np.int64).T, hist, ids, 0, scales), ValueError,
+             "C-contiguous"),
+            ((last, hist[:, :3], ids, 0, scales), ValueError, "histogram"),
+            ((last, hist.astype(np.float32), ids, 0, scales), TypeError, "float64"),
+            ((last, hist, ids, 0, scales[:2]), ValueError, "scales"),
+            ((last, hist, ids, -1, scales), ValueError, "counter"),
+            ((last, hist, ids, 2**63 - 2, scales), ValueError, "counter")):
         with pytest.raises(error, match=match):
-            backend._stack_distances(bad_last, bad_ids, counter)
+            backend._stack_histogram(*args)
     frozen = last.copy()
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
-        backend._stack_distances(frozen, ids, 0)
+        backend._stack_histogram(frozen, hist, ids, 0, scales)
 
 
 def test_split_schedule_hands_each_window_its_resplits():

@@ -7,7 +7,7 @@ which only happens in a source checkout that was never built). Both expose the s
 ``moeray.shards.kernels.expert_matvec``) and the policy codes ``LRU``, ``LFU``, ``ADAPTIVE``;
 ``IS_NATIVE`` says which one is in use. ``_core`` also has ``_predict_step``, one token of the
 ``moeray`` policy (``moeray.policy.predict.PredictiveCaches``) over that class's numpy state, and
-``_stack_distances``, the LRU stack distances behind ``moeray.policy.split.CapacitySplit``; their
+``_stack_histogram``, the LRU stack distances behind ``moeray.policy.split.CapacitySplit``; their
 pure-Python twins are those classes' own numpy paths, which run wherever ``backend`` is
 ``_reference``.
 """

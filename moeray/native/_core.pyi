@@ -83,10 +83,14 @@ def _predict_step(
     config: dict[str, float],
 ) -> None: ...
 
-# Private and native only: its twin is CapacitySplit._distances_numpy (moeray/policy/split.py).
-def _stack_distances(
-    last: npt.NDArray[np.int64], ids: npt.NDArray[np.int64], counter: int
-) -> npt.NDArray[np.int64]: ...
+# Private and native only: its twin is CapacitySplit._histogram_numpy (moeray/policy/split.py).
+def _stack_histogram(
+    last: npt.NDArray[np.int64],
+    histogram: npt.NDArray[np.float64],
+    ids: npt.NDArray[np.int64],
+    counter: int,
+    scales: npt.NDArray[np.float64],
+) -> None: ...
 
 class PrefetcherCore:
     def __init__(self, paths: list[str], num_experts: int) -> None: ...

@@ -11,8 +11,8 @@ from the layer that loses the fewest hits to the layer that gains the most. A re
 happens only when the target beats the current split by at least ``min_gain`` (a fraction of
 the decayed accesses), so noise does not shuffle capacity back and forth.
 
-Cost: the stack distances of a chunk of tokens run in the native core (``_stack_distances``;
-numpy twin ``_distances_numpy``), and the dynamic program once per re-split: about 6 µs per token
+Cost: the stack distances of a chunk of tokens run in the native core (``_stack_histogram``;
+numpy twin ``_histogram_numpy``), and the dynamic program once per re-split: about 5 µs per token
 of 24 layers x 32 experts, top-4, at the defaults (about 40 µs on numpy).
 
 Timing: the split that applies from token t on is a pure function of the routing of tokens
@@ -156,9 +156,9 @@ class CapacitySplit:
     layer; its sum is the total, kept by every re-split. min_capacity: in [1, min(capacity)],
     the least any layer gets (top_k is natural: one token's experts of a layer fit at once)."""
 
-    # Stack distances in the native core when it is in use (``_stack_distances``), else in
-    # numpy (``_distances_numpy``); a test sets this False to compare the two.
-    _native = IS_NATIVE and hasattr(backend, "_stack_distances")
+    # Stack distances in the native core when it is in use (``_stack_histogram``), else in
+    # numpy (``_histogram_numpy``); a test sets this False to compare the two.
+    _native = IS_NATIVE and hasattr(backend, "_stack_histogram")
 
     def __init__(self, num_layers: int, num_experts: int, capacity,
                  config: SplitConfig = SplitConfig(), min_capacity: int = 1):
@@ -246,15 +246,11 @@ class CapacitySplit:
         T, (_, L, k) = len(scales), ids.shape
         chunk = np.ascontiguousarray(ids[:T])
         if self._native:
-            distance = backend._stack_distances(self._last, chunk, self._counter)
+            backend._stack_histogram(self._last, self._histogram, chunk, self._counter,
+                                     np.asarray(scales))
         else:
-            distance = self._distances_numpy(chunk)
+            self._histogram_numpy(chunk, scales)
         self._counter += T * k
-        # never used before: a miss at every capacity, counted only among the accesses
-        old = distance >= 0
-        weight = np.broadcast_to(np.asarray(scales)[:, None, None], distance.shape)
-        rows = np.broadcast_to(self._rows, distance.shape)
-        np.add.at(self._histogram, (rows[old], distance[old]), weight[old])  # in access order
         for value in scales:
             self._accesses += value * (L * k)
         self._scale = scales[-1]
@@ -265,21 +261,22 @@ class CapacitySplit:
             self._scale = 1.0
         return T
 
-    def _distances_numpy(self, ids: np.ndarray) -> np.ndarray:
-        """Stack distances of ``ids`` [T, L, k], int64 [T, k, L] (-1: first use), updating
-        ``_last``: the twin of the native ``_stack_distances``. The stack distance of an access
-        is the number of distinct experts of its layer used since that expert's last use."""
-        rows, last = self._rows, self._last
-        out = np.empty((ids.shape[0], ids.shape[2], self.num_layers), dtype=np.int64)
-        counter = self._counter
-        for t, token in enumerate(ids):
+    def _histogram_numpy(self, ids: np.ndarray, scales: list[float]) -> None:
+        """Adds the stack distances of ``ids`` [T, L, k] to the histogram, access by access, each
+        weighted by its token's scale, updating ``_last``: the twin of the native
+        ``_stack_histogram``. The stack distance of an access is the number of distinct experts
+        of its layer used since that expert's last use; an expert never used before is a miss at
+        every capacity, counted only among the accesses."""
+        rows, last, counter = self._rows, self._last, self._counter
+        for token, scale in zip(ids, scales):
             for j in range(token.shape[1]):
                 e = token[:, j]
                 seen = last[rows, e]
-                out[t, j] = np.where(seen >= 0, (last > seen[:, None]).sum(axis=1), -1)
+                old = seen >= 0
+                distance = (last > seen[:, None]).sum(axis=1)
+                self._histogram[rows[old], distance[old]] += scale  # one entry per layer
                 last[rows, e] = counter
                 counter += 1
-        return out
 
     def _resplit(self) -> SplitPlan | None:
         curves = self.curves()

@@ -384,11 +384,11 @@ py::array_t<float> expert_matvec(const py::handle& layout, const py::handle& hid
   return out;
 }
 
-// -- _stack_distances: CapacitySplit's access counters and one chunk of routing, checked here so
-// the kernel (routing.hpp) indexes in bounds.
+// -- _stack_histogram: CapacitySplit's access counters, histogram and one chunk of routing,
+// checked here so the kernel (routing.hpp) indexes in bounds.
 
-py::array_t<int64_t> stack_distances(const py::handle& last_obj, const py::handle& ids_obj,
-                                     int64_t counter) {
+void stack_histogram(const py::handle& last_obj, const py::handle& histogram_obj,
+                     const py::handle& ids_obj, int64_t counter, const py::handle& scales_obj) {
   if (!py::isinstance<py::array_t<int64_t>>(last_obj))
     throw py::type_error("last: expected a numpy int64 array [layers, experts], got " +
                          type_name(last_obj));
@@ -398,6 +398,15 @@ py::array_t<int64_t> stack_distances(const py::handle& last_obj, const py::handl
     throw py::value_error("last: expected a writeable C-contiguous int64 array [layers, experts], "
                           "got shape " + shape_text(shape_of(last)));
   const int64_t L = last.shape(0), E = last.shape(1);
+  if (!py::isinstance<py::array_t<double>>(histogram_obj))
+    throw py::type_error("histogram: expected a numpy float64 array, got " +
+                         type_name(histogram_obj));
+  auto histogram = py::reinterpret_borrow<py::array>(histogram_obj);
+  if (histogram.ndim() != 2 || histogram.shape(0) != L || histogram.shape(1) != E ||
+      !(histogram.flags() & py::array::c_style) || !histogram.writeable())
+    throw py::value_error("histogram: expected a writeable C-contiguous float64 array [" +
+                          std::to_string(L) + ", " + std::to_string(E) + "], got shape " +
+                          shape_text(shape_of(histogram)));
   if (!py::isinstance<py::array_t<int64_t>>(ids_obj))
     throw py::type_error("ids: expected a numpy int64 array [tokens, layers, top_k], got " +
                          type_name(ids_obj));
@@ -407,6 +416,13 @@ py::array_t<int64_t> stack_distances(const py::handle& last_obj, const py::handl
     throw py::value_error("ids: expected a C-contiguous int64 array [tokens, " + std::to_string(L) +
                           ", top_k], got shape " + shape_text(shape_of(ids)));
   const int64_t T = ids.shape(0), k = ids.shape(2);
+  if (!py::isinstance<py::array_t<double>>(scales_obj))
+    throw py::type_error("scales: expected a numpy float64 array [tokens], got " +
+                         type_name(scales_obj));
+  auto scales = py::reinterpret_borrow<py::array>(scales_obj);
+  if (scales.ndim() != 1 || scales.shape(0) != T || !(scales.flags() & py::array::c_style))
+    throw py::value_error("scales: expected a C-contiguous float64 array [" + std::to_string(T) +
+                          "], got shape " + shape_text(shape_of(scales)));
   const auto* p = static_cast<const int64_t*>(ids.data());
   for (int64_t i = 0; i < T * L * k; ++i)
     if (p[i] < 0 || p[i] >= E)
@@ -415,14 +431,11 @@ py::array_t<int64_t> stack_distances(const py::handle& last_obj, const py::handl
   if (counter < 0 || counter > INT64_MAX - T * k)
     throw py::value_error("counter: expected an int in [0, 2**63 - tokens * top_k), got " +
                           std::to_string(counter));
-  py::array_t<int64_t> out({T, k, L});
   auto* row = static_cast<int64_t*>(last.mutable_data());
-  auto* o = out.mutable_data();
-  {
-    py::gil_scoped_release release;
-    moeray::stack_distances(p, T, L, k, E, row, counter, o);
-  }
-  return out;
+  auto* hist = static_cast<double*>(histogram.mutable_data());
+  const auto* scale = static_cast<const double*>(scales.data());
+  py::gil_scoped_release release;
+  moeray::stack_histogram(p, T, L, k, E, row, counter, scale, hist);
 }
 
 // -- _predict_step: PredictiveCaches' state, checked here so the kernel (predict.hpp) reads and
@@ -993,9 +1006,10 @@ PYBIND11_MODULE(_core, m) {
         py::arg("config"),
         "One token without hints of moeray.policy.predict.PredictiveCaches, its state arrays "
         "updated in place (the numpy twin: PredictiveCaches._step_numpy).");
-  m.def("_stack_distances", &stack_distances, py::arg("last"), py::arg("ids"), py::arg("counter"),
-        "LRU stack distances of a chunk of routing, int64 [tokens, top_k, layers] (-1: first use), "
-        "last updated in place (the numpy twin: moeray.policy.split.CapacitySplit._distances_numpy).");
+  m.def("_stack_histogram", &stack_histogram, py::arg("last"), py::arg("histogram"),
+        py::arg("ids"), py::arg("counter"), py::arg("scales"),
+        "Adds the LRU stack distances of a chunk of routing to a histogram, last and histogram "
+        "updated in place (the numpy twin: moeray.policy.split.CapacitySplit._histogram_numpy).");
   m.def("expert_matvec", &expert_matvec, py::arg("layout"), py::arg("hidden_size"),
         py::arg("intermediate_size"), py::arg("tensors"), py::arg("x"),
         "One expert's FFN over T tokens: x float32 [T, hidden] -> float32 [T, hidden], the "

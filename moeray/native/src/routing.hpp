@@ -79,26 +79,28 @@ inline int64_t belady_hits(const int32_t* ids, int64_t num_tokens, int64_t top_k
   return hits;
 }
 
-// LRU stack distances of every layer's accesses (moeray/policy/split.py, CapacitySplit): ids
-// [tokens, layers, top_k]; last [layers, experts], the access counter of each expert's last use
-// (-1: never), updated. Accesses run token by token, slot by slot, the counter of access (t, j)
-// being counter + t * top_k + j for every layer. out [tokens, top_k, layers]: the number of
-// distinct experts of the layer used since the expert's last use, -1 at its first use. The
-// caller checks every id is in [0, experts).
-inline void stack_distances(const int64_t* ids, int64_t tokens, int64_t layers, int64_t top_k,
-                            int64_t experts, int64_t* last, int64_t counter, int64_t* out) {
+// LRU stack distances of every layer's accesses, added to a histogram (moeray/policy/split.py,
+// CapacitySplit): ids [tokens, layers, top_k]; last [layers, experts], the access counter of
+// each expert's last use (-1: never), updated. Accesses run token by token, slot by slot, the
+// counter of access (t, j) being counter + t * top_k + j for every layer. An access whose
+// expert was used before adds scales[t] to histogram [layers, experts] at its stack distance:
+// the number of distinct experts of the layer used since that expert's last use. The adds run
+// in that order, so the sums are those of a loop over accesses. The caller checks every id is
+// in [0, experts).
+inline void stack_histogram(const int64_t* ids, int64_t tokens, int64_t layers, int64_t top_k,
+                            int64_t experts, int64_t* last, int64_t counter,
+                            const double* scales, double* histogram) {
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t j = 0; j < top_k; ++j) {
       for (int64_t l = 0; l < layers; ++l) {
         int64_t* row = last + l * experts;
         const int64_t e = ids[(t * layers + l) * top_k + j];
         const int64_t seen = row[e];
-        int64_t distance = -1;
         if (seen >= 0) {
-          distance = 0;
+          int64_t distance = 0;
           for (int64_t x = 0; x < experts; ++x) distance += row[x] > seen;
+          histogram[l * experts + distance] += scales[t];
         }
-        out[(t * top_k + j) * layers + l] = distance;
         row[e] = counter + t * top_k + j;
       }
     }
