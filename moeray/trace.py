@@ -229,22 +229,9 @@ def encode_array(a: np.ndarray, dtype: np.dtype, name: str) -> dict:
     return {"shape": list(a.shape), "dtype": name, "data": np.ascontiguousarray(a, dtype=dtype).tobytes()}
 
 
-def encode_record(
-    expert_ids: np.ndarray,
-    weights: np.ndarray | None = None,
-    *,
-    seq: int | None = None,
-    positions: np.ndarray | None = None,
-    ids_dtype: str = "int32",
-    weights_dtype: str = "float32",
-    crc: bool = True,
-) -> bytes:
-    """msgpack bytes of one record. expert_ids: [L, T, k] integers that fit ``ids_dtype``;
-    weights: floats of the same shape; positions: [T]. The caller validates ranges
-    (``TraceWriter.write`` does)."""
-    return msgpack.packb(record_map(expert_ids, weights, seq=seq, positions=positions,
-                                    ids_dtype=ids_dtype, weights_dtype=weights_dtype, crc=crc),
-                         use_bin_type=True)
+def encode_record(expert_ids: np.ndarray, weights: np.ndarray | None = None, **fields) -> bytes:
+    """msgpack bytes of one record: ``record_map(expert_ids, weights, **fields)`` packed."""
+    return msgpack.packb(record_map(expert_ids, weights, **fields), use_bin_type=True)
 
 
 def record_map(
@@ -257,7 +244,9 @@ def record_map(
     weights_dtype: str = "float32",
     crc: bool = True,
 ) -> dict:
-    """The map ``encode_record`` packs (a step on the wire adds its own fields to it)."""
+    """One record as a map (a step on the wire adds its own fields to it). expert_ids: [L, T, k]
+    integers that fit ``ids_dtype``; weights: floats of the same shape; positions: [T]. The
+    caller validates ranges (``TraceWriter.write`` does)."""
     record = {"expert_ids": encode_array(expert_ids, ID_DTYPES[ids_dtype], ids_dtype)}
     if weights is not None:
         record["weights"] = encode_array(weights, WEIGHT_DTYPES[weights_dtype], weights_dtype)
