@@ -50,9 +50,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     replay.add_argument("trace", nargs="?", help="trace .npz (default: the bundled gpt-oss-20b slice)")
-    replay.add_argument("--capacity", type=float, default=0.25, metavar="FRACTION",
-                        help="hot-set size as a fraction of each layer's experts, in (0, 1] "
-                        "(default 0.25: 8 of 32 for gpt-oss-20b)")
+    size = replay.add_mutually_exclusive_group()
+    size.add_argument("--capacity", type=float, default=0.25, metavar="FRACTION",
+                      help="hot-set size as a fraction of each layer's experts, in (0, 1] "
+                      "(default 0.25: 8 of 32 for gpt-oss-20b); the total, with --resplit-every")
+    size.add_argument("--capacity-bytes", type=_byte_size, metavar="SIZE",
+                      help="with --shards: one byte budget for the hot sets of all layers (e.g. "
+                      "6GiB, 512MiB, 1500000000), as many experts per layer as it holds")
     replay.add_argument("--policy", action="append", choices=POLICY_NAMES, dest="policies",
                         help="policy to replay; repeat for several (default: all)")
     replay.add_argument("--affinity-weight", type=float, default=0.8,
@@ -424,6 +428,26 @@ def _ray_session(address: str | None, job: bool = False):
         ray.shutdown()
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+
+
+def _byte_size(text: str) -> int:
+    """'6GiB', '512 MiB', '1.5G', '1500000000' -> bytes (argparse type)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 6GiB, 512MiB or 1500000000, "
+                                         f"got {text!r}")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return size
+
+
 def _resplit_predict(every: int):
     from dataclasses import replace
 
@@ -442,7 +466,8 @@ def _replay(args) -> int:
 
     from moeray._progress import Progress
     from moeray.replay import (
-        POLICY_NAMES, ReplayConfig, capacity_from_fraction, replay_shards, replay_trace,
+        POLICY_NAMES, ReplayConfig, capacity_from_bytes, capacity_from_fraction, replay_shards,
+        replay_trace, shard_bytes,
     )
     from moeray.replay_plot import PLOT_FRACTIONS
     from moeray.traces import default_trace_path, load_trace
@@ -450,8 +475,19 @@ def _replay(args) -> int:
     trace = load_trace(args.trace if args.trace else default_trace_path())
     if args.tokens is not None:
         trace = trace.head(args.tokens)
+    shards = str(args.shards) if args.shards else None
+    if args.capacity_bytes is not None:
+        if shards is None:
+            raise ValueError("--capacity-bytes: needs --shards (an expert's bytes come from the "
+                             "checkpoint)")
+        _, expert_bytes = shard_bytes(shards, trace.num_layers, 1)
+        capacity = capacity_from_bytes(args.capacity_bytes, expert_bytes, trace.num_experts)
+        print(f"capacity: {args.capacity_bytes:,} bytes across {trace.num_layers} layers hold "
+              f"{capacity} experts per layer ({capacity * sum(expert_bytes):,} bytes)")
+    else:
+        capacity = capacity_from_fraction(args.capacity, trace.num_experts)
     config = ReplayConfig(
-        capacity=capacity_from_fraction(args.capacity, trace.num_experts),
+        capacity=capacity,
         policies=tuple(dict.fromkeys(args.policies or POLICY_NAMES)),
         affinity_weight=args.affinity_weight,
         hint_accuracy=args.hint_accuracy,
@@ -459,7 +495,6 @@ def _replay(args) -> int:
     )
     total = len(config.policies) * trace.num_layers
     throughput = []
-    shards = str(args.shards) if args.shards else None
     if args.plot is not None:
         from moeray.replay_plot import require_matplotlib
 
@@ -501,6 +536,8 @@ def _replay(args) -> int:
         _print_throughput(throughput, sys.stdout)
     if args.json:
         document = report.to_json()
+        if args.capacity_bytes is not None:
+            document["capacity_budget_bytes"] = args.capacity_bytes
         if throughput:
             document["service"] = {t.policy: {
                 "tokens_per_s": t.tokens_per_s, "submits_per_s": t.submits_per_s,

@@ -50,6 +50,7 @@ __all__ = [
     "PolicyResult",
     "ReplayReport",
     "ShardResult",
+    "capacity_from_bytes",
     "capacity_from_fraction",
     "synthetic_hints",
     "IN_PROCESS_POLICY_NAMES",
@@ -79,6 +80,20 @@ def capacity_from_fraction(fraction: float, num_experts: int) -> int:
     if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
         raise ValueError(f"capacity: expected a fraction in (0, 1], got {fraction!r}")
     return max(1, min(num_experts, int(round(fraction * num_experts))))
+
+
+def capacity_from_bytes(total_bytes: int, expert_bytes, num_experts: int) -> int:
+    """Hot-set size in experts per layer for one total byte budget across all layers:
+    expert_bytes holds one expert's bytes per layer; every layer gets the same number of
+    experts, as many as the budget holds (at most num_experts). ValueError when it cannot hold
+    one expert per layer."""
+    if isinstance(total_bytes, bool) or not isinstance(total_bytes, int) or total_bytes < 1:
+        raise ValueError(f"capacity_bytes: expected a positive int, got {total_bytes!r}")
+    per_expert_row = int(sum(expert_bytes))  # one expert of every layer
+    if total_bytes < per_expert_row:
+        raise ValueError(f"capacity_bytes: {total_bytes:,} bytes cannot hold one expert per layer "
+                         f"({per_expert_row:,} bytes)")
+    return min(num_experts, total_bytes // per_expert_row)
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,35 @@ def test_cli_replay_local_shards_writes_the_shards_object(checkpoint, trace, tmp
     assert "belady" not in shards["policies"]
 
 
+def test_cli_capacity_in_bytes_across_all_layers(checkpoint, trace, tmp_path, capsys):
+    """--capacity-bytes: one byte budget for every layer's hot set, as many experts per layer as
+    it holds; the bound then holds against those experts' bytes."""
+    small = tmp_path / "small.npz"
+    np.savez(small, expert_ids=trace.expert_ids[:32], expert_probs=trace.weights[:32],
+             seq_offsets=np.array([0, 32]), num_experts=trace.num_experts)
+    with ShardStore(checkpoint) as store:
+        expert = store.expert_bytes(store.layers[0], 0)
+    budget = 5 * LAYERS * expert + expert // 2  # 5 experts per layer and half of one more
+    out = tmp_path / "bytes.json"
+    argv = ["replay", str(small), "--backend", "local", "--shards", str(checkpoint), "--policy",
+            "lru", "--no-progress"]
+    assert main(argv + ["--capacity-bytes", f"{budget // 1024}KiB", "--json", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert document["capacity_experts"] == 5
+    assert document["capacity_budget_bytes"] == budget // 1024 * 1024
+    assert document["shards"]["policies"]["lru"]["capacity_bytes"] == [5 * expert] * LAYERS
+    assert "5 experts per layer" in capsys.readouterr().out
+    # too small for one expert per layer, no checkpoint to size experts by, not a size
+    assert main(argv + ["--capacity-bytes", str(LAYERS * expert - 1)]) == 2
+    assert "one expert per layer" in capsys.readouterr().err
+    assert main(["replay", str(small), "--backend", "local", "--capacity-bytes", "1GiB"]) == 2
+    assert "needs --shards" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(argv + ["--capacity-bytes", "lots"])
+    with pytest.raises(SystemExit):
+        main(argv + ["--capacity-bytes", "1GiB", "--capacity", "0.5"])
+
+
 def test_replay_shards_rejects_a_checkpoint_that_does_not_fit(checkpoint, trace):
     wide = Trace(np.zeros((4, 3, 4), np.uint8), None, np.array([0, 4]), 32, "three layers")
     with pytest.raises(ValueError, match="MoE layers"):
