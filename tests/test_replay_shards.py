@@ -205,6 +205,21 @@ def test_cli_capacity_in_bytes_across_all_layers(checkpoint, trace, tmp_path, ca
         main(argv + ["--capacity-bytes", "1GiB", "--capacity", "0.5"])
 
 
+def test_service_config_capacity_in_bytes(checkpoint):
+    from moeray.service import ServiceConfig
+
+    with ShardStore(checkpoint) as store:
+        expert = store.expert_bytes(store.layers[0], 0)
+    config = ServiceConfig(num_layers=LAYERS, num_experts=32, top_k=4, shards=str(checkpoint),
+                           capacity_bytes=7 * LAYERS * expert + 1)
+    assert config.capacity == (7,) * LAYERS
+    with pytest.raises(ValueError, match="needs shards"):
+        ServiceConfig(num_layers=LAYERS, num_experts=32, top_k=4, capacity_bytes=2**30)
+    with pytest.raises(ValueError, match="one expert per layer"):
+        ServiceConfig(num_layers=LAYERS, num_experts=32, top_k=4, shards=str(checkpoint),
+                      capacity_bytes=expert)
+
+
 def test_replay_shards_rejects_a_checkpoint_that_does_not_fit(checkpoint, trace):
     wide = Trace(np.zeros((4, 3, 4), np.uint8), None, np.array([0, 4]), 32, "three layers")
     with pytest.raises(ValueError, match="MoE layers"):

@@ -73,6 +73,9 @@ class ServiceConfig:
     placement: per layer actor, the Ray custom resource that pins it to a node (None: anywhere).
     shards: a checkpoint directory, at this path on every node, whose expert bytes the layer
     actors keep resident for their hot sets (None: decisions only, no bytes move).
+    capacity_bytes: with shards, one byte budget for every layer's hot set instead of
+    ``capacity``: the config reads the checkpoint (here, where it is made) and sets ``capacity``
+    to as many experts per layer as the budget holds.
     coordinator_placement: the resource that pins the coordinator, e.g. one only the head node
     offers: the coordinator holds the service's state and is not re-created if its node is lost.
     policy: moeray (the default: the predictive policy; its parameters
@@ -98,6 +101,7 @@ class ServiceConfig:
     placement: tuple[str | None, ...] | None = None
     coordinator_placement: str | None = None
     shards: str | None = None
+    capacity_bytes: int | None = None
     affinity_decay: float = 0.95
     affinity_boost: float = 0.05
     affinity_weight: float = 0.8
@@ -107,6 +111,15 @@ class ServiceConfig:
         check_int(self.num_layers, "num_layers", 1)
         check_int(self.num_experts, "num_experts", 1, 2**31 - 1)
         check_int(self.top_k, "top_k", 1, self.num_experts)
+        if self.capacity_bytes is not None:
+            if self.shards is None:
+                raise ValueError("capacity_bytes: needs shards (an expert's bytes come from the "
+                                 "checkpoint)")
+            from moeray.replay import capacity_from_bytes, shard_bytes
+
+            _, expert_bytes = shard_bytes(self.shards, self.num_layers, 1)
+            object.__setattr__(self, "capacity", capacity_from_bytes(
+                self.capacity_bytes, expert_bytes, self.num_experts))
         capacity = self.capacity
         if isinstance(capacity, (list, tuple)):
             if len(capacity) != self.num_layers:
