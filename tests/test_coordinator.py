@@ -507,6 +507,41 @@ def test_moeray_killed_actor_restarts_empty_and_nothing_is_lost_or_applied_twice
     assert stats.pending_windows == 0
 
 
+def test_moeray_resplit_survives_a_killed_actor(stream):
+    """With a re-split, a re-created actor takes the split in force from its first window (the
+    coordinator runs the split from routing alone): the other actors' layers decide exactly as
+    the whole model does, and the restarted layers hold no more than their capacity allows."""
+    from moeray.policy.split import SplitConfig
+
+    trace, ids, weights, starts = stream
+    predict = PredictConfig(split=SplitConfig(every_tokens=64, max_move=2, min_gain=0.0))
+    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, window_steps=2,
+                           layers_per_actor=2, predict=predict)
+    coordinator, transport = make(config)
+
+    def maybe_kill(step):
+        if step == 5:
+            transport.kill(1)  # layers 2 and 3
+
+    submit_stream(coordinator, ids, weights, starts, on_step=maybe_kill)
+    stats = coordinator.stats()
+    caches = PredictiveCaches(6, 32, 4, 8, predict)
+    whole = caches.run(trace.expert_ids, trace.seq_offsets)
+    assert stats.capacity == tuple(caches.capacity) and stats.resplit_moved == whole.resplit_moved
+    for s in stats.layers:
+        assert s.tokens == 1200 and s.hits + s.misses == 1200 * 4, f"layer {s.layer}"
+        if s.layer in (2, 3):
+            assert s.restarts == 1
+        else:
+            assert (s.hits, s.misses, s.prefetches, s.resplit_evictions) == (
+                whole.hits[s.layer], whole.stalls[s.layer], whole.prefetches[s.layer],
+                whole.resplit_evictions[s.layer])
+    restarted = transport.bodies[1]._predictive  # layers 1 (shadow), 2, 3
+    assert restarted._caches.capacity.tolist() == list(stats.capacity[1:4])
+    for row, layer in ((1, 2), (2, 3)):
+        assert len(restarted._caches.hot_set(row)[0]) <= stats.capacity[layer]
+
+
 def test_seq_starts_and_moeray_config_are_checked(stream):
     trace, ids, weights, starts = stream
     config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, policy="moeray")
