@@ -401,6 +401,7 @@ def test_moeray_resplit_through_coordinator_equals_the_whole_model(stream, windo
                                         window_steps=window_steps,
                                         layers_per_actor=layers_per_actor, predict=predict))
     submit_stream(coordinator, ids, weights, starts, step_tokens=70)
+    coordinator.submit(ids[:, :0], weights[:, :0])  # an empty step, maybe an empty window
     stats = coordinator.stats()
     caches = PredictiveCaches(6, 32, 4, capacity, predict)
     expected = caches.run(trace.expert_ids, trace.seq_offsets)

@@ -44,8 +44,8 @@ from moeray.actors.layer import (
 from moeray.policy._validate import as_weights, check_int
 from moeray.policy.affinity import AffinityConfig, ExpertAffinity
 from moeray.policy.predict import PredictConfig
-from moeray.policy.split import CapacitySplit, SplitConfig, SplitSchedule
 from moeray.policy.scheduler import ExpertBatches, schedule
+from moeray.policy.split import CapacitySplit, SplitConfig, SplitSchedule
 
 __all__ = [
     "ServiceConfig",
@@ -80,7 +80,7 @@ class ServiceConfig:
     offers: the coordinator holds the service's state and is not re-created if its node is lost.
     policy: moeray (the default: the predictive policy; its parameters
     are ``predict``, a PredictConfig or a dict of its fields, and its budget, experts per layer
-    per token, is ``predict.prefetch_budget``, None for top_k; ``prefetch_budget`` must stay 0
+    per token, is ``predict.prefetch_budget``, None for top_k; ``prefetch_budget`` must stay 0;
     engine hints come with a step, ``submit(..., hints=...)``; with ``predict.split`` the
     coordinator re-splits the sum of ``capacity`` across layers) or
     lru | lfu | adaptive | affinity-lru (demand caches, cheaper per token; ``prefetch_budget``

@@ -413,7 +413,7 @@ class _PredictiveHost:
         """Token offset -> the capacities of this actor's rows (the shadow layer's first) from
         that token on, from the window's re-splits (see LayerWindow)."""
         out = {}
-        for offset, capacity in window.resplits:
+        for offset, capacity in window.resplits if tokens else ():  # an empty window: no token
             if not 0 <= offset < tokens or len(capacity) <= self._layers[-1]:
                 raise ValueError(f"resplits: expected (offset in [0, {tokens}), a capacity per "
                                  f"layer) pairs, got ({offset}, {capacity})")
