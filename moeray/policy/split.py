@@ -47,7 +47,7 @@ import numpy as np
 from moeray.native import IS_NATIVE, backend
 from moeray.policy._validate import check_float, check_int
 
-# Tokens of one histogram update (an upper bound on the arrays of one np.add.at).
+# Tokens per histogram update (bounds the copy of a chunk of routing each update makes).
 _CHUNK_TOKENS = 256
 
 __all__ = ["CapacitySplit", "SplitConfig", "SplitPlan", "SplitSchedule", "best_split",
