@@ -142,7 +142,7 @@ class _PicklingTransport:
         pickle.dumps(windows, protocol=5)
         self._done.append((actor, 0, [replace(self._ack, layer=w.layer, seq=w.seq) for w in windows]))
 
-    def restore(self, actor, states):
+    def restore(self, actor, states, warmup=None):
         pass
 
     def recreate(self, actor):

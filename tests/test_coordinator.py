@@ -44,8 +44,8 @@ class FakeTransport:
         self.sends.append((actor, list(windows)))
         self.inflight.append((actor, self.gen[actor], "apply", windows))
 
-    def restore(self, actor, states):
-        self.inflight.append((actor, self.gen[actor], "restore", states))
+    def restore(self, actor, states, warmup=None):
+        self.inflight.append((actor, self.gen[actor], "restore", (states, warmup)))
 
     def recreate(self, actor):
         self.gen[actor] += 1
@@ -72,7 +72,7 @@ class FakeTransport:
             elif kind == "apply":
                 done.append((actor, gen, self.bodies[actor].apply(payload)))
             else:
-                done.append((actor, gen, self.bodies[actor].restore(payload)))
+                done.append((actor, gen, self.bodies[actor].restore(*payload)))
         self.inflight = []
         return done
 
@@ -474,13 +474,16 @@ def test_moeray_windows_carry_the_previous_layer_sequence_starts_and_budgets(str
         assert all(w.prefetch_budget == 2 for w in windows)
 
 
-def test_moeray_killed_actor_restarts_empty_and_nothing_is_lost_or_applied_twice(stream):
+@pytest.mark.parametrize("warmup_tokens", [0, 100, 4096])
+def test_moeray_killed_actor_relearns_and_nothing_is_lost_or_applied_twice(stream, warmup_tokens):
     """Actor 1 (layers 2, 3) dies after window 3 (600 tokens) was acknowledged: layers 2 and 3
-    count windows 1-3 as the whole model does, then what a fresh predictor over layers 1..3
-    (1 as the shadow) decides from token 600 on; the other actors are untouched."""
+    count windows 1-3 as the whole model does, then what a predictor over layers 1..3 (1 as the
+    shadow) decides from token 600 on after relearning from the last warmup_tokens tokens the
+    coordinator kept (none: empty tables; all 600: the restart changes nothing); the other
+    actors are untouched."""
     trace, ids, weights, starts = stream
     config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, policy="moeray",
-                           window_steps=2, layers_per_actor=2)
+                           window_steps=2, layers_per_actor=2, warmup_tokens=warmup_tokens)
     coordinator, transport = make(config)
 
     def maybe_kill(step):
@@ -491,20 +494,27 @@ def test_moeray_killed_actor_restarts_empty_and_nothing_is_lost_or_applied_twice
     stats = coordinator.stats()
     whole = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids, trace.seq_offsets)
     before = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids[:600], [0, 511])
-    after = PredictiveCaches(3, 32, 4, 8).run(trace.expert_ids[600:, 1:4], [0, 12, 77, 588])
+    after = PredictiveCaches(3, 32, 4, 8)
+    for t in range(600 - min(warmup_tokens, 600), 1200):
+        if t == 600:
+            warm = {key: getattr(after.stats, key).copy() for key in ("hits", "stalls", "prefetches")}
+        after.step(trace.expert_ids[t, 1:4], new_sequence=bool(starts[t]))
     for s in stats.layers:
         assert s.tokens == 1200 and s.hits + s.misses == 1200 * 4, f"layer {s.layer}"
         if s.layer in (2, 3):
             j = s.layer - 1
             assert s.restarts == 1
-            assert s.hits == before.hits[s.layer] + after.hits[j]
-            assert s.misses == before.stalls[s.layer] + after.stalls[j]
-            assert s.prefetches == before.prefetches[s.layer] + after.prefetches[j]
-            assert s.hits != whole.hits[s.layer]  # the restart really cost its tables
+            assert s.hits == before.hits[s.layer] + after.stats.hits[j] - warm["hits"][j]
+            assert s.misses == before.stalls[s.layer] + after.stats.stalls[j] - warm["stalls"][j]
+            assert s.prefetches == (before.prefetches[s.layer] + after.stats.prefetches[j]
+                                    - warm["prefetches"][j])
         else:
             assert s.restarts == 0
+        if s.layer not in (2, 3) or warmup_tokens >= 600:  # a full relearning: as if no restart
             assert (s.hits, s.misses, s.prefetches) == (
                 whole.hits[s.layer], whole.stalls[s.layer], whole.prefetches[s.layer])
+        else:
+            assert s.hits != whole.hits[s.layer]  # the restart really cost its tables
     assert stats.pending_windows == 0
 
 

@@ -16,7 +16,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from moeray.actors.coordinator import Coordinator, ServiceConfig
 from moeray.wire import decode_step, encode_batches
-from moeray.actors.layer import LayerCaches, LayerState, LayerWindow, WindowGapError
+from moeray.actors.layer import LayerCaches, LayerState, LayerWindow, Warmup, WindowGapError
 
 __all__ = [
     "RayLayerTransport",
@@ -113,8 +113,8 @@ class RayLayerTransport:
         ref = self._handles[actor].apply.remote(windows)
         self._inflight.append((actor, self._generation[actor], ref))
 
-    def restore(self, actor: int, states: list[LayerState]) -> None:
-        ref = self._handles[actor].restore.remote(states)
+    def restore(self, actor: int, states: list[LayerState], warmup: Warmup | None = None) -> None:
+        ref = self._handles[actor].restore.remote(states, warmup)
         self._inflight.append((actor, self._generation[actor], ref))
 
     def recreate(self, actor: int) -> None:

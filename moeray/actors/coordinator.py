@@ -23,10 +23,14 @@ submitted with its steps (``hints``, narrower steps padded with -1). The coordin
 layer's prefetch budget per window (``prefetch_budgets``: ``predict.prefetch_budget`` experts per
 token), a function of the configuration only, never of timing, so a trace replayed through the
 service gives ``replay_predictive``'s hits, stalls, prefetches and wasted prefetches exactly.
-Restart rule under ``moeray``: a re-created actor's predictor starts empty (hot sets, transition
-tables and the policy's affinity went with the process); the coordinator's copy of the layer
-(``LayerState``: the service's affinity EMA of the routing, for monitoring) is restored as for the
-other policies, and the unacknowledged windows are resent, so no window is lost or applied twice.
+Restart rule under ``moeray``: the hot sets, transition tables and the policy's affinity went
+with the process, so the coordinator keeps the last ``warmup_tokens`` tokens of routing that
+every layer acknowledged and sends a re-created actor its rows of them up to its last
+acknowledged window (``Warmup``): the predictor steps through them uncounted and relearns its
+tables and hot sets (with all of the routing so far, the restart changes no decision; with
+``warmup_tokens`` 0 it starts empty). The coordinator's copy of the layer (``LayerState``: the
+service's affinity EMA of the routing, for monitoring) is restored as for the other policies, and
+the unacknowledged windows are resent, so no window is lost or applied twice.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from moeray.actors.layer import (
-    PREDICTIVE_POLICY, SERVICE_POLICY_NAMES, LayerAck, LayerState, LayerWindow,
+    PREDICTIVE_POLICY, SERVICE_POLICY_NAMES, LayerAck, LayerState, LayerWindow, Warmup,
 )
 from moeray.policy._validate import as_weights, check_int
 from moeray.policy.affinity import AffinityConfig, ExpertAffinity
@@ -84,7 +88,9 @@ class ServiceConfig:
     engine hints come with a step, ``submit(..., hints=...)``; with ``predict.split`` the
     coordinator re-splits the sum of ``capacity`` across layers) or
     lru | lfu | adaptive | affinity-lru (demand caches, cheaper per token; ``prefetch_budget``
-    experts are prefetched by affinity after each window).
+    experts are prefetched by affinity after each window). warmup_tokens: under ``moeray``, the
+    routing the coordinator keeps (this many last tokens, every layer) for a restarted layer
+    actor to relearn from (0: it restarts with empty tables).
     """
 
     num_layers: int
@@ -106,6 +112,7 @@ class ServiceConfig:
     affinity_boost: float = 0.05
     affinity_weight: float = 0.8
     predict: PredictConfig = PredictConfig()
+    warmup_tokens: int = 4096
 
     def __post_init__(self):
         check_int(self.num_layers, "num_layers", 1)
@@ -153,6 +160,7 @@ class ServiceConfig:
                 raise ValueError("prefetch_budget: expected 0 with policy 'moeray' (the default), "
                                  "whose budget is predict.prefetch_budget (experts per layer per "
                                  "token); the affinity prefetch budget is the demand policies'")
+        check_int(self.warmup_tokens, "warmup_tokens", 0)
         check_int(self.window_steps, "window_steps", 1)
         if self.window_ms is not None and not self.window_ms > 0:
             raise ValueError(f"window_ms: expected None or a positive number, got {self.window_ms}")
@@ -292,7 +300,7 @@ class LayerTransport(Protocol):
 
     def send(self, actor: int, windows: list[LayerWindow]) -> None: ...
 
-    def restore(self, actor: int, states: list[LayerState]) -> None: ...
+    def restore(self, actor: int, states: list[LayerState], warmup: Warmup | None = None) -> None: ...
 
     def recreate(self, actor: int) -> None: ...
 
@@ -437,6 +445,10 @@ class Coordinator:
         self._submits = 0
         # One capacity re-split across layers (moeray with predict.split): the split runs over
         # every layer's routing as it comes; its plans go out with the windows of their tokens.
+        # Recent windows' routing, every layer (moeray): (window number, ids [T, layers, top_k],
+        # seq_starts or None), at least the last warmup_tokens tokens every layer acknowledged,
+        # for a restarted actor to relearn from.
+        self._recent: deque[tuple[int, np.ndarray, np.ndarray | None]] = deque()
         self._split: SplitSchedule | None = None
         if self._predictive and config.predict.split is not None:
             self._split = SplitSchedule(CapacitySplit.for_model(
@@ -504,6 +516,8 @@ class Coordinator:
             hints = join_hints(self._hints)
             self._starts, self._hints = [], []
         resplits = self._split.window(len(routing[0])) if self._split is not None else ()
+        if self._predictive and self.config.warmup_tokens:
+            self._keep_recent(routing, starts)
         for actor, layers in enumerate(self._groups):
             windows = []
             for layer in layers:
@@ -527,6 +541,37 @@ class Coordinator:
             self._transport.send(actor, windows)
         self._steps_in_window = 0
         self._window_opened = None
+
+    def _keep_recent(self, routing: dict[int, np.ndarray], starts: np.ndarray | None) -> None:
+        """Keeps the window about to be sent (number ``_sent_seq + 1``) in ``_recent``, and
+        drops the oldest windows while warmup_tokens tokens acknowledged by every layer remain
+        (a restart relearns from tokens up to its last acknowledged window)."""
+        ids = np.stack([routing[layer] for layer in range(self.config.num_layers)], axis=1)
+        self._recent.append((self._sent_seq[0] + 1, ids, starts))
+        acked = min(state.seq for state in self._state.values())
+        covered = sum(len(ids) for seq, ids, _ in self._recent if seq <= acked)
+        while self._recent[0][0] <= acked:
+            first = len(self._recent[0][1])
+            if covered - first < self.config.warmup_tokens:
+                break
+            self._recent.popleft()
+            covered -= first
+
+    def _warmup(self, layers: list[int]) -> Warmup | None:
+        """The routing a restarted moeray actor hosting ``layers`` relearns from: its rows (the
+        shadow layer's first) of the last warmup_tokens tokens up to its last acknowledged
+        window; None without any."""
+        acked = self._state[layers[0]].seq  # its layers advance together under moeray
+        kept = [(ids, starts) for seq, ids, starts in self._recent if seq <= acked]
+        if not self._predictive or not kept:
+            return None
+        rows = slice(max(layers[0] - 1, 0), layers[-1] + 1)
+        ids = np.concatenate([ids[:, rows] for ids, _ in kept])[-self.config.warmup_tokens:]
+        starts = None
+        if any(s is not None for _, s in kept):
+            starts = np.concatenate([np.zeros(len(i), dtype=bool) if s is None else s
+                                     for i, s in kept])[-self.config.warmup_tokens:]
+        return Warmup(ids, starts)
 
     # --- acknowledgements and failures ---
 
@@ -563,7 +608,8 @@ class Coordinator:
         """Re-creates a failed layer actor, restores it and resends what it had not acked."""
         self._transport.recreate(actor)
         layers = self._groups[actor]
-        self._transport.restore(actor, [self.layer_state(layer) for layer in layers])
+        self._transport.restore(actor, [self.layer_state(layer) for layer in layers],
+                                self._warmup(layers))
         for layer in layers:
             self._stats[layer].restarts += 1
         resend = [w for layer in layers for w in self._unacked[layer]]

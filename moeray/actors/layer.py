@@ -44,6 +44,7 @@ __all__ = [
     "LayerWindow",
     "LayerAck",
     "LayerState",
+    "Warmup",
     "WindowGapError",
     "LayerCaches",
 ]
@@ -122,13 +123,24 @@ class LayerState:
 
     seq: last window applied; affinity_scores float64 [E] and activation_counts int64 [E] after it.
     The hot set is not part of it: a restarted actor's memory is empty, as a real process's is
-    (under ``moeray`` its prediction tables too; the affinity here is then the service's
+    (under ``moeray`` the coordinator sends the recent routing instead, ``Warmup``, from which
+    the predictor relearns its tables and hot sets; the affinity here is then the service's
     affinity EMA of the layer's routing, kept for monitoring, not the policy's own)."""
 
     layer: int
     seq: int
     affinity_scores: np.ndarray
     activation_counts: np.ndarray
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """Routing a restarted ``moeray`` actor relearns from (``moeray`` only): expert_ids int
+    [T, rows, top_k], the last tokens up to its last acknowledged window, rows its layers with
+    the shadow layer first (when its first layer is not 0); seq_starts bool [T] or None."""
+
+    expert_ids: np.ndarray
+    seq_starts: np.ndarray | None = None
 
 
 class WindowGapError(RuntimeError):
@@ -193,11 +205,14 @@ class LayerCaches:
         """layer -> seq of the last window applied."""
         return dict(self._applied)
 
-    def restore(self, states: list[LayerState]) -> None:
-        """Takes the coordinator's copy after a restart: affinity and the last applied window."""
+    def restore(self, states: list[LayerState], warmup: Warmup | None = None) -> None:
+        """Takes the coordinator's copy after a restart: affinity and the last applied window;
+        under ``moeray`` also the recent routing its predictor relearns from (``warmup``)."""
         for state in states:
             self._affinity[state.layer].load_state(state.affinity_scores, state.activation_counts)
             self._applied[state.layer] = state.seq
+        if warmup is not None and self._predictive is not None:
+            self._predictive.warm_up(warmup)
 
     def apply(self, windows: list[LayerWindow]) -> list[LayerAck]:
         """Applies windows in order; a window already applied is skipped (a resend after a
@@ -408,6 +423,21 @@ class _PredictiveHost:
                  **{key: tuple(int(x) for x in delta[key][:, i]) for key in _PREDICTOR_COUNTERS})
             for i in range(skip, skip + len(windows))
         ]
+
+    def warm_up(self, warmup: Warmup) -> None:
+        """Steps the predictor through routing already counted (a restart's): its tables, hot
+        sets and affinity learn again what the process that died had learned; no counter of
+        a window moves."""
+        ids = np.asarray(warmup.expert_ids)
+        if ids.ndim != 3 or ids.shape[1] != len(self._capacity) or ids.dtype.kind not in "iu":
+            raise ValueError(f"warmup: expected int [tokens, {len(self._capacity)}, top_k], got "
+                             f"{ids.dtype} {ids.shape}")
+        if self._caches is None:
+            self._caches = PredictiveCaches(len(self._capacity), self._num_experts, ids.shape[2],
+                                            self._capacity, self._config)
+        starts = warmup.seq_starts
+        for t in range(len(ids)):
+            self._caches.step(ids[t], new_sequence=starts is not None and bool(starts[t]))
 
     def _resplits(self, window: LayerWindow, tokens: int) -> dict[int, np.ndarray]:
         """Token offset -> the capacities of this actor's rows (the shadow layer's first) from
