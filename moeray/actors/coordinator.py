@@ -445,10 +445,10 @@ class Coordinator:
         self._submits = 0
         # One capacity re-split across layers (moeray with predict.split): the split runs over
         # every layer's routing as it comes; its plans go out with the windows of their tokens.
-        # Recent windows' routing, every layer (moeray): (window number, ids [T, layers, top_k],
+        # Recent windows' routing, every layer (moeray): (window number, layer -> ids [T, top_k],
         # seq_starts or None), at least the last warmup_tokens tokens every layer acknowledged,
         # for a restarted actor to relearn from.
-        self._recent: deque[tuple[int, np.ndarray, np.ndarray | None]] = deque()
+        self._recent: deque[tuple[int, dict[int, np.ndarray], np.ndarray | None]] = deque()
         self._split: SplitSchedule | None = None
         if self._predictive and config.predict.split is not None:
             self._split = SplitSchedule(CapacitySplit.for_model(
@@ -546,12 +546,11 @@ class Coordinator:
         """Keeps the window about to be sent (number ``_sent_seq + 1``) in ``_recent``, and
         drops the oldest windows while warmup_tokens tokens acknowledged by every layer remain
         (a restart relearns from tokens up to its last acknowledged window)."""
-        ids = np.stack([routing[layer] for layer in range(self.config.num_layers)], axis=1)
-        self._recent.append((self._sent_seq[0] + 1, ids, starts))
+        self._recent.append((self._sent_seq[0] + 1, routing, starts))  # the windows' own arrays
         acked = min(state.seq for state in self._state.values())
-        covered = sum(len(ids) for seq, ids, _ in self._recent if seq <= acked)
+        covered = sum(len(ids[0]) for seq, ids, _ in self._recent if seq <= acked)
         while self._recent[0][0] <= acked:
-            first = len(self._recent[0][1])
+            first = len(self._recent[0][1][0])
             if covered - first < self.config.warmup_tokens:
                 break
             self._recent.popleft()
@@ -565,12 +564,13 @@ class Coordinator:
         kept = [(ids, starts) for seq, ids, starts in self._recent if seq <= acked]
         if not self._predictive or not kept:
             return None
-        rows = slice(max(layers[0] - 1, 0), layers[-1] + 1)
-        ids = np.concatenate([ids[:, rows] for ids, _ in kept])[-self.config.warmup_tokens:]
+        rows = range(max(layers[0] - 1, 0), layers[-1] + 1)
+        ids = np.concatenate([np.stack([routing[layer] for layer in rows], axis=1)
+                              for routing, _ in kept])[-self.config.warmup_tokens:]
         starts = None
         if any(s is not None for _, s in kept):
-            starts = np.concatenate([np.zeros(len(i), dtype=bool) if s is None else s
-                                     for i, s in kept])[-self.config.warmup_tokens:]
+            starts = np.concatenate([np.zeros(len(r[0]), dtype=bool) if s is None else s
+                                     for r, s in kept])[-self.config.warmup_tokens:]
         return Warmup(ids, starts)
 
     # --- acknowledgements and failures ---
