@@ -384,60 +384,6 @@ py::array_t<float> expert_matvec(const py::handle& layout, const py::handle& hid
   return out;
 }
 
-// -- _stack_histogram: CapacitySplit's access counters, histogram and one chunk of routing,
-// checked here so the kernel (routing.hpp) indexes in bounds.
-
-void stack_histogram(const py::handle& last_obj, const py::handle& histogram_obj,
-                     const py::handle& ids_obj, int64_t counter, const py::handle& scales_obj) {
-  if (!py::isinstance<py::array_t<int64_t>>(last_obj))
-    throw py::type_error("last: expected a numpy int64 array [layers, experts], got " +
-                         type_name(last_obj));
-  auto last = py::reinterpret_borrow<py::array>(last_obj);
-  if (last.ndim() != 2 || !(last.flags() & py::array::c_style) || !last.writeable() ||
-      last.shape(0) < 1 || last.shape(1) < 1)
-    throw py::value_error("last: expected a writeable C-contiguous int64 array [layers, experts], "
-                          "got shape " + shape_text(shape_of(last)));
-  const int64_t L = last.shape(0), E = last.shape(1);
-  if (!py::isinstance<py::array_t<double>>(histogram_obj))
-    throw py::type_error("histogram: expected a numpy float64 array, got " +
-                         type_name(histogram_obj));
-  auto histogram = py::reinterpret_borrow<py::array>(histogram_obj);
-  if (histogram.ndim() != 2 || histogram.shape(0) != L || histogram.shape(1) != E ||
-      !(histogram.flags() & py::array::c_style) || !histogram.writeable())
-    throw py::value_error("histogram: expected a writeable C-contiguous float64 array [" +
-                          std::to_string(L) + ", " + std::to_string(E) + "], got shape " +
-                          shape_text(shape_of(histogram)));
-  if (!py::isinstance<py::array_t<int64_t>>(ids_obj))
-    throw py::type_error("ids: expected a numpy int64 array [tokens, layers, top_k], got " +
-                         type_name(ids_obj));
-  auto ids = py::reinterpret_borrow<py::array>(ids_obj);
-  if (ids.ndim() != 3 || ids.shape(1) != L || ids.shape(2) < 1 ||
-      !(ids.flags() & py::array::c_style))
-    throw py::value_error("ids: expected a C-contiguous int64 array [tokens, " + std::to_string(L) +
-                          ", top_k], got shape " + shape_text(shape_of(ids)));
-  const int64_t T = ids.shape(0), k = ids.shape(2);
-  if (!py::isinstance<py::array_t<double>>(scales_obj))
-    throw py::type_error("scales: expected a numpy float64 array [tokens], got " +
-                         type_name(scales_obj));
-  auto scales = py::reinterpret_borrow<py::array>(scales_obj);
-  if (scales.ndim() != 1 || scales.shape(0) != T || !(scales.flags() & py::array::c_style))
-    throw py::value_error("scales: expected a C-contiguous float64 array [" + std::to_string(T) +
-                          "], got shape " + shape_text(shape_of(scales)));
-  const auto* p = static_cast<const int64_t*>(ids.data());
-  for (int64_t i = 0; i < T * L * k; ++i)
-    if (p[i] < 0 || p[i] >= E)
-      throw py::value_error("ids: every id must be in [0, " + std::to_string(E) + "), got " +
-                            std::to_string(p[i]));
-  if (counter < 0 || counter > INT64_MAX - T * k)
-    throw py::value_error("counter: expected an int in [0, 2**63 - tokens * top_k), got " +
-                          std::to_string(counter));
-  auto* row = static_cast<int64_t*>(last.mutable_data());
-  auto* hist = static_cast<double*>(histogram.mutable_data());
-  const auto* scale = static_cast<const double*>(scales.data());
-  py::gil_scoped_release release;
-  moeray::stack_histogram(p, T, L, k, E, row, counter, scale, hist);
-}
-
 // -- _predict_step: PredictiveCaches' state, checked here so the kernel (predict.hpp) reads and
 // writes in bounds. The Python caller (moeray/policy/predict.py, _step_native) passes its own
 // arrays, so a failure here is a bug there; the messages name the entry and what was expected.
@@ -676,6 +622,50 @@ void predict_step(const py::handle& state_obj, const py::handle& ids_obj,
 }
 
 }  // namespace
+
+// -- _stack_histogram: CapacitySplit's access counters, histogram and one chunk of routing,
+// checked here so the kernel (routing.hpp) indexes in bounds.
+
+// check_array, and writeable: an array the kernel updates in place.
+py::array check_writeable(const py::handle& obj, const std::string& label,
+                          const std::string& dtype, const std::vector<int64_t>& shape) {
+  py::array arr = check_array(obj, label, dtype, shape, "");
+  if (!arr.writeable()) throw py::value_error(label + ": expected a writeable array");
+  return arr;
+}
+
+void stack_histogram(const py::handle& last_obj, const py::handle& histogram_obj,
+                     const py::handle& ids_obj, int64_t counter, const py::handle& scales_obj) {
+  const auto dims = shape_2d(last_obj, "last", "int64", "[layers, experts]");
+  const int64_t L = dims[0], E = dims[1];
+  if (L < 1 || E < 1)
+    throw py::value_error("last: expected shape [layers, experts], each >= 1, got " +
+                          shape_text(dims));
+  py::array last = check_writeable(last_obj, "last", "int64", {L, E});
+  py::array histogram = check_writeable(histogram_obj, "histogram", "float64", {L, E});
+  // ids [tokens, L, top_k]: tokens and top_k (>= 1) are the array's own
+  std::vector<int64_t> want{0, L, 1};
+  if (py::isinstance<py::array>(ids_obj)) {
+    const auto got = shape_of(py::reinterpret_borrow<py::array>(ids_obj));
+    if (got.size() == 3) want = {got[0], L, std::max<int64_t>(got[2], 1)};
+  }
+  py::array ids = check_array(ids_obj, "ids", "int64", want, "");
+  const int64_t T = want[0], k = want[2];
+  py::array scales = check_array(scales_obj, "scales", "float64", {T}, "");
+  const auto* p = static_cast<const int64_t*>(ids.data());
+  for (int64_t i = 0; i < T * L * k; ++i)
+    if (p[i] < 0 || p[i] >= E)
+      throw py::value_error("ids: every id must be in [0, " + std::to_string(E) + "), got " +
+                            std::to_string(p[i]));
+  if (counter < 0 || counter > INT64_MAX - T * k)
+    throw py::value_error("counter: expected an int in [0, 2**63 - tokens * top_k), got " +
+                          std::to_string(counter));
+  auto* row = static_cast<int64_t*>(last.mutable_data());
+  auto* hist = static_cast<double*>(histogram.mutable_data());
+  const auto* scale = static_cast<const double*>(scales.data());
+  py::gil_scoped_release release;
+  moeray::stack_histogram(p, T, L, k, E, row, counter, scale, hist);
+}
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "moeray's native core (C++17): expert cache, affinity, scheduling, Belady, expert matvec.";
