@@ -467,7 +467,7 @@ def _replay(args) -> int:
     from moeray._progress import Progress
     from moeray.replay import (
         POLICY_NAMES, ReplayConfig, capacity_from_bytes, capacity_from_fraction, replay_shards,
-        replay_trace, shard_bytes,
+        replay_trace, shard_expert_bytes,
     )
     from moeray.replay_plot import PLOT_FRACTIONS
     from moeray.traces import default_trace_path, load_trace
@@ -480,7 +480,7 @@ def _replay(args) -> int:
         if shards is None:
             raise ValueError("--capacity-bytes: needs --shards (an expert's bytes come from the "
                              "checkpoint)")
-        _, expert_bytes = shard_bytes(shards, trace.num_layers, 1)
+        expert_bytes = shard_expert_bytes(shards, trace.num_layers)
         capacity = capacity_from_bytes(args.capacity_bytes, expert_bytes, trace.num_experts)
         print(f"capacity: {args.capacity_bytes:,} bytes across {trace.num_layers} layers hold "
               f"{capacity} experts per layer ({capacity * sum(expert_bytes):,} bytes)")

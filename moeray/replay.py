@@ -418,8 +418,8 @@ def replay_trace(
     return ReplayReport(trace.name, trace.num_experts, config.capacity, results)
 
 
-def shard_bytes(shards: str, num_layers: int, capacity: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(capacity_bytes, expert_bytes) per trace layer of the checkpoint at ``shards`` (trace
+def shard_expert_bytes(shards: str, num_layers: int) -> tuple[int, ...]:
+    """One expert's bytes (the largest) per trace layer of the checkpoint at ``shards`` (trace
     layer i is its i-th MoE layer)."""
     from moeray.shards import ShardStore
 
@@ -427,9 +427,8 @@ def shard_bytes(shards: str, num_layers: int, capacity: int) -> tuple[tuple[int,
         layers = store.layers
         if num_layers > len(layers):
             raise ValueError(f"shards: {shards} has {len(layers)} MoE layers, the trace {num_layers}")
-        one = tuple(max(store.expert_bytes(layer, e) for e in range(store.num_experts(layer)))
-                    for layer in layers[:num_layers])
-    return shard_capacity([capacity] * num_layers, one), one
+        return tuple(max(store.expert_bytes(layer, e) for e in range(store.num_experts(layer)))
+                     for layer in layers[:num_layers])
 
 
 def shard_capacity(capacity, expert_bytes) -> tuple[int, ...]:
@@ -490,7 +489,8 @@ def replay_shards(
 
     if isinstance(step_tokens, bool) or not isinstance(step_tokens, int) or step_tokens < 1:
         raise ValueError(f"step_tokens: expected an int >= 1, got {step_tokens!r}")
-    capacity_bytes, expert_bytes = shard_bytes(shards, trace.num_layers, config.capacity)
+    expert_bytes = shard_expert_bytes(shards, trace.num_layers)
+    capacity_bytes = shard_capacity([config.capacity] * trace.num_layers, expert_bytes)
     layers = list(range(trace.num_layers))
     ids = [np.ascontiguousarray(trace.layer_ids(layer), dtype=np.int32) for layer in layers]
     affinity = (AffinityConfig.with_num_experts(trace.num_experts)

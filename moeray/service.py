@@ -45,7 +45,7 @@ from moeray.metrics import SubmitLatency
 from moeray.policy.scheduler import ExpertBatches
 from moeray.replay import (
     PolicyResult, ReplayConfig, ReplayReport, ShardResult, replay_trace, resplit_report,
-    served_result, shard_bytes, shard_capacity, synthetic_hints,
+    served_result, shard_capacity, shard_expert_bytes, synthetic_hints,
 )
 from moeray.traces import Trace
 
@@ -277,7 +277,7 @@ def replay_through_service(
         hints = synthetic_hints(trace.expert_ids, trace.num_experts, config.hint_accuracy,
                                 np.random.default_rng(config.hint_seed)).transpose(1, 0, 2)
     if shards is not None:
-        _, expert_bytes = shard_bytes(shards, trace.num_layers, config.capacity)
+        expert_bytes = shard_expert_bytes(shards, trace.num_layers)
         shards = os.path.abspath(shards)
     ids = np.ascontiguousarray(trace.expert_ids.transpose(1, 0, 2), dtype=np.int32)
     if trace.weights is not None:

@@ -61,8 +61,9 @@ class FakeTransport:
     def kill(self, actor):
         self.dead.add(actor)
 
-    def settle_shards(self, actor):
-        return None if actor in self.dead else self.bodies[actor].settle_shards()
+    def settle_shards(self):
+        return {layer: fields for actor, body in enumerate(self.bodies) if actor not in self.dead
+                for layer, fields in body.settle_shards().items()}
 
     def poll(self, wait):
         done = []

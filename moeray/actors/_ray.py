@@ -160,11 +160,14 @@ class RayLayerTransport:
         self._inflight = keep
         return done
 
-    def settle_shards(self, actor: int) -> dict[int, dict] | None:
-        try:
-            return ray.get(self._handles[actor].settle_shards.remote())
-        except RayActorError:  # dead: the next window's failure re-creates it
-            return None
+    def settle_shards(self) -> dict[int, dict]:
+        out: dict[int, dict] = {}
+        for ref in [handle.settle_shards.remote() for handle in self._handles]:
+            try:
+                out.update(ray.get(ref))
+            except RayActorError:  # dead: the next window's failure re-creates it
+                pass
+        return out
 
     def handles(self) -> list:
         return list(self._handles)

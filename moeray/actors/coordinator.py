@@ -122,9 +122,9 @@ class ServiceConfig:
             if self.shards is None:
                 raise ValueError("capacity_bytes: needs shards (an expert's bytes come from the "
                                  "checkpoint)")
-            from moeray.replay import capacity_from_bytes, shard_bytes
+            from moeray.replay import capacity_from_bytes, shard_expert_bytes
 
-            _, expert_bytes = shard_bytes(self.shards, self.num_layers, 1)
+            expert_bytes = shard_expert_bytes(self.shards, self.num_layers)
             object.__setattr__(self, "capacity", capacity_from_bytes(
                 self.capacity_bytes, expert_bytes, self.num_experts))
         capacity = self.capacity
@@ -312,8 +312,9 @@ class LayerTransport(Protocol):
 
     def outstanding(self) -> int: ...
 
-    def settle_shards(self, actor: int) -> dict[int, dict] | None:
-        """Blocking: the actor's ``LayerCaches.settle_shards()``, None if it is dead."""
+    def settle_shards(self) -> dict[int, dict]:
+        """Blocking: every live actor's ``LayerCaches.settle_shards()`` (asked of all at once),
+        merged: layer -> shard fields."""
         ...
 
 
@@ -629,9 +630,8 @@ class Coordinator:
         if sync:
             self.sync()
             if self.config.shards is not None:
-                for actor in range(len(self._groups)):
-                    for layer, fields in (self._transport.settle_shards(actor) or {}).items():
-                        self._stats[layer].add_shard(**fields)
+                for layer, fields in self._transport.settle_shards().items():
+                    self._stats[layer].add_shard(**fields)
         else:
             self._collect(wait=False)
         pending = sum(len(q) for q in self._unacked.values())
