@@ -12,8 +12,9 @@ happens only when the target beats the current split by at least ``min_gain`` (a
 the decayed accesses), so noise does not shuffle capacity back and forth.
 
 Cost: the stack distances of a chunk of tokens run in the native core (``_stack_histogram``;
-numpy twin ``_histogram_numpy``), and the dynamic program once per re-split: about 5 µs per token
-of 24 layers x 32 experts, top-4, at the defaults (about 40 µs on numpy).
+numpy twin ``_histogram_numpy``), and the dynamic program once per re-split: about 5-8 µs per
+token of 24 layers x 32 experts, top-4, at the defaults (``benchmarks/bench_service.py``, the
+coordinator body's ``moeray+resplit`` row).
 
 Timing: the split that applies from token t on is a pure function of the routing of tokens
 before t (every layer's), so a coordinator that sees every layer's routing computes the same
