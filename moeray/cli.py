@@ -376,18 +376,18 @@ def _print_per_layer(report, out) -> None:
 def _print_shards(report, out) -> None:
     print(f"shards {report.shards_path}: resident bytes (largest mincore reading) against "
           "capacity; goal: at most capacity + one expert", file=out)
-    print(f"{'policy':<14}{'capacity':>11}{'resident max':>14}{'worst layer':>13}{'moved':>11}"
+    print(f"{'policy':<14}{'capacity':>11}{'resident max':>14}{'worst layer':>13}{'moved':>14}"
           f"{'late':>7}{'stalls':>8}{'bound':>7}", file=out)
     for name, r in report.shards.items():
         ratio = [res / cap for res, cap in zip(r.resident_bytes_max, r.capacity_bytes)]
         worst = max(range(len(ratio)), key=ratio.__getitem__)
         print(f"{name:<14}{_mib(r.capacity_bytes[worst]):>11}{_mib(r.resident_bytes_max[worst]):>14}"
-              f"{f'L{worst}':>13}{_mib(sum(r.bytes_moved)):>11}{sum(r.late_prefetches):>7}"
+              f"{f'L{worst}':>13}{_mib(sum(r.bytes_moved)):>14}{sum(r.late_prefetches):>7}"
               f"{sum(r.stalls):>8}{'held' if not r.over_bound() else 'BROKEN':>7}", file=out)
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def _print_throughput(throughput, out) -> None:
@@ -486,6 +486,10 @@ def _replay(args) -> int:
               f"{capacity} experts per layer ({capacity * sum(expert_bytes):,} bytes)")
     else:
         capacity = capacity_from_fraction(args.capacity, trace.num_experts)
+    if capacity < trace.top_k:
+        print(f"note: a capacity of {capacity} experts per layer is below top_k {trace.top_k}: a "
+              "token's experts do not fit at once, each token evicts its own first experts, and "
+              "the policies can hardly differ", file=sys.stderr)
     config = ReplayConfig(
         capacity=capacity,
         policies=tuple(dict.fromkeys(args.policies or POLICY_NAMES)),

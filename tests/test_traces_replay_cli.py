@@ -431,3 +431,14 @@ def test_cli_module_entry_point_matches(tmp_path):
         cwd=tmp_path,
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_notes_a_capacity_below_top_k(capsys):
+    """2 of 32 experts per layer, top-4: the replay runs and says why its policies look alike."""
+    assert cli.main(["replay", "--backend", "local", "--capacity", "0.05", "--tokens", "20",
+                     "--policy", "lru", "--no-progress"]) == 0
+    stderr = capsys.readouterr().err
+    assert "capacity of 2 experts per layer is below top_k 4" in stderr
+    assert cli.main(["replay", "--backend", "local", "--tokens", "20", "--policy", "lru",
+                     "--no-progress"]) == 0
+    assert "below top_k" not in capsys.readouterr().err  # 8 of 32: no note
