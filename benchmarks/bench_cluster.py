@@ -92,15 +92,18 @@ def client_class(ray):
 
         def run(self, batch: int, seconds: float, seed: int) -> dict:
             config = self._handle.config
-            pool = synthetic_routing(config.num_layers, config.num_experts, config.top_k,
-                                     max(batch, 2048), seed)
+            pool = synthetic_routing(
+                config.num_layers, config.num_experts, config.top_k, max(batch, 2048), seed
+            )
             weights = np.full(pool.shape, 1.0 / config.top_k, np.float32)
             self._handle.submit_latency_s.clear()
             steps = tokens = 0
             start = time.perf_counter()
             while time.perf_counter() - start < seconds:
                 first = (steps * batch) % (pool.shape[1] - batch + 1)
-                self._handle.submit(pool[:, first:first + batch], weights[:, first:first + batch])
+                self._handle.submit(
+                    pool[:, first : first + batch], weights[:, first : first + batch]
+                )
                 steps += 1
                 tokens += batch
             self._handle.flush()
@@ -114,22 +117,38 @@ def placement_resources(ray, simulated: bool) -> list[str]:
     """One resource per node that can host layer actors."""
     if simulated:
         return sorted(r for r in ray.cluster_resources() if r.startswith("moeray_bench_node_"))
-    return sorted(r for r in ray.cluster_resources() if r.startswith("node:") and
-                  r != "node:__internal_head__")
+    return sorted(
+        r
+        for r in ray.cluster_resources()
+        if r.startswith("node:") and r != "node:__internal_head__"
+    )
 
 
-def measure(ray, point: Point, resources: list[str], head_resource: str | None,
-            seconds: float, window_tokens: int, index: int) -> dict:
+def measure(
+    ray,
+    point: Point,
+    resources: list[str],
+    head_resource: str | None,
+    seconds: float,
+    window_tokens: int,
+    index: int,
+) -> dict:
     from moeray import service
 
     layers_per_actor = max(1, -(-point.layers // (2 * max(1, len(resources)))))
     num_actors = -(-point.layers // layers_per_actor)
     config = service.ServiceConfig(
-        num_layers=point.layers, num_experts=point.experts, top_k=point.top_k,
-        capacity=max(1, point.experts // 4), window_steps=max(1, window_tokens // point.batch),
+        num_layers=point.layers,
+        num_experts=point.experts,
+        top_k=point.top_k,
+        capacity=max(1, point.experts // 4),
+        window_steps=max(1, window_tokens // point.batch),
         policy="lru",  # the mechanism's cost (coalescing, fan-out), as recorded since issue 2
-        layers_per_actor=layers_per_actor, name=f"bench-cluster-{os.getpid()}-{index}",
-        placement=tuple(resources[a % len(resources)] for a in range(num_actors)) if resources else None,
+        layers_per_actor=layers_per_actor,
+        name=f"bench-cluster-{os.getpid()}-{index}",
+        placement=tuple(resources[a % len(resources)] for a in range(num_actors))
+        if resources
+        else None,
         coordinator_placement=head_resource,
     )
     handle = service.start(config)
@@ -144,7 +163,9 @@ def measure(ray, point: Point, resources: list[str], head_resource: str | None,
         cpu_before = handle.stats().coordinator_cpu_s
         idle_rate = (cpu_before - cpu_idle) / (time.perf_counter() - idle_start)
         start = time.perf_counter()
-        results = ray.get([c.run.remote(point.batch, seconds, seed) for seed, c in enumerate(clients)])
+        results = ray.get(
+            [c.run.remote(point.batch, seconds, seed) for seed, c in enumerate(clients)]
+        )
         stats = handle.stats()
         elapsed = time.perf_counter() - start
         del clients  # their processes exit once the last handle is gone
@@ -163,7 +184,10 @@ def measure(ray, point: Point, resources: list[str], head_resource: str | None,
         submit_p50_ms=float(np.percentile(latency, 50)),
         submit_p99_ms=float(np.percentile(latency, 99)),
         coordinator_cpu_ms_per_step=max(
-            0.0, stats.coordinator_cpu_s - cpu_before - idle_rate * elapsed) * 1e3 / steps,
+            0.0, stats.coordinator_cpu_s - cpu_before - idle_rate * elapsed
+        )
+        * 1e3
+        / steps,
         coordinator_idle_cpu=idle_rate,
         hit_rate=stats.total().hit_rate(),
     )
@@ -186,7 +210,9 @@ def plot(results: list[dict], path: Path) -> bool:
         rows.sort(key=lambda r: r[factor])
         x = [r[factor] for r in rows]
         axes[0][col].plot(x, [r["tokens_per_s"] / 1e3 for r in rows], "o-")
-        axes[1][col].plot(x, [r["coordinator_cpu_ms_per_step"] for r in rows], "o-", label="coordinator CPU")
+        axes[1][col].plot(
+            x, [r["coordinator_cpu_ms_per_step"] for r in rows], "o-", label="coordinator CPU"
+        )
         axes[1][col].plot(x, [r["submit_p50_ms"] for r in rows], "s--", label="submit p50")
         axes[0][col].set_title(f"vs {factor}")
         axes[1][col].set_xlabel(factor if factor != "experts" else "experts (top-8)")
@@ -196,7 +222,9 @@ def plot(results: list[dict], path: Path) -> bool:
     axes[0][0].set_ylabel("routed k tokens/s")
     axes[1][0].set_ylabel("ms per step")
     axes[1][0].legend()
-    fig.suptitle("moeray service scaling (base: 24 layers x 32 experts top-4, 256-token steps, 1 client)")
+    fig.suptitle(
+        "moeray service scaling (base: 24 layers x 32 experts top-4, 256-token steps, 1 client)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -206,17 +234,34 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="On a real cluster: ray job submit --working-dir . -- python "
-        "benchmarks/bench_cluster.py --address auto (see docs/cluster-benchmark.md)")
+        "benchmarks/bench_cluster.py --address auto (see docs/cluster-benchmark.md)",
+    )
     parser.add_argument("--address", help="an existing cluster (auto: the one of this Ray job)")
-    parser.add_argument("--nodes", type=int, default=2,
-                        help="simulated worker nodes beside the head when no --address (default 2)")
-    parser.add_argument("--seconds", type=float, default=5.0,
-                        help="how long the clients submit at each point (default 5)")
-    parser.add_argument("--window-tokens", type=int, default=16384,
-                        help="tokens per coalescing window; window_steps = this / batch (default 16384)")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=2,
+        help="simulated worker nodes beside the head when no --address (default 2)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=5.0,
+        help="how long the clients submit at each point (default 5)",
+    )
+    parser.add_argument(
+        "--window-tokens",
+        type=int,
+        default=16384,
+        help="tokens per coalescing window; window_steps = this / batch (default 16384)",
+    )
     parser.add_argument("--quick", action="store_true", help="only the ends of each range")
-    parser.add_argument("--out", type=Path, default=Path("bench_cluster.json"),
-                        help="JSON results (default bench_cluster.json; the plot goes beside it)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench_cluster.json"),
+        help="JSON results (default bench_cluster.json; the plot goes beside it)",
+    )
     args = parser.parse_args(argv)
     if args.nodes < 1 or args.seconds <= 0 or args.window_tokens < 1:
         parser.error("--nodes, --seconds and --window-tokens must be positive")
@@ -235,12 +280,22 @@ def main(argv=None) -> int:
         from ray.cluster_utils import Cluster
 
         system = {"worker_maximum_startup_concurrency": 16}
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "resources": {"moeray_bench_head": 1}, "include_dashboard": False,
-            "object_store_memory": 200 * 2**20, "_system_config": system})
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 1,
+                "resources": {"moeray_bench_head": 1},
+                "include_dashboard": False,
+                "object_store_memory": 200 * 2**20,
+                "_system_config": system,
+            },
+        )
         for node in range(args.nodes):
-            cluster.add_node(num_cpus=1, resources={f"moeray_bench_node_{node}": 1},
-                             object_store_memory=150 * 2**20)
+            cluster.add_node(
+                num_cpus=1,
+                resources={f"moeray_bench_node_{node}": 1},
+                object_store_memory=150 * 2**20,
+            )
         cluster.wait_for_nodes()
         _ray.init(address=cluster.address, **quiet)  # outside the checkout: see _ray.init
     else:
@@ -250,30 +305,50 @@ def main(argv=None) -> int:
         simulated = cluster is not None
         resources = placement_resources(ray, simulated)
         head = "moeray_bench_head" if simulated else None
-        where = (f"{args.nodes} simulated nodes + head on {os.cpu_count()} CPUs" if simulated
-                 else f"cluster {args.address}: {len(resources)} nodes")
+        where = (
+            f"{args.nodes} simulated nodes + head on {os.cpu_count()} CPUs"
+            if simulated
+            else f"cluster {args.address}: {len(resources)} nodes"
+        )
         points = sweep(args.quick)
-        print(f"{where}; {args.seconds:g} s per point, windows of {args.window_tokens:,} tokens; "
-              f"{len(points)} points", file=sys.stderr)
-        print("| varies | layers x experts, top-k | batch | clients | layer actors | routed tokens/s "
-              "| submit p50 | submit p99 | coordinator CPU / step |")
+        print(
+            f"{where}; {args.seconds:g} s per point, windows of {args.window_tokens:,} tokens; "
+            f"{len(points)} points",
+            file=sys.stderr,
+        )
+        print(
+            "| varies | layers x experts, top-k | batch | clients | layer actors | routed tokens/s "
+            "| submit p50 | submit p99 | coordinator CPU / step |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for index, point in enumerate(points):
             r = measure(ray, point, resources, head, args.seconds, args.window_tokens, index)
             results.append(r)
-            print(f"| {r['factor']} | {r['layers']} x {r['experts']}, top-{r['top_k']} | {r['batch']} "
-                  f"| {r['clients']} | {r['layer_actors']} | {r['tokens_per_s']:,.0f} "
-                  f"| {r['submit_p50_ms']:.2f} ms | {r['submit_p99_ms']:.2f} ms "
-                  f"| {r['coordinator_cpu_ms_per_step']:.3f} ms |", flush=True)
+            print(
+                f"| {r['factor']} | {r['layers']} x {r['experts']}, top-{r['top_k']} | {r['batch']} "
+                f"| {r['clients']} | {r['layer_actors']} | {r['tokens_per_s']:,.0f} "
+                f"| {r['submit_p50_ms']:.2f} ms | {r['submit_p99_ms']:.2f} ms "
+                f"| {r['coordinator_cpu_ms_per_step']:.3f} ms |",
+                flush=True,
+            )
     finally:
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
         if results:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"where": where, "seconds": args.seconds,
-                                            "window_tokens": args.window_tokens,
-                                            "results": results}, indent=2) + "\n")
+            args.out.write_text(
+                json.dumps(
+                    {
+                        "where": where,
+                        "seconds": args.seconds,
+                        "window_tokens": args.window_tokens,
+                        "results": results,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
             print(f"wrote {args.out}", file=sys.stderr)
     png = args.out.with_suffix(".png")
     if plot(results, png):

@@ -50,7 +50,7 @@ def median_chunk_ns(make, streams, repeats: int, chunk_rows: int = 4096, call=No
         for stream in streams:
             state = make()
             for start in range(0, len(stream), chunk_rows):
-                chunk = stream[start:start + chunk_rows]
+                chunk = stream[start : start + chunk_rows]
                 begin = time.perf_counter()
                 call(state, chunk)
                 samples.append((time.perf_counter() - begin) / chunk.size * 1e9)
@@ -91,31 +91,53 @@ def row(name, unit, native, reference, numpy_value, goal, note=""):
     vs_numpy = f"{numpy_value / native:.1f}x" if numpy_value else "-"
     met = "-" if goal is None else ("yes" if native <= goal else "NO")
     goal_text = "-" if goal is None else f"<= {goal:g}"
-    return (f"| {name} | {unit} | {fmt(native)} | {fmt(reference)} | {fmt(numpy_value)} | "
-            f"{speedup} | {vs_numpy} | {goal_text} | {met} | {note} |")
+    return (
+        f"| {name} | {unit} | {fmt(native)} | {fmt(reference)} | {fmt(numpy_value)} | "
+        f"{speedup} | {vs_numpy} | {goal_text} | {met} | {note} |"
+    )
 
 
 def bench_access(policy: int, name: str, ids: np.ndarray, ref_ids: np.ndarray, repeats: int):
     def run(module, stream, chunk_rows):
-        return median_chunk_ns(lambda: module.ExpertCacheCore(E, HOT, 0.1, policy), [stream],
-                               repeats, chunk_rows)
+        return median_chunk_ns(
+            lambda: module.ExpertCacheCore(E, HOT, 0.1, policy), [stream], repeats, chunk_rows
+        )
 
     hit_rate = _core.ExpertCacheCore(E, HOT, 0.1, policy).access_batch(ids).mean()
     goal = 5.0 if policy in (_core.LRU, _core.LFU) else None
-    return row(f"access_batch {name}", "ns/access", run(_core, ids, 4096),
-               run(_reference, ref_ids, 128), None, goal, f"hit rate {hit_rate:.3f}")
+    return row(
+        f"access_batch {name}",
+        "ns/access",
+        run(_core, ids, 4096),
+        run(_reference, ref_ids, 128),
+        None,
+        goal,
+        f"hit rate {hit_rate:.3f}",
+    )
 
 
 def bench_blended(ids: np.ndarray, ref_ids: np.ndarray, repeats: int):
     def run(module, stream, chunk_rows):
         return median_chunk_ns(
-            lambda: (module.ExpertCacheCore(E, HOT, 0.1, module.LRU),
-                     module.AffinityCore(E, 0.95, 0.05, 1.0)),
-            [stream], repeats, chunk_rows,
-            call=lambda state, chunk: state[0].access_batch(chunk, state[1], 0.8))
+            lambda: (
+                module.ExpertCacheCore(E, HOT, 0.1, module.LRU),
+                module.AffinityCore(E, 0.95, 0.05, 1.0),
+            ),
+            [stream],
+            repeats,
+            chunk_rows,
+            call=lambda state, chunk: state[0].access_batch(chunk, state[1], 0.8),
+        )
 
-    return row("access_batch affinity-LRU (w=0.8)", "ns/access", run(_core, ids, 1024),
-               run(_reference, ref_ids, 64), None, None, "blend O(hot) per miss + decay per token")
+    return row(
+        "access_batch affinity-LRU (w=0.8)",
+        "ns/access",
+        run(_core, ids, 1024),
+        run(_reference, ref_ids, 64),
+        None,
+        None,
+        "blend O(hot) per miss + decay per token",
+    )
 
 
 def bench_schedule(rng, repeats: int):
@@ -126,8 +148,15 @@ def bench_schedule(rng, repeats: int):
     numpy_value = median_seconds(lambda _: numpy_schedule(ids, weights, E), repeats) / n * 1e9
     # The reference *is* a numpy stable argsort; timed on the same input as its own column.
     reference = median_seconds(lambda _: _reference.schedule(ids, weights, E), repeats) / n * 1e9
-    return row(f"schedule T={T:,} top-{TOP_K}", "ns/assignment", native, reference, numpy_value,
-               6.0, f"{native and 1e3 / native:.0f} M assignments/s")
+    return row(
+        f"schedule T={T:,} top-{TOP_K}",
+        "ns/assignment",
+        native,
+        reference,
+        numpy_value,
+        6.0,
+        f"{native and 1e3 / native:.0f} M assignments/s",
+    )
 
 
 def bench_update_batch(rng, repeats: int):
@@ -140,13 +169,32 @@ def bench_update_batch(rng, repeats: int):
             scores *= 0.99
             scores[r] = np.minimum(scores[r] + 1.0, 1.0)
 
-    native = median_seconds(lambda a: a.update_batch(ids), repeats,
-                            lambda: _core.AffinityCore(E, 0.99, 1.0, 1.0)) / len(ids) * 1e9
-    reference = median_seconds(lambda a: a.update_batch(small), repeats,
-                               lambda: _reference.AffinityCore(E, 0.99, 1.0, 1.0)) / len(small) * 1e9
+    native = (
+        median_seconds(
+            lambda a: a.update_batch(ids), repeats, lambda: _core.AffinityCore(E, 0.99, 1.0, 1.0)
+        )
+        / len(ids)
+        * 1e9
+    )
+    reference = (
+        median_seconds(
+            lambda a: a.update_batch(small),
+            repeats,
+            lambda: _reference.AffinityCore(E, 0.99, 1.0, 1.0),
+        )
+        / len(small)
+        * 1e9
+    )
     numpy_value = median_seconds(numpy_update, repeats) / len(ids) * 1e9
-    return row("affinity update_batch (per token)", "ns/token", native, reference, numpy_value,
-               None, f"{E} experts decayed per token")
+    return row(
+        "affinity update_batch (per token)",
+        "ns/token",
+        native,
+        reference,
+        numpy_value,
+        None,
+        f"{E} experts decayed per token",
+    )
 
 
 def bench_top_k(rng, repeats: int):
@@ -161,15 +209,29 @@ def bench_top_k(rng, repeats: int):
                 a.update([e])
         cores.append(a)
     inner = 2000
-    native = median_seconds(lambda _: [cores[0].top_k_by_affinity(16) for _ in range(inner)],
-                            repeats) / inner * 1e6
-    reference = median_seconds(lambda _: [cores[1].top_k_by_affinity(16) for _ in range(20)],
-                               repeats) / 20 * 1e6
+    native = (
+        median_seconds(lambda _: [cores[0].top_k_by_affinity(16) for _ in range(inner)], repeats)
+        / inner
+        * 1e6
+    )
+    reference = (
+        median_seconds(lambda _: [cores[1].top_k_by_affinity(16) for _ in range(20)], repeats)
+        / 20
+        * 1e6
+    )
     s = cores[0].scores()
-    numpy_value = median_seconds(lambda _: [numpy_top_k(s, 16) for _ in range(inner)],
-                                 repeats) / inner * 1e6
-    return row("top_k_by_affinity(16)", "us/call", native, reference, numpy_value, 1.0,
-               "includes the Python call")
+    numpy_value = (
+        median_seconds(lambda _: [numpy_top_k(s, 16) for _ in range(inner)], repeats) / inner * 1e6
+    )
+    return row(
+        "top_k_by_affinity(16)",
+        "us/call",
+        native,
+        reference,
+        numpy_value,
+        1.0,
+        "includes the Python call",
+    )
 
 
 def bench_prefetch(rng, repeats: int):
@@ -181,6 +243,7 @@ def bench_prefetch(rng, repeats: int):
             affinity = module.AffinityCore(E, 0.95, 0.2, 1.0)
             cache.access_batch(stream[:512], affinity, 0.5)
             return cache, affinity, stream[512:]
+
         return make
 
     def calls(state, n):
@@ -195,26 +258,57 @@ def bench_prefetch(rng, repeats: int):
             affinity.update(rows[i].tolist())
 
     n = 1024
-    native = (median_seconds(lambda s: calls(s, n), repeats, setup(_core))
-              - median_seconds(lambda s: update_only(s, n), repeats, setup(_core))) / n * 1e6
+    native = (
+        (
+            median_seconds(lambda s: calls(s, n), repeats, setup(_core))
+            - median_seconds(lambda s: update_only(s, n), repeats, setup(_core))
+        )
+        / n
+        * 1e6
+    )
     m = 64
-    reference = (median_seconds(lambda s: calls(s, m), repeats, setup(_reference))
-                 - median_seconds(lambda s: update_only(s, m), repeats, setup(_reference))) / m * 1e6
-    return row("prefetch_by_affinity(budget=2)", "us/call", native, reference, None, 2.0,
-               f"{HOT} of {E} hot, full: 2 blended evictions per call")
+    reference = (
+        (
+            median_seconds(lambda s: calls(s, m), repeats, setup(_reference))
+            - median_seconds(lambda s: update_only(s, m), repeats, setup(_reference))
+        )
+        / m
+        * 1e6
+    )
+    return row(
+        "prefetch_by_affinity(budget=2)",
+        "us/call",
+        native,
+        reference,
+        None,
+        2.0,
+        f"{HOT} of {E} hot, full: 2 blended evictions per call",
+    )
 
 
 def bench_belady(repeats: int):
     trace = load_trace(default_trace_path())
     layers = [trace.layer_ids(layer) for layer in range(trace.num_layers)]
     n = sum(x.size for x in layers)
-    native = median_seconds(lambda _: [_core.belady_hits(x, 32, 8) for x in layers], repeats) / n * 1e9
+    native = (
+        median_seconds(lambda _: [_core.belady_hits(x, 32, 8) for x in layers], repeats) / n * 1e9
+    )
     ref_layers = layers[:2]
     ref_n = sum(x.size for x in ref_layers)
-    reference = median_seconds(lambda _: [_reference.belady_hits(x, 32, 8) for x in ref_layers],
-                               1) / ref_n * 1e9
-    return row("belady_hits (bundled trace, 8 of 32)", "ns/access", native, reference, None, None,
-               f"{n:,} accesses")
+    reference = (
+        median_seconds(lambda _: [_reference.belady_hits(x, 32, 8) for x in ref_layers], 1)
+        / ref_n
+        * 1e9
+    )
+    return row(
+        "belady_hits (bundled trace, 8 of 32)",
+        "ns/access",
+        native,
+        reference,
+        None,
+        None,
+        f"{n:,} accesses",
+    )
 
 
 def bench_real_trace(path, capacity: int, repeats: int):
@@ -224,17 +318,35 @@ def bench_real_trace(path, capacity: int, repeats: int):
     ref_layers = [x[:1024].copy() for x in layers[:2]]
     rows = []
     for policy, name in ((_core.LRU, "LRU"), (_core.LFU, "LFU")):
-        def run(module, streams, chunk_rows):
+
+        def run(module, streams, chunk_rows, policy=policy):
             return median_chunk_ns(
                 lambda: module.ExpertCacheCore(trace.num_experts, capacity, 0.1, policy),
-                streams, repeats, chunk_rows)
+                streams,
+                repeats,
+                chunk_rows,
+            )
 
-        hit_rate = np.mean([_core.ExpertCacheCore(trace.num_experts, capacity, 0.1, policy)
-                            .access_batch(x).mean() for x in layers])
-        rows.append(row(f"access_batch {name}, {trace.name.split('_')[0]}", "ns/access",
-                        run(_core, layers, 8192), run(_reference, ref_layers, 256), None, None,
-                        f"{trace.num_experts} experts, {capacity} hot, top-{trace.top_k}, "
-                        f"hit rate {hit_rate:.3f}"))
+        hit_rate = np.mean(
+            [
+                _core.ExpertCacheCore(trace.num_experts, capacity, 0.1, policy)
+                .access_batch(x)
+                .mean()
+                for x in layers
+            ]
+        )
+        rows.append(
+            row(
+                f"access_batch {name}, {trace.name.split('_')[0]}",
+                "ns/access",
+                run(_core, layers, 8192),
+                run(_reference, ref_layers, 256),
+                None,
+                None,
+                f"{trace.num_experts} experts, {capacity} hot, top-{trace.top_k}, "
+                f"hit rate {hit_rate:.3f}",
+            )
+        )
     return rows
 
 
@@ -242,9 +354,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (smoke run)")
     parser.add_argument("--repeats", type=int, default=7, help="repeats per measurement (median)")
-    parser.add_argument("--traces", type=Path, default=SHARED_TRACES,
-                        help="folder of the shared real traces, for the real-routing rows "
-                        "(skipped when absent; default: ../shared/traces beside the repo)")
+    parser.add_argument(
+        "--traces",
+        type=Path,
+        default=SHARED_TRACES,
+        help="folder of the shared real traces, for the real-routing rows "
+        "(skipped when absent; default: ../shared/traces beside the repo)",
+    )
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
     rng = np.random.default_rng(2026)
@@ -253,8 +369,11 @@ def main(argv=None) -> int:
     ref_ids = ids[:1024].copy()
     local_ids = routing_stream(rng, tokens, skew=2.0)
 
-    print(f"moeray core benchmark: {E} experts, {HOT} hot, top-{TOP_K}, {tokens:,} tokens per "
-          f"access batch; medians of {repeats} repeats", file=sys.stderr)
+    print(
+        f"moeray core benchmark: {E} experts, {HOT} hot, top-{TOP_K}, {tokens:,} tokens per "
+        f"access batch; medians of {repeats} repeats",
+        file=sys.stderr,
+    )
     rows = [
         bench_access(_core.LRU, "LRU", ids, ref_ids, repeats),
         bench_access(_core.LFU, "LFU", ids, ref_ids, repeats),
@@ -271,8 +390,10 @@ def main(argv=None) -> int:
     for relative, capacity in REAL_TRACES:
         if (args.traces / relative).is_file():
             rows += bench_real_trace(args.traces / relative, capacity, repeats)
-    print("| operation | unit | native | reference | numpy | native vs reference | "
-          "native vs numpy | goal | met | note |")
+    print(
+        "| operation | unit | native | reference | numpy | native vs reference | "
+        "native vs numpy | goal | met | note |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for line in rows:
         print(line)

@@ -28,15 +28,22 @@ from moeray.policy.predict import PredictConfig, PredictiveCaches
 from moeray.replay import capacity_from_fraction
 
 # row name -> (config, the native step on); rows on the native step only where it is in use
-ROWS = {"moeray": (PredictConfig(), True), "moeray on numpy": (PredictConfig(), False),
-        BEFORE_PAIRS_NAME: (BEFORE_PAIRS, True)}
+ROWS = {
+    "moeray": (PredictConfig(), True),
+    "moeray on numpy": (PredictConfig(), False),
+    BEFORE_PAIRS_NAME: (BEFORE_PAIRS, True),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--traces", help="folder of the real traces (default ../shared/traces)")
-    parser.add_argument("--tokens", type=int, default=1500,
-                        help="replay the first N tokens of each trace (default 1,500)")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=1500,
+        help="replay the first N tokens of each trace (default 1,500)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="repeats per row (default 3)")
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.repeats < 1:
@@ -50,16 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         rates = {name: [] for name in ROWS}
         for _ in range(args.repeats):
             for name, (config, native) in ROWS.items():
-                caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k,
-                                          capacity, config)
+                caches = PredictiveCaches(
+                    trace.num_layers, trace.num_experts, trace.top_k, capacity, config
+                )
                 caches._native = native and PredictiveCaches._native
                 start = time.perf_counter()
                 caches.run(trace.expert_ids, trace.seq_offsets)
                 rates[name].append(trace.num_tokens / (time.perf_counter() - start))
         for name, values in rates.items():
             rate = statistics.median(values)
-            print(f"| {trace.name} | {trace.num_tokens:,} | {name} | {rate:,.0f} | "
-                  f"{1e6 / rate:,.0f} | {len(values)} |")
+            print(
+                f"| {trace.name} | {trace.num_tokens:,} | {name} | {rate:,.0f} | "
+                f"{1e6 / rate:,.0f} | {len(values)} |"
+            )
     return 0
 
 

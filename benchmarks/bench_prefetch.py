@@ -43,8 +43,14 @@ from moeray.shards.kernels import expert_matvec_native
 from moeray.shards.residency import ShardResidency
 from moeray.traces import default_trace_path, load_trace
 
-SHARED_TRACE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "traces" / "gpt-oss-20b"
-                / "gpt_oss_20b_decode_routing.npz")
+SHARED_TRACE = (
+    Path(__file__).resolve().parents[1]
+    / ".."
+    / "shared"
+    / "traces"
+    / "gpt-oss-20b"
+    / "gpt_oss_20b_decode_routing.npz"
+)
 MODES = ("demand", "moeray", "hot")
 
 
@@ -79,8 +85,17 @@ class CrossLayer:
 KERNELS = {"native": expert_matvec_native, "numpy": expert_matvec}
 
 
-def run_mode(mode: str, store: ShardStore, layers: list[int], routing: np.ndarray,
-             capacity: int, ahead: int, x: np.ndarray, kernel, progress: Progress) -> dict:
+def run_mode(
+    mode: str,
+    store: ShardStore,
+    layers: list[int],
+    routing: np.ndarray,
+    capacity: int,
+    ahead: int,
+    x: np.ndarray,
+    kernel,
+    progress: Progress,
+) -> dict:
     """routing: int32 [tokens, len(layers), top_k]. Returns the mode's seconds and counters."""
     num_experts = store.num_experts(layers[0])
     hot = mode == "hot"
@@ -115,7 +130,7 @@ def run_mode(mode: str, store: ShardStore, layers: list[int], routing: np.ndarra
                     res.wait(e)
                     waited += time.perf_counter() - began
                     waits += 1
-                kernel(weights[pos][e], x[token:token + 1])
+                kernel(weights[pos][e], x[token : token + 1])
             if pos + 1 < len(layers):
                 cross.learn(pos, ids, routing[token, pos + 1])
         progress.advance(1, mode)
@@ -123,8 +138,8 @@ def run_mode(mode: str, store: ShardStore, layers: list[int], routing: np.ndarra
     stats = [r.stats() for r in residency]
     return {
         "seconds_per_token": seconds / routing.shape[0],
-        "bytes_moved": sum(s.bytes_moved for s in stats) - (sum(
-            store.layer_bytes(layer) for layer in layers) if hot else 0),
+        "bytes_moved": sum(s.bytes_moved for s in stats)
+        - (sum(store.layer_bytes(layer) for layer in layers) if hot else 0),
         "waits": waits,
         "wait_seconds": waited,
         "late_prefetches": sum(s.late for s in stats),
@@ -138,64 +153,121 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )
-    parser.add_argument("--shards", help="an existing gpt-oss-20b-style checkpoint (default: "
-                        "synthesize one under --work-dir)")
-    parser.add_argument("--work-dir", default=".bench_prefetch",
-                        help="where the synthetic checkpoint is written once (default .bench_prefetch)")
-    parser.add_argument("--scale", type=int, default=16,
-                        help="divide gpt-oss-20b's hidden and intermediate sizes by this "
-                        "(default 16: experts of 191 KiB, 8 layers of 48 MiB)")
+    parser.add_argument(
+        "--shards",
+        help="an existing gpt-oss-20b-style checkpoint (default: synthesize one under --work-dir)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=".bench_prefetch",
+        help="where the synthetic checkpoint is written once (default .bench_prefetch)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=16,
+        help="divide gpt-oss-20b's hidden and intermediate sizes by this "
+        "(default 16: experts of 191 KiB, 8 layers of 48 MiB)",
+    )
     parser.add_argument("--layers", type=int, default=8, help="MoE layers (default 8)")
-    parser.add_argument("--tokens", type=int, default=128, help="decode tokens replayed (default 128)")
-    parser.add_argument("--capacities", default="0.25,0.5",
-                        help="hot fractions of each layer's experts (default 0.25,0.5)")
-    parser.add_argument("--ahead", type=int, default=2,
-                        help="experts of the next layer prefetched per token in (b) (default 2)")
-    parser.add_argument("--kernel", choices=tuple(KERNELS), default="native",
-                        help="consumer kernel: the C++ one reading bf16 in place, or the numpy "
-                        "reference that widens each matrix first (default native)")
+    parser.add_argument(
+        "--tokens", type=int, default=128, help="decode tokens replayed (default 128)"
+    )
+    parser.add_argument(
+        "--capacities",
+        default="0.25,0.5",
+        help="hot fractions of each layer's experts (default 0.25,0.5)",
+    )
+    parser.add_argument(
+        "--ahead",
+        type=int,
+        default=2,
+        help="experts of the next layer prefetched per token in (b) (default 2)",
+    )
+    parser.add_argument(
+        "--kernel",
+        choices=tuple(KERNELS),
+        default="native",
+        help="consumer kernel: the C++ one reading bf16 in place, or the numpy "
+        "reference that widens each matrix first (default native)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode; medians (default 3)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed runs per mode first (default 1: on this VM the first passes "
-                        "over freshly allocated memory run up to 10x slower)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed runs per mode first (default 1: on this VM the first passes "
+        "over freshly allocated memory run up to 10x slower)",
+    )
     parser.add_argument("--json", type=Path, help="also write each mode's results as JSON")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar on stderr (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
     args = parser.parse_args(argv)
-    if min(args.scale, args.layers, args.tokens, args.repeats) < 1 or min(args.ahead, args.warmup) < 0:
-        parser.error("--scale, --layers, --tokens and --repeats must be >= 1, --ahead and --warmup >= 0")
+    if (
+        min(args.scale, args.layers, args.tokens, args.repeats) < 1
+        or min(args.ahead, args.warmup) < 0
+    ):
+        parser.error(
+            "--scale, --layers, --tokens and --repeats must be >= 1, --ahead and --warmup >= 0"
+        )
 
     root = ensure_checkpoint(args)
     store = ShardStore(root)
     trace = load_trace(SHARED_TRACE if SHARED_TRACE.exists() else default_trace_path())
-    layers = list(store.layers)[:args.layers]
+    layers = list(store.layers)[: args.layers]
     if trace.num_experts != store.num_experts(layers[0]) or trace.num_layers < len(layers):
-        parser.error(f"the trace routes {trace.num_experts} experts over {trace.num_layers} layers; "
-                     f"the checkpoint has {store.num_experts(layers[0])} over {len(layers)}")
-    routing = np.ascontiguousarray(trace.expert_ids[:args.tokens, :len(layers)], dtype=np.int32)
+        parser.error(
+            f"the trace routes {trace.num_experts} experts over {trace.num_layers} layers; "
+            f"the checkpoint has {store.num_experts(layers[0])} over {len(layers)}"
+        )
+    routing = np.ascontiguousarray(trace.expert_ids[: args.tokens, : len(layers)], dtype=np.int32)
     hidden = store.layer_spec(layers[0]).hidden_size
     x = np.random.default_rng(0).standard_normal((len(routing), hidden), dtype=np.float32)
     expert_mib = store.expert_bytes(layers[0], 0) / 2**20
-    print(f"checkpoint {root}: {len(layers)} layers x {store.num_experts(layers[0])} experts of "
-          f"{expert_mib:.1f} MiB; trace {trace.name}: {len(routing)} decode tokens, top-"
-          f"{trace.top_k}; prefetch ahead {args.ahead}; kernel {args.kernel}; core {'native' if IS_NATIVE else 'pure Python'}; "
-          f"ms per token are medians of {args.repeats} runs after {args.warmup} untimed")
-    print("| capacity | mode | ms / token | MiB moved / token | waits / token | late | hit rate "
-          "| vs hot | demand / mode |")
+    print(
+        f"checkpoint {root}: {len(layers)} layers x {store.num_experts(layers[0])} experts of "
+        f"{expert_mib:.1f} MiB; trace {trace.name}: {len(routing)} decode tokens, top-"
+        f"{trace.top_k}; prefetch ahead {args.ahead}; kernel {args.kernel}; "
+        f"core {'native' if IS_NATIVE else 'pure Python'}; "
+        f"ms per token are medians of {args.repeats} runs after {args.warmup} untimed"
+    )
+    print(
+        "| capacity | mode | ms / token | MiB moved / token | waits / token | late | hit rate "
+        "| vs hot | demand / mode |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     capacities = [float(c) for c in args.capacities.split(",")]
     results = {}
     total = len(capacities) * len(MODES) * (args.warmup + args.repeats) * len(routing)
     with Progress(total, "decode", enabled=args.progress) as progress:
         for fraction in capacities:
-            capacity = max(1, min(store.num_experts(layers[0]), round(fraction * store.num_experts(layers[0]))))
+            capacity = max(
+                1, min(store.num_experts(layers[0]), round(fraction * store.num_experts(layers[0])))
+            )
             row = {}
             for mode in MODES:
-                runs = [run_mode(mode, store, layers, routing, capacity, args.ahead, x,
-                                 KERNELS[args.kernel], progress)
-                        for _ in range(args.warmup + args.repeats)][args.warmup:]
-                row[mode] = dict(runs[-1], seconds_per_token=statistics.median(
-                    r["seconds_per_token"] for r in runs))
+                runs = [
+                    run_mode(
+                        mode,
+                        store,
+                        layers,
+                        routing,
+                        capacity,
+                        args.ahead,
+                        x,
+                        KERNELS[args.kernel],
+                        progress,
+                    )
+                    for _ in range(args.warmup + args.repeats)
+                ][args.warmup :]
+                row[mode] = dict(
+                    runs[-1],
+                    seconds_per_token=statistics.median(r["seconds_per_token"] for r in runs),
+                )
             results[f"{fraction:g}"] = dict(capacity_experts=capacity, modes=row)
             for mode, r in row.items():
                 ms = r["seconds_per_token"] * 1e3
@@ -205,12 +277,24 @@ def main(argv=None) -> int:
                     f"{r['bytes_moved'] / 2**20 / len(routing):.1f} | {r['waits'] / len(routing):.2f} | "
                     f"{r['late_prefetches']} | {hit} | "
                     f"{r['seconds_per_token'] / row['hot']['seconds_per_token']:.2f}x | "
-                    f"{row['demand']['seconds_per_token'] / r['seconds_per_token']:.2f}x |", flush=True)
+                    f"{row['demand']['seconds_per_token'] / r['seconds_per_token']:.2f}x |",
+                    flush=True,
+                )
     store.close()
     if args.json:
-        args.json.write_text(json.dumps({"checkpoint": str(root), "tokens": len(routing),
-                                         "ahead": args.ahead, "kernel": args.kernel,
-                                         "results": results}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "checkpoint": str(root),
+                    "tokens": len(routing),
+                    "ahead": args.ahead,
+                    "kernel": args.kernel,
+                    "results": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {args.json}")
     return 0
 

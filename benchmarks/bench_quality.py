@@ -39,9 +39,8 @@ import numpy as np
 
 from moeray._progress import Progress
 from moeray.native import IS_NATIVE
-from moeray.policy.predict import PredictConfig
+from moeray.policy.predict import PredictConfig, PredictiveCaches
 from moeray.policy.split import SplitConfig
-from moeray.policy.predict import PredictiveCaches
 from moeray.replay import ReplayConfig, capacity_from_fraction, replay_predictive, replay_trace
 from moeray.traces import Trace, default_trace_path, load_trace
 
@@ -61,8 +60,9 @@ THRIFTY_NAME = "moeray thrifty"
 # The defaults of the two previous releases, to measure each change in the same run: before the
 # eviction retune (affinity in the eviction score, no prefetch threshold, one decay for both
 # tables), and before that, before the pair tables.
-PREVIOUS = replace(PredictConfig(), previous_decay=0.999, keep_affinity_weight=0.5,
-                   prefetch_threshold=0.0)
+PREVIOUS = replace(
+    PredictConfig(), previous_decay=0.999, keep_affinity_weight=0.5, prefetch_threshold=0.0
+)
 PREVIOUS_NAME = "moeray before eviction retune"
 BEFORE_PAIRS = replace(PREVIOUS, prefetch_budget=4, cross_pairs=False, victim_next_weight=0.0)
 RESPLIT = replace(PredictConfig(), split=SplitConfig())
@@ -74,10 +74,13 @@ ORACLE_THRESHOLDS = (0.3, 0.4)
 ORACLE_NAMES = tuple(f"moeray, oracle evictions, threshold {t:g}" for t in ORACLE_THRESHOLDS)
 # Extra rows at GOAL_FRACTION: name -> ReplayConfig fields for the moeray policy.
 BEFORE_PAIRS_NAME = "moeray before pairs"
-EXTRAS = {THRIFTY_NAME: {"predict": THRIFTY}, PREVIOUS_NAME: {"predict": PREVIOUS},
-          BEFORE_PAIRS_NAME: {"predict": BEFORE_PAIRS},
-          RESPLIT_NAME: {"predict": RESPLIT},
-          **{f"moeray hints {p:g}": {"hint_accuracy": p} for p in HINT_ACCURACIES}}
+EXTRAS = {
+    THRIFTY_NAME: {"predict": THRIFTY},
+    PREVIOUS_NAME: {"predict": PREVIOUS},
+    BEFORE_PAIRS_NAME: {"predict": BEFORE_PAIRS},
+    RESPLIT_NAME: {"predict": RESPLIT},
+    **{f"moeray hints {p:g}": {"hint_accuracy": p} for p in HINT_ACCURACIES},
+}
 
 
 class OracleEvictions(PredictiveCaches):
@@ -111,9 +114,13 @@ def head(trace: Trace, tokens: int) -> Trace:
     if tokens <= 0 or tokens >= trace.num_tokens:
         return trace
     offsets = trace.seq_offsets[trace.seq_offsets < tokens]
-    return Trace(trace.expert_ids[:tokens],
-                 None if trace.weights is None else trace.weights[:tokens],
-                 np.append(offsets, tokens).astype(np.int64), trace.num_experts, trace.name)
+    return Trace(
+        trace.expert_ids[:tokens],
+        None if trace.weights is None else trace.weights[:tokens],
+        np.append(offsets, tokens).astype(np.int64),
+        trace.num_experts,
+        trace.name,
+    )
 
 
 def traces(folder: Path | None) -> list[Trace]:
@@ -129,29 +136,44 @@ def measure(trace: Trace, progress: Progress) -> list[dict]:
     rows = []
     for fraction in FRACTIONS:
         capacity = capacity_from_fraction(fraction, trace.num_experts)
-        report = replay_trace(trace, ReplayConfig(capacity=capacity, policies=POLICIES),
-                              progress=progress)
+        report = replay_trace(
+            trace, ReplayConfig(capacity=capacity, policies=POLICIES), progress=progress
+        )
         results = dict(report.results)
         if fraction == GOAL_FRACTION:
             for name, fields in EXTRAS.items():
-                extra = replay_trace(trace, ReplayConfig(capacity=capacity, policies=("moeray",),
-                                                         **fields), progress=progress)
+                extra = replay_trace(
+                    trace,
+                    ReplayConfig(capacity=capacity, policies=("moeray",), **fields),
+                    progress=progress,
+                )
                 results[name] = extra.results["moeray"]
             for name, threshold in zip(ORACLE_NAMES, ORACLE_THRESHOLDS):
                 config = replace(PredictConfig(), prefetch_threshold=threshold)
                 results[name] = replay_predictive(
-                    trace, ReplayConfig(capacity=capacity, policies=("moeray",)),
-                    progress=progress, caches=OracleEvictions(trace, capacity, config))
+                    trace,
+                    ReplayConfig(capacity=capacity, policies=("moeray",)),
+                    progress=progress,
+                    caches=OracleEvictions(trace, capacity, config),
+                )
         for name, r in results.items():
-            rows.append({
-                "trace": trace.name, "tokens": trace.num_tokens, "capacity": fraction,
-                "capacity_experts": capacity, "policy": name, "hit_rate": r.hit_rate,
-                "stall_rate": r.stall_rate, "transfers_per_token": r.transfers_per_token,
-                "wasted_prefetches": r.wasted_prefetches, "prefetches": r.prefetches,
-                "per_layer_stall_rate": r.per_layer_stall_rate,
-                **({"predictors": r.predictors} if r.predictors else {}),
-                **({"resplit": r.resplit} if r.resplit else {}),
-            })
+            rows.append(
+                {
+                    "trace": trace.name,
+                    "tokens": trace.num_tokens,
+                    "capacity": fraction,
+                    "capacity_experts": capacity,
+                    "policy": name,
+                    "hit_rate": r.hit_rate,
+                    "stall_rate": r.stall_rate,
+                    "transfers_per_token": r.transfers_per_token,
+                    "wasted_prefetches": r.wasted_prefetches,
+                    "prefetches": r.prefetches,
+                    "per_layer_stall_rate": r.per_layer_stall_rate,
+                    **({"predictors": r.predictors} if r.predictors else {}),
+                    **({"resplit": r.resplit} if r.resplit else {}),
+                }
+            )
     return rows
 
 
@@ -167,69 +189,107 @@ def goals(rows: list[dict]) -> list[dict]:
 
 def _goal(name: str, policy: str, m: dict, b: dict) -> dict:
     ratio = m["transfers_per_token"] / b["transfers_per_token"]
-    return {"trace": name, "policy": policy, "moeray_stall_rate": m["stall_rate"],
-            "belady_miss_rate": b["stall_rate"], "stall_goal_met": m["stall_rate"] <= b["stall_rate"],
-            "transfer_ratio": ratio, "transfer_goal_met": ratio <= GOAL_TRANSFER_RATIO}
+    return {
+        "trace": name,
+        "policy": policy,
+        "moeray_stall_rate": m["stall_rate"],
+        "belady_miss_rate": b["stall_rate"],
+        "stall_goal_met": m["stall_rate"] <= b["stall_rate"],
+        "transfer_ratio": ratio,
+        "transfer_goal_met": ratio <= GOAL_TRANSFER_RATIO,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--traces", type=Path, help="folder of the real traces (default ../shared/traces)")
-    parser.add_argument("--tokens", type=int, default=20_000,
-                        help="replay the first N tokens of each trace (default 20,000; 0: all)")
+    parser.add_argument(
+        "--traces", type=Path, help="folder of the real traces (default ../shared/traces)"
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=20_000,
+        help="replay the first N tokens of each trace (default 20,000; 0: all)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args(argv)
     chosen = [head(t, args.tokens) for t in traces(args.traces)]
-    total = sum((len(FRACTIONS) * len(POLICIES) + len(EXTRAS) + len(ORACLE_NAMES)) * t.num_layers for t in chosen)
+    total = sum(
+        (len(FRACTIONS) * len(POLICIES) + len(EXTRAS) + len(ORACLE_NAMES)) * t.num_layers
+        for t in chosen
+    )
     rows = []
     with Progress(total, "quality", enabled=args.progress) as progress:
         for trace in chosen:
             rows += measure(trace, progress)
-    print(f"core: {'native' if IS_NATIVE else 'pure Python'}; moeray parameters: "
-          f"{asdict(PredictConfig())}; {THRIFTY_NAME}: the same with prefetch_threshold "
-          f"{THRIFTY.prefetch_threshold}, victim_affinity_weight {THRIFTY.victim_affinity_weight}; "
-          f"{PREVIOUS_NAME}: the same with previous_decay {PREVIOUS.previous_decay}, "
-          f"keep_affinity_weight {PREVIOUS.keep_affinity_weight}, prefetch_threshold "
-          f"{PREVIOUS.prefetch_threshold}; {BEFORE_PAIRS_NAME}: the latter with prefetch_budget "
-          f"{BEFORE_PAIRS.prefetch_budget}, cross_pairs {BEFORE_PAIRS.cross_pairs}, "
-          f"victim_next_weight {BEFORE_PAIRS.victim_next_weight}; "
-          f"{RESPLIT_NAME}: split {asdict(RESPLIT.split)}\n")
-    print("| trace | tokens | capacity | policy | hit rate | stall rate | transfers/token | "
-          "wasted prefetches |")
+    print(
+        f"core: {'native' if IS_NATIVE else 'pure Python'}; moeray parameters: "
+        f"{asdict(PredictConfig())}; {THRIFTY_NAME}: the same with prefetch_threshold "
+        f"{THRIFTY.prefetch_threshold}, victim_affinity_weight {THRIFTY.victim_affinity_weight}; "
+        f"{PREVIOUS_NAME}: the same with previous_decay {PREVIOUS.previous_decay}, "
+        f"keep_affinity_weight {PREVIOUS.keep_affinity_weight}, prefetch_threshold "
+        f"{PREVIOUS.prefetch_threshold}; {BEFORE_PAIRS_NAME}: the latter with prefetch_budget "
+        f"{BEFORE_PAIRS.prefetch_budget}, cross_pairs {BEFORE_PAIRS.cross_pairs}, "
+        f"victim_next_weight {BEFORE_PAIRS.victim_next_weight}; "
+        f"{RESPLIT_NAME}: split {asdict(RESPLIT.split)}\n"
+    )
+    print(
+        "| trace | tokens | capacity | policy | hit rate | stall rate | transfers/token | "
+        "wasted prefetches |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['trace']} | {r['tokens']:,} | {r['capacity']:g} ({r['capacity_experts']}) | "
-              f"{r['policy']} | {r['hit_rate']:.3f} | {r['stall_rate']:.3f} | "
-              f"{r['transfers_per_token']:.2f} | {r['wasted_prefetches']:,} |")
+        print(
+            f"| {r['trace']} | {r['tokens']:,} | {r['capacity']:g} ({r['capacity_experts']}) | "
+            f"{r['policy']} | {r['hit_rate']:.3f} | {r['stall_rate']:.3f} | "
+            f"{r['transfers_per_token']:.2f} | {r['wasted_prefetches']:,} |"
+        )
     print()
     for r in rows:  # the predictors do not depend on capacity: one line per trace
-        if r.get("predictors") and r["capacity"] == GOAL_FRACTION and (
-                r["policy"] in ("moeray", PREVIOUS_NAME, BEFORE_PAIRS_NAME) or r["policy"].startswith("moeray hints")):
-            guesses = ", ".join(f"{n} {v['recall']:.3f}/{v['precision']:.3f}"
-                                for n, v in r["predictors"].items())
-            print(f"- {r['trace']}: {r['policy']} predictors, recall/precision of each top-k "
-                  f"guess: {guesses}")
+        if (
+            r.get("predictors")
+            and r["capacity"] == GOAL_FRACTION
+            and (
+                r["policy"] in ("moeray", PREVIOUS_NAME, BEFORE_PAIRS_NAME)
+                or r["policy"].startswith("moeray hints")
+            )
+        ):
+            guesses = ", ".join(
+                f"{n} {v['recall']:.3f}/{v['precision']:.3f}" for n, v in r["predictors"].items()
+            )
+            print(
+                f"- {r['trace']}: {r['policy']} predictors, recall/precision of each top-k "
+                f"guess: {guesses}"
+            )
     for r in rows:
         if r.get("resplit"):
             s = r["resplit"]
-            print(f"- {r['trace']}: {r['policy']} at {r['capacity']:g}: moved {s['moved']:,} "
-                  f"experts of capacity, evicted {s['evictions']:,} by shrinking, "
-                  f"{s['transfers']:,} later loads of those "
-                  f"({s['transfers'] / r['tokens']:.3f} transfers/token); final capacity per "
-                  f"layer {s['final_capacity']}")
+            print(
+                f"- {r['trace']}: {r['policy']} at {r['capacity']:g}: moved {s['moved']:,} "
+                f"experts of capacity, evicted {s['evictions']:,} by shrinking, "
+                f"{s['transfers']:,} later loads of those "
+                f"({s['transfers'] / r['tokens']:.3f} transfers/token); final capacity per "
+                f"layer {s['final_capacity']}"
+            )
     print()
     met = goals(rows)
     for g in met:
-        print(f"- goal at {GOAL_FRACTION:g}, {g['trace']}, {g['policy']}: stall rate "
-              f"{g['moeray_stall_rate']:.3f} "
-              f"<= Belady's miss rate {g['belady_miss_rate']:.3f}: "
-              f"{'met' if g['stall_goal_met'] else 'NOT met'}; transfers/token "
-              f"{g['transfer_ratio']:.2f}x Belady's <= {GOAL_TRANSFER_RATIO}x: "
-              f"{'met' if g['transfer_goal_met'] else 'NOT met'}")
+        print(
+            f"- goal at {GOAL_FRACTION:g}, {g['trace']}, {g['policy']}: stall rate "
+            f"{g['moeray_stall_rate']:.3f} "
+            f"<= Belady's miss rate {g['belady_miss_rate']:.3f}: "
+            f"{'met' if g['stall_goal_met'] else 'NOT met'}; transfers/token "
+            f"{g['transfer_ratio']:.2f}x Belady's <= {GOAL_TRANSFER_RATIO}x: "
+            f"{'met' if g['transfer_goal_met'] else 'NOT met'}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "goals": met,
-                                         "moeray_parameters": asdict(PredictConfig())}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"rows": rows, "goals": met, "moeray_parameters": asdict(PredictConfig())}, indent=2
+            )
+            + "\n"
+        )
         print(f"wrote {args.json}")
     return 0
 

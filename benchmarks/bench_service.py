@@ -96,13 +96,26 @@ def policy_config(policy: str, **fields) -> service.ServiceConfig:
     return service.ServiceConfig(num_experts=32, capacity=8, **fields)
 
 
-def run_policy(ids, weights, starts, policy: str, window_steps: int, layers_per_actor: int,
-               step_tokens: int, passes: int) -> dict:
+def run_policy(
+    ids,
+    weights,
+    starts,
+    policy: str,
+    window_steps: int,
+    layers_per_actor: int,
+    step_tokens: int,
+    passes: int,
+) -> dict:
     """One service of ``policy`` replays ids [layers, T, top_k] ``passes`` times (steps of
     step_tokens, sequence starts ``starts`` bool [T]); tokens/s and coordinator CPU per step."""
-    config = policy_config(policy, num_layers=ids.shape[0], top_k=ids.shape[2],
-                           window_steps=window_steps, layers_per_actor=layers_per_actor,
-                           name=f"bench-{policy.replace('+', '-')}-{os.getpid()}")
+    config = policy_config(
+        policy,
+        num_layers=ids.shape[0],
+        top_k=ids.shape[2],
+        window_steps=window_steps,
+        layers_per_actor=layers_per_actor,
+        name=f"bench-{policy.replace('+', '-')}-{os.getpid()}",
+    )
     handle = service.start(config)
     try:
         handle.submit(ids[:, :step_tokens], weights[:, :step_tokens], starts[:step_tokens])
@@ -121,9 +134,13 @@ def run_policy(ids, weights, starts, policy: str, window_steps: int, layers_per_
         handle.shutdown()
     assert stats.total().tokens == (tokens + step_tokens) * ids.shape[0]
     return dict(
-        policy=policy, tokens=tokens, steps=steps, tokens_per_s=tokens / seconds,
+        policy=policy,
+        tokens=tokens,
+        steps=steps,
+        tokens_per_s=tokens / seconds,
         method_ms_per_step=(stats.coordinator_method_cpu_s - before.coordinator_method_cpu_s)
-        * 1e3 / steps,
+        * 1e3
+        / steps,
         stall_rate=1.0 - stats.total().hit_rate(),
     )
 
@@ -140,7 +157,9 @@ class _PicklingTransport:
 
     def send(self, actor, windows):
         pickle.dumps(windows, protocol=5)
-        self._done.append((actor, 0, [replace(self._ack, layer=w.layer, seq=w.seq) for w in windows]))
+        self._done.append(
+            (actor, 0, [replace(self._ack, layer=w.layer, seq=w.seq) for w in windows])
+        )
 
     def restore(self, actor, states, warmup=None):
         pass
@@ -159,15 +178,21 @@ class _PicklingTransport:
         return len(self._done)
 
 
-def coordinator_body_ms_per_step(ids, starts, policies, window_steps: int, layers_per_actor: int,
-                                 step_tokens: int, rounds: int) -> dict[str, float]:
+def coordinator_body_ms_per_step(
+    ids, starts, policies, window_steps: int, layers_per_actor: int, step_tokens: int, rounds: int
+) -> dict[str, float]:
     """Median over ``rounds`` (policies interleaved) of the coordinator body's CPU per step
     over one pass of ids [layers, T, top_k]."""
     samples = {policy: [] for policy in policies}
     for _ in range(rounds):
         for policy in policies:
-            config = policy_config(policy, num_layers=ids.shape[0], top_k=ids.shape[2],
-                                   window_steps=window_steps, layers_per_actor=layers_per_actor)
+            config = policy_config(
+                policy,
+                num_layers=ids.shape[0],
+                top_k=ids.shape[2],
+                window_steps=window_steps,
+                layers_per_actor=layers_per_actor,
+            )
             coordinator = Coordinator(config, _PicklingTransport(config))
             steps = 0
             start = time.process_time()
@@ -181,11 +206,17 @@ def coordinator_body_ms_per_step(ids, starts, policies, window_steps: int, layer
     return {policy: statistics.median(values) for policy, values in samples.items()}
 
 
-def run_service(ids, weights, window_steps: int, layers_per_actor: int, step_tokens: int,
-                passes: int):
+def run_service(
+    ids, weights, window_steps: int, layers_per_actor: int, step_tokens: int, passes: int
+):
     config = service.ServiceConfig(
-        num_layers=ids.shape[0], num_experts=32, top_k=ids.shape[2], capacity=8, policy="lru",
-        window_steps=window_steps, layers_per_actor=layers_per_actor,
+        num_layers=ids.shape[0],
+        num_experts=32,
+        top_k=ids.shape[2],
+        capacity=8,
+        policy="lru",
+        window_steps=window_steps,
+        layers_per_actor=layers_per_actor,
         name=f"bench-{window_steps}-{os.getpid()}",
     )
     handle = service.start(config)
@@ -197,7 +228,9 @@ def run_service(ids, weights, window_steps: int, layers_per_actor: int, step_tok
         tokens = 0
         for _ in range(passes):  # the trace again and again: one stall of the VM is amortised
             for first in range(0, ids.shape[1], step_tokens):
-                handle.submit(ids[:, first:first + step_tokens], weights[:, first:first + step_tokens])
+                handle.submit(
+                    ids[:, first : first + step_tokens], weights[:, first : first + step_tokens]
+                )
                 tokens += min(step_tokens, ids.shape[1] - first)
         stats = handle.stats()
         seconds = time.perf_counter() - start
@@ -205,34 +238,66 @@ def run_service(ids, weights, window_steps: int, layers_per_actor: int, step_tok
         handle.shutdown()
     latency = np.array(handle.submit_latency_s) * 1e3
     assert stats.total().tokens == (tokens + step_tokens) * ids.shape[0]
-    return tokens / seconds, len(latency) / seconds, np.percentile(latency, 50), np.percentile(latency, 99)
+    return (
+        tokens / seconds,
+        len(latency) / seconds,
+        np.percentile(latency, 50),
+        np.percentile(latency, 99),
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers-per-actor", type=int,
-                        help="layers per actor process (default: layers / CPUs, as `moeray replay`; "
-                        "every actor process costs a 2-core VM about 5%% CPU while idle)")
-    parser.add_argument("--windows", default="1,4,16,64,256",
-                        help="window sizes in steps (default 1,4,16,64,256)")
+    parser.add_argument(
+        "--layers-per-actor",
+        type=int,
+        help="layers per actor process (default: layers / CPUs, as `moeray replay`; "
+        "every actor process costs a 2-core VM about 5%% CPU while idle)",
+    )
+    parser.add_argument(
+        "--windows", default="1,4,16,64,256", help="window sizes in steps (default 1,4,16,64,256)"
+    )
     parser.add_argument("--step-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=200, help="round trips for the floors")
-    parser.add_argument("--passes", type=int, default=20,
-                        help="replays of the bundled trace per measurement (default 20: 206,620 tokens)")
-    parser.add_argument("--policies", default=f"lru,moeray,{RESPLIT}",
-                        help="policies compared side by side, the first is the baseline; "
-                        f"{RESPLIT}: moeray with the capacity re-split by the coordinator "
-                        f"(default lru,moeray,{RESPLIT}; empty: skip the comparison)")
-    parser.add_argument("--compare-window", type=int, default=4,
-                        help="window (steps) of the policy comparison (default 4)")
-    parser.add_argument("--body-rounds", type=int, default=15,
-                        help="interleaved rounds of the coordinator-body measurement (default 15)")
-    parser.add_argument("--compare-tokens", type=int, default=5120,
-                        help="tokens of the bundled trace replayed per pass in the comparison "
-                        "(default 5120 of 10,331: moeray's layer actors take about 2-8 ms per "
-                        "token on a 2-core VM)")
-    parser.add_argument("--compare-passes", type=int, default=1,
-                        help="passes over those tokens per policy in the comparison (default 1)")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=20,
+        help="replays of the bundled trace per measurement (default 20: 206,620 tokens)",
+    )
+    parser.add_argument(
+        "--policies",
+        default=f"lru,moeray,{RESPLIT}",
+        help="policies compared side by side, the first is the baseline; "
+        f"{RESPLIT}: moeray with the capacity re-split by the coordinator "
+        f"(default lru,moeray,{RESPLIT}; empty: skip the comparison)",
+    )
+    parser.add_argument(
+        "--compare-window",
+        type=int,
+        default=4,
+        help="window (steps) of the policy comparison (default 4)",
+    )
+    parser.add_argument(
+        "--body-rounds",
+        type=int,
+        default=15,
+        help="interleaved rounds of the coordinator-body measurement (default 15)",
+    )
+    parser.add_argument(
+        "--compare-tokens",
+        type=int,
+        default=5120,
+        help="tokens of the bundled trace replayed per pass in the comparison "
+        "(default 5120 of 10,331: moeray's layer actors take about 2-8 ms per "
+        "token on a 2-core VM)",
+    )
+    parser.add_argument(
+        "--compare-passes",
+        type=int,
+        default=1,
+        help="passes over those tokens per policy in the comparison (default 1)",
+    )
     args = parser.parse_args(argv)
 
     trace = load_trace(default_trace_path())
@@ -242,57 +307,99 @@ def main(argv=None) -> int:
         args.layers_per_actor = max(1, -(-trace.num_layers // (os.cpu_count() or 1)))
     num_actors = -(-trace.num_layers // args.layers_per_actor)
 
-    _ray.init(include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=False,
-              logging_level="ERROR", _system_config={"worker_maximum_startup_concurrency": 16})
+    _ray.init(
+        include_dashboard=False,
+        object_store_memory=300 * 2**20,
+        log_to_driver=False,
+        logging_level="ERROR",
+        _system_config={"worker_maximum_startup_concurrency": 16},
+    )
     try:
         rtt_ms, fan_ms = floors(num_actors, args.repeats)
-        print(f"bundled trace: {trace.num_tokens:,} tokens x {trace.num_layers} layers x top-"
-              f"{trace.top_k}, {args.passes} passes; {num_actors} layer actors ({args.layers_per_actor} layers each); "
-              f"steps of {args.step_tokens} tokens; {os.cpu_count()} CPUs", file=sys.stderr)
-        print("| window (steps) | routed tokens/s | submits/s | submit p50 | submit p99 | "
-              "no-op round trip | no-op fan-out | p50 / round trip | goals met |")
+        print(
+            f"bundled trace: {trace.num_tokens:,} tokens x {trace.num_layers} layers x top-"
+            f"{trace.top_k}, {args.passes} passes; {num_actors} layer actors ({args.layers_per_actor} layers each); "
+            f"steps of {args.step_tokens} tokens; {os.cpu_count()} CPUs",
+            file=sys.stderr,
+        )
+        print(
+            "| window (steps) | routed tokens/s | submits/s | submit p50 | submit p99 | "
+            "no-op round trip | no-op fan-out | p50 / round trip | goals met |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for window in (int(w) for w in args.windows.split(",") if w):
-            tps, sps, p50, p99 = run_service(ids, weights, window, args.layers_per_actor,
-                                             args.step_tokens, args.passes)
-            print(f"| {window} | {tps:,.0f} | {sps:,.0f} | {p50:.2f} ms | {p99:.2f} ms | "
-                  f"{rtt_ms:.2f} ms | {fan_ms:.2f} ms ({num_actors} actors) | {p50 / rtt_ms:.2f}x | "
-                  f"{'yes' if tps >= 100_000 else 'no'} / {'yes' if p50 <= 2 * rtt_ms else 'no'} |",
-                  flush=True)
+            tps, sps, p50, p99 = run_service(
+                ids, weights, window, args.layers_per_actor, args.step_tokens, args.passes
+            )
+            print(
+                f"| {window} | {tps:,.0f} | {sps:,.0f} | {p50:.2f} ms | {p99:.2f} ms | "
+                f"{rtt_ms:.2f} ms | {fan_ms:.2f} ms ({num_actors} actors) | {p50 / rtt_ms:.2f}x | "
+                f"{'yes' if tps >= 100_000 else 'no'} / {'yes' if p50 <= 2 * rtt_ms else 'no'} |",
+                flush=True,
+            )
         policies = [p for p in args.policies.split(",") if p]
         if policies:
             n = min(args.compare_tokens, trace.num_tokens)
             starts = np.zeros(trace.num_tokens, dtype=bool)
             starts[trace.seq_offsets[:-1]] = True
             ids, weights, starts = ids[:, :n], weights[:, :n], starts[:n]
-            print(f"policy comparison: the first {n:,} tokens of the bundled trace, "
-                  f"{args.compare_passes} pass(es) per policy", file=sys.stderr)
-            rows = [run_policy(ids, weights, starts, policy, args.compare_window,
-                               args.layers_per_actor, args.step_tokens, args.compare_passes)
-                    for policy in policies]
+            print(
+                f"policy comparison: the first {n:,} tokens of the bundled trace, "
+                f"{args.compare_passes} pass(es) per policy",
+                file=sys.stderr,
+            )
+            rows = [
+                run_policy(
+                    ids,
+                    weights,
+                    starts,
+                    policy,
+                    args.compare_window,
+                    args.layers_per_actor,
+                    args.step_tokens,
+                    args.compare_passes,
+                )
+                for policy in policies
+            ]
             base = rows[0]
             print()
-            print(f"| policy | tokens | window (steps) | routed tokens/s | stall rate | "
-                  f"coordinator CPU / step (own thread, through Ray) | vs {base['policy']} |")
+            print(
+                f"| policy | tokens | window (steps) | routed tokens/s | stall rate | "
+                f"coordinator CPU / step (own thread, through Ray) | vs {base['policy']} |"
+            )
             print("|---|---|---|---|---|---|---|")
             for row in rows:
-                print(f"| {row['policy']} | {row['tokens']:,} | {args.compare_window} | "
-                      f"{row['tokens_per_s']:,.0f} | {row['stall_rate']:.3f} | "
-                      f"{row['method_ms_per_step']:.3f} ms | "
-                      f"{_relative(row['method_ms_per_step'], base['method_ms_per_step'])} |",
-                      flush=True)
+                print(
+                    f"| {row['policy']} | {row['tokens']:,} | {args.compare_window} | "
+                    f"{row['tokens_per_s']:,.0f} | {row['stall_rate']:.3f} | "
+                    f"{row['method_ms_per_step']:.3f} ms | "
+                    f"{_relative(row['method_ms_per_step'], base['method_ms_per_step'])} |",
+                    flush=True,
+                )
             body = coordinator_body_ms_per_step(
-                ids.astype(np.uint8), starts, policies, args.compare_window,
-                args.layers_per_actor, args.step_tokens, args.body_rounds)
+                ids.astype(np.uint8),
+                starts,
+                policies,
+                args.compare_window,
+                args.layers_per_actor,
+                args.step_tokens,
+                args.body_rounds,
+            )
             print()
-            print(f"| policy | coordinator body CPU / step (no Ray, median of {args.body_rounds}) | "
-                  f"extra vs {base['policy']} | extra / {base['policy']}'s CPU per step through Ray |")
+            print(
+                f"| policy | coordinator body CPU / step (no Ray, median of {args.body_rounds}) | "
+                f"extra vs {base['policy']} | extra / {base['policy']}'s CPU per step through Ray |"
+            )
             print("|---|---|---|---|")
             for policy, ms in body.items():
                 extra = ms - body[base["policy"]]
-                share = extra / base["method_ms_per_step"] * 100 if base["method_ms_per_step"] else 0
-                print(f"| {policy} | {ms * 1e3:.1f} µs | {extra * 1e3:+.1f} µs | {share:+.1f} % |",
-                      flush=True)
+                share = (
+                    extra / base["method_ms_per_step"] * 100 if base["method_ms_per_step"] else 0
+                )
+                print(
+                    f"| {policy} | {ms * 1e3:.1f} µs | {extra * 1e3:+.1f} µs | {share:+.1f} % |",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
     return 0

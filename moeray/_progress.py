@@ -12,8 +12,14 @@ __all__ = ["Progress"]
 class Progress:
     """Counts ``total`` units of work and redraws one line at most every 0.1 s."""
 
-    def __init__(self, total: int, label: str = "", stream: TextIO | None = None,
-                 enabled: bool | None = None, width: int = 30):
+    def __init__(
+        self,
+        total: int,
+        label: str = "",
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+        width: int = 30,
+    ):
         self.total = max(int(total), 1)
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
@@ -37,7 +43,7 @@ class Progress:
             self.stream.write("\r" + " " * (self.width + len(self.label) + 40) + "\r")
             self.stream.flush()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

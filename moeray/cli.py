@@ -49,78 +49,160 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    replay.add_argument("trace", nargs="?", help="trace .npz (default: the bundled gpt-oss-20b slice)")
+    replay.add_argument(
+        "trace", nargs="?", help="trace .npz (default: the bundled gpt-oss-20b slice)"
+    )
     size = replay.add_mutually_exclusive_group()
-    size.add_argument("--capacity", type=float, default=0.25, metavar="FRACTION",
-                      help="hot-set size as a fraction of each layer's experts, in (0, 1] "
-                      "(default 0.25: 8 of 32 for gpt-oss-20b); the total, with --resplit-every")
-    size.add_argument("--capacity-bytes", type=_byte_size, metavar="SIZE",
-                      help="with --shards: one byte budget for the hot sets of all layers (e.g. "
-                      "6GiB, 512MiB, 1500000000), as many experts per layer as it holds")
-    replay.add_argument("--policy", action="append", choices=POLICY_NAMES, dest="policies",
-                        help="policy to replay; repeat for several (default: all)")
-    replay.add_argument("--affinity-weight", type=float, default=0.8,
-                        help="weight of affinity in affinity-lru eviction, in [0, 1] (default 0.8)")
-    replay.add_argument("--hint-accuracy", type=float, metavar="P",
-                        help="give the moeray policy synthetic engine hints made from the trace: "
-                        "each hinted expert is the used one with probability P in [0, 1], else a "
-                        "random unused one (default: no hints)")
-    replay.add_argument("--resplit-every", type=int, metavar="N",
-                        help="moeray policy: re-split the total capacity across layers by "
-                        "marginal benefit every N tokens (0: fixed per-layer capacity; default: "
-                        "moeray's default)")
-    replay.add_argument("--backend", choices=("service", "local"), default="service",
-                        help="service: through a moeray service on Ray (a local Ray unless "
-                        "--address is given); local: in this process, no Ray (default: service)")
-    replay.add_argument("--address", metavar="ADDRESS",
-                        help="join this Ray cluster (e.g. auto, or 127.0.0.1:6379) instead of "
-                        "starting a local one")
-    replay.add_argument("--step-tokens", type=int, metavar="T",
-                        help="tokens per step: per submit with --backend service (default 256), "
-                        "per window with --backend local --shards (default 1, decode-like)")
-    replay.add_argument("--window-steps", type=int, default=16, metavar="N",
-                        help="steps coalesced into one call per layer actor (default 16: on a "
-                        "2-core machine per-call overhead, not decisions, bounds throughput)")
-    replay.add_argument("--layers-per-actor", type=int, metavar="N",
-                        help="layers hosted by one actor process (default: layers / CPUs)")
-    replay.add_argument("--tokens", type=int, metavar="N",
-                        help="replay only the first N tokens of the trace (default: all)")
-    replay.add_argument("--shards", type=Path, metavar="DIR",
-                        help="a safetensors checkpoint (e.g. from `moeray shards synth`) whose "
-                        "expert bytes follow each policy's hot sets: reports per layer resident "
-                        "bytes (mincore) against capacity, bytes moved and late prefetches")
+    size.add_argument(
+        "--capacity",
+        type=float,
+        default=0.25,
+        metavar="FRACTION",
+        help="hot-set size as a fraction of each layer's experts, in (0, 1] "
+        "(default 0.25: 8 of 32 for gpt-oss-20b); the total, with --resplit-every",
+    )
+    size.add_argument(
+        "--capacity-bytes",
+        type=_byte_size,
+        metavar="SIZE",
+        help="with --shards: one byte budget for the hot sets of all layers (e.g. "
+        "6GiB, 512MiB, 1500000000), as many experts per layer as it holds",
+    )
+    replay.add_argument(
+        "--policy",
+        action="append",
+        choices=POLICY_NAMES,
+        dest="policies",
+        help="policy to replay; repeat for several (default: all)",
+    )
+    replay.add_argument(
+        "--affinity-weight",
+        type=float,
+        default=0.8,
+        help="weight of affinity in affinity-lru eviction, in [0, 1] (default 0.8)",
+    )
+    replay.add_argument(
+        "--hint-accuracy",
+        type=float,
+        metavar="P",
+        help="give the moeray policy synthetic engine hints made from the trace: "
+        "each hinted expert is the used one with probability P in [0, 1], else a "
+        "random unused one (default: no hints)",
+    )
+    replay.add_argument(
+        "--resplit-every",
+        type=int,
+        metavar="N",
+        help="moeray policy: re-split the total capacity across layers by "
+        "marginal benefit every N tokens (0: fixed per-layer capacity; default: "
+        "moeray's default)",
+    )
+    replay.add_argument(
+        "--backend",
+        choices=("service", "local"),
+        default="service",
+        help="service: through a moeray service on Ray (a local Ray unless "
+        "--address is given); local: in this process, no Ray (default: service)",
+    )
+    replay.add_argument(
+        "--address",
+        metavar="ADDRESS",
+        help="join this Ray cluster (e.g. auto, or 127.0.0.1:6379) instead of starting a local one",
+    )
+    replay.add_argument(
+        "--step-tokens",
+        type=int,
+        metavar="T",
+        help="tokens per step: per submit with --backend service (default 256), "
+        "per window with --backend local --shards (default 1, decode-like)",
+    )
+    replay.add_argument(
+        "--window-steps",
+        type=int,
+        default=16,
+        metavar="N",
+        help="steps coalesced into one call per layer actor (default 16: on a "
+        "2-core machine per-call overhead, not decisions, bounds throughput)",
+    )
+    replay.add_argument(
+        "--layers-per-actor",
+        type=int,
+        metavar="N",
+        help="layers hosted by one actor process (default: layers / CPUs)",
+    )
+    replay.add_argument(
+        "--tokens",
+        type=int,
+        metavar="N",
+        help="replay only the first N tokens of the trace (default: all)",
+    )
+    replay.add_argument(
+        "--shards",
+        type=Path,
+        metavar="DIR",
+        help="a safetensors checkpoint (e.g. from `moeray shards synth`) whose "
+        "expert bytes follow each policy's hot sets: reports per layer resident "
+        "bytes (mincore) against capacity, bytes moved and late prefetches",
+    )
     replay.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
-    replay.add_argument("--per-layer", action="store_true",
-                        help="also print each layer's stall rate per policy")
-    replay.add_argument("--plot", type=Path, metavar="PNG",
-                        help="draw hit and stall rate per layer for each policy and a capacity "
-                        "curve (hit rate against capacity for lru, moeray, belady: replays the "
-                        "trace at several capacities, in-process); needs matplotlib "
-                        "(pip install 'moeray[plot]')")
-    replay.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar on stderr (default: when stderr is a terminal)")
+    replay.add_argument(
+        "--per-layer", action="store_true", help="also print each layer's stall rate per policy"
+    )
+    replay.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="draw hit and stall rate per layer for each policy and a capacity "
+        "curve (hit rate against capacity for lru, moeray, belady: replays the "
+        "trace at several capacities, in-process); needs matplotlib "
+        "(pip install 'moeray[plot]')",
+    )
+    replay.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
     serve = commands.add_parser(
         "serve",
         help="start (or attach to) a named moeray service and keep it up: a `ray job submit` entrypoint",
         description="Starts the service described by a JSON config file (the fields of "
         "moeray.service.ServiceConfig), or attaches to it if it already runs, and stays up until "
         "stopped (SIGINT/SIGTERM, e.g. `ray job stop`). A service it started is shut down on exit.",
-        epilog="example config: {\"num_layers\": 24, \"num_experts\": 32, \"top_k\": 4, "
-        "\"capacity\": 8, \"name\": \"gpt-oss\"}",
+        epilog='example config: {"num_layers": 24, "num_experts": 32, "top_k": 4, '
+        '"capacity": 8, "name": "gpt-oss"}',
     )
-    serve.add_argument("--config", type=Path, required=True, metavar="FILE",
-                       help="JSON file with ServiceConfig fields")
-    serve.add_argument("--address", metavar="ADDRESS",
-                       help="Ray cluster to join (default: RAY_ADDRESS, as in a Ray job, else a local Ray)")
-    serve.add_argument("--report-s", type=float, default=60.0, metavar="SECONDS",
-                       help="print statistics this often (default 60; 0: never)")
-    serve.add_argument("--ready-file", type=Path, metavar="PATH",
-                       help="write the service name here once it answers (for scripts and tests)")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="JSON file with ServiceConfig fields",
+    )
+    serve.add_argument(
+        "--address",
+        metavar="ADDRESS",
+        help="Ray cluster to join (default: RAY_ADDRESS, as in a Ray job, else a local Ray)",
+    )
+    serve.add_argument(
+        "--report-s",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="print statistics this often (default 60; 0: never)",
+    )
+    serve.add_argument(
+        "--ready-file",
+        type=Path,
+        metavar="PATH",
+        help="write the service name here once it answers (for scripts and tests)",
+    )
     status = commands.add_parser("status", help="print per-layer statistics of a running service")
     status.add_argument("--name", default="moeray", help="service name (default moeray)")
     status.add_argument("--namespace", default="moeray", help="Ray namespace (default moeray)")
-    status.add_argument("--address", metavar="ADDRESS",
-                        help="Ray cluster to join (default: RAY_ADDRESS, else auto)")
+    status.add_argument(
+        "--address", metavar="ADDRESS", help="Ray cluster to join (default: RAY_ADDRESS, else auto)"
+    )
     _add_trace_commands(commands)
     from moeray.shards import cli as shards_cli  # numpy and the standard library only
 
@@ -157,64 +239,134 @@ def _add_trace_commands(commands) -> None:
     from moeray.convert import SOURCE_FORMATS
 
     convert = commands.add_parser(
-        "convert", help="convert routing from .npz, CSV or SGLang dumps to a moeray trace (or back)",
+        "convert",
+        help="convert routing from .npz, CSV or SGLang dumps to a moeray trace (or back)",
         description="Reads routing in another format and writes it as a moeray trace (a versioned "
         "msgpack stream), or as an .npz when DST ends in .npz.",
-        epilog=_CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_CONVERT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     convert.add_argument("src", metavar="SRC", type=Path, help="routing to read")
-    convert.add_argument("dst", metavar="DST", type=Path, help="file to write (.npz: the npz layout)")
-    convert.add_argument("--from", dest="source_format", choices=("auto",) + SOURCE_FORMATS, default="auto",
-                         help="format of SRC (default: guessed from its content and name)")
-    convert.add_argument("--model", default="", help="model name for the trace header (default: SRC's name)")
-    convert.add_argument("--num-experts", type=int, metavar="N",
-                         help="experts per layer (default: from SRC, else the largest id + 1)")
-    convert.add_argument("--weights-dtype", choices=("auto", "float16", "float32", "none"), default="auto",
-                         help="how to store router weights (default auto: as in SRC)")
-    convert.add_argument("--record-tokens", type=int, default=1024, metavar="T",
-                         help="at most this many tokens of one sequence per record (default 1024)")
-    convert.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                         help="progress bar on stderr (default: when stderr is a terminal)")
+    convert.add_argument(
+        "dst", metavar="DST", type=Path, help="file to write (.npz: the npz layout)"
+    )
+    convert.add_argument(
+        "--from",
+        dest="source_format",
+        choices=("auto",) + SOURCE_FORMATS,
+        default="auto",
+        help="format of SRC (default: guessed from its content and name)",
+    )
+    convert.add_argument(
+        "--model", default="", help="model name for the trace header (default: SRC's name)"
+    )
+    convert.add_argument(
+        "--num-experts",
+        type=int,
+        metavar="N",
+        help="experts per layer (default: from SRC, else the largest id + 1)",
+    )
+    convert.add_argument(
+        "--weights-dtype",
+        choices=("auto", "float16", "float32", "none"),
+        default="auto",
+        help="how to store router weights (default auto: as in SRC)",
+    )
+    convert.add_argument(
+        "--record-tokens",
+        type=int,
+        default=1024,
+        metavar="T",
+        help="at most this many tokens of one sequence per record (default 1024)",
+    )
+    convert.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
 
     from moeray.record import FAMILIES
 
     record = commands.add_parser(
-        "record", help="run a Hugging Face MoE model on prompts and record every MoE layer's routing",
+        "record",
+        help="run a Hugging Face MoE model on prompts and record every MoE layer's routing",
         description="Runs a transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
         "DeepSeek-V2/V3, gpt-oss) on each prompt and records every MoE layer's top-k expert ids "
         "and router weights, as the model used them, through forward hooks on its routers.",
         epilog=_RECORD_EPILOG.replace("FAMILIES", ", ".join(FAMILIES)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    record.add_argument("--model", required=True, metavar="PATH_OR_NAME",
-                        help="local model directory, or tiny-FAMILY for a small random model")
-    record.add_argument("--prompts", required=True, type=Path, metavar="FILE",
-                        help="one prompt per line, or JSONL with a prompt or text field")
-    record.add_argument("--out", required=True, type=Path, metavar="TRACE", help="trace file to write")
-    record.add_argument("--max-new-tokens", type=int, default=0, metavar="N",
-                        help="after each prompt's prefill, greedily decode N tokens and record them "
-                        "too, one record per step (default 0: prefill only)")
-    record.add_argument("--max-prompt-tokens", type=int, default=2048, metavar="N",
-                        help="truncate longer prompts to N tokens (default 2048)")
-    record.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="torch dtype to run the model in (default float32)")
-    record.add_argument("--seed", type=int, default=0, help="torch seed for tiny random models (default 0)")
-    record.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar on stderr (default: when stderr is a terminal)")
+    record.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH_OR_NAME",
+        help="local model directory, or tiny-FAMILY for a small random model",
+    )
+    record.add_argument(
+        "--prompts",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="one prompt per line, or JSONL with a prompt or text field",
+    )
+    record.add_argument(
+        "--out", required=True, type=Path, metavar="TRACE", help="trace file to write"
+    )
+    record.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after each prompt's prefill, greedily decode N tokens and record them "
+        "too, one record per step (default 0: prefill only)",
+    )
+    record.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="truncate longer prompts to N tokens (default 2048)",
+    )
+    record.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="torch dtype to run the model in (default float32)",
+    )
+    record.add_argument(
+        "--seed", type=int, default=0, help="torch seed for tiny random models (default 0)"
+    )
+    record.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
 
-    trace = commands.add_parser("trace", help="describe routing traces (trace info)",
-                                description="Commands that look at a routing trace.")
+    trace = commands.add_parser(
+        "trace",
+        help="describe routing traces (trace info)",
+        description="Commands that look at a routing trace.",
+    )
     trace_commands = trace.add_subparsers(dest="trace_command", required=True, metavar="COMMAND")
     info = trace_commands.add_parser(
-        "info", help="shape, per-layer expert load and previous-token overlap of a trace",
+        "info",
+        help="shape, per-layer expert load and previous-token overlap of a trace",
         description="Prints a trace's shape, each layer's expert load (busiest expert over the mean: "
         "1 is balanced), the fraction of a token's experts shared with the previous token of its "
         "sequence (beside top_k / num_experts, its value for random routing) and a summary. Reads "
         "moeray trace files record by record and .npz traces whole.",
     )
     info.add_argument("trace", metavar="TRACE", type=Path, help="trace file (.mtrace or .npz)")
-    info.add_argument("--plot", nargs="?", const=True, default=None, metavar="PNG",
-                      help="also draw the per-layer load heat map (default file: TRACE.load.png)")
+    info.add_argument(
+        "--plot",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PNG",
+        help="also draw the per-layer load heat map (default file: TRACE.load.png)",
+    )
     info.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
 
 
@@ -223,13 +375,22 @@ def _convert(args) -> int:
 
     if args.record_tokens < 1:
         raise ValueError("--record-tokens: expected an int >= 1")
-    result = convert(args.src, args.dst, source_format=args.source_format, model=args.model,
-                     num_experts=args.num_experts, weights_dtype=args.weights_dtype,
-                     record_tokens=args.record_tokens, progress=args.progress)
+    result = convert(
+        args.src,
+        args.dst,
+        source_format=args.source_format,
+        model=args.model,
+        num_experts=args.num_experts,
+        weights_dtype=args.weights_dtype,
+        record_tokens=args.record_tokens,
+        progress=args.progress,
+    )
     t = result.trace
-    print(f"wrote {args.dst}: {t.num_tokens:,} tokens x {t.num_layers} layers x top-{t.top_k}, "
-          f"{t.num_experts} experts, {t.num_sequences:,} sequences, router weights: "
-          f"{'yes' if result.weights_dtype else 'no'}")
+    print(
+        f"wrote {args.dst}: {t.num_tokens:,} tokens x {t.num_layers} layers x top-{t.top_k}, "
+        f"{t.num_experts} experts, {t.num_sequences:,} sequences, router weights: "
+        f"{'yes' if result.weights_dtype else 'no'}"
+    )
     return 0
 
 
@@ -240,11 +401,20 @@ def _record(args) -> int:
     prompts = read_prompts(args.prompts)
     steps = len(prompts) * (1 + max(args.max_new_tokens, 0))
     with Progress(steps, "record", enabled=args.progress) as progress:
-        header, tokens = record_trace(args.model, prompts, args.out, max_new_tokens=args.max_new_tokens,
-                                      max_prompt_tokens=args.max_prompt_tokens, dtype=args.dtype,
-                                      seed=args.seed, progress=progress)
-    print(f"wrote {args.out}: {len(prompts)} prompts, {tokens:,} tokens x {header.num_layers} MoE layers "
-          f"x top-{header.top_k}, {header.num_experts} experts (model {header.model})")
+        header, tokens = record_trace(
+            args.model,
+            prompts,
+            args.out,
+            max_new_tokens=args.max_new_tokens,
+            max_prompt_tokens=args.max_prompt_tokens,
+            dtype=args.dtype,
+            seed=args.seed,
+            progress=progress,
+        )
+    print(
+        f"wrote {args.out}: {len(prompts)} prompts, {tokens:,} tokens x {header.num_layers} MoE layers "
+        f"x top-{header.top_k}, {header.num_experts} experts (model {header.model})"
+    )
     return 0
 
 
@@ -283,17 +453,29 @@ def _load_service_config(path: Path):
 
 
 def _print_stats(stats, out) -> None:
-    print(f"{'layer':>5}{'hit rate':>10}{'hits':>12}{'misses':>12}{'evictions':>12}"
-          f"{'prefetches':>12}{'tokens':>12}{'restarts':>10}", file=out)
+    print(
+        f"{'layer':>5}{'hit rate':>10}{'hits':>12}{'misses':>12}{'evictions':>12}"
+        f"{'prefetches':>12}{'tokens':>12}{'restarts':>10}",
+        file=out,
+    )
     for s in stats.layers + [stats.total()]:
         label = "all" if s.layer < 0 else str(s.layer)
-        print(f"{label:>5}{s.hit_rate():>10.3f}{s.hits:>12,}{s.misses:>12,}{s.evictions:>12,}"
-              f"{s.prefetches:>12,}{s.tokens:>12,}{s.restarts:>10}", file=out)
-    print(f"submits: {stats.submits:,}; windows not yet acknowledged: {stats.pending_windows}; "
-          f"coordinator CPU: {stats.coordinator_cpu_s:.1f} s", file=out)
+        print(
+            f"{label:>5}{s.hit_rate():>10.3f}{s.hits:>12,}{s.misses:>12,}{s.evictions:>12,}"
+            f"{s.prefetches:>12,}{s.tokens:>12,}{s.restarts:>10}",
+            file=out,
+        )
+    print(
+        f"submits: {stats.submits:,}; windows not yet acknowledged: {stats.pending_windows}; "
+        f"coordinator CPU: {stats.coordinator_cpu_s:.1f} s",
+        file=out,
+    )
     if stats.resplit_moved:
-        print(f"capacity re-split across layers: {stats.resplit_moved:,} experts moved; now "
-              f"{list(stats.capacity)}", file=out)
+        print(
+            f"capacity re-split across layers: {stats.resplit_moved:,} experts moved; now "
+            f"{list(stats.capacity)}",
+            file=out,
+        )
 
 
 def _serve(args) -> int:
@@ -312,8 +494,11 @@ def _serve(args) -> int:
             print(f"attached to running service {config.name!r}", flush=True)
         except ValueError:
             handle, started = service.start(config), True
-            print(f"started service {config.name!r}: {config.num_layers} layers, "
-                  f"{len(config.actor_layers())} layer actors", flush=True)
+            print(
+                f"started service {config.name!r}: {config.num_layers} layers, "
+                f"{len(config.actor_layers())} layer actors",
+                flush=True,
+            )
         if args.ready_file:
             args.ready_file.write_text(config.name + "\n")
         try:
@@ -344,24 +529,37 @@ def _print_report(report, trace, out) -> None:
         f"core: {'native' if report.native else 'pure Python'}",
         file=out,
     )
-    print(f"{'policy':<14}{'hit rate':>10}{'stall rate':>12}{'transfers/token':>17}{'wasted':>10}"
-          f"{'worst layer':>16}{'decisions/s':>14}", file=out)
+    print(
+        f"{'policy':<14}{'hit rate':>10}{'stall rate':>12}{'transfers/token':>17}{'wasted':>10}"
+        f"{'worst layer':>16}{'decisions/s':>14}",
+        file=out,
+    )
     for name, r in report.results.items():
         worst = f"{r.per_layer_hit_rate[r.worst_layer]:.3f} (L{r.worst_layer})"
         per_token = r.transfers_per_token
         per_token = f"{per_token:.2f}" if per_token is not None else "-"
-        print(f"{name:<14}{r.hit_rate:>10.3f}{r.stall_rate:>12.3f}{per_token:>17}"
-              f"{r.wasted_prefetches:>10,}{worst:>16}{r.decisions_per_s / 1e6:>12.3g} M", file=out)
+        print(
+            f"{name:<14}{r.hit_rate:>10.3f}{r.stall_rate:>12.3f}{per_token:>17}"
+            f"{r.wasted_prefetches:>10,}{worst:>16}{r.decisions_per_s / 1e6:>12.3g} M",
+            file=out,
+        )
     for name, r in report.results.items():
         if r.predictors:
-            guesses = ", ".join(f"{p} {v['recall']:.3f}/{v['precision']:.3f}"
-                                for p, v in r.predictors.items())
-            print(f"{name} predictors, recall/precision of each top-{trace.top_k} guess: {guesses}; "
-                  f"prefetches {r.prefetches:,}, used {r.prefetch_hits:,}", file=out)
+            guesses = ", ".join(
+                f"{p} {v['recall']:.3f}/{v['precision']:.3f}" for p, v in r.predictors.items()
+            )
+            print(
+                f"{name} predictors, recall/precision of each top-{trace.top_k} guess: {guesses}; "
+                f"prefetches {r.prefetches:,}, used {r.prefetch_hits:,}",
+                file=out,
+            )
         if r.resplit:
-            print(f"{name} re-split: moved {r.resplit['moved']:,} experts of capacity, evicted "
-                  f"{r.resplit['evictions']:,}, reloaded {r.resplit['transfers']:,}; final "
-                  f"capacity {r.resplit['final_capacity']}", file=out)
+            print(
+                f"{name} re-split: moved {r.resplit['moved']:,} experts of capacity, evicted "
+                f"{r.resplit['evictions']:,}, reloaded {r.resplit['transfers']:,}; final "
+                f"capacity {r.resplit['final_capacity']}",
+                file=out,
+            )
 
 
 def _print_per_layer(report, out) -> None:
@@ -374,16 +572,25 @@ def _print_per_layer(report, out) -> None:
 
 
 def _print_shards(report, out) -> None:
-    print(f"shards {report.shards_path}: resident bytes (largest mincore reading) against "
-          "capacity; goal: at most capacity + one expert", file=out)
-    print(f"{'policy':<14}{'capacity':>11}{'resident max':>14}{'worst layer':>13}{'moved':>14}"
-          f"{'late':>7}{'stalls':>8}{'bound':>7}", file=out)
+    print(
+        f"shards {report.shards_path}: resident bytes (largest mincore reading) against "
+        "capacity; goal: at most capacity + one expert",
+        file=out,
+    )
+    print(
+        f"{'policy':<14}{'capacity':>11}{'resident max':>14}{'worst layer':>13}{'moved':>14}"
+        f"{'late':>7}{'stalls':>8}{'bound':>7}",
+        file=out,
+    )
     for name, r in report.shards.items():
         ratio = [res / cap for res, cap in zip(r.resident_bytes_max, r.capacity_bytes)]
         worst = max(range(len(ratio)), key=ratio.__getitem__)
-        print(f"{name:<14}{_mib(r.capacity_bytes[worst]):>11}{_mib(r.resident_bytes_max[worst]):>14}"
-              f"{f'L{worst}':>13}{_mib(sum(r.bytes_moved)):>14}{sum(r.late_prefetches):>7}"
-              f"{sum(r.stalls):>8}{'held' if not r.over_bound() else 'BROKEN':>7}", file=out)
+        print(
+            f"{name:<14}{_mib(r.capacity_bytes[worst]):>11}{_mib(r.resident_bytes_max[worst]):>14}"
+            f"{f'L{worst}':>13}{_mib(sum(r.bytes_moved)):>14}{sum(r.late_prefetches):>7}"
+            f"{sum(r.stalls):>8}{'held' if not r.over_bound() else 'BROKEN':>7}",
+            file=out,
+        )
 
 
 def _mib(n: int) -> str:
@@ -394,8 +601,11 @@ def _print_throughput(throughput, out) -> None:
     print("service throughput (end to end, submit to last ack):", file=out)
     print(f"{'policy':<14}{'tokens/s':>12}{'submits/s':>12}{'submit p50':>13}{'p99':>10}", file=out)
     for t in throughput:
-        print(f"{t.policy:<14}{t.tokens_per_s:>12,.0f}{t.submits_per_s:>12,.0f}"
-              f"{t.submit_p50_ms:>10.2f} ms{t.submit_p99_ms:>7.2f} ms", file=out)
+        print(
+            f"{t.policy:<14}{t.tokens_per_s:>12,.0f}{t.submits_per_s:>12,.0f}"
+            f"{t.submit_p50_ms:>10.2f} ms{t.submit_p99_ms:>7.2f} ms",
+            file=out,
+        )
 
 
 @contextlib.contextmanager
@@ -418,8 +628,13 @@ def _ray_session(address: str | None, job: bool = False):
         yield
         return
     if address is None:
-        _ray.init(include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
-                  logging_level="ERROR", _system_config={"worker_maximum_startup_concurrency": 16})
+        _ray.init(
+            include_dashboard=False,
+            object_store_memory=200 * 2**20,
+            log_to_driver=False,
+            logging_level="ERROR",
+            _system_config={"worker_maximum_startup_concurrency": 16},
+        )
     else:
         _ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     try:
@@ -428,9 +643,22 @@ def _ray_session(address: str | None, job: bool = False):
         ray.shutdown()
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
-          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
-          "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+    "t": 10**12,
+    "tb": 10**12,
+    "tib": 2**40,
+}
 
 
 def _byte_size(text: str) -> int:
@@ -440,8 +668,9 @@ def _byte_size(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else None
     if unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size such as 6GiB, 512MiB or 1500000000, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 6GiB, 512MiB or 1500000000, got {text!r}"
+        )
     size = int(float(match.group(1)) * _UNITS[unit])
     if size < 1:
         raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
@@ -466,8 +695,13 @@ def _replay(args) -> int:
 
     from moeray._progress import Progress
     from moeray.replay import (
-        POLICY_NAMES, ReplayConfig, capacity_from_bytes, capacity_from_fraction, replay_shards,
-        replay_trace, shard_expert_bytes,
+        POLICY_NAMES,
+        ReplayConfig,
+        capacity_from_bytes,
+        capacity_from_fraction,
+        replay_shards,
+        replay_trace,
+        shard_expert_bytes,
     )
     from moeray.replay_plot import PLOT_FRACTIONS
     from moeray.traces import default_trace_path, load_trace
@@ -478,18 +712,24 @@ def _replay(args) -> int:
     shards = str(args.shards) if args.shards else None
     if args.capacity_bytes is not None:
         if shards is None:
-            raise ValueError("--capacity-bytes: needs --shards (an expert's bytes come from the "
-                             "checkpoint)")
+            raise ValueError(
+                "--capacity-bytes: needs --shards (an expert's bytes come from the checkpoint)"
+            )
         expert_bytes = shard_expert_bytes(shards, trace.num_layers)
         capacity = capacity_from_bytes(args.capacity_bytes, expert_bytes, trace.num_experts)
-        print(f"capacity: {args.capacity_bytes:,} bytes across {trace.num_layers} layers hold "
-              f"{capacity} experts per layer ({capacity * sum(expert_bytes):,} bytes)")
+        print(
+            f"capacity: {args.capacity_bytes:,} bytes across {trace.num_layers} layers hold "
+            f"{capacity} experts per layer ({capacity * sum(expert_bytes):,} bytes)"
+        )
     else:
         capacity = capacity_from_fraction(args.capacity, trace.num_experts)
     if capacity < trace.top_k:
-        print(f"note: a capacity of {capacity} experts per layer is below top_k {trace.top_k}: a "
-              "token's experts do not fit at once, each token evicts its own first experts, and "
-              "the policies can hardly differ", file=sys.stderr)
+        print(
+            f"note: a capacity of {capacity} experts per layer is below top_k {trace.top_k}: a "
+            "token's experts do not fit at once, each token evicts its own first experts, and "
+            "the policies can hardly differ",
+            file=sys.stderr,
+        )
     config = ReplayConfig(
         capacity=capacity,
         policies=tuple(dict.fromkeys(args.policies or POLICY_NAMES)),
@@ -505,8 +745,9 @@ def _replay(args) -> int:
         require_matplotlib()  # before minutes of replay, not after
     if args.backend == "local" and shards:
         with Progress(total, "replay", enabled=args.progress) as progress:
-            report = replay_shards(trace, config, shards, step_tokens=args.step_tokens or 1,
-                                   progress=progress)
+            report = replay_shards(
+                trace, config, shards, step_tokens=args.step_tokens or 1, progress=progress
+            )
     elif args.backend == "local":
         with Progress(total, "replay", enabled=args.progress) as progress:
             report = replay_trace(trace, config, progress=progress)
@@ -524,13 +765,22 @@ def _replay(args) -> int:
             if served:
                 with _ray_session(args.address):
                     report, throughput = replay_through_service(
-                        trace, config, step_tokens=step_tokens, window_steps=args.window_steps,
-                        layers_per_actor=args.layers_per_actor, progress=progress, shards=shards,
+                        trace,
+                        config,
+                        step_tokens=step_tokens,
+                        window_steps=args.window_steps,
+                        layers_per_actor=args.layers_per_actor,
+                        progress=progress,
+                        shards=shards,
                     )
             else:  # belady alone: no service to start
                 report = replay_trace(trace, config, progress=progress)
-        report = replace(report, results={n: replace(r, top_k=r.top_k or trace.top_k)
-                                          for n, r in report.results.items()})
+        report = replace(
+            report,
+            results={
+                n: replace(r, top_k=r.top_k or trace.top_k) for n, r in report.results.items()
+            },
+        )
     _print_report(report, trace, sys.stdout)
     if args.per_layer:
         _print_per_layer(report, sys.stdout)
@@ -543,17 +793,23 @@ def _replay(args) -> int:
         if args.capacity_bytes is not None:
             document["capacity_budget_bytes"] = args.capacity_bytes
         if throughput:
-            document["service"] = {t.policy: {
-                "tokens_per_s": t.tokens_per_s, "submits_per_s": t.submits_per_s,
-                "submit_p50_ms": t.submit_p50_ms, "submit_p99_ms": t.submit_p99_ms,
-            } for t in throughput}
+            document["service"] = {
+                t.policy: {
+                    "tokens_per_s": t.tokens_per_s,
+                    "submits_per_s": t.submits_per_s,
+                    "submit_p50_ms": t.submit_p50_ms,
+                    "submit_p99_ms": t.submit_p99_ms,
+                }
+                for t in throughput
+            }
         args.json.write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stdout)
     if args.plot is not None:
         from moeray.replay_plot import plot_replay
 
-        with Progress(len(PLOT_FRACTIONS) * 3 * trace.num_layers, "capacity curve",
-                      enabled=args.progress) as progress:
+        with Progress(
+            len(PLOT_FRACTIONS) * 3 * trace.num_layers, "capacity curve", enabled=args.progress
+        ) as progress:
             print(f"wrote {plot_replay(report, trace, config, args.plot, progress=progress)}")
     return 0
 

@@ -27,7 +27,16 @@ __all__ = ["SOURCE_FORMATS", "ConvertResult", "convert", "guess_format", "read_c
 
 SOURCE_FORMATS = ("trace", "npz", "csv", "sglang")
 
-_SEQ_COLUMNS = ("seq", "sequence", "sequence_id", "seq_id", "prompt", "prompt_num", "request", "rid")
+_SEQ_COLUMNS = (
+    "seq",
+    "sequence",
+    "sequence_id",
+    "seq_id",
+    "prompt",
+    "prompt_num",
+    "request",
+    "rid",
+)
 _LIST_SPLIT = re.compile(r"[\s;|,]+")
 
 
@@ -67,7 +76,9 @@ def _is_int_text(text: str) -> bool:
     return bool(re.fullmatch(r"\s*-?\d+\s*", text))
 
 
-def read_csv(path: str | os.PathLike, num_experts: int | None = None) -> tuple[Trace, tuple[int, ...]]:
+def read_csv(
+    path: str | os.PathLike, num_experts: int | None = None
+) -> tuple[Trace, tuple[int, ...]]:
     """Rows of (layer, token, expert ids): one row per token and MoE layer.
 
     Without a header the columns are ``layer, token, ids...``; with one, the columns named
@@ -99,17 +110,25 @@ def read_csv(path: str | os.PathLike, num_experts: int | None = None) -> tuple[T
                 tokens.append(int(row[token_col]))
                 key = row[seq_col].strip() if seq_col is not None else ""
                 seqs.append(seq_index.setdefault(key, len(seq_index)))
-                cells = [row[c] for c in id_cols] if id_cols else row[max(layer_col, token_col) + 1:]
+                cells = (
+                    [row[c] for c in id_cols] if id_cols else row[max(layer_col, token_col) + 1 :]
+                )
                 ids.append([int(x) for cell in cells for x in _LIST_SPLIT.split(cell.strip()) if x])
             except (ValueError, IndexError) as exc:
-                raise ValueError(f"{path}: line {line}: expected layer, token and expert ids ({exc})") from None
+                raise ValueError(
+                    f"{path}: line {line}: expected layer, token and expert ids ({exc})"
+                ) from None
     if not ids:
         raise ValueError(f"{path}: no rows")
     top_k = len(ids[0])
     bad = next((i for i, r in enumerate(ids) if len(r) != top_k or top_k == 0), None)
     if bad is not None:
-        raise ValueError(f"{path}: row {bad + 1 + start}: {len(ids[bad])} expert ids, the first row has {top_k}")
-    return _assemble(np.array(seqs), np.array(tokens), np.array(layers), np.array(ids), path, num_experts)
+        raise ValueError(
+            f"{path}: row {bad + 1 + start}: {len(ids[bad])} expert ids, the first row has {top_k}"
+        )
+    return _assemble(
+        np.array(seqs), np.array(tokens), np.array(layers), np.array(ids), path, num_experts
+    )
 
 
 def _chain(*iterables):
@@ -126,12 +145,19 @@ def _csv_columns(first: list[str], path: Path):
     def find(*options):
         return next((names.index(o) for o in options if o in names), None)
 
-    layer, token = find("layer", "layer_id", "layer_idx"), find("token", "token_idx", "token_id", "position")
+    layer, token = (
+        find("layer", "layer_id", "layer_idx"),
+        find("token", "token_idx", "token_id", "position"),
+    )
     if layer is None or token is None:
         raise ValueError(f"{path}: the header needs 'layer' and 'token' columns, got {first}")
     seq = find(*_SEQ_COLUMNS)
     used = {layer, token, seq}
-    id_cols = [i for i, n in enumerate(names) if i not in used and ("expert" in n or n.startswith("id") or n.startswith("e"))]
+    id_cols = [
+        i
+        for i, n in enumerate(names)
+        if i not in used and ("expert" in n or n.startswith("id") or n.startswith("e"))
+    ]
     if not id_cols:
         id_cols = [i for i in range(len(names)) if i not in used]
     return layer, token, seq, id_cols, 1
@@ -152,7 +178,8 @@ def _assemble(seqs, tokens, layers, ids, source, num_experts) -> tuple[Trace, tu
         row = starts[int(np.argmax(bad_groups))]
         raise ValueError(
             f"{source}: token {tokens[row]} of sequence {seqs[row]} does not have each of the "
-            f"{num_layers} layers {layer_ids.tolist()} exactly once")
+            f"{num_layers} layers {layer_ids.tolist()} exactly once"
+        )
     expert_ids = ids.reshape(-1, num_layers, ids.shape[1])
     token_seqs = seqs[::num_layers]
     starts = np.flatnonzero(np.diff(token_seqs)) + 1
@@ -169,7 +196,9 @@ def _trace(expert_ids, weights, offsets, source, num_experts) -> Trace:
     if num_experts <= max_id:
         raise ValueError(f"num_experts: {num_experts} experts but {source} uses id {max_id}")
     dtype = np.uint8 if num_experts <= 256 else np.uint16 if num_experts <= 2**16 else np.int32
-    return Trace(expert_ids.astype(dtype), weights, offsets, int(num_experts), Path(str(source)).name)
+    return Trace(
+        expert_ids.astype(dtype), weights, offsets, int(num_experts), Path(str(source)).name
+    )
 
 
 # --------------------------------------------------------------------------- SGLang
@@ -181,18 +210,24 @@ def _load_sglang(path: Path):
     try:
         import torch
     except ImportError:
-        raise ValueError(f"{path}: reading a torch.save dump needs torch (pip install 'moeray[hf]')") from None
+        raise ValueError(
+            f"{path}: reading a torch.save dump needs torch (pip install 'moeray[hf]')"
+        ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types on a bad or unsafe file
-        raise ValueError(f"{path}: not a readable SGLang dump ({type(exc).__name__}: {exc})") from None
+        raise ValueError(
+            f"{path}: not a readable SGLang dump ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _numpy(value) -> np.ndarray:
     return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
-def read_sglang(path: str | os.PathLike, num_experts: int | None = None) -> tuple[Trace, tuple[int, ...]]:
+def read_sglang(
+    path: str | os.PathLike, num_experts: int | None = None
+) -> tuple[Trace, tuple[int, ...]]:
     """SGLang's ``per_token`` expert-distribution dump: records of ``topk_ids_of_layer``
     [layer, token, top_k] (-1 where a layer is dense or a token is padding), in forward order.
 
@@ -212,8 +247,14 @@ def read_sglang(path: str | os.PathLike, num_experts: int | None = None) -> tupl
         if not isinstance(record, dict) or "topk_ids_of_layer" not in record:
             raise ValueError(f"{path}: record {i} has no 'topk_ids_of_layer'")
         a = _numpy(record["topk_ids_of_layer"])
-        if a.ndim != 3 or a.dtype.kind not in "iu" or (arrays and a.shape[::2] != arrays[0].shape[::2]):
-            raise ValueError(f"{path}: record {i}: expected integer [layer, token, top_k], got {a.dtype} {a.shape}")
+        if (
+            a.ndim != 3
+            or a.dtype.kind not in "iu"
+            or (arrays and a.shape[::2] != arrays[0].shape[::2])
+        ):
+            raise ValueError(
+                f"{path}: record {i}: expected integer [layer, token, top_k], got {a.dtype} {a.shape}"
+            )
         arrays.append(a.astype(np.int64))
     mapping = dump.get("last_physical_to_logical_map")
     if mapping is not None:
@@ -225,11 +266,19 @@ def read_sglang(path: str | os.PathLike, num_experts: int | None = None) -> tupl
     for i, (record, a) in enumerate(zip(records, arrays)):
         a = a[moe_layers]
         if mapping is not None:
-            a = np.where(a >= 0, np.take_along_axis(mapping[moe_layers], np.maximum(a, 0).reshape(len(moe_layers), -1), axis=1).reshape(a.shape), a)
+            a = np.where(
+                a >= 0,
+                np.take_along_axis(
+                    mapping[moe_layers], np.maximum(a, 0).reshape(len(moe_layers), -1), axis=1
+                ).reshape(a.shape),
+                a,
+            )
         keep = (a >= 0).any(axis=(0, 2))
         a = a[:, keep]
         if (a < 0).any():
-            raise ValueError(f"{path}: record {i}: a token has -1 on some MoE layers and not others")
+            raise ValueError(
+                f"{path}: record {i}: a token has -1 on some MoE layers and not others"
+            )
         for seq_key, part in _split_requests(record, a, i, int(keep.sum())):
             ids.append(part.transpose(1, 0, 2))
             seqs.extend([request_seq.setdefault(seq_key, len(request_seq))] * part.shape[1])
@@ -248,13 +297,17 @@ def _split_requests(record: dict, a: np.ndarray, index: int, num_tokens: int):
     if rids is None or mode is None:
         yield ("record", index), a
         return
-    lengths = [1] * len(rids) if int(mode) == 2 else [int(n) for n in _numpy(record.get("extend_seq_lens", []))]
+    lengths = (
+        [1] * len(rids)
+        if int(mode) == 2
+        else [int(n) for n in _numpy(record.get("extend_seq_lens", []))]
+    )
     if len(lengths) != len(rids) or sum(lengths) != num_tokens:
         yield ("record", index), a  # padding or a layout we do not know: keep the pass whole
         return
     start = 0
     for rid, length in zip(rids, lengths):
-        yield ("rid", str(rid)), a[:, start:start + length]
+        yield ("rid", str(rid)), a[:, start : start + length]
         start += length
 
 
@@ -324,8 +377,11 @@ def convert(
     trace, layer_ids = _read_source(src, fmt, num_experts)
     dtype = _weights_dtype(src, fmt, trace, weights_dtype)
     if dst.suffix.lower() == ".npz":
-        arrays = {"expert_ids": trace.expert_ids, "seq_offsets": trace.seq_offsets,
-                  "num_experts": np.array(trace.num_experts)}
+        arrays = {
+            "expert_ids": trace.expert_ids,
+            "seq_offsets": trace.seq_offsets,
+            "num_experts": np.array(trace.num_experts),
+        }
         if dtype is not None:
             arrays["expert_probs"] = trace.weights.astype(dtype)
         if layer_ids is not None:
@@ -333,9 +389,18 @@ def convert(
         with open(dst, "wb") as f:
             np.savez(f, **arrays)
     else:
-        header = TraceHeader(num_layers=trace.num_layers, num_experts=trace.num_experts, top_k=trace.top_k,
-                             model=model or src.stem, weights_dtype=dtype, layer_ids=layer_ids,
-                             metadata={"converted_from": src.name, "source_format": fmt})
-        with TraceWriter(dst, header) as writer, Progress(trace.num_tokens, "convert", enabled=progress) as bar:
+        header = TraceHeader(
+            num_layers=trace.num_layers,
+            num_experts=trace.num_experts,
+            top_k=trace.top_k,
+            model=model or src.stem,
+            weights_dtype=dtype,
+            layer_ids=layer_ids,
+            metadata={"converted_from": src.name, "source_format": fmt},
+        )
+        with (
+            TraceWriter(dst, header) as writer,
+            Progress(trace.num_tokens, "convert", enabled=progress) as bar,
+        ):
             writer.write_trace(trace, record_tokens, bar)
     return ConvertResult(trace, layer_ids, dtype, dst)

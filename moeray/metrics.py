@@ -44,15 +44,18 @@ class ServiceMetrics:
         self._prefetches = counter("moeray_prefetches", "experts prefetched by affinity")
         self._prefetch_hits = counter("moeray_prefetch_hits", "hits on prefetched experts")
         self._transfers = counter("moeray_transfers", "experts moved into the fast tier")
-        self._wasted = counter("moeray_wasted_prefetches",
-                               "prefetched experts evicted before any use (moeray policy)")
+        self._wasted = counter(
+            "moeray_wasted_prefetches", "prefetched experts evicted before any use (moeray policy)"
+        )
         predictor_tags = ("service", "layer", "predictor")
         self._predictor = {
             field: counter(f"moeray_predictor_{field}", description, predictor_tags)
             for field, description in (
                 ("hits", "experts of a predictor's top-k guesses that were used"),
                 ("guesses", "experts a predictor guessed"),
-                ("uses", "expert uses a predictor had a guess for"))}
+                ("uses", "expert uses a predictor had a guess for"),
+            )
+        }
 
     def record_ack(self, ack: LayerAck) -> None:
         tags = {"layer": str(ack.layer)}

@@ -24,15 +24,32 @@ import numpy as np
 
 from moeray.trace import TraceHeader, TraceWriter
 
-__all__ = ["FAMILIES", "tiny_model", "find_routers", "RouterRecorder", "read_prompts", "load_model",
-           "record_trace"]
+__all__ = [
+    "FAMILIES",
+    "tiny_model",
+    "find_routers",
+    "RouterRecorder",
+    "read_prompts",
+    "load_model",
+    "record_trace",
+]
 
 FAMILIES = ("mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "deepseek-v2", "deepseek-v3", "gpt-oss")
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_SMALL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-              tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_SMALL = dict(
+    vocab_size=256,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _require_hf():
@@ -40,7 +57,9 @@ def _require_hf():
         import torch
         import transformers
     except ImportError:
-        raise ValueError("moeray record needs torch and transformers: pip install 'moeray[hf]'") from None
+        raise ValueError(
+            "moeray record needs torch and transformers: pip install 'moeray[hf]'"
+        ) from None
     return torch, transformers
 
 
@@ -52,25 +71,54 @@ def _tiny_config(family: str):
     if family == "mixtral":
         return tf.MixtralConfig(**small, num_local_experts=8, num_experts_per_tok=2)
     if family == "qwen2-moe":
-        return tf.Qwen2MoeConfig(**small, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                 shared_expert_intermediate_size=32, norm_topk_prob=False)
+        return tf.Qwen2MoeConfig(
+            **small,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            norm_topk_prob=False,
+        )
     if family == "qwen3-moe":
-        return tf.Qwen3MoeConfig(**small, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                 head_dim=8, norm_topk_prob=True)
+        return tf.Qwen3MoeConfig(
+            **small,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            head_dim=8,
+            norm_topk_prob=True,
+        )
     if family == "olmoe":
         return tf.OlmoeConfig(**small, num_experts=8, num_experts_per_tok=2)
-    deepseek = dict(small, num_hidden_layers=3, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8,
-                    num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32, kv_lora_rank=16,
-                    q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=4,
-                    topk_group=2, routed_scaling_factor=2.5)
+    deepseek = dict(
+        small,
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        first_k_dense_replace=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+    )
     if family == "deepseek-v2":
         return tf.DeepseekV2Config(**deepseek, topk_method="group_limited_greedy")
     if family == "deepseek-v3":
         return tf.DeepseekV3Config(**deepseek, norm_topk_prob=True)
     if family == "gpt-oss":
-        return tf.GptOssConfig(**small, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
-                               sliding_window=16)
-    raise ValueError(f"--model: unknown family {family!r}; expected tiny-FAMILY with FAMILY in {FAMILIES}")
+        return tf.GptOssConfig(
+            **small, num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=16
+        )
+    raise ValueError(
+        f"--model: unknown family {family!r}; expected tiny-FAMILY with FAMILY in {FAMILIES}"
+    )
 
 
 def tiny_model(family: str, seed: int = 0, dtype: str = "float32"):
@@ -92,12 +140,16 @@ def load_model(name_or_path: str, dtype: str = "float32", seed: int = 0):
     (local files only); ``tiny-FAMILY`` builds a random model without a tokenizer."""
     torch, tf = _require_hf()
     if name_or_path.startswith("tiny-") and not Path(name_or_path).exists():
-        return tiny_model(name_or_path[len("tiny-"):], seed, dtype), None, name_or_path
+        return tiny_model(name_or_path[len("tiny-") :], seed, dtype), None, name_or_path
     path = Path(name_or_path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"--model: '{name_or_path}' is neither a local model directory with config.json "
-                         f"nor tiny-FAMILY (FAMILY in {', '.join(FAMILIES)}); nothing is downloaded")
-    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+        raise ValueError(
+            f"--model: '{name_or_path}' is neither a local model directory with config.json "
+            f"nor tiny-FAMILY (FAMILY in {', '.join(FAMILIES)}); nothing is downloaded"
+        )
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), local_files_only=True
+    )
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception:  # a directory of weights without tokenizer files: fall back to bytes
@@ -115,8 +167,10 @@ def find_routers(model) -> list[tuple[int, object]]:
                 raise ValueError(f"router '{name}' is not under a numbered decoder layer")
             routers.append((int(match.group(1)), module))
     if not routers:
-        raise ValueError(f"{type(model).__name__}: no MoE router modules (*TopKRouter) found; supported "
-                         f"families: {', '.join(FAMILIES)} with transformers >= 5")
+        raise ValueError(
+            f"{type(model).__name__}: no MoE router modules (*TopKRouter) found; supported "
+            f"families: {', '.join(FAMILIES)} with transformers >= 5"
+        )
     return sorted(routers, key=lambda r: r[0])
 
 
@@ -139,11 +193,14 @@ class RouterRecorder:
     def _hook(self, position: int):
         def hook(module, inputs, output):
             _, weights, ids = output
-            self._captured[position] = (ids.detach().to("cpu").numpy().astype(np.int64),
-                                        weights.detach().float().to("cpu").numpy())
+            self._captured[position] = (
+                ids.detach().to("cpu").numpy().astype(np.int64),
+                weights.detach().float().to("cpu").numpy(),
+            )
+
         return hook
 
-    def __enter__(self) -> "RouterRecorder":
+    def __enter__(self) -> RouterRecorder:
         for position, (_, router) in enumerate(self.routers):
             self._handles.append(router.register_forward_hook(self._hook(position)))
         return self
@@ -155,7 +212,9 @@ class RouterRecorder:
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         if len(self._captured) != len(self.routers):
-            raise RuntimeError(f"{len(self._captured)} of {len(self.routers)} routers ran in the last forward")
+            raise RuntimeError(
+                f"{len(self._captured)} of {len(self.routers)} routers ran in the last forward"
+            )
         ids = np.stack([self._captured[p][0] for p in range(len(self.routers))])
         weights = np.stack([self._captured[p][1] for p in range(len(self.routers))])
         self._captured.clear()
@@ -178,7 +237,9 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
             except (json.JSONDecodeError, AttributeError):
                 line = None
             if not isinstance(line, str):
-                raise ValueError(f"--prompts: {path}: line {number}: expected JSON with a prompt or text string")
+                raise ValueError(
+                    f"--prompts: {path}: line {number}: expected JSON with a prompt or text string"
+                )
         prompts.append(line)
     if not prompts:
         raise ValueError(f"--prompts: {path} holds no prompts")
@@ -211,23 +272,34 @@ def record_trace(
     torch, _ = _require_hf()
     model, tokenizer, name = load_model(model_name, dtype, seed)
     # transformers renamed past_key_values to cache (5.2x); take whichever this version has.
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
     tokens = 0
     with RouterRecorder(model) as recorder, torch.no_grad():
-        header = TraceHeader(num_layers=len(recorder.routers), num_experts=recorder.num_experts,
-                             top_k=recorder.top_k, model=name, weights_dtype="float32",
-                             layer_ids=recorder.layer_ids,
-                             metadata={"recorded_with": "moeray record", "model_type": model.config.model_type})
+        header = TraceHeader(
+            num_layers=len(recorder.routers),
+            num_experts=recorder.num_experts,
+            top_k=recorder.top_k,
+            model=name,
+            weights_dtype="float32",
+            layer_ids=recorder.layer_ids,
+            metadata={"recorded_with": "moeray record", "model_type": model.config.model_type},
+        )
         with TraceWriter(out, header) as writer:
             for seq, prompt in enumerate(prompts):
-                input_ids = torch.tensor([_tokenize(prompt, tokenizer, model.config.vocab_size, max_prompt_tokens)])
+                input_ids = torch.tensor(
+                    [_tokenize(prompt, tokenizer, model.config.vocab_size, max_prompt_tokens)]
+                )
                 output = model(input_ids=input_ids, use_cache=True)
                 writer.write(*recorder.take(), seq=seq)
                 tokens += input_ids.shape[1]
                 _advance(progress)
                 for _ in range(max_new_tokens):
                     next_id = output.logits[:, -1:].argmax(dim=-1)
-                    output = model(input_ids=next_id, use_cache=True, **{cache_name: output[cache_name]})
+                    output = model(
+                        input_ids=next_id, use_cache=True, **{cache_name: output[cache_name]}
+                    )
                     writer.write(*recorder.take(), seq=seq)
                     tokens += 1
                     _advance(progress)

@@ -29,8 +29,8 @@ the gate ahead would know; nothing else is taken from the future. With re-split 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 
@@ -91,8 +91,10 @@ def capacity_from_bytes(total_bytes: int, expert_bytes, num_experts: int) -> int
         raise ValueError(f"capacity_bytes: expected a positive int, got {total_bytes!r}")
     per_expert_row = int(sum(expert_bytes))  # one expert of every layer
     if total_bytes < per_expert_row:
-        raise ValueError(f"capacity_bytes: {total_bytes:,} bytes cannot hold one expert per layer "
-                         f"({per_expert_row:,} bytes)")
+        raise ValueError(
+            f"capacity_bytes: {total_bytes:,} bytes cannot hold one expert per layer "
+            f"({per_expert_row:,} bytes)"
+        )
     return min(num_experts, total_bytes // per_expert_row)
 
 
@@ -119,16 +121,28 @@ class ReplayConfig:
 
     def __post_init__(self):
         if self.hint_accuracy is not None and not (
-                isinstance(self.hint_accuracy, (int, float)) and not isinstance(self.hint_accuracy, bool)
-                and 0.0 <= self.hint_accuracy <= 1.0):
-            raise ValueError(f"hint_accuracy: expected None or a float in [0, 1], got {self.hint_accuracy!r}")
-        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1:
+            isinstance(self.hint_accuracy, (int, float))
+            and not isinstance(self.hint_accuracy, bool)
+            and 0.0 <= self.hint_accuracy <= 1.0
+        ):
+            raise ValueError(
+                f"hint_accuracy: expected None or a float in [0, 1], got {self.hint_accuracy!r}"
+            )
+        if (
+            isinstance(self.capacity, bool)
+            or not isinstance(self.capacity, int)
+            or self.capacity < 1
+        ):
             raise ValueError(f"capacity: expected an int >= 1, got {self.capacity!r}")
         unknown = [p for p in self.policies if p not in POLICY_NAMES]
         if unknown or not self.policies:
-            raise ValueError(f"policies: expected names from {POLICY_NAMES}, got {list(self.policies)}")
+            raise ValueError(
+                f"policies: expected names from {POLICY_NAMES}, got {list(self.policies)}"
+            )
         if not 0.0 <= self.affinity_weight <= 1.0:
-            raise ValueError(f"affinity_weight: expected a float in [0, 1], got {self.affinity_weight}")
+            raise ValueError(
+                f"affinity_weight: expected a float in [0, 1], got {self.affinity_weight}"
+            )
 
 
 @dataclass(frozen=True)
@@ -252,13 +266,25 @@ class ShardResult:
 
     def over_bound(self) -> list[int]:
         """Layers whose resident bytes exceeded capacity plus one expert (the memory goal)."""
-        return [layer for layer, (resident, cap, one) in enumerate(
-            zip(self.resident_bytes_max, self.capacity_bytes, self.expert_bytes))
-            if resident > cap + one]
+        return [
+            layer
+            for layer, (resident, cap, one) in enumerate(
+                zip(self.resident_bytes_max, self.capacity_bytes, self.expert_bytes)
+            )
+            if resident > cap + one
+        ]
 
     def to_json(self) -> dict:
-        return {key: list(getattr(self, key)) for key in (
-            "capacity_bytes", "resident_bytes_max", "bytes_moved", "late_prefetches", "stalls")}
+        return {
+            key: list(getattr(self, key))
+            for key in (
+                "capacity_bytes",
+                "resident_bytes_max",
+                "bytes_moved",
+                "late_prefetches",
+                "stalls",
+            )
+        }
 
 
 @dataclass(frozen=True)
@@ -289,9 +315,16 @@ class ReplayReport:
             "num_experts": self.num_experts,
             "backend": "native" if self.native else "python",
             "policies": {name: r.to_json() for name, r in self.results.items()},
-            **({"shards": {"path": self.shards_path,
-                           "policies": {n: r.to_json() for n, r in self.shards.items()}}}
-               if self.shards else {}),
+            **(
+                {
+                    "shards": {
+                        "path": self.shards_path,
+                        "policies": {n: r.to_json() for n, r in self.shards.items()},
+                    }
+                }
+                if self.shards
+                else {}
+            ),
         }
 
 
@@ -312,22 +345,29 @@ def _layer_hits(name: str, ids: np.ndarray, trace: Trace, config: ReplayConfig) 
     return int(cache.access_batch(ids).sum())
 
 
-def synthetic_hints(expert_ids: np.ndarray, num_experts: int, accuracy: float,
-                    rng: np.random.Generator, chunk_tokens: int = 1024) -> np.ndarray:
+def synthetic_hints(
+    expert_ids: np.ndarray,
+    num_experts: int,
+    accuracy: float,
+    rng: np.random.Generator,
+    chunk_tokens: int = 1024,
+) -> np.ndarray:
     """Engine hints made from the routing itself: expert_ids integer [T, L, top_k] in
     [0, num_experts); returns int32 [T, L, top_k] where each slot is the used expert with
     probability ``accuracy`` and otherwise one of the experts the token did not use at that
     layer (distinct within a token's layer; -1 when fewer than top_k unused experts exist)."""
     expert_ids = np.asarray(expert_ids)
     if expert_ids.ndim != 3:
-        raise ValueError(f"expert_ids: expected [tokens, layers, top_k], got shape {expert_ids.shape}")
+        raise ValueError(
+            f"expert_ids: expected [tokens, layers, top_k], got shape {expert_ids.shape}"
+        )
     if not 0.0 <= accuracy <= 1.0:
         raise ValueError(f"accuracy: expected a float in [0, 1], got {accuracy}")
     T, L, k = expert_ids.shape
     out = np.empty((T, L, k), dtype=np.int32)
     spare = min(k, num_experts - 1)  # unused experts there are at least num_experts - k of
     for first in range(0, T, chunk_tokens):
-        ids = expert_ids[first:first + chunk_tokens].astype(np.intp)
+        ids = expert_ids[first : first + chunk_tokens].astype(np.intp)
         n = ids.shape[0]
         keys = rng.random((n, L, num_experts), dtype=np.float32)
         np.put_along_axis(keys, ids, 2.0, axis=2)  # used experts sort last
@@ -335,7 +375,7 @@ def synthetic_hints(expert_ids: np.ndarray, num_experts: int, accuracy: float,
         wrong[..., :spare] = np.argsort(keys, axis=2, kind="stable")[..., :spare]
         wrong[np.take_along_axis(keys, np.maximum(wrong, 0), axis=2) >= 2.0] = -1
         right = rng.random((n, L, k)) < accuracy
-        out[first:first + n] = np.where(right, ids, wrong)
+        out[first : first + n] = np.where(right, ids, wrong)
     return out
 
 
@@ -350,12 +390,17 @@ def replay_predictive(
     with synthetic hints when ``config.hint_accuracy`` is set. caches: fresh hot sets to
     replay with (a variant under study; default: built from ``config``)."""
     if caches is None:
-        caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k,
-                                  config.capacity, config.predict)
+        caches = PredictiveCaches(
+            trace.num_layers, trace.num_experts, trace.top_k, config.capacity, config.predict
+        )
     hints = None
     if config.hint_accuracy is not None:
-        hints = synthetic_hints(trace.expert_ids, trace.num_experts, config.hint_accuracy,
-                                np.random.default_rng(config.hint_seed))
+        hints = synthetic_hints(
+            trace.expert_ids,
+            trace.num_experts,
+            config.hint_accuracy,
+            np.random.default_rng(config.hint_seed),
+        )
     done = [0, 0]  # tokens, progress units reported
 
     def advance(tokens: int) -> None:
@@ -370,8 +415,9 @@ def replay_predictive(
     seconds = (timer() - start) / trace.num_layers
     resplit = None
     if config.predict.split is not None:
-        resplit = resplit_report(stats.resplit_moved, stats.resplit_evictions,
-                                 stats.resplit_transfers, caches.capacity)
+        resplit = resplit_report(
+            stats.resplit_moved, stats.resplit_evictions, stats.resplit_transfers, caches.capacity
+        )
     return PolicyResult(
         "moeray",
         tuple(int(h) for h in stats.hits),
@@ -426,9 +472,13 @@ def shard_expert_bytes(shards: str, num_layers: int) -> tuple[int, ...]:
     with ShardStore(shards) as store:
         layers = store.layers
         if num_layers > len(layers):
-            raise ValueError(f"shards: {shards} has {len(layers)} MoE layers, the trace {num_layers}")
-        return tuple(max(store.expert_bytes(layer, e) for e in range(store.num_experts(layer)))
-                     for layer in layers[:num_layers])
+            raise ValueError(
+                f"shards: {shards} has {len(layers)} MoE layers, the trace {num_layers}"
+            )
+        return tuple(
+            max(store.expert_bytes(layer, e) for e in range(store.num_experts(layer)))
+            for layer in layers[:num_layers]
+        )
 
 
 def shard_capacity(capacity, expert_bytes) -> tuple[int, ...]:
@@ -439,22 +489,28 @@ def shard_capacity(capacity, expert_bytes) -> tuple[int, ...]:
 def resplit_report(moved, evictions, transfers, capacity) -> dict:
     """PolicyResult.resplit: experts of capacity moved, hot experts evicted by shrinking and
     later loads of those (per layer arrays summed), and the final split."""
-    return {"moved": int(moved), "evictions": int(np.sum(evictions)),
-            "transfers": int(np.sum(transfers)),
-            "per_layer_transfers": [int(x) for x in transfers],
-            "final_capacity": [int(c) for c in capacity]}
+    return {
+        "moved": int(moved),
+        "evictions": int(np.sum(evictions)),
+        "transfers": int(np.sum(transfers)),
+        "per_layer_transfers": [int(x) for x in transfers],
+        "final_capacity": [int(c) for c in capacity],
+    }
 
 
-def served_result(name: str, layers, trace: Trace, per_layer_seconds,
-                  resplit: dict | None = None) -> PolicyResult:
+def served_result(
+    name: str, layers, trace: Trace, per_layer_seconds, resplit: dict | None = None
+) -> PolicyResult:
     """A policy's result from the layer actors' counters per layer (``LayerStats``, summed
     acknowledgements); under ``moeray`` with its stalls (its misses), transfers, wasted
     prefetches and predictors (demand policies: stalls and transfers are their misses), and
     ``resplit`` (``resplit_report``) when the capacity was re-split."""
     prefetching = {}
     if name == "moeray":
-        counts = {key: [getattr(s, key) for s in layers if getattr(s, key)]
-                  for key in ("predictor_hits", "predictor_guesses", "predictor_uses")}
+        counts = {
+            key: [getattr(s, key) for s in layers if getattr(s, key)]
+            for key in ("predictor_hits", "predictor_guesses", "predictor_uses")
+        }
         prefetching = dict(
             per_layer_stalls=tuple(s.misses for s in layers),
             per_layer_transfers=tuple(s.misses + s.prefetches for s in layers),
@@ -462,11 +518,20 @@ def served_result(name: str, layers, trace: Trace, per_layer_seconds,
             top_k=trace.top_k,
             prefetches=sum(s.prefetches for s in layers),
             prefetch_hits=sum(s.prefetch_hits for s in layers),
-            predictors=(predictor_report(*(np.sum(counts[key], axis=0) for key in counts))
-                        if counts["predictor_uses"] else None),  # None: no window acked
+            predictors=(
+                predictor_report(*(np.sum(counts[key], axis=0) for key in counts))
+                if counts["predictor_uses"]
+                else None
+            ),  # None: no window acked
         )
-    return PolicyResult(name, tuple(s.hits for s in layers), trace.num_tokens * trace.top_k,
-                        tuple(per_layer_seconds), resplit=resplit, **prefetching)
+    return PolicyResult(
+        name,
+        tuple(s.hits for s in layers),
+        trace.num_tokens * trace.top_k,
+        tuple(per_layer_seconds),
+        resplit=resplit,
+        **prefetching,
+    )
 
 
 def replay_shards(
@@ -493,8 +558,11 @@ def replay_shards(
     capacity_bytes = shard_capacity([config.capacity] * trace.num_layers, expert_bytes)
     layers = list(range(trace.num_layers))
     ids = [np.ascontiguousarray(trace.layer_ids(layer), dtype=np.int32) for layer in layers]
-    affinity = (AffinityConfig.with_num_experts(trace.num_experts)
-                .with_decay(config.affinity_decay).with_activation_boost(config.affinity_boost))
+    affinity = (
+        AffinityConfig.with_num_experts(trace.num_experts)
+        .with_decay(config.affinity_decay)
+        .with_activation_boost(config.affinity_boost)
+    )
     results, shard_results = {}, {}
     seq_starts = np.zeros(trace.num_tokens, dtype=bool)
     seq_starts[trace.seq_offsets[trace.seq_offsets < trace.num_tokens]] = True
@@ -502,24 +570,42 @@ def replay_shards(
     budget = trace.top_k if budget is None else budget
     hints = None  # [layers, T, top_k]: moeray's, as replay_trace makes them
     if config.hint_accuracy is not None:
-        hints = synthetic_hints(trace.expert_ids, trace.num_experts, config.hint_accuracy,
-                                np.random.default_rng(config.hint_seed)).transpose(1, 0, 2)
+        hints = synthetic_hints(
+            trace.expert_ids,
+            trace.num_experts,
+            config.hint_accuracy,
+            np.random.default_rng(config.hint_seed),
+        ).transpose(1, 0, 2)
     for name in config.policies:
         if name in IN_PROCESS_POLICY_NAMES:
             results[name] = replay_trace(trace, replace(config, policies=(name,))).results[name]
             if progress is not None:
                 progress.advance(trace.num_layers, name)
             continue
-        body = LayerCaches(layers, trace.num_experts, dict.fromkeys(layers, config.capacity), name,
-                           affinity, config.affinity_weight, shards=shards, settle=True,
-                           predict=config.predict)
+        body = LayerCaches(
+            layers,
+            trace.num_experts,
+            dict.fromkeys(layers, config.capacity),
+            name,
+            affinity,
+            config.affinity_weight,
+            shards=shards,
+            settle=True,
+            predict=config.predict,
+        )
         stats = [LayerStats(layer) for layer in layers]
         seconds = [0.0] * len(layers)
         split = None  # moeray's re-split, as a coordinator runs it
         if name == "moeray" and config.predict.split is not None:
-            split = SplitSchedule(CapacitySplit.for_model(
-                trace.num_layers, trace.num_experts, trace.top_k, config.capacity,
-                config.predict.split))
+            split = SplitSchedule(
+                CapacitySplit.for_model(
+                    trace.num_layers,
+                    trace.num_experts,
+                    trace.top_k,
+                    config.capacity,
+                    config.predict.split,
+                )
+            )
         for seq, first in enumerate(range(0, trace.num_tokens, step_tokens), start=1):
             step = slice(first, first + step_tokens)
             if name == "moeray":  # every layer's window of a step together, one shared time
@@ -527,11 +613,20 @@ def replay_shards(
                 if split is not None:
                     split.observe(trace.expert_ids[step])
                     resplits = split.window(len(ids[0][step]))
-                windows = [[LayerWindow(layer, seq, ids[layer][step], budget,
-                                        seq_starts=seq_starts[step],
-                                        hints=None if hints is None else hints[layer, step],
-                                        resplits=resplits)
-                            for layer in layers]]
+                windows = [
+                    [
+                        LayerWindow(
+                            layer,
+                            seq,
+                            ids[layer][step],
+                            budget,
+                            seq_starts=seq_starts[step],
+                            hints=None if hints is None else hints[layer, step],
+                            resplits=resplits,
+                        )
+                        for layer in layers
+                    ]
+                ]
             else:
                 windows = [[LayerWindow(layer, seq, ids[layer][step])] for layer in layers]
             for group in windows:
@@ -542,19 +637,40 @@ def replay_shards(
                     stats[ack.layer].add(ack)
         del body  # unmaps the shards
         if name == "moeray":  # with its stalls, transfers and predictors
-            resplit = None if split is None else resplit_report(
-                split.moved, [s.resplit_evictions for s in stats],
-                [s.resplit_transfers for s in stats], split.capacity)
+            resplit = (
+                None
+                if split is None
+                else resplit_report(
+                    split.moved,
+                    [s.resplit_evictions for s in stats],
+                    [s.resplit_transfers for s in stats],
+                    split.capacity,
+                )
+            )
             results[name] = served_result(name, stats, trace, seconds, resplit)
         else:
-            results[name] = PolicyResult(name, tuple(s.hits for s in stats),
-                                         trace.num_tokens * trace.top_k, tuple(seconds),
-                                         top_k=trace.top_k)
+            results[name] = PolicyResult(
+                name,
+                tuple(s.hits for s in stats),
+                trace.num_tokens * trace.top_k,
+                tuple(seconds),
+                top_k=trace.top_k,
+            )
         shard_results[name] = ShardResult(
             capacity_bytes if split is None else shard_capacity(split.capacity_max, expert_bytes),
-            expert_bytes, *(tuple(getattr(s, key) for s in stats)
-              for key in ("resident_bytes_max", "bytes_moved", "late_prefetches", "stalls")))
+            expert_bytes,
+            *(
+                tuple(getattr(s, key) for s in stats)
+                for key in ("resident_bytes_max", "bytes_moved", "late_prefetches", "stalls")
+            ),
+        )
         if progress is not None:
             progress.advance(trace.num_layers, name)
-    return ReplayReport(trace.name, trace.num_experts, config.capacity, results,
-                        shards=shard_results, shards_path=str(shards))
+    return ReplayReport(
+        trace.name,
+        trace.num_experts,
+        config.capacity,
+        results,
+        shards=shard_results,
+        shards_path=str(shards),
+    )

@@ -11,11 +11,21 @@ from pathlib import Path
 
 from moeray._progress import Progress
 from moeray.replay import (
-    POLICY_NAMES, ReplayConfig, ReplayReport, capacity_from_fraction, replay_trace,
+    POLICY_NAMES,
+    ReplayConfig,
+    ReplayReport,
+    capacity_from_fraction,
+    replay_trace,
 )
 from moeray.traces import Trace
 
-__all__ = ["PLOT_FRACTIONS", "CURVE_POLICIES", "capacity_curve", "plot_replay", "require_matplotlib"]
+__all__ = [
+    "PLOT_FRACTIONS",
+    "CURVE_POLICIES",
+    "capacity_curve",
+    "plot_replay",
+    "require_matplotlib",
+]
 
 # Capacities (fractions of each layer's experts) of the capacity curve, and its policies.
 PLOT_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.75)
@@ -34,23 +44,29 @@ def require_matplotlib():
     return plt
 
 
-def capacity_curve(trace: Trace, config: ReplayConfig, fractions=PLOT_FRACTIONS,
-                   policies=CURVE_POLICIES, progress: Progress | None = None
-                   ) -> dict[str, list[tuple[float, float, float]]]:
+def capacity_curve(
+    trace: Trace,
+    config: ReplayConfig,
+    fractions=PLOT_FRACTIONS,
+    policies=CURVE_POLICIES,
+    progress: Progress | None = None,
+) -> dict[str, list[tuple[float, float, float]]]:
     """Per policy, (capacity fraction, hit rate, stall rate) at each distinct capacity of
     ``fractions`` (experts per layer, rounded as ``moeray replay --capacity`` does)."""
     capacities = sorted({capacity_from_fraction(f, trace.num_experts) for f in fractions})
     curve: dict[str, list[tuple[float, float, float]]] = {name: [] for name in policies}
     for capacity in capacities:
-        report = replay_trace(trace, replace(config, capacity=capacity, policies=tuple(policies)),
-                              progress=progress)
+        report = replay_trace(
+            trace, replace(config, capacity=capacity, policies=tuple(policies)), progress=progress
+        )
         for name, r in report.results.items():
             curve[name].append((capacity / trace.num_experts, r.hit_rate, r.stall_rate))
     return curve
 
 
-def plot_replay(report: ReplayReport, trace: Trace, config: ReplayConfig, path,
-                progress: Progress | None = None) -> Path:
+def plot_replay(
+    report: ReplayReport, trace: Trace, config: ReplayConfig, path, progress: Progress | None = None
+) -> Path:
     """Draws ``report`` (per layer hit and stall rates of each policy) and the capacity curve of
     ``trace`` into the PNG at ``path``; returns the path."""
     plt = require_matplotlib()
@@ -69,8 +85,13 @@ def plot_replay(report: ReplayReport, trace: Trace, config: ReplayConfig, path,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for name, points in curve.items():
-        ax_curve.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
-                      color=_color(name))
+        ax_curve.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o",
+            label=name,
+            color=_color(name),
+        )
     ax_curve.set_xlabel("capacity (fraction of experts, every layer)")
     ax_curve.set_ylabel("hit rate (moeray: 1 - stall rate)")
     ax_curve.set_ylim(0, 1)

@@ -27,25 +27,36 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 
 from moeray._progress import Progress
-
-
 from moeray.actors import _ray
-from moeray.actors.layer import PREDICTIVE_POLICY
 from moeray.actors.coordinator import (
-    ServiceConfig, ServiceStats, check_hints, check_seq_starts, check_step, join_hints,
+    ServiceConfig,
+    ServiceStats,
+    check_hints,
+    check_seq_starts,
+    check_step,
+    join_hints,
     schedule_step,
 )
+from moeray.actors.layer import PREDICTIVE_POLICY
 from moeray.metrics import SubmitLatency
 from moeray.policy.scheduler import ExpertBatches
 from moeray.replay import (
-    PolicyResult, ReplayConfig, ReplayReport, ShardResult, replay_trace, resplit_report,
-    served_result, shard_capacity, shard_expert_bytes, synthetic_hints,
+    PolicyResult,
+    ReplayConfig,
+    ReplayReport,
+    ShardResult,
+    replay_trace,
+    resplit_report,
+    served_result,
+    shard_capacity,
+    shard_expert_bytes,
+    synthetic_hints,
 )
 from moeray.traces import Trace
 
@@ -62,8 +73,13 @@ __all__ = [
 class ServiceHandle:
     """A driver's handle on a running service."""
 
-    def __init__(self, coordinator, config: ServiceConfig, max_in_flight: int = 64,
-                 timer: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        coordinator,
+        config: ServiceConfig,
+        max_in_flight: int = 64,
+        timer: Callable[[], float] = time.perf_counter,
+    ):
         self._coordinator = coordinator
         self.config = config
         self._in_flight: deque = deque()
@@ -80,8 +96,9 @@ class ServiceHandle:
         self._window_number = 0  # which window a window_ms timer was armed for
         self._lock = threading.Lock()  # submit and the window_ms timer both send windows
 
-    def submit(self, expert_ids, weights=None, seq_starts=None,
-               hints=None) -> list[ExpertBatches] | None:
+    def submit(
+        self, expert_ids, weights=None, seq_starts=None, hints=None
+    ) -> list[ExpertBatches] | None:
         """One forward pass: expert_ids int [num_layers, T, top_k], weights float, same shape
         (or None: no schedule is returned), seq_starts bool [T]: True where a token begins a
         sequence (or None: the step continues the stream; only ``moeray`` reads it), hints int
@@ -135,11 +152,21 @@ class ServiceHandle:
         routing = np.concatenate(self._window, axis=1)
         starts = None
         if any(s is not None for s in self._window_starts):
-            starts = np.concatenate([np.zeros(ids.shape[1], dtype=bool) if s is None else s
-                                     for ids, s in zip(self._window, self._window_starts)])
+            starts = np.concatenate(
+                [
+                    np.zeros(ids.shape[1], dtype=bool) if s is None else s
+                    for ids, s in zip(self._window, self._window_starts)
+                ]
+            )
         self._in_flight.append(
-            _ray.call_async(self._coordinator.add_routing, routing, len(self._window), True, starts,
-                            join_hints(self._window_hints))
+            _ray.call_async(
+                self._coordinator.add_routing,
+                routing,
+                len(self._window),
+                True,
+                starts,
+                join_hints(self._window_hints),
+            )
         )
         self._window = []
         self._window_starts = []
@@ -224,7 +251,9 @@ def _warn_if_core_differs(path: str, native: bool) -> None:
             f"process: native, from {moeray.__file__}). Ray puts the driver's working directory "
             "first on workers' sys.path: a driver started in a moeray checkout makes them import "
             "its unbuilt source tree. Start the driver in another directory (moeray's own commands do).",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def connect(name: str = "moeray", namespace: str = "moeray") -> ServiceHandle:
@@ -274,8 +303,12 @@ def replay_through_service(
     included)."""
     hints = None  # [layers, T, top_k], for the moeray service only, as replay_trace makes them
     if PREDICTIVE_POLICY in config.policies and config.hint_accuracy is not None:
-        hints = synthetic_hints(trace.expert_ids, trace.num_experts, config.hint_accuracy,
-                                np.random.default_rng(config.hint_seed)).transpose(1, 0, 2)
+        hints = synthetic_hints(
+            trace.expert_ids,
+            trace.num_experts,
+            config.hint_accuracy,
+            np.random.default_rng(config.hint_seed),
+        ).transpose(1, 0, 2)
     if shards is not None:
         expert_bytes = shard_expert_bytes(shards, trace.num_layers)
         shards = os.path.abspath(shards)
@@ -316,36 +349,55 @@ def replay_through_service(
             begin = timer()
             for first in range(0, trace.num_tokens, step_tokens):
                 step = slice(first, first + step_tokens)
-                handle.submit(ids[:, step], weights[:, step], seq_starts[step],
-                              hints[:, step] if hints is not None and name == PREDICTIVE_POLICY
-                              else None)
+                handle.submit(
+                    ids[:, step],
+                    weights[:, step],
+                    seq_starts[step],
+                    hints[:, step] if hints is not None and name == PREDICTIVE_POLICY else None,
+                )
             stats = handle.stats()
             seconds = timer() - begin
         finally:
             handle.shutdown()
         latency_ms = np.array(handle.submit_latency_s) * 1e3
-        throughput.append(ServiceThroughput(
-            policy=name,
-            tokens=trace.num_tokens,
-            submits=len(latency_ms),
-            seconds=seconds,
-            submit_p50_ms=float(np.percentile(latency_ms, 50)),
-            submit_p99_ms=float(np.percentile(latency_ms, 99)),
-        ))
+        throughput.append(
+            ServiceThroughput(
+                policy=name,
+                tokens=trace.num_tokens,
+                submits=len(latency_ms),
+                seconds=seconds,
+                submit_p50_ms=float(np.percentile(latency_ms, 50)),
+                submit_p99_ms=float(np.percentile(latency_ms, 99)),
+            )
+        )
         resplit = None
         if name == PREDICTIVE_POLICY and config.predict.split is not None:
-            resplit = resplit_report(stats.resplit_moved,
-                                     [s.resplit_evictions for s in stats.layers],
-                                     [s.resplit_transfers for s in stats.layers], stats.capacity)
-        results[name] = served_result(name, stats.layers, trace,
-                                      (seconds / trace.num_layers,) * trace.num_layers, resplit)
+            resplit = resplit_report(
+                stats.resplit_moved,
+                [s.resplit_evictions for s in stats.layers],
+                [s.resplit_transfers for s in stats.layers],
+                stats.capacity,
+            )
+        results[name] = served_result(
+            name, stats.layers, trace, (seconds / trace.num_layers,) * trace.num_layers, resplit
+        )
         if shards is not None:
             shard_results[name] = ShardResult(
-                shard_capacity(stats.capacity_max, expert_bytes), expert_bytes,
-                *(tuple(getattr(s, key) for s in stats.layers)
-                  for key in ("resident_bytes_max", "bytes_moved", "late_prefetches", "stalls")))
+                shard_capacity(stats.capacity_max, expert_bytes),
+                expert_bytes,
+                *(
+                    tuple(getattr(s, key) for s in stats.layers)
+                    for key in ("resident_bytes_max", "bytes_moved", "late_prefetches", "stalls")
+                ),
+            )
         if progress is not None:
             progress.advance(trace.num_layers, name)
-    report = ReplayReport(trace.name, trace.num_experts, config.capacity, results,
-                          shards=shard_results, shards_path=shards)
+    report = ReplayReport(
+        trace.name,
+        trace.num_experts,
+        config.capacity,
+        results,
+        shards=shard_results,
+        shards_path=shards,
+    )
     return report, throughput

@@ -23,9 +23,10 @@ import io
 import math
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import msgpack
 import numpy as np
@@ -77,8 +78,17 @@ _MAX_CONTAINERS = 64
 
 _END = object()  # end of stream (msgpack's nil unpacks to None, so None cannot say it)
 _RECORD_KEYS = {"expert_ids", "weights", "seq", "positions", "crc32"}
-_HEADER_KEYS = {"format", "version", "model", "num_layers", "num_experts", "top_k", "dtypes",
-                "layer_ids", "metadata"}
+_HEADER_KEYS = {
+    "format",
+    "version",
+    "model",
+    "num_layers",
+    "num_experts",
+    "top_k",
+    "dtypes",
+    "layer_ids",
+    "metadata",
+}
 
 
 class TraceFormatError(ValueError):
@@ -131,9 +141,13 @@ class TraceHeader:
         if not self.ids_dtype:
             object.__setattr__(self, "ids_dtype", _ids_dtype_for(self.num_experts))
         if not isinstance(self.ids_dtype, str) or self.ids_dtype not in ID_DTYPES:
-            raise ValueError(f"ids_dtype: expected one of {sorted(ID_DTYPES)}, got {self.ids_dtype!r}")
+            raise ValueError(
+                f"ids_dtype: expected one of {sorted(ID_DTYPES)}, got {self.ids_dtype!r}"
+            )
         if self.num_experts - 1 > _ID_MAX[self.ids_dtype]:
-            raise ValueError(f"ids_dtype: {self.ids_dtype} cannot hold expert id {self.num_experts - 1}")
+            raise ValueError(
+                f"ids_dtype: {self.ids_dtype} cannot hold expert id {self.num_experts - 1}"
+            )
         if self.weights_dtype is not None and (
             not isinstance(self.weights_dtype, str) or self.weights_dtype not in WEIGHT_DTYPES
         ):
@@ -143,16 +157,24 @@ class TraceHeader:
         if self.layer_ids is not None:
             ids = tuple(self.layer_ids)
             if len(ids) != self.num_layers or not all(_is_int(i) and 0 <= i < 2**31 for i in ids):
-                raise ValueError(f"layer_ids: expected {self.num_layers} non-negative ints, got {ids!r}")
+                raise ValueError(
+                    f"layer_ids: expected {self.num_layers} non-negative ints, got {ids!r}"
+                )
             object.__setattr__(self, "layer_ids", ids)
         _check_metadata(self.metadata)
         if self.version != FORMAT_VERSION:
-            raise ValueError(f"version: this moeray reads version {FORMAT_VERSION}, got {self.version!r}")
+            raise ValueError(
+                f"version: this moeray reads version {FORMAT_VERSION}, got {self.version!r}"
+            )
 
     def to_map(self) -> dict:
         header = {
-            "format": FORMAT_NAME, "version": self.version, "model": self.model,
-            "num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
             "dtypes": {"expert_ids": self.ids_dtype, "weights": self.weights_dtype},
         }
         if self.layer_ids is not None:
@@ -162,7 +184,7 @@ class TraceHeader:
         return header
 
     @classmethod
-    def from_map(cls, obj) -> "TraceHeader":
+    def from_map(cls, obj) -> TraceHeader:
         """ValueError naming the field when ``obj`` is not a header map of this format."""
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise ValueError(f"not a {FORMAT_NAME} stream (the first object is not its header)")
@@ -183,11 +205,15 @@ class TraceHeader:
         if layer_ids is not None and not isinstance(layer_ids, list):
             raise ValueError("layer_ids: expected a list of ints")
         return cls(
-            num_layers=obj["num_layers"], num_experts=obj["num_experts"], top_k=obj["top_k"],
-            model=obj.get("model", ""), ids_dtype=dtypes["expert_ids"] or "",
+            num_layers=obj["num_layers"],
+            num_experts=obj["num_experts"],
+            top_k=obj["top_k"],
+            model=obj.get("model", ""),
+            ids_dtype=dtypes["expert_ids"] or "",
             weights_dtype=dtypes["weights"],
             layer_ids=tuple(layer_ids) if layer_ids is not None else None,
-            metadata=obj.get("metadata", {}), version=obj["version"],
+            metadata=obj.get("metadata", {}),
+            version=obj["version"],
         )
 
 
@@ -201,8 +227,12 @@ def _check_metadata(metadata) -> None:
         raise ValueError(f"metadata: expected a map of at most {_MAX_METADATA_ITEMS} items")
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, (str, int, float, bool)):
-            raise ValueError(f"metadata: expected str keys and str/int/float/bool values, got {key!r}")
-        if len(key) > _MAX_METADATA_STR or (isinstance(value, str) and len(value) > _MAX_METADATA_STR):
+            raise ValueError(
+                f"metadata: expected str keys and str/int/float/bool values, got {key!r}"
+            )
+        if len(key) > _MAX_METADATA_STR or (
+            isinstance(value, str) and len(value) > _MAX_METADATA_STR
+        ):
             raise ValueError(f"metadata: strings are limited to {_MAX_METADATA_STR} characters")
 
 
@@ -226,7 +256,11 @@ class TraceRecord:
 
 
 def encode_array(a: np.ndarray, dtype: np.dtype, name: str) -> dict:
-    return {"shape": list(a.shape), "dtype": name, "data": np.ascontiguousarray(a, dtype=dtype).tobytes()}
+    return {
+        "shape": list(a.shape),
+        "dtype": name,
+        "data": np.ascontiguousarray(a, dtype=dtype).tobytes(),
+    }
 
 
 def encode_record(expert_ids: np.ndarray, weights: np.ndarray | None = None, **fields) -> bytes:
@@ -274,13 +308,18 @@ def decode_array(obj, name: str, dtypes: dict, max_tokens: int) -> tuple[np.ndar
     shape, dtype, data = obj["shape"], obj["dtype"], obj["data"]
     if not isinstance(dtype, str) or dtype not in dtypes:
         raise ValueError(f"{name}: dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-    if not (isinstance(shape, list) and 1 <= len(shape) <= 3
-            and all(_is_int(n) and 0 <= n <= max_tokens * MAX_TOP_K for n in shape)):
+    if not (
+        isinstance(shape, list)
+        and 1 <= len(shape) <= 3
+        and all(_is_int(n) and 0 <= n <= max_tokens * MAX_TOP_K for n in shape)
+    ):
         raise ValueError(f"{name}: shape must be a list of 1 to 3 non-negative ints, got {shape!r}")
     expected = math.prod(shape) * dtypes[dtype].itemsize  # Python ints: no overflow
     if not isinstance(data, bytes) or len(data) != expected:
         got = len(data) if isinstance(data, bytes) else type(data).__name__
-        raise ValueError(f"{name}: data must hold exactly shape x {dtype} = {expected} bytes, got {got}")
+        raise ValueError(
+            f"{name}: data must hold exactly shape x {dtype} = {expected} bytes, got {got}"
+        )
     return np.frombuffer(data, dtype=dtypes[dtype]).reshape(shape), dtype
 
 
@@ -295,14 +334,18 @@ def decode_record(
     and only the structure is checked; the service checks layers, ids and weights itself.
     """
     if not isinstance(obj, dict) or "expert_ids" not in obj:
-        raise ValueError("expected a map with expert_ids and optionally weights, seq, positions, crc32")
+        raise ValueError(
+            "expected a map with expert_ids and optionally weights, seq, positions, crc32"
+        )
     unknown = set(obj) - _RECORD_KEYS
     if unknown:
         raise ValueError(f"unknown fields {sorted(map(str, unknown))}")
     ids_types = ID_DTYPES if header is None else {header.ids_dtype: ID_DTYPES[header.ids_dtype]}
     ids, _ = decode_array(obj["expert_ids"], "expert_ids", ids_types, max_record_tokens)
     if ids.ndim != 3:
-        raise ValueError(f"expert_ids: expected shape [num_layers, T, top_k], got {list(ids.shape)}")
+        raise ValueError(
+            f"expert_ids: expected shape [num_layers, T, top_k], got {list(ids.shape)}"
+        )
     num_tokens = ids.shape[1]
     if num_tokens > max_record_tokens:
         raise ValueError(f"expert_ids: {num_tokens} tokens exceed the limit of {max_record_tokens}")
@@ -312,10 +355,16 @@ def decode_record(
     if "weights" in obj:
         if header is not None and header.weights_dtype is None:
             raise ValueError("weights: the header declares no weights")
-        w_types = WEIGHT_DTYPES if header is None else {header.weights_dtype: WEIGHT_DTYPES[header.weights_dtype]}
+        w_types = (
+            WEIGHT_DTYPES
+            if header is None
+            else {header.weights_dtype: WEIGHT_DTYPES[header.weights_dtype]}
+        )
         weights, _ = decode_array(obj["weights"], "weights", w_types, max_record_tokens)
         if weights.shape != ids.shape:
-            raise ValueError(f"weights: expected shape {list(ids.shape)}, got {list(weights.shape)}")
+            raise ValueError(
+                f"weights: expected shape {list(ids.shape)}, got {list(weights.shape)}"
+            )
         if header is not None and not np.isfinite(weights).all():
             raise ValueError("weights: every router weight must be finite")
     elif header is not None and header.weights_dtype is not None:
@@ -324,9 +373,13 @@ def decode_record(
     if not _is_int(seq) or not 0 <= seq <= _MAX_SEQ:
         raise ValueError(f"seq: expected an int in [0, 2**63), got {seq!r}")
     if "positions" in obj:
-        positions, _ = decode_array(obj["positions"], "positions", {"int32": _POSITION_DTYPE}, max_record_tokens)
+        positions, _ = decode_array(
+            obj["positions"], "positions", {"int32": _POSITION_DTYPE}, max_record_tokens
+        )
         if positions.shape != (num_tokens,):
-            raise ValueError(f"positions: expected shape [{num_tokens}], got {list(positions.shape)}")
+            raise ValueError(
+                f"positions: expected shape [{num_tokens}], got {list(positions.shape)}"
+            )
         if num_tokens and positions.min() < 0:
             raise ValueError("positions: every position must be >= 0")
     else:
@@ -362,15 +415,27 @@ def _unpacker(stream: BinaryIO, max_record_bytes: int) -> tuple[msgpack.Unpacker
         return obj
 
     unpacker = msgpack.Unpacker(
-        stream, raw=False, read_size=min(max_record_bytes, 2**20), max_buffer_size=max_record_bytes,
-        max_bin_len=max_record_bytes, max_str_len=_MAX_METADATA_STR, max_array_len=MAX_LAYERS,
-        max_map_len=_MAX_METADATA_ITEMS, max_ext_len=0, list_hook=count, object_hook=count,
+        stream,
+        raw=False,
+        read_size=min(max_record_bytes, 2**20),
+        max_buffer_size=max_record_bytes,
+        max_bin_len=max_record_bytes,
+        max_str_len=_MAX_METADATA_STR,
+        max_array_len=MAX_LAYERS,
+        max_map_len=_MAX_METADATA_ITEMS,
+        max_ext_len=0,
+        list_hook=count,
+        object_hook=count,
     )
     return unpacker, containers
 
 
 def _source_name(source) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<stream>")
+    return (
+        str(source)
+        if isinstance(source, (str, os.PathLike))
+        else getattr(source, "name", "<stream>")
+    )
 
 
 class TraceWriter:
@@ -404,14 +469,18 @@ class TraceWriter:
         if ids.dtype.kind not in "iu":
             raise TypeError(f"expert_ids: expected an integer array, got {ids.dtype}")
         if ids.ndim != 3:
-            raise ValueError(f"expert_ids: expected shape [num_layers, T, top_k], got {list(ids.shape)}")
+            raise ValueError(
+                f"expert_ids: expected shape [num_layers, T, top_k], got {list(ids.shape)}"
+            )
         _check_ids_against(ids, h)
         if (weights is None) != (h.weights_dtype is None):
             raise ValueError("weights: give them exactly when the header declares a weights dtype")
         if weights is not None:
             weights = np.asarray(weights)
             if weights.shape != ids.shape or weights.dtype.kind != "f":
-                raise ValueError(f"weights: expected floats of shape {list(ids.shape)}, got {weights.dtype} {list(weights.shape)}")
+                raise ValueError(
+                    f"weights: expected floats of shape {list(ids.shape)}, got {weights.dtype} {list(weights.shape)}"
+                )
             if not np.isfinite(weights).all():
                 raise ValueError("weights: every router weight must be finite")
         if not _is_int(seq) or not 0 <= seq <= _MAX_SEQ:
@@ -422,13 +491,23 @@ class TraceWriter:
             positions = np.arange(start, start + num_tokens, dtype=np.int64)
         positions = np.asarray(positions)
         if positions.shape != (num_tokens,) or positions.dtype.kind not in "iu":
-            raise ValueError(f"positions: expected ints of shape [{num_tokens}], got {positions.dtype} {list(positions.shape)}")
+            raise ValueError(
+                f"positions: expected ints of shape [{num_tokens}], got {positions.dtype} {list(positions.shape)}"
+            )
         if num_tokens and (positions.min() < 0 or positions.max() >= 2**31):
             raise ValueError("positions: expected values in [0, 2**31)")
         if num_tokens:
             self._next_position[seq] = int(positions[-1]) + 1
-        self._file.write(encode_record(ids, weights, seq=seq, positions=positions,
-                                       ids_dtype=h.ids_dtype, weights_dtype=h.weights_dtype or "float32"))
+        self._file.write(
+            encode_record(
+                ids,
+                weights,
+                seq=seq,
+                positions=positions,
+                ids_dtype=h.ids_dtype,
+                weights_dtype=h.weights_dtype or "float32",
+            )
+        )
         self.records_written += 1
 
     def write_trace(self, trace, record_tokens: int = 1024, progress=None) -> None:
@@ -454,7 +533,7 @@ class TraceWriter:
         elif self._path is None:
             self._file.flush()
 
-    def __enter__(self) -> "TraceWriter":
+    def __enter__(self) -> TraceWriter:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
@@ -509,13 +588,18 @@ class TraceReader:
             if u.tell() > before:
                 raise TraceFormatError(
                     f"truncated: the stream ends {u.tell() - before} bytes into it (at byte {before})",
-                    index, self.source) from None
+                    index,
+                    self.source,
+                ) from None
             return _END
         except msgpack.BufferFull:
             raise TraceFormatError("larger than max_record_bytes", index, self.source) from None
         except Exception as exc:  # msgpack raises several unrelated types on garbage
-            raise TraceFormatError(f"not valid msgpack at byte {before} ({type(exc).__name__}: {exc})",
-                                   index, self.source) from None
+            raise TraceFormatError(
+                f"not valid msgpack at byte {before} ({type(exc).__name__}: {exc})",
+                index,
+                self.source,
+            ) from None
 
     def __iter__(self) -> Iterator[TraceRecord]:
         while True:
@@ -555,14 +639,19 @@ class TraceReader:
         starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         new_seq = [0] + [i for i in range(1, len(seqs)) if seqs[i] != seqs[i - 1]]
         offsets = np.append(starts[new_seq], starts[-1]) if seqs else np.array([0, 0])
-        return Trace(all_ids, all_weights, offsets.astype(np.int64), h.num_experts,
-                     name if name is not None else Path(self.source).name)
+        return Trace(
+            all_ids,
+            all_weights,
+            offsets.astype(np.int64),
+            h.num_experts,
+            name if name is not None else Path(self.source).name,
+        )
 
     def close(self) -> None:
         if self._owned and not self._file.closed:
             self._file.close()
 
-    def __enter__(self) -> "TraceReader":
+    def __enter__(self) -> TraceReader:
         return self
 
     def __exit__(self, *_) -> None:
@@ -591,18 +680,33 @@ def read_trace(path: str | os.PathLike, progress=None):
         return reader.to_trace(progress=progress)
 
 
-def header_for(trace, model: str = "", weights_dtype: str | None = "auto", layer_ids=None) -> TraceHeader:
+def header_for(
+    trace, model: str = "", weights_dtype: str | None = "auto", layer_ids=None
+) -> TraceHeader:
     """The header for writing ``trace``: ``weights_dtype`` "auto" is float32 when it has weights."""
     if weights_dtype == "auto":
         weights_dtype = "float32" if trace.weights is not None else None
     if weights_dtype is not None and trace.weights is None:
         raise ValueError("weights_dtype: the trace has no weights to store")
-    return TraceHeader(num_layers=trace.num_layers, num_experts=trace.num_experts, top_k=trace.top_k,
-                       model=model, weights_dtype=weights_dtype, layer_ids=layer_ids)
+    return TraceHeader(
+        num_layers=trace.num_layers,
+        num_experts=trace.num_experts,
+        top_k=trace.top_k,
+        model=model,
+        weights_dtype=weights_dtype,
+        layer_ids=layer_ids,
+    )
 
 
-def write_trace(trace, path: str | os.PathLike, model: str = "", weights_dtype: str | None = "auto",
-                layer_ids=None, record_tokens: int = 1024, progress=None) -> TraceHeader:
+def write_trace(
+    trace,
+    path: str | os.PathLike,
+    model: str = "",
+    weights_dtype: str | None = "auto",
+    layer_ids=None,
+    record_tokens: int = 1024,
+    progress=None,
+) -> TraceHeader:
     """Writes a ``moeray.traces.Trace`` to ``path`` in this format; returns the header written."""
     header = header_for(trace, model, weights_dtype, layer_ids)
     with TraceWriter(path, header) as writer:

@@ -5,9 +5,9 @@ trace files)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -55,11 +55,18 @@ class TraceSummary:
 
     def to_json(self) -> dict:
         return {
-            "trace": self.name, "model": self.model, "tokens": self.num_tokens, "layers": self.num_layers,
-            "experts": self.num_experts, "top_k": self.top_k, "sequences": self.num_sequences,
-            "records": self.num_records, "weights": self.has_weights,
+            "trace": self.name,
+            "model": self.model,
+            "tokens": self.num_tokens,
+            "layers": self.num_layers,
+            "experts": self.num_experts,
+            "top_k": self.top_k,
+            "sequences": self.num_sequences,
+            "records": self.num_records,
+            "weights": self.has_weights,
             "layer_ids": list(self.layer_ids) if self.layer_ids else None,
-            "load": self.load.tolist(), "max_over_mean_load": self.max_over_mean_load.tolist(),
+            "load": self.load.tolist(),
+            "max_over_mean_load": self.max_over_mean_load.tolist(),
             "previous_token_overlap": self.previous_token_overlap.tolist(),
             "random_overlap": self.random_overlap,
         }
@@ -70,8 +77,14 @@ def _steps(path: Path, progress) -> Iterator[tuple[np.ndarray, int, dict]]:
     if is_trace_file(path):
         with TraceReader(path) as reader:
             h = reader.header
-            facts = dict(model=h.model, num_layers=h.num_layers, num_experts=h.num_experts, top_k=h.top_k,
-                         has_weights=h.weights_dtype is not None, layer_ids=h.layer_ids)
+            facts = dict(
+                model=h.model,
+                num_layers=h.num_layers,
+                num_experts=h.num_experts,
+                top_k=h.top_k,
+                has_weights=h.weights_dtype is not None,
+                layer_ids=h.layer_ids,
+            )
             yield None, -1, facts
             for record in reader:
                 if progress is not None:
@@ -79,8 +92,18 @@ def _steps(path: Path, progress) -> Iterator[tuple[np.ndarray, int, dict]]:
                 yield record.expert_ids, record.seq, {}
         return
     trace = load_trace(path)
-    yield None, -1, dict(model="", num_layers=trace.num_layers, num_experts=trace.num_experts,
-                         top_k=trace.top_k, has_weights=trace.weights is not None, layer_ids=None)
+    yield (
+        None,
+        -1,
+        dict(
+            model="",
+            num_layers=trace.num_layers,
+            num_experts=trace.num_experts,
+            top_k=trace.top_k,
+            has_weights=trace.weights is not None,
+            layer_ids=None,
+        ),
+    )
     for seq in range(trace.num_sequences):
         start, stop = trace.seq_offsets[seq], trace.seq_offsets[seq + 1]
         if progress is not None:
@@ -117,10 +140,19 @@ def summarize_trace(path: str | os.PathLike, progress=None) -> TraceSummary:
         tokens += ids.shape[1]
         last_seq, last_ids = seq, ids[:, -1:, :]
     return TraceSummary(
-        name=path.name, model=facts["model"], num_tokens=tokens, num_layers=num_layers,
-        num_experts=num_experts, top_k=top_k, num_sequences=sequences, num_records=records,
-        has_weights=facts["has_weights"], layer_ids=facts["layer_ids"], load=load,
-        overlap_pairs=overlap, pairs=pairs,
+        name=path.name,
+        model=facts["model"],
+        num_tokens=tokens,
+        num_layers=num_layers,
+        num_experts=num_experts,
+        top_k=top_k,
+        num_sequences=sequences,
+        num_records=records,
+        has_weights=facts["has_weights"],
+        layer_ids=facts["layer_ids"],
+        load=load,
+        overlap_pairs=overlap,
+        pairs=pairs,
     )
 
 
@@ -138,12 +170,14 @@ def format_summary(s: TraceSummary) -> str:
         label = str(s.layer_ids[layer]) if s.layer_ids else str(layer)
         lines.append(
             f"{label:>6}{int(s.load[layer].max()):>10,}{s.load[layer].mean():>11,.1f}{ratio[layer]:>10.2f}"
-            f"{int(s.load[layer].argmax()):>9}{overlap[layer]:>20.3f}")
+            f"{int(s.load[layer].argmax()):>9}{overlap[layer]:>20.3f}"
+        )
     worst = int(ratio.argmax()) if s.num_layers else 0
     lines.append(
         f"summary: load max/mean {ratio.mean():.2f} on average, worst {ratio.max():.2f} (layer "
         f"{s.layer_ids[worst] if s.layer_ids else worst}); a token shares {overlap.mean():.3f} of its "
-        f"experts with the previous token ({s.random_overlap:.3f} at random)")
+        f"experts with the previous token ({s.random_overlap:.3f} at random)"
+    )
     return "\n".join(lines)
 
 
@@ -158,7 +192,9 @@ def plot_load(s: TraceSummary, path: str | os.PathLike) -> Path:
         raise ValueError("--plot: needs matplotlib (pip install 'moeray[plot]')") from None
     mean = s.load.mean(axis=1, keepdims=True)
     relative = np.divide(s.load, mean, out=np.zeros(s.load.shape), where=mean > 0)
-    fig, ax = plt.subplots(figsize=(min(4 + s.num_experts * 0.12, 20), min(2 + s.num_layers * 0.25, 16)))
+    fig, ax = plt.subplots(
+        figsize=(min(4 + s.num_experts * 0.12, 20), min(2 + s.num_layers * 0.25, 16))
+    )
     image = ax.imshow(relative, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")

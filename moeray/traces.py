@@ -76,7 +76,6 @@ class Trace:
             raise ValueError(f"layer: expected a layer in [0, {self.num_layers}), got {layer}")
         return np.ascontiguousarray(self.weights[:, layer, :], dtype=np.float32)
 
-
     def head(self, tokens: int) -> Trace:
         """The first ``tokens`` tokens (all of them when the trace is shorter), sequences cut
         at that point."""

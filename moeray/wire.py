@@ -26,8 +26,14 @@ import msgpack
 import numpy as np
 
 from moeray.policy.scheduler import ExpertBatches
-from moeray.trace import (DEFAULT_MAX_RECORD_BYTES, DEFAULT_MAX_RECORD_TOKENS, decode_array,
-                          decode_record, encode_array, record_map)
+from moeray.trace import (
+    DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_MAX_RECORD_TOKENS,
+    decode_array,
+    decode_record,
+    encode_array,
+    record_map,
+)
 
 __all__ = ["WireStep", "encode_step", "decode_step", "encode_batches", "decode_batches"]
 
@@ -45,8 +51,13 @@ class WireStep(NamedTuple):
     hints: np.ndarray | None
 
 
-def encode_step(expert_ids: np.ndarray, weights: np.ndarray | None = None, *,
-                seq_starts: np.ndarray | None = None, hints: np.ndarray | None = None) -> bytes:
+def encode_step(
+    expert_ids: np.ndarray,
+    weights: np.ndarray | None = None,
+    *,
+    seq_starts: np.ndarray | None = None,
+    hints: np.ndarray | None = None,
+) -> bytes:
     """expert_ids: int [num_layers, T, top_k]; weights: float [num_layers, T, top_k] or None;
     seq_starts: bool [T] or None (sent as ``positions``: tokens since the last start, those
     before the step's first start counted from 1, as continuing); hints: int [num_layers, T, h]
@@ -57,8 +68,9 @@ def encode_step(expert_ids: np.ndarray, weights: np.ndarray | None = None, *,
         index = np.arange(len(starts))
         last = np.maximum.accumulate(np.where(starts, index, -1))
         positions = np.where(last >= 0, index - last, index + 1)
-    record = record_map(expert_ids, weights, positions=positions, ids_dtype="int32",
-                        weights_dtype="float32")
+    record = record_map(
+        expert_ids, weights, positions=positions, ids_dtype="int32", weights_dtype="float32"
+    )
     if hints is not None:
         record["hints"] = encode_array(hints, _HINT_DTYPES["int32"], "int32")
     return msgpack.packb(record, use_bin_type=True)
@@ -72,29 +84,46 @@ def decode_step(payload: bytes) -> WireStep:
     if len(payload) > _MAX_STEP_BYTES:
         raise ValueError(f"step: {len(payload)} bytes exceed the limit of {_MAX_STEP_BYTES}")
     try:
-        step = msgpack.unpackb(payload, raw=False, max_bin_len=_MAX_STEP_BYTES, max_str_len=1024,
-                               max_array_len=16, max_map_len=16, max_ext_len=0)
+        step = msgpack.unpackb(
+            payload,
+            raw=False,
+            max_bin_len=_MAX_STEP_BYTES,
+            max_str_len=1024,
+            max_array_len=16,
+            max_map_len=16,
+            max_ext_len=0,
+        )
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ValueError(f"step: not valid msgpack ({exc})") from None
     try:
         hints = None
         if isinstance(step, dict) and "hints" in step:
-            hints, _ = decode_array(step.pop("hints"), "hints", _HINT_DTYPES,
-                                    DEFAULT_MAX_RECORD_TOKENS)
+            hints, _ = decode_array(
+                step.pop("hints"), "hints", _HINT_DTYPES, DEFAULT_MAX_RECORD_TOKENS
+            )
         record = decode_record(step)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"step: {exc}") from None
     weights = None if record.weights is None else record.weights.astype(np.float32)
     seq_starts = record.positions == 0 if "positions" in step else None
-    return WireStep(record.expert_ids.astype(np.int32), weights, seq_starts,
-                    None if hints is None else hints.astype(np.int32))
+    return WireStep(
+        record.expert_ids.astype(np.int32),
+        weights,
+        seq_starts,
+        None if hints is None else hints.astype(np.int32),
+    )
 
 
 def encode_batches(batches: list[ExpertBatches]) -> bytes:
     return msgpack.packb(
-        [{"offsets": b.offsets.astype("<i8").tobytes(),
-          "token_indices": b.token_indices.astype("<i4").tobytes(),
-          "weights": b.weights.astype("<f4").tobytes()} for b in batches],
+        [
+            {
+                "offsets": b.offsets.astype("<i8").tobytes(),
+                "token_indices": b.token_indices.astype("<i4").tobytes(),
+                "weights": b.weights.astype("<f4").tobytes(),
+            }
+            for b in batches
+        ],
         use_bin_type=True,
     )
 

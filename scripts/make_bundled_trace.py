@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).resolve().parents[1] / "../shared/traces/gpt-oss-20b/gpt_oss_20b_decode_routing.npz"
+SOURCE = (
+    Path(__file__).resolve().parents[1]
+    / "../shared/traces/gpt-oss-20b/gpt_oss_20b_decode_routing.npz"
+)
 TARGET = Path(__file__).resolve().parents[1] / "moeray/data/gpt-oss-20b-slice.npz"
 MIN_TOKENS = 10_000
 

@@ -97,7 +97,10 @@ def ray_local(tmp_path_factory):
         log_to_driver=False,
         logging_level="ERROR",
         # metrics reach the node's endpoint within about a second instead of ten
-        _system_config={"worker_maximum_startup_concurrency": 16, "metrics_report_interval_ms": 1000},
+        _system_config={
+            "worker_maximum_startup_concurrency": 16,
+            "metrics_report_interval_ms": 1000,
+        },
     )
     # Ray puts the driver's working directory first on every worker's sys.path: started from a
     # checkout, the workers would import its unbuilt moeray/ (the pure-Python fallback) instead

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import moeray
-from moeray.native import IS_NATIVE
 
 pytestmark = pytest.mark.pure
 
@@ -340,7 +339,9 @@ class TestCoreFailedBatchChangesNothing:
 
 
 def warm_cache(policy=moeray.EvictionPolicy.LRU):
-    cache = moeray.ExpertCache(N, moeray.ExpertCacheConfig(max_hot_experts=3, eviction_policy=policy))
+    cache = moeray.ExpertCache(
+        N, moeray.ExpertCacheConfig(max_hot_experts=3, eviction_policy=policy)
+    )
     for e in (1, 2, 1, 5, 7, 2):
         cache.access(e)
     return cache
@@ -382,7 +383,15 @@ class TestPublicIds:
             ids_of([[0, 1], [2, -(2**32)]], dtype=np.int64),
             [[0, 1], [2, N]],
         ],
-        ids=["int32", "negative", "uint8", "int64-wraps", "uint64-wraps", "int64-neg-wraps", "list"],
+        ids=[
+            "int32",
+            "negative",
+            "uint8",
+            "int64-wraps",
+            "uint64-wraps",
+            "int64-neg-wraps",
+            "list",
+        ],
     )
     def test_batch_ids_out_of_range(self, ids):
         cache = warm_cache()
@@ -400,7 +409,9 @@ class TestPublicIds:
         with pytest.raises(ValueError, match="expert_ids"):
             moeray.belady_hits(ids, N, 2)
 
-    @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.bool_, np.complex64, object, "U1"])
+    @pytest.mark.parametrize(
+        "dtype", [np.float32, np.float64, np.bool_, np.complex64, object, "U1"]
+    )
     def test_batch_ids_wrong_dtype_is_type_error(self, dtype):
         ids = np.array([[0, 1], [1, 0]]).astype(dtype)
         cache = warm_cache()
@@ -545,7 +556,11 @@ class TestPublicFailedBatchChangesNothing:
             "bad-dtype": (ids.astype(np.float64), aff, 0.5),
             "bad-shape": (ids.reshape(-1), aff, 0.5),
             "nan-weight": (ids, aff, NAN),
-            "affinity-size": (ids, moeray.ExpertAffinity(moeray.AffinityConfig(num_experts=N + 1)), 0.5),
+            "affinity-size": (
+                ids,
+                moeray.ExpertAffinity(moeray.AffinityConfig(num_experts=N + 1)),
+                0.5,
+            ),
         }[case]
         with pytest.raises((ValueError, TypeError)):
             cache.access_batch(*args)
@@ -571,7 +586,9 @@ class TestConfigs:
             moeray.ExpertCacheConfig(prefetch_threshold=bad)
 
     def test_cache_config_threshold_accepts_numpy_float32(self):
-        assert moeray.ExpertCacheConfig(prefetch_threshold=np.float32(0.25)).prefetch_threshold == 0.25
+        assert (
+            moeray.ExpertCacheConfig(prefetch_threshold=np.float32(0.25)).prefetch_threshold == 0.25
+        )
 
     @pytest.mark.parametrize("bad", [3, -1, "lru", "LRU", 1.5, None])
     def test_cache_config_policy(self, bad):
@@ -593,7 +610,9 @@ class TestConfigs:
         with pytest.raises(ValueError, match="max_hot_experts"):
             moeray.ExpertCache(n, moeray.ExpertCacheConfig(max_hot_experts=cap))
 
-    @pytest.mark.parametrize("bad", [None, {"max_hot_experts": 2}, moeray.AffinityConfig()], ids=repr)
+    @pytest.mark.parametrize(
+        "bad", [None, {"max_hot_experts": 2}, moeray.AffinityConfig()], ids=repr
+    )
     def test_cache_config_type(self, bad):
         with pytest.raises(TypeError, match="config"):
             moeray.ExpertCache(N, bad)
@@ -623,7 +642,14 @@ class TestConfigs:
         with pytest.raises(exc, match=field):
             moeray.AffinityConfig(**{field: bad})
 
-    @pytest.mark.parametrize("builder,name", [("with_decay", "decay"), ("with_activation_boost", "activation_boost"), ("with_max_score", "max_score")])
+    @pytest.mark.parametrize(
+        "builder,name",
+        [
+            ("with_decay", "decay"),
+            ("with_activation_boost", "activation_boost"),
+            ("with_max_score", "max_score"),
+        ],
+    )
     def test_affinity_config_builders_reject_nan(self, builder, name):
         with pytest.raises(ValueError, match=name):
             getattr(moeray.AffinityConfig(), builder)(NAN)
@@ -645,10 +671,17 @@ def write_npz(path, **arrays):
 def good_arrays(tokens=6, layers=2, top_k=2, num_experts=4):
     rng = np.random.default_rng(0)
     ids = np.stack(
-        [[rng.choice(num_experts, top_k, replace=False) for _ in range(layers)] for _ in range(tokens)]
+        [
+            [rng.choice(num_experts, top_k, replace=False) for _ in range(layers)]
+            for _ in range(tokens)
+        ]
     ).astype(np.uint8)
     probs = rng.random(ids.shape).astype(np.float16)
-    return {"expert_ids": ids, "expert_probs": probs, "seq_offsets": np.array([0, 2, tokens], dtype=np.int64)}
+    return {
+        "expert_ids": ids,
+        "expert_probs": probs,
+        "seq_offsets": np.array([0, 2, tokens], dtype=np.int64),
+    }
 
 
 UNPICKLED: list[str] = []
@@ -699,7 +732,8 @@ class TestTraceFiles:
         assert not isinstance(info.value, moeray.TraceNotFoundError)
 
     @pytest.mark.parametrize(
-        "content", [b"", b"hello, not a zip\n", b"PK\x03\x04garbage", b"\x93NUMPY garbage"],
+        "content",
+        [b"", b"hello, not a zip\n", b"PK\x03\x04garbage", b"\x93NUMPY garbage"],
         ids=["empty", "text", "bad-zip-magic", "bad-npy-magic"],
     )
     def test_not_a_zip(self, tmp_path, content):

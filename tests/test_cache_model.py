@@ -260,7 +260,9 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def out_of_range_id_raises(self, data):
         bad = data.draw(st.sampled_from([-1, self.n, self.n + 5]), label="bad_id")
-        method = data.draw(st.sampled_from(["access", "admit", "evict", "prefetch_admit", "is_hot"]))
+        method = data.draw(
+            st.sampled_from(["access", "admit", "evict", "prefetch_admit", "is_hot"])
+        )
         try:
             getattr(self.cache, method)(bad)
         except ValueError:

@@ -37,7 +37,9 @@ def test_kuberay_manifests():
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {p["containerPort"] for p in head["ports"]} >= {6379, 8265}
     (workers,) = cluster["spec"]["workerGroupSpecs"]
-    assert json.loads(json.loads(workers["rayStartParams"]["resources"])) == {"moeray_expert_node": 1}
+    assert json.loads(json.loads(workers["rayStartParams"]["resources"])) == {
+        "moeray_expert_node": 1
+    }
     assert ray.__version__ in workers["template"]["spec"]["containers"][0]["image"]
 
     job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())

@@ -33,7 +33,9 @@ def bundled() -> Trace:
 def small(bundled) -> Trace:
     """The first three sequences of the bundled trace."""
     stop = int(bundled.seq_offsets[3])
-    return Trace(bundled.expert_ids[:stop], bundled.weights[:stop], bundled.seq_offsets[:4], 32, "small")
+    return Trace(
+        bundled.expert_ids[:stop], bundled.weights[:stop], bundled.seq_offsets[:4], 32, "small"
+    )
 
 
 def head(trace: Trace) -> Trace:
@@ -49,7 +51,9 @@ def same_hits(a: Trace, b: Trace) -> None:
 
 def test_npz_to_trace_and_back_replays_the_same(bundled, tmp_path, capsys):
     mtrace, npz = tmp_path / "b.mtrace", tmp_path / "back.npz"
-    assert cli.main(["convert", str(default_trace_path()), str(mtrace), "--record-tokens", "300"]) == 0
+    assert (
+        cli.main(["convert", str(default_trace_path()), str(mtrace), "--record-tokens", "300"]) == 0
+    )
     assert "10,331 tokens x 24 layers x top-4" in capsys.readouterr().out
     with TraceReader(mtrace) as reader:
         assert reader.header.weights_dtype == "float16"  # as in the source
@@ -68,8 +72,12 @@ def test_shared_traces_convert_with_the_same_hit_rates(shared_traces, tmp_path):
         original = load_trace(npz)
         stop = int(original.seq_offsets[min(20, original.num_sequences)])
         part = tmp_path / "part.npz"
-        np.savez(part, expert_ids=original.expert_ids[:stop], seq_offsets=original.seq_offsets[:21],
-                 num_experts=np.array(original.num_experts))
+        np.savez(
+            part,
+            expert_ids=original.expert_ids[:stop],
+            seq_offsets=original.seq_offsets[:21],
+            num_experts=np.array(original.num_experts),
+        )
         converted = convert(part, tmp_path / (npz.stem + ".mtrace"))
         again = load_trace(converted.destination)
         np.testing.assert_array_equal(again.expert_ids, original.expert_ids[:stop])
@@ -82,7 +90,9 @@ def test_shared_traces_convert_with_the_same_hit_rates(shared_traces, tmp_path):
         assert reader.header.layer_ids == tuple(range(1, 27))
 
 
-def write_csv_rows(path, trace: Trace, header: bool, list_column: bool, seq_column: bool, shuffle=None):
+def write_csv_rows(
+    path, trace: Trace, header: bool, list_column: bool, seq_column: bool, shuffle=None
+):
     """One row per (token, layer), written from the trace's arrays with the csv module; rows of
     each sequence in shuffled order (sequences keep their order of first appearance)."""
     rows = []
@@ -101,13 +111,19 @@ def write_csv_rows(path, trace: Trace, header: bool, list_column: bool, seq_colu
         w = csv.writer(f)
         if header:
             k = trace.top_k
-            w.writerow((["prompt"] if seq_column else []) + ["layer", "token"]
-                       + (["expert_ids"] if list_column else [f"expert_{i}" for i in range(k)]))
+            w.writerow(
+                (["prompt"] if seq_column else [])
+                + ["layer", "token"]
+                + (["expert_ids"] if list_column else [f"expert_{i}" for i in range(k)])
+            )
         w.writerows(rows)
 
 
-@pytest.mark.parametrize("header,list_column,seq_column", [(False, False, False), (True, True, True), (True, False, True)],
-                         ids=["bare", "header-list-seq", "header-columns-seq"])
+@pytest.mark.parametrize(
+    "header,list_column,seq_column",
+    [(False, False, False), (True, True, True), (True, False, True)],
+    ids=["bare", "header-list-seq", "header-columns-seq"],
+)
 def test_csv_converts_with_the_same_hit_rates(small, tmp_path, header, list_column, seq_column):
     path = tmp_path / "routing.csv"
     write_csv_rows(path, small, header, list_column, seq_column, shuffle=np.random.default_rng(3))
@@ -124,7 +140,9 @@ def test_csv_converts_with_the_same_hit_rates(small, tmp_path, header, list_colu
 def test_csv_errors_name_the_line_or_token(small, tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("layer,token,expert_ids\n0,0,1 2\n1,0,3 4\n0,1,1 2\n")
-    with pytest.raises(ValueError, match="token 1 of sequence 0 does not have each of the 2 layers"):
+    with pytest.raises(
+        ValueError, match="token 1 of sequence 0 does not have each of the 2 layers"
+    ):
         read_csv(path)
     path.write_text("layer,token,expert_ids\n0,0,1 2\n1,x,3 4\n")
     with pytest.raises(ValueError, match="line 3"):
@@ -139,11 +157,17 @@ def sglang_records(trace: Trace, pad: int = 2):
     dense layer 0 and ``pad`` padding tokens of -1, one record per sequence (an extend pass)."""
     records = []
     for seq in range(trace.num_sequences):
-        ids = trace.expert_ids[trace.seq_offsets[seq]:trace.seq_offsets[seq + 1]].astype(np.int64)
+        ids = trace.expert_ids[trace.seq_offsets[seq] : trace.seq_offsets[seq + 1]].astype(np.int64)
         a = np.full((trace.num_layers + 1, len(ids) + pad, trace.top_k), -1, dtype=np.int64)
-        a[1:, :len(ids)] = ids.transpose(1, 0, 2)
-        records.append({"topk_ids_of_layer": a, "rids": [f"r{seq}"], "forward_mode": 1,
-                        "extend_seq_lens": [len(ids)]})
+        a[1:, : len(ids)] = ids.transpose(1, 0, 2)
+        records.append(
+            {
+                "topk_ids_of_layer": a,
+                "rids": [f"r{seq}"],
+                "forward_mode": 1,
+                "extend_seq_lens": [len(ids)],
+            }
+        )
     return records
 
 
@@ -159,9 +183,13 @@ def test_sglang_npy_dump_converts(small, tmp_path):
 
 
 def test_sglang_torch_dump_converts_with_sequences_and_physical_map(small, tmp_path):
-    torch = pytest.importorskip("torch", reason="reading a torch.save dump needs torch (the hf extra)")
-    records = [{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in r.items()}
-               for r in sglang_records(small, pad=0)]
+    torch = pytest.importorskip(
+        "torch", reason="reading a torch.save dump needs torch (the hf extra)"
+    )
+    records = [
+        {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in r.items()}
+        for r in sglang_records(small, pad=0)
+    ]
     # Physical expert p of every layer is logical expert p // 2 (64 physical slots, 32 experts):
     # the dump holds 2 * id + 1, which must map back to id.
     for r in records:
@@ -180,9 +208,11 @@ def test_sglang_torch_dump_converts_with_sequences_and_physical_map(small, tmp_p
 def test_convert_cli_errors_exit_2(tmp_path, capsys):
     garbage = tmp_path / "x.bin"
     garbage.write_bytes(b"\x00\x01")
-    for argv in (["convert", str(tmp_path / "missing.npz"), str(tmp_path / "o.mtrace")],
-                 ["convert", str(garbage), str(tmp_path / "o.mtrace")],
-                 ["convert", str(default_trace_path()), str(default_trace_path())]):
+    for argv in (
+        ["convert", str(tmp_path / "missing.npz"), str(tmp_path / "o.mtrace")],
+        ["convert", str(garbage), str(tmp_path / "o.mtrace")],
+        ["convert", str(default_trace_path()), str(default_trace_path())],
+    ):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("moeray convert: error:"), err
@@ -194,8 +224,12 @@ def test_convert_cli_errors_exit_2(tmp_path, capsys):
 
 def test_trace_info_numbers_match_an_independent_count(small, tmp_path, capsys):
     path = tmp_path / "small.mtrace"
-    np.savez(tmp_path / "small.npz", expert_ids=small.expert_ids, seq_offsets=small.seq_offsets,
-             num_experts=np.array(32))
+    np.savez(
+        tmp_path / "small.npz",
+        expert_ids=small.expert_ids,
+        seq_offsets=small.seq_offsets,
+        num_experts=np.array(32),
+    )
     convert(tmp_path / "small.npz", path, record_tokens=7)  # records split sequences
     ids = small.expert_ids
     load = np.zeros((24, 32), dtype=np.int64)
@@ -234,7 +268,12 @@ def test_trace_info_on_a_corrupt_file_exits_2(tmp_path, capsys):
 
 
 def test_new_subcommands_have_help(capsys):
-    for argv in (["convert", "--help"], ["record", "--help"], ["trace", "info", "--help"], ["trace", "--help"]):
+    for argv in (
+        ["convert", "--help"],
+        ["record", "--help"],
+        ["trace", "info", "--help"],
+        ["trace", "--help"],
+    ):
         with pytest.raises(SystemExit) as info:
             cli.main(argv)
         assert info.value.code == 0

@@ -37,8 +37,15 @@ class FakeTransport:
     def _body(self, actor):
         layers = self.groups[actor]
         c = self.config
-        return LayerCaches(layers, c.num_experts, {l: c.capacity[l] for l in layers}, c.policy,
-                           c.affinity_config(), c.affinity_weight, predict=c.predict)
+        return LayerCaches(
+            layers,
+            c.num_experts,
+            {l: c.capacity[l] for l in layers},
+            c.policy,
+            c.affinity_config(),
+            c.affinity_weight,
+            predict=c.predict,
+        )
 
     def send(self, actor, windows):
         self.sends.append((actor, list(windows)))
@@ -62,8 +69,12 @@ class FakeTransport:
         self.dead.add(actor)
 
     def settle_shards(self):
-        return {layer: fields for actor, body in enumerate(self.bodies) if actor not in self.dead
-                for layer, fields in body.settle_shards().items()}
+        return {
+            layer: fields
+            for actor, body in enumerate(self.bodies)
+            if actor not in self.dead
+            for layer, fields in body.settle_shards().items()
+        }
 
     def poll(self, wait):
         done = []
@@ -103,7 +114,9 @@ def make(config: ServiceConfig, timer=None):
 
 def submit_all(coordinator, ids, weights, step_tokens=100, on_step=None):
     for i, start in enumerate(range(0, ids.shape[1], step_tokens)):
-        coordinator.submit(ids[:, start:start + step_tokens], weights[:, start:start + step_tokens])
+        coordinator.submit(
+            ids[:, start : start + step_tokens], weights[:, start : start + step_tokens]
+        )
         if on_step:
             on_step(i)
 
@@ -111,8 +124,15 @@ def submit_all(coordinator, ids, weights, step_tokens=100, on_step=None):
 @pytest.mark.parametrize("window_steps,layers_per_actor", [(1, 1), (3, 2), (5, 6)])
 def test_replay_through_coordinator_equals_in_process(routing, window_steps, layers_per_actor):
     ids, weights = routing
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=(8, 8, 4, 4, 12, 8),
-                           policy="lru", window_steps=window_steps, layers_per_actor=layers_per_actor)
+    config = ServiceConfig(
+        num_layers=6,
+        num_experts=32,
+        top_k=4,
+        capacity=(8, 8, 4, 4, 12, 8),
+        policy="lru",
+        window_steps=window_steps,
+        layers_per_actor=layers_per_actor,
+    )
     coordinator, _ = make(config)
     submit_all(coordinator, ids, weights)
     stats = coordinator.stats()
@@ -125,8 +145,15 @@ def test_replay_through_coordinator_equals_in_process(routing, window_steps, lay
 
 def test_affinity_policy_matches_in_process_and_coordinator_keeps_affinity(routing):
     ids, weights = routing
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, policy="affinity-lru",
-                           window_steps=2, layers_per_actor=3)
+    config = ServiceConfig(
+        num_layers=6,
+        num_experts=32,
+        top_k=4,
+        capacity=8,
+        policy="affinity-lru",
+        window_steps=2,
+        layers_per_actor=3,
+    )
     coordinator, _ = make(config)
     submit_all(coordinator, ids, weights)
     stats = coordinator.stats()
@@ -141,7 +168,9 @@ def test_affinity_policy_matches_in_process_and_coordinator_keeps_affinity(routi
 
 def test_windows_coalesce_steps_into_one_call_per_actor(routing):
     ids, weights = routing
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, window_steps=3, layers_per_actor=2)
+    config = ServiceConfig(
+        num_layers=6, num_experts=32, top_k=4, window_steps=3, layers_per_actor=2
+    )
     coordinator, transport = make(config)
     coordinator.submit(ids[:, :10], weights[:, :10])
     coordinator.submit(ids[:, 10:30], weights[:, 10:30])
@@ -171,8 +200,15 @@ def test_window_ms_closes_a_window_by_age(routing):
 
 def test_killed_actor_is_restored_and_nothing_is_lost_or_counted_twice(routing):
     ids, weights = routing
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, policy="lru",
-                           window_steps=2, layers_per_actor=2)
+    config = ServiceConfig(
+        num_layers=6,
+        num_experts=32,
+        top_k=4,
+        capacity=8,
+        policy="lru",
+        window_steps=2,
+        layers_per_actor=2,
+    )
     coordinator, transport = make(config)
 
     def maybe_kill(step):
@@ -196,7 +232,10 @@ def test_killed_actor_is_restored_and_nothing_is_lost_or_counted_twice(routing):
 
 def test_layer_caches_apply_each_window_once_in_order():
     body = LayerCaches([0], 8, {0: 2})
-    w = [LayerWindow(0, seq, np.array([[seq % 8, (seq + 1) % 8]], dtype=np.int32)) for seq in (1, 2, 3)]
+    w = [
+        LayerWindow(0, seq, np.array([[seq % 8, (seq + 1) % 8]], dtype=np.int32))
+        for seq in (1, 2, 3)
+    ]
     assert [a.seq for a in body.apply(w[:2])] == [1, 2]
     assert [a.seq for a in body.apply(w[:3])] == [3]  # 1 and 2 are resends: skipped
     with pytest.raises(WindowGapError):
@@ -221,8 +260,9 @@ def test_layer_caches_apply_each_window_once_in_order():
 )
 def test_bad_step_is_refused_and_state_is_intact(routing, mutate, error):
     ids, weights = routing
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, policy="lru",
-                           window_steps=1)
+    config = ServiceConfig(
+        num_layers=6, num_experts=32, top_k=4, capacity=8, policy="lru", window_steps=1
+    )
     coordinator, _ = make(config)
     coordinator.submit(ids[:, :600], weights[:, :600])
     bad_ids, bad_weights = mutate(ids[:, 600:700].copy(), weights[:, 600:700].copy())
@@ -246,7 +286,9 @@ def test_msgpack_step_round_trip_and_malformed_payloads(routing):
             decode_step(payload)
     import msgpack
 
-    wrong_size = msgpack.packb({"expert_ids": {"shape": [6, 2, 4], "dtype": "int32", "data": b"\0" * 8}})
+    wrong_size = msgpack.packb(
+        {"expert_ids": {"shape": [6, 2, 4], "dtype": "int32", "data": b"\0" * 8}}
+    )
     with pytest.raises(ValueError, match="expert_ids"):
         decode_step(wrong_size)
     config = ServiceConfig(num_layers=6, num_experts=32, top_k=4)
@@ -255,7 +297,9 @@ def test_msgpack_step_round_trip_and_malformed_payloads(routing):
     batches = coordinator.submit(step.expert_ids, step.weights)
     again = decode_batches(encode_batches(batches))
     for a, b in zip(batches, again):
-        assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.token_indices, b.token_indices)
+        assert np.array_equal(a.offsets, b.offsets) and np.array_equal(
+            a.token_indices, b.token_indices
+        )
         assert np.array_equal(a.weights, b.weights)
     # expert 0's tokens of layer 0, in order, as the schedule's contract says
     expected = [t for t in range(50) if 0 in ids[0, t]]
@@ -273,10 +317,17 @@ def test_msgpack_steps_carry_sequence_starts_and_hints(stream):
     wired, _ = make(config)
     for lo in range(0, 1200, 70):  # steps that start mid-sequence and span several sequences
         hi = min(lo + 70, 1200)
-        direct.submit(ids[:, lo:hi], weights[:, lo:hi], seq_starts=starts[lo:hi], hints=hints[:, lo:hi])
-        step = decode_step(encode_step(ids[:, lo:hi], weights[:, lo:hi], seq_starts=starts[lo:hi],
-                                       hints=hints[:, lo:hi]))
-        assert np.array_equal(step.seq_starts, starts[lo:hi]) and np.array_equal(step.hints, hints[:, lo:hi])
+        direct.submit(
+            ids[:, lo:hi], weights[:, lo:hi], seq_starts=starts[lo:hi], hints=hints[:, lo:hi]
+        )
+        step = decode_step(
+            encode_step(
+                ids[:, lo:hi], weights[:, lo:hi], seq_starts=starts[lo:hi], hints=hints[:, lo:hi]
+            )
+        )
+        assert np.array_equal(step.seq_starts, starts[lo:hi]) and np.array_equal(
+            step.hints, hints[:, lo:hi]
+        )
         wired.submit(step.expert_ids, step.weights, seq_starts=step.seq_starts, hints=step.hints)
     a, b = direct.stats(), wired.stats()
     assert [s.misses for s in a.layers] == [s.misses for s in b.layers]
@@ -299,8 +350,9 @@ def test_service_config_validates():
         ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="fifo")
     with pytest.raises(ValueError, match="placement"):
         ServiceConfig(num_layers=4, num_experts=8, top_k=2, layers_per_actor=2, placement=("a",))
-    assert ServiceConfig(num_layers=5, num_experts=8, top_k=2, layers_per_actor=2).actor_layers() == [
-        [0, 1], [2, 3], [4]]
+    assert ServiceConfig(
+        num_layers=5, num_experts=8, top_k=2, layers_per_actor=2
+    ).actor_layers() == [[0, 1], [2, 3], [4]]
 
 
 # --- the moeray policy hosted by the layer actors ---
@@ -329,20 +381,31 @@ def submit_stream(coordinator, ids, weights, starts, step_tokens=100, on_step=No
             on_step(i)
 
 
-@pytest.mark.parametrize("window_steps,layers_per_actor,budget", [(1, 1, 4), (3, 2, 4), (5, 4, 2),
-                                                                  (2, 6, 4)])
-def test_moeray_through_coordinator_equals_the_whole_model(stream, window_steps, layers_per_actor,
-                                                           budget):
+@pytest.mark.parametrize(
+    "window_steps,layers_per_actor,budget", [(1, 1, 4), (3, 2, 4), (5, 4, 2), (2, 6, 4)]
+)
+def test_moeray_through_coordinator_equals_the_whole_model(
+    stream, window_steps, layers_per_actor, budget
+):
     trace, ids, weights, starts = stream
     capacity = (8, 8, 6, 10, 8, 8)
     predict = PredictConfig(prefetch_budget=budget)
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=capacity, policy="moeray",
-                           window_steps=window_steps, layers_per_actor=layers_per_actor,
-                           predict=predict)
+    config = ServiceConfig(
+        num_layers=6,
+        num_experts=32,
+        top_k=4,
+        capacity=capacity,
+        policy="moeray",
+        window_steps=window_steps,
+        layers_per_actor=layers_per_actor,
+        predict=predict,
+    )
     coordinator, _ = make(config)
     submit_stream(coordinator, ids, weights, starts)
     stats = coordinator.stats()
-    expected = PredictiveCaches(6, 32, 4, capacity, predict).run(trace.expert_ids, trace.seq_offsets)
+    expected = PredictiveCaches(6, 32, 4, capacity, predict).run(
+        trace.expert_ids, trace.seq_offsets
+    )
     assert [s.hits for s in stats.layers] == expected.hits.tolist()
     assert [s.misses for s in stats.layers] == expected.stalls.tolist()
     assert [s.prefetches for s in stats.layers] == expected.prefetches.tolist()
@@ -356,8 +419,9 @@ def test_moeray_through_coordinator_equals_the_whole_model(stream, window_steps,
 
 
 @pytest.mark.parametrize("window_steps,layers_per_actor", [(3, 2), (1, 6)])
-def test_engine_hints_through_coordinator_equal_the_whole_model(stream, window_steps,
-                                                                 layers_per_actor):
+def test_engine_hints_through_coordinator_equal_the_whole_model(
+    stream, window_steps, layers_per_actor
+):
     """Steps with hints of 4 slots, of 2 and none, coalesced into windows (narrower steps padded
     with -1): every layer counts what the whole model counts with the same hints per token,
     hint precision and recall included."""
@@ -366,8 +430,15 @@ def test_engine_hints_through_coordinator_equal_the_whole_model(stream, window_s
     trace, ids, weights, starts = stream
     made = synthetic_hints(trace.expert_ids, 32, 0.8, np.random.default_rng(1))  # [T, L, 4]
     per_token = np.full_like(made, -1)
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, policy="moeray",
-                           window_steps=window_steps, layers_per_actor=layers_per_actor)
+    config = ServiceConfig(
+        num_layers=6,
+        num_experts=32,
+        top_k=4,
+        capacity=8,
+        policy="moeray",
+        window_steps=window_steps,
+        layers_per_actor=layers_per_actor,
+    )
     coordinator, _ = make(config)
     for i, lo in enumerate(range(0, 1200, 100)):
         hi = lo + 100
@@ -378,8 +449,9 @@ def test_engine_hints_through_coordinator_equal_the_whole_model(stream, window_s
             per_token[lo:hi, :, :width] = made[lo:hi, :, :width]
         coordinator.submit(ids[:, lo:hi], weights[:, lo:hi], seq_starts=starts[lo:hi], hints=hints)
     stats = coordinator.stats()
-    expected = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids, trace.seq_offsets,
-                                                 hints=per_token)
+    expected = PredictiveCaches(6, 32, 4, 8).run(
+        trace.expert_ids, trace.seq_offsets, hints=per_token
+    )
     assert [s.hits for s in stats.layers] == expected.hits.tolist()
     assert [s.prefetches for s in stats.layers] == expected.prefetches.tolist()
     for key in ("predictor_hits", "predictor_guesses", "predictor_uses"):
@@ -388,8 +460,9 @@ def test_engine_hints_through_coordinator_equal_the_whole_model(stream, window_s
 
 
 @pytest.mark.parametrize("window_steps,layers_per_actor", [(1, 1), (3, 4), (2, 6)])
-def test_moeray_resplit_through_coordinator_equals_the_whole_model(stream, window_steps,
-                                                                   layers_per_actor):
+def test_moeray_resplit_through_coordinator_equals_the_whole_model(
+    stream, window_steps, layers_per_actor
+):
     """One total capacity re-split across layers: the coordinator runs the split over every
     layer's routing and sends each window its capacities; the layer actors decide exactly as
     the whole model's PredictiveCaches with the same SplitConfig, re-split costs included."""
@@ -398,19 +471,31 @@ def test_moeray_resplit_through_coordinator_equals_the_whole_model(stream, windo
     trace, ids, weights, starts = stream
     capacity = (8, 8, 6, 10, 8, 8)
     predict = PredictConfig(split=SplitConfig(every_tokens=64, max_move=2, min_gain=0.0))
-    coordinator, _ = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=capacity,
-                                        window_steps=window_steps,
-                                        layers_per_actor=layers_per_actor, predict=predict))
+    coordinator, _ = make(
+        ServiceConfig(
+            num_layers=6,
+            num_experts=32,
+            top_k=4,
+            capacity=capacity,
+            window_steps=window_steps,
+            layers_per_actor=layers_per_actor,
+            predict=predict,
+        )
+    )
     submit_stream(coordinator, ids, weights, starts, step_tokens=70)
     coordinator.submit(ids[:, :0], weights[:, :0])  # an empty step, maybe an empty window
     stats = coordinator.stats()
     caches = PredictiveCaches(6, 32, 4, capacity, predict)
     expected = caches.run(trace.expert_ids, trace.seq_offsets)
     assert expected.resplit_moved > 0 and expected.resplit_evictions.sum() > 0  # it re-split
-    for key, mine in (("hits", "hits"), ("stalls", "misses"), ("prefetches", "prefetches"),
-                      ("wasted_prefetches", "wasted_prefetches"),
-                      ("resplit_evictions", "resplit_evictions"),
-                      ("resplit_transfers", "resplit_transfers")):
+    for key, mine in (
+        ("hits", "hits"),
+        ("stalls", "misses"),
+        ("prefetches", "prefetches"),
+        ("wasted_prefetches", "wasted_prefetches"),
+        ("resplit_evictions", "resplit_evictions"),
+        ("resplit_transfers", "resplit_transfers"),
+    ):
         assert [getattr(s, mine) for s in stats.layers] == getattr(expected, key).tolist(), key
     assert stats.resplit_moved == expected.resplit_moved
     assert stats.capacity == tuple(caches.capacity) and sum(stats.capacity) == sum(capacity)
@@ -421,8 +506,9 @@ def test_moeray_resplit_through_coordinator_equals_the_whole_model(stream, windo
 def test_a_service_configured_with_the_model_shape_alone_serves_moeray(stream):
     """No policy and no parameters named: the predictive policy with its defaults."""
     trace, ids, weights, starts = stream
-    coordinator, _ = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4, window_steps=2,
-                                        layers_per_actor=3))
+    coordinator, _ = make(
+        ServiceConfig(num_layers=6, num_experts=32, top_k=4, window_steps=2, layers_per_actor=3)
+    )
     submit_stream(coordinator, ids, weights, starts)
     stats = coordinator.stats()
     expected = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids, trace.seq_offsets)
@@ -434,13 +520,18 @@ def test_a_service_configured_with_the_model_shape_alone_serves_moeray(stream):
 def test_engine_hints_are_checked_at_submit(stream):
     trace, ids, weights, starts = stream
     step = ids[:, :10]
-    moeray_service, transport = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4,
-                                                   policy="moeray"))
+    moeray_service, transport = make(
+        ServiceConfig(num_layers=6, num_experts=32, top_k=4, policy="moeray")
+    )
     good = np.full((6, 10, 2), -1, np.int64)
-    for bad, error, match in ((good[:, :9], ValueError, "shape"), (good[..., :0], ValueError, "h >= 1"),
-                              (good + 33, ValueError, "-1"), (good - 1, ValueError, "-1"),
-                              (good.astype(np.float32), TypeError, "integer"),
-                              (good.tolist(), TypeError, "numpy")):
+    for bad, error, match in (
+        (good[:, :9], ValueError, "shape"),
+        (good[..., :0], ValueError, "h >= 1"),
+        (good + 33, ValueError, "-1"),
+        (good - 1, ValueError, "-1"),
+        (good.astype(np.float32), TypeError, "integer"),
+        (good.tolist(), TypeError, "numpy"),
+    ):
         with pytest.raises(error, match=match):
             moeray_service.submit(step, hints=bad)
     lru_service, _ = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4, policy="lru"))
@@ -451,8 +542,15 @@ def test_engine_hints_are_checked_at_submit(stream):
 
 def test_moeray_windows_carry_the_previous_layer_sequence_starts_and_budgets(stream):
     trace, ids, weights, starts = stream
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, policy="moeray", window_steps=2,
-                           layers_per_actor=4, predict={"prefetch_budget": 3})
+    config = ServiceConfig(
+        num_layers=6,
+        num_experts=32,
+        top_k=4,
+        policy="moeray",
+        window_steps=2,
+        layers_per_actor=4,
+        predict={"prefetch_budget": 3},
+    )
     assert config.predict == PredictConfig(prefetch_budget=3)  # a JSON config's dict
     coordinator, transport = make(config)
     coordinator.submit(ids[:, 500:520], weights[:, 500:520], seq_starts=starts[500:520])
@@ -467,8 +565,16 @@ def test_moeray_windows_carry_the_previous_layer_sequence_starts_and_budgets(str
         assert w.prefetch_budget == 3
         assert np.flatnonzero(w.seq_starts).tolist() == [11]  # token 511 starts a sequence
     # a demand policy neither needs nor gets them
-    lru, lru_transport = make(ServiceConfig(num_layers=6, num_experts=32, top_k=4, policy="lru",
-                                            layers_per_actor=4, prefetch_budget=2))
+    lru, lru_transport = make(
+        ServiceConfig(
+            num_layers=6,
+            num_experts=32,
+            top_k=4,
+            policy="lru",
+            layers_per_actor=4,
+            prefetch_budget=2,
+        )
+    )
     lru.submit(ids[:, 500:520], weights[:, 500:520], seq_starts=starts[500:520])
     for _, windows in lru_transport.sends:
         assert all(w.previous_layer_ids is None and w.seq_starts is None for w in windows)
@@ -483,8 +589,16 @@ def test_moeray_killed_actor_relearns_and_nothing_is_lost_or_applied_twice(strea
     coordinator kept (none: empty tables; all 600: the restart changes nothing); the other
     actors are untouched."""
     trace, ids, weights, starts = stream
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, policy="moeray",
-                           window_steps=2, layers_per_actor=2, warmup_tokens=warmup_tokens)
+    config = ServiceConfig(
+        num_layers=6,
+        num_experts=32,
+        top_k=4,
+        capacity=8,
+        policy="moeray",
+        window_steps=2,
+        layers_per_actor=2,
+        warmup_tokens=warmup_tokens,
+    )
     coordinator, transport = make(config)
 
     def maybe_kill(step):
@@ -498,7 +612,9 @@ def test_moeray_killed_actor_relearns_and_nothing_is_lost_or_applied_twice(strea
     after = PredictiveCaches(3, 32, 4, 8)
     for t in range(600 - min(warmup_tokens, 600), 1200):
         if t == 600:
-            warm = {key: getattr(after.stats, key).copy() for key in ("hits", "stalls", "prefetches")}
+            warm = {
+                key: getattr(after.stats, key).copy() for key in ("hits", "stalls", "prefetches")
+            }
         after.step(trace.expert_ids[t, 1:4], new_sequence=bool(starts[t]))
     for s in stats.layers:
         assert s.tokens == 1200 and s.hits + s.misses == 1200 * 4, f"layer {s.layer}"
@@ -507,13 +623,17 @@ def test_moeray_killed_actor_relearns_and_nothing_is_lost_or_applied_twice(strea
             assert s.restarts == 1
             assert s.hits == before.hits[s.layer] + after.stats.hits[j] - warm["hits"][j]
             assert s.misses == before.stalls[s.layer] + after.stats.stalls[j] - warm["stalls"][j]
-            assert s.prefetches == (before.prefetches[s.layer] + after.stats.prefetches[j]
-                                    - warm["prefetches"][j])
+            assert s.prefetches == (
+                before.prefetches[s.layer] + after.stats.prefetches[j] - warm["prefetches"][j]
+            )
         else:
             assert s.restarts == 0
         if s.layer not in (2, 3) or warmup_tokens >= 600:  # a full relearning: as if no restart
             assert (s.hits, s.misses, s.prefetches) == (
-                whole.hits[s.layer], whole.stalls[s.layer], whole.prefetches[s.layer])
+                whole.hits[s.layer],
+                whole.stalls[s.layer],
+                whole.prefetches[s.layer],
+            )
         else:
             assert s.hits != whole.hits[s.layer]  # the restart really cost its tables
     assert stats.pending_windows == 0
@@ -527,8 +647,15 @@ def test_moeray_resplit_survives_a_killed_actor(stream):
 
     trace, ids, weights, starts = stream
     predict = PredictConfig(split=SplitConfig(every_tokens=64, max_move=2, min_gain=0.0))
-    config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, capacity=8, window_steps=2,
-                           layers_per_actor=2, predict=predict)
+    config = ServiceConfig(
+        num_layers=6,
+        num_experts=32,
+        top_k=4,
+        capacity=8,
+        window_steps=2,
+        layers_per_actor=2,
+        predict=predict,
+    )
     coordinator, transport = make(config)
 
     def maybe_kill(step):
@@ -546,8 +673,11 @@ def test_moeray_resplit_survives_a_killed_actor(stream):
             assert s.restarts == 1
         else:
             assert (s.hits, s.misses, s.prefetches, s.resplit_evictions) == (
-                whole.hits[s.layer], whole.stalls[s.layer], whole.prefetches[s.layer],
-                whole.resplit_evictions[s.layer])
+                whole.hits[s.layer],
+                whole.stalls[s.layer],
+                whole.prefetches[s.layer],
+                whole.resplit_evictions[s.layer],
+            )
     restarted = transport.bodies[1]._predictive  # layers 1 (shadow), 2, 3
     assert restarted._caches.capacity.tolist() == list(stats.capacity[1:4])
     for row, layer in ((1, 2), (2, 3)):
@@ -558,8 +688,11 @@ def test_seq_starts_and_moeray_config_are_checked(stream):
     trace, ids, weights, starts = stream
     config = ServiceConfig(num_layers=6, num_experts=32, top_k=4, policy="moeray")
     coordinator, transport = make(config)
-    for bad, error in ((starts[:50], ValueError), (starts[:100].astype(np.int8), TypeError),
-                       (list(starts[:100]), TypeError)):
+    for bad, error in (
+        (starts[:50], ValueError),
+        (starts[:100].astype(np.int8), TypeError),
+        (list(starts[:100]), TypeError),
+    ):
         with pytest.raises(error, match="seq_starts"):
             coordinator.submit(ids[:, :100], weights[:, :100], seq_starts=bad)
     assert transport.sends == [] and coordinator.stats().submits == 0
@@ -568,14 +701,16 @@ def test_seq_starts_and_moeray_config_are_checked(stream):
     with pytest.raises(ValueError, match="predict"):
         ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="moeray", predict={"budget": 2})
     with pytest.raises(ValueError, match="prefetch_budget"):
-        ServiceConfig(num_layers=2, num_experts=8, top_k=2, policy="moeray",
-                      predict={"prefetch_budget": -1})
+        ServiceConfig(
+            num_layers=2, num_experts=8, top_k=2, policy="moeray", predict={"prefetch_budget": -1}
+        )
     with pytest.raises(TypeError, match="predict"):
         ServiceConfig(num_layers=2, num_experts=8, top_k=2, predict=4)
     from moeray.policy.split import SplitConfig
 
-    from_json = ServiceConfig(num_layers=2, num_experts=8, top_k=2,
-                              predict={"split": {"every_tokens": 128}})  # moeray serve --config
+    from_json = ServiceConfig(
+        num_layers=2, num_experts=8, top_k=2, predict={"split": {"every_tokens": 128}}
+    )  # moeray serve --config
     assert from_json.predict.split == SplitConfig(every_tokens=128)
     with pytest.raises(ValueError, match="split"):
         ServiceConfig(num_layers=2, num_experts=8, top_k=2, predict={"split": {"every": 128}})

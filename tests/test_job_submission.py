@@ -25,8 +25,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SERVICE = {"num_layers": 3, "num_experts": 16, "top_k": 2, "capacity": 4, "window_steps": 1,
-           "layers_per_actor": 2, "name": "jobtest"}
+SERVICE = {
+    "num_layers": 3,
+    "num_experts": 16,
+    "top_k": 2,
+    "capacity": 4,
+    "window_steps": 1,
+    "layers_per_actor": 2,
+    "name": "jobtest",
+}
 
 
 def _free_ports(count: int) -> list[int]:
@@ -44,8 +51,9 @@ def _free_ports(count: int) -> list[int]:
 
 def _ray_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               RAY_AUTH_MODE="disabled")
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled"
+    )
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -58,7 +66,9 @@ def _wait_for(what: str, probe, timeout_s: float, head: subprocess.Popen | None 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if head is not None and head.poll() is not None:
-            raise AssertionError(f"the Ray head exited ({head.returncode}) while waiting for {what}")
+            raise AssertionError(
+                f"the Ray head exited ({head.returncode}) while waiting for {what}"
+            )
         result = probe()
         if result:
             return result
@@ -71,25 +81,44 @@ class _Head:
 
     def __init__(self):
         ports = _free_ports(9)
-        gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = ports
+        gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = (
+            ports
+        )
         self.temp_dir = tempfile.mkdtemp(prefix="moeray-job-", dir="/tmp")
         self.env = _ray_env()
         self.gcs = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dashboard}"
         self.log_path = Path(self.temp_dir) / "head.log"
         command = _ray_cli() + [
-            "start", "--head", "--block", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-            f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
-            f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-            "--min-worker-port=0", "--max-worker-port=0",  # the OS picks: no clash with another Ray
-            "--num-cpus=2", f"--object-store-memory={150 * 2**20}",
+            "start",
+            "--head",
+            "--block",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={env_agent}",
+            f"--node-manager-port={node_mgr}",
+            f"--object-manager-port={obj_mgr}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",  # the OS picks: no clash with another Ray
+            "--num-cpus=2",
+            f"--object-store-memory={150 * 2**20}",
         ]
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, env=self.env, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_until_up(self) -> None:
         """Until `ray start` says the node is up and the job server answers. The dashboard can
@@ -134,8 +163,13 @@ def ray_head():
         head = _Head()
         head.wait_until_up()
     try:
-        yield {"gcs": head.gcs, "dashboard": head.dashboard, "env": head.env,
-               "log": head.log_path, "logs": Path(head.temp_dir) / "session_latest" / "logs"}
+        yield {
+            "gcs": head.gcs,
+            "dashboard": head.dashboard,
+            "env": head.env,
+            "log": head.log_path,
+            "logs": Path(head.temp_dir) / "session_latest" / "logs",
+        }
     finally:
         head.stop()
 
@@ -197,8 +231,9 @@ def _expected_counts(ids: np.ndarray) -> tuple[list[int], list[int]]:
     parameters), replayed in this process: ids [layers, T, top_k], one sequence."""
     from moeray.policy.predict import PredictiveCaches
 
-    caches = PredictiveCaches(SERVICE["num_layers"], SERVICE["num_experts"], SERVICE["top_k"],
-                              SERVICE["capacity"])
+    caches = PredictiveCaches(
+        SERVICE["num_layers"], SERVICE["num_experts"], SERVICE["top_k"], SERVICE["capacity"]
+    )
     stats = caches.run(ids.transpose(1, 0, 2))
     return stats.hits.tolist(), stats.stalls.tolist()
 
@@ -215,7 +250,8 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
         try:
             return client.submit_job(
                 entrypoint=f"{sys.executable} -m moeray.cli serve --config {config} --report-s 0",
-                submission_id=job_id)
+                submission_id=job_id,
+            )
         except RuntimeError as exc:
             if "already exists" in str(exc):  # a retry of a submit that got in
                 return job_id
@@ -224,18 +260,29 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
     try:
         _retry("the job server to take the job", submit)
     except AssertionError as exc:
-        tails = {name: (ray_head["logs"] / name).read_text(errors="replace")[-1500:]
-                 for name in ("dashboard.log", "dashboard.err") if (ray_head["logs"] / name).exists()}
-        raise AssertionError(f"{exc}\n{tails}\nhead: {ray_head['log'].read_text()[-1500:]}") from None
+        tails = {
+            name: (ray_head["logs"] / name).read_text(errors="replace")[-1500:]
+            for name in ("dashboard.log", "dashboard.err")
+            if (ray_head["logs"] / name).exists()
+        }
+        raise AssertionError(
+            f"{exc}\n{tails}\nhead: {ray_head['log'].read_text()[-1500:]}"
+        ) from None
     status = lambda: _retry("the job status", lambda: client.get_job_status(job_id))  # noqa: E731
 
     rng = np.random.default_rng(7)
     tokens = 40
-    ids = np.stack([
-        np.stack([rng.choice(SERVICE["num_experts"], SERVICE["top_k"], replace=False)
-                  for _ in range(tokens)])
-        for _ in range(SERVICE["num_layers"])
-    ]).astype(np.int32)
+    ids = np.stack(
+        [
+            np.stack(
+                [
+                    rng.choice(SERVICE["num_experts"], SERVICE["top_k"], replace=False)
+                    for _ in range(tokens)
+                ]
+            )
+            for _ in range(SERVICE["num_layers"])
+        ]
+    ).astype(np.int32)
     weights = rng.random(ids.shape, dtype=np.float32)
     steps = tmp_path / "steps.npz"
     np.savez(steps, ids=ids, weights=weights)
@@ -243,9 +290,14 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
     def service_answers():
         if status() == JobStatus.FAILED:
             raise AssertionError(client.get_job_logs(job_id))
-        result = subprocess.run([sys.executable, "-c", _CLIENT, ray_head["gcs"], SERVICE["name"],
-                                 str(steps)], env=ray_head["env"], capture_output=True, text=True,
-                                timeout=180, cwd=tmp_path)  # workers put the cwd on sys.path
+        result = subprocess.run(
+            [sys.executable, "-c", _CLIENT, ray_head["gcs"], SERVICE["name"], str(steps)],
+            env=ray_head["env"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=tmp_path,
+        )  # workers put the cwd on sys.path
         if result.returncode != 0:
             if "no moeray service" in result.stderr:
                 return None  # the job has not started the service yet
@@ -260,13 +312,28 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
         assert answer["hits"] == hits and answer["misses"] == misses
 
         moeray_status = subprocess.run(
-            [sys.executable, "-m", "moeray.cli", "status", "--name", SERVICE["name"],
-             "--address", ray_head["gcs"]],
-            env=ray_head["env"], capture_output=True, text=True, timeout=180, cwd=tmp_path,
+            [
+                sys.executable,
+                "-m",
+                "moeray.cli",
+                "status",
+                "--name",
+                SERVICE["name"],
+                "--address",
+                ray_head["gcs"],
+            ],
+            env=ray_head["env"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=tmp_path,
         )
         assert moeray_status.returncode == 0, moeray_status.stderr
-        rows = {line.split()[0]: line.split() for line in moeray_status.stdout.splitlines()
-                if line.strip()}
+        rows = {
+            line.split()[0]: line.split()
+            for line in moeray_status.stdout.splitlines()
+            if line.strip()
+        }
         assert rows["all"][2].replace(",", "") == str(sum(hits))
         assert rows["all"][3].replace(",", "") == str(sum(misses))
         assert status() == JobStatus.RUNNING  # serve stays up until stopped
@@ -276,7 +343,21 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
     logs = _retry("the job's logs", lambda: client.get_job_logs(job_id))
     assert f"started service {SERVICE['name']!r}" in logs
     # serve shut down the service it started: no coordinator is left to connect to
-    gone = subprocess.run([sys.executable, "-m", "moeray.cli", "status", "--name", SERVICE["name"],
-                           "--address", ray_head["gcs"]], env=ray_head["env"], capture_output=True,
-                          text=True, timeout=180, cwd=tmp_path)
+    gone = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeray.cli",
+            "status",
+            "--name",
+            SERVICE["name"],
+            "--address",
+            ray_head["gcs"],
+        ],
+        env=ray_head["env"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
     assert gone.returncode == 2 and "no moeray service" in gone.stderr

@@ -12,8 +12,8 @@ import ast
 import os
 import re
 import subprocess
-import tempfile
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -93,7 +93,9 @@ def imported_top_modules(path: Path) -> set[str]:
             found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+        elif isinstance(node, ast.Call) and getattr(
+            node.func, "attr", getattr(node.func, "id", "")
+        ) in (
             "import_module",
             "__import__",
         ):
@@ -110,7 +112,14 @@ def test_policy_and_native_sources_never_import_ray():
     files = source_files("policy", "native")
     names = {p.name for p in files}
     # The files this test must cover are really there.
-    assert {"cache.py", "affinity.py", "scheduler.py", "belady.py", "_reference.py", "__init__.py"} <= names
+    assert {
+        "cache.py",
+        "affinity.py",
+        "scheduler.py",
+        "belady.py",
+        "_reference.py",
+        "__init__.py",
+    } <= names
     for path in files:
         text = path.read_text()
         assert not _RAY_TEXT.search(text), f"{path} imports ray"
@@ -131,7 +140,9 @@ def test_import_detector_finds_ray_imports(tmp_path):
         path.write_text(text)
         assert "ray" in imported_top_modules(path), name
     clean = tmp_path / "clean.py"
-    clean.write_text("import numpy as np\nfrom moeray.native import backend\narray = 'import ray'\n")
+    clean.write_text(
+        "import numpy as np\nfrom moeray.native import backend\narray = 'import ray'\n"
+    )
     assert "ray" not in imported_top_modules(clean)
     assert _RAY_TEXT.search(samples["c.py"]) and not _RAY_TEXT.search("x = 'gray'\n")
 

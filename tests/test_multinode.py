@@ -11,7 +11,6 @@ import sys
 import tempfile
 import textwrap
 
-
 SCRIPT = textwrap.dedent(
     """
     import json, os
@@ -58,13 +57,23 @@ SCRIPT = textwrap.dedent(
 
 
 def test_layer_actors_follow_placement_and_move_when_a_node_is_lost():
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               RAY_AUTH_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=tempfile.gettempdir())
+    env = dict(
+        os.environ,
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="disabled",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tempfile.gettempdir(),
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
     a, b = out["node_a"], out["node_b"]
     assert out["nodes_before"] == [a, b, a, b]
     # node_a's layers 0 and 2 moved to node_b, the only placement node left

@@ -74,7 +74,11 @@ def assert_same_affinity(an, ar):
 
 def test_policy_codes_agree(core_pair):
     native, reference = core_pair
-    assert (native.LRU, native.LFU, native.ADAPTIVE) == (reference.LRU, reference.LFU, reference.ADAPTIVE)
+    assert (native.LRU, native.LFU, native.ADAPTIVE) == (
+        reference.LRU,
+        reference.LFU,
+        reference.ADAPTIVE,
+    )
     assert len({reference.LRU, reference.LFU, reference.ADAPTIVE}) == 3
 
 
@@ -185,7 +189,9 @@ SCALAR_SIZES = [(1, 1), (8, 1), (8, 3), (8, 8), (64, 1), (64, 16), (64, 64), (25
 @pytest.mark.parametrize("n,cap", SCALAR_SIZES, ids=[f"n{n}-cap{c}" for n, c in SCALAR_SIZES])
 def test_interleaved_scalar_operations(core_pair, n, cap, policy, aff):
     native, reference = core_pair
-    rng = np.random.default_rng([11, n, cap, POLICIES.index(policy), sorted(AFFINITY_PARAMS).index(aff)])
+    rng = np.random.default_rng(
+        [11, n, cap, POLICIES.index(policy), sorted(AFFINITY_PARAMS).index(aff)]
+    )
     cn, cr = cache_pair(native, reference, n, cap, policy, threshold=0.25)
     an, ar = affinity_pair(native, reference, n, *AFFINITY_PARAMS[aff])
     # A small working set (3 x cap) makes hits, prefetch hits and re-admissions common.
@@ -193,14 +199,21 @@ def test_interleaved_scalar_operations(core_pair, n, cap, policy, aff):
     evicted = False
     for step in range(350):
         op = OP_NAMES[rng.choice(len(OP_NAMES), p=OP_PROBS / OP_PROBS.sum())]
-        e = int(working[rng.integers(len(working))]) if rng.random() < 0.85 else int(rng.integers(n))
+        e = (
+            int(working[rng.integers(len(working))])
+            if rng.random() < 0.85
+            else int(rng.integers(n))
+        )
         if op == "prefetch_by_affinity":
             budget = int(rng.integers(0, 5))
             out = (cn.prefetch_by_affinity(an, budget), cr.prefetch_by_affinity(ar, budget))
             assert len(out[1]) <= budget and len(set(out[1])) == len(out[1])
         elif op == "suggest_eviction_with_affinity":
             w = float(rng.choice([0.0, 1e-7, 0.3, 0.5, 1.0, -0.5, 2.0]))
-            out = (cn.suggest_eviction_with_affinity(an, w), cr.suggest_eviction_with_affinity(ar, w))
+            out = (
+                cn.suggest_eviction_with_affinity(an, w),
+                cr.suggest_eviction_with_affinity(ar, w),
+            )
             assert (out[1] is None) == (cr.hot_count() < cap)
         elif op == "affinity.update":
             row = rng.choice(working, size=int(rng.integers(0, min(4, n) + 1))).tolist()
@@ -289,7 +302,9 @@ class Routing:
         self.num_experts = num_experts
         self.layers = list(layers)
         self.ids = [np.ascontiguousarray(ids[:, l, :], dtype=np.int32) for l in self.layers]
-        self.weights = [np.ascontiguousarray(weights[:, l, :], dtype=np.float32) for l in self.layers]
+        self.weights = [
+            np.ascontiguousarray(weights[:, l, :], dtype=np.float32) for l in self.layers
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -395,8 +410,12 @@ def test_update_batch_equals_row_updates(core_pair, n, params):
         assert batch.scores().dtype == np.float64 and batch.activation_counts().dtype == np.int64
         states.append(batch)
     assert_same_affinity(*states)
-    np.testing.assert_array_equal(states[1].activation_counts(), np.bincount(ids.ravel(), minlength=n))
-    np.testing.assert_array_equal(states[1].scores(), spec_scores(ids.tolist(), n, decay, boost, max_score))
+    np.testing.assert_array_equal(
+        states[1].activation_counts(), np.bincount(ids.ravel(), minlength=n)
+    )
+    np.testing.assert_array_equal(
+        states[1].scores(), spec_scores(ids.tolist(), n, decay, boost, max_score)
+    )
 
 
 @pytest.mark.parametrize("params", sorted(AFFINITY_PARAMS))

@@ -26,23 +26,49 @@ from moeray.traces import default_trace_path, load_trace
 
 pytestmark = [
     pytest.mark.pure,
-    pytest.mark.skipif(not PredictiveCaches._native,
-                       reason="the native step is not in use (MOERAY_PURE_PYTHON=1 or unbuilt)"),
+    pytest.mark.skipif(
+        not PredictiveCaches._native,
+        reason="the native step is not in use (MOERAY_PURE_PYTHON=1 or unbuilt)",
+    ),
 ]
 
 EXACT = ("_hot", "_pending", "_hot_count", "capacity", "_touch", "_clock", "_resplit_out")
-TABLES = ("_cross", "_cross_n", "_pair", "_pair_n", "_prev", "_prev_n", "_affinity",
-          "_scale", "_prev_scale", "_hint_hits", "_hint_guesses", "_hint_uses")
-COUNTERS = ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches", "evictions",
-            "resplit_evictions", "resplit_transfers", "resplit_moved", "predictor_hits",
-            "predictor_guesses", "predictor_uses")
+TABLES = (
+    "_cross",
+    "_cross_n",
+    "_pair",
+    "_pair_n",
+    "_prev",
+    "_prev_n",
+    "_affinity",
+    "_scale",
+    "_prev_scale",
+    "_hint_hits",
+    "_hint_guesses",
+    "_hint_uses",
+)
+COUNTERS = (
+    "hits",
+    "stalls",
+    "prefetches",
+    "prefetch_hits",
+    "wasted_prefetches",
+    "evictions",
+    "resplit_evictions",
+    "resplit_transfers",
+    "resplit_moved",
+    "predictor_hits",
+    "predictor_guesses",
+    "predictor_uses",
+)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def twins(num_layers, num_experts, top_k, capacity, config=PredictConfig()):
+def twins(num_layers, num_experts, top_k, capacity, config=None):
     """(native, numpy): the same caches, the second forced onto the numpy path."""
+    config = PredictConfig() if config is None else config
     native = PredictiveCaches(num_layers, num_experts, top_k, capacity, config)
     numpy = PredictiveCaches(num_layers, num_experts, top_k, capacity, config)
     numpy._native = False
@@ -56,12 +82,18 @@ def assert_same(native, numpy, where):
         assert (a is None) == (b is None), f"{where}: {name}"
         assert np.array_equal(a, b), f"{where}: {name} native {a} numpy {b}"
     for name in TABLES:
-        np.testing.assert_allclose(getattr(native, name), getattr(numpy, name), rtol=1e-12,
-                                   atol=0, err_msg=f"{where}: {name}")
+        np.testing.assert_allclose(
+            getattr(native, name),
+            getattr(numpy, name),
+            rtol=1e-12,
+            atol=0,
+            err_msg=f"{where}: {name}",
+        )
     sa, sb = native.stats, numpy.stats  # flushes the numpy side's queued guesses
     for name in COUNTERS:
         assert np.array_equal(getattr(sa, name), getattr(sb, name)), (
-            f"{where}: {name} native {getattr(sa, name)} numpy {getattr(sb, name)}")
+            f"{where}: {name} native {getattr(sa, name)} numpy {getattr(sb, name)}"
+        )
 
 
 def feed(native, numpy, ids, starts=(0,), hints=None, every=1):
@@ -94,18 +126,30 @@ def routing(rng, tokens, num_layers, num_experts, top_k, repeats=False):
 
 # (layers, experts, top_k, capacity, config fields, repeated ids)
 CASES = [
-    (1, 6, 1, 2, {}, False),                                     # one layer, top-1
-    (3, 8, 1, 3, {}, False),                                     # top-1: no pairs
-    (1, 8, 3, 4, {}, False),                                     # one layer: no pairs
-    (4, 10, 3, [3, 5, 10, 2], {}, False),                        # pairs, capacities per layer
+    (1, 6, 1, 2, {}, False),  # one layer, top-1
+    (3, 8, 1, 3, {}, False),  # top-1: no pairs
+    (1, 8, 3, 4, {}, False),  # one layer: no pairs
+    (4, 10, 3, [3, 5, 10, 2], {}, False),  # pairs, capacities per layer
     (4, 10, 3, 4, {"cross_pairs": False}, False),
-    (3, 9, 2, 2, {"prefetch_budget": 0}, False),                 # a demand cache
-    (3, 9, 2, 9, {"prefetch_budget": None}, False),              # every expert fits
-    (3, 9, 3, 1, {}, False),                                     # capacity under top_k
-    (3, 9, 3, 3, {}, True),                                      # repeated ids in a row
-    (3, 10, 3, 4, {"prefetch_budget": 5, "prefetch_threshold": 0.0, "prefetch_margin": 0.0,
-                   "victim_next_weight": 0.0, "victim_affinity_weight": 0.5,
-                   "keep_affinity_weight": 0.3}, False),
+    (3, 9, 2, 2, {"prefetch_budget": 0}, False),  # a demand cache
+    (3, 9, 2, 9, {"prefetch_budget": None}, False),  # every expert fits
+    (3, 9, 3, 1, {}, False),  # capacity under top_k
+    (3, 9, 3, 3, {}, True),  # repeated ids in a row
+    (
+        3,
+        10,
+        3,
+        4,
+        {
+            "prefetch_budget": 5,
+            "prefetch_threshold": 0.0,
+            "prefetch_margin": 0.0,
+            "victim_next_weight": 0.0,
+            "victim_affinity_weight": 0.5,
+            "keep_affinity_weight": 0.3,
+        },
+        False,
+    ),
     (3, 10, 3, 4, {"cross_weight": 0.0, "affinity_weight": 0.0}, False),
     (3, 10, 3, 4, {"previous_weight": 0.0, "pair_prior": 0.0}, False),
     (3, 10, 2, 3, {"transition_decay": 0.01, "previous_decay": 0.05}, False),  # rescales
@@ -144,8 +188,9 @@ def test_hinted_tokens_interleave():
     stays the same."""
     rng = np.random.default_rng(3)
     ids = routing(rng, 200, 4, 10, 3)
-    hints = [None if t % 3 else np.where(rng.random((4, 2)) < 0.7, ids[t, :, :2], -1)
-             for t in range(200)]
+    hints = [
+        None if t % 3 else np.where(rng.random((4, 2)) < 0.7, ids[t, :, :2], -1) for t in range(200)
+    ]
     native, numpy = twins(4, 10, 3, 4)
     feed(native, numpy, ids, starts=(0, 90), hints=hints)
     assert native.stats.predictor_uses[predict.PREDICTOR_NAMES.index("hints")].sum() > 0
@@ -170,7 +215,11 @@ def test_guesses_break_ties_by_lower_expert():
     caches._guess_stats(2, np.array([[0.0, 0.0, 0.0, 0.0]]), np.array([[0]]))
     caches._flush_guesses()
     st = caches._stats
-    assert (st.predictor_hits[2, 0], st.predictor_guesses[2, 0], st.predictor_uses[2, 0]) == (0, 1, 2)
+    assert (st.predictor_hits[2, 0], st.predictor_guesses[2, 0], st.predictor_uses[2, 0]) == (
+        0,
+        1,
+        2,
+    )
 
 
 # --------------------------------------------------------------------------- the boundary
@@ -179,8 +228,16 @@ def test_guesses_break_ties_by_lower_expert():
 def arguments(caches):
     ids = np.zeros((caches.num_layers, caches.top_k), dtype=np.int64)
     ids[:, :] = np.arange(caches.top_k)
-    return dict(state=caches._native_state(), ids=ids, last_ids=None, clock=1, scale=1.0,
-                next_scale=1.0, next_prev_scale=1.0, config=dict(caches._native_config))
+    return dict(
+        state=caches._native_state(),
+        ids=ids,
+        last_ids=None,
+        clock=1,
+        scale=1.0,
+        next_scale=1.0,
+        next_prev_scale=1.0,
+        config=dict(caches._native_config),
+    )
 
 
 def replace(mapping, key, value):
@@ -192,38 +249,85 @@ def replace(mapping, key, value):
     return out
 
 
-@pytest.mark.parametrize("change, error, message", [
-    (lambda a: replace(a, "state", replace(a["state"], "touch", a["state"]["touch"].astype(np.float32))),
-     TypeError, "state['touch']: expected dtype float64"),
-    (lambda a: replace(a, "state", replace(a["state"], "prev", np.zeros((3, 6, 5)))),
-     ValueError, "state['prev']: expected shape [3, 6, 6]"),
-    (lambda a: replace(a, "state", replace(a["state"], "cross_n", np.zeros((6, 3)).T)),
-     ValueError, "state['cross_n']: expected a C-contiguous array"),
-    (lambda a: replace(a, "state", replace(a["state"], "pair", np.zeros((3, 21)))),
-     ValueError, "state['pair']: expected shape [3, buckets, 6], got [3, 21]"),
-    (lambda a: replace(a, "state", replace(a["state"], "hits", [0, 0, 0])),
-     TypeError, "state['hits']: expected a numpy int64 array"),
-    (lambda a: replace(a, "state", replace(a["state"], "pending", None)),
-     ValueError, "state: no 'pending'"),
-    (lambda a: replace(a, "state", {**a["state"], "extra": np.zeros(3)}),
-     ValueError, "state: unexpected key 'extra'"),
-    (lambda a: replace(a, "state", list(a["state"].values())),
-     TypeError, "state: expected a dict"),
-    (lambda a: replace(a, "ids", a["ids"].astype(np.int32)),
-     TypeError, "ids: expected dtype int64"),
-    (lambda a: replace(a, "ids", a["ids"] + 6),
-     ValueError, "ids: every id must be in [0, 6)"),
-    (lambda a: replace(a, "last_ids", np.zeros((3, 3), dtype=np.int64)),
-     ValueError, "last_ids: expected shape [3, 2]"),
-    (lambda a: replace(a, "clock", 0), ValueError, "clock: expected an int >= 1"),
-    (lambda a: replace(a, "next_scale", float("nan")), ValueError, "next_scale: expected a finite"),
-    (lambda a: replace(a, "config", replace(a["config"], "affinity_decay", 1.5)),
-     ValueError, "config['affinity_decay']: expected a float in (0, 1)"),
-    (lambda a: replace(a, "config", replace(a["config"], "prefetch_budget", 1.5)),
-     TypeError, "config['prefetch_budget']: expected an int"),
-    (lambda a: replace(a, "config", replace(a["config"], "pair_prior", None)),
-     ValueError, "config: no 'pair_prior'"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (
+            lambda a: replace(
+                a, "state", replace(a["state"], "touch", a["state"]["touch"].astype(np.float32))
+            ),
+            TypeError,
+            "state['touch']: expected dtype float64",
+        ),
+        (
+            lambda a: replace(a, "state", replace(a["state"], "prev", np.zeros((3, 6, 5)))),
+            ValueError,
+            "state['prev']: expected shape [3, 6, 6]",
+        ),
+        (
+            lambda a: replace(a, "state", replace(a["state"], "cross_n", np.zeros((6, 3)).T)),
+            ValueError,
+            "state['cross_n']: expected a C-contiguous array",
+        ),
+        (
+            lambda a: replace(a, "state", replace(a["state"], "pair", np.zeros((3, 21)))),
+            ValueError,
+            "state['pair']: expected shape [3, buckets, 6], got [3, 21]",
+        ),
+        (
+            lambda a: replace(a, "state", replace(a["state"], "hits", [0, 0, 0])),
+            TypeError,
+            "state['hits']: expected a numpy int64 array",
+        ),
+        (
+            lambda a: replace(a, "state", replace(a["state"], "pending", None)),
+            ValueError,
+            "state: no 'pending'",
+        ),
+        (
+            lambda a: replace(a, "state", {**a["state"], "extra": np.zeros(3)}),
+            ValueError,
+            "state: unexpected key 'extra'",
+        ),
+        (
+            lambda a: replace(a, "state", list(a["state"].values())),
+            TypeError,
+            "state: expected a dict",
+        ),
+        (
+            lambda a: replace(a, "ids", a["ids"].astype(np.int32)),
+            TypeError,
+            "ids: expected dtype int64",
+        ),
+        (lambda a: replace(a, "ids", a["ids"] + 6), ValueError, "ids: every id must be in [0, 6)"),
+        (
+            lambda a: replace(a, "last_ids", np.zeros((3, 3), dtype=np.int64)),
+            ValueError,
+            "last_ids: expected shape [3, 2]",
+        ),
+        (lambda a: replace(a, "clock", 0), ValueError, "clock: expected an int >= 1"),
+        (
+            lambda a: replace(a, "next_scale", float("nan")),
+            ValueError,
+            "next_scale: expected a finite",
+        ),
+        (
+            lambda a: replace(a, "config", replace(a["config"], "affinity_decay", 1.5)),
+            ValueError,
+            "config['affinity_decay']: expected a float in (0, 1)",
+        ),
+        (
+            lambda a: replace(a, "config", replace(a["config"], "prefetch_budget", 1.5)),
+            TypeError,
+            "config['prefetch_budget']: expected an int",
+        ),
+        (
+            lambda a: replace(a, "config", replace(a["config"], "pair_prior", None)),
+            ValueError,
+            "config: no 'pair_prior'",
+        ),
+    ],
+)
 def test_boundary_names_what_is_wrong(change, error, message):
     caches = PredictiveCaches(3, 6, 2, 2)
     before = caches._hot.copy(), caches._touch.copy()

@@ -96,7 +96,7 @@ def pybind_params(doc: str) -> list[tuple[str, object]]:
     start = line.index("(")
     depth, parts, current = 0, [], ""
     for ch in line[start + 1 :]:
-        if ch in "([" :
+        if ch in "([":
             depth += 1
         elif ch in ")]":
             if depth == 0:
@@ -220,7 +220,9 @@ def test_pybind_params_parser():
         ("affinity", None),
         ("affinity_weight", 0.0),
     ]
-    assert pybind_params("update(self: m.A, activated: collections.abc.Sequence[typing.SupportsInt | x]) -> None") == [
+    assert pybind_params(
+        "update(self: m.A, activated: collections.abc.Sequence[typing.SupportsInt | x]) -> None"
+    ) == [
         ("self", inspect.Parameter.empty),
         ("activated", inspect.Parameter.empty),
     ]

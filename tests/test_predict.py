@@ -15,11 +15,18 @@ from moeray.policy.split import CapacitySplit, SplitConfig
 pytestmark = pytest.mark.pure
 
 # Only the cross-layer predictor, one prefetch per step: decisions easy to work by hand.
-CROSS_ONLY = PredictConfig(prefetch_budget=1, previous_weight=0.0, affinity_weight=0.0,
-                           keep_previous_weight=0.0, keep_affinity_weight=0.0, prefetch_margin=0.0)
+CROSS_ONLY = PredictConfig(
+    prefetch_budget=1,
+    previous_weight=0.0,
+    affinity_weight=0.0,
+    keep_previous_weight=0.0,
+    keep_affinity_weight=0.0,
+    prefetch_margin=0.0,
+)
 
 
-def run(tokens, num_experts, capacity, config=PredictConfig(), seq_offsets=None):
+def run(tokens, num_experts, capacity, config=None, seq_offsets=None):
+    config = PredictConfig() if config is None else config
     ids = np.asarray(tokens, dtype=np.int32)
     if ids.ndim == 2:
         ids = ids[:, :, None]  # top-1
@@ -66,16 +73,21 @@ def deterministic_stream(tokens=600, layers=4, num_experts=16, top_k=2, seed=0):
     return ids
 
 
-@pytest.mark.parametrize("config", [PredictConfig(), replace(CROSS_ONLY, prefetch_budget=2,
-                                                                prefetch_margin=0.25)],
-                         ids=["defaults", "cross-only"])
+@pytest.mark.parametrize(
+    "config",
+    [PredictConfig(), replace(CROSS_ONLY, prefetch_budget=2, prefetch_margin=0.25)],
+    ids=["defaults", "cross-only"],
+)
 def test_a_deterministic_next_layer_stops_stalling_after_warm_up(config):
     ids = deterministic_stream()
     caches = PredictiveCaches(4, 16, 2, 4, config)
     caches.run(ids[:200])  # warm-up: every transition seen
     before = caches.stats
-    stalls, prefetches, wasted = (before.stalls.copy(), before.prefetches.copy(),
-                                  before.wasted_prefetches.copy())
+    stalls, prefetches, wasted = (
+        before.stalls.copy(),
+        before.prefetches.copy(),
+        before.wasted_prefetches.copy(),
+    )
     caches.run(ids[200:])
     after = caches.stats
     uses = 400 * 2
@@ -99,20 +111,30 @@ def test_a_deterministic_next_layer_stops_stalling_after_warm_up(config):
     assert (after.predictor_hits <= after.predictor_guesses).all()
 
 
-@pytest.mark.parametrize("config", [PredictConfig(), replace(PredictConfig(), split=SplitConfig(
-    every_tokens=8, max_move=2, min_gain=0.0))], ids=["fixed", "re-split"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        PredictConfig(),
+        replace(PredictConfig(), split=SplitConfig(every_tokens=8, max_move=2, min_gain=0.0)),
+    ],
+    ids=["fixed", "re-split"],
+)
 def test_no_decision_uses_routing_that_has_not_happened_yet(config):
     """Changing token t's routing at layers >= l changes nothing counted at layers < l up to
     token t; changing later tokens changes nothing up to token t. With re-split, capacities
     come from earlier tokens of every layer, so the same holds."""
     rng = np.random.default_rng(1)
     layers, num_experts, top_k, tokens = 5, 12, 3, 120
-    ids = np.stack([np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(layers)])
-                    for _ in range(tokens)]).astype(np.int32)
+    ids = np.stack(
+        [
+            np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(layers)])
+            for _ in range(tokens)
+        ]
+    ).astype(np.int32)
 
     def counts(stream, upto):
         caches = PredictiveCaches(layers, num_experts, top_k, 4, config)
-        caches.run(stream[:upto + 1])
+        caches.run(stream[: upto + 1])
         if config.split is not None:
             assert caches.stats.resplit_moved > 0
         s = caches.stats
@@ -122,11 +144,11 @@ def test_no_decision_uses_routing_that_has_not_happened_yet(config):
     for layer in (1, 3):
         changed = ids.copy()
         changed[t, layer:] = (changed[t, layer:] + 5) % num_experts
-        changed[t + 1:] = (changed[t + 1:] + 7) % num_experts
+        changed[t + 1 :] = (changed[t + 1 :] + 7) % num_experts
         np.testing.assert_array_equal(counts(ids, t)[:, :layer], counts(changed, t)[:, :layer])
         assert not np.array_equal(counts(ids, t)[:, layer:], counts(changed, t)[:, layer:])
     changed = ids.copy()
-    changed[t + 1:] = rng.integers(0, num_experts, changed[t + 1:].shape)
+    changed[t + 1 :] = rng.integers(0, num_experts, changed[t + 1 :].shape)
     np.testing.assert_array_equal(counts(ids, t), counts(changed, t))
 
 
@@ -216,6 +238,7 @@ def test_previous_token_tables_forget_at_their_own_decay():
 
 def test_hashed_pair_buckets_stay_in_range(monkeypatch):
     import moeray.policy.predict as predict
+
     monkeypatch.setattr(predict, "PAIR_TABLE_ENTRIES", 3 * 12 * 5)  # 5 buckets for 78 pairs
     ids = random_stream(200, 3, 12, 3, seed=4)
     caches = PredictiveCaches(3, 12, 3, 4)
@@ -267,18 +290,19 @@ def test_a_new_config_applies_from_the_next_token():
 
 
 def test_config_and_input_errors():
-    for kwargs, field in [({"prefetch_budget": -1}, "prefetch_budget"),
-                          ({"transition_decay": 1.0}, "transition_decay"),
-                          ({"previous_decay": 0.0}, "previous_decay"),
-                          ({"affinity_decay": 0.0}, "affinity_decay"),
-                          ({"cross_weight": -0.1}, "cross_weight"),
-                          ({"prefetch_margin": 1.5}, "prefetch_margin"),
-                          ({"prefetch_threshold": -0.1}, "prefetch_threshold"),
-                          ({"victim_affinity_weight": -1.0}, "victim_affinity_weight"),
-                          ({"pair_prior": -1.0}, "pair_prior"),
-                          ({"cross_pairs": 1}, "cross_pairs"),
-                          ({"cross_weight": 0.0, "previous_weight": 0.0, "affinity_weight": 0.0},
-                           "cross_weight")]:
+    for kwargs, field in [
+        ({"prefetch_budget": -1}, "prefetch_budget"),
+        ({"transition_decay": 1.0}, "transition_decay"),
+        ({"previous_decay": 0.0}, "previous_decay"),
+        ({"affinity_decay": 0.0}, "affinity_decay"),
+        ({"cross_weight": -0.1}, "cross_weight"),
+        ({"prefetch_margin": 1.5}, "prefetch_margin"),
+        ({"prefetch_threshold": -0.1}, "prefetch_threshold"),
+        ({"victim_affinity_weight": -1.0}, "victim_affinity_weight"),
+        ({"pair_prior": -1.0}, "pair_prior"),
+        ({"cross_pairs": 1}, "cross_pairs"),
+        ({"cross_weight": 0.0, "previous_weight": 0.0, "affinity_weight": 0.0}, "cross_weight"),
+    ]:
         with pytest.raises(ValueError, match=field):
             PredictConfig(**kwargs)
     with pytest.raises(ValueError, match="capacity"):
@@ -299,8 +323,12 @@ def test_config_and_input_errors():
 
 def random_stream(tokens, layers, num_experts, top_k, seed):
     rng = np.random.default_rng(seed)
-    return np.stack([np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(layers)])
-                     for _ in range(tokens)]).astype(np.int32)
+    return np.stack(
+        [
+            np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(layers)])
+            for _ in range(tokens)
+        ]
+    ).astype(np.int32)
 
 
 def test_truthful_hints_stall_no_more_and_are_reported_right():
@@ -357,9 +385,14 @@ def test_a_layers_hints_change_only_that_layer():
 def test_bad_hints_are_clear_errors():
     caches = PredictiveCaches(2, 4, 1, 2)
     ok = np.array([[0], [1]])
-    for hints, what in [(np.array([0, 1]), "shape"), (np.zeros((3, 1), int), "shape"),
-                        (np.zeros((2, 0), int), "shape"), (np.zeros((2, 1)), "float"),
-                        (np.array([[0], [4]]), "range"), (np.array([[-2], [0]]), "range")]:
+    for hints, _what in [
+        (np.array([0, 1]), "shape"),
+        (np.zeros((3, 1), int), "shape"),
+        (np.zeros((2, 0), int), "shape"),
+        (np.zeros((2, 1)), "float"),
+        (np.array([[0], [4]]), "range"),
+        (np.array([[-2], [0]]), "range"),
+    ]:
         with pytest.raises(ValueError, match="hints"):
             caches.step(ok, hints=hints)
     with pytest.raises(ValueError, match="hints"):
@@ -423,8 +456,14 @@ def test_a_coordinator_applying_the_same_split_gets_the_same_decisions():
             layer_side.set_capacity(plans[t].capacity)
         layer_side.step(ids[t], new_sequence=t == 0)
     a, b = inside.stats, layer_side.stats
-    for key in ("hits", "stalls", "prefetches", "wasted_prefetches", "resplit_evictions",
-                "resplit_transfers"):
+    for key in (
+        "hits",
+        "stalls",
+        "prefetches",
+        "wasted_prefetches",
+        "resplit_evictions",
+        "resplit_transfers",
+    ):
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
     assert a.resplit_evictions.sum() > 0
     np.testing.assert_array_equal(inside.capacity, layer_side.capacity)

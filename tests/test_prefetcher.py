@@ -129,7 +129,9 @@ def test_file_array_is_a_read_only_view_of_the_mapping(core, shard):
     assert not view.flags.writeable
     with open(shard, "rb") as f:
         f.seek(3 * EXPERT_BYTES + 12345)
-        assert view[3 * EXPERT_BYTES + 12345:3 * EXPERT_BYTES + 12345 + 64].tobytes() == f.read(64)
+        assert view[3 * EXPERT_BYTES + 12345 : 3 * EXPERT_BYTES + 12345 + 64].tobytes() == f.read(
+            64
+        )
     del p  # the view keeps the mapping alive
     assert int(view[-1]) == shard.read_bytes()[-1]
     with pytest.raises(ValueError, match="file"):

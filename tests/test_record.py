@@ -13,8 +13,12 @@ if os.environ.get("MOERAY_REQUIRE_HF") == "1":  # CI's hf step: a missing torch 
     import torch
     import transformers  # noqa: F401
 else:
-    torch = pytest.importorskip("torch", reason="moeray record needs torch and transformers (the hf extra)")
-    pytest.importorskip("transformers", reason="moeray record needs torch and transformers (the hf extra)")
+    torch = pytest.importorskip(
+        "torch", reason="moeray record needs torch and transformers (the hf extra)"
+    )
+    pytest.importorskip(
+        "transformers", reason="moeray record needs torch and transformers (the hf extra)"
+    )
 
 from moeray import cli  # noqa: E402
 from moeray.record import FAMILIES, RouterRecorder, tiny_model  # noqa: E402
@@ -58,7 +62,9 @@ def expected_top_k(family: str, logits: torch.Tensor, router) -> tuple[np.ndarra
 @pytest.mark.parametrize("family", FAMILIES)
 def test_recorded_routing_is_the_top_k_of_the_router_logits(family):
     model = tiny_model(family, seed=1)
-    input_ids = torch.randint(0, model.config.vocab_size, (1, 13), generator=torch.Generator().manual_seed(5))
+    input_ids = torch.randint(
+        0, model.config.vocab_size, (1, 13), generator=torch.Generator().manual_seed(5)
+    )
     with RouterRecorder(model) as recorder, torch.no_grad():
         out = model(input_ids=input_ids, output_router_logits=True)
         ids, weights = recorder.take()
@@ -80,10 +86,19 @@ def test_recorded_routing_is_the_top_k_of_the_router_logits(family):
 
 def test_record_cli_writes_a_trace_that_replays(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("the quick brown fox\n\n{\"prompt\": \"jumps over the lazy dog\"}\nhi\n")
+    prompts.write_text('the quick brown fox\n\n{"prompt": "jumps over the lazy dog"}\nhi\n')
     out = tmp_path / "olmoe.mtrace"
-    argv = ["record", "--model", "tiny-olmoe", "--prompts", str(prompts), "--out", str(out),
-            "--max-new-tokens", "4"]
+    argv = [
+        "record",
+        "--model",
+        "tiny-olmoe",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+    ]
     assert cli.main(argv) == 0
     prompt_tokens = [len("the quick brown fox"), len("jumps over the lazy dog"), len("hi")]
     total = sum(prompt_tokens) + 3 * 4
@@ -96,7 +111,10 @@ def test_record_cli_writes_a_trace_that_replays(tmp_path, capsys):
     assert records[1].positions.tolist() == [19] and records[4].positions.tolist() == [22]
     trace = load_trace(out)
     assert trace.num_tokens == total and trace.seq_offsets.tolist() == [0, 23, 50, 56]
-    assert cli.main(["replay", str(out), "--backend", "local", "--capacity", "0.5", "--policy", "lru"]) == 0
+    assert (
+        cli.main(["replay", str(out), "--backend", "local", "--capacity", "0.5", "--policy", "lru"])
+        == 0
+    )
     assert "olmoe.mtrace: 56 tokens x 2 layers x top-2, 8 experts" in capsys.readouterr().out
 
 
@@ -104,6 +122,19 @@ def test_record_cli_errors_exit_2(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\n")
     for model in ("tiny-nonesuch", str(tmp_path)):
-        assert cli.main(["record", "--model", model, "--prompts", str(prompts), "--out", str(tmp_path / "o")]) == 2
+        assert (
+            cli.main(
+                [
+                    "record",
+                    "--model",
+                    model,
+                    "--prompts",
+                    str(prompts),
+                    "--out",
+                    str(tmp_path / "o"),
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--model" in err[0], err

@@ -12,7 +12,11 @@ import pytest
 from moeray import cli
 from moeray.policy.predict import PredictConfig
 from moeray.replay import (
-    DEMAND_POLICY_NAMES, POLICY_NAMES, ReplayConfig, replay_trace, synthetic_hints,
+    DEMAND_POLICY_NAMES,
+    POLICY_NAMES,
+    ReplayConfig,
+    replay_trace,
+    synthetic_hints,
 )
 from moeray.traces import Trace
 
@@ -24,8 +28,14 @@ pytestmark = pytest.mark.pure
 HAND_LAYERS = ([0, 1, 0, 2, 0, 3, 1, 0, 1], [0, 0, 0, 1, 2, 1, 2, 1, 2])
 NEW_KEYS = ("stall_rate", "per_layer_stall_rate", "transfers_per_token", "wasted_prefetches")
 
-CROSS_ONLY = PredictConfig(prefetch_budget=1, previous_weight=0.0, affinity_weight=0.0,
-                           keep_previous_weight=0.0, keep_affinity_weight=0.0, prefetch_margin=0.0)
+CROSS_ONLY = PredictConfig(
+    prefetch_budget=1,
+    previous_weight=0.0,
+    affinity_weight=0.0,
+    keep_previous_weight=0.0,
+    keep_affinity_weight=0.0,
+    prefetch_margin=0.0,
+)
 
 
 def hand_trace() -> Trace:
@@ -40,8 +50,9 @@ def write(path, tokens, num_experts):
 
 
 def test_demand_policies_stall_on_every_miss_and_transfer_every_miss():
-    report = replay_trace(hand_trace(), ReplayConfig(capacity=2, affinity_weight=0.0,
-                                                     policies=DEMAND_POLICY_NAMES))
+    report = replay_trace(
+        hand_trace(), ReplayConfig(capacity=2, affinity_weight=0.0, policies=DEMAND_POLICY_NAMES)
+    )
     lru, belady = report.results["lru"], report.results["belady"]
     assert lru.stalls == (6, 3) and lru.transfers == (6, 3)
     assert belady.stalls == (5, 3) and belady.transfers == (5, 3)
@@ -79,14 +90,17 @@ def test_moeray_accounting_on_a_hand_stream():
 
 def test_moeray_counts_of_a_token_ignore_later_tokens():
     rng = np.random.default_rng(3)
-    ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(3)])
-                    for _ in range(60)]).astype(np.uint8)
+    ids = np.stack(
+        [np.stack([rng.choice(8, 2, replace=False) for _ in range(3)]) for _ in range(60)]
+    ).astype(np.uint8)
     changed = ids.copy()
     changed[40:] = rng.integers(0, 8, changed[40:].shape)
     config = ReplayConfig(capacity=3, policies=("moeray",))
 
     def result(stream):
-        return replay_trace(Trace(stream[:40], None, np.array([0, 40]), 8, "r"), config).results["moeray"]
+        return replay_trace(Trace(stream[:40], None, np.array([0, 40]), 8, "r"), config).results[
+            "moeray"
+        ]
 
     a, b = result(ids), result(changed)
     assert (a.per_layer_hits, a.stalls, a.transfers) == (b.per_layer_hits, b.stalls, b.transfers)
@@ -95,8 +109,17 @@ def test_moeray_counts_of_a_token_ignore_later_tokens():
 def test_cli_json_has_the_accounting_keys_for_every_policy(tmp_path, capsys):
     trace = write(tmp_path / "hand.npz", np.array(HAND_LAYERS).T, 4)
     out = tmp_path / "all.json"
-    argv = ["replay", str(trace), "--backend", "local", "--capacity", "0.5", "--json", str(out),
-            "--per-layer"]
+    argv = [
+        "replay",
+        str(trace),
+        "--backend",
+        "local",
+        "--capacity",
+        "0.5",
+        "--json",
+        str(out),
+        "--per-layer",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "stall rate" in printed and "transfers/token" in printed and "wasted" in printed
@@ -122,8 +145,18 @@ def test_cli_plot_writes_a_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     trace = write(tmp_path / "hand.npz", np.array(HAND_LAYERS).T, 4)
     png = tmp_path / "plots" / "replay.png"
-    argv = ["replay", str(trace), "--backend", "local", "--policy", "lru", "--policy", "moeray",
-            "--plot", str(png)]
+    argv = [
+        "replay",
+        str(trace),
+        "--backend",
+        "local",
+        "--policy",
+        "lru",
+        "--policy",
+        "moeray",
+        "--plot",
+        str(png),
+    ]
     assert cli.main(argv) == 0
     assert str(png) in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -157,8 +190,10 @@ def test_cli_service_backend_serves_every_online_policy(tmp_path, capsys, monkey
     def fake_replay_through_service(trace, config, **kwargs):
         asked.append(config.policies)
         local = replay_trace(trace, config)
-        results = {n: PolicyResult(n, r.per_layer_hits, r.accesses_per_layer, r.per_layer_seconds)
-                   for n, r in local.results.items()}
+        results = {
+            n: PolicyResult(n, r.per_layer_hits, r.accesses_per_layer, r.per_layer_seconds)
+            for n, r in local.results.items()
+        }
         return ReplayReport(trace.name, trace.num_experts, config.capacity, results), []
 
     fake = types.ModuleType("moeray.service")
@@ -167,20 +202,47 @@ def test_cli_service_backend_serves_every_online_policy(tmp_path, capsys, monkey
     monkeypatch.setattr(cli, "_ray_session", lambda address: contextlib.nullcontext())
     trace = write(tmp_path / "hand.npz", np.array(HAND_LAYERS).T, 4)
     out = tmp_path / "service.json"
-    argv = ["replay", str(trace), "--capacity", "0.5", "--policy", "lru", "--policy", "moeray",
-            "--json", str(out)]
+    argv = [
+        "replay",
+        str(trace),
+        "--capacity",
+        "0.5",
+        "--policy",
+        "lru",
+        "--policy",
+        "moeray",
+        "--json",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     assert asked == [("lru", "moeray")]
     doc = json.loads(out.read_text())
     assert list(doc["policies"]) == ["lru", "moeray"]
     assert doc["policies"]["lru"]["transfers_per_token"] == pytest.approx(1.0)  # 9 misses / 9
     asked.clear()
-    assert cli.main(["replay", str(trace), "--policy", "moeray", "--json", str(out),
-                     "--hint-accuracy", "0.9"]) == 0
+    assert (
+        cli.main(
+            [
+                "replay",
+                str(trace),
+                "--policy",
+                "moeray",
+                "--json",
+                str(out),
+                "--hint-accuracy",
+                "0.9",
+            ]
+        )
+        == 0
+    )
     assert asked == [("moeray",)]  # the hints go with the steps
     asked.clear()
-    assert cli.main(["replay", str(trace), "--policy", "moeray", "--json", str(out),
-                     "--resplit-every", "4"]) == 0
+    assert (
+        cli.main(
+            ["replay", str(trace), "--policy", "moeray", "--json", str(out), "--resplit-every", "4"]
+        )
+        == 0
+    )
     assert asked == [("moeray",)]  # the coordinator re-splits
     asked.clear()
     assert cli.main(["replay", str(trace), "--policy", "belady", "--json", str(out)]) == 0
@@ -191,8 +253,9 @@ def test_cli_service_backend_serves_every_online_policy(tmp_path, capsys, monkey
 
 def test_synthetic_hints_name_only_the_hinted_layers_routing():
     rng = np.random.default_rng(11)
-    ids = np.stack([np.stack([rng.choice(16, 3, replace=False) for _ in range(4)])
-                    for _ in range(3000)]).astype(np.int32)
+    ids = np.stack(
+        [np.stack([rng.choice(16, 3, replace=False) for _ in range(4)]) for _ in range(3000)]
+    ).astype(np.int32)
     used = np.zeros((3000, 4, 17), dtype=bool)
     np.put_along_axis(used, ids, True, axis=2)
 
@@ -222,15 +285,32 @@ def test_cli_hints_and_resplit_reach_the_json(tmp_path):
     layered = np.stack([tokens[:, 0], tokens[:, 1], (tokens[:, 0] + 1) % 4], axis=1)  # top-1
     trace = write(tmp_path / "t.npz", layered, 4)
     out = tmp_path / "hints.json"
-    argv = ["replay", str(trace), "--backend", "local", "--capacity", "0.5", "--policy", "lru",
-            "--policy", "moeray", "--json", str(out)]
+    argv = [
+        "replay",
+        str(trace),
+        "--backend",
+        "local",
+        "--capacity",
+        "0.5",
+        "--policy",
+        "lru",
+        "--policy",
+        "moeray",
+        "--json",
+        str(out),
+    ]
     assert cli.main(argv + ["--hint-accuracy", "1", "--resplit-every", "16"]) == 0
     moeray = json.loads(out.read_text())["policies"]["moeray"]
     assert moeray["predictors"]["hints"] == {"recall": 1.0, "precision": 1.0}
     resplit = moeray["resplit"]
     assert sum(resplit["final_capacity"]) == 3 * 2
-    assert set(resplit) == {"moved", "evictions", "transfers", "per_layer_transfers",
-                            "final_capacity"}
+    assert set(resplit) == {
+        "moved",
+        "evictions",
+        "transfers",
+        "per_layer_transfers",
+        "final_capacity",
+    }
     assert resplit["transfers"] <= resplit["evictions"]
     assert cli.main(argv + ["--resplit-every", "0"]) == 0
     moeray = json.loads(out.read_text())["policies"]["moeray"]
@@ -241,8 +321,10 @@ def test_hint_and_resplit_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="hint_accuracy"):
         ReplayConfig(capacity=2, hint_accuracy=1.5)
     trace = write(tmp_path / "hand.npz", np.array(HAND_LAYERS).T, 4)
-    for flag, value, name in (("--hint-accuracy", "-0.5", "hint_accuracy"),
-                              ("--resplit-every", "-1", "--resplit-every")):
+    for flag, value, name in (
+        ("--hint-accuracy", "-0.5", "hint_accuracy"),
+        ("--resplit-every", "-1", "--resplit-every"),
+    ):
         assert cli.main(["replay", str(trace), "--backend", "local", flag, value]) == 2
         err = capsys.readouterr().err
         assert name in err and "Traceback" not in err

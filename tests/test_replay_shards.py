@@ -28,16 +28,22 @@ def checkpoint(tmp_path_factory):
     """gpt-oss-20b names and layout, hidden and intermediate 360: experts of 761 KiB, large
     against the pages a hot set shares with cold neighbours (the bound's slack is one expert)."""
     out = tmp_path_factory.mktemp("ckpt")
-    write_checkpoint(SynthConfig(MODEL_SHAPES["gpt-oss-20b"].scaled(8), num_layers=LAYERS), out,
-                     progress=False)
+    write_checkpoint(
+        SynthConfig(MODEL_SHAPES["gpt-oss-20b"].scaled(8), num_layers=LAYERS), out, progress=False
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def trace():
     full = load_trace(default_trace_path())
-    return Trace(full.expert_ids[:TOKENS, :LAYERS], full.weights[:TOKENS, :LAYERS],
-                 np.array([0, TOKENS]), full.num_experts, "gpt-oss-20b-head")
+    return Trace(
+        full.expert_ids[:TOKENS, :LAYERS],
+        full.weights[:TOKENS, :LAYERS],
+        np.array([0, TOKENS]),
+        full.num_experts,
+        "gpt-oss-20b-head",
+    )
 
 
 def lru_stalls(ids: np.ndarray, capacity: int) -> int:
@@ -66,7 +72,8 @@ def test_every_stall_moves_one_expert_and_the_bound_holds(checkpoint, trace):
         expert = store.expert_bytes(store.layers[0], 0)
     assert "belady" not in report.shards  # an oracle: no bytes to move
     assert list(report.shards["lru"].stalls) == [
-        lru_stalls(trace.layer_ids(layer), CAPACITY) for layer in range(LAYERS)]
+        lru_stalls(trace.layer_ids(layer), CAPACITY) for layer in range(LAYERS)
+    ]
     for name in ("lru", "affinity-lru"):
         result, shards = report.results[name], report.shards[name]
         assert result.per_layer_hits == decisions.results[name].per_layer_hits
@@ -103,20 +110,29 @@ def test_moeray_moves_the_bytes_of_its_hot_sets(checkpoint, trace, hint_accuracy
     assert all(moved % expert == 0 for moved in shards.bytes_moved)
     # experts prefetched and evicted within one window never reach the shard: at most the
     # policy's transfers, and at least a full hot set
-    assert all(CAPACITY * expert <= moved <= transfers * expert
-               for moved, transfers in zip(shards.bytes_moved, decisions.per_layer_transfers))
+    assert all(
+        CAPACITY * expert <= moved <= transfers * expert
+        for moved, transfers in zip(shards.bytes_moved, decisions.per_layer_transfers)
+    )
     assert shards.over_bound() == [], (shards.resident_bytes_max, shards.capacity_bytes)
     assert all(r >= CAPACITY * expert for r in shards.resident_bytes_max)
 
     # window by window, in the layer body: resident experts == the policy's hot set
     layers = list(range(LAYERS))
-    body = LayerCaches(layers, trace.num_experts, dict.fromkeys(layers, CAPACITY), "moeray",
-                       shards=str(checkpoint), settle=True)
+    body = LayerCaches(
+        layers,
+        trace.num_experts,
+        dict.fromkeys(layers, CAPACITY),
+        "moeray",
+        shards=str(checkpoint),
+        settle=True,
+    )
     mirror = PredictiveCaches(LAYERS, trace.num_experts, trace.top_k, CAPACITY)
     for seq, first in enumerate(range(0, 64, 16), start=1):
         step = slice(first, first + 16)
-        body.apply([LayerWindow(layer, seq, trace.layer_ids(layer)[step], trace.top_k)
-                    for layer in layers])
+        body.apply(
+            [LayerWindow(layer, seq, trace.layer_ids(layer)[step], trace.top_k) for layer in layers]
+        )
         for t in range(first, first + 16):
             mirror.step(trace.expert_ids[t], new_sequence=t == 0)
         for layer in layers:
@@ -156,12 +172,33 @@ def test_use_counts_in_time_late_and_stalls(checkpoint):
 
 def test_cli_replay_local_shards_writes_the_shards_object(checkpoint, trace, tmp_path, capsys):
     small = tmp_path / "small.npz"
-    np.savez(small, expert_ids=trace.expert_ids[:64], expert_probs=trace.weights[:64],
-             seq_offsets=np.array([0, 64]), num_experts=trace.num_experts)
+    np.savez(
+        small,
+        expert_ids=trace.expert_ids[:64],
+        expert_probs=trace.weights[:64],
+        seq_offsets=np.array([0, 64]),
+        num_experts=trace.num_experts,
+    )
     out = tmp_path / "out.json"
-    code = main(["replay", str(small), "--backend", "local", "--shards", str(checkpoint),
-                 "--policy", "lru", "--policy", "belady", "--json", str(out), "--no-progress",
-                 "--tokens", "48"])
+    code = main(
+        [
+            "replay",
+            str(small),
+            "--backend",
+            "local",
+            "--shards",
+            str(checkpoint),
+            "--policy",
+            "lru",
+            "--policy",
+            "belady",
+            "--json",
+            str(out),
+            "--no-progress",
+            "--tokens",
+            "48",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "resident" in printed and "held" in printed
@@ -180,14 +217,28 @@ def test_cli_capacity_in_bytes_across_all_layers(checkpoint, trace, tmp_path, ca
     """--capacity-bytes: one byte budget for every layer's hot set, as many experts per layer as
     it holds; the bound then holds against those experts' bytes."""
     small = tmp_path / "small.npz"
-    np.savez(small, expert_ids=trace.expert_ids[:32], expert_probs=trace.weights[:32],
-             seq_offsets=np.array([0, 32]), num_experts=trace.num_experts)
+    np.savez(
+        small,
+        expert_ids=trace.expert_ids[:32],
+        expert_probs=trace.weights[:32],
+        seq_offsets=np.array([0, 32]),
+        num_experts=trace.num_experts,
+    )
     with ShardStore(checkpoint) as store:
         expert = store.expert_bytes(store.layers[0], 0)
     budget = 5 * LAYERS * expert + expert // 2  # 5 experts per layer and half of one more
     out = tmp_path / "bytes.json"
-    argv = ["replay", str(small), "--backend", "local", "--shards", str(checkpoint), "--policy",
-            "lru", "--no-progress"]
+    argv = [
+        "replay",
+        str(small),
+        "--backend",
+        "local",
+        "--shards",
+        str(checkpoint),
+        "--policy",
+        "lru",
+        "--no-progress",
+    ]
     assert main(argv + ["--capacity-bytes", f"{budget // 1024}KiB", "--json", str(out)]) == 0
     document = json.loads(out.read_text())
     assert document["capacity_experts"] == 5
@@ -210,14 +261,24 @@ def test_service_config_capacity_in_bytes(checkpoint):
 
     with ShardStore(checkpoint) as store:
         expert = store.expert_bytes(store.layers[0], 0)
-    config = ServiceConfig(num_layers=LAYERS, num_experts=32, top_k=4, shards=str(checkpoint),
-                           capacity_bytes=7 * LAYERS * expert + 1)
+    config = ServiceConfig(
+        num_layers=LAYERS,
+        num_experts=32,
+        top_k=4,
+        shards=str(checkpoint),
+        capacity_bytes=7 * LAYERS * expert + 1,
+    )
     assert config.capacity == (7,) * LAYERS
     with pytest.raises(ValueError, match="needs shards"):
         ServiceConfig(num_layers=LAYERS, num_experts=32, top_k=4, capacity_bytes=2**30)
     with pytest.raises(ValueError, match="one expert per layer"):
-        ServiceConfig(num_layers=LAYERS, num_experts=32, top_k=4, shards=str(checkpoint),
-                      capacity_bytes=expert)
+        ServiceConfig(
+            num_layers=LAYERS,
+            num_experts=32,
+            top_k=4,
+            shards=str(checkpoint),
+            capacity_bytes=expert,
+        )
 
 
 def test_replay_shards_rejects_a_checkpoint_that_does_not_fit(checkpoint, trace):
@@ -270,7 +331,9 @@ def test_moeray_resplit_moves_the_bytes_of_its_hot_sets(checkpoint, trace):
     from moeray.policy.split import SplitConfig
 
     split = SplitConfig(every_tokens=16, max_move=2, min_gain=0.0)
-    config = ReplayConfig(capacity=CAPACITY, policies=("moeray",), predict=PredictConfig(split=split))
+    config = ReplayConfig(
+        capacity=CAPACITY, policies=("moeray",), predict=PredictConfig(split=split)
+    )
     report = replay_shards(trace, config, str(checkpoint), step_tokens=5)
     decisions = replay_trace(trace, config).results["moeray"]
     result, shards = report.results["moeray"], report.shards["moeray"]
@@ -280,6 +343,7 @@ def test_moeray_resplit_moves_the_bytes_of_its_hot_sets(checkpoint, trace):
     with ShardStore(checkpoint) as store:
         expert = store.expert_bytes(store.layers[0], 0)
     assert max(shards.capacity_bytes) > CAPACITY * expert  # some layer grew
-    assert all(c >= f * expert for c, f in zip(shards.capacity_bytes,
-                                               decisions.resplit["final_capacity"]))
+    assert all(
+        c >= f * expert for c, f in zip(shards.capacity_bytes, decisions.resplit["final_capacity"])
+    )
     assert shards.over_bound() == [], (shards.resident_bytes_max, shards.capacity_bytes)

@@ -27,7 +27,9 @@ def trace():
     """The bundled gpt-oss-20b slice's first 700 tokens (four sequences: starts 0, 511, 612,
     677) and first 6 layers."""
     full = load_trace(default_trace_path()).head(700)
-    t = Trace(full.expert_ids[:, :6], full.weights[:, :6], full.seq_offsets, full.num_experts, "head")
+    t = Trace(
+        full.expert_ids[:, :6], full.weights[:, :6], full.seq_offsets, full.num_experts, "head"
+    )
     assert t.num_sequences == 4
     return t
 
@@ -58,12 +60,14 @@ def test_a_shadow_layer_gives_the_whole_models_decisions(trace, first, last):
     capacity = [8, 6, 8, 10, 8, 7]
     full = whole_model(trace, capacity)
     lo = max(first - 1, 0)
-    part = PredictiveCaches(last + 1 - lo, trace.num_experts, trace.top_k, capacity[lo:last + 1])
-    part = part.run(trace.expert_ids[:, lo:last + 1], trace.seq_offsets)
+    part = PredictiveCaches(last + 1 - lo, trace.num_experts, trace.top_k, capacity[lo : last + 1])
+    part = part.run(trace.expert_ids[:, lo : last + 1], trace.seq_offsets)
     skip = first - lo
     for key in COUNTERS:
-        assert getattr(part, key)[skip:].tolist() == getattr(full, key)[first:last + 1].tolist(), key
-    assert full.prefetches[first:last + 1].sum() > 0 and full.wasted_prefetches.sum() > 0
+        assert (
+            getattr(part, key)[skip:].tolist() == getattr(full, key)[first : last + 1].tolist()
+        ), key
+    assert full.prefetches[first : last + 1].sum() > 0 and full.wasted_prefetches.sum() > 0
 
 
 @pytest.mark.pure
@@ -71,28 +75,44 @@ def test_without_the_shadow_layer_the_first_layers_decisions_differ(trace):
     """The shadow matters: layer 3 alone has no cross-layer prediction and decides otherwise."""
     full = whole_model(trace, 8)
     alone = PredictiveCaches(3, trace.num_experts, trace.top_k, 8).run(
-        trace.expert_ids[:, 3:6], trace.seq_offsets)
+        trace.expert_ids[:, 3:6], trace.seq_offsets
+    )
     assert alone.stalls[0] != full.stalls[3] or alone.prefetches[0] != full.prefetches[3]
 
 
 def apply_all(body, trace, layers, window_tokens, starts=True):
     """Feeds body the trace in windows of window_tokens, as the coordinator would; sums acks."""
     seq_starts = starts_of(trace) if starts else None
-    totals = {layer: {**dict.fromkeys(("hits", "misses", "prefetches", "prefetch_hits",
-                                       "wasted_prefetches", "evictions"), 0),
-                      **{key: np.zeros(len(PREDICTOR_NAMES), np.int64) for key in PER_PREDICTOR}}
-              for layer in layers}
+    totals = {
+        layer: {
+            **dict.fromkeys(
+                ("hits", "misses", "prefetches", "prefetch_hits", "wasted_prefetches", "evictions"),
+                0,
+            ),
+            **{key: np.zeros(len(PREDICTOR_NAMES), np.int64) for key in PER_PREDICTOR},
+        }
+        for layer in layers
+    }
     for seq, lo in enumerate(range(0, trace.num_tokens, window_tokens), start=1):
         hi = lo + window_tokens
-        windows = [LayerWindow(layer, seq, trace.layer_ids(layer)[lo:hi], prefetch_budget=4,
-                               previous_layer_ids=(trace.layer_ids(layer - 1)[lo:hi]
-                                                   if layer == layers[0] and layer > 0 else None),
-                               seq_starts=None if seq_starts is None else seq_starts[lo:hi])
-                   for layer in layers]
+        windows = [
+            LayerWindow(
+                layer,
+                seq,
+                trace.layer_ids(layer)[lo:hi],
+                prefetch_budget=4,
+                previous_layer_ids=(
+                    trace.layer_ids(layer - 1)[lo:hi] if layer == layers[0] and layer > 0 else None
+                ),
+                seq_starts=None if seq_starts is None else seq_starts[lo:hi],
+            )
+            for layer in layers
+        ]
         for ack in body.apply(windows):
             for key in totals[ack.layer]:
-                totals[ack.layer][key] += np.asarray(getattr(ack, key)) if key in PER_PREDICTOR \
-                    else getattr(ack, key)
+                totals[ack.layer][key] += (
+                    np.asarray(getattr(ack, key)) if key in PER_PREDICTOR else getattr(ack, key)
+                )
     return totals
 
 
@@ -150,17 +170,26 @@ def test_prometheus_counters_carry_moerays_wasted_prefetches_and_predictors(trac
     layers = [2, 3]
     body = LayerCaches(layers, trace.num_experts, dict.fromkeys(layers, 8), "moeray")
     for seq, lo in enumerate(range(0, trace.num_tokens, 100), start=1):
-        windows = [LayerWindow(layer, seq, trace.layer_ids(layer)[lo:lo + 100], prefetch_budget=4,
-                               previous_layer_ids=(trace.layer_ids(1)[lo:lo + 100]
-                                                   if layer == 2 else None),
-                               seq_starts=starts_of(trace)[lo:lo + 100])
-                   for layer in layers]
+        windows = [
+            LayerWindow(
+                layer,
+                seq,
+                trace.layer_ids(layer)[lo : lo + 100],
+                prefetch_budget=4,
+                previous_layer_ids=(trace.layer_ids(1)[lo : lo + 100] if layer == 2 else None),
+                seq_starts=starts_of(trace)[lo : lo + 100],
+            )
+            for layer in layers
+        ]
         for ack in body.apply(windows):
             sink.record_ack(ack)
 
     def total(metric, layer, predictor=None):
-        tags = {"service": "svc", "layer": str(layer),
-                **({} if predictor is None else {"predictor": predictor})}
+        tags = {
+            "service": "svc",
+            "layer": str(layer),
+            **({} if predictor is None else {"predictor": predictor}),
+        }
         return made[metric].totals.get(tuple(sorted(tags.items())), 0)
 
     for layer in layers:
@@ -178,8 +207,9 @@ def test_sequence_starts_reach_the_predictor(trace):
     sequences), so the windows' seq_starts are really used."""
     layers = [0, 1]
     with_starts = apply_all(LayerCaches(layers, 32, {0: 8, 1: 8}, "moeray"), trace, layers, 100)
-    without = apply_all(LayerCaches(layers, 32, {0: 8, 1: 8}, "moeray"), trace, layers, 100,
-                        starts=False)
+    without = apply_all(
+        LayerCaches(layers, 32, {0: 8, 1: 8}, "moeray"), trace, layers, 100, starts=False
+    )
     assert with_starts != without
     one_stream = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids)
     assert [without[layer]["misses"] for layer in layers] == one_stream.stalls[:2].tolist()
@@ -198,12 +228,20 @@ def test_moeray_body_refuses_what_it_cannot_apply(trace):
     with pytest.raises(ValueError, match="one budget"):
         body.apply([LayerWindow(2, 1, ids, 4, ids), LayerWindow(3, 1, ids, 2)])
     with pytest.raises(ValueError, match="seq_starts"):
-        body.apply([LayerWindow(2, 1, ids, previous_layer_ids=ids, seq_starts=np.ones(3, bool)),
-                    LayerWindow(3, 1, ids)])
+        body.apply(
+            [
+                LayerWindow(2, 1, ids, previous_layer_ids=ids, seq_starts=np.ones(3, bool)),
+                LayerWindow(3, 1, ids),
+            ]
+        )
     for bad in (((10, (8,) * 4),), ((0, (8,) * 3),)):  # offset past the window, too few layers
         with pytest.raises(ValueError, match="resplits"):
-            body.apply([LayerWindow(2, 1, ids, previous_layer_ids=ids, resplits=bad),
-                        LayerWindow(3, 1, ids, resplits=bad)])
+            body.apply(
+                [
+                    LayerWindow(2, 1, ids, previous_layer_ids=ids, resplits=bad),
+                    LayerWindow(3, 1, ids, resplits=bad),
+                ]
+            )
     assert body.applied() == {2: 0, 3: 0}  # nothing was applied
     with pytest.raises(ValueError, match="consecutive"):
         LayerCaches([1, 3], 32, {1: 8, 3: 8}, "moeray")
@@ -223,10 +261,15 @@ def test_replay_through_service_equals_replay_predictive(ray_local, trace, hint_
     from moeray.replay import ReplayConfig, replay_predictive, replay_trace
     from moeray.service import replay_through_service
 
-    config = ReplayConfig(capacity=8, policies=("moeray", "lru"), hint_accuracy=hint_accuracy,
-                          predict=PredictConfig(prefetch_budget=3))
-    report, throughput = replay_through_service(trace, config, step_tokens=50, window_steps=3,
-                                                layers_per_actor=4)
+    config = ReplayConfig(
+        capacity=8,
+        policies=("moeray", "lru"),
+        hint_accuracy=hint_accuracy,
+        predict=PredictConfig(prefetch_budget=3),
+    )
+    report, throughput = replay_through_service(
+        trace, config, step_tokens=50, window_steps=3, layers_per_actor=4
+    )
     served, local = report.results["moeray"], replay_predictive(trace, config)
     assert served.per_layer_hits == local.per_layer_hits
     assert served.stalls == local.stalls
@@ -237,8 +280,12 @@ def test_replay_through_service_equals_replay_predictive(ray_local, trace, hint_
     assert served.predictors == local.predictors
     assert ("hints" in served.predictors) == (hint_accuracy is not None)
     assert local.prefetches > 0 and local.wasted_prefetches > 0
-    assert report.results["lru"].per_layer_hits == replay_trace(
-        trace, ReplayConfig(capacity=8, policies=("lru",))).results["lru"].per_layer_hits
+    assert (
+        report.results["lru"].per_layer_hits
+        == replay_trace(trace, ReplayConfig(capacity=8, policies=("lru",)))
+        .results["lru"]
+        .per_layer_hits
+    )
     assert [t.policy for t in throughput] == ["moeray", "lru"]
 
 
@@ -252,18 +299,33 @@ def test_moeray_layer_actor_killed_mid_replay(ray_local, trace):
     ids = np.ascontiguousarray(trace.expert_ids.transpose(1, 0, 2), dtype=np.int32)
     weights = np.ascontiguousarray(trace.weights.transpose(1, 0, 2))
     starts = starts_of(trace)
-    handle = service.start(service.ServiceConfig(
-        num_layers=6, num_experts=32, top_k=4, capacity=8, policy="moeray", layers_per_actor=3,
-        window_steps=2, name="svc-moeray-kill"))
+    handle = service.start(
+        service.ServiceConfig(
+            num_layers=6,
+            num_experts=32,
+            top_k=4,
+            capacity=8,
+            policy="moeray",
+            layers_per_actor=3,
+            window_steps=2,
+            name="svc-moeray-kill",
+        )
+    )
     try:
         victims = handle.layer_actor_handles()
         for i, lo in enumerate(range(0, trace.num_tokens, 50)):
             if i % 3 == 2:
-                handle.submit_msgpack(encode_step(ids[:, lo:lo + 50], weights[:, lo:lo + 50],
-                                                  seq_starts=starts[lo:lo + 50]))
+                handle.submit_msgpack(
+                    encode_step(
+                        ids[:, lo : lo + 50],
+                        weights[:, lo : lo + 50],
+                        seq_starts=starts[lo : lo + 50],
+                    )
+                )
             else:
-                handle.submit(ids[:, lo:lo + 50], weights[:, lo:lo + 50],
-                              seq_starts=starts[lo:lo + 50])
+                handle.submit(
+                    ids[:, lo : lo + 50], weights[:, lo : lo + 50], seq_starts=starts[lo : lo + 50]
+                )
             if i == 5:
                 ray_local.kill(victims[1], no_restart=True)  # layers 3..5
         stats = handle.stats()
@@ -276,8 +338,11 @@ def test_moeray_layer_actor_killed_mid_replay(ray_local, trace):
         if s.layer < 3:
             assert s.restarts == 0
             assert (s.hits, s.misses, s.prefetches, s.wasted_prefetches) == (
-                whole.hits[s.layer], whole.stalls[s.layer], whole.prefetches[s.layer],
-                whole.wasted_prefetches[s.layer])
+                whole.hits[s.layer],
+                whole.stalls[s.layer],
+                whole.prefetches[s.layer],
+                whole.wasted_prefetches[s.layer],
+            )
         else:
             assert s.restarts >= 1
 
@@ -290,19 +355,46 @@ def test_cli_service_backend_serves_moeray(ray_local, tmp_path, resplit):
     import json
 
     from moeray import cli
+
     full = load_trace(default_trace_path())
     small = tmp_path / "small.npz"
-    np.savez(small, expert_ids=full.expert_ids[:600, :4], expert_probs=full.weights[:600, :4],
-             seq_offsets=np.array([0, 511, 600]), num_experts=np.array(32))
-    argv = ["replay", str(small), "--policy", "moeray", "--policy", "belady", "--layers-per-actor",
-            "2", "--step-tokens", "64", "--window-steps", "2", *resplit]
+    np.savez(
+        small,
+        expert_ids=full.expert_ids[:600, :4],
+        expert_probs=full.weights[:600, :4],
+        seq_offsets=np.array([0, 511, 600]),
+        num_experts=np.array(32),
+    )
+    argv = [
+        "replay",
+        str(small),
+        "--policy",
+        "moeray",
+        "--policy",
+        "belady",
+        "--layers-per-actor",
+        "2",
+        "--step-tokens",
+        "64",
+        "--window-steps",
+        "2",
+        *resplit,
+    ]
     assert cli.main(argv + ["--json", str(tmp_path / "service.json")]) == 0
     assert cli.main(argv + ["--backend", "local", "--json", str(tmp_path / "local.json")]) == 0
     service_doc = json.loads((tmp_path / "service.json").read_text())
     local_doc = json.loads((tmp_path / "local.json").read_text())
     assert set(service_doc["service"]) == {"moeray"}  # served, with its throughput
-    for key in ("per_layer_hit_rate", "per_layer_stall_rate", "per_layer_transfers",
-                "wasted_prefetches", "prefetches", "resplit"):
-        assert service_doc["policies"]["moeray"].get(key) == local_doc["policies"]["moeray"].get(key), key
+    for key in (
+        "per_layer_hit_rate",
+        "per_layer_stall_rate",
+        "per_layer_transfers",
+        "wasted_prefetches",
+        "prefetches",
+        "resplit",
+    ):
+        assert service_doc["policies"]["moeray"].get(key) == local_doc["policies"]["moeray"].get(
+            key
+        ), key
     if resplit:
         assert service_doc["policies"]["moeray"]["resplit"]["moved"] > 0

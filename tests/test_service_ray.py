@@ -24,15 +24,23 @@ def in_process_hits(ids, capacity):
 
 
 def config(name, **kw):
-    base = dict(num_layers=24, num_experts=32, top_k=4, capacity=8, policy="lru", layers_per_actor=12,
-                window_steps=2, name=name)
+    base = dict(
+        num_layers=24,
+        num_experts=32,
+        top_k=4,
+        capacity=8,
+        policy="lru",
+        layers_per_actor=12,
+        window_steps=2,
+        name=name,
+    )
     base.update(kw)
     return service.ServiceConfig(**base)
 
 
 def replay(handle, ids, weights, step_tokens=256, on_step=None):
     for i, start in enumerate(range(0, ids.shape[1], step_tokens)):
-        handle.submit(ids[:, start:start + step_tokens], weights[:, start:start + step_tokens])
+        handle.submit(ids[:, start : start + step_tokens], weights[:, start : start + step_tokens])
         if on_step:
             on_step(i)
 
@@ -96,7 +104,9 @@ def test_bad_input_fails_for_its_caller_only(ray_local, routing):
                 handle.submit(bad_ids, bad_weights)
         with pytest.raises(Exception, match="msgpack|step"):
             handle.submit_msgpack(b"\xc1 not msgpack")
-        reply = decode_batches(handle.submit_msgpack(encode_step(ids[:, 1024:1100], weights[:, 1024:1100])))
+        reply = decode_batches(
+            handle.submit_msgpack(encode_step(ids[:, 1024:1100], weights[:, 1024:1100]))
+        )
         assert len(reply) == 24 and int(reply[0].counts().sum()) == 76 * 4
         handle.submit(ids[:, 1100:], weights[:, 1100:])
         stats = handle.stats()
@@ -114,18 +124,38 @@ def test_cli_replay_through_the_service_matches_local(ray_local, tmp_path, capsy
 
     trace = load_trace(default_trace_path())
     small = tmp_path / "small.npz"
-    np.savez(small, expert_ids=trace.expert_ids[:1500, :6], expert_probs=trace.weights[:1500, :6],
-             num_experts=np.array(32))
+    np.savez(
+        small,
+        expert_ids=trace.expert_ids[:1500, :6],
+        expert_probs=trace.weights[:1500, :6],
+        num_experts=np.array(32),
+    )
     out = tmp_path / "service.json"
-    argv = ["replay", str(small), "--policy", "lru", "--policy", "affinity-lru", "--policy", "belady",
-            "--layers-per-actor", "3", "--json", str(out)]
+    argv = [
+        "replay",
+        str(small),
+        "--policy",
+        "lru",
+        "--policy",
+        "affinity-lru",
+        "--policy",
+        "belady",
+        "--layers-per-actor",
+        "3",
+        "--json",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "service throughput" in printed and "tokens/s" in printed
     document = json.loads(out.read_text())
-    local = replay_trace(load_trace(small), ReplayConfig(capacity=8, policies=("lru", "affinity-lru", "belady")))
+    local = replay_trace(
+        load_trace(small), ReplayConfig(capacity=8, policies=("lru", "affinity-lru", "belady"))
+    )
     for name, result in local.results.items():
-        assert document["policies"][name]["per_layer_hit_rate"] == pytest.approx(result.per_layer_hit_rate, abs=0)
+        assert document["policies"][name]["per_layer_hit_rate"] == pytest.approx(
+            result.per_layer_hit_rate, abs=0
+        )
     assert set(document["service"]) == {"lru", "affinity-lru"}
 
 
@@ -213,9 +243,13 @@ def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local, tmp_path):
     # befall the coordinator's process. Then not one moeray counter reaches the endpoint, and
     # a second service (fresh processes) is tried once. Any counter that does arrive must match.
     for attempt in range(2):
-        run = subprocess.run([sys.executable, "-c", METRICS_DRIVER, address, url,
-                              f"svc-metrics-{attempt}"],
-                             capture_output=True, text=True, timeout=400, cwd=tmp_path)
+        run = subprocess.run(
+            [sys.executable, "-c", METRICS_DRIVER, address, url, f"svc-metrics-{attempt}"],
+            capture_output=True,
+            text=True,
+            timeout=400,
+            cwd=tmp_path,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         result = json.loads(run.stdout.strip().splitlines()[-1])
         if any(v is not None for values in result["got"].values() for v in values):
@@ -236,16 +270,23 @@ def test_layer_actors_keep_the_hot_sets_resident_in_real_bytes(ray_local, tmp_pa
     from moeray.shards.synth import MODEL_SHAPES, SynthConfig, write_checkpoint
     from moeray.traces import Trace
 
-    write_checkpoint(SynthConfig(MODEL_SHAPES["gpt-oss-20b"].scaled(8), num_layers=2), tmp_path,
-                     progress=False)
+    write_checkpoint(
+        SynthConfig(MODEL_SHAPES["gpt-oss-20b"].scaled(8), num_layers=2), tmp_path, progress=False
+    )
     with ShardStore(tmp_path) as store:
         expert = store.expert_bytes(store.layers[0], 0)
     full = load_trace(default_trace_path())
-    trace = Trace(full.expert_ids[:256, :2], full.weights[:256, :2], np.array([0, 256]),
-                  full.num_experts, "head")
+    trace = Trace(
+        full.expert_ids[:256, :2],
+        full.weights[:256, :2],
+        np.array([0, 256]),
+        full.num_experts,
+        "head",
+    )
     config = ReplayConfig(capacity=8, policies=("lru", "moeray"))  # a demand policy, moeray
-    report, _ = replay_through_service(trace, config, step_tokens=16, window_steps=1,
-                                       layers_per_actor=2, shards=str(tmp_path))
+    report, _ = replay_through_service(
+        trace, config, step_tokens=16, window_steps=1, layers_per_actor=2, shards=str(tmp_path)
+    )
     local = replay_trace(trace, config)
     for name in config.policies:
         assert report.results[name].per_layer_hits == local.results[name].per_layer_hits, name
@@ -263,9 +304,14 @@ def test_layer_actors_keep_the_hot_sets_resident_in_real_bytes(ray_local, tmp_pa
         assert all(r >= 8 * expert for r in shards.resident_bytes_max), name
     # the whole replay in one window per layer: nothing after it to take a reading, but stats()
     # still counts the bytes its prefetches moved
-    one, _ = replay_through_service(trace, ReplayConfig(capacity=8, policies=("moeray",)),
-                                    step_tokens=256, window_steps=1, layers_per_actor=2,
-                                    shards=str(tmp_path))
+    one, _ = replay_through_service(
+        trace,
+        ReplayConfig(capacity=8, policies=("moeray",)),
+        step_tokens=256,
+        window_steps=1,
+        layers_per_actor=2,
+        shards=str(tmp_path),
+    )
     assert all(moved >= 8 * expert for moved in one.shards["moeray"].bytes_moved)
     assert all(r >= 8 * expert for r in one.shards["moeray"].resident_bytes_max)
 
@@ -289,8 +335,9 @@ def test_window_ms_timer_sends_a_window_no_submit_closes():
             return object()
 
     coordinator = type("FakeCoordinator", (), {"add_routing": FakeMethod()})()
-    config = ServiceConfig(num_layers=2, num_experts=8, top_k=2, capacity=4, window_steps=1000,
-                           window_ms=50.0)
+    config = ServiceConfig(
+        num_layers=2, num_experts=8, top_k=2, capacity=4, window_steps=1000, window_ms=50.0
+    )
     handle = ServiceHandle(coordinator, config)
     ids = np.array([[[0, 1], [2, 3]], [[4, 5], [6, 7]]], dtype=np.int32)  # [layers, T=2, k]
     handle.submit(ids)

@@ -18,9 +18,9 @@ from moeray.shards import (
     bf16_to_float32,
     expert_matvec,
     float32_to_bf16,
+    ternary,
 )
 from moeray.shards import cli as shards_cli
-from moeray.shards import ternary
 from moeray.shards.synth import MODEL_SHAPES, SynthConfig, planned_tensors, write_checkpoint
 
 pytestmark = pytest.mark.pure
@@ -31,10 +31,15 @@ _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U8": "uin
 def save(path, tensors, metadata=None):
     """Writes {name: (dtype, array)} with the safetensors library (BF16 arrays as uint16 bits)."""
     arrays = {name: np.ascontiguousarray(a) for name, (_, a) in tensors.items()}
-    specs = {name: safetensors.TensorSpec(dtype=_ST_DTYPES[dtype], shape=list(arrays[name].shape),
-                                          data_ptr=arrays[name].ctypes.data,
-                                          data_len=arrays[name].nbytes)
-             for name, (dtype, _) in tensors.items()}
+    specs = {
+        name: safetensors.TensorSpec(
+            dtype=_ST_DTYPES[dtype],
+            shape=list(arrays[name].shape),
+            data_ptr=arrays[name].ctypes.data,
+            data_len=arrays[name].nbytes,
+        )
+        for name, (dtype, _) in tensors.items()
+    }
     safetensors.serialize_file(specs, str(path), metadata=metadata)
 
 
@@ -58,8 +63,11 @@ def ternary_tensor(rng, rows, cols, block_size):
     for i, c in enumerate(codes):  # ruvllm: 00 = -1, 01 = 0, 10 = +1, least significant pair first
         packed[i // 4] |= (int(c) + 1) << (2 * (i % 4))
     dense = np.array([c * scales[i // block_size] for i, c in enumerate(codes)], dtype=np.float32)
-    return (dense.reshape(rows, cols),
-            np.frombuffer(bytes(packed), dtype=np.uint8).reshape(rows, cols // 4), scales)
+    return (
+        dense.reshape(rows, cols),
+        np.frombuffer(bytes(packed), dtype=np.uint8).reshape(rows, cols // 4),
+        scales,
+    )
 
 
 def silu(z):
@@ -81,15 +89,23 @@ def gpt_oss_reference(x, gate_up, gate_up_bias, down, down_bias):
 def write_swiglu(path, fmt, num_experts=3, hidden=8, inter=12, naming="mlp", block_size=16, seed=0):
     """A one-file, one-layer checkpoint (layer 5) plus a router; returns float32 weights per expert."""
     rng = np.random.default_rng(seed)
-    tensors, dense = {"model.layers.5.mlp.gate.weight": ("F32", np.ones((num_experts, hidden),
-                                                                          np.float32))}, []
-    names = ({"gate": "w1", "up": "w3", "down": "w2"} if naming == "mixtral"
-             else {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+    tensors, dense = (
+        {"model.layers.5.mlp.gate.weight": ("F32", np.ones((num_experts, hidden), np.float32))},
+        [],
+    )
+    names = (
+        {"gate": "w1", "up": "w3", "down": "w2"}
+        if naming == "mixtral"
+        else {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    )
     block = "block_sparse_moe" if naming == "mixtral" else "mlp"
     for e in range(num_experts):
         weights = {}
-        for role, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)),
-                            ("down", (hidden, inter))):
+        for role, shape in (
+            ("gate", (inter, hidden)),
+            ("up", (inter, hidden)),
+            ("down", (hidden, inter)),
+        ):
             name = f"model.layers.5.{block}.experts.{e}.{names[role]}.weight"
             if fmt == "TERNARY":
                 weights[role], packed, scales = ternary_tensor(rng, *shape, block_size)
@@ -99,8 +115,11 @@ def write_swiglu(path, fmt, num_experts=3, hidden=8, inter=12, naming="mlp", blo
                 weights[role], stored = exact(rng, shape, fmt)
                 tensors[name] = (fmt, stored)
         dense.append(weights)
-    metadata = ({"quantization": "ruvllm-ternary", "ternary_block_size": str(block_size)}
-                if fmt == "TERNARY" else None)
+    metadata = (
+        {"quantization": "ruvllm-ternary", "ternary_block_size": str(block_size)}
+        if fmt == "TERNARY"
+        else None
+    )
     save(path, tensors, metadata)
     return dense
 
@@ -113,8 +132,12 @@ def test_expert_matvec_matches_numpy_on_per_expert_checkpoints(tmp_path, fmt, na
     with ShardStore(tmp_path) as store:
         assert store.layers == (5,) and store.num_experts(5) == 3
         spec = store.layer_spec(5)
-        assert (spec.layout, spec.format, spec.hidden_size, spec.intermediate_size) == \
-            (SWIGLU, fmt, 8, 12)
+        assert (spec.layout, spec.format, spec.hidden_size, spec.intermediate_size) == (
+            SWIGLU,
+            fmt,
+            8,
+            12,
+        )
         for e in range(3):
             weights = store.expert_weights(5, e)
             expected = swiglu_reference(x, dense[e]["gate"], dense[e]["up"], dense[e]["down"])
@@ -134,14 +157,16 @@ def test_views_are_zero_copy_read_only_and_ranges_hold_their_bytes(tmp_path):
         # per-expert tensors of one expert are adjacent in a safetensors file: one merged range
         assert len(ranges) == 1 and ranges[0].path == str(path)
         assert store.expert_bytes(5, 1) == 3 * 8 * 12 * 2
-        chunk = raw[ranges[0].offset:ranges[0].end]
+        chunk = raw[ranges[0].offset : ranges[0].end]
         for role in ("gate", "up", "down"):
             view = weights[role].data
             assert view.dtype == np.uint16 and not view.flags.writeable and not view.flags.owndata
             assert view.tobytes() in chunk
         with pytest.raises(ValueError):
             weights["gate"].data[0, 0] = 1
-        assert store.layer_bytes(5) == 3 * store.expert_bytes(5, 1)  # the router is not a shard byte
+        assert store.layer_bytes(5) == 3 * store.expert_bytes(
+            5, 1
+        )  # the router is not a shard byte
         del weights, view
 
 
@@ -152,8 +177,9 @@ def test_f32_views_equal_the_safetensors_library_load(tmp_path):
     with ShardStore(path) as store:  # a single file works as well as its directory
         for e in range(2):
             weights = store.expert_weights(5, e)
-            np.testing.assert_array_equal(weights["up"].data,
-                                          loaded[f"model.layers.5.mlp.experts.{e}.up_proj.weight"])
+            np.testing.assert_array_equal(
+                weights["up"].data, loaded[f"model.layers.5.mlp.experts.{e}.up_proj.weight"]
+            )
         del weights
 
 
@@ -161,8 +187,8 @@ def test_f32_views_equal_the_safetensors_library_load(tmp_path):
 def test_expert_matvec_matches_transformers_gpt_oss_formula(tmp_path, fmt):
     rng = np.random.default_rng(3)
     experts, hidden, inter, block_size = 4, 8, 6, 12
-    gate_up, down, tensors, dense = [], [], {}, {"gate_up": [], "down": []}
-    for e in range(experts):
+    tensors, dense = {}, {"gate_up": [], "down": []}
+    for _ in range(experts):
         for role, shape in (("gate_up", (hidden, 2 * inter)), ("down", (inter, hidden))):
             if fmt == "TERNARY":
                 values, packed, scales = ternary_tensor(rng, *shape, block_size)
@@ -181,17 +207,25 @@ def test_expert_matvec_matches_transformers_gpt_oss_formula(tmp_path, fmt):
     tensors[f"{base}.gate_up_proj_bias"] = ("F32", gate_up_bias)
     tensors[f"{base}.down_proj_bias"] = ("F32", down_bias)
     tensors["model.layers.0.mlp.router.weight"] = ("F32", np.zeros((experts, hidden), np.float32))
-    metadata = ({"quantization": "ruvllm-ternary", "ternary_block_size": str(block_size)}
-                if fmt == "TERNARY" else None)
+    metadata = (
+        {"quantization": "ruvllm-ternary", "ternary_block_size": str(block_size)}
+        if fmt == "TERNARY"
+        else None
+    )
     save(tmp_path / "model.safetensors", tensors, metadata)
     x = 3 * rng.standard_normal((6, hidden)).astype(np.float32)  # large enough to hit the clamps
     with ShardStore(tmp_path) as store:
         spec = store.layer_spec(0)
-        assert (spec.layout, spec.num_experts, spec.hidden_size, spec.intermediate_size) == \
-            (GPT_OSS, experts, hidden, inter)
+        assert (spec.layout, spec.num_experts, spec.hidden_size, spec.intermediate_size) == (
+            GPT_OSS,
+            experts,
+            hidden,
+            inter,
+        )
         for e in range(experts):
-            expected = gpt_oss_reference(x, dense["gate_up"][e][0], gate_up_bias[e],
-                                         dense["down"][e][0], down_bias[e])
+            expected = gpt_oss_reference(
+                x, dense["gate_up"][e][0], gate_up_bias[e], dense["down"][e][0], down_bias[e]
+            )
             got = expert_matvec(store.expert_weights(0, e), x)
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
             # expert e is slice e of each stacked tensor: 4 ranges (2 weights, 2 biases) unless
@@ -204,12 +238,17 @@ def test_stacked_ranges_are_slice_e_of_the_leading_axis(tmp_path):
     gate_up = rng.standard_normal((3, 4, 8)).astype(np.float32)
     down = rng.standard_normal((3, 4, 4)).astype(np.float32)
     path = tmp_path / "model.safetensors"
-    save(path, {"model.layers.2.mlp.experts.gate_up_proj": ("F32", gate_up),
-                "model.layers.2.mlp.experts.down_proj": ("F32", down)})
+    save(
+        path,
+        {
+            "model.layers.2.mlp.experts.gate_up_proj": ("F32", gate_up),
+            "model.layers.2.mlp.experts.down_proj": ("F32", down),
+        },
+    )
     raw = path.read_bytes()
     with ShardStore(tmp_path) as store:
         for e in range(3):
-            chunks = [raw[r.offset:r.end] for r in store.expert_ranges(2, e)]
+            chunks = [raw[r.offset : r.end] for r in store.expert_ranges(2, e)]
             assert sorted(chunks) == sorted([gate_up[e].tobytes(), down[e].tobytes()])
 
 
@@ -217,12 +256,15 @@ def test_mxfp4_stacked_tensors_give_ranges_only(tmp_path):
     experts, hidden, inter = 2, 64, 32
     base = "model.layers.0.mlp.experts"
     u8 = lambda *shape: np.zeros(shape, np.uint8)  # noqa: E731
-    save(tmp_path / "model.safetensors", {
-        f"{base}.gate_up_proj_blocks": ("U8", u8(experts, 2 * inter, hidden // 32, 16)),
-        f"{base}.gate_up_proj_scales": ("U8", u8(experts, 2 * inter, hidden // 32)),
-        f"{base}.down_proj_blocks": ("U8", u8(experts, hidden, inter // 32, 16)),
-        f"{base}.down_proj_scales": ("U8", u8(experts, hidden, inter // 32)),
-    })
+    save(
+        tmp_path / "model.safetensors",
+        {
+            f"{base}.gate_up_proj_blocks": ("U8", u8(experts, 2 * inter, hidden // 32, 16)),
+            f"{base}.gate_up_proj_scales": ("U8", u8(experts, 2 * inter, hidden // 32)),
+            f"{base}.down_proj_blocks": ("U8", u8(experts, hidden, inter // 32, 16)),
+            f"{base}.down_proj_scales": ("U8", u8(experts, hidden, inter // 32)),
+        },
+    )
     with ShardStore(tmp_path) as store:
         spec = store.layer_spec(0)
         assert (spec.format, spec.hidden_size, spec.intermediate_size) == ("MXFP4", hidden, inter)
@@ -240,41 +282,63 @@ def test_index_json_decides_files_and_layers_span_them(tmp_path):
     with ShardStore(tmp_path) as store:
         assert store.layers == (0, 1, 2) and len(store.files) == 3
         for layer in store.layers:
-            assert {r.path for r in store.layer_ranges(layer)} == \
-                {str(tmp_path / f"model-{layer + 1:05d}-of-00003.safetensors")}
+            assert {r.path for r in store.layer_ranges(layer)} == {
+                str(tmp_path / f"model-{layer + 1:05d}-of-00003.safetensors")
+            }
 
 
 def test_bf16_helpers_round_to_nearest_even():
     values = np.array([1.0, 1.00390625, 1.01171875, -2.5, np.inf], dtype=np.float32)
     # 1 + 2^-8 is halfway between two bfloat16 values: ties go to the even mantissa (1.0)
-    assert bf16_to_float32(float32_to_bf16(values)).tolist() == \
-        [1.0, 1.0, 1.015625, -2.5, np.inf]
+    assert bf16_to_float32(float32_to_bf16(values)).tolist() == [1.0, 1.0, 1.015625, -2.5, np.inf]
     assert np.isnan(bf16_to_float32(float32_to_bf16(np.array([np.nan], np.float32))))[0]
 
 
 # -- synthetic checkpoints -----------------------------------------------------------------------
 _REAL_TENSORS = {  # name -> shape, from each family's config.json (scale 1)
-    "gpt-oss-20b": (0, {"model.layers.0.mlp.experts.gate_up_proj": (32, 2880, 5760),
-                        "model.layers.0.mlp.experts.gate_up_proj_bias": (32, 5760),
-                        "model.layers.0.mlp.experts.down_proj": (32, 2880, 2880),
-                        "model.layers.0.mlp.router.weight": (32, 2880)}),
-    "mixtral-8x7b": (0, {"model.layers.0.block_sparse_moe.experts.7.w1.weight": (14336, 4096),
-                         "model.layers.0.block_sparse_moe.experts.7.w2.weight": (4096, 14336),
-                         "model.layers.0.block_sparse_moe.gate.weight": (8, 4096)}),
-    "deepseek-v2-lite": (1, {"model.layers.1.mlp.experts.63.gate_proj.weight": (1408, 2048),
-                             "model.layers.1.mlp.experts.63.down_proj.weight": (2048, 1408),
-                             "model.layers.1.mlp.shared_experts.up_proj.weight": (2816, 2048),
-                             "model.layers.1.mlp.gate.weight": (64, 2048)}),
-    "qwen1.5-moe": (0, {"model.layers.0.mlp.experts.59.up_proj.weight": (1408, 2048),
-                        "model.layers.0.mlp.shared_expert.down_proj.weight": (2048, 5632),
-                        "model.layers.0.mlp.shared_expert_gate.weight": (1, 2048)}),
+    "gpt-oss-20b": (
+        0,
+        {
+            "model.layers.0.mlp.experts.gate_up_proj": (32, 2880, 5760),
+            "model.layers.0.mlp.experts.gate_up_proj_bias": (32, 5760),
+            "model.layers.0.mlp.experts.down_proj": (32, 2880, 2880),
+            "model.layers.0.mlp.router.weight": (32, 2880),
+        },
+    ),
+    "mixtral-8x7b": (
+        0,
+        {
+            "model.layers.0.block_sparse_moe.experts.7.w1.weight": (14336, 4096),
+            "model.layers.0.block_sparse_moe.experts.7.w2.weight": (4096, 14336),
+            "model.layers.0.block_sparse_moe.gate.weight": (8, 4096),
+        },
+    ),
+    "deepseek-v2-lite": (
+        1,
+        {
+            "model.layers.1.mlp.experts.63.gate_proj.weight": (1408, 2048),
+            "model.layers.1.mlp.experts.63.down_proj.weight": (2048, 1408),
+            "model.layers.1.mlp.shared_experts.up_proj.weight": (2816, 2048),
+            "model.layers.1.mlp.gate.weight": (64, 2048),
+        },
+    ),
+    "qwen1.5-moe": (
+        0,
+        {
+            "model.layers.0.mlp.experts.59.up_proj.weight": (1408, 2048),
+            "model.layers.0.mlp.shared_expert.down_proj.weight": (2048, 5632),
+            "model.layers.0.mlp.shared_expert_gate.weight": (1, 2048),
+        },
+    ),
 }
 
 
 @pytest.mark.parametrize("family", sorted(_REAL_TENSORS))
 def test_planned_tensors_have_the_real_names_and_shapes(family):
     layer, expected = _REAL_TENSORS[family]
-    planned = {t.name: t.shape for t in planned_tensors(SynthConfig(MODEL_SHAPES[family], 2), layer)}
+    planned = {
+        t.name: t.shape for t in planned_tensors(SynthConfig(MODEL_SHAPES[family], 2), layer)
+    }
     for name, shape in expected.items():
         assert planned[name] == shape
     experts = MODEL_SHAPES[family].num_experts
@@ -283,11 +347,15 @@ def test_planned_tensors_have_the_real_names_and_shapes(family):
 
 
 def test_deepseek_layer_zero_is_dense():
-    planned = {t.name: t.shape for t in planned_tensors(
-        SynthConfig(MODEL_SHAPES["deepseek-v2-lite"], 2), 0)}
-    assert planned == {"model.layers.0.mlp.gate_proj.weight": (10944, 2048),
-                       "model.layers.0.mlp.up_proj.weight": (10944, 2048),
-                       "model.layers.0.mlp.down_proj.weight": (2048, 10944)}
+    planned = {
+        t.name: t.shape
+        for t in planned_tensors(SynthConfig(MODEL_SHAPES["deepseek-v2-lite"], 2), 0)
+    }
+    assert planned == {
+        "model.layers.0.mlp.gate_proj.weight": (10944, 2048),
+        "model.layers.0.mlp.up_proj.weight": (10944, 2048),
+        "model.layers.0.mlp.down_proj.weight": (2048, 10944),
+    }
 
 
 @pytest.mark.parametrize("family", sorted(MODEL_SHAPES))
@@ -304,18 +372,25 @@ def test_synth_checkpoints_open_with_their_family_layout(tmp_path, family, dtype
         assert store.layers == ((1,) if family == "deepseek-v2-lite" else (0, 1))
         layer = store.layers[0]
         spec = store.layer_spec(layer)
-        assert (spec.num_experts, spec.hidden_size, spec.intermediate_size) == \
-            (shape.num_experts, shape.hidden_size, shape.intermediate_size)
+        assert (spec.num_experts, spec.hidden_size, spec.intermediate_size) == (
+            shape.num_experts,
+            shape.hidden_size,
+            shape.intermediate_size,
+        )
         assert spec.layout == (GPT_OSS if family == "gpt-oss-20b" else SWIGLU)
         hidden, inter = shape.hidden_size, shape.intermediate_size
         if dtype == "bf16":
-            expert_bytes = 3 * hidden * inter * 2 + (2 * (2 * inter + hidden)
-                                                     if family == "gpt-oss-20b" else 0)
+            expert_bytes = 3 * hidden * inter * 2 + (
+                2 * (2 * inter + hidden) if family == "gpt-oss-20b" else 0
+            )
         else:  # the seed's footprint of each projection, plus float16 biases for gpt-oss
-            expert_bytes = (expert_memory_footprint(hidden, 2 * inter, 32)
-                            + expert_memory_footprint(inter, hidden, 32) + 2 * (2 * inter + hidden)
-                            if family == "gpt-oss-20b" else
-                            3 * expert_memory_footprint(inter, hidden, 32))
+            expert_bytes = (
+                expert_memory_footprint(hidden, 2 * inter, 32)
+                + expert_memory_footprint(inter, hidden, 32)
+                + 2 * (2 * inter + hidden)
+                if family == "gpt-oss-20b"
+                else 3 * expert_memory_footprint(inter, hidden, 32)
+            )
         assert store.expert_bytes(layer, shape.num_experts - 1) == expert_bytes
         x = np.random.default_rng(0).standard_normal((3, hidden)).astype(np.float32)
         out = expert_matvec(store.expert_weights(layer, 0), x)
@@ -340,10 +415,11 @@ def test_synth_is_deterministic_per_seed(tmp_path):
     shape = MODEL_SHAPES["gpt-oss-20b"].scaled(90)
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         write_checkpoint(SynthConfig(shape, 1, "bf16", seed=seed), tmp_path / name)
+
     def parts(name):  # parsed header and data: safetensors orders __metadata__ keys at random
         raw = (tmp_path / name / "model.safetensors").read_bytes()
         length = int.from_bytes(raw[:8], "little")
-        return json.loads(raw[8:8 + length]), raw[8 + length:]
+        return json.loads(raw[8 : 8 + length]), raw[8 + length :]
 
     assert parts("a") == parts("b")
     assert parts("a")[0] == parts("c")[0] and parts("a")[1] != parts("c")[1]
@@ -362,13 +438,37 @@ def test_synth_rejects_bad_configs():
 # -- command line --------------------------------------------------------------------------------
 def test_cli_synth_and_info(tmp_path, capsys):
     out = tmp_path / "ckpt"
-    assert shards_cli.main(["shards", "synth", "--shape", "custom", "--num-experts", "4",
-                            "--hidden-size", "16", "--intermediate-size", "24", "--naming",
-                            "mixtral", "--layers", "2", "--dtype", "f16", "--out", str(out)]) == 0
+    assert (
+        shards_cli.main(
+            [
+                "shards",
+                "synth",
+                "--shape",
+                "custom",
+                "--num-experts",
+                "4",
+                "--hidden-size",
+                "16",
+                "--intermediate-size",
+                "24",
+                "--naming",
+                "mixtral",
+                "--layers",
+                "2",
+                "--dtype",
+                "f16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "2 layers x 4 experts, hidden 16, intermediate 24" in capsys.readouterr().out
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert index["weight_map"]["model.layers.1.block_sparse_moe.experts.3.w2.weight"] == \
-        "model-00002-of-00002.safetensors"
+    assert (
+        index["weight_map"]["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+        == "model-00002-of-00002.safetensors"
+    )
     assert shards_cli.main(["shards", "info", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[2].split()[:6] == ["0", "4", "swiglu", "F16", "16", "24"]
@@ -377,8 +477,21 @@ def test_cli_synth_and_info(tmp_path, capsys):
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert shards_cli.main(["shards", "synth", "--shape", "custom", "--out", str(tmp_path)]) == 2
     assert "--shape custom needs --num-experts" in capsys.readouterr().err
-    assert shards_cli.main(["shards", "synth", "--shape", "mixtral-8x7b", "--hidden-size", "8",
-                            "--out", str(tmp_path)]) == 2
+    assert (
+        shards_cli.main(
+            [
+                "shards",
+                "synth",
+                "--shape",
+                "mixtral-8x7b",
+                "--hidden-size",
+                "8",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert shards_cli.main(["shards", "info", str(tmp_path / "missing")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
 
@@ -401,6 +514,11 @@ def test_the_shards_package_never_imports_ray():
 
     for source in Path(moeray.shards.store.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(source.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n == "ray" or n.startswith("ray.") for n in names), source

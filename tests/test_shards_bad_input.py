@@ -33,7 +33,11 @@ def expert_header(roles=((GATE, (4, 8)), (UP, (4, 8)), (DOWN, (8, 4))), dtype="F
     header, offset = {}, 0
     for name, shape in roles:
         size = int(np.prod(shape)) * itemsize
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     return header, offset
 
@@ -84,11 +88,16 @@ def test_header_length_over_the_limit(tmp_path):
     opens_with_error(path, path, "exceeds the limit")
 
 
-@pytest.mark.parametrize("text, why", [(b"{not json", "not valid JSON"),
-                                       (b"\xff\xfe{}", "not valid JSON"),
-                                       (b"[1, 2]", "not an object"),
-                                       (b'{"a": 1, "a": 2}', "duplicate key"),
-                                       (b'{"__metadata__": {"k": 1}}', "__metadata__")])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe{}", "not valid JSON"),
+        (b"[1, 2]", "not an object"),
+        (b'{"a": 1, "a": 2}', "duplicate key"),
+        (b'{"__metadata__": {"k": 1}}', "__metadata__"),
+    ],
+)
 def test_header_that_is_not_a_tensor_object(tmp_path, text, why):
     opens_with_error(raw_file(tmp_path / "a.safetensors", text), tmp_path / "a.safetensors", why)
 
@@ -105,16 +114,19 @@ def _lie(tmp_path, tensor, **field):
     return raw_file(tmp_path / "a.safetensors", header, bytes(size))
 
 
-@pytest.mark.parametrize("field, why", [
-    ({"data_offsets": [128, 0]}, "is before begin"),
-    ({"data_offsets": [0, 10**9]}, "run past the end"),
-    ({"data_offsets": [0, 64]}, "span 64 bytes but F32 [4, 8] needs 128"),
-    ({"data_offsets": [0]}, "data_offsets must be [begin, end]"),
-    ({"data_offsets": [-8, 120]}, "data_offsets must be [begin, end]"),
-    ({"shape": [4, -8]}, "shape must be a list of non-negative ints"),
-    ({"shape": [4, 8.0]}, "shape must be a list"),
-    ({"dtype": "F12"}, "unknown dtype 'F12'"),
-])
+@pytest.mark.parametrize(
+    "field, why",
+    [
+        ({"data_offsets": [128, 0]}, "is before begin"),
+        ({"data_offsets": [0, 10**9]}, "run past the end"),
+        ({"data_offsets": [0, 64]}, "span 64 bytes but F32 [4, 8] needs 128"),
+        ({"data_offsets": [0]}, "data_offsets must be [begin, end]"),
+        ({"data_offsets": [-8, 120]}, "data_offsets must be [begin, end]"),
+        ({"shape": [4, -8]}, "shape must be a list of non-negative ints"),
+        ({"shape": [4, 8.0]}, "shape must be a list"),
+        ({"dtype": "F12"}, "unknown dtype 'F12'"),
+    ],
+)
 def test_offsets_shapes_and_dtypes_that_lie(tmp_path, field, why):
     opens_with_error(_lie(tmp_path, UP, **field), tmp_path / "a.safetensors", UP, why)
 
@@ -143,9 +155,13 @@ def test_expert_looking_name_matching_no_pattern(tmp_path):
 
 
 def test_checkpoint_without_expert_tensors(tmp_path):
-    path = good_file(tmp_path / "a.safetensors",
-                     roles=(("model.layers.0.self_attn.q_proj.weight", (4, 4)),
-                            ("model.layers.0.mlp.shared_experts.gate_proj.weight", (4, 4))))
+    path = good_file(
+        tmp_path / "a.safetensors",
+        roles=(
+            ("model.layers.0.self_attn.q_proj.weight", (4, 4)),
+            ("model.layers.0.mlp.shared_experts.gate_proj.weight", (4, 4)),
+        ),
+    )
     opens_with_error(path, path, "no expert tensors found", "recognised name patterns")
 
 
@@ -156,14 +172,19 @@ def test_expert_missing_one_projection(tmp_path):
 
 
 def test_gap_in_expert_numbers(tmp_path):
-    roles = [(name.replace("experts.0", f"experts.{e}"), shape)
-             for e in (0, 2) for name, shape in ((GATE, (4, 8)), (UP, (4, 8)), (DOWN, (8, 4)))]
+    roles = [
+        (name.replace("experts.0", f"experts.{e}"), shape)
+        for e in (0, 2)
+        for name, shape in ((GATE, (4, 8)), (UP, (4, 8)), (DOWN, (8, 4)))
+    ]
     path = good_file(tmp_path / "a.safetensors", roles=roles)
     opens_with_error(path, "layer 0: expert 1 has no tensors")
 
 
 def test_projection_shapes_that_disagree(tmp_path):
-    path = good_file(tmp_path / "a.safetensors", roles=((GATE, (4, 8)), (UP, (4, 6)), (DOWN, (8, 4))))
+    path = good_file(
+        tmp_path / "a.safetensors", roles=((GATE, (4, 8)), (UP, (4, 6)), (DOWN, (8, 4)))
+    )
     opens_with_error(path, "expected gate, up [intermediate, hidden]", UP, "[4, 6]")
 
 
@@ -189,8 +210,11 @@ def test_ternary_scale_count_that_lies(tmp_path):
     roles = ((GATE, (4, 2)), (UP, (4, 2)), (DOWN, (8, 1)))
     header, size = expert_header(roles=roles, dtype="U8", itemsize=1)
     for name, count in ((GATE, 2), (UP, 3), (DOWN, 2)):  # 32 weights in blocks of 16: 2 scales
-        header[f"{name}_scale"] = {"dtype": "F32", "shape": [count],
-                                   "data_offsets": [size, size + 4 * count]}
+        header[f"{name}_scale"] = {
+            "dtype": "F32",
+            "shape": [count],
+            "data_offsets": [size, size + 4 * count],
+        }
         size += 4 * count
     header["__metadata__"] = {"quantization": "ruvllm-ternary", "ternary_block_size": "16"}
     path = raw_file(tmp_path / "a.safetensors", header, bytes(size))
@@ -198,15 +222,21 @@ def test_ternary_scale_count_that_lies(tmp_path):
 
 
 def test_stacked_tensors_disagreeing_on_expert_count(tmp_path):
-    roles = (("model.layers.0.mlp.experts.gate_up_proj", (4, 8, 12)),
-             ("model.layers.0.mlp.experts.down_proj", (3, 6, 8)))
+    roles = (
+        ("model.layers.0.mlp.experts.gate_up_proj", (4, 8, 12)),
+        ("model.layers.0.mlp.experts.down_proj", (3, 6, 8)),
+    )
     path = good_file(tmp_path / "a.safetensors", roles=roles)
     opens_with_error(path, "disagree on the number of experts", "down_proj' [3, 6, 8]")
 
 
 def test_layer_mixing_stacked_and_per_expert_tensors(tmp_path):
-    roles = ((GATE, (4, 8)), (UP, (4, 8)), (DOWN, (8, 4)),
-             ("model.layers.0.mlp.experts.gate_up_proj", (1, 8, 8)))
+    roles = (
+        (GATE, (4, 8)),
+        (UP, (4, 8)),
+        (DOWN, (8, 4)),
+        ("model.layers.0.mlp.experts.gate_up_proj", (1, 8, 8)),
+    )
     path = good_file(tmp_path / "a.safetensors", roles=roles)
     opens_with_error(path, "mixes stacked and per-expert tensors", GATE)
 
@@ -219,23 +249,36 @@ def _index(tmp_path, weight_map):
 
 def test_index_pointing_at_a_missing_file(tmp_path):
     good_file(tmp_path / "model-00001-of-00002.safetensors")
-    index = _index(tmp_path, {GATE: "model-00001-of-00002.safetensors",
-                              UP: "model-00002-of-00002.safetensors"})
-    opens_with_error(tmp_path, index, "model-00002-of-00002.safetensors", UP,
-                     error=ShardNotFoundError)
+    index = _index(
+        tmp_path, {GATE: "model-00001-of-00002.safetensors", UP: "model-00002-of-00002.safetensors"}
+    )
+    opens_with_error(
+        tmp_path, index, "model-00002-of-00002.safetensors", UP, error=ShardNotFoundError
+    )
 
 
 def test_index_listing_a_tensor_its_file_lacks(tmp_path):
     good_file(tmp_path / "a.safetensors")
-    index = _index(tmp_path, {GATE: "a.safetensors", UP: "a.safetensors", DOWN: "a.safetensors",
-                              "model.layers.0.mlp.experts.1.up_proj.weight": "a.safetensors"})
+    index = _index(
+        tmp_path,
+        {
+            GATE: "a.safetensors",
+            UP: "a.safetensors",
+            DOWN: "a.safetensors",
+            "model.layers.0.mlp.experts.1.up_proj.weight": "a.safetensors",
+        },
+    )
     opens_with_error(tmp_path, index, "experts.1.up_proj.weight", "has no such tensor")
 
 
-@pytest.mark.parametrize("content, why", [("{", "not valid JSON"),
-                                          ('{"weight_map": [1]}', "weight_map"),
-                                          ('{"weight_map": {"x": "../a.safetensors"}}',
-                                           "not a name inside")])
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        ("{", "not valid JSON"),
+        ('{"weight_map": [1]}', "weight_map"),
+        ('{"weight_map": {"x": "../a.safetensors"}}', "not a name inside"),
+    ],
+)
 def test_malformed_index(tmp_path, content, why):
     good_file(tmp_path / "a.safetensors")
     (tmp_path / "model.safetensors.index.json").write_text(content)
@@ -245,7 +288,9 @@ def test_malformed_index(tmp_path, content, why):
 # -- bad requests ----------------------------------------------------------------------------------
 def test_unknown_layer_or_expert(tmp_path):
     with ShardStore(good_file(tmp_path / "a.safetensors")) as store:
-        with pytest.raises(ValueError, match=r"layer: expected one of the checkpoint's MoE layers 0..0"):
+        with pytest.raises(
+            ValueError, match=r"layer: expected one of the checkpoint's MoE layers 0..0"
+        ):
             store.expert_ranges(3, 0)
         with pytest.raises(ValueError, match=r"expert: expected an int in \[0, 1\)"):
             store.expert_weights(0, 1)
@@ -256,7 +301,9 @@ def test_unknown_layer_or_expert(tmp_path):
 
 
 # -- no input reads out of bounds ------------------------------------------------------------------
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_corrupted_files_fail_cleanly_or_stay_in_bounds(tmp_path, data):
     """Any byte flipped or any truncation: either a ShardFormatError, or a store whose every
@@ -264,11 +311,11 @@ def test_corrupted_files_fail_cleanly_or_stay_in_bounds(tmp_path, data):
     header, size = expert_header()
     text = json.dumps(header).encode()
     blob = bytearray(struct.pack("<Q", len(text)) + text + bytes(range(256)) * (size // 256 + 1))
-    blob = blob[:8 + len(text) + size]
+    blob = blob[: 8 + len(text) + size]
     for _ in range(data.draw(st.integers(0, 3))):
         position = data.draw(st.integers(0, len(blob) - 1))
         blob[position] = data.draw(st.integers(0, 255))
-    blob = blob[:data.draw(st.integers(0, len(blob)))]
+    blob = blob[: data.draw(st.integers(0, len(blob)))]
     path = tmp_path / "fuzz.safetensors"
     path.write_bytes(bytes(blob))
     try:

@@ -27,7 +27,7 @@ def _absmean_loop(flat, block_size):
     """ruvllm's quantize_tensor: per block gamma = mean|w| + 1e-8, round half away from zero."""
     codes, scales = [], []
     for start in range(0, len(flat), block_size):
-        block = [float(w) for w in flat[start:start + block_size]]
+        block = [float(w) for w in flat[start : start + block_size]]
         gamma = sum(abs(w) for w in block) / len(block) + 1e-8
         scales.append(gamma)
         for w in block:
@@ -49,7 +49,12 @@ def test_pack_and_unpack_round_trip_with_a_partial_byte():
 
 
 def test_pack_clamps_and_reserved_code_reads_zero():
-    assert ternary.unpack_ternary(ternary.pack_ternary(np.array([-5, 0, 2, 3])), 4).tolist() == [-1, 0, 1, 1]
+    assert ternary.unpack_ternary(ternary.pack_ternary(np.array([-5, 0, 2, 3])), 4).tolist() == [
+        -1,
+        0,
+        1,
+        1,
+    ]
     assert ternary.unpack_ternary(np.array([0b11_11_11_11], dtype=np.uint8), 4).tolist() == [0] * 4
 
 

@@ -31,17 +31,32 @@ def test_curves_give_lru_hits_at_every_capacity():
     rng = np.random.default_rng(0)
     num_experts, top_k, tokens = 12, 3, 400
     # Skewed, with distinct ids per token, two layers with different skews.
-    ids = np.stack([np.stack([rng.choice(num_experts, top_k, replace=False,
-                                         p=np.arange(1, num_experts + 1) ** -s / np.sum(
-                                             np.arange(1, num_experts + 1) ** -s))
-                              for s in (0.5, 1.5)]) for _ in range(tokens)]).astype(np.int32)
+    ids = np.stack(
+        [
+            np.stack(
+                [
+                    rng.choice(
+                        num_experts,
+                        top_k,
+                        replace=False,
+                        p=np.arange(1, num_experts + 1) ** -s
+                        / np.sum(np.arange(1, num_experts + 1) ** -s),
+                    )
+                    for s in (0.5, 1.5)
+                ]
+            )
+            for _ in range(tokens)
+        ]
+    ).astype(np.int32)
     split = CapacitySplit(2, num_experts, 4, NO_DECAY)
     split.observe(ids)
     curves = split.curves()
     for layer in range(2):
         for capacity in range(1, num_experts + 1):
-            cache = ExpertCache(num_experts, ExpertCacheConfig(max_hot_experts=capacity,
-                                                               eviction_policy=EvictionPolicy.LRU))
+            cache = ExpertCache(
+                num_experts,
+                ExpertCacheConfig(max_hot_experts=capacity, eviction_policy=EvictionPolicy.LRU),
+            )
             hits = int(cache.access_batch(ids[:, layer]).sum())
             assert curves[layer, capacity] == pytest.approx(hits, abs=1e-6), (layer, capacity)
 
@@ -55,9 +70,11 @@ def test_best_split_matches_brute_force():
         total = int(rng.integers(layers, layers * num_experts + 1))
         got = best_split(curves, total)
         assert got.sum() == total and got.min() >= 1 and got.max() <= num_experts
-        best = max(sum(curves[layer, c[layer]] for layer in range(layers))
-                   for c in itertools.product(range(1, num_experts + 1), repeat=layers)
-                   if sum(c) == total)
+        best = max(
+            sum(curves[layer, c[layer]] for layer in range(layers))
+            for c in itertools.product(range(1, num_experts + 1), repeat=layers)
+            if sum(c) == total
+        )
         assert sum(curves[layer, got[layer]] for layer in range(layers)) == pytest.approx(best)
 
 
@@ -122,8 +139,12 @@ def test_lru_hit_curves_of_a_histogram():
 
 
 def test_errors():
-    for kwargs, name in [({"every_tokens": 0}, "every_tokens"), ({"decay": 1.0}, "decay"),
-                         ({"max_move": 0}, "max_move"), ({"min_gain": 2.0}, "min_gain")]:
+    for kwargs, name in [
+        ({"every_tokens": 0}, "every_tokens"),
+        ({"decay": 1.0}, "decay"),
+        ({"max_move": 0}, "max_move"),
+        ({"min_gain": 2.0}, "min_gain"),
+    ]:
         with pytest.raises(ValueError, match=name):
             SplitConfig(**kwargs)
     with pytest.raises(ValueError, match="capacity"):
@@ -157,8 +178,10 @@ def test_no_layer_below_the_floor():
         CapacitySplit(2, 8, [6, 2], min_capacity=3)
 
 
-@pytest.mark.skipif(not CapacitySplit._native,
-                    reason="the native stack distances are not in use (MOERAY_PURE_PYTHON=1 or unbuilt)")
+@pytest.mark.skipif(
+    not CapacitySplit._native,
+    reason="the native stack distances are not in use (MOERAY_PURE_PYTHON=1 or unbuilt)",
+)
 def test_native_stack_histogram_equals_the_numpy_twin():
     """The same routing, in windows of varied sizes, into a CapacitySplit on the native core and
     one forced onto numpy: the same histogram to the bit, last uses, plans; decay 0.5 makes the
@@ -176,8 +199,10 @@ def test_native_stack_histogram_equals_the_numpy_twin():
     assert native._scale == twin._scale and native._scale < 1e200  # rescaled once at least
 
 
-@pytest.mark.skipif(not CapacitySplit._native,
-                    reason="the native stack distances are not in use (MOERAY_PURE_PYTHON=1 or unbuilt)")
+@pytest.mark.skipif(
+    not CapacitySplit._native,
+    reason="the native stack distances are not in use (MOERAY_PURE_PYTHON=1 or unbuilt)",
+)
 def test_native_stack_histogram_checks_its_arguments():
     from moeray.native import backend
 
@@ -189,18 +214,18 @@ def test_native_stack_histogram_checks_its_arguments():
     # expert 0, six accesses per layer: distance 0 after the first one, each weighing 1
     assert hist.tolist() == [[5.0, 0, 0, 0]] * 2 and last.tolist() == [[5, -1, -1, -1]] * 2
     for args, error, match in (
-            ((last, hist, ids + 4, 0, scales), ValueError, r"\[0, 4\)"),
-            ((last, hist, ids - 1, 0, scales), ValueError, r"\[0, 4\)"),
-            ((last, hist, ids.astype(np.int32), 0, scales), TypeError, "int64"),
-            ((last, hist, ids[:, :1], 0, scales), ValueError, "shape"),
-            ((last.astype(np.int32), hist, ids, 0, scales), TypeError, "int64"),
-            ((np.full((4, 2), -1, dtype=np.int64).T, hist, ids, 0, scales), ValueError,
-             "C-contiguous"),
-            ((last, hist[:, :3], ids, 0, scales), ValueError, "histogram"),
-            ((last, hist.astype(np.float32), ids, 0, scales), TypeError, "float64"),
-            ((last, hist, ids, 0, scales[:2]), ValueError, "scales"),
-            ((last, hist, ids, -1, scales), ValueError, "counter"),
-            ((last, hist, ids, 2**63 - 2, scales), ValueError, "counter")):
+        ((last, hist, ids + 4, 0, scales), ValueError, r"\[0, 4\)"),
+        ((last, hist, ids - 1, 0, scales), ValueError, r"\[0, 4\)"),
+        ((last, hist, ids.astype(np.int32), 0, scales), TypeError, "int64"),
+        ((last, hist, ids[:, :1], 0, scales), ValueError, "shape"),
+        ((last.astype(np.int32), hist, ids, 0, scales), TypeError, "int64"),
+        ((np.full((4, 2), -1, dtype=np.int64).T, hist, ids, 0, scales), ValueError, "C-contiguous"),
+        ((last, hist[:, :3], ids, 0, scales), ValueError, "histogram"),
+        ((last, hist.astype(np.float32), ids, 0, scales), TypeError, "float64"),
+        ((last, hist, ids, 0, scales[:2]), ValueError, "scales"),
+        ((last, hist, ids, -1, scales), ValueError, "counter"),
+        ((last, hist, ids, 2**63 - 2, scales), ValueError, "counter"),
+    ):
         with pytest.raises(error, match=match):
             backend._stack_histogram(*args)
     frozen = last.copy()
@@ -226,7 +251,11 @@ def test_split_schedule_hands_each_window_its_resplits():
     windows.append(schedule.window(170))
     assert [w[0] for w in windows] == [(0, (5, 5)), (0, windows[0][-1][1]), (0, windows[1][-1][1])]
     starts = [0, 50, 130]
-    got = [(start + offset, capacity) for start, w in zip(starts, windows) for offset, capacity in w[1:]]
+    got = [
+        (start + offset, capacity)
+        for start, w in zip(starts, windows)
+        for offset, capacity in w[1:]
+    ]
     assert got == [(p.token, p.capacity) for p in plans] and got
     assert schedule.capacity == plans[-1].capacity
     assert schedule.moved == sum(p.moved for p in plans)

@@ -48,8 +48,15 @@ def lru_hits(ids: np.ndarray, capacity: int) -> int:
 
 
 def hand_header(**overrides) -> dict:
-    header = {"format": "moeray-trace", "version": 1, "model": "hand", "num_layers": 2,
-              "num_experts": 4, "top_k": 1, "dtypes": {"expert_ids": "uint8", "weights": None}}
+    header = {
+        "format": "moeray-trace",
+        "version": 1,
+        "model": "hand",
+        "num_layers": 2,
+        "num_experts": 4,
+        "top_k": 1,
+        "dtypes": {"expert_ids": "uint8", "weights": None},
+    }
     header.update(overrides)
     return header
 
@@ -57,7 +64,10 @@ def hand_header(**overrides) -> dict:
 def hand_record(ids_lt: list[list[int]], seq: int = 0, **extra) -> dict:
     """A record map written from the spec: ids [L][T] at top-1, uint8."""
     a = np.array(ids_lt, dtype="<u1")[:, :, None]
-    record = {"expert_ids": {"shape": list(a.shape), "dtype": "uint8", "data": a.tobytes()}, "seq": seq}
+    record = {
+        "expert_ids": {"shape": list(a.shape), "dtype": "uint8", "data": a.tobytes()},
+        "seq": seq,
+    }
     record.update(extra)
     return record
 
@@ -76,7 +86,9 @@ def bundled() -> Trace:
 
 def test_bundled_trace_round_trips_and_replays_identically(bundled, tmp_path):
     path = tmp_path / "bundled.mtrace"
-    header = write_trace(bundled, path, model="gpt-oss-20b", weights_dtype="float16", record_tokens=500)
+    header = write_trace(
+        bundled, path, model="gpt-oss-20b", weights_dtype="float16", record_tokens=500
+    )
     assert (header.ids_dtype, header.weights_dtype) == ("uint8", "float16")
     assert is_trace_file(path) and not is_trace_file(default_trace_path())
     again = load_trace(path)
@@ -86,7 +98,9 @@ def test_bundled_trace_round_trips_and_replays_identically(bundled, tmp_path):
     # The bundled weights were float16 to begin with, so float16 storage is exact.
     np.testing.assert_array_equal(again.weights, bundled.weights)
     config = ReplayConfig(capacity=8, policies=("lru", "belady"))
-    first = slice(0, 2000)  # quick on the pure-Python core too; the arrays are compared in full above
+    first = slice(
+        0, 2000
+    )  # quick on the pure-Python core too; the arrays are compared in full above
     a = replay_trace(Trace(bundled.expert_ids[first], None, np.array([0, 2000]), 32), config)
     b = replay_trace(Trace(again.expert_ids[first], None, np.array([0, 2000]), 32), config)
     for name in config.policies:
@@ -125,8 +139,9 @@ def test_writer_streams_records_and_continues_positions(tmp_path):
 def test_a_hand_written_stream_from_the_spec_is_read(tmp_path):
     """What a non-Python client writes from docs/trace-format.md: no positions, no checksum."""
     path = tmp_path / "hand.bin"  # the name does not matter, the header does
-    path.write_bytes(pack(hand_header(), hand_record([[0, 1], [2, 3]], seq=0),
-                          hand_record([[3], [0]], seq=1)))
+    path.write_bytes(
+        pack(hand_header(), hand_record([[0, 1], [2, 3]], seq=0), hand_record([[3], [0]], seq=1))
+    )
     trace = load_trace(path)
     assert trace.expert_ids[:, :, 0].tolist() == [[0, 2], [1, 3], [3, 0]]
     assert trace.seq_offsets.tolist() == [0, 2, 3] and trace.weights is None
@@ -157,8 +172,12 @@ def test_a_trace_record_is_a_valid_wire_step(tmp_path):
 
 def three_records() -> list[bytes]:
     """Header, then three records of a 2-layer, 4-expert top-1 trace, each as its own bytes."""
-    return [pack(hand_header()), pack(hand_record([[0, 1], [2, 3]])), pack(hand_record([[1], [1]])),
-            pack(hand_record([[2, 2, 2], [0, 0, 0]]))]
+    return [
+        pack(hand_header()),
+        pack(hand_record([[0, 1], [2, 3]])),
+        pack(hand_record([[1], [1]])),
+        pack(hand_record([[2, 2, 2], [0, 0, 0]])),
+    ]
 
 
 def read_until_error(data: bytes) -> tuple[list, TraceFormatError | None]:
@@ -197,17 +216,41 @@ def test_flipped_data_byte_fails_its_checksum():
     [
         (hand_record([[0, 1]]), "expected shape \\[2, T, 1\\]"),  # one layer, header says two
         (hand_record([[0, 9], [0, 0]]), "id 9 is outside \\[0, 4\\)"),
-        ({"expert_ids": {"shape": [2, 2**40, 1], "dtype": "uint8", "data": b"\0" * 4}}, "shape|bytes"),
-        ({"expert_ids": {"shape": [2, 2, 1], "dtype": "int32", "data": b"\0" * 16}}, "dtype must be one of \\['uint8'\\]"),
+        (
+            {"expert_ids": {"shape": [2, 2**40, 1], "dtype": "uint8", "data": b"\0" * 4}},
+            "shape|bytes",
+        ),
+        (
+            {"expert_ids": {"shape": [2, 2, 1], "dtype": "int32", "data": b"\0" * 16}},
+            "dtype must be one of \\['uint8'\\]",
+        ),
         (hand_record([[0], [0]], seq=-1), "seq"),
         (hand_record([[0], [0]], extra=1), "unknown fields"),
-        (hand_record([[0], [0]], weights={"shape": [2, 1, 1], "dtype": "float32", "data": b"\0" * 8}),
-         "no weights"),
-        (hand_record([[0, 1], [0, 1]], positions={"shape": [3], "dtype": "int32", "data": b"\0" * 12}),
-         "positions"),
+        (
+            hand_record(
+                [[0], [0]], weights={"shape": [2, 1, 1], "dtype": "float32", "data": b"\0" * 8}
+            ),
+            "no weights",
+        ),
+        (
+            hand_record(
+                [[0, 1], [0, 1]], positions={"shape": [3], "dtype": "int32", "data": b"\0" * 12}
+            ),
+            "positions",
+        ),
         ([1, 2, 3], "expected a map"),
     ],
-    ids=["layers", "id-range", "huge-shape", "dtype", "seq", "unknown-field", "weights", "positions", "not-a-map"],
+    ids=[
+        "layers",
+        "id-range",
+        "huge-shape",
+        "dtype",
+        "seq",
+        "unknown-field",
+        "weights",
+        "positions",
+        "not-a-map",
+    ],
 )
 def test_inconsistent_record_is_refused_with_its_index(bad, message):
     header, first, *_ = three_records()
@@ -229,7 +272,16 @@ def test_inconsistent_record_is_refused_with_its_index(bad, message):
         (hand_header(dtypes={"expert_ids": ["uint8"], "weights": None}), "ids_dtype"),
         ([1], "not a moeray-trace"),
     ],
-    ids=["format", "version", "layers", "top-k", "weights-dtype", "ids-dtype-width", "dtype-list", "array"],
+    ids=[
+        "format",
+        "version",
+        "layers",
+        "top-k",
+        "weights-dtype",
+        "ids-dtype-width",
+        "dtype-list",
+        "array",
+    ],
 )
 def test_bad_header_is_refused(header, message):
     with pytest.raises(TraceFormatError, match=message) as info:
@@ -288,7 +340,12 @@ def test_writer_validates_and_removes_a_failed_file(tmp_path):
         with pytest.raises(ValueError, match="expected shape \\[2, T, 1\\]"):
             writer.write(np.zeros((3, 1, 1), dtype=np.int32))
     assert list(TraceReader(path)) == []
-    for bad in (dict(num_layers=0), dict(top_k=9), dict(ids_dtype="int64"), dict(metadata={"a": [1]})):
+    for bad in (
+        dict(num_layers=0),
+        dict(top_k=9),
+        dict(ids_dtype="int64"),
+        dict(metadata={"a": [1]}),
+    ):
         fields = dict(num_layers=2, num_experts=8, top_k=2) | bad
         with pytest.raises(ValueError, match=next(iter(bad))):
             TraceHeader(**fields)

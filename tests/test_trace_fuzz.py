@@ -34,11 +34,15 @@ def seed_trace() -> tuple[bytes, list[int], list]:
     """A small valid trace, the byte offset where each record ends, and the records."""
     rng = np.random.default_rng(42)
     buf = io.BytesIO()
-    header = TraceHeader(num_layers=3, num_experts=8, top_k=2, weights_dtype="float16", model="fuzz")
+    header = TraceHeader(
+        num_layers=3, num_experts=8, top_k=2, weights_dtype="float16", model="fuzz"
+    )
     ends, records = [], []
     with TraceWriter(buf, header) as writer:
         for seq, tokens in [(0, 4), (0, 1), (1, 3), (1, 1), (2, 2)]:
-            ids = np.stack([rng.permutation(8)[:2] for _ in range(3 * tokens)]).reshape(3, tokens, 2)
+            ids = np.stack([rng.permutation(8)[:2] for _ in range(3 * tokens)]).reshape(
+                3, tokens, 2
+            )
             weights = rng.random((3, tokens, 2)).astype(np.float16)
             writer.write(ids, weights, seq=seq)
             ends.append(buf.tell())
@@ -58,9 +62,13 @@ def mutate(data: bytes, rng: np.random.Generator) -> tuple[bytes, int]:
             b[i] ^= 1 << int(rng.integers(8))
     elif kind == 1:  # overwrite bytes
         size = int(rng.integers(1, 9))
-        b[at:at + size] = rng.integers(0, 256, size=size, dtype=np.uint8).tobytes()
+        b[at : at + size] = rng.integers(0, 256, size=size, dtype=np.uint8).tobytes()
     elif kind == 2:  # a marker declaring a huge length or deep nesting
-        b[at:at] = bytes([_MARKERS[int(rng.integers(len(_MARKERS)))]]) + b"\xff\xff\xff" + bytes([int(rng.integers(256))])
+        b[at:at] = (
+            bytes([_MARKERS[int(rng.integers(len(_MARKERS)))]])
+            + b"\xff\xff\xff"
+            + bytes([int(rng.integers(256))])
+        )
     elif kind == 3:  # truncate
         del b[at:]
     elif kind == 4:  # splice the tail of the trace at another point
@@ -68,9 +76,9 @@ def mutate(data: bytes, rng: np.random.Generator) -> tuple[bytes, int]:
         b[at:] = data[other:]
     elif kind == 5:  # duplicate a span
         size = int(rng.integers(1, 64))
-        b[at:at] = data[at:at + size]
+        b[at:at] = data[at : at + size]
     elif kind == 6:  # delete a span
-        del b[at:at + int(rng.integers(1, 32))]
+        del b[at : at + int(rng.integers(1, 32))]
     else:  # many containers: nested arrays or maps
         b[at:at] = bytes([0x91 if rng.integers(2) else 0x81]) * int(rng.integers(1, 2000))
     return bytes(b), at
@@ -109,14 +117,18 @@ def test_100k_mutated_traces_only_raise_trace_format_error():
         if len(got) < intact:
             failures.append((i, "lost records", f"{len(got)} < {intact} before byte {at}: {error}"))
         for record, (ids, weights) in zip(got[:intact], originals):
-            if not (np.array_equal(record.expert_ids, ids) and np.array_equal(record.weights, weights)):
+            if not (
+                np.array_equal(record.expert_ids, ids) and np.array_equal(record.weights, weights)
+            ):
                 failures.append((i, "changed record", f"before byte {at}"))
         assert time.monotonic() - start < TIME_LIMIT_S, f"only {i} mutants in {TIME_LIMIT_S} s"
     assert not failures, failures[:5]
     assert errors > MUTANTS // 4  # the mutations really break most traces
     growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - max_rss_before
     assert growth_kib < 100 * 1024, f"max RSS grew by {growth_kib} KiB"
-    print(f"{MUTANTS} mutants in {time.monotonic() - start:.1f} s, {errors} refused", file=sys.stderr)
+    print(
+        f"{MUTANTS} mutants in {time.monotonic() - start:.1f} s, {errors} refused", file=sys.stderr
+    )
 
 
 def test_declared_huge_sizes_are_refused_without_allocating():
@@ -125,9 +137,12 @@ def test_declared_huge_sizes_are_refused_without_allocating():
         b"\xc6\xff\xff\xff\xf0",  # bin of 4 GiB with no bytes behind it
         b"\xdd\xff\xff\xff\xff",  # array of 4 G elements
         b"\xdf\xff\xff\xff\xff",  # map of 4 G pairs
-        msgpack.packb({"expert_ids": {"shape": [2, 2**40, 1], "dtype": "uint8", "data": b"\0" * 8}}),
+        msgpack.packb(
+            {"expert_ids": {"shape": [2, 2**40, 1], "dtype": "uint8", "data": b"\0" * 8}}
+        ),
         b"\x91" * 100_000,  # nesting far deeper than any record
-        b"\x9f" + b"\x9f\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0" * 15,  # many lists
+        b"\x9f"
+        + b"\x9f\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0\xc0" * 15,  # many lists
     ]
     tracemalloc.start()
     try:
@@ -141,19 +156,57 @@ def test_declared_huge_sizes_are_refused_without_allocating():
 
 
 _msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
     | st.binary(max_size=64),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.sampled_from(["expert_ids", "weights", "seq", "positions", "crc32", "shape",
-                                       "dtype", "data", "x"]) | st.text(max_size=5), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "expert_ids",
+                    "weights",
+                    "seq",
+                    "positions",
+                    "crc32",
+                    "shape",
+                    "dtype",
+                    "data",
+                    "x",
+                ]
+            )
+            | st.text(max_size=5),
+            children,
+            max_size=5,
+        )
+    ),
     max_leaves=30,
 )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(records=st.lists(_msgpack_values, max_size=4), header_patch=st.dictionaries(
-    st.sampled_from(["num_layers", "num_experts", "top_k", "version", "dtypes", "model", "layer_ids",
-                     "metadata"]), _msgpack_values, max_size=2))
+@given(
+    records=st.lists(_msgpack_values, max_size=4),
+    header_patch=st.dictionaries(
+        st.sampled_from(
+            [
+                "num_layers",
+                "num_experts",
+                "top_k",
+                "version",
+                "dtypes",
+                "model",
+                "layer_ids",
+                "metadata",
+            ]
+        ),
+        _msgpack_values,
+        max_size=2,
+    ),
+)
 def test_arbitrary_msgpack_objects_only_raise_trace_format_error(records, header_patch):
     header = TraceHeader(num_layers=2, num_experts=4, top_k=1).to_map() | header_patch
     data = b"".join(msgpack.packb(o, use_bin_type=True) for o in [header, *records])

@@ -22,7 +22,11 @@ import moeray
 import moeray.native
 from moeray import cli
 from moeray.replay import (
-    DEMAND_POLICY_NAMES, POLICY_NAMES, ReplayConfig, capacity_from_fraction, replay_trace,
+    DEMAND_POLICY_NAMES,
+    POLICY_NAMES,
+    ReplayConfig,
+    capacity_from_fraction,
+    replay_trace,
 )
 from moeray.traces import Trace, default_trace_path, load_trace
 
@@ -192,7 +196,9 @@ def test_belady_bounds_every_policy_on_a_hand_trace():
     A variant that never evicts an expert of the current token would get only 4.
     """
     ids = np.array([[0, 1], [0, 1], [0, 1], [2, 3], [0, 1]], dtype=np.uint8)[:, None, :]
-    report = replay_trace(Trace(ids, None, np.array([0, 5]), 4, "lfu-beats-belady"), ReplayConfig(capacity=2))
+    report = replay_trace(
+        Trace(ids, None, np.array([0, 5]), 4, "lfu-beats-belady"), ReplayConfig(capacity=2)
+    )
     assert report.results["lfu"].per_layer_hits == (5,)  # the hand counts above
     assert report.results["belady"].per_layer_hits == (5,)
     best = report.results["belady"].per_layer_hits[0]
@@ -303,8 +309,19 @@ def test_cli_replay_json(tmp_path, capsys, extra, capacity, expected):
     trace = write_hand_trace(tmp_path / "hand.npz")
     out = tmp_path / "out" / "result.json"
     out.parent.mkdir()
-    argv = ["replay", str(trace), "--backend", "local", "--json", str(out), "--policy", "lru",
-            "--policy", "belady", *extra]
+    argv = [
+        "replay",
+        str(trace),
+        "--backend",
+        "local",
+        "--json",
+        str(out),
+        "--policy",
+        "lru",
+        "--policy",
+        "belady",
+        *extra,
+    ]
     assert cli.main(argv) == 0
     stdout, stderr = capsys.readouterr()
     assert stderr == ""
@@ -326,7 +343,12 @@ def test_cli_replay_json(tmp_path, capsys, extra, capacity, expected):
 def test_cli_replay_all_policies_by_default(tmp_path, capsys):
     trace = write_hand_trace(tmp_path / "hand.npz")
     out = tmp_path / "all.json"
-    assert cli.main(["replay", str(trace), "--backend", "local", "--capacity", "0.5", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            ["replay", str(trace), "--backend", "local", "--capacity", "0.5", "--json", str(out)]
+        )
+        == 0
+    )
     assert list(table_rows(capsys.readouterr().out)) == list(POLICY_NAMES)
     check_json_schema(json.loads(out.read_text()), POLICY_NAMES, num_layers=2)
 
@@ -342,7 +364,15 @@ def test_cli_replay_all_policies_by_default(tmp_path, capsys):
         ["{trace}", "--affinity-weight", "2"],
         ["{notzip}"],
     ],
-    ids=["missing", "capacity-0", "capacity-1.5", "capacity-negative", "capacity-nan", "weight-2", "not-a-zip"],
+    ids=[
+        "missing",
+        "capacity-0",
+        "capacity-1.5",
+        "capacity-negative",
+        "capacity-nan",
+        "weight-2",
+        "not-a-zip",
+    ],
 )
 def test_cli_bad_input_exits_2(tmp_path, capsys, args):
     trace = write_hand_trace(tmp_path / "hand.npz")
@@ -414,8 +444,19 @@ def test_console_script_replays_the_bundled_trace(bundled):
 def test_cli_module_entry_point_matches(tmp_path):
     trace = write_hand_trace(tmp_path / "hand.npz")
     proc = subprocess.run(
-        [sys.executable, "-m", "moeray.cli", "replay", str(trace), "--backend", "local", "--capacity", "0.5",
-         "--policy", "belady"],
+        [
+            sys.executable,
+            "-m",
+            "moeray.cli",
+            "replay",
+            str(trace),
+            "--backend",
+            "local",
+            "--capacity",
+            "0.5",
+            "--policy",
+            "belady",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -435,10 +476,29 @@ def test_cli_module_entry_point_matches(tmp_path):
 
 def test_cli_notes_a_capacity_below_top_k(capsys):
     """2 of 32 experts per layer, top-4: the replay runs and says why its policies look alike."""
-    assert cli.main(["replay", "--backend", "local", "--capacity", "0.05", "--tokens", "20",
-                     "--policy", "lru", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "replay",
+                "--backend",
+                "local",
+                "--capacity",
+                "0.05",
+                "--tokens",
+                "20",
+                "--policy",
+                "lru",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     stderr = capsys.readouterr().err
     assert "capacity of 2 experts per layer is below top_k 4" in stderr
-    assert cli.main(["replay", "--backend", "local", "--tokens", "20", "--policy", "lru",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            ["replay", "--backend", "local", "--tokens", "20", "--policy", "lru", "--no-progress"]
+        )
+        == 0
+    )
     assert "below top_k" not in capsys.readouterr().err  # 8 of 32: no note

@@ -15,8 +15,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from moeray.actors.coordinator import Coordinator, ServiceConfig
-from moeray.wire import decode_step, encode_batches
 from moeray.actors.layer import LayerCaches, LayerState, LayerWindow, Warmup, WindowGapError
+from moeray.wire import decode_step, encode_batches
 
 __all__ = [
     "RayLayerTransport",
@@ -82,7 +82,9 @@ class RayLayerTransport:
             return
         alive = [r for r in dict.fromkeys(self._config.placement) if r and _resource_available(r)]
         if alive:
-            self._resource[actor] = min(alive, key=lambda r: (self._resource.count(r), alive.index(r)))
+            self._resource[actor] = min(
+                alive, key=lambda r: (self._resource.count(r), alive.index(r))
+            )
 
     def _create(self, actor: int):
         config = self._config
@@ -205,19 +207,28 @@ class CoordinatorHost:
     def config(self) -> ServiceConfig:
         return self._coordinator.config
 
-    def submit(self, expert_ids, weights=None, schedule_batches: bool = True, seq_starts=None,
-               hints=None):
-        return self._timed(self._coordinator.submit, expert_ids, weights, schedule_batches,
-                           seq_starts, hints)
+    def submit(
+        self, expert_ids, weights=None, schedule_batches: bool = True, seq_starts=None, hints=None
+    ):
+        return self._timed(
+            self._coordinator.submit, expert_ids, weights, schedule_batches, seq_starts, hints
+        )
 
     def submit_msgpack(self, payload: bytes) -> bytes:
         step = decode_step(payload)
-        batches = self._timed(self._coordinator.submit, step.expert_ids, step.weights, True,
-                              step.seq_starts, step.hints)
+        batches = self._timed(
+            self._coordinator.submit,
+            step.expert_ids,
+            step.weights,
+            True,
+            step.seq_starts,
+            step.hints,
+        )
         return encode_batches(batches or [])
 
-    def add_routing(self, ids, steps: int = 1, close_window: bool = False,
-                    seq_starts=None, hints=None) -> None:
+    def add_routing(
+        self, ids, steps: int = 1, close_window: bool = False, seq_starts=None, hints=None
+    ) -> None:
         self._timed(self._coordinator.add_routing, ids, steps, close_window, seq_starts, hints)
 
     def flush(self) -> None:
@@ -227,8 +238,11 @@ class CoordinatorHost:
         stats = self._timed(self._coordinator.stats, sync)
         # a blocked ray.wait costs CPU in proportion to how long layer actors take, not to
         # the work steps cause: left out
-        return replace(stats, coordinator_cpu_s=time.process_time(),
-                       coordinator_method_cpu_s=self._method_cpu_s - self._transport.blocked_cpu_s)
+        return replace(
+            stats,
+            coordinator_cpu_s=time.process_time(),
+            coordinator_method_cpu_s=self._method_cpu_s - self._transport.blocked_cpu_s,
+        )
 
     def layer_actor_handles(self) -> list:
         return self._transport.handles()

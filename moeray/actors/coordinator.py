@@ -37,13 +37,19 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from moeray.actors.layer import (
-    PREDICTIVE_POLICY, SERVICE_POLICY_NAMES, LayerAck, LayerState, LayerWindow, Warmup,
+    PREDICTIVE_POLICY,
+    SERVICE_POLICY_NAMES,
+    LayerAck,
+    LayerState,
+    LayerWindow,
+    Warmup,
 )
 from moeray.policy._validate import as_weights, check_int
 from moeray.policy.affinity import AffinityConfig, ExpertAffinity
@@ -120,13 +126,17 @@ class ServiceConfig:
         check_int(self.top_k, "top_k", 1, self.num_experts)
         if self.capacity_bytes is not None:
             if self.shards is None:
-                raise ValueError("capacity_bytes: needs shards (an expert's bytes come from the "
-                                 "checkpoint)")
+                raise ValueError(
+                    "capacity_bytes: needs shards (an expert's bytes come from the checkpoint)"
+                )
             from moeray.replay import capacity_from_bytes, shard_expert_bytes
 
             expert_bytes = shard_expert_bytes(self.shards, self.num_layers)
-            object.__setattr__(self, "capacity", capacity_from_bytes(
-                self.capacity_bytes, expert_bytes, self.num_experts))
+            object.__setattr__(
+                self,
+                "capacity",
+                capacity_from_bytes(self.capacity_bytes, expert_bytes, self.num_experts),
+            )
         capacity = self.capacity
         if isinstance(capacity, (list, tuple)):
             if len(capacity) != self.num_layers:
@@ -157,9 +167,11 @@ class ServiceConfig:
             raise TypeError(f"predict: expected a PredictConfig or a dict, got {self.predict!r}")
         if self.policy == PREDICTIVE_POLICY:
             if self.prefetch_budget:
-                raise ValueError("prefetch_budget: expected 0 with policy 'moeray' (the default), "
-                                 "whose budget is predict.prefetch_budget (experts per layer per "
-                                 "token); the affinity prefetch budget is the demand policies'")
+                raise ValueError(
+                    "prefetch_budget: expected 0 with policy 'moeray' (the default), "
+                    "whose budget is predict.prefetch_budget (experts per layer per "
+                    "token); the affinity prefetch budget is the demand policies'"
+                )
         check_int(self.warmup_tokens, "warmup_tokens", 0)
         check_int(self.window_steps, "window_steps", 1)
         if self.window_ms is not None and not self.window_ms > 0:
@@ -173,9 +185,13 @@ class ServiceConfig:
                 f"({len(self.actor_layers())}), got {len(self.placement)}"
             )
         if not 0.0 <= self.affinity_weight <= 1.0:
-            raise ValueError(f"affinity_weight: expected a float in [0, 1], got {self.affinity_weight}")
+            raise ValueError(
+                f"affinity_weight: expected a float in [0, 1], got {self.affinity_weight}"
+            )
         if self.shards is not None and not isinstance(self.shards, str):
-            raise TypeError(f"shards: expected a checkpoint path (str) or None, got {self.shards!r}")
+            raise TypeError(
+                f"shards: expected a checkpoint path (str) or None, got {self.shards!r}"
+            )
 
     def actor_layers(self) -> list[list[int]]:
         """Layers of each layer actor, in actor order."""
@@ -246,8 +262,9 @@ class LayerStats:
         for key in _PER_PREDICTOR:
             setattr(self, key, _add_counts(getattr(self, key), getattr(ack, key)))
 
-    def add_shard(self, bytes_moved: int, late_prefetches: int, stalls: int,
-                  resident_bytes_max: int) -> None:
+    def add_shard(
+        self, bytes_moved: int, late_prefetches: int, stalls: int, resident_bytes_max: int
+    ) -> None:
         """Adds shard counters: a window's, or what arrived after the last window (a layer
         actor's ``settle_shards``)."""
         self.bytes_moved += bytes_moved
@@ -300,7 +317,9 @@ class LayerTransport(Protocol):
 
     def send(self, actor: int, windows: list[LayerWindow]) -> None: ...
 
-    def restore(self, actor: int, states: list[LayerState], warmup: Warmup | None = None) -> None: ...
+    def restore(
+        self, actor: int, states: list[LayerState], warmup: Warmup | None = None
+    ) -> None: ...
 
     def recreate(self, actor: int) -> None: ...
 
@@ -350,7 +369,9 @@ def check_seq_starts(seq_starts, num_tokens: int) -> np.ndarray | None:
     if seq_starts is None:
         return None
     if not isinstance(seq_starts, np.ndarray):
-        raise TypeError(f"seq_starts: expected a numpy bool array or None, got {type(seq_starts).__name__}")
+        raise TypeError(
+            f"seq_starts: expected a numpy bool array or None, got {type(seq_starts).__name__}"
+        )
     if seq_starts.dtype != np.bool_:
         raise TypeError(f"seq_starts: expected dtype bool, got {seq_starts.dtype}")
     if seq_starts.shape != (num_tokens,):
@@ -358,7 +379,7 @@ def check_seq_starts(seq_starts, num_tokens: int) -> np.ndarray | None:
     return seq_starts if seq_starts.any() else None
 
 
-def check_hints(hints, config: "ServiceConfig", num_tokens: int) -> np.ndarray | None:
+def check_hints(hints, config: ServiceConfig, num_tokens: int) -> np.ndarray | None:
     """hints: None, or an engine's predicted experts of each token at each layer, int
     [num_layers, T, h], h >= 1, each in [-1, num_experts) (-1: no hint; see
     ``moeray.policy.predict``, "Engine hints"), which only ``moeray`` reads; returned as int32.
@@ -366,15 +387,20 @@ def check_hints(hints, config: "ServiceConfig", num_tokens: int) -> np.ndarray |
     if hints is None:
         return None
     if config.policy != PREDICTIVE_POLICY:
-        raise ValueError(f"hints: only the moeray policy reads engine hints, this service runs "
-                         f"{config.policy!r}")
+        raise ValueError(
+            f"hints: only the moeray policy reads engine hints, this service runs {config.policy!r}"
+        )
     if not isinstance(hints, np.ndarray):
-        raise TypeError(f"hints: expected a numpy integer array or None, got {type(hints).__name__}")
+        raise TypeError(
+            f"hints: expected a numpy integer array or None, got {type(hints).__name__}"
+        )
     if hints.dtype.kind not in "iu":
         raise TypeError(f"hints: expected an integer dtype, got {hints.dtype}")
     if hints.ndim != 3 or hints.shape[:2] != (config.num_layers, num_tokens) or hints.shape[2] < 1:
-        raise ValueError(f"hints: expected shape [num_layers={config.num_layers}, T={num_tokens}, "
-                         f"h >= 1], got {hints.shape}")
+        raise ValueError(
+            f"hints: expected shape [num_layers={config.num_layers}, T={num_tokens}, "
+            f"h >= 1], got {hints.shape}"
+        )
     if hints.size and (hints.min() < -1 or hints.max() >= config.num_experts):
         raise ValueError(f"hints: every id must be in [0, {config.num_experts}) or -1 (no hint)")
     return np.ascontiguousarray(hints, dtype=np.int32)
@@ -387,12 +413,15 @@ def join_hints(parts: list[tuple[int, np.ndarray | None]]) -> np.ndarray | None:
     given = [h for _, h in parts if h is not None]
     if not given:
         return None
-    out = np.full((given[0].shape[0], sum(n for n, _ in parts), max(h.shape[2] for h in given)),
-                  -1, dtype=np.int32)
+    out = np.full(
+        (given[0].shape[0], sum(n for n, _ in parts), max(h.shape[2] for h in given)),
+        -1,
+        dtype=np.int32,
+    )
     at = 0
     for n, h in parts:
         if h is not None:
-            out[:, at:at + n, :h.shape[2]] = h
+            out[:, at : at + n, : h.shape[2]] = h
         at += n
     return out
 
@@ -440,7 +469,8 @@ class Coordinator:
         self._unacked: dict[int, deque[LayerWindow]] = {layer: deque() for layer in layers}
         empty = ExpertAffinity(config.affinity_config())
         self._state = {
-            layer: LayerState(layer, 0, empty.scores(), empty.activation_counts()) for layer in layers
+            layer: LayerState(layer, 0, empty.scores(), empty.activation_counts())
+            for layer in layers
         }
         self._stats = {layer: LayerStats(layer) for layer in layers}
         self._submits = 0
@@ -452,14 +482,21 @@ class Coordinator:
         self._recent: deque[tuple[int, dict[int, np.ndarray], np.ndarray | None]] = deque()
         self._split: SplitSchedule | None = None
         if self._predictive and config.predict.split is not None:
-            self._split = SplitSchedule(CapacitySplit.for_model(
-                config.num_layers, config.num_experts, config.top_k, config.capacity,
-                config.predict.split))
+            self._split = SplitSchedule(
+                CapacitySplit.for_model(
+                    config.num_layers,
+                    config.num_experts,
+                    config.top_k,
+                    config.capacity,
+                    config.predict.split,
+                )
+            )
 
     # --- submitting ---
 
-    def submit(self, expert_ids, weights=None, schedule_batches: bool = True, seq_starts=None,
-               hints=None):
+    def submit(
+        self, expert_ids, weights=None, schedule_batches: bool = True, seq_starts=None, hints=None
+    ):
         """Takes one step: expert_ids int [num_layers, T, top_k] (weights float, same shape, or
         None; seq_starts bool [T], True where a token begins a sequence, or None: the step
         continues the stream; hints: an engine's predicted experts, see ``check_hints``).
@@ -474,8 +511,14 @@ class Coordinator:
         self.add_routing(ids, seq_starts=starts, hints=hinted)
         return batches
 
-    def add_routing(self, ids: np.ndarray, steps: int = 1, close_window: bool = False,
-                    seq_starts: np.ndarray | None = None, hints: np.ndarray | None = None) -> None:
+    def add_routing(
+        self,
+        ids: np.ndarray,
+        steps: int = 1,
+        close_window: bool = False,
+        seq_starts: np.ndarray | None = None,
+        hints: np.ndarray | None = None,
+    ) -> None:
         """Buffers validated routing (ints [num_layers, T, top_k]) of ``steps`` submits and
         closes the window if due, or at once with ``close_window`` (a client that coalesced a
         whole window itself). seq_starts: validated bool [T] or None; hints: validated int32
@@ -508,8 +551,10 @@ class Coordinator:
         """Sends the open window: one call per layer actor, carrying each of its layers."""
         if self._steps_in_window == 0:
             return
-        routing = {layer: np.ascontiguousarray(np.concatenate(parts))
-                   for layer, parts in self._buffer.items()}
+        routing = {
+            layer: np.ascontiguousarray(np.concatenate(parts))
+            for layer, parts in self._buffer.items()
+        }
         starts = hints = None
         if self._predictive:
             starts = np.concatenate(self._starts)
@@ -566,12 +611,14 @@ class Coordinator:
         if not self._predictive or not kept:
             return None
         rows = range(max(layers[0] - 1, 0), layers[-1] + 1)
-        ids = np.concatenate([np.stack([routing[layer] for layer in rows], axis=1)
-                              for routing, _ in kept])[-self.config.warmup_tokens:]
+        ids = np.concatenate(
+            [np.stack([routing[layer] for layer in rows], axis=1) for routing, _ in kept]
+        )[-self.config.warmup_tokens :]
         starts = None
         if any(s is not None for _, s in kept):
-            starts = np.concatenate([np.zeros(len(r[0]), dtype=bool) if s is None else s
-                                     for r, s in kept])[-self.config.warmup_tokens:]
+            starts = np.concatenate(
+                [np.zeros(len(r[0]), dtype=bool) if s is None else s for r, s in kept]
+            )[-self.config.warmup_tokens :]
         return Warmup(ids, starts)
 
     # --- acknowledgements and failures ---
@@ -609,8 +656,9 @@ class Coordinator:
         """Re-creates a failed layer actor, restores it and resends what it had not acked."""
         self._transport.recreate(actor)
         layers = self._groups[actor]
-        self._transport.restore(actor, [self.layer_state(layer) for layer in layers],
-                                self._warmup(layers))
+        self._transport.restore(
+            actor, [self.layer_state(layer) for layer in layers], self._warmup(layers)
+        )
         for layer in layers:
             self._stats[layer].restarts += 1
         resend = [w for layer in layers for w in self._unacked[layer]]
@@ -637,7 +685,11 @@ class Coordinator:
         pending = sum(len(q) for q in self._unacked.values())
         layers = [LayerStats(**vars(self._stats[layer])) for layer in sorted(self._stats)]
         split = self._split
-        return ServiceStats(layers=layers, submits=self._submits, pending_windows=pending,
-                            resplit_moved=split.moved if split else 0,
-                            capacity=split.capacity if split else self.config.capacity,
-                            capacity_max=split.capacity_max if split else self.config.capacity)
+        return ServiceStats(
+            layers=layers,
+            submits=self._submits,
+            pending_windows=pending,
+            resplit_moved=split.moved if split else 0,
+            capacity=split.capacity if split else self.config.capacity,
+            capacity_max=split.capacity_max if split else self.config.capacity,
+        )

@@ -173,7 +173,9 @@ class LayerCaches:
         without waiting. predict: the ``moeray`` policy's parameters (None: the defaults);
         under ``moeray``, ``layers`` must be consecutive."""
         if policy not in SERVICE_POLICY_NAMES:
-            raise ValueError(f"policy: expected one of {sorted(SERVICE_POLICY_NAMES)}, got {policy!r}")
+            raise ValueError(
+                f"policy: expected one of {sorted(SERVICE_POLICY_NAMES)}, got {policy!r}"
+            )
         self._layers = list(layers)
         self._weight = affinity_weight
         affinity_config = affinity_config or AffinityConfig.with_num_experts(num_experts)
@@ -184,13 +186,19 @@ class LayerCaches:
         self._settle = settle
         self._predictive: _PredictiveHost | None = None
         if policy == PREDICTIVE_POLICY:
-            self._predictive = _PredictiveHost(self._layers, num_experts, capacity,
-                                               predict if predict is not None else PredictConfig())
+            self._predictive = _PredictiveHost(
+                self._layers,
+                num_experts,
+                capacity,
+                predict if predict is not None else PredictConfig(),
+            )
             self._caches = {}
         else:
             base, self._blended = POLICIES[policy]
             self._caches = {
-                layer: ExpertCache(num_experts, ExpertCacheConfig(capacity[layer], eviction_policy=base))
+                layer: ExpertCache(
+                    num_experts, ExpertCacheConfig(capacity[layer], eviction_policy=base)
+                )
                 for layer in layers
             }
         self._residency = _open_residency(shards, layers, num_experts, capacity) if shards else {}
@@ -267,7 +275,7 @@ class LayerCaches:
         """Waits for every hosted layer's prefetches in flight and reads its resident bytes:
         layer -> the shard fields of LayerAck since the last window (the bytes that arrived
         after it); empty without shards. The service's final count (``Coordinator.stats``)."""
-        for layer, residency in self._residency.items():
+        for residency in self._residency.values():
             residency.settle()
             residency.measure()
         return {layer: self._shard_report(layer) for layer in self._residency}
@@ -302,7 +310,9 @@ class LayerCaches:
         by_seq: dict[int, dict[int, LayerWindow]] = {}
         for window in windows:
             if window.layer not in self._applied:
-                raise ValueError(f"windows: layer {window.layer} is not hosted here ({self._layers})")
+                raise ValueError(
+                    f"windows: layer {window.layer} is not hosted here ({self._layers})"
+                )
             by_seq.setdefault(window.seq, {})[window.layer] = window
         acks = []
         first = self._layers[0]
@@ -314,9 +324,11 @@ class LayerCaches:
                 raise WindowGapError(first, last + 1, seq)
             group = by_seq[seq]
             if sorted(group) != self._layers:
-                raise ValueError(f"windows: the moeray policy applies every hosted layer's window "
-                                 f"together; window {seq} has layers {sorted(group)}, this actor "
-                                 f"hosts {self._layers}")
+                raise ValueError(
+                    f"windows: the moeray policy applies every hosted layer's window "
+                    f"together; window {seq} has layers {sorted(group)}, this actor "
+                    f"hosts {self._layers}"
+                )
             ordered = [group[layer] for layer in self._layers]
             begun = [self._shard_begin(window) for window in ordered]
             counts = self._predictive.apply(ordered)
@@ -326,11 +338,16 @@ class LayerCaches:
                 affinity.update_batch(window.expert_ids)
                 self._applied[window.layer] = seq
                 shard = self._shard_end(b, *hot_set) if b is not None else {}
-                acks.append(LayerAck(
-                    layer=window.layer, seq=seq, **count, **shard,
-                    affinity_scores=affinity.scores(),
-                    activation_counts=affinity.activation_counts(),
-                ))
+                acks.append(
+                    LayerAck(
+                        layer=window.layer,
+                        seq=seq,
+                        **count,
+                        **shard,
+                        affinity_scores=affinity.scores(),
+                        activation_counts=affinity.activation_counts(),
+                    )
+                )
         return acks
 
     def shard_capacity_bytes(self) -> dict[int, int]:
@@ -346,8 +363,9 @@ class _PredictiveHost:
     a-1 when a > 0 (see the module docstring); built at the first window (top_k from its
     routing)."""
 
-    def __init__(self, layers: list[int], num_experts: int, capacity: dict[int, int],
-                 config: PredictConfig):
+    def __init__(
+        self, layers: list[int], num_experts: int, capacity: dict[int, int], config: PredictConfig
+    ):
         if not isinstance(config, PredictConfig):
             raise TypeError(f"predict: expected a PredictConfig, got {type(config).__name__}")
         # a re-split couples every layer: the coordinator runs it and sends each window's
@@ -375,21 +393,28 @@ class _PredictiveHost:
         if self._shadow:
             previous = head.previous_layer_ids
             if previous is None:
-                raise ValueError(f"previous_layer_ids: the moeray policy needs layer "
-                                 f"{head.layer - 1}'s routing with layer {head.layer}'s window")
+                raise ValueError(
+                    f"previous_layer_ids: the moeray policy needs layer "
+                    f"{head.layer - 1}'s routing with layer {head.layer}'s window"
+                )
             rows.insert(0, previous)
         if any(np.shape(r)[:1] != (tokens,) for r in rows):
-            raise ValueError(f"windows: every layer's routing of window {head.seq} must cover "
-                             f"the same {tokens} tokens")
+            raise ValueError(
+                f"windows: every layer's routing of window {head.seq} must cover "
+                f"the same {tokens} tokens"
+            )
         budget = head.prefetch_budget
         if any(w.prefetch_budget != budget for w in windows):
             # PredictiveCaches takes one budget for all its layers
-            raise ValueError(f"prefetch_budget: the moeray policy takes one budget per actor, "
-                             f"got {[w.prefetch_budget for w in windows]} in window {head.seq}")
+            raise ValueError(
+                f"prefetch_budget: the moeray policy takes one budget per actor, "
+                f"got {[w.prefetch_budget for w in windows]} in window {head.seq}"
+            )
         ids = np.stack(rows, axis=1)  # [T, layers (+ shadow), top_k]
         if self._caches is None:
-            self._caches = PredictiveCaches(len(self._capacity), self._num_experts, ids.shape[2],
-                                            self._capacity, self._config)
+            self._caches = PredictiveCaches(
+                len(self._capacity), self._num_experts, ids.shape[2], self._capacity, self._config
+            )
         caches = self._caches
         if caches.config.prefetch_budget != budget:
             caches.config = replace(caches.config, prefetch_budget=budget)
@@ -408,19 +433,26 @@ class _PredictiveHost:
             for t in range(tokens):
                 if t in resplits and not np.array_equal(resplits[t], caches.capacity):
                     caches.set_capacity(resplits[t])
-                caches.step(ids[t], new_sequence=starts is not None and bool(starts[t]),
-                            hints=None if hints is None else hints[t])
+                caches.step(
+                    ids[t],
+                    new_sequence=starts is not None and bool(starts[t]),
+                    hints=None if hints is None else hints[t],
+                )
         after = _counters(caches)
         delta = {key: after[key] - before[key] for key in after}
         skip = self._skip
         return [
-            dict(hits=int(delta["hits"][i]), misses=int(delta["stalls"][i]),
-                 evictions=int(delta["evictions"][i]), prefetch_hits=int(delta["prefetch_hits"][i]),
-                 prefetches=int(delta["prefetches"][i]),
-                 wasted_prefetches=int(delta["wasted_prefetches"][i]),
-                 resplit_evictions=int(delta["resplit_evictions"][i]),
-                 resplit_transfers=int(delta["resplit_transfers"][i]),
-                 **{key: tuple(int(x) for x in delta[key][:, i]) for key in _PREDICTOR_COUNTERS})
+            dict(
+                hits=int(delta["hits"][i]),
+                misses=int(delta["stalls"][i]),
+                evictions=int(delta["evictions"][i]),
+                prefetch_hits=int(delta["prefetch_hits"][i]),
+                prefetches=int(delta["prefetches"][i]),
+                wasted_prefetches=int(delta["wasted_prefetches"][i]),
+                resplit_evictions=int(delta["resplit_evictions"][i]),
+                resplit_transfers=int(delta["resplit_transfers"][i]),
+                **{key: tuple(int(x) for x in delta[key][:, i]) for key in _PREDICTOR_COUNTERS},
+            )
             for i in range(skip, skip + len(windows))
         ]
 
@@ -430,11 +462,14 @@ class _PredictiveHost:
         a window moves."""
         ids = np.asarray(warmup.expert_ids)
         if ids.ndim != 3 or ids.shape[1] != len(self._capacity) or ids.dtype.kind not in "iu":
-            raise ValueError(f"warmup: expected int [tokens, {len(self._capacity)}, top_k], got "
-                             f"{ids.dtype} {ids.shape}")
+            raise ValueError(
+                f"warmup: expected int [tokens, {len(self._capacity)}, top_k], got "
+                f"{ids.dtype} {ids.shape}"
+            )
         if self._caches is None:
-            self._caches = PredictiveCaches(len(self._capacity), self._num_experts, ids.shape[2],
-                                            self._capacity, self._config)
+            self._caches = PredictiveCaches(
+                len(self._capacity), self._num_experts, ids.shape[2], self._capacity, self._config
+            )
         starts = warmup.seq_starts
         for t in range(len(ids)):
             self._caches.step(ids[t], new_sequence=starts is not None and bool(starts[t]))
@@ -445,10 +480,12 @@ class _PredictiveHost:
         out = {}
         for offset, capacity in window.resplits if tokens else ():  # an empty window: no token
             if not 0 <= offset < tokens or len(capacity) <= self._layers[-1]:
-                raise ValueError(f"resplits: expected (offset in [0, {tokens}), a capacity per "
-                                 f"layer) pairs, got ({offset}, {capacity})")
+                raise ValueError(
+                    f"resplits: expected (offset in [0, {tokens}), a capacity per "
+                    f"layer) pairs, got ({offset}, {capacity})"
+                )
             first = self._layers[0] - self._skip
-            out[offset] = np.asarray(capacity[first:self._layers[-1] + 1], dtype=np.int64)
+            out[offset] = np.asarray(capacity[first : self._layers[-1] + 1], dtype=np.int64)
         return out
 
     def _hints(self, windows: list[LayerWindow], tokens: int, rows: int) -> np.ndarray | None:
@@ -460,12 +497,14 @@ class _PredictiveHost:
             return None
         for w in windows:
             if w.hints is not None and (np.ndim(w.hints) != 2 or len(w.hints) != tokens):
-                raise ValueError(f"hints: expected int [{tokens}, h] for layer {w.layer}, got "
-                                 f"shape {np.shape(w.hints)}")
+                raise ValueError(
+                    f"hints: expected int [{tokens}, h] for layer {w.layer}, got "
+                    f"shape {np.shape(w.hints)}"
+                )
         out = np.full((tokens, rows, max(h.shape[1] for h in given)), -1, dtype=np.int64)
         for i, w in enumerate(windows):
             if w.hints is not None:
-                out[:, self._skip + i, :w.hints.shape[1]] = w.hints
+                out[:, self._skip + i, : w.hints.shape[1]] = w.hints
         return out
 
     def hot_sets(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -481,14 +520,25 @@ _PREDICTOR_COUNTERS = ("predictor_hits", "predictor_guesses", "predictor_uses")
 
 def _counters(caches: PredictiveCaches) -> dict[str, np.ndarray]:
     stats = caches.stats
-    return {key: getattr(stats, key).copy()  # the stats' arrays grow in place
-            for key in ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches",
-                        "evictions", "resplit_evictions", "resplit_transfers",
-                        *_PREDICTOR_COUNTERS)}
+    return {
+        key: getattr(stats, key).copy()  # the stats' arrays grow in place
+        for key in (
+            "hits",
+            "stalls",
+            "prefetches",
+            "prefetch_hits",
+            "wasted_prefetches",
+            "evictions",
+            "resplit_evictions",
+            "resplit_transfers",
+            *_PREDICTOR_COUNTERS,
+        )
+    }
 
 
-def _open_residency(path: str, layers: list[int], num_experts: int,
-                    capacity: dict[int, int]) -> dict:
+def _open_residency(
+    path: str, layers: list[int], num_experts: int, capacity: dict[int, int]
+) -> dict:
     """layer -> ShardResidency over the checkpoint at ``path`` (its i-th MoE layer for layer i)."""
     from moeray.shards import ShardStore
     from moeray.shards.residency import ShardResidency
@@ -496,13 +546,17 @@ def _open_residency(path: str, layers: list[int], num_experts: int,
     store = ShardStore(path)
     moe_layers = store.layers
     if max(layers) >= len(moe_layers):
-        raise ValueError(f"shards: {path} has {len(moe_layers)} MoE layers, the service "
-                         f"{max(layers) + 1} or more")
+        raise ValueError(
+            f"shards: {path} has {len(moe_layers)} MoE layers, the service "
+            f"{max(layers) + 1} or more"
+        )
     out = {}
     for layer in layers:
         stored = moe_layers[layer]
         if store.num_experts(stored) != num_experts:
-            raise ValueError(f"shards: {path} layer {stored} has {store.num_experts(stored)} "
-                             f"experts, the service {num_experts}")
+            raise ValueError(
+                f"shards: {path} layer {stored} has {store.num_experts(stored)} "
+                f"experts, the service {num_experts}"
+            )
         out[layer] = ShardResidency(store, stored, capacity[layer])
     return out

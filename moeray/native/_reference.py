@@ -156,8 +156,10 @@ class AffinityCore:
 
     def load_state(self, scores, activation_counts) -> None:
         """Restores scores (float64 [n]) and activation counts (int64 [n], >= 0)."""
-        for name, value, dtype in (("scores", scores, np.float64),
-                                   ("activation_counts", activation_counts, np.int64)):
+        for name, value, dtype in (
+            ("scores", scores, np.float64),
+            ("activation_counts", activation_counts, np.int64),
+        ):
             if not isinstance(value, np.ndarray):
                 raise TypeError(f"{name}: expected a numpy array")
             if value.dtype != dtype:
@@ -179,40 +181,40 @@ class AffinityCore:
 
 class _Lru:
     @staticmethod
-    def victim(cache: "ExpertCacheCore") -> int:
+    def victim(cache: ExpertCacheCore) -> int:
         return next(iter(cache._hot))
 
     @staticmethod
-    def base_scores(cache: "ExpertCacheCore") -> dict[int, float]:
+    def base_scores(cache: ExpertCacheCore) -> dict[int, float]:
         return _normalised(cache, cache._timestamp)
 
 
 class _Lfu:
     @staticmethod
-    def victim(cache: "ExpertCacheCore") -> int:
+    def victim(cache: ExpertCacheCore) -> int:
         return min(cache._hot, key=lambda e: cache._freq[e])  # first minimum = oldest touch
 
     @staticmethod
-    def base_scores(cache: "ExpertCacheCore") -> dict[int, float]:
+    def base_scores(cache: ExpertCacheCore) -> dict[int, float]:
         return _normalised(cache, cache._freq)
 
 
 class _Adaptive:
     @staticmethod
-    def _skewed(cache: "ExpertCacheCore") -> bool:
+    def _skewed(cache: ExpertCacheCore) -> bool:
         freqs = [cache._freq[e] for e in cache._hot]
         return min(freqs) > 0 and max(freqs) >= 3 * min(freqs)
 
     @classmethod
-    def victim(cls, cache: "ExpertCacheCore") -> int:
+    def victim(cls, cache: ExpertCacheCore) -> int:
         return (_Lfu if cls._skewed(cache) else _Lru).victim(cache)
 
     @classmethod
-    def base_scores(cls, cache: "ExpertCacheCore") -> dict[int, float]:
+    def base_scores(cls, cache: ExpertCacheCore) -> dict[int, float]:
         return (_Lfu if cls._skewed(cache) else _Lru).base_scores(cache)
 
 
-def _normalised(cache: "ExpertCacheCore", value: list[int]) -> dict[int, float]:
+def _normalised(cache: ExpertCacheCore, value: list[int]) -> dict[int, float]:
     """Eviction score in [0, 1] per hot expert: 1 for the smallest value, 0.5 when all equal."""
     lo = min(value[e] for e in cache._hot)
     span = max(value[e] for e in cache._hot) - lo
@@ -233,9 +235,13 @@ class ExpertCacheCore:
         if not 1 <= max_hot <= self._n:
             raise ValueError(f"max_hot_experts: expected an int in [1, {self._n}], got {max_hot}")
         if not math.isfinite(prefetch_threshold):
-            raise ValueError(f"prefetch_threshold: expected a finite float, got {prefetch_threshold}")
+            raise ValueError(
+                f"prefetch_threshold: expected a finite float, got {prefetch_threshold}"
+            )
         if policy not in _POLICIES:
-            raise ValueError(f"eviction_policy: expected 0 (LRU), 1 (LFU) or 2 (ADAPTIVE), got {policy}")
+            raise ValueError(
+                f"eviction_policy: expected 0 (LRU), 1 (LFU) or 2 (ADAPTIVE), got {policy}"
+            )
         self._cap = int(max_hot)
         self._threshold = float(prefetch_threshold)
         self._policy = _POLICIES[policy]
@@ -402,7 +408,9 @@ def schedule(expert_ids, weights, num_experts: int):
     if weights.dtype != np.float32:
         raise TypeError(f"weights: expected dtype float32, got {weights.dtype}")
     if weights.shape != ids.shape:
-        raise ValueError(f"weights: expected shape {ids.shape} like expert_ids, got {weights.shape}")
+        raise ValueError(
+            f"weights: expected shape {ids.shape} like expert_ids, got {weights.shape}"
+        )
     if not weights.flags.c_contiguous:
         raise ValueError("weights: expected a C-contiguous array")
     if not np.isfinite(weights).all():
@@ -468,8 +476,14 @@ class PrefetcherCore:
             self._files.append((fd, view, size))
         self._ranges: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
         self._ready = [False] * n
-        self._stats = dict(bytes_populated=0, bytes_released=0, prefetches_completed=0,
-                           in_time=0, late=0, queue_wait_s=0.0)
+        self._stats = dict(
+            bytes_populated=0,
+            bytes_released=0,
+            prefetches_completed=0,
+            in_time=0,
+            late=0,
+            queue_wait_s=0.0,
+        )
 
     def __del__(self):
         for fd, view, _ in getattr(self, "_files", ()):
@@ -498,8 +512,9 @@ class PrefetcherCore:
                 raise ValueError(f"ranges: file index {file} not in [0, {len(self._files)})")
             size = self._files[file][2]
             if offset < 0 or length < 0 or offset > size or length > size - offset:
-                raise ValueError(f"ranges: bytes [{offset}, +{length}) run past file {file} "
-                                 f"of {size} bytes")
+                raise ValueError(
+                    f"ranges: bytes [{offset}, +{length}) run past file {file} of {size} bytes"
+                )
             checked.append((file, offset, length))
         self._ranges[e] = checked
 
@@ -613,15 +628,17 @@ def _check_int(value, name: str, lo: int, hi: int, expected: str) -> int:
     return value
 
 
-def _check_array(value, label: str, dtype: str, shape: tuple[int, ...], note: str,
-                 shape_note: str = "") -> np.ndarray:
+def _check_array(
+    value, label: str, dtype: str, shape: tuple[int, ...], note: str, shape_note: str = ""
+) -> np.ndarray:
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{label}: expected a numpy {dtype} array, got {type(value).__name__}")
     if value.dtype != np.dtype(dtype):
         raise TypeError(f"{label}: expected dtype {dtype}{note}, got {value.dtype}")
     if value.shape != shape:
-        raise ValueError(f"{label}: expected shape {list(shape)}{note}{shape_note}, "
-                         f"got {list(value.shape)}")
+        raise ValueError(
+            f"{label}: expected shape {list(shape)}{note}{shape_note}, got {list(value.shape)}"
+        )
     if not value.flags.c_contiguous:
         raise ValueError(f"{label}: expected a C-contiguous array")
     return value
@@ -630,21 +647,31 @@ def _check_array(value, label: str, dtype: str, shape: tuple[int, ...], note: st
 def _layout_roles(layout: str, hidden: int, inter: int) -> list[tuple[str, bool, bool, int, int]]:
     """(role, required, is_bias, rows, cols) of each tensor of ``layout``, in checking order."""
     if layout == "swiglu":
-        return [("gate", True, False, inter, hidden), ("up", True, False, inter, hidden),
-                ("down", True, False, hidden, inter)]
-    return [("gate_up", True, False, hidden, 2 * inter), ("down", True, False, inter, hidden),
-            ("gate_up_bias", False, True, 1, 2 * inter), ("down_bias", False, True, 1, hidden)]
+        return [
+            ("gate", True, False, inter, hidden),
+            ("up", True, False, inter, hidden),
+            ("down", True, False, hidden, inter),
+        ]
+    return [
+        ("gate_up", True, False, hidden, 2 * inter),
+        ("down", True, False, inter, hidden),
+        ("gate_up_bias", False, True, 1, 2 * inter),
+        ("down_bias", False, True, 1, hidden),
+    ]
 
 
 def _check_weight(value, role: str, is_bias: bool, rows: int, cols: int):
     """(format, data, scales, block_size) of one role, checked; returns it with a logical shape."""
     where = f"tensors[{role!r}]"
     if not isinstance(value, tuple):
-        raise TypeError(f"{where}: expected a tuple (format, data, scales, block_size), "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"{where}: expected a tuple (format, data, scales, block_size), "
+            f"got {type(value).__name__}"
+        )
     if len(value) != 4:
-        raise ValueError(f"{where}: expected 4 items (format, data, scales, block_size), "
-                         f"got {len(value)}")
+        raise ValueError(
+            f"{where}: expected 4 items (format, data, scales, block_size), got {len(value)}"
+        )
     fmt, data, scales, block_size = value
     if not isinstance(fmt, str):
         raise TypeError(f"{where}: format: expected a str, got {type(fmt).__name__}")
@@ -653,26 +680,38 @@ def _check_weight(value, role: str, is_bias: bool, rows: int, cols: int):
         raise ValueError(f"{where}: format: expected one of {', '.join(allowed)}, got {fmt!r}")
     ternary = fmt == "TERNARY"
     if ternary:
-        block_size = _check_int(block_size, f"{where}: block_size", 1, _MAX_SIZE,
-                                "an int in [1, 2**31) for TERNARY")
+        block_size = _check_int(
+            block_size, f"{where}: block_size", 1, _MAX_SIZE, "an int in [1, 2**31) for TERNARY"
+        )
     else:
-        block_size = _check_int(block_size, f"{where}: block_size", 0, 0,
-                                f"0 for {fmt} (only TERNARY has blocks)")
+        block_size = _check_int(
+            block_size, f"{where}: block_size", 0, 0, f"0 for {fmt} (only TERNARY has blocks)"
+        )
     shape = (cols,) if is_bias else (rows, cols)
     if ternary:
         if cols % 4:
-            raise ValueError(f"{where}: TERNARY packs 4 weights a byte along each row: cols must "
-                             f"be a multiple of 4, got {cols}")
+            raise ValueError(
+                f"{where}: TERNARY packs 4 weights a byte along each row: cols must "
+                f"be a multiple of 4, got {cols}"
+            )
         shape = (rows, cols // 4)
     data = _check_array(data, f"{where}: data", _FORMAT_DTYPES[fmt], shape, f" for {fmt}")
     if not ternary:
         if scales is not None:
-            raise ValueError(f"{where}: scales: expected None for {fmt} (only TERNARY has "
-                             f"scales), got {type(scales).__name__}")
+            raise ValueError(
+                f"{where}: scales: expected None for {fmt} (only TERNARY has "
+                f"scales), got {type(scales).__name__}"
+            )
         return fmt, data, None, block_size, shape
     blocks = -(-(rows * cols) // block_size)
-    scales = _check_array(scales, f"{where}: scales", "float32", (blocks,), "",
-                          f" (ceil({rows} * {cols} / {block_size}))")
+    scales = _check_array(
+        scales,
+        f"{where}: scales",
+        "float32",
+        (blocks,),
+        "",
+        f" (ceil({rows} * {cols} / {block_size}))",
+    )
     # one block >= the whole matrix: the same weights, and the reference's np.repeat stays small
     return fmt, data, scales, min(block_size, rows * cols), (rows, cols)
 
@@ -703,28 +742,34 @@ def expert_matvec(layout, hidden_size, intermediate_size, tensors, x) -> np.ndar
     if not x.flags.c_contiguous:
         raise ValueError("x: expected a C-contiguous array")
     if not isinstance(tensors, dict):
-        raise TypeError("tensors: expected a dict of role -> (format, data, scales, block_size), "
-                        f"got {type(tensors).__name__}")
+        raise TypeError(
+            "tensors: expected a dict of role -> (format, data, scales, block_size), "
+            f"got {type(tensors).__name__}"
+        )
     roles = _layout_roles(layout, hidden, inter)
     names = ", ".join(r[0] for r in roles)
     for key in tensors:
         if key not in [r[0] for r in roles] or not isinstance(key, str):
-            raise ValueError(f"tensors: unexpected role {key!r} for layout {layout!r} "
-                             f"(expected {names})")
+            raise ValueError(
+                f"tensors: unexpected role {key!r} for layout {layout!r} (expected {names})"
+            )
     required = ", ".join(r[0] for r in roles if r[1])
     checked = {}
     for role, is_required, is_bias, rows, cols in roles:
         if role not in tensors:
             if is_required:
-                raise ValueError(f"tensors: no {role!r} for layout {layout!r} (it needs "
-                                 f"{required})")
+                raise ValueError(
+                    f"tensors: no {role!r} for layout {layout!r} (it needs {required})"
+                )
             continue
         checked[role] = _check_weight(tensors[role], role, is_bias, rows, cols)
     # moeray.shards imports moeray.native: importing it back at module level would be circular
     from moeray.shards.kernels import expert_matvec as numpy_expert_matvec
     from moeray.shards.store import ExpertWeights, WeightView
 
-    views = {role: WeightView(role, fmt, shape, data, scales, block_size)
-             for role, (fmt, data, scales, block_size, shape) in checked.items()}
+    views = {
+        role: WeightView(role, fmt, shape, data, scales, block_size)
+        for role, (fmt, data, scales, block_size, shape) in checked.items()
+    }
     weights = ExpertWeights(-1, -1, layout, hidden, inter, views)  # not from a store
     return numpy_expert_matvec(weights, x)

@@ -66,5 +66,7 @@ def as_weights(weights, shape: tuple[int, ...], name: str = "weights") -> np.nda
     if weights.dtype.kind != "f":
         raise TypeError(f"{name}: expected a float dtype (float32), got {weights.dtype}")
     if weights.shape != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)} like expert_ids, got {weights.shape}")
+        raise ValueError(
+            f"{name}: expected shape {tuple(shape)} like expert_ids, got {weights.shape}"
+        )
     return np.ascontiguousarray(weights, dtype=np.float32)

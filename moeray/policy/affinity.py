@@ -41,17 +41,17 @@ class AffinityConfig:
                 raise ValueError(f"{name}: expected a float >= 0, got {getattr(self, name)}")
 
     @classmethod
-    def with_num_experts(cls, num_experts: int) -> "AffinityConfig":
+    def with_num_experts(cls, num_experts: int) -> AffinityConfig:
         return cls(num_experts=num_experts)
 
-    def with_decay(self, decay: float) -> "AffinityConfig":
+    def with_decay(self, decay: float) -> AffinityConfig:
         return replace(self, decay=min(max(check_float(decay, "decay"), 0.0), 1.0))
 
-    def with_activation_boost(self, activation_boost: float) -> "AffinityConfig":
+    def with_activation_boost(self, activation_boost: float) -> AffinityConfig:
         boost = check_float(activation_boost, "activation_boost")
         return replace(self, activation_boost=max(boost, 0.0))
 
-    def with_max_score(self, max_score: float) -> "AffinityConfig":
+    def with_max_score(self, max_score: float) -> AffinityConfig:
         return replace(self, max_score=max(check_float(max_score, "max_score"), 0.0))
 
 

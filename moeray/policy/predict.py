@@ -77,7 +77,7 @@ counts take each predictor's k highest float32 scores, ties to the lower expert 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -85,18 +85,34 @@ from moeray.native import IS_NATIVE, backend
 from moeray.policy._validate import check_float, check_int
 from moeray.policy.split import CapacitySplit, SplitConfig, per_layer_capacity
 
-__all__ = ["PAIR_TABLE_ENTRIES", "PREDICTOR_NAMES", "PredictConfig", "PredictStats",
-           "PredictiveCaches", "predictor_rates", "predictor_report"]
+__all__ = [
+    "PAIR_TABLE_ENTRIES",
+    "PREDICTOR_NAMES",
+    "PredictConfig",
+    "PredictStats",
+    "PredictiveCaches",
+    "predictor_rates",
+    "predictor_report",
+]
 
 # Names of the predictors whose recall and precision the report shows ("combined" is the blend
 # that drives prefetches; "hints" are the engine's, counted only where a layer had any).
 PREDICTOR_NAMES = ("cross-layer", "previous-token", "affinity", "combined", "hints")
 _HINTS = PREDICTOR_NAMES.index("hints")
 # The config fields the native step reads, besides prefetch_budget.
-_NATIVE_WEIGHTS = ("cross_weight", "previous_weight", "affinity_weight", "prefetch_margin",
-                   "prefetch_threshold", "keep_previous_weight", "keep_affinity_weight",
-                   "victim_next_weight", "victim_affinity_weight", "pair_prior",
-                   "affinity_decay")
+_NATIVE_WEIGHTS = (
+    "cross_weight",
+    "previous_weight",
+    "affinity_weight",
+    "prefetch_margin",
+    "prefetch_threshold",
+    "keep_previous_weight",
+    "keep_affinity_weight",
+    "victim_next_weight",
+    "victim_affinity_weight",
+    "pair_prior",
+    "affinity_decay",
+)
 # Most entries of one pair table (float64; 64 MiB): beyond it pairs share hashed buckets.
 PAIR_TABLE_ENTRIES = 2**23
 
@@ -108,9 +124,9 @@ class PredictConfig:
     previous_decay, affinity_decay: per-token decay in (0, 1) of the cross-layer tables, the
     previous-token tables and the affinity EMA.
     cross_weight, previous_weight, affinity_weight: >= 0, blend of the three predictors
-    (normalised over those available: layer 0 and the first token of a sequence have fewer). prefetch_margin: in [0, 1], how much more likely
-    a prefetched expert must be than the one it evicts. keep_previous_weight,
-    keep_affinity_weight: >= 0, the score by which a demand load chooses its victim.
+    (normalised over those available: layer 0 and the first token of a sequence have fewer).
+    prefetch_margin: in [0, 1], how much more likely a prefetched expert must be than the one
+    it evicts. keep_previous_weight, keep_affinity_weight: >= 0, the score by which a demand load chooses its victim.
     prefetch_threshold: in [0, 1], the least blended probability worth a prefetch.
     victim_next_weight, victim_affinity_weight: >= 0, added to the value of a hot expert a
     prefetch would evict: its estimated use by the next token (the previous-token table
@@ -144,7 +160,9 @@ class PredictConfig:
 
     def __post_init__(self):
         if self.split is not None and not isinstance(self.split, SplitConfig):
-            raise ValueError(f"split: expected None or a SplitConfig, got {type(self.split).__name__}")
+            raise ValueError(
+                f"split: expected None or a SplitConfig, got {type(self.split).__name__}"
+            )
         if self.prefetch_budget is not None:
             check_int(self.prefetch_budget, "prefetch_budget", 0)
         for name in ("transition_decay", "previous_decay", "affinity_decay"):
@@ -153,13 +171,23 @@ class PredictConfig:
                 raise ValueError(f"{name}: expected a float in (0, 1), got {value}")
         if not isinstance(self.cross_pairs, bool):
             raise ValueError(f"cross_pairs: expected a bool, got {self.cross_pairs!r}")
-        for name in ("cross_weight", "previous_weight", "affinity_weight", "keep_previous_weight",
-                     "keep_affinity_weight", "victim_next_weight", "victim_affinity_weight",
-                     "hint_prior", "pair_prior"):
+        for name in (
+            "cross_weight",
+            "previous_weight",
+            "affinity_weight",
+            "keep_previous_weight",
+            "keep_affinity_weight",
+            "victim_next_weight",
+            "victim_affinity_weight",
+            "hint_prior",
+            "pair_prior",
+        ):
             if check_float(getattr(self, name), name) < 0.0:
                 raise ValueError(f"{name}: expected a float >= 0, got {getattr(self, name)}")
         if self.cross_weight + self.previous_weight + self.affinity_weight <= 0.0:
-            raise ValueError("cross_weight, previous_weight, affinity_weight: expected a positive sum")
+            raise ValueError(
+                "cross_weight, previous_weight, affinity_weight: expected a positive sum"
+            )
         for name in ("prefetch_margin", "prefetch_threshold"):
             value = check_float(getattr(self, name), name)
             if not 0.0 <= value <= 1.0:
@@ -215,7 +243,6 @@ class PredictStats:
         """Per predictor, all layers: fraction of its guessed experts that the token used."""
         return predictor_rates(self.predictor_hits, self.predictor_guesses)
 
-
     def report(self) -> dict[str, dict[str, float]]:
         """Predictor name -> {recall, precision}, all layers (hints only where some were
         given): what ``moeray replay`` reports, in-process and through the service."""
@@ -235,8 +262,11 @@ def predictor_report(hits, guesses, uses) -> dict[str, dict[str, float]]:
     "hints" only where some hint was counted."""
     recall, precision = predictor_rates(hits, uses), predictor_rates(hits, guesses)
     hinted = np.asarray(uses).reshape(len(PREDICTOR_NAMES), -1)[_HINTS].sum() > 0
-    return {n: {"recall": recall[n], "precision": precision[n]}
-            for n in PREDICTOR_NAMES if n != "hints" or hinted}
+    return {
+        n: {"recall": recall[n], "precision": precision[n]}
+        for n in PREDICTOR_NAMES
+        if n != "hints" or hinted
+    }
 
 
 class PredictiveCaches:
@@ -253,8 +283,14 @@ class PredictiveCaches:
     # interleave. A test sets this False to compare the two.
     _native = IS_NATIVE and hasattr(backend, "_predict_step")
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, capacity,
-                 config: PredictConfig = PredictConfig()):
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        capacity,
+        config: PredictConfig = PredictConfig(),
+    ):
         self.num_layers = check_int(num_layers, "num_layers", 1)
         self.num_experts = check_int(num_experts, "num_experts", 1)
         self.top_k = check_int(top_k, "top_k", 1, num_experts)
@@ -278,8 +314,7 @@ class PredictiveCaches:
         self._pair_a, self._pair_b = np.triu_indices(top_k, 1)
         pairs = E * (E + 1) // 2
         use_pairs = config.cross_pairs and top_k > 1 and L > 1
-        self._pair_buckets = (min(pairs, max(1, PAIR_TABLE_ENTRIES // (L * E))) if use_pairs
-                              else 0)
+        self._pair_buckets = min(pairs, max(1, PAIR_TABLE_ENTRIES // (L * E))) if use_pairs else 0
         self._pair = np.zeros((L, self._pair_buckets, E))
         self._pair_n = np.zeros((L, self._pair_buckets))
         self._prev_n = np.zeros((L, E))
@@ -295,8 +330,11 @@ class PredictiveCaches:
         self._hint_hits = np.zeros(L)
         self._hint_guesses = np.zeros(L)
         self._hint_uses = np.zeros(L)
-        self._split = (CapacitySplit.for_model(L, E, top_k, self.capacity, config.split)
-                       if config.split is not None else None)
+        self._split = (
+            CapacitySplit.for_model(L, E, top_k, self.capacity, config.split)
+            if config.split is not None
+            else None
+        )
         self._resplit_out: np.ndarray | None = None  # [l, e]: evicted by a re-split, not reloaded
         self._due: list = []  # re-split plans for the next token
         self._native_arrays: dict | None = None  # _native_state(), cached
@@ -312,8 +350,10 @@ class PredictiveCaches:
             raise TypeError(f"config: expected a PredictConfig, got {type(config).__name__}")
         self._config = config
         budget = config.prefetch_budget
-        self._native_config = {"prefetch_budget": self.top_k if budget is None else budget,
-                               **{name: float(getattr(config, name)) for name in _NATIVE_WEIGHTS}}
+        self._native_config = {
+            "prefetch_budget": self.top_k if budget is None else budget,
+            **{name: float(getattr(config, name)) for name in _NATIVE_WEIGHTS},
+        }
 
     # ------------------------------------------------------------------ predictions
 
@@ -376,7 +416,7 @@ class PredictiveCaches:
                 continue
             scores = np.concatenate([s for s, _ in batch])
             ids = np.concatenate([i for _, i in batch])
-            layers = np.concatenate([self._rows[self.num_layers - len(i):] for _, i in batch])
+            layers = np.concatenate([self._rows[self.num_layers - len(i) :] for _, i in batch])
             # The k highest float32 scores, ties to the lower expert id (argpartition leaves
             # the choice among ties open; the native step counts by the same rule).
             guess = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -386,7 +426,9 @@ class PredictiveCaches:
             hit = np.take_along_axis(used, guess, axis=1) & valid
             L = self.num_layers
             st.predictor_hits[index] += np.bincount(layers, hit.sum(axis=1), L).astype(np.int64)
-            st.predictor_guesses[index] += np.bincount(layers, valid.sum(axis=1), L).astype(np.int64)
+            st.predictor_guesses[index] += np.bincount(layers, valid.sum(axis=1), L).astype(
+                np.int64
+            )
             st.predictor_uses[index] += np.bincount(layers, minlength=L) * k
         self._guesses.clear()
 
@@ -396,8 +438,9 @@ class PredictiveCaches:
         if not layers.any():
             return
         er, ev = self._rows[layers], victim[layers]
-        self._stats.wasted_prefetches += np.bincount(er[self._pending[er, ev]],
-                                                     minlength=self.num_layers)
+        self._stats.wasted_prefetches += np.bincount(
+            er[self._pending[er, ev]], minlength=self.num_layers
+        )
         hot[er, ev] = False
         self._pending[er, ev] = False
         self._hot_count -= layers
@@ -417,7 +460,9 @@ class PredictiveCaches:
         from this token's estimates ``p``."""
         cfg, value = self.config, p
         if cfg.victim_next_weight:
-            cond = self._prev / np.maximum(self._prev_n, 1e-300)[..., None]  # [l, e at t, e' at t+1]
+            cond = (
+                self._prev / np.maximum(self._prev_n, 1e-300)[..., None]
+            )  # [l, e at t, e' at t+1]
             value = value + cfg.victim_next_weight / self.top_k * np.einsum("le,lef->lf", p, cond)
         if cfg.victim_affinity_weight:
             value = value + cfg.victim_affinity_weight * self._affinity
@@ -435,8 +480,7 @@ class PredictiveCaches:
             return
         if self._resplit_out is None:
             self._resplit_out = np.zeros_like(self._hot)
-        keep = (self._keep_scores(self._last_ids) if self._last_ids is not None
-                else -self._touch)
+        keep = self._keep_scores(self._last_ids) if self._last_ids is not None else -self._touch
         while over.any():
             victim = np.where(self._hot, keep, np.inf).argmin(axis=1)
             self._evict(self._hot, over, victim)
@@ -477,8 +521,10 @@ class PredictiveCaches:
         hinted = self._check_hints(hints) if hints is not None else None
         ids = np.asarray(ids)
         if ids.shape != (self.num_layers, self.top_k) or ids.dtype.kind not in "iu":
-            raise ValueError(f"ids: expected integers of shape {(self.num_layers, self.top_k)}, "
-                             f"got {ids.dtype} {ids.shape}")
+            raise ValueError(
+                f"ids: expected integers of shape {(self.num_layers, self.top_k)}, "
+                f"got {ids.dtype} {ids.shape}"
+            )
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
             raise ValueError(f"ids: expected ids in [0, {self.num_experts})")
         ids = ids.astype(np.intp)
@@ -506,9 +552,16 @@ class PredictiveCaches:
         self._prev_scale /= cfg.previous_decay
         if self._native_arrays is None:  # built once; set_capacity drops it
             self._native_arrays = self._native_state()
-        backend._predict_step(self._native_arrays, ids, self._last_ids if have_prev else None,
-                              self._clock, scale, self._scale, self._prev_scale,
-                              self._native_config)
+        backend._predict_step(
+            self._native_arrays,
+            ids,
+            self._last_ids if have_prev else None,
+            self._clock,
+            scale,
+            self._scale,
+            self._prev_scale,
+            self._native_config,
+        )
         if self._scale > 1e200:  # the kernel divided the tables by it
             self._scale = 1.0
         if self._prev_scale > 1e200:
@@ -520,15 +573,29 @@ class PredictiveCaches:
         ``set_capacity`` replaces ``capacity`` or creates ``_resplit_out``."""
         st = self._stats
         return {
-            "hot": self._hot, "hot_count": self._hot_count, "pending": self._pending,
-            "touch": self._touch, "capacity": self.capacity, "resplit_out": self._resplit_out,
-            "cross": self._cross, "cross_n": self._cross_n, "pair": self._pair,
-            "pair_n": self._pair_n, "prev": self._prev, "prev_n": self._prev_n,
-            "affinity": self._affinity, "hits": st.hits, "stalls": st.stalls,
-            "prefetches": st.prefetches, "prefetch_hits": st.prefetch_hits,
-            "wasted_prefetches": st.wasted_prefetches, "evictions": st.evictions,
-            "resplit_transfers": st.resplit_transfers, "predictor_hits": st.predictor_hits,
-            "predictor_guesses": st.predictor_guesses, "predictor_uses": st.predictor_uses,
+            "hot": self._hot,
+            "hot_count": self._hot_count,
+            "pending": self._pending,
+            "touch": self._touch,
+            "capacity": self.capacity,
+            "resplit_out": self._resplit_out,
+            "cross": self._cross,
+            "cross_n": self._cross_n,
+            "pair": self._pair,
+            "pair_n": self._pair_n,
+            "prev": self._prev,
+            "prev_n": self._prev_n,
+            "affinity": self._affinity,
+            "hits": st.hits,
+            "stalls": st.stalls,
+            "prefetches": st.prefetches,
+            "prefetch_hits": st.prefetch_hits,
+            "wasted_prefetches": st.wasted_prefetches,
+            "evictions": st.evictions,
+            "resplit_transfers": st.resplit_transfers,
+            "predictor_hits": st.predictor_hits,
+            "predictor_guesses": st.predictor_guesses,
+            "predictor_uses": st.predictor_uses,
         }
 
     def _step_numpy(self, ids: np.ndarray, have_prev: bool, hinted: np.ndarray | None) -> None:
@@ -573,7 +640,9 @@ class PredictiveCaches:
             full = self._hot_count >= self.capacity
             victim_scores = np.where(hot, value + 1e-9 * self._touch / self._clock, np.inf)
             victim = victim_scores.argmin(axis=1)
-            bar = np.where(full, victim_scores[rows, victim] + cfg.prefetch_margin, cfg.prefetch_margin)
+            bar = np.where(
+                full, victim_scores[rows, victim] + cfg.prefetch_margin, cfg.prefetch_margin
+            )
             go = (cand_p > bar) & (cand_p > cfg.prefetch_threshold)
             if not go.any():
                 break
@@ -642,10 +711,16 @@ class PredictiveCaches:
     def _check_hints(self, hints) -> np.ndarray:
         """hints as bool [L, E]: hinted[l, e] when some hint for layer l names e."""
         hints = np.asarray(hints)
-        if hints.ndim != 2 or hints.shape[0] != self.num_layers or hints.shape[1] < 1 \
-                or hints.dtype.kind not in "iu":
-            raise ValueError(f"hints: expected integers of shape [{self.num_layers}, h], h >= 1, "
-                             f"got {hints.dtype} {hints.shape}")
+        if (
+            hints.ndim != 2
+            or hints.shape[0] != self.num_layers
+            or hints.shape[1] < 1
+            or hints.dtype.kind not in "iu"
+        ):
+            raise ValueError(
+                f"hints: expected integers of shape [{self.num_layers}, h], h >= 1, "
+                f"got {hints.dtype} {hints.shape}"
+            )
         if hints.min() < -1 or hints.max() >= self.num_experts:
             raise ValueError(f"hints: expected ids in [0, {self.num_experts}) or -1 (no hint)")
         hints = hints.astype(np.intp)
@@ -684,12 +759,14 @@ class PredictiveCaches:
         h] (see ``step``). Returns ``stats``."""
         expert_ids = np.asarray(expert_ids)
         if hints is not None and np.shape(hints)[:1] != expert_ids.shape[:1]:
-            raise ValueError(f"hints: expected {expert_ids.shape[0]} tokens, got shape "
-                             f"{np.shape(hints)}")
+            raise ValueError(
+                f"hints: expected {expert_ids.shape[0]} tokens, got shape {np.shape(hints)}"
+            )
         starts = set(np.asarray(seq_offsets if seq_offsets is not None else [0]).tolist())
         for t in range(expert_ids.shape[0]):
-            self.step(expert_ids[t], new_sequence=t in starts,
-                      hints=None if hints is None else hints[t])
+            self.step(
+                expert_ids[t], new_sequence=t in starts, hints=None if hints is None else hints[t]
+            )
             if progress is not None and (t + 1) % 1024 == 0:
                 progress(1024)
         if progress is not None and expert_ids.shape[0] % 1024:

@@ -85,7 +85,9 @@ class MoeBatchScheduler:
         if not expert_of:
             return []
         ids = np.asarray(expert_of, dtype=np.int32).reshape(-1, 1)
-        grouped = schedule(ids, np.asarray(weight_of, dtype=np.float64).reshape(-1, 1), int(ids.max()) + 1)
+        grouped = schedule(
+            ids, np.asarray(weight_of, dtype=np.float64).reshape(-1, 1), int(ids.max()) + 1
+        )
         # Row i of the [N, 1] grouping is assignment i: map rows back to tokens and weights.
         rows = grouped.token_indices.tolist()
         offsets = grouped.offsets.tolist()

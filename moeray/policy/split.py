@@ -51,18 +51,32 @@ from moeray.policy._validate import check_float, check_int
 # Tokens per histogram update (bounds the copy of a chunk of routing each update makes).
 _CHUNK_TOKENS = 256
 
-__all__ = ["CapacitySplit", "SplitConfig", "SplitPlan", "SplitSchedule", "best_split",
-           "lru_hit_curves", "per_layer_capacity"]
+__all__ = [
+    "CapacitySplit",
+    "SplitConfig",
+    "SplitPlan",
+    "SplitSchedule",
+    "best_split",
+    "lru_hit_curves",
+    "per_layer_capacity",
+]
 
 
 def per_layer_capacity(capacity, num_layers: int, num_experts: int) -> np.ndarray:
     """capacity: an int (every layer) or one int per layer, each in [1, num_experts]; returns
     int64 [num_layers], or ValueError naming ``capacity``."""
     caps = np.asarray(capacity)
-    if caps.ndim > 1 or (caps.ndim == 1 and caps.shape[0] != num_layers) \
-            or caps.dtype.kind not in "iu" or caps.min() < 1 or caps.max() > num_experts:
-        raise ValueError(f"capacity: expected an int or {num_layers} ints, each in "
-                         f"[1, {num_experts}], got {capacity!r}")
+    if (
+        caps.ndim > 1
+        or (caps.ndim == 1 and caps.shape[0] != num_layers)
+        or caps.dtype.kind not in "iu"
+        or caps.min() < 1
+        or caps.max() > num_experts
+    ):
+        raise ValueError(
+            f"capacity: expected an int or {num_layers} ints, each in "
+            f"[1, {num_experts}], got {capacity!r}"
+        )
     return np.broadcast_to(caps, (num_layers,)).astype(np.int64)
 
 
@@ -125,14 +139,14 @@ def best_split(curves: np.ndarray, total: int, prefer=None, min_capacity: int = 
     gain = curves[:, 1:].copy()
     if prefer is not None:
         gain -= tie * np.abs(sizes[None, :] - np.asarray(prefer)[:, None])
-    gain[:, :min_capacity - 1] = -np.inf
+    gain[:, : min_capacity - 1] = -np.inf
     # best[c]: the most hits of the layers so far with c experts in all; choice[l, c]: layer
     # l's capacity in that optimum.
     first = min(E, total)
     best = np.full(total + 1, -np.inf)
-    best[1:first + 1] = gain[0, :first]
+    best[1 : first + 1] = gain[0, :first]
     choice = np.zeros((L, total + 1), dtype=np.int64)
-    choice[0, 1:first + 1] = sizes[:first]
+    choice[0, 1 : first + 1] = sizes[:first]
     # cand[s - 1, c]: layer given s experts of c in all (-inf where c < s)
     start = np.arange(total + 1)[None, :] - sizes[:first, None]
     reachable = start >= 0
@@ -161,8 +175,14 @@ class CapacitySplit:
     # numpy (``_histogram_numpy``); a test sets this False to compare the two.
     _native = IS_NATIVE and hasattr(backend, "_stack_histogram")
 
-    def __init__(self, num_layers: int, num_experts: int, capacity,
-                 config: SplitConfig = SplitConfig(), min_capacity: int = 1):
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        capacity,
+        config: SplitConfig = SplitConfig(),
+        min_capacity: int = 1,
+    ):
         if not isinstance(config, SplitConfig):
             raise TypeError(f"config: expected a SplitConfig, got {type(config).__name__}")
         self.num_layers = check_int(num_layers, "num_layers", 1)
@@ -183,8 +203,14 @@ class CapacitySplit:
         self.moved = 0  # experts of capacity moved by every re-split so far
 
     @classmethod
-    def for_model(cls, num_layers: int, num_experts: int, top_k: int, capacity,
-                  config: SplitConfig = SplitConfig()) -> CapacitySplit:
+    def for_model(
+        cls,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        capacity,
+        config: SplitConfig = SplitConfig(),
+    ) -> CapacitySplit:
         """The split ``PredictiveCaches`` runs (and a coordinator must run to match it): no layer
         below top_k (one token's experts of a layer fit at once), or below the smallest
         starting capacity if that is less."""
@@ -215,8 +241,10 @@ class CapacitySplit:
         if ids.ndim == 2:
             ids = ids[None]
         if ids.ndim != 3 or ids.shape[1] != self.num_layers or ids.dtype.kind not in "iu":
-            raise ValueError(f"ids: expected integers of shape [T, {self.num_layers}, top_k], "
-                             f"got {ids.dtype} {ids.shape}")
+            raise ValueError(
+                f"ids: expected integers of shape [T, {self.num_layers}, top_k], "
+                f"got {ids.dtype} {ids.shape}"
+            )
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
             raise ValueError(f"ids: expected ids in [0, {self.num_experts})")
         plans = []
@@ -247,8 +275,9 @@ class CapacitySplit:
         T, (_, L, k) = len(scales), ids.shape
         chunk = np.ascontiguousarray(ids[:T])
         if self._native:
-            backend._stack_histogram(self._last, self._histogram, chunk, self._counter,
-                                     np.asarray(scales))
+            backend._stack_histogram(
+                self._last, self._histogram, chunk, self._counter, np.asarray(scales)
+            )
         else:
             self._histogram_numpy(chunk, scales)
         self._counter += T * k
@@ -282,8 +311,9 @@ class CapacitySplit:
     def _resplit(self) -> SplitPlan | None:
         curves = self.curves()
         current = self._capacity
-        target = best_split(curves, self.total_capacity, prefer=current,
-                            min_capacity=self.min_capacity)
+        target = best_split(
+            curves, self.total_capacity, prefer=current, min_capacity=self.min_capacity
+        )
         rows = self._rows
         accesses = self._accesses / self._scale
         gain = curves[rows, target].sum() - curves[rows, current].sum()
@@ -295,9 +325,16 @@ class CapacitySplit:
             if not up.any():
                 break
             # The receiver gains most from one more expert; the donor loses least by one fewer.
-            receiver = int(np.where(up, curves[rows, np.minimum(caps + 1, self.num_experts)]
-                                    - curves[rows, caps], -np.inf).argmax())
-            donor = int(np.where(down, curves[rows, caps] - curves[rows, caps - 1], np.inf).argmin())
+            receiver = int(
+                np.where(
+                    up,
+                    curves[rows, np.minimum(caps + 1, self.num_experts)] - curves[rows, caps],
+                    -np.inf,
+                ).argmax()
+            )
+            donor = int(
+                np.where(down, curves[rows, caps] - curves[rows, caps - 1], np.inf).argmin()
+            )
             caps[receiver] += 1
             caps[donor] -= 1
         moved = int(np.abs(caps - current).sum()) // 2
@@ -340,4 +377,3 @@ class SplitSchedule:
             self.moved += plan.moved
         self._taken = end
         return tuple(out)
-

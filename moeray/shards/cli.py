@@ -51,34 +51,72 @@ def add_parser(commands) -> argparse.ArgumentParser:
         epilog=_SYNTH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    synth.add_argument("--shape", required=True, choices=(*MODEL_SHAPES, "custom"),
-                       help="model family whose names and shapes to copy")
+    synth.add_argument(
+        "--shape",
+        required=True,
+        choices=(*MODEL_SHAPES, "custom"),
+        help="model family whose names and shapes to copy",
+    )
     synth.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
-    synth.add_argument("--layers", type=int, metavar="N",
-                       help="write the first N layers (default: all of the family's)")
-    synth.add_argument("--dtype", choices=DTYPES, default="bf16",
-                       help="expert weight format (default bf16; ternary: ruvllm packed 2-bit)")
-    synth.add_argument("--scale", type=int, default=1, metavar="N",
-                       help="divide hidden and intermediate sizes by N, kept multiples of 4 "
-                       "(default 1: the real sizes)")
-    synth.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="B",
-                       help=f"ternary weights per float32 scale (default {DEFAULT_BLOCK_SIZE})")
-    synth.add_argument("--layers-per-file", type=int, default=1, metavar="N",
-                       help="layers per .safetensors file (default 1)")
+    synth.add_argument(
+        "--layers",
+        type=int,
+        metavar="N",
+        help="write the first N layers (default: all of the family's)",
+    )
+    synth.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="bf16",
+        help="expert weight format (default bf16; ternary: ruvllm packed 2-bit)",
+    )
+    synth.add_argument(
+        "--scale",
+        type=int,
+        default=1,
+        metavar="N",
+        help="divide hidden and intermediate sizes by N, kept multiples of 4 "
+        "(default 1: the real sizes)",
+    )
+    synth.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        metavar="B",
+        help=f"ternary weights per float32 scale (default {DEFAULT_BLOCK_SIZE})",
+    )
+    synth.add_argument(
+        "--layers-per-file",
+        type=int,
+        default=1,
+        metavar="N",
+        help="layers per .safetensors file (default 1)",
+    )
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--num-experts", type=int, metavar="E", help="custom: experts per layer")
     synth.add_argument("--hidden-size", type=int, metavar="H", help="custom: hidden size")
-    synth.add_argument("--intermediate-size", type=int, metavar="I",
-                       help="custom: intermediate size of one expert")
-    synth.add_argument("--naming", choices=NAMINGS, default="mlp",
-                       help="custom: mixtral (w1/w2/w3), mlp (gate_proj/up_proj/down_proj) or "
-                       "stacked (gpt-oss gate_up_proj) (default mlp)")
-    synth.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                       help="progress bar on stderr (default: when stderr is a terminal)")
+    synth.add_argument(
+        "--intermediate-size", type=int, metavar="I", help="custom: intermediate size of one expert"
+    )
+    synth.add_argument(
+        "--naming",
+        choices=NAMINGS,
+        default="mlp",
+        help="custom: mixtral (w1/w2/w3), mlp (gate_proj/up_proj/down_proj) or "
+        "stacked (gpt-oss gate_up_proj) (default mlp)",
+    )
+    synth.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
     info = actions.add_parser(
-        "info", help="list a checkpoint's MoE layers: experts, format, sizes and bytes",
+        "info",
+        help="list a checkpoint's MoE layers: experts, format, sizes and bytes",
         description="Opens a checkpoint directory (or .safetensors file) as moeray's shard store "
-        "and prints one line per MoE layer.")
+        "and prints one line per MoE layer.",
+    )
     info.add_argument("path", help="checkpoint directory or .safetensors file")
     return shards
 
@@ -93,8 +131,11 @@ def run(args: argparse.Namespace) -> int:
 def _model_shape(args):
     from moeray.shards.synth import MODEL_SHAPES, ModelShape
 
-    custom = {"--num-experts": args.num_experts, "--hidden-size": args.hidden_size,
-              "--intermediate-size": args.intermediate_size}
+    custom = {
+        "--num-experts": args.num_experts,
+        "--hidden-size": args.hidden_size,
+        "--intermediate-size": args.intermediate_size,
+    }
     if args.shape != "custom":
         given = [flag for flag, value in custom.items() if value is not None]
         if given:
@@ -103,21 +144,35 @@ def _model_shape(args):
     missing = [flag for flag, value in custom.items() if value is None]
     if missing:
         raise ValueError(f"--shape custom needs {', '.join(missing)}")
-    return ModelShape("custom", args.naming, args.layers or 1, args.num_experts,
-                      args.hidden_size, args.intermediate_size)
+    return ModelShape(
+        "custom",
+        args.naming,
+        args.layers or 1,
+        args.num_experts,
+        args.hidden_size,
+        args.intermediate_size,
+    )
 
 
 def _synth(args) -> int:
     from moeray.shards.synth import SynthConfig, write_checkpoint
 
     shape = _model_shape(args).scaled(args.scale)
-    config = SynthConfig(shape, args.layers if args.layers is not None else shape.num_layers,
-                         args.dtype, args.block_size, args.layers_per_file, args.seed)
+    config = SynthConfig(
+        shape,
+        args.layers if args.layers is not None else shape.num_layers,
+        args.dtype,
+        args.block_size,
+        args.layers_per_file,
+        args.seed,
+    )
     written = write_checkpoint(config, args.out, progress=args.progress)
-    print(f"wrote {written.path}: {shape.name} ({args.dtype}), {config.num_layers} layers x "
-          f"{shape.num_experts} experts, hidden {shape.hidden_size}, intermediate "
-          f"{shape.intermediate_size}; {len(written.files)} file(s), "
-          f"{written.total_bytes / 2**20:,.1f} MiB")
+    print(
+        f"wrote {written.path}: {shape.name} ({args.dtype}), {config.num_layers} layers x "
+        f"{shape.num_experts} experts, hidden {shape.hidden_size}, intermediate "
+        f"{shape.intermediate_size}; {len(written.files)} file(s), "
+        f"{written.total_bytes / 2**20:,.1f} MiB"
+    )
     return 0
 
 
@@ -126,14 +181,18 @@ def _info(args) -> int:
 
     with ShardStore(args.path) as store:
         print(f"{store.path}: {len(store.files)} file(s), {len(store.layers)} MoE layers")
-        print(f"{'layer':>5}{'experts':>9}{'layout':>9}{'format':>9}{'hidden':>8}"
-              f"{'interm.':>9}{'expert MiB':>12}{'layer MiB':>11}")
+        print(
+            f"{'layer':>5}{'experts':>9}{'layout':>9}{'format':>9}{'hidden':>8}"
+            f"{'interm.':>9}{'expert MiB':>12}{'layer MiB':>11}"
+        )
         for layer in store.layers:
             spec = store.layer_spec(layer)
-            print(f"{layer:>5}{spec.num_experts:>9}{spec.layout:>9}{spec.format:>9}"
-                  f"{spec.hidden_size:>8}{spec.intermediate_size:>9}"
-                  f"{store.expert_bytes(layer, 0) / 2**20:>12.3f}"
-                  f"{store.layer_bytes(layer) / 2**20:>11.2f}")
+            print(
+                f"{layer:>5}{spec.num_experts:>9}{spec.layout:>9}{spec.format:>9}"
+                f"{spec.hidden_size:>8}{spec.intermediate_size:>9}"
+                f"{store.expert_bytes(layer, 0) / 2**20:>12.3f}"
+                f"{store.layer_bytes(layer) / 2**20:>11.2f}"
+            )
     return 0
 
 

@@ -60,10 +60,13 @@ def expert_matvec_native(weights: ExpertWeights, x: np.ndarray, core=None) -> np
     ``MOERAY_PURE_PYTHON=1``); tests pass each core module in turn."""
     core = native.backend if core is None else core
     x = np.ascontiguousarray(_as_tokens(x, weights.hidden_size))
-    tensors = {role: (view.format, view.data, view.scales, view.block_size)
-               for role, view in weights.tensors.items()}
-    return core.expert_matvec(weights.layout, weights.hidden_size, weights.intermediate_size,
-                              tensors, x)
+    tensors = {
+        role: (view.format, view.data, view.scales, view.block_size)
+        for role, view in weights.tensors.items()
+    }
+    return core.expert_matvec(
+        weights.layout, weights.hidden_size, weights.intermediate_size, tensors, x
+    )
 
 
 def _as_tokens(x, hidden_size: int) -> np.ndarray:

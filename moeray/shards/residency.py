@@ -19,8 +19,8 @@ cannot be dropped: write checkpoints with a final fsync (``moeray shards synth``
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from moeray.native import backend
 from moeray.shards.store import ShardStore

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
-SWIGLU = "swiglu"    # one tensor per expert and projection: gate, up, down
+SWIGLU = "swiglu"  # one tensor per expert and projection: gate, up, down
 GPT_OSS = "gpt-oss"  # stacked experts, gate and up interleaved, biases, clamped activation
 MXFP4 = "MXFP4"
 
@@ -71,14 +71,27 @@ RECOGNISED_PATTERNS = (
     "any of these with a _scale tensor beside a U8 weight (ruvllm packed ternary)",
 )
 
-_MIXTRAL = re.compile(r"^(?:model\.)?layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\."
-                      r"(w1|w2|w3)\.weight(_scale)?$")
-_MLP = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\."
-                  r"(gate_proj|up_proj|down_proj)\.weight(_scale)?$")
-_STACKED = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\."
-                      r"(gate_up_proj|down_proj)(_bias|_scale|_blocks|_scales)?$")
-_ROLES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up",
-          "down_proj": "down", "gate_up_proj": "gate_up"}
+_MIXTRAL = re.compile(
+    r"^(?:model\.)?layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\."
+    r"(w1|w2|w3)\.weight(_scale)?$"
+)
+_MLP = re.compile(
+    r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\."
+    r"(gate_proj|up_proj|down_proj)\.weight(_scale)?$"
+)
+_STACKED = re.compile(
+    r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\."
+    r"(gate_up_proj|down_proj)(_bias|_scale|_blocks|_scales)?$"
+)
+_ROLES = {
+    "w1": "gate",
+    "w3": "up",
+    "w2": "down",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "gate_up_proj": "gate_up",
+}
 
 
 @dataclass(frozen=True)
@@ -237,8 +250,9 @@ class ShardStore:
         return sum(r.length for r in self.layer_ranges(layer))
 
     # -- weights -------------------------------------------------------------------------
-    def expert_weights(self, layer: int, expert: int,
-                       mapped: Mapping[str, np.ndarray] | None = None) -> ExpertWeights:
+    def expert_weights(
+        self, layer: int, expert: int, mapped: Mapping[str, np.ndarray] | None = None
+    ) -> ExpertWeights:
         """Zero-copy views of one expert's weights (formats F32, F16, BF16 and TERNARY).
 
         mapped: path -> uint8 array of that whole file mapped elsewhere (a prefetcher's
@@ -248,12 +262,17 @@ class ShardStore:
         if spec.format not in (*FLOAT_FORMATS, TERNARY):
             raise ShardFormatError(
                 f"{self.path}: layer {layer} is {spec.format}: byte ranges only; expert_weights "
-                "reads F32, F16, BF16 and ruvllm ternary")
+                "reads F32, F16, BF16 and ruvllm ternary"
+            )
         parts = self._parts(layer, expert)
-        tensors = {role: self._view(part, spec, parts.get(f"{role}_scale"), mapped)
-                   for role, part in parts.items() if not role.endswith("_scale")}
-        return ExpertWeights(layer, expert, spec.layout, spec.hidden_size,
-                             spec.intermediate_size, tensors)
+        tensors = {
+            role: self._view(part, spec, parts.get(f"{role}_scale"), mapped)
+            for role, part in parts.items()
+            if not role.endswith("_scale")
+        }
+        return ExpertWeights(
+            layer, expert, spec.layout, spec.hidden_size, spec.intermediate_size, tensors
+        )
 
     def release_pages(self, ranges) -> None:
         """Unmaps from this store's mappings the whole pages inside ``ranges`` (MADV_DONTNEED):
@@ -282,23 +301,30 @@ class ShardStore:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"ShardStore({str(self.path)!r}, layers={len(self._layers)}, "
-                f"files={len(self.files)})")
+        return (
+            f"ShardStore({str(self.path)!r}, layers={len(self._layers)}, files={len(self.files)})"
+        )
 
     # -- internals -----------------------------------------------------------------------
     def _layer(self, layer: int) -> _Layer:
         try:
             return self._layers[layer]
         except (KeyError, TypeError):
-            raise ValueError(f"layer: expected one of the checkpoint's MoE layers "
-                             f"{_span(self.layers)}, got {layer!r}") from None
+            raise ValueError(
+                f"layer: expected one of the checkpoint's MoE layers "
+                f"{_span(self.layers)}, got {layer!r}"
+            ) from None
 
     def _parts(self, layer: int, expert: int) -> dict[str, _Part]:
         experts = self._layer(layer).experts
-        if isinstance(expert, bool) or not isinstance(expert, (int, np.integer)) \
-                or not 0 <= expert < len(experts):
-            raise ValueError(f"expert: expected an int in [0, {len(experts)}) for layer {layer}, "
-                             f"got {expert!r}")
+        if (
+            isinstance(expert, bool)
+            or not isinstance(expert, (int, np.integer))
+            or not 0 <= expert < len(experts)
+        ):
+            raise ValueError(
+                f"expert: expected an int in [0, {len(experts)}) for layer {layer}, got {expert!r}"
+            )
         return experts[int(expert)]
 
     def _array(self, part: _Part, dtype: np.dtype, mapped=None) -> np.ndarray:
@@ -311,8 +337,10 @@ class ShardStore:
         else:
             buffer = mapped[byte_range.path]
             if buffer.dtype != np.uint8 or buffer.shape != (len(self._maps[byte_range.path]),):
-                raise ValueError(f"mapped: {byte_range.path} must be a uint8 array of the whole "
-                                 f"file ({len(self._maps[byte_range.path])} bytes)")
+                raise ValueError(
+                    f"mapped: {byte_range.path} must be a uint8 array of the whole "
+                    f"file ({len(self._maps[byte_range.path])} bytes)"
+                )
         flat = np.frombuffer(buffer, dtype=dtype, count=count, offset=byte_range.offset)
         return flat.reshape(part.shape)
 
@@ -322,8 +350,14 @@ class ShardStore:
         if scale is None:
             return WeightView(part.label(), entry.dtype, part.shape, data)
         rows, packed_cols = part.shape
-        return WeightView(part.label(), TERNARY, (rows, packed_cols * 4), data,
-                          self._array(scale, NUMPY_DTYPES["F32"], mapped), spec.block_size)
+        return WeightView(
+            part.label(),
+            TERNARY,
+            (rows, packed_cols * 4),
+            data,
+            self._array(scale, NUMPY_DTYPES["F32"], mapped),
+            spec.block_size,
+        )
 
 
 # -- finding the files ---------------------------------------------------------------------
@@ -339,8 +373,10 @@ def _checkpoint_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
         for name in sorted(set(weight_map.values())):
             if not (root / name).is_file():
                 tensor = next(t for t, f in weight_map.items() if f == name)
-                raise ShardNotFoundError(f"{index}: lists file '{name}' (holding tensor "
-                                         f"'{tensor}'), which does not exist in {root}")
+                raise ShardNotFoundError(
+                    f"{index}: lists file '{name}' (holding tensor "
+                    f"'{tensor}'), which does not exist in {root}"
+                )
             files.append(root / name)
         return files, {t: str(root / f) for t, f in weight_map.items()}
     files = sorted(root.glob("*.safetensors"))
@@ -356,14 +392,18 @@ def _read_index(index: Path) -> dict[str, str]:
         raise ShardFormatError(f"{index}: not valid JSON ({exc})") from None
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise ShardFormatError(f"{index}: expected an object with a 'weight_map' of tensor name "
-                               "-> file name")
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ShardFormatError(
+            f"{index}: expected an object with a 'weight_map' of tensor name -> file name"
+        )
     for tensor, name in weight_map.items():
         parts = Path(name).parts
         if not parts or Path(name).is_absolute() or ".." in parts:
-            raise ShardFormatError(f"{index}: tensor '{tensor}': file '{name}' is not a name "
-                                   "inside the checkpoint directory")
+            raise ShardFormatError(
+                f"{index}: tensor '{tensor}': file '{name}' is not a name "
+                "inside the checkpoint directory"
+            )
     return weight_map
 
 
@@ -371,16 +411,19 @@ def _check_index(weight_map: dict[str, str], headers: list[FileHeader], index: P
     by_path = {h.path: h for h in headers}
     for tensor, path in weight_map.items():
         if tensor not in by_path[path].tensors:
-            raise ShardFormatError(f"{index}: lists tensor '{tensor}' in {path}, whose header "
-                                   "has no such tensor")
+            raise ShardFormatError(
+                f"{index}: lists tensor '{tensor}' in {path}, whose header has no such tensor"
+            )
 
 
 def _map(header: FileHeader) -> mmap.mmap:
     with open(header.path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size != header.size_bytes:
-            raise ShardFormatError(f"{header.path}: changed size while being opened "
-                                   f"({header.size_bytes} -> {size} bytes)")
+            raise ShardFormatError(
+                f"{header.path}: changed size while being opened "
+                f"({header.size_bytes} -> {size} bytes)"
+            )
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
@@ -411,12 +454,14 @@ def _recognise(entry: TensorEntry) -> _Named | None:
     if ".experts." in entry.name:
         raise ShardFormatError(
             f"{entry.path}: tensor '{entry.name}' looks like an expert weight but matches no "
-            f"recognised name pattern; recognised: {'; '.join(RECOGNISED_PATTERNS)}")
+            f"recognised name pattern; recognised: {'; '.join(RECOGNISED_PATTERNS)}"
+        )
     return None
 
 
-def _build_layers(headers: list[FileHeader],
-                  weight_map: dict[str, str] | None) -> dict[int, _Layer]:
+def _build_layers(
+    headers: list[FileHeader], weight_map: dict[str, str] | None
+) -> dict[int, _Layer]:
     by_layer: dict[int, list[_Named]] = {}
     for header in headers:
         for entry in header.tensors.values():
@@ -427,8 +472,10 @@ def _build_layers(headers: list[FileHeader],
                 by_layer.setdefault(named.layer, []).append(named)
     if not by_layer:
         files = ", ".join(h.path for h in headers)
-        raise ShardFormatError(f"{files}: no expert tensors found; recognised name patterns: "
-                               f"{'; '.join(RECOGNISED_PATTERNS)}")
+        raise ShardFormatError(
+            f"{files}: no expert tensors found; recognised name patterns: "
+            f"{'; '.join(RECOGNISED_PATTERNS)}"
+        )
     metadata = {h.path: h.metadata for h in headers}
     return {layer: _build_layer(layer, by_layer[layer], metadata) for layer in sorted(by_layer)}
 
@@ -437,9 +484,11 @@ def _build_layer(layer: int, named: list[_Named], metadata: dict[str, dict]) -> 
     layouts = {n.layout for n in named}
     if len(layouts) > 1:
         one, other = (next(n for n in named if n.layout == x) for x in sorted(layouts))
-        raise ShardFormatError(f"layer {layer} mixes stacked and per-expert tensors: "
-                               f"'{one.entry.name}' ({one.entry.path}) and '{other.entry.name}' "
-                               f"({other.entry.path})")
+        raise ShardFormatError(
+            f"layer {layer} mixes stacked and per-expert tensors: "
+            f"'{one.entry.name}' ({one.entry.path}) and '{other.entry.name}' "
+            f"({other.entry.path})"
+        )
     if layouts == {GPT_OSS}:
         experts = _stacked_experts(layer, named)
     else:
@@ -453,16 +502,20 @@ def _separate_experts(layer: int, named: list[_Named]) -> tuple[dict[str, _Part]
     for n in named:
         parts = by_expert.setdefault(n.expert, {})
         if n.role in parts:
-            raise ShardFormatError(f"{n.entry.path}: tensor '{n.entry.name}': layer {layer} "
-                                   f"expert {n.expert} already has a {n.role} tensor, "
-                                   f"'{parts[n.role].entry.name}'")
+            raise ShardFormatError(
+                f"{n.entry.path}: tensor '{n.entry.name}': layer {layer} "
+                f"expert {n.expert} already has a {n.role} tensor, "
+                f"'{parts[n.role].entry.name}'"
+            )
         parts[n.role] = _Part(n.entry)
     num_experts = max(by_expert) + 1
     for expert in range(num_experts):
         parts = by_expert.get(expert)
         if parts is None:
-            raise ShardFormatError(f"layer {layer}: expert {expert} has no tensors, yet experts "
-                                   f"up to {num_experts - 1} do")
+            raise ShardFormatError(
+                f"layer {layer}: expert {expert} has no tensors, yet experts "
+                f"up to {num_experts - 1} do"
+            )
         _require(layer, expert, parts, ("gate", "up", "down"))
     return tuple(by_expert[e] for e in range(num_experts))
 
@@ -473,18 +526,24 @@ def _stacked_experts(layer: int, named: list[_Named]) -> tuple[dict[str, _Part],
         raise ShardFormatError(f"layer {layer}: a stacked expert tensor appears twice")
     for entry in stacked.values():
         if not entry.shape or entry.shape[0] < 1:
-            raise ShardFormatError(f"{entry.path}: tensor '{entry.name}': a stacked expert tensor "
-                                   f"needs a leading expert axis, got shape {list(entry.shape)}")
+            raise ShardFormatError(
+                f"{entry.path}: tensor '{entry.name}': a stacked expert tensor "
+                f"needs a leading expert axis, got shape {list(entry.shape)}"
+            )
     leading = {e.shape[0] for e in stacked.values()}
     if len(leading) > 1:
         shapes = ", ".join(f"'{e.name}' {list(e.shape)}" for e in stacked.values())
-        raise ShardFormatError(f"layer {layer}: stacked tensors disagree on the number of "
-                               f"experts (leading axis): {shapes}")
-    parts = tuple({role: _Part(entry, e) for role, entry in stacked.items()}
-                  for e in range(leading.pop()))
+        raise ShardFormatError(
+            f"layer {layer}: stacked tensors disagree on the number of "
+            f"experts (leading axis): {shapes}"
+        )
+    parts = tuple(
+        {role: _Part(entry, e) for role, entry in stacked.items()} for e in range(leading.pop())
+    )
     if "gate_up_blocks" in stacked or "down_blocks" in stacked:
-        _require(layer, 0, parts[0], ("gate_up_blocks", "gate_up_scales", "down_blocks",
-                                      "down_scales"))
+        _require(
+            layer, 0, parts[0], ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales")
+        )
     else:
         _require(layer, 0, parts[0], ("gate_up", "down"))
     return parts
@@ -496,27 +555,34 @@ def _require(layer: int, expert: int, parts: dict[str, _Part], roles: tuple[str,
         seen = next(iter(parts.values())).entry
         raise ShardFormatError(
             f"layer {layer} expert {expert}: no {' / '.join(missing)} tensor (has "
-            f"{', '.join(sorted(parts))}; e.g. '{seen.name}' in {seen.path})")
+            f"{', '.join(sorted(parts))}; e.g. '{seen.name}' in {seen.path})"
+        )
 
 
-def _layer_spec(layer: int, experts: tuple[dict[str, _Part], ...], layout: str,
-                metadata: dict[str, dict]) -> LayerSpec:
+def _layer_spec(
+    layer: int, experts: tuple[dict[str, _Part], ...], layout: str, metadata: dict[str, dict]
+) -> LayerSpec:
     first = experts[0]
     if "gate_up_blocks" in first:  # [2 * intermediate, hidden / 32, 16] and [hidden, ...]
         for role in ("gate_up_blocks", "down_blocks"):
             if len(first[role].shape) != 3:
                 entry = first[role].entry
-                raise ShardFormatError(f"{entry.path}: tensor '{entry.name}': MXFP4 blocks must "
-                                       f"be [E, rows, blocks, 16], got {list(entry.shape)}")
+                raise ShardFormatError(
+                    f"{entry.path}: tensor '{entry.name}': MXFP4 blocks must "
+                    f"be [E, rows, blocks, 16], got {list(entry.shape)}"
+                )
         hidden, intermediate = first["down_blocks"].shape[0], first["gate_up_blocks"].shape[0] // 2
         return LayerSpec(layer, len(experts), layout, MXFP4, hidden, intermediate)
     main_roles = ("gate", "up", "down") if layout == SWIGLU else ("gate_up", "down")
-    specs = [_expert_shapes(layer, e, parts, main_roles, layout, metadata)
-             for e, parts in enumerate(experts)]
+    specs = [
+        _expert_shapes(layer, e, parts, main_roles, layout, metadata)
+        for e, parts in enumerate(experts)
+    ]
     for expert, spec in enumerate(specs[1:], start=1):
         if spec != specs[0]:
-            raise ShardFormatError(f"layer {layer}: expert {expert} has format and sizes {spec}, "
-                                   f"expert 0 {specs[0]}")
+            raise ShardFormatError(
+                f"layer {layer}: expert {expert} has format and sizes {spec}, expert 0 {specs[0]}"
+            )
     fmt, hidden, intermediate, block_size = specs[0]
     return LayerSpec(layer, len(experts), layout, fmt, hidden, intermediate, block_size)
 
@@ -526,8 +592,10 @@ def _expert_shapes(layer, expert, parts, main_roles, layout, metadata):
     dtypes = {parts[r].entry.dtype for r in main_roles}
     if len(dtypes) > 1:
         listed = ", ".join(f"'{parts[r].label()}' {parts[r].entry.dtype}" for r in main_roles)
-        raise ShardFormatError(f"layer {layer} expert {expert}: projections differ in dtype "
-                               f"({listed}; in {parts[main_roles[0]].entry.path})")
+        raise ShardFormatError(
+            f"layer {layer} expert {expert}: projections differ in dtype "
+            f"({listed}; in {parts[main_roles[0]].entry.path})"
+        )
     dtype = dtypes.pop()
     shapes = {r: parts[r].shape for r in main_roles}
     fmt, block_size = dtype, 0
@@ -538,9 +606,11 @@ def _expert_shapes(layer, expert, parts, main_roles, layout, metadata):
     else:
         for role in parts:
             if role.endswith("_scale"):
-                raise ShardFormatError(f"{parts[role].entry.path}: tensor '{parts[role].label()}': "
-                                       f"a ternary scale beside a {dtype} weight (ternary weights "
-                                       "are U8)")
+                raise ShardFormatError(
+                    f"{parts[role].entry.path}: tensor '{parts[role].label()}': "
+                    f"a ternary scale beside a {dtype} weight (ternary weights "
+                    "are U8)"
+                )
     hidden, intermediate = _check_shapes(layer, expert, parts, shapes, layout)
     return fmt, hidden, intermediate, block_size
 
@@ -551,11 +621,13 @@ def _ternary_block_size(part: _Part, metadata: dict[str, dict]) -> int:
     if meta.get(ternary.QUANTIZATION_KEY) != ternary.TERNARY_QUANTIZATION:
         raise ShardFormatError(
             f"{entry.path}: tensor '{entry.name}' is U8 but the file's __metadata__ does not "
-            f"declare {ternary.QUANTIZATION_KEY}={ternary.TERNARY_QUANTIZATION!r}")
+            f"declare {ternary.QUANTIZATION_KEY}={ternary.TERNARY_QUANTIZATION!r}"
+        )
     text = meta.get(ternary.BLOCK_SIZE_KEY, "")
     if not text.isdigit() or int(text) < 1:
-        raise ShardFormatError(f"{entry.path}: __metadata__ {ternary.BLOCK_SIZE_KEY} must be an "
-                               f"int >= 1, got {text!r}")
+        raise ShardFormatError(
+            f"{entry.path}: __metadata__ {ternary.BLOCK_SIZE_KEY} must be an int >= 1, got {text!r}"
+        )
     return int(text)
 
 
@@ -564,27 +636,34 @@ def _ternary_shape(parts: dict[str, _Part], role: str, block_size: int) -> tuple
     part, scale = parts[role], parts.get(f"{role}_scale")
     where = f"{part.entry.path}: tensor '{part.label()}'"
     if scale is None:
-        raise ShardFormatError(f"{where}: a U8 (ternary) weight without its "
-                               f"'{part.entry.name}_scale' tensor")
+        raise ShardFormatError(
+            f"{where}: a U8 (ternary) weight without its '{part.entry.name}_scale' tensor"
+        )
     if len(part.shape) != 2:
-        raise ShardFormatError(f"{where}: a ternary weight must be [rows, cols / 4], got "
-                               f"{list(part.shape)}")
+        raise ShardFormatError(
+            f"{where}: a ternary weight must be [rows, cols / 4], got {list(part.shape)}"
+        )
     rows, cols = part.shape[0], part.shape[1] * 4
     expected = (ternary.num_blocks(rows * cols, block_size),)
     if scale.entry.dtype != "F32" or scale.shape != expected:
-        raise ShardFormatError(f"{scale.entry.path}: tensor '{scale.label()}': expected F32 "
-                               f"{list(expected)} scales for a [{rows}, {cols}] ternary weight in "
-                               f"blocks of {block_size}, got {scale.entry.dtype} "
-                               f"{list(scale.shape)}")
+        raise ShardFormatError(
+            f"{scale.entry.path}: tensor '{scale.label()}': expected F32 "
+            f"{list(expected)} scales for a [{rows}, {cols}] ternary weight in "
+            f"blocks of {block_size}, got {scale.entry.dtype} "
+            f"{list(scale.shape)}"
+        )
     return rows, cols
 
 
 def _check_shapes(layer, expert, parts, shapes, layout) -> tuple[int, int]:
     """(hidden, intermediate) implied by the projections' shapes, or ShardFormatError."""
+
     def fail(why):
         listed = ", ".join(f"'{parts[r].label()}' {list(s)}" for r, s in shapes.items())
-        raise ShardFormatError(f"layer {layer} expert {expert}: {why} ({listed}; in "
-                               f"{next(iter(parts.values())).entry.path})")
+        raise ShardFormatError(
+            f"layer {layer} expert {expert}: {why} ({listed}; in "
+            f"{next(iter(parts.values())).entry.path})"
+        )
 
     if any(len(s) != 2 for s in shapes.values()):
         fail("projections must be matrices")
@@ -598,10 +677,13 @@ def _check_shapes(layer, expert, parts, shapes, layout) -> tuple[int, int]:
     if double % 2 or shapes["down"] != (intermediate, hidden):
         fail("expected gate_up [hidden, 2 * intermediate] and down [intermediate, hidden]")
     for role, size in (("gate_up_bias", double), ("down_bias", hidden)):
-        if role in parts and (parts[role].shape != (size,) or parts[role].entry.dtype
-                              not in FLOAT_FORMATS):
-            fail(f"{role} must be a float vector [{size}], got {parts[role].entry.dtype} "
-                 f"{list(parts[role].shape)}")
+        if role in parts and (
+            parts[role].shape != (size,) or parts[role].entry.dtype not in FLOAT_FORMATS
+        ):
+            fail(
+                f"{role} must be a float vector [{size}], got {parts[role].entry.dtype} "
+                f"{list(parts[role].shape)}"
+            )
     return hidden, intermediate
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -36,8 +36,15 @@ from moeray.shards import ternary
 from moeray.shards.formats import float32_to_bf16
 from moeray.shards.store import INDEX_NAME
 
-__all__ = ["DTYPES", "MODEL_SHAPES", "ModelShape", "SynthCheckpoint", "SynthConfig",
-           "planned_tensors", "write_checkpoint"]
+__all__ = [
+    "DTYPES",
+    "MODEL_SHAPES",
+    "ModelShape",
+    "SynthCheckpoint",
+    "SynthConfig",
+    "planned_tensors",
+    "write_checkpoint",
+]
 
 DTYPES = ("bf16", "f16", "f32", "ternary")
 NAMINGS = ("mixtral", "mlp", "stacked")
@@ -75,10 +82,13 @@ class ModelShape:
         if scale == 1:
             return self
         size = lambda n: n and max(4, n // scale // 4 * 4)  # noqa: E731 (0 stays 0)
-        return replace(self, hidden_size=size(self.hidden_size),
-                       intermediate_size=size(self.intermediate_size),
-                       dense_intermediate_size=size(self.dense_intermediate_size),
-                       shared_intermediate_size=size(self.shared_intermediate_size))
+        return replace(
+            self,
+            hidden_size=size(self.hidden_size),
+            intermediate_size=size(self.intermediate_size),
+            dense_intermediate_size=size(self.dense_intermediate_size),
+            shared_intermediate_size=size(self.shared_intermediate_size),
+        )
 
 
 MODEL_SHAPES = {
@@ -88,13 +98,30 @@ MODEL_SHAPES = {
     "mixtral-8x7b": ModelShape("mixtral-8x7b", "mixtral", 32, 8, 4096, 14336),
     # deepseek-ai/DeepSeek-V2-Lite: first_k_dense_replace 1, intermediate_size 10944,
     # moe_intermediate_size 1408, n_routed_experts 64, n_shared_experts 2
-    "deepseek-v2-lite": ModelShape("deepseek-v2-lite", "mlp", 27, 64, 2048, 1408,
-                                   first_dense_layers=1, dense_intermediate_size=10944,
-                                   shared_intermediate_size=2 * 1408, shared_name="shared_experts"),
+    "deepseek-v2-lite": ModelShape(
+        "deepseek-v2-lite",
+        "mlp",
+        27,
+        64,
+        2048,
+        1408,
+        first_dense_layers=1,
+        dense_intermediate_size=10944,
+        shared_intermediate_size=2 * 1408,
+        shared_name="shared_experts",
+    ),
     # Qwen/Qwen1.5-MoE-A2.7B: moe_intermediate_size 1408, num_experts 60,
     # shared_expert_intermediate_size 5632
-    "qwen1.5-moe": ModelShape("qwen1.5-moe", "mlp", 24, 60, 2048, 1408,
-                              shared_intermediate_size=5632, shared_name="shared_expert"),
+    "qwen1.5-moe": ModelShape(
+        "qwen1.5-moe",
+        "mlp",
+        24,
+        60,
+        2048,
+        1408,
+        shared_intermediate_size=5632,
+        shared_name="shared_expert",
+    ),
 }
 
 
@@ -120,8 +147,10 @@ class SynthConfig:
         if self.dtype == "ternary":
             for name in ("hidden_size", "intermediate_size"):
                 if getattr(self.shape, name) % 4:
-                    raise ValueError(f"{name}: ternary rows pack 4 weights a byte, so it must be "
-                                     f"a multiple of 4, got {getattr(self.shape, name)}")
+                    raise ValueError(
+                        f"{name}: ternary rows pack 4 weights a byte, so it must be "
+                        f"a multiple of 4, got {getattr(self.shape, name)}"
+                    )
 
 
 @dataclass(frozen=True)
@@ -137,7 +166,7 @@ class SynthCheckpoint:
 @dataclass(frozen=True)
 class _Planned:
     name: str
-    dtype: str                      # safetensors' numpy-style name: bfloat16, float16, ...
+    dtype: str  # safetensors' numpy-style name: bfloat16, float16, ...
     shape: tuple[int, ...]
     make: Callable[[np.random.Generator], np.ndarray]  # stored array (uint16 for bfloat16)
 
@@ -151,8 +180,9 @@ def planned_tensors(config: SynthConfig, layer: int) -> list[_Planned]:
     if shape.naming == "stacked":
         return _stacked_layer(config, prefix)
     if shape.naming == "mixtral":
-        tensors = [_float(config, f"{prefix}.block_sparse_moe.gate.weight",
-                          (shape.num_experts, hidden))]
+        tensors = [
+            _float(config, f"{prefix}.block_sparse_moe.gate.weight", (shape.num_experts, hidden))
+        ]
         for e in range(shape.num_experts):
             base = f"{prefix}.block_sparse_moe.experts.{e}"
             tensors += _projection(config, f"{base}.w1.weight", shape.intermediate_size, hidden)
@@ -163,8 +193,13 @@ def planned_tensors(config: SynthConfig, layer: int) -> list[_Planned]:
     for e in range(shape.num_experts):
         tensors += _mlp(config, f"{prefix}.mlp.experts.{e}", hidden, shape.intermediate_size)
     if shape.shared_intermediate_size:
-        tensors += _mlp(config, f"{prefix}.mlp.{shape.shared_name}", hidden,
-                        shape.shared_intermediate_size, dense=True)
+        tensors += _mlp(
+            config,
+            f"{prefix}.mlp.{shape.shared_name}",
+            hidden,
+            shape.shared_intermediate_size,
+            dense=True,
+        )
         if shape.shared_name == "shared_expert":  # Qwen's sigmoid gate of the shared expert
             tensors.append(_float(config, f"{prefix}.mlp.shared_expert_gate.weight", (1, hidden)))
     return tensors
@@ -172,11 +207,16 @@ def planned_tensors(config: SynthConfig, layer: int) -> list[_Planned]:
 
 def _mlp(config, base, hidden, intermediate, dense=False) -> list[_Planned]:
     """gate_proj, up_proj [intermediate, hidden], down_proj [hidden, intermediate]."""
-    project = (lambda name, rows, cols: [_float(config, name, (rows, cols))]) if dense \
+    project = (
+        (lambda name, rows, cols: [_float(config, name, (rows, cols))])
+        if dense
         else (lambda name, rows, cols: _projection(config, name, rows, cols))
-    return (project(f"{base}.gate_proj.weight", intermediate, hidden)
-            + project(f"{base}.up_proj.weight", intermediate, hidden)
-            + project(f"{base}.down_proj.weight", hidden, intermediate))
+    )
+    return (
+        project(f"{base}.gate_proj.weight", intermediate, hidden)
+        + project(f"{base}.up_proj.weight", intermediate, hidden)
+        + project(f"{base}.down_proj.weight", hidden, intermediate)
+    )
 
 
 def _stacked_layer(config: SynthConfig, prefix: str) -> list[_Planned]:
@@ -205,8 +245,12 @@ def _aux_dtype(config: SynthConfig) -> str:
 def _float(config, name, shape, std=None) -> _Planned:
     dtype = _aux_dtype(config)
     std = std if std is not None else 1.0 / float(np.sqrt(shape[-1]))  # a float64 would widen
-    return _Planned(name, dtype, shape,
-                    lambda rng: _encode(rng.standard_normal(shape, dtype=np.float32) * std, dtype))
+    return _Planned(
+        name,
+        dtype,
+        shape,
+        lambda rng: _encode(rng.standard_normal(shape, dtype=np.float32) * std, dtype),
+    )
 
 
 def _encode(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -250,23 +294,32 @@ def _projection(config, name, rows, cols, experts=None, fan_in=None) -> list[_Pl
         quantized["scales"] = scales.reshape(lead + (blocks,))
         return packed.reshape(lead + (rows, cols // 4))
 
-    return [_Planned(name, "uint8", lead + (rows, cols // 4), make_packed),
-            _Planned(f"{name}_scale", "float32", lead + (blocks,),
-                     lambda rng: quantized.pop("scales"))]
+    return [
+        _Planned(name, "uint8", lead + (rows, cols // 4), make_packed),
+        _Planned(f"{name}_scale", "float32", lead + (blocks,), lambda rng: quantized.pop("scales")),
+    ]
 
 
-def write_checkpoint(config: SynthConfig, out: str | os.PathLike,
-                     rng: np.random.Generator | None = None,
-                     progress: bool | None = None) -> SynthCheckpoint:
+def write_checkpoint(
+    config: SynthConfig,
+    out: str | os.PathLike,
+    rng: np.random.Generator | None = None,
+    progress: bool | None = None,
+) -> SynthCheckpoint:
     """Writes ``config``'s checkpoint into directory ``out`` (created; existing checkpoint files
     there are replaced). Holds one file's tensors in memory at a time."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = rng if rng is not None else np.random.default_rng(config.seed)
-    groups = [range(first, min(first + config.layers_per_file, config.num_layers))
-              for first in range(0, config.num_layers, config.layers_per_file)]
-    names = (["model.safetensors"] if len(groups) == 1 else
-             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    groups = [
+        range(first, min(first + config.layers_per_file, config.num_layers))
+        for first in range(0, config.num_layers, config.layers_per_file)
+    ]
+    names = (
+        ["model.safetensors"]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
     weight_map, files, total = {}, [], 0
     with Progress(config.num_layers, label=f"synth {config.shape.name}", enabled=progress) as bar:
         for file_name, layers in zip(names, groups):
@@ -281,8 +334,10 @@ def write_checkpoint(config: SynthConfig, out: str | os.PathLike,
             total += sum(array.nbytes for _, array in tensors.values())
     index = out / INDEX_NAME
     if len(files) > 1:
-        index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                    indent=2) + "\n")
+        index.write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            + "\n"
+        )
     elif index.exists():
         index.unlink()  # a stale index would point the store at files of an earlier run
     return SynthCheckpoint(out, tuple(files), total, config)
@@ -302,14 +357,24 @@ def _save(tensors: dict[str, tuple[str, np.ndarray]], path: Path, metadata: dict
 
     arrays = {name: np.ascontiguousarray(array) for name, (_, array) in tensors.items()}
     if hasattr(safetensors, "TensorSpec"):  # safetensors >= 0.8
-        specs = {name: safetensors.TensorSpec(dtype=dtype, shape=list(arrays[name].shape),
-                                              data_ptr=arrays[name].ctypes.data,
-                                              data_len=arrays[name].nbytes)
-                 for name, (dtype, _) in tensors.items()}
+        specs = {
+            name: safetensors.TensorSpec(
+                dtype=dtype,
+                shape=list(arrays[name].shape),
+                data_ptr=arrays[name].ctypes.data,
+                data_len=arrays[name].nbytes,
+            )
+            for name, (dtype, _) in tensors.items()
+        }
     else:
-        specs = {name: {"dtype": dtype, "shape": list(arrays[name].shape),
-                        "data": arrays[name].tobytes()}
-                 for name, (dtype, _) in tensors.items()}
+        specs = {
+            name: {
+                "dtype": dtype,
+                "shape": list(arrays[name].shape),
+                "data": arrays[name].tobytes(),
+            }
+            for name, (dtype, _) in tensors.items()
+        }
     safetensors.serialize_file(specs, str(path), metadata=metadata)
     del arrays  # the specs point into these buffers until serialize_file returned
     fd = os.open(path, os.O_RDONLY)

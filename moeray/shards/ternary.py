@@ -66,8 +66,10 @@ def unpack_ternary(packed: np.ndarray, num_elements: int) -> np.ndarray:
     if packed.dtype != np.uint8:
         raise TypeError(f"packed: expected uint8, got {packed.dtype}")
     if packed.size * 4 < num_elements:
-        raise ValueError(f"packed: {packed.size} bytes hold {packed.size * 4} weights, "
-                         f"fewer than num_elements = {num_elements}")
+        raise ValueError(
+            f"packed: {packed.size} bytes hold {packed.size * 4} weights, "
+            f"fewer than num_elements = {num_elements}"
+        )
     codes = (packed[:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & np.uint8(3)
     return _DECODE[codes.reshape(-1)[:num_elements]]
 
@@ -83,8 +85,9 @@ def _block_means(flat: np.ndarray, block_size: int) -> np.ndarray:
     return sums / counts
 
 
-def quantize_ternary(weights: np.ndarray,
-                     block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def quantize_ternary(
+    weights: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
     """Absmean ternary quantizer: float [rows, cols] (any shape, read in flat order) ->
     (packed uint8 [ceil(n / 4)], scales float32 [ceil(n / block_size)]); n >= 1, block_size >= 1."""
     flat = np.asarray(weights, dtype=np.float32).reshape(-1)
@@ -100,13 +103,16 @@ def quantize_ternary(weights: np.ndarray,
     return pack_ternary(ternary.astype(np.int8)), scales
 
 
-def dequantize_ternary(packed: np.ndarray, scales: np.ndarray, shape: tuple[int, ...],
-                       block_size: int) -> np.ndarray:
+def dequantize_ternary(
+    packed: np.ndarray, scales: np.ndarray, shape: tuple[int, ...], block_size: int
+) -> np.ndarray:
     """(packed uint8, scales float32 [ceil(n / block_size)]) -> float32 [shape], n = prod(shape)."""
     count = int(np.prod(shape, dtype=np.int64))
     scales = np.asarray(scales, dtype=np.float32).reshape(-1)
     if scales.size != num_blocks(count, block_size):
-        raise ValueError(f"scales: expected {num_blocks(count, block_size)} for {count} weights "
-                         f"in blocks of {block_size}, got {scales.size}")
+        raise ValueError(
+            f"scales: expected {num_blocks(count, block_size)} for {count} weights "
+            f"in blocks of {block_size}, got {scales.size}"
+        )
     values = unpack_ternary(packed, count).astype(np.float32)
     return (values * np.repeat(scales, block_size)[:count]).reshape(shape)
