@@ -7,8 +7,11 @@ real cluster); the coordinator sits on the head. Each point of the sweep starts 
 lets C client actors (a data-parallel serving fleet: each has its own ``ServiceHandle``) submit
 synthetic routing with per-layer locality for a fixed time, and reports routed tokens per
 second (all clients, first submit to last acknowledgement), submit latency p50 / p99 (per
-step, in the clients) and the coordinator's CPU time per step (its process, Ray's threads
-included). Every point runs the lru policy: the sweep measures the service's mechanism, and the
+step, in the clients) and the coordinator's CPU per step, measured two ways and never netted:
+its own thread inside its methods, less the time blocked waiting for layer actors
+(``ServiceStats.coordinator_method_cpu_s``: the work steps cause), and its whole process over
+the point (Ray's threads included), printed beside that process's CPU over a quiet second
+before the point. Every point runs the lru policy: the sweep measures the service's mechanism, and the
 moeray policy's own cost per token is bench_service's and bench_policy's.
 
 The sweep changes one factor at a time around a base point (24 layers x 32 experts top-4,
@@ -156,12 +159,12 @@ def measure(
     try:
         clients = [Client.remote(config.name, config.namespace) for _ in range(point.clients)]
         ray.get([c.__ray_ready__.remote() for c in clients])
-        # the coordinator's process burns CPU even when idle (Ray's threads): measured over a
-        # quiet second and taken out, so that the per-step cost is the work steps cause
-        idle_start, cpu_idle = time.perf_counter(), handle.stats().coordinator_cpu_s
+        # the coordinator's process burns CPU even while idle (Ray's threads): its rate over a
+        # quiet second is reported beside the point's, not taken out of it
+        idle_start, idle = time.perf_counter(), handle.stats()
         time.sleep(1.0)
-        cpu_before = handle.stats().coordinator_cpu_s
-        idle_rate = (cpu_before - cpu_idle) / (time.perf_counter() - idle_start)
+        before = handle.stats()
+        idle_s = time.perf_counter() - idle_start
         start = time.perf_counter()
         results = ray.get(
             [c.run.remote(point.batch, seconds, seed) for seed, c in enumerate(clients)]
@@ -175,6 +178,8 @@ def measure(
     steps = sum(r["steps"] for r in results)
     assert stats.total().tokens == tokens * point.layers, "every submitted token was applied"
     latency = np.concatenate([r["latency_ms"] for r in results])
+    method_cpu_s = stats.coordinator_method_cpu_s - before.coordinator_method_cpu_s
+    process_cpu_s = stats.coordinator_cpu_s - before.coordinator_cpu_s
     return dict(
         asdict(point),
         layer_actors=num_actors,
@@ -183,12 +188,14 @@ def measure(
         steps=steps,
         submit_p50_ms=float(np.percentile(latency, 50)),
         submit_p99_ms=float(np.percentile(latency, 99)),
-        coordinator_cpu_ms_per_step=max(
-            0.0, stats.coordinator_cpu_s - cpu_before - idle_rate * elapsed
-        )
-        * 1e3
-        / steps,
-        coordinator_idle_cpu=idle_rate,
+        # the coordinator thread's CPU inside its methods, less its blocking waits
+        coordinator_cpu_ms_per_step=method_cpu_s * 1e3 / steps,
+        # its whole process over the point, Ray's threads included, as a share of one core
+        coordinator_process_cpu_ms_per_step=process_cpu_s * 1e3 / steps,
+        coordinator_process_cores=process_cpu_s / elapsed,
+        # the same process over a quiet second before the point
+        coordinator_idle_cores=(before.coordinator_cpu_s - idle.coordinator_cpu_s) / idle_s,
+        seconds=elapsed,
         hit_rate=stats.total().hit_rate(),
     )
 
@@ -211,7 +218,16 @@ def plot(results: list[dict], path: Path) -> bool:
         x = [r[factor] for r in rows]
         axes[0][col].plot(x, [r["tokens_per_s"] / 1e3 for r in rows], "o-")
         axes[1][col].plot(
-            x, [r["coordinator_cpu_ms_per_step"] for r in rows], "o-", label="coordinator CPU"
+            x,
+            [r["coordinator_cpu_ms_per_step"] for r in rows],
+            "o-",
+            label="coordinator thread CPU",
+        )
+        axes[1][col].plot(
+            x,
+            [r["coordinator_process_cpu_ms_per_step"] for r in rows],
+            "^:",
+            label="coordinator process CPU",
         )
         axes[1][col].plot(x, [r["submit_p50_ms"] for r in rows], "s--", label="submit p50")
         axes[0][col].set_title(f"vs {factor}")
@@ -268,8 +284,6 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if args.address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     from moeray.actors import _ray
@@ -318,9 +332,10 @@ def main(argv=None) -> int:
         )
         print(
             "| varies | layers x experts, top-k | batch | clients | layer actors | routed tokens/s "
-            "| submit p50 | submit p99 | coordinator CPU / step |"
+            "| submit p50 | submit p99 | coordinator thread CPU / step "
+            "| coordinator process CPU / step | process cores busy (point / idle) |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for index, point in enumerate(points):
             r = measure(ray, point, resources, head, args.seconds, args.window_tokens, index)
             results.append(r)
@@ -328,7 +343,9 @@ def main(argv=None) -> int:
                 f"| {r['factor']} | {r['layers']} x {r['experts']}, top-{r['top_k']} | {r['batch']} "
                 f"| {r['clients']} | {r['layer_actors']} | {r['tokens_per_s']:,.0f} "
                 f"| {r['submit_p50_ms']:.2f} ms | {r['submit_p99_ms']:.2f} ms "
-                f"| {r['coordinator_cpu_ms_per_step']:.3f} ms |",
+                f"| {r['coordinator_cpu_ms_per_step']:.3f} ms "
+                f"| {r['coordinator_process_cpu_ms_per_step']:.3f} ms "
+                f"| {r['coordinator_process_cores']:.2f} / {r['coordinator_idle_cores']:.2f} |",
                 flush=True,
             )
     finally:
