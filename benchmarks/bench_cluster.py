@@ -234,6 +234,7 @@ def plot(results: list[dict], path: Path) -> bool:
         axes[1][col].set_xlabel(factor if factor != "experts" else "experts (top-8)")
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("routed k tokens/s")
     axes[1][0].set_ylabel("ms per step")

@@ -393,11 +393,10 @@ def main(argv=None) -> int:
             print("|---|---|---|---|")
             for policy, ms in body.items():
                 extra = ms - body[base["policy"]]
-                share = (
-                    extra / base["method_ms_per_step"] * 100 if base["method_ms_per_step"] else 0
-                )
+                through_ray = base["method_ms_per_step"]
+                share = f"{extra / through_ray * 100:+.1f} %" if through_ray > 0 else "n/a"
                 print(
-                    f"| {policy} | {ms * 1e3:.1f} µs | {extra * 1e3:+.1f} µs | {share:+.1f} % |",
+                    f"| {policy} | {ms * 1e3:.1f} µs | {extra * 1e3:+.1f} µs | {share} |",
                     flush=True,
                 )
     finally:
