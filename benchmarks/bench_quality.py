@@ -1,7 +1,7 @@
 """Policy quality on the real traces: hit rate, stall rate, transfers per token and wasted
 prefetches of lru, affinity-lru, belady and moeray, at several capacities, in one run.
 
-Accounting as in `moeray replay` (moeray/replay.py): a stall is a use of an expert that was not
+Accounting as in `moeray replay` (moeray/replay/inprocess.py): a stall is a use of an expert that was not
 hot and not prefetched in time; a transfer is every expert brought into a hot set, on demand or
 by prefetch; transfers/token counts all layers. Belady is the offline optimum of demand caching
 (its stalls and transfers are its misses). moeray runs with its default parameters
@@ -40,8 +40,10 @@ import numpy as np
 from moeray._progress import Progress
 from moeray.native import IS_NATIVE
 from moeray.policy.predict import PredictConfig, PredictiveCaches
+from moeray.policy.registry import POLICIES as REGISTRY
+from moeray.policy.registry import predictive_variant
 from moeray.policy.split import SplitConfig
-from moeray.replay import ReplayConfig, capacity_from_fraction, replay_predictive, replay_trace
+from moeray.replay import ReplayConfig, capacity_from_fraction, replay_trace
 from moeray.traces import Trace, default_trace_path, load_trace
 
 SHARED_TRACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
@@ -150,12 +152,17 @@ def measure(trace: Trace, progress: Progress) -> list[dict]:
                 results[name] = extra.results["moeray"]
             for name, threshold in zip(ORACLE_NAMES, ORACLE_THRESHOLDS):
                 config = replace(PredictConfig(), prefetch_threshold=threshold)
-                results[name] = replay_predictive(
-                    trace,
-                    ReplayConfig(capacity=capacity, policies=("moeray",)),
-                    progress=progress,
-                    caches=OracleEvictions(trace, capacity, config),
+                oracle = predictive_variant(
+                    "moeray",
+                    lambda _layers, _experts, _top_k, cap, cfg: OracleEvictions(trace, cap, cfg),
+                    "moeray with Belady's victims",
                 )
+                results[name] = replay_trace(
+                    trace,
+                    ReplayConfig(capacity=capacity, policies=("moeray",), predict=config),
+                    progress=progress,
+                    policies={**REGISTRY, "moeray": oracle},
+                ).results["moeray"]
         for name, r in results.items():
             rows.append(
                 {

@@ -42,20 +42,15 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import ray
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-
-from moeray import service  # noqa: E402
-from moeray.actors import _ray  # noqa: E402  (ray.init outside the checkout)
-from moeray.actors.coordinator import Coordinator  # noqa: E402
-from moeray.actors.layer import LayerAck  # noqa: E402
-from moeray.policy.predict import PredictConfig  # noqa: E402
-from moeray.policy.split import SplitConfig  # noqa: E402
-from moeray.traces import default_trace_path, load_trace  # noqa: E402
+from moeray import service
+from moeray.actors import _ray
+from moeray.actors.coordinator import Coordinator
+from moeray.actors.messages import Counters, LayerAck
+from moeray.policy.predict import PredictConfig
+from moeray.policy.split import SplitConfig
+from moeray.traces import default_trace_path, load_trace
 
 
 @ray.remote(num_cpus=0)
@@ -152,13 +147,13 @@ class _PicklingTransport:
     def __init__(self, config):
         self._groups = config.actor_layers()
         empty = np.zeros(config.num_experts)
-        self._ack = LayerAck(0, 0, 0, 0, 0, 0, 0, empty, empty.astype(np.int64))
+        self._ack = LayerAck(0, 0, Counters(), empty, empty.astype(np.int64))
         self._done: list = []
 
     def send(self, actor, windows):
         pickle.dumps(windows, protocol=5)
         self._done.append(
-            (actor, 0, [replace(self._ack, layer=w.layer, seq=w.seq) for w in windows])
+            (actor, 0, [replace(self._ack, layer=w.layer, number=w.number) for w in windows])
         )
 
     def restore(self, actor, states, warmup=None):
@@ -307,14 +302,7 @@ def main(argv=None) -> int:
         args.layers_per_actor = max(1, -(-trace.num_layers // (os.cpu_count() or 1)))
     num_actors = -(-trace.num_layers // args.layers_per_actor)
 
-    _ray.init(
-        include_dashboard=False,
-        object_store_memory=300 * 2**20,
-        log_to_driver=False,
-        logging_level="ERROR",
-        _system_config={"worker_maximum_startup_concurrency": 16},
-    )
-    try:
+    with _ray.local_session(object_store_memory=300 * 2**20):
         rtt_ms, fan_ms = floors(num_actors, args.repeats)
         print(
             f"bundled trace: {trace.num_tokens:,} tokens x {trace.num_layers} layers x top-"
@@ -399,8 +387,6 @@ def main(argv=None) -> int:
                     f"| {policy} | {ms * 1e3:.1f} µs | {extra * 1e3:+.1f} µs | {share} |",
                     flush=True,
                 )
-    finally:
-        ray.shutdown()
     return 0
 
 

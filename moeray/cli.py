@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -39,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moeray",
         description="moeray keeps the right MoE expert weights hot across layers and nodes.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"moeray {_version()}", help="print the version"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     replay = commands.add_parser(
@@ -219,7 +221,7 @@ examples:
 
 Sources: a moeray trace, the .npz layout of moeray.traces, CSV rows of (layer, token, expert
 ids) with an optional sequence column, or an SGLang per_token expert-distribution dump (.pt,
-read with torch, or an .npy of [layer, token, top_k]). See moeray/convert.py and
+read with torch, or an .npy of [layer, token, top_k]). See moeray/traces/convert.py and
 docs/trace-format.md.
 """
 
@@ -236,7 +238,7 @@ pipeline without weights): FAMILIES. The prompts file holds one prompt per line 
 
 
 def _add_trace_commands(commands) -> None:
-    from moeray.convert import SOURCE_FORMATS
+    from moeray.traces.convert import SOURCE_FORMATS
 
     convert = commands.add_parser(
         "convert",
@@ -286,7 +288,7 @@ def _add_trace_commands(commands) -> None:
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
 
-    from moeray.record import FAMILIES
+    from moeray.traces.record import FAMILIES
 
     record = commands.add_parser(
         "record",
@@ -371,7 +373,7 @@ def _add_trace_commands(commands) -> None:
 
 
 def _convert(args) -> int:
-    from moeray.convert import convert
+    from moeray.traces.convert import convert
 
     if args.record_tokens < 1:
         raise ValueError("--record-tokens: expected an int >= 1")
@@ -396,7 +398,7 @@ def _convert(args) -> int:
 
 def _record(args) -> int:
     from moeray._progress import Progress
-    from moeray.record import read_prompts, record_trace
+    from moeray.traces.record import read_prompts, record_trace
 
     prompts = read_prompts(args.prompts)
     steps = len(prompts) * (1 + max(args.max_new_tokens, 0))
@@ -419,7 +421,7 @@ def _record(args) -> int:
 
 
 def _trace_info(args) -> int:
-    from moeray.trace_info import format_summary, plot_load, summarize_trace
+    from moeray.traces.info import format_summary, plot_load, summarize_trace
 
     summary = summarize_trace(args.trace)
     print(format_summary(summary))
@@ -443,25 +445,22 @@ def _load_service_config(path: Path):
         raise ValueError(f"--config: '{path}' is not JSON ({exc})") from None
     if not isinstance(fields, dict):
         raise ValueError("--config: expected a JSON object of ServiceConfig fields")
-    for key in ("capacity", "placement"):
-        if isinstance(fields.get(key), list):
-            fields[key] = tuple(fields[key])
     try:
-        return ServiceConfig(**fields)
-    except TypeError as exc:  # unknown or missing fields
+        return ServiceConfig.from_dict(fields)
+    except ValueError as exc:
         raise ValueError(f"--config: {exc}") from None
 
 
 def _print_stats(stats, out) -> None:
     print(
-        f"{'layer':>5}{'hit rate':>10}{'hits':>12}{'misses':>12}{'evictions':>12}"
+        f"{'layer':>5}{'hit rate':>10}{'hits':>12}{'stalls':>12}{'evictions':>12}"
         f"{'prefetches':>12}{'tokens':>12}{'restarts':>10}",
         file=out,
     )
     for s in stats.layers + [stats.total()]:
         label = "all" if s.layer < 0 else str(s.layer)
         print(
-            f"{label:>5}{s.hit_rate():>10.3f}{s.hits:>12,}{s.misses:>12,}{s.evictions:>12,}"
+            f"{label:>5}{s.hit_rate():>10.3f}{s.hits:>12,}{s.stalls:>12,}{s.evictions:>12,}"
             f"{s.prefetches:>12,}{s.tokens:>12,}{s.restarts:>10}",
             file=out,
         )
@@ -483,12 +482,13 @@ def _serve(args) -> int:
     import threading
 
     from moeray import service
+    from moeray.actors import _ray
 
     config = _load_service_config(args.config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with _ray_session(args.address, job=True):
+    with _ray.local_session(args.address, job=True):
         try:
             handle, started = service.connect(config.name, config.namespace), False
             print(f"attached to running service {config.name!r}", flush=True)
@@ -514,8 +514,9 @@ def _serve(args) -> int:
 
 def _status(args) -> int:
     from moeray import service
+    from moeray.actors import _ray
 
-    with _ray_session(args.address or "auto", job=True):
+    with _ray.local_session(args.address or "auto", job=True):
         handle = service.connect(args.name, args.namespace)
         _print_stats(handle.stats(), sys.stdout)
     return 0
@@ -579,7 +580,7 @@ def _print_shards(report, out) -> None:
     )
     print(
         f"{'policy':<14}{'capacity':>11}{'resident max':>14}{'worst layer':>13}{'moved':>14}"
-        f"{'late':>7}{'stalls':>8}{'bound':>7}",
+        f"{'late':>7}{'cold reads':>12}{'bound':>7}",
         file=out,
     )
     for name, r in report.shards.items():
@@ -588,7 +589,7 @@ def _print_shards(report, out) -> None:
         print(
             f"{name:<14}{_mib(r.capacity_bytes[worst]):>11}{_mib(r.resident_bytes_max[worst]):>14}"
             f"{f'L{worst}':>13}{_mib(sum(r.bytes_moved)):>14}{sum(r.late_prefetches):>7}"
-            f"{sum(r.stalls):>8}{'held' if not r.over_bound() else 'BROKEN':>7}",
+            f"{sum(r.cold_reads):>12}{'held' if not r.over_bound() else 'BROKEN':>7}",
             file=out,
         )
 
@@ -606,41 +607,6 @@ def _print_throughput(throughput, out) -> None:
             f"{t.submit_p50_ms:>10.2f} ms{t.submit_p99_ms:>7.2f} ms",
             file=out,
         )
-
-
-@contextlib.contextmanager
-def _ray_session(address: str | None, job: bool = False):
-    """Joins ``address`` (with ``job``, also RAY_ADDRESS as a Ray job's driver does), or starts a
-    quiet loopback-only local Ray; shuts down what it began."""
-    import os
-
-    if address is None and job:
-        address = os.environ.get("RAY_ADDRESS")
-    if address is None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    from moeray.actors import _ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if address is None:
-        _ray.init(
-            include_dashboard=False,
-            object_store_memory=200 * 2**20,
-            log_to_driver=False,
-            logging_level="ERROR",
-            _system_config={"worker_maximum_startup_concurrency": 16},
-        )
-    else:
-        _ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 _UNITS = {
@@ -694,16 +660,16 @@ def _replay(args) -> int:
     from dataclasses import replace
 
     from moeray._progress import Progress
+    from moeray.policy.registry import policy_entry
     from moeray.replay import (
         POLICY_NAMES,
         ReplayConfig,
-        capacity_from_bytes,
         capacity_from_fraction,
         replay_shards,
         replay_trace,
-        shard_expert_bytes,
     )
-    from moeray.replay_plot import PLOT_FRACTIONS
+    from moeray.replay.plot import PLOT_FRACTIONS
+    from moeray.shards.capacity import capacity_from_bytes, shard_expert_bytes
     from moeray.traces import default_trace_path, load_trace
 
     trace = load_trace(args.trace if args.trace else default_trace_path())
@@ -740,7 +706,7 @@ def _replay(args) -> int:
     total = len(config.policies) * trace.num_layers
     throughput = []
     if args.plot is not None:
-        from moeray.replay_plot import require_matplotlib
+        from moeray.replay.plot import require_matplotlib
 
         require_matplotlib()  # before minutes of replay, not after
     if args.backend == "local" and shards:
@@ -752,18 +718,17 @@ def _replay(args) -> int:
         with Progress(total, "replay", enabled=args.progress) as progress:
             report = replay_trace(trace, config, progress=progress)
     else:
-        from moeray.service import replay_through_service
+        from moeray.actors import _ray
+        from moeray.replay.service import replay_through_service
 
         step_tokens = 256 if args.step_tokens is None else args.step_tokens
         if step_tokens < 1 or args.window_steps < 1:
             raise ValueError("--step-tokens and --window-steps: expected ints >= 1")
-        from moeray.replay import IN_PROCESS_POLICY_NAMES
-
-        # replay_through_service runs belady (an oracle) in-process itself
-        served = any(p not in IN_PROCESS_POLICY_NAMES for p in config.policies)
+        # replay_through_service runs oracles in-process itself
+        served = any(policy_entry(p).online for p in config.policies)
         with Progress(total, "replay", enabled=args.progress) as progress:
             if served:
-                with _ray_session(args.address):
+                with _ray.local_session(args.address):
                     report, throughput = replay_through_service(
                         trace,
                         config,
@@ -805,13 +770,25 @@ def _replay(args) -> int:
         args.json.write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stdout)
     if args.plot is not None:
-        from moeray.replay_plot import plot_replay
+        from moeray.replay.plot import plot_replay
 
         with Progress(
             len(PLOT_FRACTIONS) * 3 * trace.num_layers, "capacity curve", enabled=args.progress
         ) as progress:
             print(f"wrote {plot_replay(report, trace, config, args.plot, progress=progress)}")
     return 0
+
+
+def _version() -> str:
+    """The package's version, and the native core's when it is built (they come from one
+    pyproject.toml; a mismatch means a stale build)."""
+    import moeray
+    from moeray import native
+
+    core = getattr(native.backend, "__version__", None) if native.IS_NATIVE else None
+    if core is None:
+        return f"{moeray.__version__} (core: {'native' if native.IS_NATIVE else 'pure Python'})"
+    return f"{moeray.__version__} (native core {core})"
 
 
 def main(argv: list[str] | None = None) -> int:

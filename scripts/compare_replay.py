@@ -22,6 +22,9 @@ __all__ = ["CASES", "main"]
 
 # Wall-clock fields: the only ones allowed to differ between runs of the same decisions.
 _TIMING_KEYS = {"decisions_per_s"}
+# Keys renamed since a record was made (old -> new), applied to the record before comparing:
+# the shard table's on-demand loads were "stalls" before 0.2.0 (CHANGELOG.md).
+_RENAMED = {"stalls": "cold_reads"}
 
 CASES = {
     "gpt-oss-20b": ["{traces}/gpt-oss-20b/gpt_oss_20b_decode_routing.npz"],
@@ -75,6 +78,20 @@ def _run(traces: str, workdir: Path) -> dict:
     return out
 
 
+def _renamed(doc, inside_shards: bool = False):
+    """The record with keys renamed since it was made (only inside "shards", where they were)."""
+    if isinstance(doc, dict):
+        return {
+            (_RENAMED.get(k, k) if inside_shards else k): _renamed(
+                v, inside_shards or k == "shards"
+            )
+            for k, v in doc.items()
+        }
+    if isinstance(doc, list):
+        return [_renamed(v, inside_shards) for v in doc]
+    return doc
+
+
 def _diff(a, b, where: str, found: list[str]) -> None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
@@ -104,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recorded {len(now)} cases in {args.record_path}")
         return 0
     found: list[str] = []
-    _diff(json.loads(args.record_path.read_text()), now, "", found)
+    _diff(_renamed(json.loads(args.record_path.read_text())), now, "", found)
     for line in found[:50]:
         print(line)
     print(

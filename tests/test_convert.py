@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from moeray import cli
-from moeray.convert import convert, read_csv, read_sglang
 from moeray.replay import ReplayConfig, replay_trace
-from moeray.trace import TraceReader
-from moeray.trace_info import summarize_trace
 from moeray.traces import Trace, default_trace_path, load_trace
+from moeray.traces.convert import convert, read_csv, read_sglang
+from moeray.traces.info import summarize_trace
+from moeray.traces.mtrace import TraceReader
 
 pytestmark = pytest.mark.pure
 

@@ -1,7 +1,7 @@
 """The coordinator and layer-actor bodies without Ray: coalescing, ordering, failures, bad input.
 
-A fake transport hosts ``LayerCaches`` in-process and delivers calls when polled, in send
-order; it can "kill" an actor, which loses its state and fails every call in flight, as a dead
+``InProcessTransport`` hosts ``LayerCaches`` in-process and delivers calls when polled, in send
+order; it can kill an actor, which loses its state and fails every call in flight, as a dead
 Ray actor does. Expectations come from replaying the same routing through plain ``ExpertCache``s.
 """
 
@@ -11,82 +11,16 @@ import numpy as np
 import pytest
 
 from moeray import ExpertAffinity, ExpertCache, ExpertCacheConfig
-from moeray.actors.coordinator import Coordinator, ServiceConfig
-from moeray.actors.layer import LayerCaches, LayerState, LayerWindow, WindowGapError
+from moeray.actors.config import ServiceConfig
+from moeray.actors.coordinator import Coordinator
+from moeray.actors.layer import LayerCaches
+from moeray.actors.messages import LayerState, LayerWindow, WindowGapError
+from moeray.actors.transport import InProcessTransport
 from moeray.policy.predict import PREDICTOR_NAMES, PredictConfig, PredictiveCaches
 from moeray.traces import default_trace_path, load_trace
-from moeray.wire import decode_batches, decode_step, encode_batches, encode_step
+from moeray.traces.wire import decode_batches, decode_step, encode_batches, encode_step
 
 pytestmark = pytest.mark.pure
-
-
-class Dead(Exception):
-    """What a call to a killed actor returns (RayActorError's stand-in)."""
-
-
-class FakeTransport:
-    def __init__(self, config: ServiceConfig):
-        self.config = config
-        self.groups = config.actor_layers()
-        self.bodies = [self._body(a) for a in range(len(self.groups))]
-        self.gen = [0] * len(self.groups)
-        self.inflight: list = []  # (actor, generation, kind, payload)
-        self.sends: list = []  # (actor, windows) as sent, for inspection
-        self.dead: set[int] = set()
-
-    def _body(self, actor):
-        layers = self.groups[actor]
-        c = self.config
-        return LayerCaches(
-            layers,
-            c.num_experts,
-            {l: c.capacity[l] for l in layers},
-            c.policy,
-            c.affinity_config(),
-            c.affinity_weight,
-            predict=c.predict,
-        )
-
-    def send(self, actor, windows):
-        self.sends.append((actor, list(windows)))
-        self.inflight.append((actor, self.gen[actor], "apply", windows))
-
-    def restore(self, actor, states, warmup=None):
-        self.inflight.append((actor, self.gen[actor], "restore", (states, warmup)))
-
-    def recreate(self, actor):
-        self.gen[actor] += 1
-        self.dead.discard(actor)
-        self.bodies[actor] = self._body(actor)
-
-    def generation(self, actor):
-        return self.gen[actor]
-
-    def outstanding(self):
-        return len(self.inflight)
-
-    def kill(self, actor):
-        self.dead.add(actor)
-
-    def settle_shards(self):
-        return {
-            layer: fields
-            for actor, body in enumerate(self.bodies)
-            if actor not in self.dead
-            for layer, fields in body.settle_shards().items()
-        }
-
-    def poll(self, wait):
-        done = []
-        for actor, gen, kind, payload in self.inflight:
-            if actor in self.dead or gen != self.gen[actor]:
-                done.append((actor, gen, Dead()))
-            elif kind == "apply":
-                done.append((actor, gen, self.bodies[actor].apply(payload)))
-            else:
-                done.append((actor, gen, self.bodies[actor].restore(*payload)))
-        self.inflight = []
-        return done
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +41,7 @@ def in_process_hits(ids, config: ServiceConfig) -> list[int]:
 
 
 def make(config: ServiceConfig, timer=None):
-    transport = FakeTransport(config)
+    transport = InProcessTransport(config)
     kwargs = {"timer": timer} if timer else {}
     return Coordinator(config, transport, **kwargs), transport
 
@@ -138,7 +72,7 @@ def test_replay_through_coordinator_equals_in_process(routing, window_steps, lay
     stats = coordinator.stats()
     assert [s.hits for s in stats.layers] == in_process_hits(ids, config)
     assert all(s.tokens == ids.shape[1] for s in stats.layers)
-    assert all(s.hits + s.misses == ids.shape[1] * 4 for s in stats.layers)
+    assert all(s.hits + s.stalls == ids.shape[1] * 4 for s in stats.layers)
     assert stats.pending_windows == 0 and stats.submits == 12
     assert all(s.restarts == 0 for s in stats.layers)
 
@@ -180,7 +114,7 @@ def test_windows_coalesce_steps_into_one_call_per_actor(routing):
     for actor, windows in transport.sends:
         assert [w.layer for w in windows] == config.actor_layers()[actor]
         for w in windows:
-            assert w.seq == 1
+            assert w.number == 1
             assert np.array_equal(w.expert_ids, ids[w.layer, :35])
 
 
@@ -220,7 +154,7 @@ def test_killed_actor_is_restored_and_nothing_is_lost_or_counted_twice(routing):
     expected = in_process_hits(ids, config)
     for s in stats.layers:
         assert s.tokens == ids.shape[1], f"layer {s.layer} lost or repeated routing"
-        assert s.hits + s.misses == ids.shape[1] * 4
+        assert s.hits + s.stalls == ids.shape[1] * 4
         if s.layer in (2, 3):
             assert s.restarts == 1
             # LRU restarted empty holds a subset of what it would have held: never more hits
@@ -236,8 +170,8 @@ def test_layer_caches_apply_each_window_once_in_order():
         LayerWindow(0, seq, np.array([[seq % 8, (seq + 1) % 8]], dtype=np.int32))
         for seq in (1, 2, 3)
     ]
-    assert [a.seq for a in body.apply(w[:2])] == [1, 2]
-    assert [a.seq for a in body.apply(w[:3])] == [3]  # 1 and 2 are resends: skipped
+    assert [a.number for a in body.apply(w[:2])] == [1, 2]
+    assert [a.number for a in body.apply(w[:3])] == [3]  # 1 and 2 are resends: skipped
     with pytest.raises(WindowGapError):
         body.apply([LayerWindow(0, 5, w[0].expert_ids)])
     assert body.applied() == {0: 3}
@@ -330,7 +264,7 @@ def test_msgpack_steps_carry_sequence_starts_and_hints(stream):
         )
         wired.submit(step.expert_ids, step.weights, seq_starts=step.seq_starts, hints=step.hints)
     a, b = direct.stats(), wired.stats()
-    assert [s.misses for s in a.layers] == [s.misses for s in b.layers]
+    assert [s.stalls for s in a.layers] == [s.stalls for s in b.layers]
     assert [list(s.predictor_hits) for s in a.layers] == [list(s.predictor_hits) for s in b.layers]
     assert b.total().predictor_uses[PREDICTOR_NAMES.index("hints")] > 0
     import msgpack
@@ -407,7 +341,7 @@ def test_moeray_through_coordinator_equals_the_whole_model(
         trace.expert_ids, trace.seq_offsets
     )
     assert [s.hits for s in stats.layers] == expected.hits.tolist()
-    assert [s.misses for s in stats.layers] == expected.stalls.tolist()
+    assert [s.stalls for s in stats.layers] == expected.stalls.tolist()
     assert [s.prefetches for s in stats.layers] == expected.prefetches.tolist()
     assert [s.prefetch_hits for s in stats.layers] == expected.prefetch_hits.tolist()
     assert [s.wasted_prefetches for s in stats.layers] == expected.wasted_prefetches.tolist()
@@ -490,7 +424,7 @@ def test_moeray_resplit_through_coordinator_equals_the_whole_model(
     assert expected.resplit_moved > 0 and expected.resplit_evictions.sum() > 0  # it re-split
     for key, mine in (
         ("hits", "hits"),
-        ("stalls", "misses"),
+        ("stalls", "stalls"),
         ("prefetches", "prefetches"),
         ("wasted_prefetches", "wasted_prefetches"),
         ("resplit_evictions", "resplit_evictions"),
@@ -512,7 +446,7 @@ def test_a_service_configured_with_the_model_shape_alone_serves_moeray(stream):
     submit_stream(coordinator, ids, weights, starts)
     stats = coordinator.stats()
     expected = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids, trace.seq_offsets)
-    assert [s.misses for s in stats.layers] == expected.stalls.tolist()
+    assert [s.stalls for s in stats.layers] == expected.stalls.tolist()
     assert [s.prefetches for s in stats.layers] == expected.prefetches.tolist()
     assert stats.total().prefetches > 0  # it predicted and prefetched
 
@@ -617,19 +551,19 @@ def test_moeray_killed_actor_relearns_and_nothing_is_lost_or_applied_twice(strea
             }
         after.step(trace.expert_ids[t, 1:4], new_sequence=bool(starts[t]))
     for s in stats.layers:
-        assert s.tokens == 1200 and s.hits + s.misses == 1200 * 4, f"layer {s.layer}"
+        assert s.tokens == 1200 and s.hits + s.stalls == 1200 * 4, f"layer {s.layer}"
         if s.layer in (2, 3):
             j = s.layer - 1
             assert s.restarts == 1
             assert s.hits == before.hits[s.layer] + after.stats.hits[j] - warm["hits"][j]
-            assert s.misses == before.stalls[s.layer] + after.stats.stalls[j] - warm["stalls"][j]
+            assert s.stalls == before.stalls[s.layer] + after.stats.stalls[j] - warm["stalls"][j]
             assert s.prefetches == (
                 before.prefetches[s.layer] + after.stats.prefetches[j] - warm["prefetches"][j]
             )
         else:
             assert s.restarts == 0
         if s.layer not in (2, 3) or warmup_tokens >= 600:  # a full relearning: as if no restart
-            assert (s.hits, s.misses, s.prefetches) == (
+            assert (s.hits, s.stalls, s.prefetches) == (
                 whole.hits[s.layer],
                 whole.stalls[s.layer],
                 whole.prefetches[s.layer],
@@ -668,17 +602,17 @@ def test_moeray_resplit_survives_a_killed_actor(stream):
     whole = caches.run(trace.expert_ids, trace.seq_offsets)
     assert stats.capacity == tuple(caches.capacity) and stats.resplit_moved == whole.resplit_moved
     for s in stats.layers:
-        assert s.tokens == 1200 and s.hits + s.misses == 1200 * 4, f"layer {s.layer}"
+        assert s.tokens == 1200 and s.hits + s.stalls == 1200 * 4, f"layer {s.layer}"
         if s.layer in (2, 3):
             assert s.restarts == 1
         else:
-            assert (s.hits, s.misses, s.prefetches, s.resplit_evictions) == (
+            assert (s.hits, s.stalls, s.prefetches, s.resplit_evictions) == (
                 whole.hits[s.layer],
                 whole.stalls[s.layer],
                 whole.prefetches[s.layer],
                 whole.resplit_evictions[s.layer],
             )
-    restarted = transport.bodies[1]._predictive  # layers 1 (shadow), 2, 3
+    restarted = transport.actors[1]._policy  # layers 1 (shadow), 2, 3
     assert restarted._caches.capacity.tolist() == list(stats.capacity[1:4])
     for row, layer in ((1, 2), (2, 3)):
         assert len(restarted._caches.hot_set(row)[0]) <= stats.capacity[layer]

@@ -221,7 +221,7 @@ stats = handle.stats()
 print(json.dumps({"schedules_match": all(groups),
                   "tokens": [s.tokens for s in stats.layers],
                   "hits": [s.hits for s in stats.layers],
-                  "misses": [s.misses for s in stats.layers]}))
+                  "stalls": [s.stalls for s in stats.layers]}))
 ray.shutdown()
 """
 
@@ -306,10 +306,10 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
 
     try:
         answer = _wait_for("the service to answer", service_answers, 300)
-        hits, misses = _expected_counts(ids)
+        hits, stalls = _expected_counts(ids)
         assert answer["schedules_match"]
         assert answer["tokens"] == [tokens] * SERVICE["num_layers"]
-        assert answer["hits"] == hits and answer["misses"] == misses
+        assert answer["hits"] == hits and answer["stalls"] == stalls
 
         moeray_status = subprocess.run(
             [
@@ -335,7 +335,7 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
             if line.strip()
         }
         assert rows["all"][2].replace(",", "") == str(sum(hits))
-        assert rows["all"][3].replace(",", "") == str(sum(misses))
+        assert rows["all"][3].replace(",", "") == str(sum(stalls))
         assert status() == JobStatus.RUNNING  # serve stays up until stopped
     finally:
         _retry("the job server to stop the job", lambda: client.stop_job(job_id))

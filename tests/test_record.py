@@ -21,9 +21,9 @@ else:
     )
 
 from moeray import cli  # noqa: E402
-from moeray.record import FAMILIES, RouterRecorder, tiny_model  # noqa: E402
-from moeray.trace import TraceReader  # noqa: E402
 from moeray.traces import load_trace  # noqa: E402
+from moeray.traces.mtrace import TraceReader  # noqa: E402
+from moeray.traces.record import FAMILIES, RouterRecorder, tiny_model  # noqa: E402
 
 
 def expected_top_k(family: str, logits: torch.Tensor, router) -> tuple[np.ndarray, np.ndarray]:

@@ -11,8 +11,8 @@ import pytest
 
 from moeray import cli
 from moeray.policy.predict import PredictConfig
+from moeray.policy.registry import POLICIES
 from moeray.replay import (
-    DEMAND_POLICY_NAMES,
     POLICY_NAMES,
     ReplayConfig,
     replay_trace,
@@ -21,6 +21,9 @@ from moeray.replay import (
 from moeray.traces import Trace
 
 pytestmark = pytest.mark.pure
+
+# Policies that load only on demand (no prefetch): Belady's hit count bounds theirs.
+DEMAND_POLICY_NAMES = tuple(n for n, e in POLICIES.items() if not e.predictive)
 
 # The hand trace of test_traces_replay_cli: 2 layers, top-1, 4 experts, 9 tokens.
 # Layer 0: 0 1 0 2 0 3 1 0 1.  Layer 1: 0 0 0 1 2 1 2 1 2. At capacity 2, LRU hits (3, 6) and
@@ -196,10 +199,17 @@ def test_cli_service_backend_serves_every_online_policy(tmp_path, capsys, monkey
         }
         return ReplayReport(trace.name, trace.num_experts, config.capacity, results), []
 
-    fake = types.ModuleType("moeray.service")
+    import moeray.actors
+    import moeray.replay
+
+    fake = types.ModuleType("moeray.replay.service")
     fake.replay_through_service = fake_replay_through_service
-    monkeypatch.setitem(sys.modules, "moeray.service", fake)
-    monkeypatch.setattr(cli, "_ray_session", lambda address: contextlib.nullcontext())
+    monkeypatch.setitem(sys.modules, "moeray.replay.service", fake)
+    monkeypatch.setattr(moeray.replay, "service", fake, raising=False)
+    fake_ray = types.ModuleType("moeray.actors._ray")
+    fake_ray.local_session = lambda address: contextlib.nullcontext()
+    monkeypatch.setitem(sys.modules, "moeray.actors._ray", fake_ray)
+    monkeypatch.setattr(moeray.actors, "_ray", fake_ray, raising=False)
     trace = write(tmp_path / "hand.npz", np.array(HAND_LAYERS).T, 4)
     out = tmp_path / "service.json"
     argv = [

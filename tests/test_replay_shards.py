@@ -46,22 +46,22 @@ def trace():
     )
 
 
-def lru_stalls(ids: np.ndarray, capacity: int) -> int:
+def lru_cold_reads(ids: np.ndarray, capacity: int) -> int:
     """Experts of each token that were not hot when the token reached the layer (plain LRU).
 
     Fewer than LRU's misses: within a token, a miss may evict an expert the same token uses
     next, which then misses again although its bytes never left."""
     hot: list[int] = []  # least recently used first
-    stalls = 0
+    cold = 0
     for row in ids.tolist():
-        stalls += len(set(row) - set(hot))
+        cold += len(set(row) - set(hot))
         for e in row:
             if e in hot:
                 hot.remove(e)
             elif len(hot) == capacity:
                 hot.pop(0)
             hot.append(e)
-    return stalls
+    return cold
 
 
 def test_every_stall_moves_one_expert_and_the_bound_holds(checkpoint, trace):
@@ -71,16 +71,16 @@ def test_every_stall_moves_one_expert_and_the_bound_holds(checkpoint, trace):
     with ShardStore(checkpoint) as store:
         expert = store.expert_bytes(store.layers[0], 0)
     assert "belady" not in report.shards  # an oracle: no bytes to move
-    assert list(report.shards["lru"].stalls) == [
-        lru_stalls(trace.layer_ids(layer), CAPACITY) for layer in range(LAYERS)
+    assert list(report.shards["lru"].cold_reads) == [
+        lru_cold_reads(trace.layer_ids(layer), CAPACITY) for layer in range(LAYERS)
     ]
     for name in ("lru", "affinity-lru"):
         result, shards = report.results[name], report.shards[name]
         assert result.per_layer_hits == decisions.results[name].per_layer_hits
         misses = [TOKENS * trace.top_k - hits for hits in result.per_layer_hits]
-        assert all(0 < s <= m for s, m in zip(shards.stalls, misses))
+        assert all(0 < s <= m for s, m in zip(shards.cold_reads, misses))
         # one token per window, no prediction: each stall loads its expert once, nothing else
-        assert list(shards.bytes_moved) == [s * expert for s in shards.stalls]
+        assert list(shards.bytes_moved) == [s * expert for s in shards.cold_reads]
         assert shards.capacity_bytes == (CAPACITY * expert,) * LAYERS
         assert shards.over_bound() == [], (shards.resident_bytes_max, shards.capacity_bytes)
         # the hot set really was held in memory, not just bounded from above
@@ -93,7 +93,8 @@ def test_moeray_moves_the_bytes_of_its_hot_sets(checkpoint, trace, hint_accuracy
     resident experts are exactly the policy's hot set, the bound holds, and every expert
     populated was one the policy brought in (a stall or a prefetch). Its counts, predictors
     included, are the in-process replay's, with engine hints too."""
-    from moeray.actors.layer import LayerCaches, LayerWindow
+    from moeray.actors.layer import LayerCaches
+    from moeray.actors.messages import LayerWindow
     from moeray.policy.predict import PredictiveCaches
 
     config = ReplayConfig(capacity=CAPACITY, policies=("moeray",), hint_accuracy=hint_accuracy)
@@ -128,16 +129,19 @@ def test_moeray_moves_the_bytes_of_its_hot_sets(checkpoint, trace, hint_accuracy
         settle=True,
     )
     mirror = PredictiveCaches(LAYERS, trace.num_experts, trace.top_k, CAPACITY)
-    for seq, first in enumerate(range(0, 64, 16), start=1):
+    for number, first in enumerate(range(0, 64, 16), start=1):
         step = slice(first, first + 16)
         body.apply(
-            [LayerWindow(layer, seq, trace.layer_ids(layer)[step], trace.top_k) for layer in layers]
+            [
+                LayerWindow(layer, number, trace.layer_ids(layer)[step], trace.top_k)
+                for layer in layers
+            ]
         )
         for t in range(first, first + 16):
             mirror.step(trace.expert_ids[t], new_sequence=t == 0)
         for layer in layers:
             hot, _ = mirror.hot_set(layer)
-            assert body._residency[layer].resident_experts() == hot.tolist(), (seq, layer)
+            assert body._residency[layer].resident_experts() == hot.tolist(), (number, layer)
     del body  # unmaps the shards
 
 
@@ -155,14 +159,16 @@ def test_the_resident_reading_sees_a_hot_set_over_capacity(checkpoint):
         assert residency.measure() < 5 * stats.expert_bytes
 
 
-def test_use_counts_in_time_late_and_stalls(checkpoint):
+def test_use_counts_in_time_late_and_cold_reads(checkpoint):
     with ShardStore(checkpoint) as store:
         residency = ShardResidency(store, store.layers[0], CAPACITY)
         residency.sync([1, 2, 3], ahead=[2, 3])
         residency.settle()
-        residency.use([1, 2, 5, 5])  # 1: on demand earlier; 2: prefetched ahead, ready; 5: stall
+        residency.use(
+            [1, 2, 5, 5]
+        )  # 1: on demand earlier; 2: prefetched ahead, ready; 5: cold read
         stats = residency.stats()
-        assert (stats.in_time, stats.late, stats.stalls) == (1, 0, 1)
+        assert (stats.in_time, stats.late, stats.cold_reads) == (1, 0, 1)
         assert stats.bytes_moved == 3 * store.expert_bytes(store.layers[0], 0)
         residency.use([3])
         assert residency.stats().in_time == 2
@@ -261,23 +267,27 @@ def test_service_config_capacity_in_bytes(checkpoint):
 
     with ShardStore(checkpoint) as store:
         expert = store.expert_bytes(store.layers[0], 0)
-    config = ServiceConfig(
-        num_layers=LAYERS,
-        num_experts=32,
-        top_k=4,
-        shards=str(checkpoint),
-        capacity_bytes=7 * LAYERS * expert + 1,
+    config = ServiceConfig.from_byte_budget(
+        7 * LAYERS * expert + 1, str(checkpoint), num_layers=LAYERS, num_experts=32, top_k=4
     )
-    assert config.capacity == (7,) * LAYERS
+    assert config.capacity == (7,) * LAYERS and config.shards == str(checkpoint)
+    json_config = ServiceConfig.from_dict(
+        {
+            "num_layers": LAYERS,
+            "num_experts": 32,
+            "top_k": 4,
+            "shards": str(checkpoint),
+            "capacity_bytes": 7 * LAYERS * expert + 1,
+        }
+    )
+    assert json_config == config
     with pytest.raises(ValueError, match="needs shards"):
-        ServiceConfig(num_layers=LAYERS, num_experts=32, top_k=4, capacity_bytes=2**30)
+        ServiceConfig.from_dict(
+            {"num_layers": LAYERS, "num_experts": 32, "top_k": 4, "capacity_bytes": 2**30}
+        )
     with pytest.raises(ValueError, match="one expert per layer"):
-        ServiceConfig(
-            num_layers=LAYERS,
-            num_experts=32,
-            top_k=4,
-            shards=str(checkpoint),
-            capacity_bytes=expert,
+        ServiceConfig.from_byte_budget(
+            expert, str(checkpoint), num_layers=LAYERS, num_experts=32, top_k=4
         )
 
 

@@ -3,18 +3,22 @@
 Pure tests first (no Ray): the decomposition the actors rely on (a ``PredictiveCaches`` over
 layers a-1..b makes the whole model's decisions for a..b), and a layer actor's body applying
 windows. Then the real service on a local Ray: per-layer hits, stalls, transfers, prefetches
-and wasted prefetches equal ``replay_predictive``'s, and a layer actor killed mid-replay loses
+and wasted prefetches equal the in-process replay's, and a layer actor killed mid-replay loses
 no window and applies none twice. Expectations come from ``PredictiveCaches`` run in-process
 over the whole model, never from the service's code.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from moeray.actors.layer import LayerCaches, LayerWindow, WindowGapError
+from moeray.actors.layer import LayerCaches
+from moeray.actors.messages import LayerWindow, WindowGapError
 from moeray.policy.predict import PREDICTOR_NAMES, PredictConfig, PredictiveCaches
+from moeray.policy.registry import PolicySettings
 from moeray.traces import Trace, default_trace_path, load_trace
 
 PER_PREDICTOR = ("predictor_hits", "predictor_guesses", "predictor_uses")
@@ -86,7 +90,7 @@ def apply_all(body, trace, layers, window_tokens, starts=True):
     totals = {
         layer: {
             **dict.fromkeys(
-                ("hits", "misses", "prefetches", "prefetch_hits", "wasted_prefetches", "evictions"),
+                ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches", "evictions"),
                 0,
             ),
             **{key: np.zeros(len(PREDICTOR_NAMES), np.int64) for key in PER_PREDICTOR},
@@ -111,7 +115,9 @@ def apply_all(body, trace, layers, window_tokens, starts=True):
         for ack in body.apply(windows):
             for key in totals[ack.layer]:
                 totals[ack.layer][key] += (
-                    np.asarray(getattr(ack, key)) if key in PER_PREDICTOR else getattr(ack, key)
+                    np.asarray(getattr(ack.counters, key))
+                    if key in PER_PREDICTOR
+                    else getattr(ack.counters, key)
                 )
     return totals
 
@@ -124,13 +130,13 @@ def test_layer_actor_body_runs_moeray_as_the_whole_model(trace):
     totals = apply_all(body, trace, layers, window_tokens=64)
     for layer in layers:
         got = totals[layer]
-        assert got["hits"] == full.hits[layer] and got["misses"] == full.stalls[layer]
+        assert got["hits"] == full.hits[layer] and got["stalls"] == full.stalls[layer]
         assert got["prefetches"] == full.prefetches[layer]
         assert got["prefetch_hits"] == full.prefetch_hits[layer]
         assert got["wasted_prefetches"] == full.wasted_prefetches[layer]
         assert got["evictions"] == full.evictions[layer]
         # every transfer beyond the first 8 (the hot set filling up) evicted one expert
-        assert got["evictions"] == got["misses"] + got["prefetches"] - 8
+        assert got["evictions"] == got["stalls"] + got["prefetches"] - 8
         for key in PER_PREDICTOR:  # the shadow layer's guesses are not counted
             assert got[key].tolist() == getattr(full, key)[:, layer].tolist(), key
     assert body.applied() == dict.fromkeys(layers, 11)
@@ -156,7 +162,7 @@ def test_prometheus_counters_carry_moerays_wasted_prefetches_and_predictors(trac
     per layer and predictor what the whole-model policy counted."""
     import types
 
-    import moeray.metrics
+    from moeray.actors import _ray
 
     made = {}
 
@@ -164,8 +170,8 @@ def test_prometheus_counters_carry_moerays_wasted_prefetches_and_predictors(trac
         made[name] = _FakeCounter(name, description, tag_keys)
         return made[name]
 
-    monkeypatch.setattr(moeray.metrics, "metrics", types.SimpleNamespace(Counter=counter))
-    sink = moeray.metrics.ServiceMetrics("svc")
+    monkeypatch.setattr(_ray, "metrics", types.SimpleNamespace(Counter=counter))
+    sink = _ray.ServiceMetrics("svc")
     full = whole_model(trace, 8)
     layers = [2, 3]
     body = LayerCaches(layers, trace.num_experts, dict.fromkeys(layers, 8), "moeray")
@@ -212,7 +218,7 @@ def test_sequence_starts_reach_the_predictor(trace):
     )
     assert with_starts != without
     one_stream = PredictiveCaches(6, 32, 4, 8).run(trace.expert_ids)
-    assert [without[layer]["misses"] for layer in layers] == one_stream.stalls[:2].tolist()
+    assert [without[layer]["stalls"] for layer in layers] == one_stream.stalls[:2].tolist()
 
 
 @pytest.mark.pure
@@ -246,20 +252,22 @@ def test_moeray_body_refuses_what_it_cannot_apply(trace):
     with pytest.raises(ValueError, match="consecutive"):
         LayerCaches([1, 3], 32, {1: 8, 3: 8}, "moeray")
     with pytest.raises(TypeError, match="predict"):
-        LayerCaches([0], 32, {0: 8}, "moeray", predict={"prefetch_budget": 2})
+        LayerCaches(
+            [0], 32, {0: 8}, "moeray", settings=PolicySettings(predict={"prefetch_budget": 2})
+        )
 
 
 # --- the real service on a local Ray ---
 
 
 @pytest.mark.parametrize("hint_accuracy", [None, 0.8])
-def test_replay_through_service_equals_replay_predictive(ray_local, trace, hint_accuracy):
+def test_replay_through_service_equals_the_in_process_replay(ray_local, trace, hint_accuracy):
     """Per layer: hits, stalls, transfers, prefetches and wasted prefetches of the service's
     moeray equal the in-process replay's; 3 sequences start inside the 50-token steps. With
     synthetic engine hints, which reach the layer actors with each step, likewise, and the
     hints' recall and precision too."""
-    from moeray.replay import ReplayConfig, replay_predictive, replay_trace
-    from moeray.service import replay_through_service
+    from moeray.replay import ReplayConfig, replay_trace
+    from moeray.replay.service import replay_through_service
 
     config = ReplayConfig(
         capacity=8,
@@ -270,7 +278,8 @@ def test_replay_through_service_equals_replay_predictive(ray_local, trace, hint_
     report, throughput = replay_through_service(
         trace, config, step_tokens=50, window_steps=3, layers_per_actor=4
     )
-    served, local = report.results["moeray"], replay_predictive(trace, config)
+    served = report.results["moeray"]
+    local = replay_trace(trace, replace(config, policies=("moeray",))).results["moeray"]
     assert served.per_layer_hits == local.per_layer_hits
     assert served.stalls == local.stalls
     assert served.transfers == local.transfers
@@ -294,7 +303,7 @@ def test_moeray_layer_actor_killed_mid_replay(ray_local, trace):
     layers still decide exactly as the whole model does. Every third step comes as msgpack
     (its sequence starts as positions), between the handle's own windows."""
     from moeray import service
-    from moeray.wire import encode_step
+    from moeray.traces.wire import encode_step
 
     ids = np.ascontiguousarray(trace.expert_ids.transpose(1, 0, 2), dtype=np.int32)
     weights = np.ascontiguousarray(trace.weights.transpose(1, 0, 2))
@@ -334,10 +343,10 @@ def test_moeray_layer_actor_killed_mid_replay(ray_local, trace):
     whole = whole_model(trace, 8)
     for s in stats.layers:
         assert s.tokens == trace.num_tokens, f"layer {s.layer} lost or repeated routing"
-        assert s.hits + s.misses == trace.num_tokens * 4
+        assert s.hits + s.stalls == trace.num_tokens * 4
         if s.layer < 3:
             assert s.restarts == 0
-            assert (s.hits, s.misses, s.prefetches, s.wasted_prefetches) == (
+            assert (s.hits, s.stalls, s.prefetches, s.wasted_prefetches) == (
                 whole.hits[s.layer],
                 whole.stalls[s.layer],
                 whole.prefetches[s.layer],

@@ -8,7 +8,7 @@ import pytest
 
 from moeray import ExpertCache, ExpertCacheConfig, service
 from moeray.traces import default_trace_path, load_trace
-from moeray.wire import decode_batches, encode_step
+from moeray.traces.wire import decode_batches, encode_step
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_layer_actor_killed_mid_replay(ray_local, routing):
         expected = in_process_hits(ids, 8)
         for s in stats.layers:
             assert s.tokens == ids.shape[1], f"layer {s.layer} lost or repeated routing"
-            assert s.hits + s.misses == ids.shape[1] * 4
+            assert s.hits + s.stalls == ids.shape[1] * 4
             if s.layer < 12:
                 assert s.restarts == 0 and s.hits == expected[s.layer]
             else:
@@ -191,8 +191,8 @@ try:
     for start in range(0, ids.shape[1], 256):
         handle.submit(ids[:, start:start + 256], weights[:, start:start + 256])
     stats = handle.stats()
-    expected = {layer: [stats.layers[layer].hits, stats.layers[layer].misses,
-                        stats.layers[layer].misses + stats.layers[layer].prefetches] for layer in (0, 23)}
+    expected = {layer: [stats.layers[layer].hits, stats.layers[layer].stalls,
+                        stats.layers[layer].stalls + stats.layers[layer].prefetches] for layer in (0, 23)}
     # scrape while the service runs: a layer actor's last second of counts leaves with it
     deadline = time.monotonic() + 120
     while True:
@@ -202,7 +202,7 @@ try:
         except OSError:  # the endpoint is busy on a loaded machine: poll again
             text = ""
         got = {layer: [value(text, f"ray_moeray_{n}", layer)
-                       for n in ("cache_hits_total", "cache_misses_total", "transfers_total")]
+                       for n in ("cache_hits_total", "cache_stalls_total", "transfers_total")]
                for layer in expected}
         latency = bool(re.search(
             rf'^ray_moeray_submit_latency_ms_count\{{[^}}]*service="{name}"', text, re.M))
@@ -265,7 +265,7 @@ def test_layer_actors_keep_the_hot_sets_resident_in_real_bytes(ray_local, tmp_pa
     under moeray: every expert the hot sets took in was populated, and no reading of a layer's
     shard exceeds capacity plus one expert."""
     from moeray.replay import ReplayConfig, replay_trace
-    from moeray.service import replay_through_service
+    from moeray.replay.service import replay_through_service
     from moeray.shards import ShardStore
     from moeray.shards.synth import MODEL_SHAPES, SynthConfig, write_checkpoint
     from moeray.traces import Trace
@@ -294,7 +294,7 @@ def test_layer_actors_keep_the_hot_sets_resident_in_real_bytes(ray_local, tmp_pa
         assert shards.capacity_bytes == (8 * expert,) * 2
         # the prefetcher populates whole experts; a window's admissions are queued to it
         assert all(moved % expert == 0 for moved in shards.bytes_moved)
-        assert all(0 < stalls for stalls in shards.stalls)
+        assert all(0 < cold for cold in shards.cold_reads)
         assert shards.over_bound() == [], (name, shards.resident_bytes_max)
         # stats() waits for the prefetches in flight: at least the last hot set's bytes moved
         # and were read resident. (How many more bytes move depends on timing: the native

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from moeray.replay import ReplayConfig, replay_trace
-from moeray.trace import (
+from moeray.traces import Trace, default_trace_path, load_trace
+from moeray.traces.mtrace import (
     FORMAT_NAME,
     TraceFormatError,
     TraceHeader,
@@ -27,8 +28,7 @@ from moeray.trace import (
     read_trace,
     write_trace,
 )
-from moeray.traces import Trace, default_trace_path, load_trace
-from moeray.wire import decode_step
+from moeray.traces.wire import decode_step
 
 pytestmark = pytest.mark.pure
 
@@ -321,7 +321,7 @@ def test_load_trace_names_the_file_and_record(tmp_path):
     path.write_bytes(b"".join(parts)[:-3])
     with pytest.raises(ValueError, match=r"cut\.mtrace: record 2: truncated"):
         load_trace(path)
-    assert read_trace.__module__ == "moeray.trace" and FORMAT_NAME == "moeray-trace"
+    assert read_trace.__module__ == "moeray.traces.mtrace" and FORMAT_NAME == "moeray-trace"
 
 
 def test_writer_validates_and_removes_a_failed_file(tmp_path):

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moeray.trace import TraceFormatError, TraceHeader, TraceReader, TraceWriter
+from moeray.traces.mtrace import TraceFormatError, TraceHeader, TraceReader, TraceWriter
 
 pytestmark = pytest.mark.pure
 

@@ -21,14 +21,17 @@ import pytest
 import moeray
 import moeray.native
 from moeray import cli
+from moeray.policy.registry import POLICIES
 from moeray.replay import (
-    DEMAND_POLICY_NAMES,
     POLICY_NAMES,
     ReplayConfig,
     capacity_from_fraction,
     replay_trace,
 )
 from moeray.traces import Trace, default_trace_path, load_trace
+
+# Policies that load only on demand (no prefetch): Belady's hit count bounds theirs.
+DEMAND_POLICY_NAMES = tuple(n for n, e in POLICIES.items() if not e.predictive)
 
 pytestmark = pytest.mark.pure
 

@@ -1,11 +1,21 @@
-"""Every Ray call of moeray lives here: creating, calling, polling and killing actors.
+"""Every Ray call of moeray lives here, behind domain verbs: starting a local session, creating,
+calling, polling and killing actors, and the Prometheus metrics.
 
 The actor bodies (``LayerCaches``, ``Coordinator``) are plain classes; this module wraps them
 with ``ray.remote`` and gives the coordinator a ``LayerTransport`` over real actor handles.
+
+Metrics are exported on each Ray node's metrics endpoint with Ray's prefix (a Counter
+``moeray_cache_hits`` appears as ``ray_moeray_cache_hits_total``), tags ``service`` and
+``layer``: ``moeray_cache_hits``, ``moeray_cache_stalls``, ``moeray_cache_evictions``,
+``moeray_prefetches``, ``moeray_prefetch_hits``, ``moeray_transfers`` (stalls plus
+prefetches), ``moeray_wasted_prefetches``; per predictor (tag ``predictor``)
+``moeray_predictor_hits``, ``_guesses``, ``_uses`` (precision hits / guesses, recall
+hits / uses); and the Histogram ``moeray_submit_latency_ms`` in the submitting process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -13,10 +23,14 @@ from dataclasses import replace
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util import metrics
 
-from moeray.actors.coordinator import Coordinator, ServiceConfig
-from moeray.actors.layer import LayerCaches, LayerState, LayerWindow, Warmup, WindowGapError
-from moeray.wire import decode_step, encode_batches
+from moeray.actors.config import ServiceConfig
+from moeray.actors.coordinator import Coordinator
+from moeray.actors.layer import LayerCaches
+from moeray.actors.messages import LayerAck, LayerState, LayerWindow, Warmup, WindowGapError
+from moeray.policy.predict import PREDICTOR_NAMES
+from moeray.traces.wire import decode_step, encode_batches
 
 __all__ = [
     "RayLayerTransport",
@@ -30,6 +44,10 @@ __all__ = [
     "call_async",
     "kill",
     "RayActorError",
+    "ServiceMetrics",
+    "SubmitLatency",
+    "local_session",
+    "wait_all",
 ]
 
 _OPTIONS = {"num_cpus": 0, "max_restarts": 0, "lifetime": "detached"}
@@ -105,9 +123,8 @@ class RayLayerTransport:
                 {layer: config.capacity[layer] for layer in layers},
                 config.policy,
                 config.affinity_config(),
-                config.affinity_weight,
+                config.settings(),
                 config.shards,
-                predict=config.predict,
             )
         )
 
@@ -187,8 +204,6 @@ class CoordinatorHost:
     """The coordinator actor's body: a ``Coordinator`` over real layer actors."""
 
     def __init__(self, config: ServiceConfig):
-        from moeray.metrics import ServiceMetrics
-
         self._transport = RayLayerTransport(config)
         self._coordinator = Coordinator(
             config, self._transport, on_ack=ServiceMetrics(config.name).record_ack
@@ -293,7 +308,7 @@ def get_coordinator(name: str, namespace: str):
         raise ValueError(f"name: no moeray service {name!r} in namespace {namespace!r}") from None
 
 
-def init(**kwargs) -> None:
+def init(**kwargs):
     """``ray.init(**kwargs)`` from an empty working directory. Ray puts the driver's working
     directory first on every worker's sys.path: a driver run inside a moeray checkout would make
     the workers import the checkout's unbuilt source tree (and its pure-Python core) instead of
@@ -302,7 +317,7 @@ def init(**kwargs) -> None:
     with tempfile.TemporaryDirectory(prefix="moeray-driver-") as empty:
         os.chdir(empty)
         try:
-            ray.init(**kwargs)
+            return ray.init(**kwargs)
         finally:
             os.chdir(cwd)
 
@@ -327,3 +342,110 @@ def kill(handle) -> None:
         ray.kill(handle, no_restart=True)
     except Exception:  # already gone
         pass
+
+
+@contextlib.contextmanager
+def local_session(address: str | None = None, job: bool = False, **options):
+    """Joins ``address`` (with ``job``, also RAY_ADDRESS, as a Ray job's driver does), or starts
+    a quiet, loopback-only local Ray (``options`` go to ``ray.init``); shuts down what it began.
+    Yields ``ray.init``'s context (None inside an already initialised Ray, where it does
+    nothing). The one way the CLI, tests and benchmarks start Ray."""
+    if address is None and job:
+        address = os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        yield None
+        return
+    quiet = dict(log_to_driver=False, logging_level="ERROR")
+    if address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        system = {"worker_maximum_startup_concurrency": 16, **options.pop("_system_config", {})}
+        settings = dict(
+            include_dashboard=False,
+            object_store_memory=200 * 2**20,
+            _system_config=system,
+            **quiet,
+            **options,
+        )
+        try:
+            context = init(**settings)
+        except Exception as exc:  # Ray raises a bare Exception on startup timeouts
+            # A loaded 2-core VM can miss Ray's fixed 30 s raylet registration wait: once more.
+            if "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            context = init(**settings)
+    else:
+        context = init(address=address, **quiet, **options)
+    try:
+        yield context
+    finally:
+        ray.shutdown()
+
+
+_LATENCY_BOUNDARIES_MS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 1000]
+
+
+class ServiceMetrics:
+    """Counters fed by the coordinator as layer actors acknowledge windows (module doc)."""
+
+    def __init__(self, service: str):
+        def counter(name: str, description: str, tags=("service", "layer")):
+            c = metrics.Counter(name, description=description, tag_keys=tags)
+            c.set_default_tags({"service": service})
+            return c
+
+        self._counters = {
+            key: counter(name, description)
+            for key, name, description in (
+                ("hits", "moeray_cache_hits", "uses that found their expert hot"),
+                (
+                    "stalls",
+                    "moeray_cache_stalls",
+                    "uses whose expert was neither hot nor prefetched",
+                ),
+                ("evictions", "moeray_cache_evictions", "experts evicted from a hot set"),
+                ("prefetches", "moeray_prefetches", "experts prefetched"),
+                ("prefetch_hits", "moeray_prefetch_hits", "hits on prefetched experts"),
+                ("transfers", "moeray_transfers", "experts moved into the fast tier"),
+                ("wasted_prefetches", "moeray_wasted_prefetches", "prefetches evicted unused"),
+            )
+        }
+        predictor_tags = ("service", "layer", "predictor")
+        self._predictor = {
+            field: counter(f"moeray_predictor_{field}", description, predictor_tags)
+            for field, description in (
+                ("hits", "experts of a predictor's top-k guesses that were used"),
+                ("guesses", "experts a predictor guessed"),
+                ("uses", "expert uses a predictor had a guess for"),
+            )
+        }
+
+    def record_ack(self, ack: LayerAck) -> None:
+        tags = {"layer": str(ack.layer)}
+        counts = ack.counters
+        for key, counter in self._counters.items():
+            value = getattr(counts, key)
+            if value:
+                counter.inc(value, tags=tags)
+        for field, counter in self._predictor.items():
+            for name, value in zip(PREDICTOR_NAMES, getattr(counts, f"predictor_{field}")):
+                if value:
+                    counter.inc(value, tags={**tags, "predictor": name})
+
+
+class SubmitLatency:
+    """Histogram of submit latency, recorded in the process that submits."""
+
+    def __init__(self, service: str):
+        self._histogram = metrics.Histogram(
+            "moeray_submit_latency_ms",
+            description="ServiceHandle.submit latency",
+            boundaries=_LATENCY_BOUNDARIES_MS,
+            tag_keys=("service",),
+        )
+        self._histogram.set_default_tags({"service": service})
+
+    def observe(self, seconds: float) -> None:
+        self._histogram.observe(seconds * 1e3)

@@ -1,7 +1,7 @@
 """Memory-layout helpers and the prefetcher contract from the seed.
 
 The seed's prefetcher is a no-op trait; ``NullPrefetcher`` keeps that contract for tests and
-portable builds. The real prefetcher over memory-mapped shards comes with the shards issue.
+portable builds. The real prefetcher over memory-mapped shards is ``moeray.shards.residency``.
 """
 
 from __future__ import annotations

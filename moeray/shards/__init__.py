@@ -1,6 +1,6 @@
 """Expert weight shards: safetensors checkpoints mapped read-only and indexed by (layer, expert).
 
-Vocabulary (DESIGN.md): a ``shard`` is the bytes of one layer's experts held by one node, files
+A ``shard`` (docs/design.md) is the bytes of one layer's experts held by one node, files
 on disk, memory-mapped. ``ShardStore(path)`` maps a checkpoint and gives, per (layer, expert),
 the byte ranges a prefetcher populates (``expert_ranges``) and zero-copy views a kernel reads
 (``expert_weights``); ``expert_matvec`` is the numpy reference of the consumer kernel,
@@ -10,8 +10,8 @@ Formats: F32, F16, BF16 (as uint16 bits; ``bf16_to_float32``) and ruvllm's packe
 writes synthetic checkpoints with the real names and shapes of gpt-oss-20b, Mixtral-8x7B,
 DeepSeek-V2-Lite and Qwen1.5-MoE (``moeray shards synth``).
 
-Imports only the standard library, numpy and ``moeray.native`` (``safetensors`` only to write);
-never Ray.
+``capacity`` turns a byte budget into experts per layer. Imports only the standard library,
+numpy, ``moeray.native`` and ``moeray.policy`` (``safetensors`` only to write); never Ray.
 """
 
 from moeray.shards.errors import ShardFormatError, ShardNotFoundError

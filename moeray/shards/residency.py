@@ -6,7 +6,7 @@ The thin mechanism between cache decisions (``moeray.policy``, pure) and the pre
 set, then prefetches the ones that entered it, so the resident bytes of the shard stay within the
 hot set's bytes plus the pages its ranges share with cold neighbours. ``use(experts)`` is the
 consumer reaching the layer: it counts each expert as in time (its bytes were ready), late (a
-prefetch ahead of use was issued but had not finished) or a stall (never asked for).
+prefetch ahead of use was issued but had not finished) or a cold read (never asked for).
 
 A new ``ShardResidency`` drops the layer's pages from the page cache first, so that residency
 starts cold and follows the hot set from the first window: a freshly written checkpoint sits in
@@ -32,8 +32,8 @@ __all__ = ["ResidencyStats", "ShardResidency"]
 class ResidencyStats:
     """Counters of one layer's residency since it was opened.
 
-    bytes_moved: bytes populated (prefetches and consumer loads). in_time / late / stalls: experts
-    used whose bytes were ready / prefetched ahead but not ready / never asked for.
+    bytes_moved: bytes populated (prefetches and consumer loads). in_time / late / cold_reads:
+    experts used whose bytes were ready / prefetched ahead but not ready / never asked for.
     resident_bytes_max: the largest mincore reading taken by ``measure`` (after each sync)."""
 
     layer: int
@@ -43,7 +43,7 @@ class ResidencyStats:
     bytes_released: int = 0
     in_time: int = 0
     late: int = 0
-    stalls: int = 0
+    cold_reads: int = 0
     resident_bytes: int = 0
     resident_bytes_max: int = 0
 
@@ -111,13 +111,13 @@ class ShardResidency:
 
     def use(self, experts: Iterable[int], wait: bool = True) -> set[int]:
         """Counts the consumer's use of ``experts`` (ids, repeats ignored) and returns the
-        stalls (experts nobody had asked for); with ``wait`` also waits for each resident one's
+        cold reads (experts nobody had asked for); with ``wait`` also waits for each resident one's
         bytes, as a kernel about to read them would."""
         s = self._stats
-        stalls = set()
+        cold = set()
         for e in {int(e) for e in experts}:
             if e not in self._resident:
-                stalls.add(e)
+                cold.add(e)
             elif e in self._ahead:
                 ready = self._core.wait(e) if wait else self._core.ready(e)
                 s.in_time += bool(ready)
@@ -125,12 +125,12 @@ class ShardResidency:
                 self._ahead.discard(e)
             elif wait:
                 self._core.wait(e)
-        s.stalls += len(stalls)
-        return stalls
+        s.cold_reads += len(cold)
+        return cold
 
     def read_cold(self, experts: Iterable[int]) -> None:
-        """The consumer reading experts that are not resident and stay cold (a stall the policy
-        did not admit): each is loaded and released before the next, one expert over the hot
+        """The consumer reading experts that are not resident and stay cold (a cold read the
+        policy did not admit): each is loaded and released before the next, one expert over the hot
         set at most."""
         for e in sorted({int(e) for e in experts} - self._resident):
             self._core.prefetch(e)

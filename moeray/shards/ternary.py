@@ -1,6 +1,6 @@
-"""ruvllm's packed ternary format: 2-bit weights, one float32 scale per block (DESIGN.md).
+"""ruvllm's packed ternary format: 2-bit weights, one float32 scale per block (docs/design.md).
 
-DESIGN.md names the footprint (``expert_memory_footprint(rows, cols, block_size)``: 2-bit packed
+docs/design.md names the footprint (``expert_memory_footprint(rows, cols, block_size)``: 2-bit packed
 ternary weights plus one float32 scale per block); the bit layout is that of ruvllm's
 ``bitnet/ternary_tensor.rs`` and its quantizer that of ``bitnet/quantizer.rs`` (BitNet b1.58
 absmean). For a projection W [rows, cols] with n = rows * cols elements in row-major order:

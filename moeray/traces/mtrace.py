@@ -11,7 +11,7 @@ A trace file is a msgpack stream (docs/trace-format.md has the full specificatio
 
 One record is one step: the routing of every MoE layer for T tokens of one sequence. The same
 record map, without a header, is the wire format of a step sent to the service
-(``moeray.wire``). Decoding never trusts the bytes: msgpack limits bound every buffer, string,
+(``moeray.traces.wire``). Decoding never trusts the bytes: msgpack limits bound every buffer, string,
 array and map, the number of containers a record may build is capped, and shapes are checked
 against the header before any array is allocated. A bad record raises ``TraceFormatError`` naming
 the record; every record before it has been returned already.
@@ -30,6 +30,8 @@ from typing import BinaryIO
 
 import msgpack
 import numpy as np
+
+from moeray.traces.trace import Trace
 
 __all__ = [
     "FORMAT_NAME",
@@ -617,8 +619,6 @@ class TraceReader:
     def to_trace(self, name: str | None = None, progress=None):
         """Every remaining record as one ``moeray.traces.Trace`` (ids [tokens, layers, top_k],
         float32 weights). A new sequence starts wherever ``seq`` changes between records."""
-        from moeray.traces import Trace
-
         h = self.header
         # Transposing record by record keeps each copy small and cache-friendly.
         ids = [np.zeros((0, h.num_layers, h.top_k), dtype=ID_DTYPES[h.ids_dtype])]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeray.trace import TraceHeader, TraceWriter
+from moeray.traces.mtrace import TraceHeader, TraceWriter
 
 __all__ = [
     "FAMILIES",

@@ -1,6 +1,6 @@
 """The msgpack form of a step and of its schedules, for clients that do not speak numpy.
 
-A step is one record of the moeray trace format (``moeray.trace``, docs/trace-format.md) sent
+A step is one record of the moeray trace format (``moeray.traces.mtrace``, docs/trace-format.md) sent
 without the trace's header, plus optional engine hints::
 
     {"expert_ids": {"shape": [num_layers, T, top_k], "dtype": "int32", "data": <bytes>},
@@ -26,7 +26,7 @@ import msgpack
 import numpy as np
 
 from moeray.policy.scheduler import ExpertBatches
-from moeray.trace import (
+from moeray.traces.mtrace import (
     DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_MAX_RECORD_TOKENS,
     decode_array,

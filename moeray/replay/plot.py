@@ -10,14 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from moeray._progress import Progress
-from moeray.replay import (
-    POLICY_NAMES,
-    ReplayConfig,
-    ReplayReport,
-    capacity_from_fraction,
-    replay_trace,
-)
-from moeray.traces import Trace
+from moeray.replay.config import POLICY_NAMES, ReplayConfig, capacity_from_fraction
+from moeray.replay.inprocess import replay_trace
+from moeray.replay.report import ReplayReport
+from moeray.traces.trace import Trace
 
 __all__ = [
     "PLOT_FRACTIONS",

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moeray.trace import TraceReader, is_trace_file
-from moeray.traces import TraceNotFoundError, load_trace
+from moeray.traces.loading import load_trace
+from moeray.traces.mtrace import TraceReader, is_trace_file
+from moeray.traces.trace import TraceNotFoundError
 
 __all__ = ["TraceSummary", "summarize_trace", "format_summary", "plot_load"]
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moeray.trace import TraceHeader, TraceReader, TraceWriter, is_trace_file
-from moeray.traces import Trace, load_trace
+from moeray.traces.loading import load_trace
+from moeray.traces.mtrace import TraceHeader, TraceReader, TraceWriter, is_trace_file
+from moeray.traces.trace import Trace
 
 __all__ = ["SOURCE_FORMATS", "ConvertResult", "convert", "guess_format", "read_csv", "read_sglang"]
 

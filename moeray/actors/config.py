@@ -1,0 +1,196 @@
+"""``ServiceConfig``: the validated shape, policy and coalescing of one moeray service.
+
+A frozen value with no I/O: ``from_byte_budget`` and ``from_dict`` (a JSON config) are the
+named constructors that read a checkpoint to turn one byte budget into experts per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeray.policy._validate import check_int
+from moeray.policy.affinity import AffinityConfig
+from moeray.policy.predict import PredictConfig
+from moeray.policy.registry import PolicyEntry, PolicySettings, online_policy_names, policy_entry
+from moeray.policy.split import SplitConfig
+from moeray.shards.capacity import capacity_from_bytes, shard_expert_bytes
+
+__all__ = ["ServiceConfig"]
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Model shape, cache policy and coalescing of one moeray service.
+
+    capacity: hot experts per layer, one int for every layer or a tuple of num_layers ints.
+    window_steps: submits per window; window_ms: also close a window this old (None: never;
+    a ServiceHandle closes its own window by a timer, the coordinator at the next submit).
+    layers_per_actor: consecutive layers hosted by one actor process (1: one actor per layer).
+    placement: per layer actor, the Ray custom resource that pins it to a node (None: anywhere).
+    shards: a checkpoint directory, at this path on every node, whose expert bytes the layer
+    actors keep resident for their hot sets (None: decisions only, no bytes move).
+    coordinator_placement: the resource that pins the coordinator, e.g. one only the head node
+    offers: the coordinator holds the service's state and is not re-created if its node is lost.
+    policy: an online policy of ``moeray.policy.registry``: moeray (the default, predictive;
+    its parameters are ``predict``, a PredictConfig or a dict of its fields, and its budget,
+    experts per layer per token, is ``predict.prefetch_budget``, None for top_k;
+    ``prefetch_budget`` must stay 0; engine hints come with a step, ``submit(..., hints=...)``;
+    with ``predict.split`` the coordinator re-splits the sum of ``capacity`` across layers) or a
+    demand policy, lru | lfu | adaptive | affinity-lru (cheaper per token; ``prefetch_budget``
+    experts are prefetched by affinity after each window). warmup_tokens: for a predictive
+    policy, the routing the coordinator keeps (this many last tokens, every layer) for a
+    restarted layer actor to relearn from (0: it restarts with empty tables).
+    """
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    capacity: int | tuple[int, ...] = 8
+    policy: str = "moeray"
+    prefetch_budget: int = 0
+    window_steps: int = 1
+    window_ms: float | None = None
+    layers_per_actor: int = 1
+    name: str = "moeray"
+    namespace: str = "moeray"
+    placement: tuple[str | None, ...] | None = None
+    coordinator_placement: str | None = None
+    shards: str | None = None
+    affinity_decay: float = 0.95
+    affinity_boost: float = 0.05
+    affinity_weight: float = 0.8
+    predict: PredictConfig = PredictConfig()
+    warmup_tokens: int = 4096
+
+    def __post_init__(self):
+        check_int(self.num_layers, "num_layers", 1)
+        check_int(self.num_experts, "num_experts", 1, 2**31 - 1)
+        check_int(self.top_k, "top_k", 1, self.num_experts)
+        capacity = self.capacity
+        if isinstance(capacity, (list, tuple)):
+            if len(capacity) != self.num_layers:
+                raise ValueError(
+                    f"capacity: expected one int or {self.num_layers} ints, got {len(capacity)}"
+                )
+            capacity = tuple(check_int(c, "capacity", 1, self.num_experts) for c in capacity)
+        else:
+            capacity = (check_int(capacity, "capacity", 1, self.num_experts),) * self.num_layers
+        object.__setattr__(self, "capacity", capacity)
+        if self.policy not in online_policy_names():
+            raise ValueError(
+                f"policy: expected one of {list(online_policy_names())}, got {self.policy!r}"
+            )
+        check_int(self.prefetch_budget, "prefetch_budget", 0, self.num_experts)
+        if isinstance(self.predict, dict):  # from a JSON config (moeray serve --config)
+            fields = dict(self.predict)
+            if isinstance(fields.get("split"), dict):
+                try:
+                    fields["split"] = SplitConfig(**fields["split"])
+                except TypeError as exc:
+                    raise ValueError(f"predict.split: {exc}") from None
+            try:
+                object.__setattr__(self, "predict", PredictConfig(**fields))
+            except TypeError as exc:
+                raise ValueError(f"predict: {exc}") from None
+        if not isinstance(self.predict, PredictConfig):
+            raise TypeError(f"predict: expected a PredictConfig or a dict, got {self.predict!r}")
+        if self.entry.predictive:
+            if self.prefetch_budget:
+                raise ValueError(
+                    "prefetch_budget: expected 0 with policy 'moeray' (the default), "
+                    "whose budget is predict.prefetch_budget (experts per layer per "
+                    "token); the affinity prefetch budget is the demand policies'"
+                )
+        check_int(self.warmup_tokens, "warmup_tokens", 0)
+        check_int(self.window_steps, "window_steps", 1)
+        if self.window_ms is not None and not self.window_ms > 0:
+            raise ValueError(f"window_ms: expected None or a positive number, got {self.window_ms}")
+        check_int(self.layers_per_actor, "layers_per_actor", 1, self.num_layers)
+        if not self.name or not self.namespace:
+            raise ValueError("name, namespace: expected non-empty strings")
+        if self.placement is not None and len(self.placement) != len(self.actor_layers()):
+            raise ValueError(
+                f"placement: expected one resource (or None) per layer actor "
+                f"({len(self.actor_layers())}), got {len(self.placement)}"
+            )
+        if not 0.0 <= self.affinity_weight <= 1.0:
+            raise ValueError(
+                f"affinity_weight: expected a float in [0, 1], got {self.affinity_weight}"
+            )
+        if self.shards is not None and not isinstance(self.shards, str):
+            raise TypeError(
+                f"shards: expected a checkpoint path (str) or None, got {self.shards!r}"
+            )
+
+    def actor_layers(self) -> list[list[int]]:
+        """Layers of each layer actor, in actor order."""
+        n = self.layers_per_actor
+        return [list(range(i, min(i + n, self.num_layers))) for i in range(0, self.num_layers, n)]
+
+    def ids_dtype(self) -> np.dtype:
+        """The smallest integer type that holds every expert id: routing travels in it."""
+        for dtype in (np.uint8, np.uint16):
+            if self.num_experts <= np.iinfo(dtype).max + 1:
+                return np.dtype(dtype)
+        return np.dtype(np.int32)
+
+    def affinity_config(self) -> AffinityConfig:
+        return (
+            AffinityConfig.with_num_experts(self.num_experts)
+            .with_decay(self.affinity_decay)
+            .with_activation_boost(self.affinity_boost)
+        )
+
+    @property
+    def entry(self) -> PolicyEntry:
+        """The policy's registry entry."""
+        return policy_entry(self.policy)
+
+    def settings(self) -> PolicySettings:
+        return PolicySettings(self.affinity_weight, self.predict)
+
+    def prefetch_budgets(self) -> tuple[int, ...]:
+        """Each layer's prefetch budget for its windows: for a predictive policy
+        ``predict.prefetch_budget`` experts per token (None: top_k), else ``prefetch_budget``
+        experts by affinity per window. A function of the configuration alone: decisions never
+        depend on when acknowledgements arrive."""
+        if self.entry.predictive:
+            budget = self.predict.prefetch_budget
+            return (self.top_k if budget is None else budget,) * self.num_layers
+        return (self.prefetch_budget,) * self.num_layers
+
+    @classmethod
+    def from_byte_budget(cls, capacity_bytes: int, shards: str, **fields) -> ServiceConfig:
+        """A config whose ``capacity`` is as many experts per layer as ``capacity_bytes`` holds
+        for the checkpoint at ``shards`` (read here, where the config is made): one byte budget
+        for every layer's hot set. ValueError when it cannot hold one expert per layer."""
+        if shards is None:
+            raise ValueError(
+                "capacity_bytes: needs shards (an expert's bytes come from the checkpoint)"
+            )
+        if "capacity" in fields:
+            raise ValueError("capacity_bytes: give capacity or capacity_bytes, not both")
+        num_layers = check_int(fields.get("num_layers"), "num_layers", 1)
+        num_experts = check_int(fields.get("num_experts"), "num_experts", 1, 2**31 - 1)
+        expert_bytes = shard_expert_bytes(shards, num_layers)
+        capacity = capacity_from_bytes(capacity_bytes, expert_bytes, num_experts)
+        return cls(capacity=capacity, shards=shards, **fields)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> ServiceConfig:
+        """A config from JSON-like fields (``moeray serve --config``): lists become tuples,
+        ``predict`` (and its ``split``) a dict of fields, ``capacity_bytes`` a byte budget (see
+        ``from_byte_budget``). ValueError naming what is wrong."""
+        fields = dict(fields)
+        for key in ("capacity", "placement"):
+            if isinstance(fields.get(key), list):
+                fields[key] = tuple(fields[key])
+        try:
+            if "capacity_bytes" in fields:
+                budget = fields.pop("capacity_bytes")
+                return cls.from_byte_budget(budget, fields.pop("shards", None), **fields)
+            return cls(**fields)
+        except TypeError as exc:  # unknown or missing fields
+            raise ValueError(str(exc)) from None

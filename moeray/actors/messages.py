@@ -1,0 +1,205 @@
+"""What the coordinator and the layer actors send each other, and the counters they keep.
+
+Windows go out (``LayerWindow``: one layer's routing coalesced over a window, numbered per layer
+from 1), acknowledgements come back (``LayerAck``: that window's ``Counters`` and the layer's
+affinity after it); the coordinator keeps a copy of each layer (``LayerState``) to restart its
+actor from, with recent routing (``Warmup``) for a policy that relearns. Every counter list is
+built from ``Counters``: an ack carries one, ``LayerStats`` sums them per layer, and
+``ServiceStats.total`` sums the layers. Plain values, numpy and the standard library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from moeray.policy.windows import COUNTER_KEYS, PREDICTOR_COUNTER_KEYS
+
+__all__ = [
+    "Counters",
+    "LayerAck",
+    "LayerState",
+    "LayerStats",
+    "LayerWindow",
+    "ServiceStats",
+    "Warmup",
+    "WindowGapError",
+]
+
+# Counters kept as the largest reading rather than a sum.
+_PEAKS = ("resident_bytes_max",)
+
+
+@dataclass
+class Counters:
+    """Counts of one window, or sums over windows.
+
+    Decisions (``moeray.policy.windows.COUNTER_KEYS``): hits; stalls (uses of an expert that was
+    not hot: a demand cache's misses); evictions; prefetch_hits; prefetches; wasted_prefetches
+    (prefetched, evicted before any use); resplit_evictions and resplit_transfers (a capacity
+    re-split's evictions and later loads of those). Transfers are stalls + prefetches.
+    Per predictor (``PREDICTOR_NAMES``, predictive policies): predictor_hits, _guesses, _uses
+    (recall = hits / uses, precision = hits / guesses); empty tuples otherwise.
+    With shards: bytes_moved (bytes populated), late_prefetches (experts used while their
+    prefetch was in flight), cold_reads (experts read that nobody had asked for ahead) and
+    resident_bytes_max (the largest resident-bytes reading, a peak, not a sum)."""
+
+    hits: int = 0
+    stalls: int = 0
+    evictions: int = 0
+    prefetch_hits: int = 0
+    prefetches: int = 0
+    wasted_prefetches: int = 0
+    resplit_evictions: int = 0
+    resplit_transfers: int = 0
+    predictor_hits: tuple[int, ...] = ()
+    predictor_guesses: tuple[int, ...] = ()
+    predictor_uses: tuple[int, ...] = ()
+    bytes_moved: int = 0
+    late_prefetches: int = 0
+    cold_reads: int = 0
+    resident_bytes_max: int = 0
+
+    def add(self, other: Counters) -> None:
+        """Adds ``other``'s counts (element by element per predictor; the peak for peaks)."""
+        for name in _COUNTER_NAMES:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if name in PREDICTOR_COUNTER_KEYS:
+                setattr(self, name, _add_counts(mine, theirs))
+            elif name in _PEAKS:
+                setattr(self, name, max(mine, theirs))
+            else:
+                setattr(self, name, mine + theirs)
+
+    def counters(self) -> Counters:
+        """A copy of the counters alone."""
+        return Counters(**{name: getattr(self, name) for name in _COUNTER_NAMES})
+
+    @property
+    def transfers(self) -> int:
+        return self.stalls + self.prefetches
+
+    def hit_rate(self) -> float:
+        total = self.hits + self.stalls
+        return self.hits / total if total else 0.0
+
+
+_COUNTER_NAMES = tuple(f.name for f in fields(Counters))
+assert set(COUNTER_KEYS) | set(PREDICTOR_COUNTER_KEYS) <= set(_COUNTER_NAMES)
+
+
+def _add_counts(mine: tuple[int, ...], theirs) -> tuple[int, ...]:
+    """Per-predictor counts added element by element (an empty tuple: none yet)."""
+    theirs = tuple(int(x) for x in theirs)
+    if not mine or not theirs:
+        return mine or theirs
+    return tuple(a + b for a, b in zip(mine, theirs, strict=True))
+
+
+@dataclass(frozen=True)
+class LayerWindow:
+    """One layer's routing over one window, tokens in order.
+
+    number: this layer's window number, from 1. expert_ids: int [T, top_k].
+    prefetch_budget: experts to prefetch (predictive policies: per token; demand: by affinity
+    after the window; 0: none). previous_layer_ids: int [T, top_k], layer - 1's routing of the
+    same tokens, on the first layer of an actor whose first layer is not 0, for a predictive
+    policy (else None). seq_starts: bool [T], True where a token begins a sequence (None: the
+    window continues one stream). hints: int [T, h], an engine's predicted experts of this layer
+    per token, -1 for none (None: no hints). resplits: (token offset in the window, every
+    layer's capacity from that token on) pairs in order, the first at offset 0 (the split in
+    force when the window begins, so a restarted actor follows it too)."""
+
+    layer: int
+    number: int
+    expert_ids: np.ndarray
+    prefetch_budget: int = 0
+    previous_layer_ids: np.ndarray | None = None
+    seq_starts: np.ndarray | None = None
+    hints: np.ndarray | None = None
+    resplits: tuple[tuple[int, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class LayerAck:
+    """What applying one window did: that window's counters alone, and the layer's affinity
+    after it (float64 / int64 [E]: a few hundred bytes, cheaper to send than for the
+    coordinator to replay the window's routing into its own copy)."""
+
+    layer: int
+    number: int
+    counters: Counters
+    affinity_scores: np.ndarray
+    activation_counts: np.ndarray
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """The coordinator's copy of a layer: enough to restart its actor.
+
+    window: the number of the last window applied; affinity_scores float64 [E] and
+    activation_counts int64 [E] after it. The hot set is not part of it: a restarted actor's
+    memory is empty, as a real process's is (a policy that relearns gets ``Warmup``)."""
+
+    layer: int
+    window: int
+    affinity_scores: np.ndarray
+    activation_counts: np.ndarray
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """Routing a restarted actor's policy relearns from: expert_ids int [T, rows, top_k], the
+    last tokens up to its last acknowledged window, rows its layers with the one before them
+    first (when its first layer is not 0); seq_starts bool [T] or None."""
+
+    expert_ids: np.ndarray
+    seq_starts: np.ndarray | None = None
+
+
+class WindowGapError(RuntimeError):
+    """A window arrived out of order: the actor needs a restore and the missing windows."""
+
+    def __init__(self, layer: int, expected: int, got: int):
+        super().__init__(f"layer {layer}: expected window {expected}, got {got}")
+        self.layer, self.expected, self.got = layer, expected, got
+
+
+@dataclass
+class LayerStats(Counters):
+    """One layer's counters over its acknowledged windows, with how many windows and tokens
+    those were and how often its actor was restarted (layer -1: the sum of every layer)."""
+
+    layer: int = -1
+    windows: int = 0
+    tokens: int = 0
+    restarts: int = 0
+
+
+@dataclass
+class ServiceStats:
+    layers: list[LayerStats] = field(default_factory=list)
+    submits: int = 0
+    pending_windows: int = 0
+    coordinator_cpu_s: float = 0.0  # CPU time of the coordinator's process so far
+    # CPU time of the coordinator's thread inside its methods (submits, windows,
+    # acknowledgements), less its blocking waits for layer actors, and without the Ray threads
+    # that keep its process busy even while idle: the work that steps cause
+    coordinator_method_cpu_s: float = 0.0
+    # experts of capacity moved between layers so far (a re-split), each layer's capacity now
+    # (the latest split sent; without a re-split, ServiceConfig.capacity) and its largest so far
+    resplit_moved: int = 0
+    capacity: tuple[int, ...] = ()
+    capacity_max: tuple[int, ...] = ()
+
+    def total(self) -> LayerStats:
+        """Every layer's counters summed; tokens are the service's (each token passes every
+        layer), windows and restarts summed."""
+        out = LayerStats(layer=-1)
+        for s in self.layers:
+            out.add(s)
+            out.windows += s.windows
+            out.restarts += s.restarts
+        out.tokens = max((s.tokens for s in self.layers), default=0)
+        return out
