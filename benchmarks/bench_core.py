@@ -1,6 +1,6 @@
 """Speed of moeray's native core beside its baselines, measured side by side in one run.
 
-Every row times the native core, the pure-Python reference (the same API, `_reference.py`) and,
+Every row times the native core, the pure-Python reference (the same API, `_reference/`) and,
 where one exists, a plain numpy version, on the same inputs; times are medians of repeats.
 Goals (issue 2, on a 2-core VM): batched access <= 5 ns at 256 experts / 64 hot / top-8 for LRU
 and LFU; schedule <= 6 ns per assignment at T=65,536, top-8, 256 experts;
@@ -12,6 +12,7 @@ usage: python benchmarks/bench_core.py [--quick] [--repeats N]
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -84,16 +85,31 @@ def numpy_top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def row(name, unit, native, reference, numpy_value, goal, note=""):
-    def fmt(v):
-        return "-" if v is None else (f"{v:.3g}" if v < 100 else f"{v:,.0f}")
+    """One measurement, as a dict (``--json``); ``format_row`` prints it."""
+    return {
+        "name": name,
+        "unit": unit,
+        "native": native,
+        "reference": reference,
+        "numpy": numpy_value,
+        "goal": goal,
+        "note": note,
+    }
 
+
+def fmt(v) -> str:
+    return "-" if v is None else (f"{v:.3g}" if v < 100 else f"{v:,.0f}")
+
+
+def format_row(r: dict) -> str:
+    native, reference, numpy_value, goal = r["native"], r["reference"], r["numpy"], r["goal"]
     speedup = f"{reference / native:,.0f}x" if reference else "-"
     vs_numpy = f"{numpy_value / native:.1f}x" if numpy_value else "-"
     met = "-" if goal is None else ("yes" if native <= goal else "NO")
     goal_text = "-" if goal is None else f"<= {goal:g}"
     return (
-        f"| {name} | {unit} | {fmt(native)} | {fmt(reference)} | {fmt(numpy_value)} | "
-        f"{speedup} | {vs_numpy} | {goal_text} | {met} | {note} |"
+        f"| {r['name']} | {r['unit']} | {fmt(native)} | {fmt(reference)} | {fmt(numpy_value)} | "
+        f"{speedup} | {vs_numpy} | {goal_text} | {met} | {r['note']} |"
     )
 
 
@@ -246,35 +262,24 @@ def bench_prefetch(rng, repeats: int):
 
         return make
 
-    def calls(state, n):
+    def prefetch_seconds(state, n) -> float:
+        """A step: one token's routing updates the affinity (untimed), then a prefetch of 2
+        by affinity, timed call by call: the calls' own time, nothing subtracted."""
         cache, affinity, rows = state
-        for i in range(n):  # a step: one token's routing, then a prefetch of 2 by affinity
-            affinity.update(rows[i].tolist())
-            cache.prefetch_by_affinity(affinity, 2)
-
-    def update_only(state, n):
-        cache, affinity, rows = state
+        clock, spent = time.perf_counter, 0.0
         for i in range(n):
             affinity.update(rows[i].tolist())
+            start = clock()
+            cache.prefetch_by_affinity(affinity, 2)
+            spent += clock() - start
+        return spent
 
-    n = 1024
-    native = (
-        (
-            median_seconds(lambda s: calls(s, n), repeats, setup(_core))
-            - median_seconds(lambda s: update_only(s, n), repeats, setup(_core))
-        )
-        / n
-        * 1e6
-    )
-    m = 64
-    reference = (
-        (
-            median_seconds(lambda s: calls(s, m), repeats, setup(_reference))
-            - median_seconds(lambda s: update_only(s, m), repeats, setup(_reference))
-        )
-        / m
-        * 1e6
-    )
+    def median_per_call(module, n) -> float:
+        make = setup(module)
+        return statistics.median(prefetch_seconds(make(), n) for _ in range(repeats)) / n * 1e6
+
+    native = median_per_call(_core, 1024)
+    reference = median_per_call(_reference, 64)
     return row(
         "prefetch_by_affinity(budget=2)",
         "us/call",
@@ -361,6 +366,7 @@ def main(argv=None) -> int:
         help="folder of the shared real traces, for the real-routing rows "
         "(skipped when absent; default: ../shared/traces beside the repo)",
     )
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
     rng = np.random.default_rng(2026)
@@ -395,8 +401,10 @@ def main(argv=None) -> int:
         "native vs numpy | goal | met | note |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for line in rows:
-        print(line)
+    for r in rows:
+        print(format_row(r))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 

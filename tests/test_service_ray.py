@@ -317,38 +317,50 @@ def test_layer_actors_keep_the_hot_sets_resident_in_real_bytes(ray_local, tmp_pa
 
 
 def test_window_ms_timer_sends_a_window_no_submit_closes():
-    """A handle's window_ms closes its window by a timer: an engine that pauses after one step
-    still has its routing sent (a fake coordinator records what reaches it; no Ray)."""
-    import threading
-    import time
-
+    """A handle's window_ms closes its window by a wake-up: an engine that pauses after one
+    step still has its routing sent (a fake coordinator records what reaches it; a fake clock
+    and wake-up stand in for time and threads; no Ray)."""
     from moeray.service import ServiceConfig, ServiceHandle
 
     received = []
-    arrived = threading.Event()
+    now = [0.0]
+    wakeups = []  # (seconds, callback) as armed
 
     class FakeMethod:
         def remote(self, routing, steps, close_window, starts, hints):
             assert starts is None and hints is None  # none submitted
             received.append((routing.copy(), steps, close_window))
-            arrived.set()
             return object()
 
     coordinator = type("FakeCoordinator", (), {"add_routing": FakeMethod()})()
     config = ServiceConfig(
         num_layers=2, num_experts=8, top_k=2, capacity=4, window_steps=1000, window_ms=50.0
     )
-    handle = ServiceHandle(coordinator, config)
+    handle = ServiceHandle(
+        coordinator,
+        config,
+        timer=lambda: now[0],
+        wake_after=lambda seconds, callback: wakeups.append((seconds, callback)),
+    )
     ids = np.array([[[0, 1], [2, 3]], [[4, 5], [6, 7]]], dtype=np.int32)  # [layers, T=2, k]
     handle.submit(ids)
     assert received == []  # the window is open: 1 of 1,000 steps, younger than 50 ms
-    assert arrived.wait(timeout=10), "window_ms passed and the window was never sent"
+    assert [seconds for seconds, _ in wakeups] == [0.05]  # and a wake-up is armed for it
+    now[0] = 0.05
+    wakeups[0][1]()  # 50 ms later, no submit came: the wake-up sends the window
     routing, steps, close_window = received[0]
     assert steps == 1 and close_window and np.array_equal(routing, ids)
-    # the next window gets its own timer and carries both steps submitted while it was open
+    # the next window gets its own wake-up and carries both steps submitted while it was open
     handle.submit(ids)
     handle.submit(ids)
-    deadline = time.monotonic() + 10  # a loaded CI machine can run a 50 ms timer late
-    while len(received) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert len(wakeups) == 2 and len(received) == 1
+    wakeups[0][1]()  # the first window's wake-up again: that window is gone, nothing is sent
+    assert len(received) == 1
+    now[0] = 0.2
+    wakeups[1][1]()
     assert len(received) == 2 and received[1][1] == 2
+    # a submit that finds its window window_ms old sends it at once, wake-up or not
+    handle.submit(ids)
+    now[0] = 0.3
+    handle.submit(ids)
+    assert len(received) == 3 and received[2][1] == 2
