@@ -1,23 +1,13 @@
 """Start, find and stop a moeray service on a Ray cluster; submit routing to it.
 
-A service is a named, detached coordinator actor plus its layer actors, in a Ray namespace
-(``ServiceConfig.name``, ``ServiceConfig.namespace``). ``start`` creates one, ``connect`` finds a
-running one from any driver or job, ``ServiceHandle.shutdown`` removes every actor it created.
-Ray must be initialised by the caller (``ray.init()`` or a job's driver).
-
-``ServiceHandle.submit`` validates the step and groups it by expert in the caller's process
-(the native ``schedule``: microseconds), and coalesces the routing of ``window_steps`` submits
-(or ``window_ms``) itself before handing it to the coordinator as one closed window, without
-waiting: the coordinator sees one call per client window, not one per step, which is what
-keeps it from saturating under a fleet of clients. At most ``max_in_flight`` windows are
-outstanding before the next one waits.
-
-``submit(..., seq_starts=...)`` marks the tokens that begin a sequence; only the ``moeray``
-policy reads it (its previous-token predictor starts afresh there). Without it the stream is
-one continuing sequence. ``submit(..., hints=...)`` carries an engine's predicted experts of
-each token at each layer to the ``moeray`` policy (``moeray.policy.predict``, "Engine hints").
-The msgpack path (``submit_msgpack``) carries both (``moeray.traces.wire``: ``positions`` 0 where a
-sequence starts, ``hints``).
+A service is a named, detached coordinator actor plus its layer actors, in a Ray namespace.
+``start`` creates one, ``connect`` finds a running one from any driver or job,
+``ServiceHandle.shutdown`` removes every actor it created; Ray must be initialised by the caller.
+``ServiceHandle.submit`` checks a step and groups it by expert in the caller's process, and
+coalesces ``window_steps`` submits (or ``window_ms``) into one window before handing it to the
+coordinator without waiting, so the coordinator sees one call per client window; at most
+``max_in_flight`` windows are outstanding. Steps may carry sequence starts and engine hints
+(predictive policies read them); ``submit_msgpack`` takes the wire form (``moeray.traces.wire``).
 """
 
 from __future__ import annotations

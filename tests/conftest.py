@@ -83,42 +83,17 @@ def _pure_tests_do_not_import_ray(request):
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
-    """One quiet, loopback-only local Ray for every Ray test of the session (RAY-NOTES.md)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+def ray_local():
+    """One quiet, loopback-only local Ray for every Ray test of the session (RAY-NOTES.md),
+    started as the CLI starts one (``moeray.actors._ray.local_session``)."""
     import ray
 
-    options = dict(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=200 * 2**20,
-        log_to_driver=False,
-        logging_level="ERROR",
-        # metrics reach the node's endpoint within about a second instead of ten
-        _system_config={
-            "worker_maximum_startup_concurrency": 16,
-            "metrics_report_interval_ms": 1000,
-        },
-    )
-    # Ray puts the driver's working directory first on every worker's sys.path: started from a
-    # checkout, the workers would import its unbuilt moeray/ (the pure-Python fallback) instead
-    # of the installed package. Start the session from an empty directory.
-    cwd = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("ray-driver"))
-    try:
-        context = ray.init(**options)
-    except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on startup timeouts
-        # A loaded 2-core VM can miss Ray's fixed 30 s raylet registration wait: start once more.
-        if "timed out during startup" not in str(exc):
-            raise
-        ray.shutdown()
-        context = ray.init(**options)
-    finally:
-        os.chdir(cwd)
-    ray.moeray_test_metrics_url = (
-        f"http://127.0.0.1:{context.address_info['metrics_export_port']}/metrics"
-    )
-    yield ray
-    ray.shutdown()
+    from moeray.actors import _ray
+
+    # metrics reach the node's endpoint within about a second instead of ten
+    options = dict(num_cpus=2, _system_config={"metrics_report_interval_ms": 1000})
+    with _ray.local_session(**options) as context:
+        ray.moeray_test_metrics_url = (
+            f"http://127.0.0.1:{context.address_info['metrics_export_port']}/metrics"
+        )
+        yield ray

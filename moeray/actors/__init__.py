@@ -8,3 +8,5 @@ in-process transport the replays and tests use. Bodies are plain classes; ``_ray
 module that imports Ray (actors, calls, the local session, metrics). Modules here may import
 policy, shards and traces; never replay, service or cli.
 """
+
+__all__: list[str] = []
