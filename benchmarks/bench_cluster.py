@@ -146,7 +146,7 @@ def measure(
         top_k=point.top_k,
         capacity=max(1, point.experts // 4),
         window_steps=max(1, window_tokens // point.batch),
-        policy="lru",  # the mechanism's cost (coalescing, fan-out), as recorded since issue 2
+        policy="lru",  # the mechanism's cost (coalescing, fan-out), as recorded since the first run
         layers_per_actor=layers_per_actor,
         name=f"bench-cluster-{os.getpid()}-{index}",
         placement=tuple(resources[a % len(resources)] for a in range(num_actors))

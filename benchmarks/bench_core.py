@@ -2,7 +2,7 @@
 
 Every row times the native core, the pure-Python reference (the same API, `_reference/`) and,
 where one exists, a plain numpy version, on the same inputs; times are medians of repeats.
-Goals (issue 2, on a 2-core VM): batched access <= 5 ns at 256 experts / 64 hot / top-8 for LRU
+Goals (on a 2-core VM): batched access <= 5 ns at 256 experts / 64 hot / top-8 for LRU
 and LFU; schedule <= 6 ns per assignment at T=65,536, top-8, 256 experts;
 top_k_by_affinity(16) over 256 experts <= 1 us; prefetch_by_affinity(budget=2) <= 2 us.
 

@@ -1,5 +1,5 @@
 """Real bytes, real kernel: decode over a memory-mapped checkpoint with and without moeray's
-prefetcher, and with every expert resident, side by side in one run (issue 4).
+prefetcher, and with every expert resident, side by side in one run.
 
 A synthetic gpt-oss-20b checkpoint (its tensor names and stacked layout, bf16, hidden and
 intermediate sizes divided by ``--scale``, the first ``--layers`` MoE layers) is written once
@@ -19,7 +19,7 @@ Modes, at each capacity (the same cache in every mode):
   (c) hot     every expert resident, nothing released: the bound
 Reported per mode: ms per token (median of ``--repeats`` runs), bytes moved (populated), waits
 (experts the kernel had to wait for), hit rate, and the ratios to (c) and from (a).
-Goal (issue 4): (b) within 1.3x of (c), and at least 3x faster than (a).
+Goal: (b) within 1.3x of (c), and at least 3x faster than (a).
 
 usage: python benchmarks/bench_prefetch.py [--tokens N] [--capacities 0.25,0.5] [--json PATH]
 """

@@ -7,7 +7,7 @@ by prefetch; transfers/token counts all layers. Belady is the offline optimum of
 (its stalls and transfers are its misses). moeray runs with its default parameters
 (moeray.policy.predict.PredictConfig), the same for every trace.
 
-Goals (issue 5, at 25 % of experts per layer): moeray's stall rate at or below Belady's miss
+Goals (at 25 % of experts per layer): moeray's stall rate at or below Belady's miss
 rate on both traces, with transfers per token at most 1.5x Belady's.
 
 At 25 % only, more rows of the moeray policy (not policy names of `moeray replay`):

@@ -6,10 +6,10 @@ costs are compared below), for several coalescing windows, and reports routed
 tokens per second (first submit to last acknowledgement), submits per second and submit latency
 p50 / p99. The floors, measured on the same Ray in the same run: one no-op actor round trip, and
 one no-op fan-out to as many actors as the service has layer actors.
-Goal (issue 3, 2-core VM): >= 100,000 routed tokens/s; submit p50 within 2x of a no-op round trip
+Goal (2-core VM): >= 100,000 routed tokens/s; submit p50 within 2x of a no-op round trip
 ("goals met": throughput / latency).
 
-Then the policies side by side (issue 5: prediction and budget work adds at most 20 % to the
+Then the policies side by side (goal: prediction and budget work adds at most 20 % to the
 coordinator's time per step). Two measurements:
 - through Ray: each of ``--policies`` replays the same tokens (the first ``--compare-tokens``
   of the bundled trace, ``--compare-passes`` times, sequence starts included) at one window;

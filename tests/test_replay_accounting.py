@@ -1,4 +1,4 @@
-"""Stall, transfer and wasted-prefetch accounting of ``moeray replay`` (issue 5), its --json
+"""Stall, transfer and wasted-prefetch accounting of ``moeray replay``, its --json
 keys, --per-layer table and --plot. Expected counts are worked by hand in the comments."""
 
 from __future__ import annotations
