@@ -1,5 +1,6 @@
-"""The native step of the ``moeray`` policy (``moeray.native._core._predict_step``) and its numpy
-twin (``PredictiveCaches._step_numpy``) decide alike.
+"""The native kernel of the ``moeray`` policy (``moeray.native._core._PredictKernel``) and its
+twin's phases (``moeray.native._reference.predict``, run by ``PredictiveCaches._step_numpy``)
+decide alike.
 
 Two ``PredictiveCaches`` are fed the same tokens, one on the native path (tokens without hints)
 and one forced onto the numpy path; after every token their hot sets, pending prefetches, hot
@@ -7,10 +8,10 @@ counts and every counter must be equal, and the learned tables equal to 1e-12 re
 random small models (top_k 1, one layer, pairs on and off, hashed pair buckets, budgets 0 and
 None, several capacities, sequence starts, repeated ids, fast decays that rescale the tables),
 the bundled trace, tokens with hints (numpy on both sides) between plain ones, and re-splits.
-The native function's boundary checks are tested on their own.
+The kernels' boundary checks are tested on their own, on both cores.
 
-Skipped where the native step is not in use (``MOERAY_PURE_PYTHON=1`` or an unbuilt core):
-there both sides would run numpy.
+The parity tests are skipped where the native step is not in use (``MOERAY_PURE_PYTHON=1`` or
+an unbuilt core): there both sides would run numpy.
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ import pytest
 
 import moeray.policy.predict as predict
 from moeray.native import backend
+from moeray.native._reference import predict as twin
 from moeray.policy.predict import PredictConfig, PredictiveCaches
 from moeray.policy.split import SplitConfig
 from moeray.traces import default_trace_path, load_trace
 
-pytestmark = [
-    pytest.mark.pure,
-    pytest.mark.skipif(
-        not PredictiveCaches._native,
-        reason="the native step is not in use (MOERAY_PURE_PYTHON=1 or unbuilt)",
-    ),
-]
+pytestmark = pytest.mark.pure
+needs_native = pytest.mark.skipif(
+    not PredictiveCaches._native,
+    reason="the native step is not in use (MOERAY_PURE_PYTHON=1 or unbuilt)",
+)
 
 EXACT = ("_hot", "_pending", "_hot_count", "capacity", "_touch", "_clock", "_resplit_out")
 TABLES = (
@@ -156,6 +156,7 @@ CASES = [
 ]
 
 
+@needs_native
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_random_streams_decide_alike(case):
     layers, experts, top_k, capacity, fields, repeats = CASES[case]
@@ -168,6 +169,7 @@ def test_random_streams_decide_alike(case):
         assert native._scale < 1e200 and native._clock > 120  # rescaled at least once
 
 
+@needs_native
 def test_hashed_pair_buckets_decide_alike(monkeypatch):
     monkeypatch.setattr(predict, "PAIR_TABLE_ENTRIES", 3 * 12 * 5)  # 5 buckets for 78 pairs
     native, numpy = twins(3, 12, 3, 4)
@@ -175,6 +177,7 @@ def test_hashed_pair_buckets_decide_alike(monkeypatch):
     feed(native, numpy, routing(np.random.default_rng(7), 150, 3, 12, 3), starts=(0, 60))
 
 
+@needs_native
 def test_bundled_trace_decides_alike():
     trace = load_trace(default_trace_path())
     ids = np.asarray(trace.expert_ids[:300])
@@ -183,6 +186,7 @@ def test_bundled_trace_decides_alike():
     assert native.stats.prefetches.sum() > 0 and native.stats.evictions.sum() > 0
 
 
+@needs_native
 def test_hinted_tokens_interleave():
     """Tokens with hints run numpy on both sides, the others native on one: the shared state
     stays the same."""
@@ -196,6 +200,7 @@ def test_hinted_tokens_interleave():
     assert native.stats.predictor_uses[predict.PREDICTOR_NAMES.index("hints")].sum() > 0
 
 
+@needs_native
 def test_resplits_decide_alike():
     config = PredictConfig(split=SplitConfig(every_tokens=16, min_gain=0.0, max_move=2))
     rng = np.random.default_rng(5)
@@ -208,12 +213,13 @@ def test_resplits_decide_alike():
 
 
 def test_guesses_break_ties_by_lower_expert():
-    """The numpy twin's rule (which the native step mirrors): among equal float32 scores the
-    lower expert id is guessed; a score of 0 is no guess."""
+    """The twin's rule (which the native step mirrors): among equal float32 scores the lower
+    expert id is guessed; a score of 0 is no guess."""
     caches = PredictiveCaches(1, 4, 1, 1)
-    caches._guess_stats(2, np.array([[0.5, 0.5, 0.5, 0.0]]), np.array([[1]]))
-    caches._guess_stats(2, np.array([[0.0, 0.0, 0.0, 0.0]]), np.array([[0]]))
-    caches._flush_guesses()
+    kernel = caches._twin()
+    twin.count_guess(kernel, 2, np.array([[0.5, 0.5, 0.5, 0.0]]), np.array([[1]]))
+    twin.count_guess(kernel, 2, np.array([[0.0, 0.0, 0.0, 0.0]]), np.array([[0]]))
+    kernel.flush()
     st = caches._stats
     assert (st.predictor_hits[2, 0], st.predictor_guesses[2, 0], st.predictor_uses[2, 0]) == (
         0,
@@ -225,27 +231,15 @@ def test_guesses_break_ties_by_lower_expert():
 # --------------------------------------------------------------------------- the boundary
 
 
-def arguments(caches):
+def token(caches):
     ids = np.zeros((caches.num_layers, caches.top_k), dtype=np.int64)
     ids[:, :] = np.arange(caches.top_k)
-    return dict(
-        state=caches._native_state(),
-        ids=ids,
-        last_ids=None,
-        clock=1,
-        scale=1.0,
-        next_scale=1.0,
-        next_prev_scale=1.0,
-        config=dict(caches._native_config),
-    )
+    return dict(ids=ids, last_ids=None, clock=1, scale=1.0, next_scale=1.0, next_prev_scale=1.0)
 
 
 def replace(mapping, key, value):
     out = dict(mapping)
-    if value is None and key != "resplit_out":
-        del out[key]
-    else:
-        out[key] = value
+    out[key] = value
     return out
 
 
@@ -253,47 +247,59 @@ def replace(mapping, key, value):
     "change, error, message",
     [
         (
-            lambda a: replace(
-                a, "state", replace(a["state"], "touch", a["state"]["touch"].astype(np.float32))
-            ),
+            lambda a: replace(a, "touch", a["touch"].astype(np.float32)),
             TypeError,
-            "state['touch']: expected dtype float64",
+            "touch: expected dtype float64",
         ),
         (
-            lambda a: replace(a, "state", replace(a["state"], "prev", np.zeros((3, 6, 5)))),
+            lambda a: replace(a, "prev", np.zeros((3, 6, 5))),
             ValueError,
-            "state['prev']: expected shape [3, 6, 6]",
+            "prev: expected shape [3, 6, 6]",
         ),
         (
-            lambda a: replace(a, "state", replace(a["state"], "cross_n", np.zeros((6, 3)).T)),
+            lambda a: replace(a, "cross_n", np.zeros((6, 3)).T),
             ValueError,
-            "state['cross_n']: expected a C-contiguous array",
+            "cross_n: expected a C-contiguous array",
         ),
         (
-            lambda a: replace(a, "state", replace(a["state"], "pair", np.zeros((3, 21)))),
+            lambda a: replace(a, "pair", np.zeros((3, 21))),
             ValueError,
-            "state['pair']: expected shape [3, buckets, 6], got [3, 21]",
+            "pair: expected shape [3, buckets, 6], got [3, 21]",
         ),
         (
-            lambda a: replace(a, "state", replace(a["state"], "hits", [0, 0, 0])),
+            lambda a: replace(a, "hits", [0, 0, 0]),
             TypeError,
-            "state['hits']: expected a numpy int64 array",
+            "hits: expected a numpy int64 array",
         ),
         (
-            lambda a: replace(a, "state", replace(a["state"], "pending", None)),
-            ValueError,
-            "state: no 'pending'",
-        ),
-        (
-            lambda a: replace(a, "state", {**a["state"], "extra": np.zeros(3)}),
-            ValueError,
-            "state: unexpected key 'extra'",
-        ),
-        (
-            lambda a: replace(a, "state", list(a["state"].values())),
+            lambda a: replace(a, "pending", None),
             TypeError,
-            "state: expected a dict",
+            "pending: expected a numpy bool array",
         ),
+        (lambda a: replace(a, "top_k", 7), ValueError, "top_k: expected an int in [1, 6]"),
+        (
+            lambda a: replace(a, "affinity_decay", 1.5),
+            ValueError,
+            "affinity_decay: expected a float in (0, 1)",
+        ),
+        (
+            lambda a: replace(a, "prefetch_budget", 1.5),
+            TypeError,
+            "prefetch_budget: expected an int",
+        ),
+        (lambda a: replace(a, "pair_prior", None), TypeError, "pair_prior: expected a float"),
+    ],
+)
+def test_kernel_checks_the_state_once(core, change, error, message):
+    caches = PredictiveCaches(3, 6, 2, 2)
+    with pytest.raises(error) as raised:
+        core._PredictKernel(**change(caches._kernel_arguments()))
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
         (
             lambda a: replace(a, "ids", a["ids"].astype(np.int32)),
             TypeError,
@@ -311,40 +317,54 @@ def replace(mapping, key, value):
             ValueError,
             "next_scale: expected a finite",
         ),
-        (
-            lambda a: replace(a, "config", replace(a["config"], "affinity_decay", 1.5)),
-            ValueError,
-            "config['affinity_decay']: expected a float in (0, 1)",
-        ),
-        (
-            lambda a: replace(a, "config", replace(a["config"], "prefetch_budget", 1.5)),
-            TypeError,
-            "config['prefetch_budget']: expected an int",
-        ),
-        (
-            lambda a: replace(a, "config", replace(a["config"], "pair_prior", None)),
-            ValueError,
-            "config: no 'pair_prior'",
-        ),
     ],
 )
-def test_boundary_names_what_is_wrong(change, error, message):
+def test_step_checks_the_token(core, change, error, message):
     caches = PredictiveCaches(3, 6, 2, 2)
+    kernel = core._PredictKernel(**caches._kernel_arguments())
     before = caches._hot.copy(), caches._touch.copy()
     with pytest.raises(error) as raised:
-        backend._predict_step(**change(arguments(caches)))
+        kernel.step(**change(token(caches)))
     assert message in str(raised.value)
     assert np.array_equal(caches._hot, before[0]) and np.array_equal(caches._touch, before[1])
 
 
-def test_boundary_refuses_read_only_state():
+def test_kernel_refuses_read_only_state(core):
     caches = PredictiveCaches(3, 6, 2, 2)
     caches._hot.setflags(write=False)
-    with pytest.raises(ValueError, match=r"state\['hot'\]: expected a writeable array"):
-        backend._predict_step(**arguments(caches))
+    with pytest.raises(ValueError, match=r"hot: expected a writeable array"):
+        core._PredictKernel(**caches._kernel_arguments())
+    caches._hot.setflags(write=True)
+    caches.capacity.setflags(write=False)  # read, never written
+    core._PredictKernel(**caches._kernel_arguments())
 
 
-def test_boundary_accepts_what_step_passes():
+def test_kernel_steps_what_step_passes(core):
     caches = PredictiveCaches(3, 6, 2, 2)
-    backend._predict_step(**arguments(caches))
+    kernel = core._PredictKernel(**caches._kernel_arguments())
+    kernel.step(**token(caches))
+    kernel.flush()
     assert caches._hot_count.tolist() == [2, 2, 2] and caches.stats.stalls.tolist() == [2, 2, 2]
+    # uses per predictor: cross-layer at layers 1 and 2, no previous token, affinity, combined
+    assert caches.stats.predictor_uses[:4].sum(axis=1).tolist() == [4, 0, 6, 6]
+
+
+@needs_native
+def test_kernels_step_alike_on_the_same_state():
+    """The native kernel and the twin's, each over its own copy of one state, fed the same
+    tokens: the same state after every step (the tables to 1e-12, as above)."""
+    ids = routing(np.random.default_rng(11), 60, 3, 9, 3)
+    a, b = PredictiveCaches(3, 9, 3, 4), PredictiveCaches(3, 9, 3, 4)
+    kernels = backend._PredictKernel(**a._kernel_arguments()), b._twin()
+    for t in range(len(ids)):
+        last = ids[t - 1] if t else None
+        for kernel in kernels:
+            kernel.step(ids[t], last, t + 1, 0.999**-t, 0.999 ** -(t + 1), 0.99 ** -(t + 1))
+        kernels[1].flush()
+        for name, x in a._kernel_arguments().items():
+            y = b._kernel_arguments()[name]
+            if isinstance(x, np.ndarray) and x.dtype == np.float64:
+                np.testing.assert_allclose(x, y, rtol=1e-12, atol=0, err_msg=name)
+            else:
+                assert np.array_equal(x, y), f"token {t}: {name}"
+    assert a._stats.prefetches.sum() > 0 and a._stats.evictions.sum() > 0

@@ -238,12 +238,13 @@ def test_previous_token_tables_forget_at_their_own_decay():
 
 def test_hashed_pair_buckets_stay_in_range(monkeypatch):
     import moeray.policy.predict as predict
+    from moeray.native._reference.predict import pair_index
 
     monkeypatch.setattr(predict, "PAIR_TABLE_ENTRIES", 3 * 12 * 5)  # 5 buckets for 78 pairs
     ids = random_stream(200, 3, 12, 3, seed=4)
     caches = PredictiveCaches(3, 12, 3, 4)
     assert caches._pair_buckets == 5
-    index = caches._pair_index(ids.reshape(-1, 3))
+    index = pair_index(caches._twin(), ids.reshape(-1, 3))
     assert index.min() >= 0 and index.max() < 5 and len(np.unique(index)) == 5
     s = caches.run(ids)
     assert (s.hits + s.stalls == 200 * 3).all()

@@ -199,18 +199,13 @@ def test_native_stack_histogram_equals_the_numpy_twin():
     assert native._scale == twin._scale and native._scale < 1e200  # rescaled once at least
 
 
-@pytest.mark.skipif(
-    not CapacitySplit._native,
-    reason="the native stack distances are not in use (MOERAY_PURE_PYTHON=1 or unbuilt)",
-)
-def test_native_stack_histogram_checks_its_arguments():
-    from moeray.native import backend
-
+def test_stack_histogram_checks_its_arguments(core):
+    """Both cores' ``_stack_histogram``: the same checks, and the same sums."""
     last = np.full((2, 4), -1, dtype=np.int64)
     hist = np.zeros((2, 4))
     ids = np.zeros((3, 2, 2), dtype=np.int64)
     scales = np.ones(3)
-    backend._stack_histogram(last, hist, ids, 0, scales)
+    core._stack_histogram(last, hist, ids, 0, scales)
     # expert 0, six accesses per layer: distance 0 after the first one, each weighing 1
     assert hist.tolist() == [[5.0, 0, 0, 0]] * 2 and last.tolist() == [[5, -1, -1, -1]] * 2
     for args, error, match in (
@@ -227,11 +222,11 @@ def test_native_stack_histogram_checks_its_arguments():
         ((last, hist, ids, 2**63 - 2, scales), ValueError, "counter"),
     ):
         with pytest.raises(error, match=match):
-            backend._stack_histogram(*args)
+            core._stack_histogram(*args)
     frozen = last.copy()
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
-        backend._stack_histogram(frozen, hist, ids, 0, scales)
+        core._stack_histogram(frozen, hist, ids, 0, scales)
 
 
 def test_split_schedule_hands_each_window_its_resplits():

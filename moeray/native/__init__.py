@@ -1,15 +1,9 @@
-"""The compute core behind moeray's policies: the C++ extension ``_core`` or its Python twin.
-
-``backend`` is ``_core`` unless ``MOERAY_PURE_PYTHON=1`` is set (or the extension is missing,
-which only happens in a source checkout that was never built). Both expose the same API:
-``ExpertCacheCore``, ``AffinityCore``, ``PrefetcherCore``, ``schedule``, ``belady_hits``,
-``expert_matvec`` (one expert's FFN, weights read in place; the twin calls the numpy reference
-``moeray.shards.kernels.expert_matvec``) and the policy codes ``LRU``, ``LFU``, ``ADAPTIVE``;
-``IS_NATIVE`` says which one is in use. ``_core`` also has ``_predict_step``, one token of the
-``moeray`` policy (``moeray.policy.predict.PredictiveCaches``) over that class's numpy state, and
-``_stack_histogram``, the LRU stack distances behind ``moeray.policy.split.CapacitySplit``; their
-pure-Python twins are those classes' own numpy paths, which run wherever ``backend`` is
-``_reference``.
+"""The compute core behind moeray's policies and shards: the C++ extension ``_core`` (sources in
+``src/``, one header per kernel) and ``_reference/``, its pure-Python twin, one module per header,
+with the same API and the same decisions. ``backend`` is ``_core`` unless
+``MOERAY_PURE_PYTHON=1`` is set (or the extension was never built), ``reference`` is the twin,
+``IS_NATIVE`` says which one is in use. Everything here imports numpy and the standard library
+only: never Ray, never another moeray package.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Type stub of moeray's native core; _reference.py implements the same API in Python.
+"""Type stub of moeray's native core; the package _reference/ implements the same API in Python.
 
-tests/test_native_stub.py keeps this file in step with the compiled module.
+tests/test_native_stub.py keeps this file in step with the compiled module and with the twin,
+private kernels included.
 """
 
 import numpy as np
@@ -70,20 +71,58 @@ def expert_matvec(
     x: npt.NDArray[np.float32],
 ) -> npt.NDArray[np.float32]: ...
 
-# Private and native only: its twin is PredictiveCaches._step_numpy (moeray/policy/predict.py),
-# not _reference, so tests/test_native_stub.py checks it against _core alone.
-def _predict_step(
-    state: dict[str, npt.NDArray[np.generic] | None],
-    ids: npt.NDArray[np.int64],
-    last_ids: npt.NDArray[np.int64] | None,
-    clock: int,
-    scale: float,
-    next_scale: float,
-    next_prev_scale: float,
-    config: dict[str, float],
-) -> None: ...
+# Private: the kernels behind moeray.policy (predict.PredictiveCaches, split.CapacitySplit).
+class _PredictKernel:
+    def __init__(
+        self,
+        hot: npt.NDArray[np.bool_],
+        hot_count: npt.NDArray[np.int64],
+        pending: npt.NDArray[np.bool_],
+        touch: npt.NDArray[np.float64],
+        capacity: npt.NDArray[np.int64],
+        resplit_out: npt.NDArray[np.bool_] | None,
+        cross: npt.NDArray[np.float64],
+        cross_n: npt.NDArray[np.float64],
+        pair: npt.NDArray[np.float64],
+        pair_n: npt.NDArray[np.float64],
+        prev: npt.NDArray[np.float64],
+        prev_n: npt.NDArray[np.float64],
+        affinity: npt.NDArray[np.float64],
+        hits: npt.NDArray[np.int64],
+        stalls: npt.NDArray[np.int64],
+        prefetches: npt.NDArray[np.int64],
+        prefetch_hits: npt.NDArray[np.int64],
+        wasted_prefetches: npt.NDArray[np.int64],
+        evictions: npt.NDArray[np.int64],
+        resplit_transfers: npt.NDArray[np.int64],
+        predictor_hits: npt.NDArray[np.int64],
+        predictor_guesses: npt.NDArray[np.int64],
+        predictor_uses: npt.NDArray[np.int64],
+        top_k: int,
+        prefetch_budget: int,
+        cross_weight: float,
+        previous_weight: float,
+        affinity_weight: float,
+        prefetch_margin: float,
+        prefetch_threshold: float,
+        keep_previous_weight: float,
+        keep_affinity_weight: float,
+        victim_next_weight: float,
+        victim_affinity_weight: float,
+        pair_prior: float,
+        affinity_decay: float,
+    ) -> None: ...
+    def step(
+        self,
+        ids: npt.NDArray[np.int64],
+        last_ids: npt.NDArray[np.int64] | None,
+        clock: int,
+        scale: float,
+        next_scale: float,
+        next_prev_scale: float,
+    ) -> None: ...
+    def flush(self) -> None: ...
 
-# Private and native only: its twin is CapacitySplit._histogram_numpy (moeray/policy/split.py).
 def _stack_histogram(
     last: npt.NDArray[np.int64],
     histogram: npt.NDArray[np.float64],

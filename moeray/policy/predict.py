@@ -68,10 +68,12 @@ frequency, or a previous-token estimate run two or more tokens ahead all made de
 evictions worse. Hint prior 16 misses (hints: see above). Re-split: off by default
 (``split=None``); ``SplitConfig()`` defaults when on (see ``moeray.policy.split``).
 
-Native step: a token without hints runs in one call of the native core
-(``moeray.native._core._predict_step``) when it is in use, over the same state arrays and with
-the same decisions as the numpy code (``_step_numpy``), which serves tokens with hints and
-``MOERAY_PURE_PYTHON=1``; re-splits (``set_capacity``) and hint learning stay in numpy. Predictor
+Kernel: one token's predictions, prefetches, accesses and learning run in a kernel object built
+once over this class's state arrays (``moeray.native.backend._PredictKernel``): a token without
+hints is one ``step`` of the native kernel when it is in use; tokens with hints, and every token
+under ``MOERAY_PURE_PYTHON=1``, run the twin's phases (``moeray.native._reference.predict``)
+over the same arrays, with the hints applied between its ``predict`` and ``serve``. Both make the
+same decisions bit for bit. Re-splits (``set_capacity``) and hint learning stay here. Predictor
 counts take each predictor's k highest float32 scores, ties to the lower expert id.
 """
 
@@ -82,6 +84,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moeray.native import IS_NATIVE, backend
+from moeray.native._reference import predict as twin
 from moeray.policy._validate import check_float, check_int
 from moeray.policy.split import CapacitySplit, SplitConfig, per_layer_capacity
 
@@ -99,8 +102,8 @@ __all__ = [
 # that drives prefetches; "hints" are the engine's, counted only where a layer had any).
 PREDICTOR_NAMES = ("cross-layer", "previous-token", "affinity", "combined", "hints")
 _HINTS = PREDICTOR_NAMES.index("hints")
-# The config fields the native step reads, besides prefetch_budget.
-_NATIVE_WEIGHTS = (
+# The config fields a kernel reads, besides prefetch_budget.
+_KERNEL_WEIGHTS = (
     "cross_weight",
     "previous_weight",
     "affinity_weight",
@@ -278,10 +281,10 @@ class PredictiveCaches:
     only on the routing (and hints) fed so far.
     """
 
-    # Tokens without hints run in the native core when it is in use (``_step_native``), the
-    # others in numpy (``_step_numpy``, the reference); both keep the same state, so they
-    # interleave. A test sets this False to compare the two.
-    _native = IS_NATIVE and hasattr(backend, "_predict_step")
+    # Tokens without hints run on the native kernel when it is in use, the others on the twin's
+    # phases (``_step_numpy``); both work on the same state, so they interleave. A test sets this
+    # False to compare the two.
+    _native = IS_NATIVE
 
     def __init__(
         self,
@@ -295,6 +298,7 @@ class PredictiveCaches:
         self.num_experts = check_int(num_experts, "num_experts", 1)
         self.top_k = check_int(top_k, "top_k", 1, num_experts)
         self.capacity = per_layer_capacity(capacity, num_layers, num_experts)
+        self._native_kernel = self._twin_kernel = None  # built from the arrays below when used
         self.config = config
         L, E = num_layers, num_experts
         self._rows = np.arange(L)
@@ -311,7 +315,6 @@ class PredictiveCaches:
         self._prev = np.zeros((L, E, E))  # [l, e at t-1, e' at t]
         # Pair table [l, pair at l-1, e' at l]: a pair (a <= b) of the previous layer's experts
         # tells more than each alone. Too many pairs for PAIR_TABLE_ENTRIES share hashed buckets.
-        self._pair_a, self._pair_b = np.triu_indices(top_k, 1)
         pairs = E * (E + 1) // 2
         use_pairs = config.cross_pairs and top_k > 1 and L > 1
         self._pair_buckets = min(pairs, max(1, PAIR_TABLE_ENTRIES // (L * E))) if use_pairs else 0
@@ -324,7 +327,6 @@ class PredictiveCaches:
         self._last_ids: np.ndarray | None = None
         z = lambda: np.zeros(L, dtype=np.int64)  # noqa: E731
         self._stats = PredictStats(z(), z(), z(), z(), z())
-        self._guesses: list = []
         # Hints: decayed per-layer counts of hinted experts used, hinted, and uses at layers
         # with hints (precision and recall estimates).
         self._hint_hits = np.zeros(L)
@@ -337,7 +339,6 @@ class PredictiveCaches:
         )
         self._resplit_out: np.ndarray | None = None  # [l, e]: evicted by a re-split, not reloaded
         self._due: list = []  # re-split plans for the next token
-        self._native_arrays: dict | None = None  # _native_state(), cached
 
     @property
     def config(self) -> PredictConfig:
@@ -348,125 +349,76 @@ class PredictiveCaches:
         """A new config applies from the next token on (the layer actors change the budget)."""
         if not isinstance(config, PredictConfig):
             raise TypeError(f"config: expected a PredictConfig, got {type(config).__name__}")
+        self._drop_kernels()
         self._config = config
-        budget = config.prefetch_budget
-        self._native_config = {
-            "prefetch_budget": self.top_k if budget is None else budget,
-            **{name: float(getattr(config, name)) for name in _NATIVE_WEIGHTS},
-        }
 
-    # ------------------------------------------------------------------ predictions
+    # ------------------------------------------------------------------ kernels
 
-    def _table_scores(self, table, counts, ids) -> np.ndarray:
-        """Mean over the k source experts of P(e' | source): float [L, E] (0 with no data)."""
-        rows = np.arange(len(ids))[:, None]
-        num = table[rows, ids]  # [L, k, E]
-        den = counts[rows, ids][..., None]
-        return (num / np.maximum(den, 1e-300)).sum(axis=1) * (1.0 / ids.shape[1])
-
-    def _pair_index(self, src: np.ndarray) -> np.ndarray:
-        """Bucket of every pair of each row's experts: src int [n, k] -> int [n, k(k-1)/2]."""
-        a, b = src[:, self._pair_a], src[:, self._pair_b]
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
-        index = lo * self.num_experts - lo * (lo - 1) // 2 + (hi - lo)  # triangular, a <= b
-        if self._pair_buckets < self.num_experts * (self.num_experts + 1) // 2:
-            index = index.astype(np.int64) * 2654435761 % self._pair_buckets  # hashed, spread
-        return index
-
-    def _cross_scores(self, src: np.ndarray) -> np.ndarray:
-        """P(e' at l | routing at l - 1) for l >= 1 from src = ids[:-1]: float [L - 1, E], the
-        mean over the source experts (or over their pairs, each backed off to its two
-        experts' tables by pair_prior) of the decayed transition frequencies."""
-        rows = self._rows[:-1, None]
-        den = np.maximum(self._cross_n[1:][rows, src], 1e-300)[..., None]
-        cond = self._cross[1:][rows, src] / den
-        if not self._pair_buckets:
-            return cond.mean(axis=1)
-        back = 0.5 * (cond[:, self._pair_a] + cond[:, self._pair_b])  # [L - 1, pairs, E]
-        index = self._pair_index(src)
-        prior = self.config.pair_prior * self._scale
-        num = self._pair[1:][rows, index] + prior * back
-        den = self._pair_n[1:][rows, index][..., None] + prior
-        return (num / np.maximum(den, 1e-300)).mean(axis=1)
-
-    def _learn_cross(self, ids: np.ndarray, inc: float) -> None:
-        # A router's k experts are distinct, so the index triples are too (plain += is exact;
-        # a repeated id within one token's routing counts once, as do hashed pairs colliding).
-        rows = self._rows[1:, None]
-        self._cross[rows[..., None], ids[:-1, :, None], ids[1:, None, :]] += inc
-        self._cross_n[rows, ids[:-1]] += inc
-        if self._pair_buckets:
-            index = self._pair_index(ids[:-1])
-            self._pair[rows[..., None], index[:, :, None], ids[1:, None, :]] += inc
-            self._pair_n[rows, index] += inc
-
-    def _guess_stats(self, index: int, scores: np.ndarray, ids: np.ndarray) -> None:
-        """Queues the top-k guess of ``scores`` [n, E] against ``ids`` [n, k] for predictor
-        ``index``, rows for the last n layers; counted in batches (one numpy pass per 256
-        tokens)."""
-        self._guesses.append((index, scores.astype(np.float32), ids))
-        if len(self._guesses) >= 1024:
-            self._flush_guesses()
-
-    def _flush_guesses(self) -> None:
-        k, st = self.top_k, self._stats
-        for index in range(len(PREDICTOR_NAMES)):
-            batch = [(s, i) for j, s, i in self._guesses if j == index]
-            if not batch:
-                continue
-            scores = np.concatenate([s for s, _ in batch])
-            ids = np.concatenate([i for _, i in batch])
-            layers = np.concatenate([self._rows[self.num_layers - len(i) :] for _, i in batch])
-            # The k highest float32 scores, ties to the lower expert id (argpartition leaves
-            # the choice among ties open; the native step counts by the same rule).
-            guess = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            valid = np.take_along_axis(scores, guess, axis=1) > 0.0
-            used = np.zeros(scores.shape, dtype=bool)
-            np.put_along_axis(used, ids, True, axis=1)
-            hit = np.take_along_axis(used, guess, axis=1) & valid
-            L = self.num_layers
-            st.predictor_hits[index] += np.bincount(layers, hit.sum(axis=1), L).astype(np.int64)
-            st.predictor_guesses[index] += np.bincount(layers, valid.sum(axis=1), L).astype(
-                np.int64
-            )
-            st.predictor_uses[index] += np.bincount(layers, minlength=L) * k
-        self._guesses.clear()
-
-    def _evict(self, hot: np.ndarray, layers: np.ndarray, victim: np.ndarray) -> None:
-        """Evicts expert victim[l] of every layer l where ``layers`` (bool [L]) is set; a
-        prefetched expert leaving unused counts as a wasted prefetch."""
-        if not layers.any():
-            return
-        er, ev = self._rows[layers], victim[layers]
-        self._stats.wasted_prefetches += np.bincount(
-            er[self._pending[er, ev]], minlength=self.num_layers
+    def _kernel_arguments(self) -> dict:
+        """The arguments of a ``_PredictKernel`` over this object's state: every array is
+        updated in place, here too, so a kernel stays valid until ``set_capacity`` replaces
+        ``capacity`` (or creates ``_resplit_out``) or the config changes."""
+        st, cfg = self._stats, self.config
+        return dict(
+            hot=self._hot,
+            hot_count=self._hot_count,
+            pending=self._pending,
+            touch=self._touch,
+            capacity=self.capacity,
+            resplit_out=self._resplit_out,
+            cross=self._cross,
+            cross_n=self._cross_n,
+            pair=self._pair,
+            pair_n=self._pair_n,
+            prev=self._prev,
+            prev_n=self._prev_n,
+            affinity=self._affinity,
+            hits=st.hits,
+            stalls=st.stalls,
+            prefetches=st.prefetches,
+            prefetch_hits=st.prefetch_hits,
+            wasted_prefetches=st.wasted_prefetches,
+            evictions=st.evictions,
+            resplit_transfers=st.resplit_transfers,
+            predictor_hits=st.predictor_hits,
+            predictor_guesses=st.predictor_guesses,
+            predictor_uses=st.predictor_uses,
+            top_k=self.top_k,
+            prefetch_budget=self.top_k if cfg.prefetch_budget is None else cfg.prefetch_budget,
+            **{name: float(getattr(cfg, name)) for name in _KERNEL_WEIGHTS},
         )
-        hot[er, ev] = False
-        self._pending[er, ev] = False
-        self._hot_count -= layers
-        self._stats.evictions += layers
+
+    def _kernel(self):
+        """The native kernel (tokens without hints), built once."""
+        if self._native_kernel is None:
+            self._native_kernel = backend._PredictKernel(**self._kernel_arguments())
+        return self._native_kernel
+
+    def _twin(self):
+        """The twin's kernel (tokens with hints, or every token off the native path), built
+        once."""
+        if self._twin_kernel is None:
+            self._twin_kernel = twin._PredictKernel(**self._kernel_arguments())
+        return self._twin_kernel
+
+    def _drop_kernels(self) -> None:
+        """Forgets both kernels (rebuilt when next used), the twin's queued guesses counted."""
+        if self._twin_kernel is not None:
+            self._twin_kernel.flush()
+        self._native_kernel = self._twin_kernel = None
+
+    # ------------------------------------------------------------------ valuations
 
     def _keep_scores(self, ids: np.ndarray) -> np.ndarray:
         """How much each expert is worth keeping for the token after one routed ``ids``
-        [L, top_k]: the demand-eviction score, float [L, E] (least recently touched lowest
-        among equals)."""
-        cfg = self.config
-        nxt = self._table_scores(self._prev, self._prev_n, ids)
-        keep = cfg.keep_previous_weight * nxt + cfg.keep_affinity_weight * self._affinity
-        return keep - 1e-9 * (1.0 - self._touch / max(self._clock, 1))
+        [L, top_k]: the demand-eviction score, float [L, E] (``twin.keep_scores``; a hook of
+        the numpy step)."""
+        return twin.keep_scores(self._twin(), ids, self._clock)
 
     def _hot_value(self, p: np.ndarray) -> np.ndarray:
         """What keeping each expert is worth when a prefetch looks for a victim: float [L, E]
-        from this token's estimates ``p``."""
-        cfg, value = self.config, p
-        if cfg.victim_next_weight:
-            cond = (
-                self._prev / np.maximum(self._prev_n, 1e-300)[..., None]
-            )  # [l, e at t, e' at t+1]
-            value = value + cfg.victim_next_weight / self.top_k * np.einsum("le,lef->lf", p, cond)
-        if cfg.victim_affinity_weight:
-            value = value + cfg.victim_affinity_weight * self._affinity
-        return value
+        from this token's estimates ``p`` (``twin.hot_value``; a hook of the numpy step)."""
+        return twin.hot_value(self._twin(), p)
 
     def set_capacity(self, capacity) -> None:
         """Sets each layer's capacity from the next token on: int in [1, num_experts] or one per
@@ -474,7 +426,7 @@ class PredictiveCaches:
         hot experts least likely to be used by the next token, counted in resplit_evictions;
         a layer that grows fills the room by later prefetches and loads."""
         self.capacity = per_layer_capacity(capacity, self.num_layers, self.num_experts)
-        self._native_arrays = None  # holds the old capacity (and maybe no _resplit_out)
+        self._drop_kernels()  # they hold the old capacity (and maybe no _resplit_out)
         over = self._hot_count > self.capacity
         if not over.any():
             return
@@ -483,25 +435,16 @@ class PredictiveCaches:
         keep = self._keep_scores(self._last_ids) if self._last_ids is not None else -self._touch
         while over.any():
             victim = np.where(self._hot, keep, np.inf).argmin(axis=1)
-            self._evict(self._hot, over, victim)
+            twin.evict(self._twin(), over, victim)
             self._stats.resplit_evictions += over
             self._resplit_out[self._rows[over], victim[over]] = True
             over = self._hot_count > self.capacity
 
-    def _count_reloads(self, layers: np.ndarray, experts: np.ndarray) -> None:
-        """Loads of ``experts`` at ``layers`` (int arrays): those a re-split evicted count as
-        re-split transfers, once."""
-        if self._resplit_out is None or not len(layers):
-            return
-        back = self._resplit_out[layers, experts]
-        if back.any():
-            self._stats.resplit_transfers += np.bincount(layers[back], minlength=self.num_layers)
-            self._resplit_out[layers[back], experts[back]] = False
-
     @property
     def stats(self) -> PredictStats:
         """Counters so far (see PredictStats)."""
-        self._flush_guesses()
+        if self._twin_kernel is not None:
+            self._twin_kernel.flush()
         return self._stats
 
     def hot_set(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -527,182 +470,50 @@ class PredictiveCaches:
             )
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
             raise ValueError(f"ids: expected ids in [0, {self.num_experts})")
-        ids = ids.astype(np.intp)
+        ids = ids.astype(np.int64)
         st = self._stats
         for plan in self._due:  # a re-split is part of this token, not of the one before
             self.set_capacity(plan.capacity)
             st.resplit_moved += plan.moved
         self._due = []
-        have_prev = self._last_ids is not None and not new_sequence
+        last_ids = self._last_ids if self._last_ids is not None and not new_sequence else None
         self._clock += 1
+        scale = self._scale  # the tables' scale before this token
+        self._scale /= self.config.transition_decay  # lazy decay: this token's events weigh more
+        self._prev_scale /= self.config.previous_decay
         if hinted is None and self._native:
-            self._step_native(ids, have_prev)
+            self._kernel().step(ids, last_ids, self._clock, scale, self._scale, self._prev_scale)
         else:
-            self._step_numpy(ids, have_prev, hinted)
-        self._last_ids = ids
-        if self._split is not None:
-            self._due = self._split.observe(ids[None])  # from the next token on
-
-    def _step_native(self, ids: np.ndarray, have_prev: bool) -> None:
-        """``_step_numpy`` without hints, in one call of the native core (the same decisions
-        and state; see ``moeray.native._core._predict_step``)."""
-        cfg = self.config
-        scale = self._scale
-        self._scale /= cfg.transition_decay  # lazy decay of the tables, as in _step_numpy
-        self._prev_scale /= cfg.previous_decay
-        if self._native_arrays is None:  # built once; set_capacity drops it
-            self._native_arrays = self._native_state()
-        backend._predict_step(
-            self._native_arrays,
-            ids,
-            self._last_ids if have_prev else None,
-            self._clock,
-            scale,
-            self._scale,
-            self._prev_scale,
-            self._native_config,
-        )
+            self._step_numpy(ids, last_ids, scale, hinted)
         if self._scale > 1e200:  # the kernel divided the tables by it
             self._scale = 1.0
         if self._prev_scale > 1e200:
             self._prev_scale = 1.0
+        self._last_ids = ids
+        if self._split is not None:
+            self._due = self._split.observe(ids[None])  # from the next token on
 
-    def _native_state(self) -> dict:
-        """The arrays ``_predict_step`` reads and updates in place (by the names it expects);
-        every one is updated in place elsewhere too, so the dict stays valid until
-        ``set_capacity`` replaces ``capacity`` or creates ``_resplit_out``."""
-        st = self._stats
-        return {
-            "hot": self._hot,
-            "hot_count": self._hot_count,
-            "pending": self._pending,
-            "touch": self._touch,
-            "capacity": self.capacity,
-            "resplit_out": self._resplit_out,
-            "cross": self._cross,
-            "cross_n": self._cross_n,
-            "pair": self._pair,
-            "pair_n": self._pair_n,
-            "prev": self._prev,
-            "prev_n": self._prev_n,
-            "affinity": self._affinity,
-            "hits": st.hits,
-            "stalls": st.stalls,
-            "prefetches": st.prefetches,
-            "prefetch_hits": st.prefetch_hits,
-            "wasted_prefetches": st.wasted_prefetches,
-            "evictions": st.evictions,
-            "resplit_transfers": st.resplit_transfers,
-            "predictor_hits": st.predictor_hits,
-            "predictor_guesses": st.predictor_guesses,
-            "predictor_uses": st.predictor_uses,
-        }
-
-    def _step_numpy(self, ids: np.ndarray, have_prev: bool, hinted: np.ndarray | None) -> None:
-        """One token's predictions, prefetches, accesses and learning (the clock already
-        advanced): ids intp [L, top_k]; hinted: None or bool [L, E] (``_check_hints``). The
-        reference of ``_step_native``, and the path of tokens with hints."""
-        cfg, st, rows, L = self.config, self._stats, self._rows, self.num_layers
-
-        # Predictions for this token, from routing already seen (see the module docstring).
-        weight = np.zeros((L, 1))
-        p = np.zeros((L, self.num_experts))
-        if cfg.affinity_weight > 0:
-            p += cfg.affinity_weight * self._affinity
-            weight += cfg.affinity_weight
-        self._guess_stats(2, self._affinity, ids)
-        if have_prev:
-            prev = self._table_scores(self._prev, self._prev_n, self._last_ids)
-            self._guess_stats(1, prev, ids)
-            if cfg.previous_weight > 0:
-                p += cfg.previous_weight * prev
-                weight += cfg.previous_weight
-        if L > 1:
-            cross = np.zeros_like(p)
-            cross[1:] = self._cross_scores(ids[:-1])
-            self._guess_stats(0, cross[1:], ids[1:])
-            if cfg.cross_weight > 0:
-                p[1:] += cfg.cross_weight * cross[1:]
-                weight[1:] += cfg.cross_weight
-        p /= np.maximum(weight, 1e-300)
+    def _step_numpy(self, ids, last_ids, scale: float, hinted: np.ndarray | None) -> None:
+        """One token on the twin's phases (the reference of the native ``step``, and the path
+        of tokens with hints): ids int64 [L, top_k]; last_ids the previous token's or None;
+        scale the tables' scale before this token (the clock and scales already advanced);
+        hinted: None or bool [L, E] (``_check_hints``). Victims are valued by ``_hot_value``
+        and ``_keep_scores``, so a subclass can replace them."""
+        kernel = self._twin()
+        p = twin.predict(kernel, ids, last_ids, scale)
         if hinted is not None:
             p = self._apply_hints(p, hinted)
-        self._guess_stats(3, p, ids)
-
-        # Prefetch: the most likely cold experts, each against the least likely hot one.
-        hot = self._hot
-        value = self._hot_value(p)
-        budget = self.top_k if cfg.prefetch_budget is None else cfg.prefetch_budget
-        for _ in range(budget):
-            cand_scores = np.where(hot, -np.inf, p)
-            cand = cand_scores.argmax(axis=1)
-            cand_p = cand_scores[rows, cand]
-            full = self._hot_count >= self.capacity
-            victim_scores = np.where(hot, value + 1e-9 * self._touch / self._clock, np.inf)
-            victim = victim_scores.argmin(axis=1)
-            bar = np.where(
-                full, victim_scores[rows, victim] + cfg.prefetch_margin, cfg.prefetch_margin
-            )
-            go = (cand_p > bar) & (cand_p > cfg.prefetch_threshold)
-            if not go.any():
-                break
-            self._evict(hot, go & full, victim)
-            gr, gc = rows[go], cand[go]
-            self._count_reloads(gr, gc)
-            hot[gr, gc] = True
-            self._pending[gr, gc] = True
-            self._touch[gr, gc] = self._clock
-            self._hot_count += go
-            st.prefetches += go
-
-        # Accesses: the token's experts in routing order; a miss evicts the hot expert, not used
-        # by this token here, least likely to be used by the next token.
-        keep = self._keep_scores(ids)
-        used = np.zeros_like(hot)
-        for j in range(self.top_k):
-            e = ids[:, j]
-            hit = hot[rows, e]
-            st.hits += hit
-            first = self._pending[rows, e]
-            st.prefetch_hits += first
-            self._pending[rows, e] = False
-            miss = ~hit
-            if miss.any():
-                st.stalls += miss
-                evict = miss & (self._hot_count >= self.capacity)
-                if evict.any():
-                    victim = np.where(hot & ~used, keep, np.inf).argmin(axis=1)
-                    # capacity below top_k: every hot expert served this token already, and
-                    # the one it used first leaves
-                    for l in np.flatnonzero(evict & ~(hot & ~used).any(axis=1)):
-                        victim[l] = next(x for x in ids[l, :j] if hot[l, x])
-                    self._evict(hot, evict, victim)
-                mr, me = rows[miss], e[miss]
-                self._count_reloads(mr, me)
-                hot[mr, me] = True
-                self._hot_count += miss
-            used[rows, e] = True
-            self._touch[rows, e] = self._clock
-
-        # Learn from this token's routing.
-        self._scale /= cfg.transition_decay  # lazy decay of the tables
-        self._prev_scale /= cfg.previous_decay
-        if L > 1:
-            self._learn_cross(ids, self._scale)
-        if have_prev:
-            inc = self._prev_scale
-            self._prev[rows[:, None, None], self._last_ids[:, :, None], ids[:, None, :]] += inc
-            self._prev_n[rows[:, None], self._last_ids] += inc
-        if self._scale > 1e200:
-            for a in (self._cross, self._cross_n, self._pair, self._pair_n):
-                a /= self._scale
-            self._scale = 1.0
-        if self._prev_scale > 1e200:
-            self._prev /= self._prev_scale
-            self._prev_n /= self._prev_scale
-            self._prev_scale = 1.0
-        self._affinity *= cfg.affinity_decay
-        self._affinity[rows[:, None], ids] += 1.0 - cfg.affinity_decay
+        used = twin.serve(
+            kernel,
+            p,
+            ids,
+            last_ids,
+            self._clock,
+            self._scale,
+            self._prev_scale,
+            value=self._hot_value,
+            keep=self._keep_scores,
+        )
         if hinted is not None:
             self._learn_hints(hinted, used)
 

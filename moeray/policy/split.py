@@ -12,7 +12,7 @@ happens only when the target beats the current split by at least ``min_gain`` (a
 the decayed accesses), so noise does not shuffle capacity back and forth.
 
 Cost: the stack distances of a chunk of tokens run in the native core (``_stack_histogram``;
-numpy twin ``_histogram_numpy``), and the dynamic program once per re-split: about 5-8 µs per
+its twin in ``moeray.native._reference.routing``), and the dynamic program once per re-split: about 5-8 µs per
 token of 24 layers x 32 experts, top-4, at the defaults (``benchmarks/bench_service.py``, the
 coordinator body's ``moeray+resplit`` row).
 
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moeray.native import IS_NATIVE, backend
+from moeray.native import IS_NATIVE, backend, reference
 from moeray.policy._validate import check_float, check_int
 
 # Tokens per histogram update (bounds the copy of a chunk of routing each update makes).
@@ -171,9 +171,9 @@ class CapacitySplit:
     layer; its sum is the total, kept by every re-split. min_capacity: in [1, min(capacity)],
     the least any layer gets (top_k is natural: one token's experts of a layer fit at once)."""
 
-    # Stack distances in the native core when it is in use (``_stack_histogram``), else in
-    # numpy (``_histogram_numpy``); a test sets this False to compare the two.
-    _native = IS_NATIVE and hasattr(backend, "_stack_histogram")
+    # Stack distances in the native core when it is in use, else in its twin; a test sets this
+    # False to compare the two.
+    _native = IS_NATIVE
 
     def __init__(
         self,
@@ -274,12 +274,8 @@ class CapacitySplit:
                 break
         T, (_, L, k) = len(scales), ids.shape
         chunk = np.ascontiguousarray(ids[:T])
-        if self._native:
-            backend._stack_histogram(
-                self._last, self._histogram, chunk, self._counter, np.asarray(scales)
-            )
-        else:
-            self._histogram_numpy(chunk, scales)
+        core = backend if self._native else reference
+        core._stack_histogram(self._last, self._histogram, chunk, self._counter, np.asarray(scales))
         self._counter += T * k
         for value in scales:
             self._accesses += value * (L * k)
@@ -290,23 +286,6 @@ class CapacitySplit:
             self._accesses /= self._scale
             self._scale = 1.0
         return T
-
-    def _histogram_numpy(self, ids: np.ndarray, scales: list[float]) -> None:
-        """Adds the stack distances of ``ids`` [T, L, k] to the histogram, access by access, each
-        weighted by its token's scale, updating ``_last``: the twin of the native
-        ``_stack_histogram``. The stack distance of an access is the number of distinct experts
-        of its layer used since that expert's last use; an expert never used before is a miss at
-        every capacity, counted only among the accesses."""
-        rows, last, counter = self._rows, self._last, self._counter
-        for token, scale in zip(ids, scales):
-            for j in range(token.shape[1]):
-                e = token[:, j]
-                seen = last[rows, e]
-                old = seen >= 0
-                distance = (last > seen[:, None]).sum(axis=1)
-                self._histogram[rows[old], distance[old]] += scale  # one entry per layer
-                last[rows, e] = counter
-                counter += 1
 
     def _resplit(self) -> SplitPlan | None:
         curves = self.curves()

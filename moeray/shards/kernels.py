@@ -1,10 +1,10 @@
 """The consumer kernel: one expert's FFN over the tokens routed to it.
 
 This is the workload a prefetcher serves: it reads every byte of one expert's weights.
-``expert_matvec`` is the numpy reference, favouring clarity over speed (weights are widened or
-dequantized to float32 before each product); ``expert_matvec_native`` computes the same through
-``moeray.native.backend`` (the C++ kernel reads the weights in place, each row once for all T
-tokens; under ``MOERAY_PURE_PYTHON=1`` the twin calls the reference).
+``expert_matvec`` computes it with the numpy twin of the native kernel
+(``moeray.native._reference.matvec``: weights widened or dequantized to float32 before each
+product); ``expert_matvec_native`` through ``moeray.native.backend`` (the C++ kernel reads the
+weights in place, each row once for all T tokens; under ``MOERAY_PURE_PYTHON=1``, the twin).
 """
 
 from __future__ import annotations
@@ -12,22 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from moeray import native
-from moeray.shards.store import GPT_OSS, SWIGLU, ExpertWeights
+from moeray.native._reference.matvec import GPT_OSS_ALPHA, GPT_OSS_LIMIT, silu
+from moeray.shards.store import ExpertWeights
 
 __all__ = ["GPT_OSS_ALPHA", "GPT_OSS_LIMIT", "expert_matvec", "expert_matvec_native", "silu"]
-
-# gpt-oss's clamped SwiGLU (transformers' GptOssExperts: alpha 1.702, limit 7.0)
-GPT_OSS_ALPHA = 1.702
-GPT_OSS_LIMIT = 7.0
-
-
-def silu(z: np.ndarray) -> np.ndarray:
-    """z * sigmoid(z), float32, without overflow warnings for large |z|."""
-    return z * _sigmoid(z)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
 
 
 def expert_matvec(weights: ExpertWeights, x: np.ndarray) -> np.ndarray:
@@ -38,18 +26,7 @@ def expert_matvec(weights: ExpertWeights, x: np.ndarray) -> np.ndarray:
     g = min(g, 7); u = clip(u, -7, 7); out = ((u + 1) * g * sigmoid(1.702 g)) @ down + bias.
     The router weight of each token is not applied (the caller scales and sums experts).
     """
-    x = _as_tokens(x, weights.hidden_size)
-    if weights.layout == SWIGLU:
-        gate = x @ weights["gate"].to_float32().T
-        up = x @ weights["up"].to_float32().T
-        return (silu(gate) * up) @ weights["down"].to_float32().T
-    if weights.layout == GPT_OSS:
-        gate_up = x @ weights["gate_up"].to_float32() + _bias(weights, "gate_up_bias")
-        gate = np.minimum(gate_up[:, 0::2], GPT_OSS_LIMIT)
-        up = np.clip(gate_up[:, 1::2], -GPT_OSS_LIMIT, GPT_OSS_LIMIT)
-        glu = gate * _sigmoid(GPT_OSS_ALPHA * gate)
-        return ((up + 1.0) * glu) @ weights["down"].to_float32() + _bias(weights, "down_bias")
-    raise ValueError(f"weights.layout: expected {SWIGLU!r} or {GPT_OSS!r}, got {weights.layout!r}")
+    return expert_matvec_native(weights, x, core=native.reference)
 
 
 def expert_matvec_native(weights: ExpertWeights, x: np.ndarray, core=None) -> np.ndarray:
@@ -76,7 +53,3 @@ def _as_tokens(x, hidden_size: int) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] != hidden_size:
         raise ValueError(f"x: expected shape [T, {hidden_size}], got {list(x.shape)}")
     return x.astype(np.float32, copy=False)
-
-
-def _bias(weights: ExpertWeights, role: str) -> np.ndarray | float:
-    return weights[role].to_float32() if role in weights else 0.0

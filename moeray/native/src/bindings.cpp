@@ -1,12 +1,11 @@
 // pybind11 bindings of moeray's native core. Every argument is checked here, at the boundary,
-// with the same exception types and messages as the pure-Python twin (_reference.py); batch
+// with the same exception types and messages as the pure-Python twin (_reference/); batch
 // loops run with the GIL released and the object's mutex held (released before the GIL returns).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -384,81 +383,25 @@ py::array_t<float> expert_matvec(const py::handle& layout, const py::handle& hid
   return out;
 }
 
-// -- _predict_step: PredictiveCaches' state, checked here so the kernel (predict.hpp) reads and
-// writes in bounds. The Python caller (moeray/policy/predict.py, _step_native) passes its own
-// arrays, so a failure here is a bug there; the messages name the entry and what was expected.
-
-const char* const kStateKeys[] = {
-    "hot", "hot_count", "pending", "touch", "capacity", "resplit_out", "cross", "cross_n",
-    "pair", "pair_n", "prev", "prev_n", "affinity", "hits", "stalls", "prefetches",
-    "prefetch_hits", "wasted_prefetches", "evictions", "resplit_transfers", "predictor_hits",
-    "predictor_guesses", "predictor_uses"};
-const char* const kConfigKeys[] = {
-    "prefetch_budget", "cross_weight", "previous_weight", "affinity_weight", "prefetch_margin",
-    "prefetch_threshold", "keep_previous_weight", "keep_affinity_weight", "victim_next_weight",
-    "victim_affinity_weight", "pair_prior", "affinity_decay"};
-
-// The values of dict `obj` for `keys`, in order: `obj` must be a dict with exactly these keys.
-// The keys are interned once and never freed (they live as long as the module), so a lookup
-// is a pointer comparison: this runs once per token.
-template <size_t N>
-std::array<py::handle, N> dict_values(const py::handle& obj, const char* name,
-                                      const char* const (&keys)[N]) {
-  static const std::array<PyObject*, N> interned = [&] {
-    std::array<PyObject*, N> out{};
-    for (size_t i = 0; i < N; ++i) out[i] = PyUnicode_InternFromString(keys[i]);
-    return out;
-  }();
-  if (!PyDict_Check(obj.ptr()))
-    throw py::type_error(std::string(name) + ": expected a dict, got " + type_name(obj));
-  std::array<py::handle, N> values{};
-  for (size_t i = 0; i < N; ++i) {
-    if (interned[i] == nullptr) throw py::error_already_set();
-    PyObject* value = PyDict_GetItemWithError(obj.ptr(), interned[i]);
-    if (value == nullptr) {
-      if (PyErr_Occurred()) throw py::error_already_set();
-      throw py::value_error(std::string(name) + ": no '" + keys[i] + "'");
-    }
-    values[i] = value;
-  }
-  if (static_cast<size_t>(PyDict_Size(obj.ptr())) != N) {
-    for (const auto& item : py::reinterpret_borrow<py::dict>(obj)) {
-      const bool known = PyUnicode_Check(item.first.ptr()) &&
-                         std::any_of(std::begin(keys), std::end(keys), [&](const char* key) {
-                           return py::cast<std::string>(item.first) == key;
-                         });
-      if (!known)
-        throw py::value_error(std::string(name) + ": unexpected key " +
-                              std::string(py::repr(item.first)));
-    }
-  }
-  return values;
-}
+// -- _PredictKernel: PredictiveCaches' state, checked once when the kernel is built, so that its
+// steps (predict.hpp) read and write in bounds; a step checks only its token. The Python caller
+// (moeray/policy/predict.py) passes its own arrays, so a failure here is a bug there; the
+// messages name the argument and what was expected (as the twin's, _reference/predict.py).
 
 const char* dtype_name(bool) { return "bool"; }
 const char* dtype_name(int64_t) { return "int64"; }
 const char* dtype_name(double) { return "float64"; }
 
-// state[key]: a writeable C-contiguous numpy array of T and `shape`, kept alive in `keep` (the
-// kernel runs without the GIL). The common case costs a few pointer reads; a failure is
-// explained by check_array.
+// A C-contiguous numpy array of T and `shape`, writeable unless `read_only`, kept alive in `keep`
+// (the kernel holds pointers into it and runs without the GIL).
 template <typename T>
-T* state_array(const py::handle& obj, const char* key, std::initializer_list<int64_t> shape,
-               std::vector<py::array>& keep) {
-  if (py::isinstance<py::array_t<T>>(obj)) {
-    auto arr = py::reinterpret_borrow<py::array>(obj);
-    bool ok = arr.ndim() == static_cast<py::ssize_t>(shape.size()) &&
-              (arr.flags() & py::array::c_style) && arr.writeable();
-    py::ssize_t d = 0;
-    for (int64_t n : shape) ok = ok && arr.shape(d++) == n;
-    if (ok) {
-      keep.push_back(arr);
-      return static_cast<T*>(arr.mutable_data());
-    }
-  }
-  const std::string label = std::string("state['") + key + "']";
-  check_array(obj, label, dtype_name(T{}), std::vector<int64_t>(shape), "");
-  throw py::value_error(label + ": expected a writeable array");
+T* state_array(const py::handle& obj, const char* name, std::initializer_list<int64_t> shape,
+               std::vector<py::array>& keep, bool read_only = false) {
+  py::array arr = check_array(obj, name, dtype_name(T{}), std::vector<int64_t>(shape), "");
+  if (!read_only && !arr.writeable())
+    throw py::value_error(std::string(name) + ": expected a writeable array");
+  keep.push_back(arr);
+  return static_cast<T*>(const_cast<void*>(arr.data()));  // written only if writeable
 }
 
 // A 2-D numpy array whose shape is read from it (its dtype and layout checked afterwards).
@@ -491,9 +434,8 @@ const int64_t* check_token_ids(const py::handle& obj, const char* name, int64_t 
   return ids;
 }
 
-double config_float(const py::handle& obj, const char* key, double lo, double hi, bool open,
-                    const char* expected) {
-  const std::string name = std::string("config['") + key + "']";
+double config_float(const py::handle& obj, const std::string& name, double lo, double hi,
+                    bool open, const char* expected) {
   if (PyBool_Check(obj.ptr()) || !(PyFloat_Check(obj.ptr()) || PyLong_Check(obj.ptr())))
     throw py::type_error(name + ": expected a float, got " + type_name(obj));
   const double x = py::cast<double>(obj);
@@ -511,114 +453,124 @@ double check_scale(double x, const char* name) {
   return x;
 }
 
-void predict_step(const py::handle& state_obj, const py::handle& ids_obj,
-                  const py::handle& last_ids_obj, const py::handle& clock_obj, double scale,
-                  double next_scale, double next_prev_scale, const py::handle& config_obj) {
-  const auto st = dict_values(state_obj, "state", kStateKeys);
-  const auto cf = dict_values(config_obj, "config", kConfigKeys);
-  auto at = [&](const char* key) {  // state[key], by its place in kStateKeys
-    size_t i = 0;
-    while (std::strcmp(kStateKeys[i], key) != 0) ++i;
-    return st[i];
-  };
-  auto label = [](const char* key) { return std::string("state['") + key + "']"; };
-  std::vector<py::array> keep;
-  keep.reserve(std::size(kStateKeys) + 2);
+// The kernel and the arrays it points into, alive as long as it is.
+class PredictKernelHandle {
+ public:
+  PredictKernelHandle(const moeray::PredictState& s, const moeray::PredictParams& c,
+                      std::vector<py::array> arrays)
+      : kernel(s, c), arrays_(std::move(arrays)) {}
+  moeray::PredictKernel kernel;
 
-  const auto hot_shape = shape_2d(at("hot"), label("hot"), "bool", "[num_layers, num_experts]");
+ private:
+  std::vector<py::array> arrays_;
+};
+
+using H = const py::handle&;
+
+PredictKernelHandle* make_predict_kernel(
+    H hot, H hot_count, H pending, H touch, H capacity, H resplit_out, H cross, H cross_n, H pair,
+    H pair_n, H prev, H prev_n, H affinity, H hits, H stalls, H prefetches, H prefetch_hits,
+    H wasted_prefetches, H evictions, H resplit_transfers, H predictor_hits, H predictor_guesses,
+    H predictor_uses, H top_k, H prefetch_budget, H cross_weight, H previous_weight,
+    H affinity_weight, H prefetch_margin, H prefetch_threshold, H keep_previous_weight,
+    H keep_affinity_weight, H victim_next_weight, H victim_affinity_weight, H pair_prior,
+    H affinity_decay) {
+  const auto hot_shape = shape_2d(hot, "hot", "bool", "[num_layers, num_experts]");
   const int64_t L = hot_shape[0], E = hot_shape[1];
   if (L < 1 || E < 1 || E > INT32_MAX)
-    throw py::value_error(label("hot") + ": expected shape [num_layers, num_experts], each >= 1, "
-                          "got " + shape_text(hot_shape));
+    throw py::value_error("hot: expected shape [num_layers, num_experts], each >= 1, got " +
+                          shape_text(hot_shape));
   // the hashed pair index (triangular index * 2654435761) must not overflow int64
   if (E * (E + 1) / 2 > INT64_MAX / 2654435761LL)
-    throw py::value_error(label("hot") + ": at most 83,000 experts, got " + std::to_string(E));
-  const int64_t k = shape_2d(ids_obj, "ids", "int64", "[num_layers, top_k]")[1];
-  if (k < 1 || k > E)
-    throw py::value_error("ids: expected shape [" + std::to_string(L) + ", top_k], top_k in [1, " +
-                          std::to_string(E) + "], got top_k " + std::to_string(k));
-  const py::handle pair = at("pair");
+    throw py::value_error("hot: at most 83,000 experts, got " + std::to_string(E));
+  const int64_t k = check_int(top_k, "top_k", 1, E, "an int in [1, " + std::to_string(E) + "]");
   if (!py::isinstance<py::array>(pair))
-    throw py::type_error(label("pair") + ": expected a numpy float64 array, got " + type_name(pair));
-  if (py::reinterpret_borrow<py::array>(pair).ndim() != 3)
-    throw py::value_error(label("pair") + ": expected shape [" + std::to_string(L) +
-                          ", buckets, " + std::to_string(E) + "], got " +
-                          shape_text(shape_of(py::reinterpret_borrow<py::array>(pair))));
-  const int64_t B = py::reinterpret_borrow<py::array>(pair).shape(1);
+    throw py::type_error("pair: expected a numpy float64 array, got " + type_name(pair));
+  const auto pair_shape = shape_of(py::reinterpret_borrow<py::array>(pair));
+  if (pair_shape.size() != 3)
+    throw py::value_error("pair: expected shape [" + std::to_string(L) + ", buckets, " +
+                          std::to_string(E) + "], got " + shape_text(pair_shape));
+  const int64_t B = pair_shape[1];
   if (B > E * (E + 1) / 2 || (B > 0 && k < 2))
-    throw py::value_error(label("pair") + ": expected 0 buckets with top_k 1, else at most " +
+    throw py::value_error("pair: expected 0 buckets with top_k 1, else at most " +
                           std::to_string(E * (E + 1) / 2) + ", got " + std::to_string(B));
-  const int64_t P = shape_2d(at("predictor_hits"), label("predictor_hits"), "int64",
-                             "[predictors, num_layers]")[0];
+  const int64_t P =
+      shape_2d(predictor_hits, "predictor_hits", "int64", "[predictors, num_layers]")[0];
   if (P < 4)
-    throw py::value_error(label("predictor_hits") + ": expected at least 4 predictors, got " +
+    throw py::value_error("predictor_hits: expected at least 4 predictors, got " +
                           std::to_string(P));
 
+  std::vector<py::array> keep;
   moeray::PredictState s{};
   s.layers = L;
   s.experts = E;
   s.top_k = k;
   s.buckets = B;
-  auto bools = [&](const char* key) { return state_array<bool>(at(key), key, {L, E}, keep); };
-  auto doubles = [&](const char* key, std::initializer_list<int64_t> shape) {
-    return state_array<double>(at(key), key, shape, keep);
-  };
-  auto counts = [&](const char* key, std::initializer_list<int64_t> shape) {
-    return state_array<int64_t>(at(key), key, shape, keep);
-  };
-  s.hot = bools("hot");
-  s.pending = bools("pending");
-  s.resplit_out = at("resplit_out").is_none() ? nullptr : bools("resplit_out");
-  s.hot_count = counts("hot_count", {L});
-  s.capacity = counts("capacity", {L});
-  s.touch = doubles("touch", {L, E});
-  s.cross = doubles("cross", {L, E, E});
-  s.cross_n = doubles("cross_n", {L, E});
-  s.pair = doubles("pair", {L, B, E});
-  s.pair_n = doubles("pair_n", {L, B});
-  s.prev = doubles("prev", {L, E, E});
-  s.prev_n = doubles("prev_n", {L, E});
-  s.affinity = doubles("affinity", {L, E});
-  s.hits = counts("hits", {L});
-  s.stalls = counts("stalls", {L});
-  s.prefetches = counts("prefetches", {L});
-  s.prefetch_hits = counts("prefetch_hits", {L});
-  s.wasted_prefetches = counts("wasted_prefetches", {L});
-  s.evictions = counts("evictions", {L});
-  s.resplit_transfers = counts("resplit_transfers", {L});
-  s.predictor_hits = counts("predictor_hits", {P, L});
-  s.predictor_guesses = counts("predictor_guesses", {P, L});
-  s.predictor_uses = counts("predictor_uses", {P, L});
+  s.hot = state_array<bool>(hot, "hot", {L, E}, keep);
+  s.hot_count = state_array<int64_t>(hot_count, "hot_count", {L}, keep);
+  s.pending = state_array<bool>(pending, "pending", {L, E}, keep);
+  s.touch = state_array<double>(touch, "touch", {L, E}, keep);
+  s.capacity = state_array<int64_t>(capacity, "capacity", {L}, keep, /*read_only=*/true);
+  s.resplit_out =
+      resplit_out.is_none() ? nullptr : state_array<bool>(resplit_out, "resplit_out", {L, E}, keep);
+  s.cross = state_array<double>(cross, "cross", {L, E, E}, keep);
+  s.cross_n = state_array<double>(cross_n, "cross_n", {L, E}, keep);
+  s.pair = state_array<double>(pair, "pair", {L, B, E}, keep);
+  s.pair_n = state_array<double>(pair_n, "pair_n", {L, B}, keep);
+  s.prev = state_array<double>(prev, "prev", {L, E, E}, keep);
+  s.prev_n = state_array<double>(prev_n, "prev_n", {L, E}, keep);
+  s.affinity = state_array<double>(affinity, "affinity", {L, E}, keep);
+  s.hits = state_array<int64_t>(hits, "hits", {L}, keep);
+  s.stalls = state_array<int64_t>(stalls, "stalls", {L}, keep);
+  s.prefetches = state_array<int64_t>(prefetches, "prefetches", {L}, keep);
+  s.prefetch_hits = state_array<int64_t>(prefetch_hits, "prefetch_hits", {L}, keep);
+  s.wasted_prefetches = state_array<int64_t>(wasted_prefetches, "wasted_prefetches", {L}, keep);
+  s.evictions = state_array<int64_t>(evictions, "evictions", {L}, keep);
+  s.resplit_transfers = state_array<int64_t>(resplit_transfers, "resplit_transfers", {L}, keep);
+  s.predictor_hits = state_array<int64_t>(predictor_hits, "predictor_hits", {P, L}, keep);
+  s.predictor_guesses = state_array<int64_t>(predictor_guesses, "predictor_guesses", {P, L}, keep);
+  s.predictor_uses = state_array<int64_t>(predictor_uses, "predictor_uses", {P, L}, keep);
 
+  moeray::PredictParams c{};
+  c.prefetch_budget = check_int(prefetch_budget, "prefetch_budget", 0, INT64_MAX, "an int >= 0");
+  const double big = std::numeric_limits<double>::max();
+  auto weight = [big](H obj, const char* name) {
+    return config_float(obj, name, 0.0, big, false, "a float >= 0");
+  };
+  auto unit = [](H obj, const char* name) {
+    return config_float(obj, name, 0.0, 1.0, false, "a float in [0, 1]");
+  };
+  c.cross_weight = weight(cross_weight, "cross_weight");
+  c.previous_weight = weight(previous_weight, "previous_weight");
+  c.affinity_weight = weight(affinity_weight, "affinity_weight");
+  c.prefetch_margin = unit(prefetch_margin, "prefetch_margin");
+  c.prefetch_threshold = unit(prefetch_threshold, "prefetch_threshold");
+  c.keep_previous_weight = weight(keep_previous_weight, "keep_previous_weight");
+  c.keep_affinity_weight = weight(keep_affinity_weight, "keep_affinity_weight");
+  c.victim_next_weight = weight(victim_next_weight, "victim_next_weight");
+  c.victim_affinity_weight = weight(victim_affinity_weight, "victim_affinity_weight");
+  c.pair_prior = weight(pair_prior, "pair_prior");
+  c.affinity_decay =
+      config_float(affinity_decay, "affinity_decay", 0.0, 1.0, true, "a float in (0, 1)");
+  return new PredictKernelHandle(s, c, std::move(keep));
+}
+
+void predict_kernel_step(PredictKernelHandle& self, H ids_obj, H last_ids_obj, H clock_obj,
+                         double scale, double next_scale, double next_prev_scale) {
+  const moeray::PredictState& s = self.kernel.state();
+  std::vector<py::array> keep;  // the token's arrays, alive while the kernel reads them
   moeray::PredictToken t{};
-  t.ids = check_token_ids(ids_obj, "ids", L, k, E, keep);
+  t.ids = check_token_ids(ids_obj, "ids", s.layers, s.top_k, s.experts, keep);
   t.last_ids = last_ids_obj.is_none() ? nullptr
-                                      : check_token_ids(last_ids_obj, "last_ids", L, k, E, keep);
+                                      : check_token_ids(last_ids_obj, "last_ids", s.layers,
+                                                        s.top_k, s.experts, keep);
   t.clock = check_int(clock_obj, "clock", 1, INT64_MAX, "an int >= 1");
   t.scale = check_scale(scale, "scale");
   t.next_scale = check_scale(next_scale, "next_scale");
   t.next_prev_scale = check_scale(next_prev_scale, "next_prev_scale");
-
-  moeray::PredictParams c{};
-  c.prefetch_budget = check_int(cf[0], "config['prefetch_budget']", 0, INT64_MAX, "an int >= 0");
-  const double big = std::numeric_limits<double>::max();
-  const char* nonneg = "a float >= 0";
-  double* weights[] = {&c.cross_weight, &c.previous_weight, &c.affinity_weight,
-                       &c.prefetch_margin, &c.prefetch_threshold, &c.keep_previous_weight,
-                       &c.keep_affinity_weight, &c.victim_next_weight,
-                       &c.victim_affinity_weight, &c.pair_prior, &c.affinity_decay};
-  for (size_t i = 1; i < std::size(kConfigKeys); ++i) {
-    const std::string key = kConfigKeys[i];
-    if (key == "affinity_decay")
-      *weights[i - 1] = config_float(cf[i], kConfigKeys[i], 0.0, 1.0, true, "a float in (0, 1)");
-    else if (key == "prefetch_margin" || key == "prefetch_threshold")
-      *weights[i - 1] = config_float(cf[i], kConfigKeys[i], 0.0, 1.0, false, "a float in [0, 1]");
-    else
-      *weights[i - 1] = config_float(cf[i], kConfigKeys[i], 0.0, big, false, nonneg);
-  }
-
   py::gil_scoped_release release;
-  moeray::predict_step(s, c, t);
+  Lock lock(self.kernel.mutex);
+  self.kernel.step(t);
 }
 
 }  // namespace
@@ -988,20 +940,38 @@ PYBIND11_MODULE(_core, m) {
         return d;
       });
 
+  py::class_<PredictKernelHandle>(m, "_PredictKernel",
+                                  "The moeray policy's kernel over the state arrays of one "
+                                  "moeray.policy.predict.PredictiveCaches, checked once (the "
+                                  "twin: moeray.native._reference.predict).")
+      .def(py::init(&make_predict_kernel), py::arg("hot"), py::arg("hot_count"),
+           py::arg("pending"), py::arg("touch"), py::arg("capacity"), py::arg("resplit_out"),
+           py::arg("cross"), py::arg("cross_n"), py::arg("pair"), py::arg("pair_n"),
+           py::arg("prev"), py::arg("prev_n"), py::arg("affinity"), py::arg("hits"),
+           py::arg("stalls"), py::arg("prefetches"), py::arg("prefetch_hits"),
+           py::arg("wasted_prefetches"), py::arg("evictions"), py::arg("resplit_transfers"),
+           py::arg("predictor_hits"), py::arg("predictor_guesses"), py::arg("predictor_uses"),
+           py::arg("top_k"), py::arg("prefetch_budget"), py::arg("cross_weight"),
+           py::arg("previous_weight"), py::arg("affinity_weight"), py::arg("prefetch_margin"),
+           py::arg("prefetch_threshold"), py::arg("keep_previous_weight"),
+           py::arg("keep_affinity_weight"), py::arg("victim_next_weight"),
+           py::arg("victim_affinity_weight"), py::arg("pair_prior"), py::arg("affinity_decay"))
+      .def("step", &predict_kernel_step, py::arg("ids"), py::arg("last_ids"), py::arg("clock"),
+           py::arg("scale"), py::arg("next_scale"), py::arg("next_prev_scale"),
+           "One token without hints, the state updated in place.")
+      .def("flush", [](PredictKernelHandle&) {},
+           "Nothing to count: each step adds its predictor guesses at once (the twin queues "
+           "them).");
+
   m.def("schedule", &schedule, py::arg("expert_ids"), py::arg("weights"), py::arg("num_experts"));
   m.def("belady_hits", &belady_hits, py::arg("expert_ids"), py::arg("num_experts"),
         py::arg("capacity"));
-  m.def("_predict_step", &predict_step, py::arg("state"), py::arg("ids"), py::arg("last_ids"),
-        py::arg("clock"), py::arg("scale"), py::arg("next_scale"), py::arg("next_prev_scale"),
-        py::arg("config"),
-        "One token without hints of moeray.policy.predict.PredictiveCaches, its state arrays "
-        "updated in place (the numpy twin: PredictiveCaches._step_numpy).");
   m.def("_stack_histogram", &stack_histogram, py::arg("last"), py::arg("histogram"),
         py::arg("ids"), py::arg("counter"), py::arg("scales"),
         "Adds the LRU stack distances of a chunk of routing to a histogram, last and histogram "
-        "updated in place (the numpy twin: moeray.policy.split.CapacitySplit._histogram_numpy).");
+        "updated in place (the twin: moeray.native._reference.routing._stack_histogram).");
   m.def("expert_matvec", &expert_matvec, py::arg("layout"), py::arg("hidden_size"),
         py::arg("intermediate_size"), py::arg("tensors"), py::arg("x"),
         "One expert's FFN over T tokens: x float32 [T, hidden] -> float32 [T, hidden], the "
-        "weights read in place (see moeray.shards.kernels.expert_matvec_native).");
+        "weights read in place (the twin: moeray.native._reference.matvec).");
 }

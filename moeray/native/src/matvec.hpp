@@ -1,6 +1,6 @@
 // One MoE expert's FFN over the T tokens routed to it, reading the weights where they lie (a
-// memory mapping): no float32 copy of a weight matrix is made. The numpy reference is
-// moeray.shards.kernels.expert_matvec; moeray/native/src/bindings.cpp validates every argument.
+// memory mapping): no float32 copy of a weight matrix is made. The numpy twin is
+// moeray/native/_reference/matvec.py; moeray/native/src/bindings.cpp validates every argument.
 //
 // Weight-stationary: each weight row is read once, decoded into one float32 row (cols floats,
 // L1-sized), and used by all T tokens, so a call reads each weight byte once whatever T is.

@@ -1,19 +1,20 @@
-// One token of the `moeray` predictive policy (moeray/policy/predict.py, PredictiveCaches): the
-// native twin of `_step_numpy` for a token without hints, over the same state arrays.
+// One token of the `moeray` predictive policy (moeray/policy/predict.py, PredictiveCaches) for a
+// token without hints, over that class's state arrays; the twin is _reference/predict.py.
 //
 // The numpy step handles all layers at once; a layer's decisions depend only on its own rows of
 // the state (and the routing of the layer before), so this kernel runs the layers one after
 // the other, each from prediction to learning, and reaches the same state. Every floating
 // expression keeps numpy's operands and order (numpy sums over a non-last axis one term after
-// the other; `mean` is that sum divided by the count; the einsum of `_hot_value` adds its
+// the other; `mean` is that sum divided by the count; the einsum of `hot_value` adds its
 // products in expert order), so native and numpy agree bit for bit (built with
-// -ffp-contract=off). Indices were checked at the boundary (bindings.cpp): nothing here reads
-// out of bounds.
+// -ffp-contract=off). The arrays were checked when the kernel was built and the token's ids at
+// each step (bindings.cpp): nothing here reads out of bounds.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 namespace moeray {
@@ -99,7 +100,7 @@ class Layer {
   double* table(double* a, int64_t e) const { return a + (l_ * E_ + e) * E_; }
 
   // Bucket of the pair (a, b) of experts: the triangular index, hashed when the table holds
-  // fewer buckets than pairs (predict.py `_pair_index`).
+  // fewer buckets than pairs (the twin's `pair_index`).
   int64_t pair_index(int64_t a, int64_t b) const {
     const int64_t lo = std::min(a, b), hi = std::max(a, b);
     int64_t index = lo * E_ - lo * (lo - 1) / 2 + (hi - lo);
@@ -108,7 +109,7 @@ class Layer {
     return index;
   }
 
-  // `_table_scores` of one layer: (sum over j of table[src_j] / counts[src_j]) * (1 / k).
+  // `table_scores` of one layer: (sum over j of table[src_j] / counts[src_j]) * (1 / k).
   void table_scores(const double* tab, const double* counts, const int64_t* src,
                     double* out) const {
     std::fill(out, out + E_, 0.0);  // 0 + x is x: numpy's sum starts from the first term
@@ -121,7 +122,7 @@ class Layer {
     for (int64_t f = 0; f < E_; ++f) out[f] *= inv;
   }
 
-  // `_cross_scores` of one layer l >= 1 from the routing of layer l - 1; cond: [k, E] scratch.
+  // `cross_scores` of one layer l >= 1 from the routing of layer l - 1; cond: [k, E] scratch.
   void cross_scores(double* out, std::vector<double>& cond) const {
     for (int64_t j = 0; j < k_; ++j) {
       const double* t = table(s_.cross, src_[j]);
@@ -151,7 +152,7 @@ class Layer {
   }
 
   // Counts predictor `index`'s guess for this layer: the k highest float32 scores (ties to the
-  // lower expert id), those > 0 guessed, those the token uses hit (`_flush_guesses`). Without
+  // lower expert id), those > 0 guessed, those the token uses hit (the twin's `flush`). Without
   // sorting: a used expert with a positive score is in the guess when fewer than k experts
   // rank ahead of it, and the guess holds min(k, positive scores) experts.
   void count_guess(int64_t index, const double* scores) const {
@@ -175,7 +176,7 @@ class Layer {
     s_.predictor_uses[at] += k_;
   }
 
-  // The blend p of the three predictors (`_step_numpy`, "Predictions for this token").
+  // The blend p of the three predictors (the twin's `predict`).
   void predict(std::vector<double>& p, std::vector<double>& scratch, std::vector<double>& cond) {
     double weight = 0.0;
     std::fill(p.begin(), p.end(), 0.0);
@@ -206,7 +207,7 @@ class Layer {
     count_guess(3, p.data());
   }
 
-  // `_hot_value` of expert f from this token's p and next, its einsum("le,lef->lf", p,
+  // `hot_value` of expert f from this token's p and next, its einsum("le,lef->lf", p,
   // prev / prev_n) term.
   double hot_value(const std::vector<double>& p, int64_t f, double next) const {
     double value = p[f];
@@ -250,7 +251,7 @@ class Layer {
     }
   }
 
-  // predict.py `_evict` of one hot expert.
+  // The twin's `evict` of one hot expert.
   void evict(int64_t e) {
     bool* hot = s_.hot + l_ * E_;
     bool* pending = s_.pending + l_ * E_;
@@ -261,7 +262,7 @@ class Layer {
     ++s_.evictions[l_];
   }
 
-  // predict.py `_count_reloads` of one load.
+  // The twin's `_count_reloads` of one load.
   void count_reload(int64_t e) {
     if (s_.resplit_out == nullptr || !s_.resplit_out[l_ * E_ + e]) return;
     ++s_.resplit_transfers[l_];
@@ -330,7 +331,7 @@ class Layer {
   }
 
   // The token's experts in routing order; a miss on a full layer evicts the unused hot expert
-  // of lowest `_keep_scores` (computed at the first such miss: the candidates' touches do not
+  // of lowest `keep_scores` (computed at the first such miss: the candidates' touches do not
   // change before, only used experts are touched).
   void access(std::vector<double>& nxt, std::vector<double>& keep, std::vector<char>& used) {
     bool* hot = s_.hot + l_ * E_;
@@ -374,7 +375,7 @@ class Layer {
     }
   }
 
-  // predict.py `_keep_scores` of this layer.
+  // The twin's `keep_scores` of this layer.
   void keep_scores(std::vector<double>& nxt, std::vector<double>& keep) const {
     table_scores(s_.prev, s_.prev_n, ids_, nxt.data());
     const double* aff = row(s_.affinity);
@@ -445,11 +446,28 @@ class Layer {
 
 }  // namespace predict_detail
 
-// One token without hints: predictions, prefetches, accesses and learning of every layer, the
-// state updated in place exactly as PredictiveCaches._step_numpy does.
-inline void predict_step(const PredictState& s, const PredictParams& c, const PredictToken& t) {
-  predict_detail::Scratch scratch(s.experts, s.top_k);
-  for (int64_t l = 0; l < s.layers; ++l) predict_detail::Layer(s, c, t, l, scratch).run();
-}
+// The kernel of one PredictiveCaches: its state and parameters, checked once by the binding,
+// and the scratch buffers its steps reuse. One token without hints per step: predictions,
+// prefetches, accesses and learning of every layer, the state updated in place exactly as the
+// twin (moeray/native/_reference/predict.py) does. Steps of one kernel run one at a time (the
+// binding holds `mutex`).
+class PredictKernel {
+ public:
+  PredictKernel(const PredictState& s, const PredictParams& c)
+      : s_(s), c_(c), scratch_(s.experts, s.top_k) {}
+
+  void step(const PredictToken& t) {
+    for (int64_t l = 0; l < s_.layers; ++l) predict_detail::Layer(s_, c_, t, l, scratch_).run();
+  }
+
+  const PredictState& state() const { return s_; }
+
+  std::mutex mutex;
+
+ private:
+  const PredictState s_;
+  const PredictParams c_;
+  predict_detail::Scratch scratch_;
+};
 
 }  // namespace moeray
