@@ -7,6 +7,8 @@ private kernels included.
 import numpy as np
 import numpy.typing as npt
 
+__version__: str  # native only: pyproject.toml's version, from the build
+
 LRU: int
 LFU: int
 ADAPTIVE: int

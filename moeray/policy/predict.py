@@ -1,80 +1,20 @@
 """The ``moeray`` policy: per-layer hot sets driven by online predictions of the next routing.
 
-Three predictors, each learned online from the routing seen so far (nothing else):
-- cross-layer: transition tables P(e' at l | a pair of experts at l-1), each pair backed off
-  to the single-expert tables P(e' at l | e at l-1) while it is rarely seen, with exponential
-  decay per token; once layer l-1's routing of token t is known they predict token t's
-  experts at layer l (the mean over the pairs of that routing). A pair says more than its two
-  experts alone: top-k precision +7 points on both real traces (BENCHMARKS.md);
-- previous-token: a table P(e' at token t | e at token t-1) per layer (within one sequence),
-  with decay; it predicts token t's experts at layer l from token t-1's;
-- affinity: per layer and expert, an EMA of "used by this token" (an estimate of how often
-  the expert is used).
-Their scores are blended with fixed weights into one estimate ``p[l, e]`` that token t uses
-expert e at layer l. Before token t reaches layer l, up to ``prefetch_budget`` cold experts
-with the highest ``p`` are prefetched into layer l's hot set, each evicting the hot expert of
-lowest value (least recently touched among equals) if it is worth at least
-``prefetch_margin`` less. A hot expert's value is ``p`` plus what the next token is expected
-to want of it (``victim_next_weight``): without that term prefetches evict experts the
-following tokens need again, and transfers grow (BENCHMARKS.md, "Policy quality"). A miss
-(a stall) loads on demand and evicts, among the hot experts this token has not used at this
-layer, the one least likely to be used by the next token (previous-token table from this
-token's routing; least recently touched among equals).
+Three predictors, learned online from the routing so far: cross-layer (pair tables P(e' at l |
+a pair at l-1), backed off to single-expert tables), previous-token (P(e' at t | e at t-1) per
+layer, within a sequence) and affinity (an EMA of use), blended into one estimate ``p[l, e]``.
+Before token t reaches layer l, up to ``prefetch_budget`` cold experts with the highest ``p``
+are prefetched, each evicting the hot expert of lowest value if it is worth ``prefetch_margin``
+less; a stall loads on demand and evicts the hot expert least likely to be used by the next
+token. Optional engine hints (``step(ids, hints=...)``) are weighted by their learned precision
+and recall; an optional capacity re-split (``PredictConfig.split``) moves capacity across layers.
 
-Engine hints (optional, ``step(ids, hints=...)``): expert ids an engine computed for a layer (for
-example the next layer's gate applied to the current hidden state), available with the previous
-layer's routing, so in time for that layer of the same token. Each layer keeps counts, decayed per
-token that hints it, of how its hints fared: precision q (hinted experts used / hinted) and recall
-r (uses that were hinted / uses), both with a prior of ``hint_prior`` misses, so hints start with
-no weight and earn it. At a layer with hints, a hinted expert's estimate becomes q + (1 - q) p (the
-hint is right, or the blend is) and every other expert's (1 - r) p (what the hints miss); the
-prefetch loop and its victims then use these estimates within the same budget. Truthful hints drive
-q and r to 1: the hinted experts are prefetched first and nothing else is; pure noise keeps q and r
-near top_k / num_experts and changes little.
-
-One capacity, re-split (optional, ``PredictConfig.split``): the sum of the starting capacities
-is split across layers by ``moeray.policy.split.CapacitySplit`` from every layer's routing of
-earlier tokens, re-split every ``split.every_tokens`` tokens. A shrinking layer evicts its hot
-experts least likely to be used by the next token (the demand-eviction score); those evictions
-and the later loads of the experts they pushed out (``resplit_transfers``, a proxy for the
-transfers re-splitting causes) are counted apart. ``set_capacity`` applies a split computed
-elsewhere (a coordinator running the same ``CapacitySplit``).
-
-Timing (the accounting rules of ``moeray replay``): the prefetch for layer l >= 1 of token t
-uses layer l-1's routing of token t and older routing only (and token t's hints for layer l),
-so it is issued in time for layer l of token t; the prefetch for layer 0 uses routing of
-earlier tokens only. Without re-split, hot sets of different layers never interact (one
-capacity per layer): a layer's decisions depend only on its own state, its previous layer's
-routing and its own routing and hints. With re-split, capacities change only between tokens,
-from all layers' routing of earlier tokens. So ``step`` handles the layers of one token
-together in numpy arrays and makes exactly the decisions a token-major loop over layers
-0..L-1 would make. Prefetches complete before the use they were issued in time for: an expert
-used while hot is a hit, otherwise a stall.
-
-Parameters are chosen once for every trace (``PredictConfig`` defaults): prefetch budget
-top_k experts per layer per token, cross-layer decay 0.999, previous-token decay 0.99, pair
-prior 1, affinity decay 0.9, blend 0.7 cross-layer + 0.2 previous-token + 0.1 affinity,
-prefetch margin 0.05, prefetch threshold 0.2, victim value p + 0.7 next-token estimate,
-eviction score the previous-token estimate alone. They were picked by hand on the first 3,000
-tokens of the gpt-oss-20b and DeepSeek-V2-Lite developer traces, as the fewest transfers whose
-stall rate stays below Belady's miss rate on both, and the last candidates were compared on
-the whole traces (bench_quality's 20,000 tokens; so those are not held out). A lower next-token
-weight, more budget and a lower margin cut stalls and add transfers; ``prefetch_threshold`` and
-``victim_affinity_weight`` turn the trade further towards fewer transfers. Previous-token
-relations are local to a sequence, so their tables forget faster than the cross-layer ones,
-which follow the model's structure (0.99 against 0.999: fewer stalls and transfers on
-gpt-oss-20b, the same on DeepSeek-V2-Lite). Affinity in the eviction score, a longer-horizon
-frequency, or a previous-token estimate run two or more tokens ahead all made demand
-evictions worse. Hint prior 16 misses (hints: see above). Re-split: off by default
-(``split=None``); ``SplitConfig()`` defaults when on (see ``moeray.policy.split``).
-
-Kernel: one token's predictions, prefetches, accesses and learning run in a kernel object built
-once over this class's state arrays (``moeray.native.backend._PredictKernel``): a token without
-hints is one ``step`` of the native kernel when it is in use; tokens with hints, and every token
-under ``MOERAY_PURE_PYTHON=1``, run the twin's phases (``moeray.native._reference.predict``)
-over the same arrays, with the hints applied between its ``predict`` and ``serve``. Both make the
-same decisions bit for bit. Re-splits (``set_capacity``) and hint learning stay here. Predictor
-counts take each predictor's k highest float32 scores, ties to the lower expert id.
+Timing: the prefetch for layer l >= 1 of token t uses layer l-1's routing of token t and older
+routing only, so ``step`` handles one token's layers together and makes exactly the decisions
+of a token-major loop over layers. One token runs in a kernel object built once over this
+class's state arrays (``backend._PredictKernel``): native for tokens without hints, the twin's
+phases (``moeray.native._reference.predict``) otherwise, bit for bit alike. How the defaults
+were chosen, and the model in full: docs/design.md, "The predictive policy".
 """
 
 from __future__ import annotations

@@ -1,42 +1,18 @@
 """One total capacity, split across layers by marginal benefit and re-split as routing drifts.
 
-Each layer's miss ratio curve is measured online: for LRU, one pass of stack distances gives
-the hit count at every capacity (an access whose stack distance d, the number of distinct
-experts used more recently, is below c hits in an LRU hot set of c experts). The histogram of
-stack distances decays per token, so the curves follow drifting routing. Every
-``every_tokens`` tokens the split that maximises the hits of all layers on those curves
-(an exact dynamic program over capacities in [1, num_experts] per layer, summing to the
-total) becomes the target, and at most ``max_move`` experts of capacity move towards it, each
-from the layer that loses the fewest hits to the layer that gains the most. A re-split
-happens only when the target beats the current split by at least ``min_gain`` (a fraction of
-the decayed accesses), so noise does not shuffle capacity back and forth.
-
-Cost: the stack distances of a chunk of tokens run in the native core (``_stack_histogram``;
-its twin in ``moeray.native._reference.routing``), and the dynamic program once per re-split: about 5-8 µs per
-token of 24 layers x 32 experts, top-4, at the defaults (``benchmarks/bench_service.py``, the
-coordinator body's ``moeray+resplit`` row).
-
-Timing: the split that applies from token t on is a pure function of the routing of tokens
-before t (every layer's), so a coordinator that sees every layer's routing computes the same
-capacities as a replay does, and sends them to the layers with the window that contains t.
-
-API (the same in ``PredictiveCaches`` and in a coordinator)::
+Each layer's LRU miss-ratio curve is measured online from stack distances (decayed per token);
+every ``every_tokens`` tokens the split that maximises all layers' hits on those curves (an exact
+dynamic program) becomes the target, and at most ``max_move`` experts of capacity move towards
+it when it beats the current split by ``min_gain``. The split from token t on is a pure function
+of every layer's routing before t, so a coordinator computes the same capacities as a replay::
 
     split = CapacitySplit.for_model(num_layers, num_experts, top_k, capacity, SplitConfig())
     for window in routing:                     # int [T, num_layers, top_k], tokens in order
         for plan in split.observe(window):     # SplitPlan(token, capacity, moved)
             ...  # layer l holds plan.capacity[l] experts from token plan.token on
 
-Parameters (``SplitConfig`` defaults, one set for every trace): re-split every 256 tokens,
-histogram decay 0.999 per token, at most 4 experts of capacity moved per re-split, min gain
-0.002 of the decayed accesses; no layer below top_k (``for_model``). Tried by hand on the first
-3,000 tokens of the gpt-oss-20b and DeepSeek-V2-Lite developer traces under the moeray policy
-(every 128-1024 tokens, 2-8 moved, min gain 0-0.002, decay 0.999-0.9999): none changed the
-stall rate by more than 0.001 either way; on the first 20,000 tokens (``bench_quality.py``)
-these defaults raise moeray's stall rate by 0.003 on both traces at 1/4 of experts, so
-``PredictConfig`` leaves re-split off. The LRU curve is a proxy: moeray's prediction flattens
-its own curve unevenly across layers (weighting accesses by how unlikely the cross-layer table
-made them did not help on both traces either).
+Stack distances run in the core (``_stack_histogram``). How the defaults were chosen, and why
+re-split is off by default: docs/design.md, "The capacity re-split".
 """
 
 from __future__ import annotations

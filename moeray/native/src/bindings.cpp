@@ -20,6 +20,10 @@
 #include "prefetch.hpp"
 #include "routing.hpp"
 
+#ifndef MOERAY_VERSION  // set by CMakeLists.txt from pyproject.toml
+#define MOERAY_VERSION "0+unknown"
+#endif
+
 namespace py = pybind11;
 using moeray::Affinity;
 using moeray::ExpertCache;
@@ -621,6 +625,7 @@ void stack_histogram(const py::handle& last_obj, const py::handle& histogram_obj
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "moeray's native core (C++17): expert cache, affinity, scheduling, Belady, expert matvec.";
+  m.attr("__version__") = MOERAY_VERSION;  // pyproject.toml's, passed by the build
   m.attr("LRU") = static_cast<int>(moeray::kLru);
   m.attr("LFU") = static_cast<int>(moeray::kLfu);
   m.attr("ADAPTIVE") = static_cast<int>(moeray::kAdaptive);
