@@ -4,7 +4,7 @@ beside its numpy twin and beside its defaults before the pair tables, side by si
 Each row replays the first N tokens of a real trace through ``PredictiveCaches.run`` at 1/4
 of each layer's experts; the rows alternate, and the table shows the median of the repeats.
 `moeray` has today's defaults on the native step (moeray/native/src/predict.hpp); `moeray on
-numpy` the same policy and decisions on the numpy code (`_step_numpy`, what
+numpy` the same policy and decisions on the twin's phases (`moeray.native._reference.predict`, what
 MOERAY_PURE_PYTHON=1 runs); `moeray before pairs`, on the native step, the defaults before the
 pair tables (bench_quality.BEFORE_PAIRS: single-expert tables, victims valued by this token
 alone, budget 4). The layer actors of the service run this same code, so it bounds what they

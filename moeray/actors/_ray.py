@@ -361,13 +361,13 @@ def local_session(address: str | None = None, job: bool = False, **options):
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         system = {"worker_maximum_startup_concurrency": 16, **options.pop("_system_config", {})}
-        settings = dict(
-            include_dashboard=False,
-            object_store_memory=200 * 2**20,
-            _system_config=system,
+        settings = {
+            "include_dashboard": False,
+            "object_store_memory": 200 * 2**20,
             **quiet,
-            **options,
-        )
+            **options,  # the caller's settings win
+            "_system_config": system,
+        }
         try:
             context = init(**settings)
         except Exception as exc:  # Ray raises a bare Exception on startup timeouts
