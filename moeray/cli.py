@@ -18,7 +18,7 @@ examples:
   moeray replay trace.npz --capacity 0.5 --policy lru --policy belady
   moeray replay --json results.json
   moeray replay --backend local --per-layer --plot replay.png   # per-layer stalls, capacity curve
-  moeray shards synth --shape gpt-oss-20b --layers 24 --out ckpt && \
+  moeray shards synth --shape gpt-oss-20b --layers 24 --scale 8 --out ckpt && \
   moeray replay --backend local --shards ckpt    # hot sets held in real bytes, checked by mincore
 
 The trace is an .npz with expert_ids [tokens, layers, top_k] (optional expert_probs,

@@ -24,6 +24,7 @@ __all__ = [
     "Window",
     "WindowBuffer",
     "check_hints",
+    "check_routing",
     "check_seq_starts",
     "check_step",
     "join_hints",
