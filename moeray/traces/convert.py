@@ -15,13 +15,14 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from moeray.traces.loading import load_trace
-from moeray.traces.mtrace import TraceHeader, TraceReader, TraceWriter, is_trace_file
+from moeray.traces.loading import load_trace, trace_kind
+from moeray.traces.mtrace import SalvageReport, TraceHeader, TraceReader, TraceWriter
 from moeray.traces.trace import Trace
 
 __all__ = ["SOURCE_FORMATS", "ConvertResult", "convert", "guess_format", "read_csv", "read_sglang"]
@@ -53,16 +54,17 @@ class ConvertResult:
 
 
 def guess_format(path: Path) -> str:
-    """The source format of ``path`` from its content or, failing that, its suffix."""
-    if is_trace_file(path):
-        return "trace"
-    if path.suffix.lower() in (".pt", ".pth"):  # torch.save files are zip archives too
-        return "sglang"
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"PK\x03\x04":
-        return "npz"
+    """The source format of ``path`` from its content or, failing that, its suffix (an .mtrace
+    or .npz that is neither goes to ``load_trace``, which says what is wrong with it)."""
     suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):  # torch.save files are zip archives too
+        return "sglang"
+    try:
+        kind = trace_kind(path)
+    except ValueError:
+        kind = {".mtrace": "mtrace", ".npz": "npz"}.get(suffix)
+    if kind is not None:
+        return "trace" if kind == "mtrace" else "npz"
     if suffix in (".csv", ".tsv", ".txt"):
         return "csv"
     if suffix == ".npy":
@@ -315,13 +317,13 @@ def _split_requests(record: dict, a: np.ndarray, index: int, num_tokens: int):
 # --------------------------------------------------------------------------- convert
 
 
-def _read_source(src: Path, fmt: str, num_experts: int | None):
+def _read_source(src: Path, fmt: str, num_experts: int | None, salvage: bool, on_salvage):
     if fmt == "trace":
+        trace = load_trace(src, num_experts, salvage=salvage, on_salvage=on_salvage)
         with TraceReader(src) as reader:
-            layer_ids = reader.header.layer_ids
-        return load_trace(src, num_experts), layer_ids
+            return trace, reader.header.layer_ids
     if fmt == "npz":
-        return load_trace(src, num_experts), _npz_layer_ids(src)
+        return load_trace(src, num_experts, salvage=salvage), _npz_layer_ids(src)
     if fmt == "csv":
         return read_csv(src, num_experts)
     if fmt == "sglang":
@@ -361,12 +363,14 @@ def convert(
     weights_dtype: str = "auto",
     record_tokens: int = 1024,
     progress: bool | None = False,
+    salvage: bool = False,
+    on_salvage: Callable[[SalvageReport], None] | None = None,
 ) -> ConvertResult:
     """Reads ``src`` (``source_format`` one of SOURCE_FORMATS, or auto) and writes ``dst``: an
     ``.npz`` in the layout of ``moeray.traces`` when its name ends in .npz, else a moeray trace
     with records of at most ``record_tokens`` tokens of one sequence. weights_dtype: auto (the
     source's), float16, float32 or none. progress: a bar on stderr while writing (None: when
-    stderr is a terminal)."""
+    stderr is a terminal). salvage, on_salvage: as ``load_trace``'s, for a damaged moeray trace."""
     from moeray._progress import Progress
 
     src, dst = Path(src), Path(dst)
@@ -375,7 +379,9 @@ def convert(
     if src.resolve() == dst.resolve():
         raise ValueError("DST: must differ from SRC")
     fmt = guess_format(src) if source_format == "auto" else source_format
-    trace, layer_ids = _read_source(src, fmt, num_experts)
+    if fmt in ("trace", "npz"):  # the content decides between the two, as in load_trace
+        fmt = "trace" if trace_kind(src) == "mtrace" else "npz"
+    trace, layer_ids = _read_source(src, fmt, num_experts, salvage, on_salvage)
     dtype = _weights_dtype(src, fmt, trace, weights_dtype)
     if dst.suffix.lower() == ".npz":
         arrays = {

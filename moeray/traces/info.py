@@ -5,14 +5,14 @@ trace files)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from moeray.traces.loading import load_trace
-from moeray.traces.mtrace import TraceReader, is_trace_file
+from moeray.traces.loading import empty_trace_error, load_trace, salvage_hint, trace_kind
+from moeray.traces.mtrace import SalvageReport, TraceFormatError, TraceReader
 from moeray.traces.trace import TraceNotFoundError
 
 __all__ = ["TraceSummary", "summarize_trace", "format_summary", "plot_load"]
@@ -73,10 +73,13 @@ class TraceSummary:
         }
 
 
-def _steps(path: Path, progress) -> Iterator[tuple[np.ndarray, int, dict]]:
-    """(ids [layers, T, top_k], sequence id, facts) per record; facts once, on the first step."""
-    if is_trace_file(path):
-        with TraceReader(path) as reader:
+def _steps(
+    path: Path, progress, salvage: bool, on_salvage
+) -> Iterator[tuple[np.ndarray, int, dict]]:
+    """(ids [layers, T, top_k], sequence id, facts) per record; facts once, on the first step.
+    A moeray trace holding no tokens raises at its end; one salvaged reports before it."""
+    if trace_kind(path) == "mtrace":
+        with TraceReader(path, salvage=salvage) as reader:
             h = reader.header
             facts = dict(
                 model=h.model,
@@ -87,12 +90,20 @@ def _steps(path: Path, progress) -> Iterator[tuple[np.ndarray, int, dict]]:
                 layer_ids=h.layer_ids,
             )
             yield None, -1, facts
-            for record in reader:
-                if progress is not None:
-                    progress.advance(record.num_tokens)
-                yield record.expert_ids, record.seq, {}
+            try:
+                for record in reader:
+                    if progress is not None:
+                        progress.advance(record.num_tokens)
+                    yield record.expert_ids, record.seq, {}
+            except TraceFormatError as exc:
+                raise salvage_hint(exc, reader.tokens_read) from None
+            report = reader.salvage_report()
+        if report.tokens_kept == 0:
+            raise empty_trace_error(path, report)
+        if salvage and on_salvage is not None:
+            on_salvage(report)
         return
-    trace = load_trace(path)
+    trace = load_trace(path, salvage=salvage)
     yield (
         None,
         -1,
@@ -112,12 +123,19 @@ def _steps(path: Path, progress) -> Iterator[tuple[np.ndarray, int, dict]]:
         yield trace.expert_ids[start:stop].transpose(1, 0, 2), seq, {}
 
 
-def summarize_trace(path: str | os.PathLike, progress=None) -> TraceSummary:
-    """One pass over the trace at ``path`` (any format ``load_trace`` reads)."""
+def summarize_trace(
+    path: str | os.PathLike,
+    progress=None,
+    *,
+    salvage: bool = False,
+    on_salvage: Callable[[SalvageReport], None] | None = None,
+) -> TraceSummary:
+    """One pass over the trace at ``path`` (any format ``load_trace`` reads; ``salvage`` and
+    ``on_salvage`` as there)."""
     path = Path(path)
     if not path.is_file():
         raise TraceNotFoundError(2, f"path: no trace file at '{path}'", str(path))
-    steps = _steps(path, progress)
+    steps = _steps(path, progress, salvage, on_salvage)
     _, _, facts = next(steps)
     num_layers, num_experts, top_k = facts["num_layers"], facts["num_experts"], facts["top_k"]
     load = np.zeros((num_layers, num_experts), dtype=np.int64)

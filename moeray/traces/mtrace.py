@@ -14,7 +14,7 @@ record map, without a header, is the wire format of a step sent to the service
 (``moeray.traces.wire``). Decoding never trusts the bytes: msgpack limits bound every buffer, string,
 array and map, the number of containers a record may build is capped, and shapes are checked
 against the header before any array is allocated. A bad record raises ``TraceFormatError`` naming
-the record; every record before it has been returned already.
+the record (or, salvaging, ends the records); every record before it has been returned already.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ __all__ = [
     "TRACE_SUFFIX",
     "ID_DTYPES",
     "WEIGHT_DTYPES",
+    "SalvageReport",
     "TraceFormatError",
     "TraceHeader",
     "TraceRecord",
@@ -95,14 +96,19 @@ _HEADER_KEYS = {
 
 class TraceFormatError(ValueError):
     """A trace (or a step on the wire) is malformed. ``record`` is the 0-based record index, or
-    None for the header; ``source`` names the file."""
+    None for the header; ``source`` names the file; ``detail`` is the message without either;
+    ``offset`` is the byte at which the bad object starts, when known."""
 
-    def __init__(self, message: str, record: int | None = None, source: str = ""):
+    def __init__(
+        self, message: str, record: int | None = None, source: str = "", offset: int | None = None
+    ):
         where = f"{source}: " if source else ""
         where += "header: " if record is None else f"record {record}: "
         super().__init__(where + message)
         self.record = record
         self.source = source
+        self.detail = message
+        self.offset = offset
 
 
 def _ids_dtype_for(num_experts: int) -> str:
@@ -552,6 +558,8 @@ class TraceReader:
     (and so every msgpack buffer); max_record_tokens bounds T. A malformed header raises
     TraceFormatError (record None) from the constructor; a malformed, truncated or corrupted
     record raises TraceFormatError naming its index after every earlier record was yielded.
+    salvage: a bad record ends the iteration instead, kept in ``dropped``; ``salvage_report()``
+    then says what was kept (the way to read a recording that was killed mid-record).
     """
 
     def __init__(
@@ -560,10 +568,14 @@ class TraceReader:
         *,
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         max_record_tokens: int = DEFAULT_MAX_RECORD_TOKENS,
+        salvage: bool = False,
     ):
         self.source = _source_name(source)
         self.max_record_tokens = max_record_tokens
+        self.salvage = salvage
         self.records_read = 0
+        self.tokens_read = 0
+        self.dropped: TraceFormatError | None = None
         self._owned = isinstance(source, (str, os.PathLike))
         self._file = open(source, "rb") if self._owned else source
         self._unpacker, self._containers = _unpacker(self._file, max_record_bytes)
@@ -588,33 +600,73 @@ class TraceReader:
             return u.unpack()
         except msgpack.OutOfData:
             if u.tell() > before:
+                size = self._size()
+                ends = (
+                    "the stream ends inside"
+                    if size is None
+                    else f"the file ends {size - before:,} bytes into"
+                )
                 raise TraceFormatError(
-                    f"truncated: the stream ends {u.tell() - before} bytes into it (at byte {before})",
+                    f"truncated: {ends} this record (which starts at byte {before:,})",
                     index,
                     self.source,
+                    before,
                 ) from None
             return _END
         except msgpack.BufferFull:
-            raise TraceFormatError("larger than max_record_bytes", index, self.source) from None
+            raise TraceFormatError(
+                "larger than max_record_bytes", index, self.source, before
+            ) from None
         except Exception as exc:  # msgpack raises several unrelated types on garbage
             raise TraceFormatError(
                 f"not valid msgpack at byte {before} ({type(exc).__name__}: {exc})",
                 index,
                 self.source,
+                before,
             ) from None
 
     def __iter__(self) -> Iterator[TraceRecord]:
-        while True:
+        while self.dropped is None:
             index = self.records_read
-            obj = self._next_object(index)
-            if obj is _END:
-                return
+            start = self._unpacker.tell()
             try:
-                record = decode_record(obj, self.header, self.max_record_tokens)
-            except (ValueError, TypeError) as exc:
-                raise TraceFormatError(str(exc), index, self.source) from None
+                obj = self._next_object(index)
+                if obj is _END:
+                    return
+                try:
+                    record = decode_record(obj, self.header, self.max_record_tokens)
+                except (ValueError, TypeError) as exc:
+                    raise TraceFormatError(str(exc), index, self.source, start) from None
+            except TraceFormatError as exc:
+                if not self.salvage:
+                    raise
+                self.dropped = exc
+                return
             self.records_read += 1
+            self.tokens_read += record.num_tokens
             yield record
+
+    def _size(self) -> int | None:
+        """The file's size in bytes, None for a stream without a file behind it."""
+        try:
+            return os.fstat(self._file.fileno()).st_size
+        except (OSError, AttributeError, ValueError):
+            return None
+
+    def salvage_report(self) -> SalvageReport:
+        """What the records read so far kept of the file (call it after iterating)."""
+        bytes_dropped = None
+        if self.dropped is not None and self.dropped.offset is not None:
+            size = self._size()
+            bytes_dropped = None if size is None else size - self.dropped.offset
+        return SalvageReport(
+            Path(self.source).name,
+            self.records_read,
+            self.tokens_read,
+            None if self.dropped is None else self.dropped.detail,
+            None if self.dropped is None else self.dropped.offset,
+            bytes_dropped,
+        )
 
     def to_trace(self, name: str | None = None, progress=None):
         """Every remaining record as one ``moeray.traces.Trace`` (ids [tokens, layers, top_k],
@@ -656,6 +708,32 @@ class TraceReader:
 
     def __exit__(self, *_) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class SalvageReport:
+    """What a salvaging read (``TraceReader(salvage=True)``) kept of a trace: the whole records
+    before the first bad one.
+
+    records_kept, tokens_kept: what was read. reason: why the rest was dropped (the first bad
+    record's error), None when the file was whole. dropped_at: the byte that record starts at;
+    bytes_dropped: from there to the end of the file (None when unknown)."""
+
+    source: str
+    records_kept: int
+    tokens_kept: int
+    reason: str | None = None
+    dropped_at: int | None = None
+    bytes_dropped: int | None = None
+
+    def __str__(self) -> str:
+        kept = f"{self.records_kept:,} whole records ({self.tokens_kept:,} tokens) of {self.source}"
+        if self.reason is None:
+            return f"kept all {kept}: nothing to drop"
+        span = "the rest of the file"
+        if self.bytes_dropped is not None:
+            span = f"its last {self.bytes_dropped:,} bytes"
+        return f"kept {kept}; dropped {span}, from record {self.records_kept} on: {self.reason}"
 
 
 def is_trace_file(path: str | os.PathLike) -> bool:
