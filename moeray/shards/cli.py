@@ -20,15 +20,18 @@ shapes (per expert; each from the model's config.json):
   custom            --num-experts, --hidden-size, --intermediate-size and --naming
 
 examples:
-  moeray shards synth --shape mixtral-8x7b --layers 2 --scale 32 --out /tmp/mixtral
-  moeray shards synth --shape gpt-oss-20b --layers 4 --dtype ternary --out /tmp/gpt-oss-t
+  moeray shards synth --shape mixtral-8x7b --layers 2 --scale 32 --out mixtral         # 5.3 MiB
+  moeray shards synth --shape gpt-oss-20b --layers 4 --scale 8 --dtype ternary --out gpt-oss-t
   moeray shards synth --shape custom --num-experts 8 --hidden-size 64 \\
-      --intermediate-size 128 --naming mlp --layers 2 --out /tmp/tiny
-  moeray shards info /tmp/mixtral
+      --intermediate-size 128 --naming mlp --layers 2 --out tiny
+  moeray shards info mixtral
 
 Weights are random (normal, std 1/sqrt(fan_in)); names, shapes and file layout are the real
 family's. One file per --layers-per-file layers, with model.safetensors.index.json when there
 are several. ternary is ruvllm's packed format (2-bit weights, one float32 scale per block).
+Before writing, synth prints on stderr the bytes it will write, and it refuses a checkpoint
+larger than the free space where it goes: at full size (--scale 1) one gpt-oss-20b layer is
+1.5 GiB, one Mixtral-8x7B layer 2.6 GiB.
 """
 
 
@@ -155,7 +158,14 @@ def _model_shape(args):
 
 
 def _synth(args) -> int:
-    from moeray.shards.synth import SynthConfig, write_checkpoint
+    from moeray.shards.synth import (
+        SynthConfig,
+        check_free_space,
+        format_bytes,
+        free_bytes_for,
+        plan_checkpoint,
+        write_checkpoint,
+    )
 
     shape = _model_shape(args).scaled(args.scale)
     config = SynthConfig(
@@ -166,12 +176,20 @@ def _synth(args) -> int:
         args.layers_per_file,
         args.seed,
     )
+    plan = plan_checkpoint(config)
+    # stated before anything is written: a full-size family is tens of GiB
+    check_free_space(plan.total_bytes, free_bytes_for(plan, args.out), args.out)
+    print(
+        f"moeray shards synth: writing {len(plan.names)} file(s), "
+        f"{format_bytes(plan.total_bytes)}, to {args.out}",
+        file=sys.stderr,
+        flush=True,
+    )
     written = write_checkpoint(config, args.out, progress=args.progress)
     print(
         f"wrote {written.path}: {shape.name} ({args.dtype}), {config.num_layers} layers x "
         f"{shape.num_experts} experts, hidden {shape.hidden_size}, intermediate "
-        f"{shape.intermediate_size}; {len(written.files)} file(s), "
-        f"{written.total_bytes / 2**20:,.1f} MiB"
+        f"{shape.intermediate_size}; {len(plan.names)} file(s), {format_bytes(plan.total_bytes)}"
     )
     return 0
 

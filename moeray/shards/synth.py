@@ -18,12 +18,15 @@ qwen1.5-moe         24      60       2048    1408          shared expert (5632) 
 keep checkpoints small; ``num_layers`` keeps the first layers. Weights are normal with standard
 deviation 1 / sqrt(fan_in), so an expert's output stays of order one. Each file holds
 ``layers_per_file`` layers; several files come with a ``model.safetensors.index.json``.
+``plan_checkpoint`` gives the bytes a checkpoint takes on disk from the shapes alone, and
+``write_checkpoint`` refuses (``check_free_space``) one larger than its filesystem's free space.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +45,11 @@ __all__ = [
     "ModelShape",
     "SynthCheckpoint",
     "SynthConfig",
+    "SynthPlan",
+    "check_free_space",
+    "format_bytes",
+    "free_bytes_for",
+    "plan_checkpoint",
     "planned_tensors",
     "write_checkpoint",
 ]
@@ -161,6 +169,30 @@ class SynthCheckpoint:
     files: tuple[Path, ...]
     total_bytes: int
     config: SynthConfig
+
+
+@dataclass(frozen=True)
+class SynthPlan:
+    """What ``write_checkpoint(config, out)`` writes into ``out``, known before anything is
+    allocated: ``files`` (names) with ``file_bytes`` (each file's size on disk, its safetensors
+    header included), ``index_bytes`` (``model.safetensors.index.json``; 0 when there is one file)
+    and ``tensor_bytes`` (the tensors' data alone, ``SynthCheckpoint.total_bytes``)."""
+
+    config: SynthConfig
+    files: tuple[str, ...]
+    file_bytes: tuple[int, ...]
+    index_bytes: int
+    tensor_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Every byte written: the files and the index."""
+        return sum(self.file_bytes) + self.index_bytes
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every file written, the index last when there is one."""
+        return self.files + ((INDEX_NAME,) if self.index_bytes else ())
 
 
 @dataclass(frozen=True)
@@ -300,6 +332,93 @@ def _projection(config, name, rows, cols, experts=None, fan_in=None) -> list[_Pl
     ]
 
 
+# safetensors' name of each dtype written, its size, and its rank in the library's Dtype order:
+# a file's tensors are laid out by descending rank (larger alignment first), then by name.
+_SAFETENSORS_DTYPES = {
+    "uint8": ("U8", 1, 0),
+    "float16": ("F16", 2, 1),
+    "bfloat16": ("BF16", 2, 2),
+    "float32": ("F32", 4, 3),
+}
+
+
+def _file_groups(config: SynthConfig) -> list[tuple[str, range]]:
+    """(file name, its layers) for every file of the checkpoint."""
+    groups = [
+        range(first, min(first + config.layers_per_file, config.num_layers))
+        for first in range(0, config.num_layers, config.layers_per_file)
+    ]
+    if len(groups) == 1:
+        return [("model.safetensors", groups[0])]
+    return [
+        (f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", layers)
+        for i, layers in enumerate(groups)
+    ]
+
+
+def _index_text(total_bytes: int, weight_map: dict[str, str]) -> str:
+    return (
+        json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2)
+        + "\n"
+    )
+
+
+def _safetensors_file_bytes(tensors: list[_Planned], metadata: dict[str, str]) -> int:
+    """A safetensors file's size: 8-byte header length, the compact JSON header padded with
+    spaces to a multiple of 8, the tensors' data (serialize_file's layout)."""
+    ordered = sorted(tensors, key=lambda t: (-_SAFETENSORS_DTYPES[t.dtype][2], t.name))
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in ordered:
+        name, itemsize, _ = _SAFETENSORS_DTYPES[t.dtype]
+        end = offset + itemsize * int(np.prod(t.shape, dtype=np.int64))
+        header[t.name] = {"dtype": name, "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    text = len(json.dumps(header, separators=(",", ":")).encode())
+    return 8 + text + (-text) % 8 + offset
+
+
+def plan_checkpoint(config: SynthConfig) -> SynthPlan:
+    """The files ``write_checkpoint(config, ...)`` writes and their sizes, from the shapes alone
+    (no tensor is made)."""
+    metadata = _file_metadata(config)
+    files, file_bytes, weight_map, tensor_bytes = [], [], {}, 0
+    for file_name, layers in _file_groups(config):
+        tensors = [t for layer in layers for t in planned_tensors(config, layer)]
+        files.append(file_name)
+        file_bytes.append(_safetensors_file_bytes(tensors, metadata))
+        for t in tensors:
+            weight_map[t.name] = file_name
+            tensor_bytes += _SAFETENSORS_DTYPES[t.dtype][1] * int(np.prod(t.shape, dtype=np.int64))
+    index_bytes = len(_index_text(tensor_bytes, weight_map).encode()) if len(files) > 1 else 0
+    return SynthPlan(config, tuple(files), tuple(file_bytes), index_bytes, tensor_bytes)
+
+
+def free_bytes_for(plan: SynthPlan, out: str | os.PathLike) -> int:
+    """Bytes the plan may take in ``out``: the free space of the filesystem of ``out`` (or of
+    its nearest existing parent), plus the files of an earlier checkpoint it replaces."""
+    out = Path(out).absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    replaced = sum((out / name).stat().st_size for name in plan.names if (out / name).is_file())
+    return shutil.disk_usage(existing).free + replaced
+
+
+def check_free_space(needed_bytes: int, free_bytes: int, out: str | os.PathLike) -> None:
+    """Raises ValueError (one line, both numbers) when ``needed_bytes`` > ``free_bytes``."""
+    if needed_bytes > free_bytes:
+        raise ValueError(
+            f"{out}: the checkpoint takes {format_bytes(needed_bytes)} but only "
+            f"{format_bytes(free_bytes)} is free there; write fewer layers (--layers) or smaller "
+            "ones (--scale)"
+        )
+
+
+def format_bytes(num_bytes: int) -> str:
+    """'599,439,390 bytes (571.7 MiB)'; GiB from 1 GiB on."""
+    unit, scale = ("GiB", 2**30) if num_bytes >= 2**30 else ("MiB", 2**20)
+    return f"{num_bytes:,} bytes ({num_bytes / scale:,.1f} {unit})"
+
+
 def write_checkpoint(
     config: SynthConfig,
     out: str | os.PathLike,
@@ -307,22 +426,16 @@ def write_checkpoint(
     progress: bool | None = None,
 ) -> SynthCheckpoint:
     """Writes ``config``'s checkpoint into directory ``out`` (created; existing checkpoint files
-    there are replaced). Holds one file's tensors in memory at a time."""
+    there are replaced). Holds one file's tensors in memory at a time. Raises ValueError before
+    writing anything when ``plan_checkpoint(config)`` needs more than the free disk space."""
     out = Path(out)
+    plan = plan_checkpoint(config)
+    check_free_space(plan.total_bytes, free_bytes_for(plan, out), out)
     out.mkdir(parents=True, exist_ok=True)
     rng = rng if rng is not None else np.random.default_rng(config.seed)
-    groups = [
-        range(first, min(first + config.layers_per_file, config.num_layers))
-        for first in range(0, config.num_layers, config.layers_per_file)
-    ]
-    names = (
-        ["model.safetensors"]
-        if len(groups) == 1
-        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    )
     weight_map, files, total = {}, [], 0
     with Progress(config.num_layers, label=f"synth {config.shape.name}", enabled=progress) as bar:
-        for file_name, layers in zip(names, groups):
+        for file_name, layers in _file_groups(config):
             tensors = {}
             for layer in layers:
                 for planned in planned_tensors(config, layer):
@@ -334,10 +447,7 @@ def write_checkpoint(
             total += sum(array.nbytes for _, array in tensors.values())
     index = out / INDEX_NAME
     if len(files) > 1:
-        index.write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-            + "\n"
-        )
+        index.write_text(_index_text(total, weight_map))
     elif index.exists():
         index.unlink()  # a stale index would point the store at files of an earlier run
     return SynthCheckpoint(out, tuple(files), total, config)
