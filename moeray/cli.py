@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,8 +19,8 @@ examples:
   moeray replay trace.npz --capacity 0.5 --policy lru --policy belady
   moeray replay --json results.json
   moeray replay --backend local --per-layer --plot replay.png   # per-layer stalls, capacity curve
-  moeray shards synth --shape gpt-oss-20b --layers 24 --scale 8 --out ckpt && \
-  moeray replay --backend local --shards ckpt    # hot sets held in real bytes, checked by mincore
+  moeray shards synth --shape gpt-oss-20b --layers 24 --scale 8 --out ckpt   # 572 MiB
+  moeray replay --backend local --shards ckpt --policy lru --tokens 200  # hot sets in real bytes
 
 The trace is an .npz with expert_ids [tokens, layers, top_k] (optional expert_probs,
 seq_offsets, num_experts); see moeray.traces. Hit and stall rates are per layer, averaged over
@@ -52,7 +53,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     replay.add_argument(
-        "trace", nargs="?", help="trace .npz (default: the bundled gpt-oss-20b slice)"
+        "trace",
+        nargs="?",
+        help="trace file, .mtrace or .npz (default: the bundled gpt-oss-20b slice)",
+    )
+    replay.add_argument(
+        "--salvage",
+        action="store_true",
+        help="read a damaged moeray trace (a recording that was killed) up to its last whole "
+        "record and say on stderr how many records and tokens were kept; without it, such a "
+        "file is an error",
     )
     size = replay.add_mutually_exclusive_group()
     size.add_argument(
@@ -199,7 +209,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="write the service name here once it answers (for scripts and tests)",
     )
-    status = commands.add_parser("status", help="print per-layer statistics of a running service")
+    status = commands.add_parser(
+        "status",
+        help="print per-layer statistics of a running service",
+        description="Joins a Ray cluster (--address, else RAY_ADDRESS, else the cluster `ray start` "
+        "started on this machine), finds the named moeray service and prints each layer's hits, "
+        "stalls, evictions, prefetches, tokens and restarts, and the service's totals. A cluster "
+        "started with token auth is joined with its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+        "~/.ray/auth_token).",
+    )
     status.add_argument("--name", default="moeray", help="service name (default moeray)")
     status.add_argument("--namespace", default="moeray", help="Ray namespace (default moeray)")
     status.add_argument(
@@ -214,10 +232,10 @@ def _parser() -> argparse.ArgumentParser:
 
 _CONVERT_EPILOG = """\
 examples:
-  moeray convert ../shared/traces/gpt-oss-20b/gpt_oss_20b_decode_routing.npz gpt-oss.mtrace
+  moeray convert trace.npz trace.mtrace
   moeray convert routing.csv routing.mtrace --num-experts 64
-  moeray convert expert_distribution_recorder_per_token.pt sglang.mtrace
-  moeray convert gpt-oss.mtrace gpt-oss.npz       # back to the .npz layout
+  moeray convert expert_distribution_recorder_per_token.pt sglang.mtrace  # needs: a dump, torch
+  moeray convert trace.mtrace trace-again.npz     # back to the .npz layout
 
 Sources: a moeray trace, the .npz layout of moeray.traces, CSV rows of (layer, token, expert
 ids) with an optional sequence column, or an SGLang per_token expert-distribution dump (.pt,
@@ -227,8 +245,9 @@ docs/trace-format.md.
 
 _RECORD_EPILOG = """\
 examples:
-  moeray record --model ./Qwen3-30B-A3B --prompts prompts.txt --out qwen3.mtrace
-  moeray record --model tiny-olmoe --prompts prompts.txt --out olmoe.mtrace --max-new-tokens 16
+  moeray record --model ./Qwen3-30B-A3B --prompts prompts.txt --out qwen3.mtrace  # needs: the model
+  moeray record --model tiny-olmoe --prompts prompts.txt --out olmoe.mtrace \\
+      --max-new-tokens 16                      # needs: the hf extra
 
 MODEL is a local Hugging Face model directory (config.json and weights; nothing is downloaded),
 or tiny-FAMILY for a small randomly initialised model of one of the families (for trying the
@@ -286,6 +305,13 @@ def _add_trace_commands(commands) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+    convert.add_argument(
+        "--salvage",
+        action="store_true",
+        help="read a damaged moeray trace (a recording that was killed) up to its last whole "
+        "record and say on stderr how many records and tokens were kept; without it, such a "
+        "file is an error",
     )
 
     from moeray.traces.record import FAMILIES
@@ -370,6 +396,13 @@ def _add_trace_commands(commands) -> None:
         help="also draw the per-layer load heat map (default file: TRACE.load.png)",
     )
     info.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
+    info.add_argument(
+        "--salvage",
+        action="store_true",
+        help="read a damaged moeray trace (a recording that was killed) up to its last whole "
+        "record and say on stderr how many records and tokens were kept; without it, such a "
+        "file is an error",
+    )
 
 
 def _convert(args) -> int:
@@ -386,6 +419,8 @@ def _convert(args) -> int:
         weights_dtype=args.weights_dtype,
         record_tokens=args.record_tokens,
         progress=args.progress,
+        salvage=args.salvage,
+        on_salvage=lambda report: print(f"moeray convert: salvage: {report}", file=sys.stderr),
     )
     t = result.trace
     print(
@@ -423,7 +458,11 @@ def _record(args) -> int:
 def _trace_info(args) -> int:
     from moeray.traces.info import format_summary, plot_load, summarize_trace
 
-    summary = summarize_trace(args.trace)
+    summary = summarize_trace(
+        args.trace,
+        salvage=args.salvage,
+        on_salvage=lambda report: print(f"moeray trace info: salvage: {report}", file=sys.stderr),
+    )
     print(format_summary(summary))
     if args.plot is not None:
         target = Path(str(args.trace) + ".load.png") if args.plot is True else Path(args.plot)
@@ -480,6 +519,7 @@ def _print_stats(stats, out) -> None:
 def _serve(args) -> int:
     import signal
     import threading
+    import time
 
     from moeray import service
     from moeray.actors import _ray
@@ -488,15 +528,18 @@ def _serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with _ray.local_session(args.address, job=True):
+    with _ray.local_session(args.address, job=True, say=_say):
         try:
             handle, started = service.connect(config.name, config.namespace), False
             print(f"attached to running service {config.name!r}", flush=True)
         except ValueError:
+            actors = len(config.actor_layers())
+            _say(f"starting service {config.name!r}: a coordinator and {actors} layer actors ...")
+            begin = time.monotonic()
             handle, started = service.start(config), True
             print(
-                f"started service {config.name!r}: {config.num_layers} layers, "
-                f"{len(config.actor_layers())} layer actors",
+                f"started service {config.name!r}: {config.num_layers} layers, {actors} layer "
+                f"actors, in {time.monotonic() - begin:.1f} s",
                 flush=True,
             )
         if args.ready_file:
@@ -516,7 +559,7 @@ def _status(args) -> int:
     from moeray import service
     from moeray.actors import _ray
 
-    with _ray.local_session(args.address or "auto", job=True):
+    with _ray.local_session(args.address or "auto", job=True, say=_say):
         handle = service.connect(args.name, args.namespace)
         _print_stats(handle.stats(), sys.stdout)
     return 0
@@ -541,7 +584,7 @@ def _print_report(report, trace, out) -> None:
         per_token = f"{per_token:.2f}" if per_token is not None else "-"
         print(
             f"{name:<14}{r.hit_rate:>10.3f}{r.stall_rate:>12.3f}{per_token:>17}"
-            f"{r.wasted_prefetches:>10,}{worst:>16}{r.decisions_per_s / 1e6:>12.3g} M",
+            f"{r.wasted_prefetches:>10,}{worst:>16}{_rate(r.decisions_per_s):>14}",
             file=out,
         )
     for name, r in report.results.items():
@@ -592,6 +635,24 @@ def _print_shards(report, out) -> None:
             f"{sum(r.cold_reads):>12}{'held' if not r.over_bound() else 'BROKEN':>7}",
             file=out,
         )
+    print(
+        "moved: bytes populated; cold reads: experts read on demand, each once per window (the "
+        "policy table's transfers count every expert brought in, prefetched ones included)",
+        file=out,
+    )
+
+
+def _say(text: str) -> None:
+    """A progress line on stderr (start-up of Ray and of services)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def _rate(per_s: float) -> str:
+    """1.23 M, 45.6 k, 789: a rate with the prefix that keeps three significant digits."""
+    for scale, prefix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if per_s >= scale:
+            return f"{per_s / scale:.3g}{prefix}"
+    return f"{per_s:.3g}"
 
 
 def _mib(n: int) -> str:
@@ -672,7 +733,11 @@ def _replay(args) -> int:
     from moeray.shards.capacity import capacity_from_bytes, shard_expert_bytes
     from moeray.traces import default_trace_path, load_trace
 
-    trace = load_trace(args.trace if args.trace else default_trace_path())
+    trace = load_trace(
+        args.trace if args.trace else default_trace_path(),
+        salvage=args.salvage,
+        on_salvage=lambda report: print(f"moeray replay: salvage: {report}", file=sys.stderr),
+    )
     if args.tokens is not None:
         trace = trace.head(args.tokens)
     shards = str(args.shards) if args.shards else None
@@ -728,7 +793,7 @@ def _replay(args) -> int:
         served = any(policy_entry(p).online for p in config.policies)
         with Progress(total, "replay", enabled=args.progress) as progress:
             if served:
-                with _ray.local_session(args.address):
+                with _ray.local_session(args.address, say=_say):
                     report, throughput = replay_through_service(
                         trace,
                         config,
@@ -791,29 +856,42 @@ def _version() -> str:
     return f"{moeray.__version__} (native core {core})"
 
 
+def _run(args) -> int:
+    """Runs the parsed command; its exit code."""
+    if args.command == "replay":
+        return _replay(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "status":
+        return _status(args)
+    if args.command == "convert":
+        return _convert(args)
+    if args.command == "record":
+        return _record(args)
+    if args.command == "trace":
+        return _trace_info(args)
+    if args.command == "shards":
+        from moeray.shards import cli as shards_cli
+
+        return shards_cli.run(args)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "replay":
-            return _replay(args)
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "status":
-            return _status(args)
-        if args.command == "convert":
-            return _convert(args)
-        if args.command == "record":
-            return _record(args)
-        if args.command == "trace":
-            return _trace_info(args)
-        if args.command == "shards":
-            from moeray.shards import cli as shards_cli
-
-            return shards_cli.run(args)
+        code = _run(args)
+        sys.stdout.flush()  # a reader that went away shows here, inside the try
+        return code
+    except KeyboardInterrupt:  # Ctrl-C: what was begun is shut down by the context managers
+        print(f"moeray {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as `yes` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
     except (ValueError, OSError) as exc:
         print(f"moeray {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

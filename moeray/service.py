@@ -23,8 +23,9 @@ from moeray.actors.config import ServiceConfig
 from moeray.actors.messages import ServiceStats
 from moeray.actors.steps import WindowBuffer, check_step, schedule_step
 from moeray.policy.scheduler import ExpertBatches
+from moeray.traces.wire import decode_step
 
-__all__ = ["ServiceConfig", "ServiceHandle", "connect", "start"]
+__all__ = ["ServiceConfig", "ServiceHandle", "connect", "session", "start"]
 
 
 def _daemon_timer(seconds: float, callback: Callable[[], None]) -> None:
@@ -61,6 +62,7 @@ class ServiceHandle:
         self._window = WindowBuffer(config, timer)  # this client's routing not yet sent
         self._window_number = 0  # which window a window_ms wake-up was armed for
         self._lock = threading.Lock()  # submit and the window_ms wake-up both send windows
+        self._closed = False  # after shutdown: no more steps
 
     def submit(
         self, expert_ids, weights=None, seq_starts=None, hints=None
@@ -72,7 +74,9 @@ class ServiceHandle:
         layer, -1 for none (or None; only predictive policies take them:
         ``moeray.policy.predict``, "Engine hints"). Returns each layer's ``ExpertBatches``.
 
-        Bad input raises TypeError / ValueError here and reaches no actor."""
+        Bad input raises TypeError / ValueError here and reaches no actor; RuntimeError after
+        ``shutdown``."""
+        self._check_open()
         start = self._timer()
         step = check_step(self.config, expert_ids, weights, seq_starts, hints)
         batches = None
@@ -121,15 +125,24 @@ class ServiceHandle:
 
     def submit_msgpack(self, payload: bytes) -> bytes:
         """A step in the msgpack form of ``moeray.traces.wire``; returns the schedules in that form.
-        This is the path of non-Python clients: it waits for the coordinator. This handle's
-        open window goes first, so steps mixed with ``submit`` keep their order."""
+        This is the path of non-Python clients: it waits for the coordinator. The step is
+        checked here first (one-line ValueError / TypeError, as ``submit``); this handle's open
+        window goes first, so steps mixed with ``submit`` keep their order."""
+        self._check_open()
+        step = decode_step(payload)
+        check_step(self.config, step.expert_ids, step.weights, step.seq_starts, step.hints)
         with self._lock:
             self._send_window()
         return _ray.call(self._coordinator.submit_msgpack, payload)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"service {self.config.name!r}: this handle was shut down")
+
     def flush(self) -> None:
         """Sends this client's open window and waits until everything submitted so far has
         reached the coordinator; then closes the coordinator's open window."""
+        self._check_open()
         with self._lock:
             self._send_window()
             in_flight = list(self._in_flight)
@@ -154,7 +167,9 @@ class ServiceHandle:
         return _ray.call(self._coordinator.layer_actor_nodes)
 
     def shutdown(self) -> None:
-        """Removes the coordinator and every layer actor of this service."""
+        """Removes the coordinator and every layer actor of this service; the handle takes no
+        more steps (RuntimeError)."""
+        self._closed = True
         try:
             with self._lock:
                 self._window.take()  # dropped: the service goes
@@ -206,3 +221,15 @@ def connect(name: str = "moeray", namespace: str = "moeray") -> ServiceHandle:
     """A handle on the running service ``name``; ValueError when there is none."""
     coordinator = _ray.get_coordinator(name, namespace)
     return ServiceHandle(coordinator, _ray.call(coordinator.config))
+
+
+def session(address: str | None = None, **options):
+    """A context manager around Ray for a process that is not already a Ray driver: joins the
+    cluster at ``address`` (HOST:PORT or auto; checked first, its token used when one is at
+    hand) or starts a quiet, loopback-only local Ray, and shuts down what it began::
+
+        with service.session("127.0.0.1:6379"):
+            handle = service.connect("gpt-oss")
+
+    ValueError of one line when nothing answers at the address or Ray refuses the token."""
+    return _ray.local_session(address, **options)

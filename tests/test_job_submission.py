@@ -1,6 +1,9 @@
-"""`moeray serve` as a Ray job: a head started with `ray start` on free loopback ports, the
-service submitted to its job server (Ray's ``JobSubmissionClient``, the REST calls `ray job
-submit` makes, without a CLI process per retry), checked from another driver, then stopped.
+"""`moeray serve` as a Ray job, the user guide's flow with token auth on: a head started with
+`ray start` on free loopback ports under a token of this test's own, the service submitted to
+its job server (Ray's ``JobSubmissionClient`` with the token, the REST calls `ray job submit`
+makes, without a CLI process per retry), checked from another driver and `moeray status` that
+find the token themselves (only ``RAY_AUTH_TOKEN_PATH`` in their environment, as a client that
+has the cluster's token file), refused in one line with a wrong token, then stopped.
 
 Only what the test started is stopped: the head runs as `ray start --block` in its own process
 group (its Ray processes share its fate), so a SIGTERM to that group ends this cluster and no
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -49,12 +53,21 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _ray_env() -> dict[str, str]:
+def _ray_env(token_path: Path) -> dict[str, str]:
+    """The head's environment: loopback only, token auth on with this test's token."""
+    env = _client_env(token_path)
+    env.update(RAY_AUTH_MODE="token")
+    return env
+
+
+def _client_env(token_path: Path) -> dict[str, str]:
+    """A client that holds the cluster's token file but sets no auth mode: moeray's commands
+    must turn token auth on themselves, as Ray's CLI does."""
     env = dict(os.environ)
-    env.update(
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled"
-    )
-    env.pop("RAY_ADDRESS", None)
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
     return env
 
 
@@ -85,7 +98,10 @@ class _Head:
             ports
         )
         self.temp_dir = tempfile.mkdtemp(prefix="moeray-job-", dir="/tmp")
-        self.env = _ray_env()
+        self.token = secrets.token_hex(32)
+        self.token_path = Path(self.temp_dir) / "auth_token"
+        self.token_path.write_text(self.token)
+        self.env = _ray_env(self.token_path)
         self.gcs = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dashboard}"
         self.log_path = Path(self.temp_dir) / "head.log"
@@ -129,7 +145,11 @@ class _Head:
             if "Ray runtime started" not in self.log_path.read_text(errors="replace"):
                 return False
             try:
-                with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2) as response:
+                request = urllib.request.Request(
+                    f"{self.dashboard}/api/version",
+                    headers={"Authorization": f"Bearer {self.token}"},  # token auth is on
+                )
+                with urllib.request.urlopen(request, timeout=2) as response:
                     return response.status == 200
             except OSError:
                 return False
@@ -166,7 +186,8 @@ def ray_head():
         yield {
             "gcs": head.gcs,
             "dashboard": head.dashboard,
-            "env": head.env,
+            "env": _client_env(head.token_path),
+            "token": head.token,
             "log": head.log_path,
             "logs": Path(head.temp_dir) / "session_latest" / "logs",
         }
@@ -195,17 +216,20 @@ def _retry(what: str, call, timeout_s: float = 300):
 def _client(ray_head):
     from ray.job_submission import JobSubmissionClient
 
-    return _retry("the job server", lambda: JobSubmissionClient(ray_head["dashboard"]))
+    headers = {"Authorization": f"Bearer {ray_head['token']}"}
+    return _retry(
+        "the job server", lambda: JobSubmissionClient(ray_head["dashboard"], headers=headers)
+    )
 
 
 _CLIENT = """
 import json, sys
 import numpy as np
-import ray
 from moeray import service
 from moeray.policy.scheduler import schedule
 
-ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+session = service.session(sys.argv[1])  # finds the token: the user guide's flow
+session.__enter__()
 handle = service.connect(sys.argv[2])
 steps = np.load(sys.argv[3])
 ids, weights = steps["ids"], steps["weights"]
@@ -222,7 +246,7 @@ print(json.dumps({"schedules_match": all(groups),
                   "tokens": [s.tokens for s in stats.layers],
                   "hits": [s.hits for s in stats.layers],
                   "stalls": [s.stalls for s in stats.layers]}))
-ray.shutdown()
+session.__exit__(None, None, None)
 """
 
 
@@ -361,3 +385,21 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
         cwd=tmp_path,
     )
     assert gone.returncode == 2 and "no moeray service" in gone.stderr
+
+
+def test_a_client_without_the_right_token_is_told_in_one_line(ray_head, tmp_path):
+    """Ray refuses a wrong token after its own retries (about 20 s); moeray says so in one line,
+    naming the address and where the token goes, with no traceback and none of Ray's logs."""
+    env = dict(ray_head["env"], RAY_AUTH_TOKEN="0" * 64)  # takes precedence over the file
+    proc = subprocess.run(
+        [sys.executable, "-m", "moeray.cli", "status", "--address", ray_head["gcs"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
+    assert f"address {ray_head['gcs']}" in errors[0] and "refused this token" in errors[0]
+    assert "RAY_AUTH_TOKEN" in errors[0]

@@ -207,7 +207,7 @@ def test_cli_service_backend_serves_every_online_policy(tmp_path, capsys, monkey
     monkeypatch.setitem(sys.modules, "moeray.replay.service", fake)
     monkeypatch.setattr(moeray.replay, "service", fake, raising=False)
     fake_ray = types.ModuleType("moeray.actors._ray")
-    fake_ray.local_session = lambda address: contextlib.nullcontext()
+    fake_ray.local_session = lambda address, **_: contextlib.nullcontext()
     monkeypatch.setitem(sys.modules, "moeray.actors._ray", fake_ray)
     monkeypatch.setattr(moeray.actors, "_ray", fake_ray, raising=False)
     trace = write(tmp_path / "hand.npz", np.array(HAND_LAYERS).T, 4)

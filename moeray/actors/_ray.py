@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
 from dataclasses import replace
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import AuthenticationError, RayActorError, RayTaskError
 from ray.util import metrics
 
+from moeray.actors.address import resolve_address
 from moeray.actors.config import ServiceConfig
 from moeray.actors.coordinator import Coordinator
 from moeray.actors.layer import LayerCaches
@@ -345,21 +347,58 @@ def kill(handle) -> None:
 
 
 @contextlib.contextmanager
-def local_session(address: str | None = None, job: bool = False, **options):
+def _stderr_aside():
+    """Sends this process's file descriptor 2 (Ray's C++ logs write there) to a temporary file
+    while the block runs; yields a function that returns what was written so far."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as aside:
+        os.dup2(aside.fileno(), 2)
+        try:
+            yield lambda: (aside.seek(0), aside.read().decode(errors="replace"))[1]
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _use_token_if_available() -> None:
+    """What Ray's own CLI does for a cluster started with token auth: a client that has the
+    token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and no RAY_AUTH_MODE turns
+    token auth on, Ray's cached config included (so setting the variable alone, after
+    ``import ray``, would not do)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token auth: nothing to find
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+@contextlib.contextmanager
+def local_session(address: str | None = None, job: bool = False, say=None, **options):
     """Joins ``address`` (with ``job``, also RAY_ADDRESS, as a Ray job's driver does), or starts
     a quiet, loopback-only local Ray (``options`` go to ``ray.init``); shuts down what it began.
     Yields ``ray.init``'s context (None inside an already initialised Ray, where it does
-    nothing). The one way the CLI, tests and benchmarks start Ray."""
+    nothing). The one way the CLI, tests and benchmarks start Ray.
+
+    Token auth stays on: a local Ray uses Ray's default (a token, generated once); joining a
+    cluster uses its token when one is at hand (``_use_token_if_available``). An address
+    is checked first (``address.resolve_address``, seconds, one line). say(text): progress
+    lines (e.g. to stderr), or None. Errors a user can act on (nothing listens there, Ray refused
+    the token) are ValueErrors of one line."""
     if address is None and job:
         address = os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         yield None
         return
+    say = say or (lambda text: None)
     quiet = dict(log_to_driver=False, logging_level="ERROR")
+    start = time.monotonic()
     if address is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         system = {"worker_maximum_startup_concurrency": 16, **options.pop("_system_config", {})}
         settings = {
             "include_dashboard": False,
@@ -368,16 +407,48 @@ def local_session(address: str | None = None, job: bool = False, **options):
             **options,  # the caller's settings win
             "_system_config": system,
         }
+        say("starting a local Ray (loopback only) ...")
         try:
             context = init(**settings)
         except Exception as exc:  # Ray raises a bare Exception on startup timeouts
             # A loaded 2-core VM can miss Ray's fixed 30 s raylet registration wait: once more.
+            ray.shutdown()
             if "timed out during startup" not in str(exc):
                 raise
-            ray.shutdown()
             context = init(**settings)
+        except BaseException:  # Ctrl-C while Ray starts: stop what it began
+            ray.shutdown()
+            raise
+        say(f"local Ray up in {time.monotonic() - start:.1f} s")
     else:
-        context = init(address=address, **quiet, **options)
+        resolved = resolve_address(address)
+        say(f"joining the Ray cluster at {resolved} ...")
+        # Ray prefers RAY_ADDRESS to its argument: make them agree (a shell may hold the job
+        # server's http:// address there)
+        previous = os.environ.get("RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = resolved
+        # Ray's C++ client writes every retry of a refused connection to stderr: kept aside,
+        # and only its cause reported
+        with _stderr_aside() as aside:
+            try:
+                _use_token_if_available()
+                context = init(address=resolved, **quiet, **options)
+            except (AuthenticationError, ConnectionError) as exc:
+                # the address answered (resolve_address): a refusal here is the cluster's
+                ray.shutdown()
+                refused = "token" if "InvalidAuthToken" in aside() else "client"
+                raise ValueError(
+                    f"address {resolved}: a Ray cluster answers there but refused this {refused} "
+                    f"({str(exc).splitlines()[0]}); a cluster with token auth needs its token: "
+                    "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`ray "
+                    "get-auth-token` on its head prints it)"
+                ) from None
+            finally:
+                if previous is None:
+                    os.environ.pop("RAY_ADDRESS", None)
+                else:
+                    os.environ["RAY_ADDRESS"] = previous
+        say(f"joined in {time.monotonic() - start:.1f} s")
     try:
         yield context
     finally:
