@@ -205,3 +205,21 @@ def test_a_handle_refuses_steps_after_shutdown(ray_local):
     for call in (lambda: handle.submit(ids), handle.flush, handle.stats):
         with pytest.raises(RuntimeError, match="shut down"):
             call()
+
+
+def test_without_address_the_replay_starts_a_ray_of_its_own(tmp_path):
+    """A RAY_ADDRESS left in the shell (or a stale record of a stopped `ray start`) does not
+    make `moeray replay` join a cluster that is gone: without --address it starts its own."""
+    import os
+
+    env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    proc = subprocess.run(
+        ["moeray", "replay", "--policy", "lru", "--tokens", "100"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "starting a local Ray" in proc.stderr and "lru" in proc.stdout

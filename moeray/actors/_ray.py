@@ -399,7 +399,7 @@ def local_session(address: str | None = None, job: bool = False, say=None, **opt
     if address is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        system = {"worker_maximum_startup_concurrency": 16, **options.pop("_system_config", {})}
+        system = {"worker_maximum_startup_concurrency": 32, **options.pop("_system_config", {})}
         settings = {
             "include_dashboard": False,
             "object_store_memory": 200 * 2**20,
@@ -408,14 +408,16 @@ def local_session(address: str | None = None, job: bool = False, say=None, **opt
             "_system_config": system,
         }
         say("starting a local Ray (loopback only) ...")
+        # address="local": always a new Ray of its own, never one a stale
+        # /tmp/ray/ray_current_cluster or RAY_ADDRESS points at
         try:
-            context = init(**settings)
+            context = init(address="local", **settings)
         except Exception as exc:  # Ray raises a bare Exception on startup timeouts
             # A loaded 2-core VM can miss Ray's fixed 30 s raylet registration wait: once more.
             ray.shutdown()
             if "timed out during startup" not in str(exc):
                 raise
-            context = init(**settings)
+            context = init(address="local", **settings)
         except BaseException:  # Ctrl-C while Ray starts: stop what it began
             ray.shutdown()
             raise
