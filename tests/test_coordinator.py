@@ -648,3 +648,28 @@ def test_seq_starts_and_moeray_config_are_checked(stream):
     assert from_json.predict.split == SplitConfig(every_tokens=128)
     with pytest.raises(ValueError, match="split"):
         ServiceConfig(num_layers=2, num_experts=8, top_k=2, predict={"split": {"every": 128}})
+
+
+def test_one_clients_oversized_hints_or_step_cannot_wedge_the_window(routing):
+    """Hints wider than num_experts, or a step over max_step_tokens, are refused before they are
+    buffered (one padded window once asked for 129 GiB and failed every later call): the
+    window's other steps go out and later calls work."""
+    ids, _ = routing
+    config = ServiceConfig(
+        num_layers=6, num_experts=32, top_k=4, window_steps=3, max_step_tokens=500
+    )
+    coordinator, transport = make(config)
+    narrow = np.full((6, 100, 1), -1, np.int32)
+    coordinator.submit(ids[:, :100], hints=narrow)
+    with pytest.raises(ValueError, match="exceeds num_experts=32"):
+        coordinator.submit(ids[:, 100:101], hints=np.full((6, 1, 2**21), -1, np.int32))
+    with pytest.raises(ValueError, match="max_step_tokens=500"):
+        coordinator.submit(ids[:, :501])
+    coordinator.submit(ids[:, 100:200], hints=np.full((6, 100, 32), -1, np.int32))
+    coordinator.submit(ids[:, 200:300])
+    stats = coordinator.stats()
+    assert stats.submits == 3 and all(s.tokens == 300 for s in stats.layers)
+    window = transport.sends[0][1][0]
+    assert window.hints.shape == (300, 32)  # padded to the widest accepted step, no wider
+    with pytest.raises(ValueError, match="max_step_tokens"):
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, max_step_tokens=0)

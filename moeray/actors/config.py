@@ -42,6 +42,10 @@ class ServiceConfig:
     experts are prefetched by affinity after each window). warmup_tokens: for a predictive
     policy, the routing the coordinator keeps (this many last tokens, every layer) for a
     restarted layer actor to relearn from (0: it restarts with empty tables).
+    max_step_tokens: the most tokens one step may carry (a larger one is refused, naming this
+    limit). With engine hints at most num_experts wide, a window's routing takes at most
+    window_steps x max_step_tokens x num_layers x (top_k + 4 num_experts) bytes in a handle and
+    in the coordinator, whatever its steps hold.
     """
 
     num_layers: int
@@ -63,6 +67,7 @@ class ServiceConfig:
     affinity_weight: float = 0.8
     predict: PredictConfig = PredictConfig()
     warmup_tokens: int = 4096
+    max_step_tokens: int = 65_536
 
     def __post_init__(self):
         check_int(self.num_layers, "num_layers", 1)
@@ -105,6 +110,7 @@ class ServiceConfig:
                 )
         check_int(self.warmup_tokens, "warmup_tokens", 0)
         check_int(self.window_steps, "window_steps", 1)
+        check_int(self.max_step_tokens, "max_step_tokens", 1)
         if self.window_ms is not None and not self.window_ms > 0:
             raise ValueError(f"window_ms: expected None or a positive number, got {self.window_ms}")
         check_int(self.layers_per_actor, "layers_per_actor", 1, self.num_layers)

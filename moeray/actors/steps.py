@@ -75,6 +75,11 @@ def check_routing(expert_ids, weights, config: ServiceConfig):
         )
     if expert_ids.shape[2] != config.top_k:
         raise ValueError(f"expert_ids: expected top_k={config.top_k}, got {expert_ids.shape[2]}")
+    if expert_ids.shape[1] > config.max_step_tokens:
+        raise ValueError(
+            f"expert_ids: {expert_ids.shape[1]:,} tokens in one step exceed the limit "
+            f"ServiceConfig.max_step_tokens={config.max_step_tokens:,}"
+        )
     if expert_ids.dtype.kind not in "iu":
         raise TypeError(f"expert_ids: expected an integer dtype (int32), got {expert_ids.dtype}")
     if expert_ids.size and (expert_ids.min() < 0 or expert_ids.max() >= config.num_experts):
@@ -106,7 +111,8 @@ def check_seq_starts(seq_starts, num_tokens: int) -> np.ndarray | None:
 
 def check_hints(hints, config: ServiceConfig, num_tokens: int) -> np.ndarray | None:
     """hints: None, or an engine's predicted experts of each token at each layer, int
-    [num_layers, T, h], h >= 1, each in [-1, num_experts) (-1: no hint; see
+    [num_layers, T, h], 1 <= h <= num_experts (a wider hint names no more experts, and a window
+    pads its steps' hints to the widest), each in [-1, num_experts) (-1: no hint; see
     ``moeray.policy.predict``, "Engine hints"), which only ``moeray`` reads; returned as int32.
     TypeError / ValueError naming the argument."""
     if hints is None:
@@ -125,6 +131,11 @@ def check_hints(hints, config: ServiceConfig, num_tokens: int) -> np.ndarray | N
         raise ValueError(
             f"hints: expected shape [num_layers={config.num_layers}, T={num_tokens}, "
             f"h >= 1], got {hints.shape}"
+        )
+    if hints.shape[2] > config.num_experts:
+        raise ValueError(
+            f"hints: width {hints.shape[2]:,} exceeds num_experts={config.num_experts} (the "
+            "most distinct experts a hint can name)"
         )
     if hints.size and (hints.min() < -1 or hints.max() >= config.num_experts):
         raise ValueError(f"hints: every id must be in [0, {config.num_experts}) or -1 (no hint)")
