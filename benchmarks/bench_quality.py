@@ -113,16 +113,7 @@ class OracleEvictions(PredictiveCaches):
 
 def head(trace: Trace, tokens: int) -> Trace:
     """The first ``tokens`` tokens of ``trace`` (all of it when tokens is 0), sequences kept."""
-    if tokens <= 0 or tokens >= trace.num_tokens:
-        return trace
-    offsets = trace.seq_offsets[trace.seq_offsets < tokens]
-    return Trace(
-        trace.expert_ids[:tokens],
-        None if trace.weights is None else trace.weights[:tokens],
-        np.append(offsets, tokens).astype(np.int64),
-        trace.num_experts,
-        trace.name,
-    )
+    return trace if tokens <= 0 else trace.head(tokens)
 
 
 def traces(folder: Path | None) -> list[Trace]:

@@ -250,6 +250,19 @@ session.__exit__(None, None, None)
 """
 
 
+def _moeray_status(ray_head, cwd: Path, env: dict[str, str] | None = None):
+    """`moeray status` of the test's service on the head, as a client holding its token file."""
+    return subprocess.run(
+        [sys.executable, "-m", "moeray.cli", "status", "--name", SERVICE["name"]]
+        + ["--address", ray_head["gcs"]],
+        env=ray_head["env"] if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cwd,
+    )
+
+
 def _expected_counts(ids: np.ndarray) -> tuple[list[int], list[int]]:
     """Hits and stalls of each layer under the service's default policy (moeray, its default
     parameters), replayed in this process: ids [layers, T, top_k], one sequence."""
@@ -335,23 +348,7 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
         assert answer["tokens"] == [tokens] * SERVICE["num_layers"]
         assert answer["hits"] == hits and answer["stalls"] == stalls
 
-        moeray_status = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "moeray.cli",
-                "status",
-                "--name",
-                SERVICE["name"],
-                "--address",
-                ray_head["gcs"],
-            ],
-            env=ray_head["env"],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            cwd=tmp_path,
-        )
+        moeray_status = _moeray_status(ray_head, tmp_path)
         assert moeray_status.returncode == 0, moeray_status.stderr
         rows = {
             line.split()[0]: line.split()
@@ -360,6 +357,7 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
         }
         assert rows["all"][2].replace(",", "") == str(sum(hits))
         assert rows["all"][3].replace(",", "") == str(sum(stalls))
+        assert rows["all"][6].replace(",", "") == str(tokens)  # the service's, once
         assert status() == JobStatus.RUNNING  # serve stays up until stopped
     finally:
         _retry("the job server to stop the job", lambda: client.stop_job(job_id))
@@ -367,23 +365,7 @@ def test_moeray_serve_as_a_ray_job(ray_head, tmp_path):
     logs = _retry("the job's logs", lambda: client.get_job_logs(job_id))
     assert f"started service {SERVICE['name']!r}" in logs
     # serve shut down the service it started: no coordinator is left to connect to
-    gone = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moeray.cli",
-            "status",
-            "--name",
-            SERVICE["name"],
-            "--address",
-            ray_head["gcs"],
-        ],
-        env=ray_head["env"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
-    )
+    gone = _moeray_status(ray_head, tmp_path)
     assert gone.returncode == 2 and "no moeray service" in gone.stderr
 
 
@@ -391,14 +373,7 @@ def test_a_client_without_the_right_token_is_told_in_one_line(ray_head, tmp_path
     """Ray refuses a wrong token after its own retries (about 20 s); moeray says so in one line,
     naming the address and where the token goes, with no traceback and none of Ray's logs."""
     env = dict(ray_head["env"], RAY_AUTH_TOKEN="0" * 64)  # takes precedence over the file
-    proc = subprocess.run(
-        [sys.executable, "-m", "moeray.cli", "status", "--address", ray_head["gcs"]],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
-    )
+    proc = _moeray_status(ray_head, tmp_path, env)
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert f"address {ray_head['gcs']}" in errors[0] and "refused this token" in errors[0]
