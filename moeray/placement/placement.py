@@ -1,0 +1,242 @@
+"""The placement value: which slot of which GPU of which node holds each expert of each layer.
+
+A ``Topology`` fixes the slots: ``num_nodes`` nodes of ``gpus_per_node`` GPUs, each GPU with
+``slots_per_gpu`` expert slots per layer (GPU g = slot // slots_per_gpu, node = g // gpus_per_node).
+A ``Placement`` fills every slot of every layer with one expert: ``physical_to_logical`` int32
+[layers, slots]; every expert holds at least one slot, hot experts hold extra slots (replicas).
+Both are frozen and validated when built; the arrays of a ``Placement`` are read-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moeray.policy._validate import check_int
+
+__all__ = ["Placement", "PlacementError", "Topology", "balancedness"]
+
+_MAX_SLOTS = 2**20  # bounds every [layers, slots] array before it is allocated
+_MAX_LAYERS = 4096
+_MAX_EXPERTS = 2**20
+
+
+class PlacementError(ValueError):
+    """A topology, load or map that cannot be placed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """num_nodes nodes x gpus_per_node GPUs x slots_per_gpu expert slots per layer.
+
+    gpu_memory_bytes (optional): bytes each GPU gives to one layer's expert slots;
+    expert_bytes (optional): bytes of one expert's weights (what a slot move transfers).
+    """
+
+    num_nodes: int
+    gpus_per_node: int
+    slots_per_gpu: int
+    gpu_memory_bytes: int | None = None
+    expert_bytes: int | None = None
+
+    def __post_init__(self):
+        check_int(self.num_nodes, "num_nodes", 1, 65_536)
+        check_int(self.gpus_per_node, "gpus_per_node", 1, 65_536)
+        check_int(self.slots_per_gpu, "slots_per_gpu", 1, _MAX_SLOTS)
+        if self.num_slots > _MAX_SLOTS:
+            raise PlacementError(
+                f"slots: {self.num_gpus} GPUs x {self.slots_per_gpu} slots is {self.num_slots}, "
+                f"more than the {_MAX_SLOTS} a placement holds"
+            )
+        if self.expert_bytes is not None:
+            check_int(self.expert_bytes, "expert_bytes", 1)
+        if self.gpu_memory_bytes is not None:
+            check_int(self.gpu_memory_bytes, "gpu_memory_bytes", 1)
+            if self.expert_bytes is None:
+                raise PlacementError("gpu_memory_bytes: needs expert_bytes to size the slots")
+            if self.slots_per_gpu * self.expert_bytes > self.gpu_memory_bytes:
+                raise PlacementError(
+                    f"gpu_memory_bytes: {self.slots_per_gpu} slots of {self.expert_bytes} bytes "
+                    f"need {self.slots_per_gpu * self.expert_bytes} bytes per GPU, the budget is "
+                    f"{self.gpu_memory_bytes}"
+                )
+
+    @classmethod
+    def for_experts(
+        cls,
+        num_experts: int,
+        gpus: int,
+        nodes: int = 1,
+        redundant: int = 0,
+        expert_bytes: int | None = None,
+        gpu_memory_bytes: int | None = None,
+    ) -> Topology:
+        """The topology of ``num_experts + redundant`` slots spread evenly over ``gpus`` GPUs.
+
+        Raises PlacementError naming the field when the GPUs do not divide over the nodes, the
+        slots do not divide over the GPUs, or the slots cannot hold every expert once.
+        """
+        num_experts = check_int(num_experts, "num_experts", 1, _MAX_EXPERTS)
+        gpus = check_int(gpus, "gpus", 1, 65_536)
+        nodes = check_int(nodes, "nodes", 1, 65_536)
+        redundant = check_int(redundant, "redundant", 0, _MAX_SLOTS)
+        if gpus % nodes:
+            raise PlacementError(f"gpus: {gpus} GPUs do not divide over {nodes} nodes")
+        slots = num_experts + redundant
+        if slots % gpus:
+            raise PlacementError(
+                f"redundant: {num_experts} experts + {redundant} redundant = {slots} slots do not "
+                f"divide over {gpus} GPUs (choose redundant so that the sum is a multiple of {gpus})"
+            )
+        return cls(nodes, gpus // nodes, slots // gpus, gpu_memory_bytes, expert_bytes)
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_gpus * self.slots_per_gpu
+
+    @property
+    def slot_gpu(self) -> np.ndarray:
+        """int32 [slots]: the GPU of each slot."""
+        return np.arange(self.num_slots, dtype=np.int32) // self.slots_per_gpu
+
+    @property
+    def slot_node(self) -> np.ndarray:
+        """int32 [slots]: the node of each slot."""
+        return self.slot_gpu // self.gpus_per_node
+
+    def check_holds(self, num_experts: int) -> None:
+        """PlacementError unless every one of ``num_experts`` experts can hold a slot."""
+        if self.num_slots < num_experts:
+            raise PlacementError(
+                f"slots: {self.num_slots} slots ({self.num_gpus} GPUs x {self.slots_per_gpu}) "
+                f"cannot hold {num_experts} experts once each"
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "num_nodes": self.num_nodes,
+            "gpus_per_node": self.gpus_per_node,
+            "slots_per_gpu": self.slots_per_gpu,
+            "gpu_memory_bytes": self.gpu_memory_bytes,
+            "expert_bytes": self.expert_bytes,
+        }
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Every layer's experts on the topology's slots.
+
+    physical_to_logical: int32 [layers, slots], the expert each slot holds; every expert in
+      [0, num_experts) holds at least one slot of every layer.
+    Derived when built: ``replica_counts`` int32 [layers, experts] (slots per expert) and
+    ``logical_to_physical`` int32 [layers, experts, max_replicas], each expert's slots in
+    ascending order, padded with -1.
+    version: a number the publisher raises with every new placement (0 for a computed one).
+    """
+
+    physical_to_logical: np.ndarray
+    topology: Topology
+    num_experts: int
+    version: int = 0
+    replica_counts: np.ndarray = field(init=False, repr=False, compare=False)
+    logical_to_physical: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        check_int(self.num_experts, "num_experts", 1, _MAX_EXPERTS)
+        check_int(self.version, "version", 0)
+        self.topology.check_holds(self.num_experts)
+        table = self.physical_to_logical
+        if not isinstance(table, np.ndarray) or table.dtype.kind not in "iu":
+            raise PlacementError("physical_to_logical: expected an integer numpy array")
+        if table.ndim != 2 or table.shape[1] != self.topology.num_slots:
+            raise PlacementError(
+                f"physical_to_logical: expected shape [layers, {self.topology.num_slots}] "
+                f"(the topology's slots), got {list(table.shape)}"
+            )
+        if not 1 <= table.shape[0] <= _MAX_LAYERS:
+            raise PlacementError(
+                f"physical_to_logical: expected 1 to {_MAX_LAYERS} layers, got {table.shape[0]}"
+            )
+        if table.min() < 0 or table.max() >= self.num_experts:
+            bad = table[(table < 0) | (table >= self.num_experts)].flat[0]
+            raise PlacementError(
+                f"physical_to_logical: every slot must hold an expert in "
+                f"[0, {self.num_experts}), got {int(bad)}"
+            )
+        table = np.array(table, dtype=np.int32, order="C")
+        layers = table.shape[0]
+        counts = np.zeros((layers, self.num_experts), dtype=np.int32)
+        np.add.at(counts, (np.arange(layers)[:, None], table), 1)
+        if (counts == 0).any():
+            layer, expert = np.argwhere(counts == 0)[0]
+            raise PlacementError(
+                f"physical_to_logical: expert {expert} holds no slot in layer {layer} (every "
+                "expert needs at least one)"
+            )
+        width = int(counts.max())
+        inverse = np.full((layers, self.num_experts, width), -1, dtype=np.int32)
+        # Slots in ascending order per expert: a stable sort of each layer's row by expert.
+        order = np.argsort(table, axis=1, kind="stable")
+        starts = np.cumsum(counts, axis=1) - counts
+        for layer in range(layers):
+            experts = table[layer, order[layer]]
+            rank = np.arange(table.shape[1]) - starts[layer, experts]
+            inverse[layer, experts, rank] = order[layer]
+        object.__setattr__(self, "physical_to_logical", _frozen(table))
+        object.__setattr__(self, "replica_counts", _frozen(counts))
+        object.__setattr__(self, "logical_to_physical", _frozen(inverse))
+
+    @property
+    def num_layers(self) -> int:
+        return self.physical_to_logical.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.topology.num_slots
+
+    def with_version(self, version: int) -> Placement:
+        return Placement(self.physical_to_logical, self.topology, self.num_experts, version)
+
+    def gpu_loads(self, load: np.ndarray) -> np.ndarray:
+        """float64 [layers, gpus]: each GPU's load when each expert's load ([layers, experts])
+        is split evenly over its replicas (what engines without a dispatcher do)."""
+        load = np.asarray(load, dtype=np.float64)
+        if load.shape != (self.num_layers, self.num_experts):
+            raise PlacementError(
+                f"load: expected shape [{self.num_layers}, {self.num_experts}], got "
+                f"{list(load.shape)}"
+            )
+        rows = np.arange(self.num_layers)[:, None]
+        share = (
+            load[rows, self.physical_to_logical]
+            / self.replica_counts[rows, self.physical_to_logical]
+        )
+        topology = self.topology
+        return share.reshape(self.num_layers, topology.num_gpus, topology.slots_per_gpu).sum(-1)
+
+    def moved_slots(self, previous: Placement) -> np.ndarray:
+        """int64 [layers]: slots whose expert differs from ``previous`` (the weights to copy)."""
+        if previous.physical_to_logical.shape != self.physical_to_logical.shape:
+            raise PlacementError(
+                "previous: expected a placement of the same layers and slots, got shape "
+                f"{list(previous.physical_to_logical.shape)}"
+            )
+        return (previous.physical_to_logical != self.physical_to_logical).sum(axis=1)
+
+
+def balancedness(gpu_loads: np.ndarray) -> np.ndarray:
+    """float64 [...]: mean GPU load / max GPU load over the last axis (1.0 for no load)."""
+    gpu_loads = np.asarray(gpu_loads, dtype=np.float64)
+    peak = gpu_loads.max(axis=-1)
+    safe = np.where(peak > 0, peak, 1.0)
+    return np.where(peak > 0, gpu_loads.mean(axis=-1) / safe, 1.0)
