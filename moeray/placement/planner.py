@@ -59,7 +59,7 @@ def place_moeray(
 
     Without ``current``: a full placement. With it: at most ``migration_budget`` slot moves per
     layer from ``current`` (None: unbounded). Returns the placement and int32 [layers], the slots
-    each layer rewrote (vs ``current``; all slots for a full placement).
+    of each layer that differ from ``current`` (the copies to make; all slots for a full one).
     """
     load = check_load(load, "load")
     layers, num_experts = load.shape
@@ -81,7 +81,7 @@ def place_moeray(
         )
     budget = budget_slots(migration_budget, topology)
     table = np.array(current.physical_to_logical, dtype=np.int32)
-    moved = backend._improve(
+    backend._improve(
         table,
         np.ascontiguousarray(load),
         topology.num_gpus,
@@ -91,7 +91,9 @@ def place_moeray(
         min_gain,
         node_cost,
     )
-    return Placement(table, topology, num_experts), moved
+    placement = Placement(table, topology, num_experts)
+    # the kernel's count is moves made; a slot rewritten twice is copied once
+    return placement, placement.moved_slots(current).astype(np.int32)
 
 
 def _full(load: np.ndarray, topology: Topology) -> np.ndarray:
