@@ -51,7 +51,7 @@ def place_moeray(
     topology: Topology,
     current: Placement | None = None,
     migration_budget: int | None = None,
-    min_gain: float = 0.01,
+    min_gain: float = 0.002,
     node_cost: float = 2.0,
     candidates: int = 8,
 ) -> tuple[Placement, np.ndarray]:
