@@ -1,5 +1,6 @@
 """The ``moeray`` command line: ``moeray replay`` compares cache policies on a routing trace;
-``convert``, ``record`` and ``trace info`` bring routing in from other tools and describe it."""
+``moeray place`` compares expert placements on one (``moeray.placement.cli``); ``convert``,
+``record`` and ``trace info`` bring routing in from other tools and describe it."""
 
 from __future__ import annotations
 
@@ -227,6 +228,9 @@ def _parser() -> argparse.ArgumentParser:
     from moeray.shards import cli as shards_cli  # numpy and the standard library only
 
     shards_cli.add_parser(commands)
+    from moeray.placement import cli as placement_cli  # numpy and the standard library only
+
+    placement_cli.add_parser(commands)
     return parser
 
 
@@ -670,38 +674,14 @@ def _print_throughput(throughput, out) -> None:
         )
 
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "kib": 2**10,
-    "m": 10**6,
-    "mb": 10**6,
-    "mib": 2**20,
-    "g": 10**9,
-    "gb": 10**9,
-    "gib": 2**30,
-    "t": 10**12,
-    "tb": 10**12,
-    "tib": 2**40,
-}
-
-
 def _byte_size(text: str) -> int:
     """'6GiB', '512 MiB', '1.5G', '1500000000' -> bytes (argparse type)."""
-    import re
+    from moeray._units import parse_bytes
 
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if unit not in _UNITS:
-        raise argparse.ArgumentTypeError(
-            f"expected a size such as 6GiB, 512MiB or 1500000000, got {text!r}"
-        )
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
-    return size
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _resplit_predict(every: int):
@@ -874,6 +854,10 @@ def _run(args) -> int:
         from moeray.shards import cli as shards_cli
 
         return shards_cli.run(args)
+    if args.command == "place":
+        from moeray.placement import cli as placement_cli
+
+        return placement_cli.run(args)
     return 1
 
 

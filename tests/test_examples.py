@@ -152,7 +152,7 @@ BLOCKS = help_blocks() + document_blocks()
 
 def test_examples_are_found():
     helps = {block.where for block in BLOCKS if block.where.endswith("--help")}
-    for command in ("replay", "convert", "record", "shards synth"):
+    for command in ("replay", "convert", "record", "shards synth", "place"):
         assert f"moeray {command} --help" in helps
     assert all(block.commands for block in BLOCKS), [b.where for b in BLOCKS if not b.commands]
     documents = {

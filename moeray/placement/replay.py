@@ -31,7 +31,14 @@ from moeray.placement.planner import place_moeray, place_static
 from moeray.policy._validate import check_int
 from moeray.traces.trace import Trace
 
-__all__ = ["ALGORITHMS", "PlaceConfig", "default_redundant", "replay_placement", "window_counts"]
+__all__ = [
+    "ALGORITHMS",
+    "PlaceConfig",
+    "default_redundant",
+    "final_placement",
+    "replay_placement",
+    "window_counts",
+]
 
 ALGORITHMS = ("static", "eplb", "moeray", "oracle")
 _SERVED = {"static": "even", "eplb": "even", "moeray": "dispatched", "oracle": "even"}
@@ -259,6 +266,32 @@ def replay_placement(
         "windows_scored": windows - 1,
         "algorithms": algorithms,
     }
+
+
+def final_placement(trace: Trace, config: PlaceConfig = PlaceConfig()) -> Placement:
+    """The placement moeray would publish after ``trace``: a full ``place_moeray`` of the
+    forecast (``LoadForecast``, ``config.half_life_windows``) over every whole window of
+    ``config.every`` tokens, on ``config``'s topology (what ``moeray place --write-map`` writes).
+    """
+    topology = config.topology(trace.num_experts)
+    windows = trace.num_tokens // config.every
+    if windows < 1:
+        raise PlacementError(
+            f"every: the trace has {trace.num_tokens} tokens, less than one window of "
+            f"{config.every}: lower --every"
+        )
+    forecast: LoadForecast | None = None
+    for w in range(windows):
+        counts = window_counts(
+            trace.expert_ids[w * config.every : (w + 1) * config.every], trace.num_experts
+        )
+        forecast = (
+            LoadForecast.start(counts, config.half_life_windows)
+            if forecast is None
+            else forecast.update(counts)
+        )
+    placement, _ = place_moeray(forecast.mean, topology)
+    return placement
 
 
 def _moved(previous: Placement | None, plan: Callable, load) -> tuple[Placement, int]:
