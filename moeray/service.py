@@ -8,6 +8,8 @@ coalesces ``window_steps`` submits (or ``window_ms``) into one window before han
 coordinator without waiting, so the coordinator sees one call per client window; at most
 ``max_in_flight`` windows are outstanding. Steps may carry sequence starts and engine hints
 (predictive policies read them); ``submit_msgpack`` takes the wire form (``moeray.traces.wire``).
+With ``ServiceConfig.expert_placement``, ``placement`` / ``wait_placement`` /
+``placement_msgpack`` read the coordinator's latest versioned expert placement.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from collections.abc import Callable
 from moeray.actors import _ray
 from moeray.actors.config import ServiceConfig
 from moeray.actors.messages import ServiceStats
+from moeray.actors.rebalancer import wait_for_placement
 from moeray.actors.steps import WindowBuffer, check_step, schedule_step
+from moeray.placement.balancer import encode_placement
+from moeray.placement.placement import Placement
 from moeray.policy.scheduler import ExpertBatches
 from moeray.traces.wire import decode_step
 
@@ -158,9 +163,35 @@ class ServiceHandle:
     def layer_actor_handles(self) -> list:
         return _ray.call(self._coordinator.layer_actor_handles)
 
-    def placement(self) -> list[str | None]:
+    def layer_actor_resources(self) -> list[str | None]:
         """The node resource each layer actor is pinned to now (after any re-placement)."""
-        return _ray.call(self._coordinator.placement)
+        return _ray.call(self._coordinator.layer_actor_resources)
+
+    def placement(self) -> tuple[Placement | None, int]:
+        """The latest expert placement the coordinator published and its version (from 1):
+        (None, 0) before the first, or when ``expert_placement`` is off. Does not wait for this
+        handle's routing to be planned (``wait_placement`` does)."""
+        placement = _ray.call(self._coordinator.expert_placement, 0)
+        return (placement, placement.version) if placement is not None else (None, 0)
+
+    def wait_placement(
+        self, after_version: int = 0, timeout_s: float = 10.0
+    ) -> tuple[Placement, int] | None:
+        """Waits until a placement newer than ``after_version`` is published; returns it and
+        its version, or None after ``timeout_s`` seconds (polls the coordinator every 10 ms)."""
+        placement = wait_for_placement(
+            lambda after: _ray.call(self._coordinator.expert_placement, after),
+            after_version,
+            timeout_s,
+            timer=self._timer,
+        )
+        return (placement, placement.version) if placement is not None else None
+
+    def placement_msgpack(self, after_version: int = 0) -> bytes:
+        """The latest expert placement as msgpack (``moeray.placement.balancer.encode_placement``,
+        docs/user-guide.md): a map {"version", "physical_to_logical", "num_experts",
+        "topology"}, or nil when none is newer than ``after_version``. Does not wait."""
+        return encode_placement(_ray.call(self._coordinator.expert_placement, after_version))
 
     def layer_actor_nodes(self) -> list[str]:
         """The Ray node id each layer actor runs on."""

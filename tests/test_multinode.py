@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
         for first in range(200, 400, 50):
             handle.submit(ids[:, first:first + 50], weights[:, first:first + 50])
         stats = handle.stats()
-        out["placement_after"] = handle.placement()
+        out["placement_after"] = handle.layer_actor_resources()
         out["nodes_after"] = handle.layer_actor_nodes()
         out["tokens"] = [s.tokens for s in stats.layers]
         out["restarts"] = [s.restarts for s in stats.layers]

@@ -11,6 +11,13 @@ Metrics are exported on each Ray node's metrics endpoint with Ray's prefix (a Co
 prefetches), ``moeray_wasted_prefetches``; per predictor (tag ``predictor``)
 ``moeray_predictor_hits``, ``_guesses``, ``_uses`` (precision hits / guesses, recall
 hits / uses); and the Histogram ``moeray_submit_latency_ms`` in the submitting process.
+With ``expert_placement``, tagged ``service`` (and ``layer`` where per layer): the Gauges
+``moeray_placement_forecast_balancedness`` and ``moeray_placement_realised_balancedness`` (per
+layer, after each load window), ``moeray_placement_version`` and ``moeray_placement_age_s``
+(set on every stats call, so a stalled balancer shows); the Counters
+``moeray_placement_slots_moved``, ``moeray_placement_bytes_moved`` (per layer),
+``moeray_placement_rebalances``, ``moeray_placement_rebalances_skipped`` and
+``moeray_placement_errors``.
 """
 
 from __future__ import annotations
@@ -30,7 +37,16 @@ from moeray.actors.address import resolve_address
 from moeray.actors.config import ServiceConfig
 from moeray.actors.coordinator import Coordinator
 from moeray.actors.layer import LayerCaches
-from moeray.actors.messages import LayerAck, LayerState, LayerWindow, Warmup, WindowGapError
+from moeray.actors.messages import (
+    LayerAck,
+    LayerState,
+    LayerWindow,
+    PlacementStats,
+    Warmup,
+    WindowGapError,
+)
+from moeray.placement.balancer import Rebalance
+from moeray.placement.placement import Placement
 from moeray.policy.predict import PREDICTOR_NAMES
 from moeray.traces.wire import decode_step, encode_batches
 
@@ -193,7 +209,7 @@ class RayLayerTransport:
     def handles(self) -> list:
         return list(self._handles)
 
-    def placement(self) -> list[str | None]:
+    def layer_actor_resources(self) -> list[str | None]:
         return list(self._resource)
 
     def kill_all(self) -> None:
@@ -207,8 +223,12 @@ class CoordinatorHost:
 
     def __init__(self, config: ServiceConfig):
         self._transport = RayLayerTransport(config)
+        self._metrics = ServiceMetrics(config.name, config.expert_placement is not None)
         self._coordinator = Coordinator(
-            config, self._transport, on_ack=ServiceMetrics(config.name).record_ack
+            config,
+            self._transport,
+            on_ack=self._metrics.record_ack,
+            on_rebalance=self._metrics.record_rebalance,
         )
         self._method_cpu_s = 0.0  # this thread's CPU inside the methods below
 
@@ -253,6 +273,8 @@ class CoordinatorHost:
 
     def stats(self, sync: bool = True):
         stats = self._timed(self._coordinator.stats, sync)
+        if stats.expert_placement is not None:
+            self._metrics.record_placement_age(stats.expert_placement)
         # a blocked ray.wait costs CPU in proportion to how long layer actors take, not to
         # the work steps cause: left out
         return replace(
@@ -264,9 +286,13 @@ class CoordinatorHost:
     def layer_actor_handles(self) -> list:
         return self._transport.handles()
 
-    def placement(self) -> list[str | None]:
+    def layer_actor_resources(self) -> list[str | None]:
         """The node resource each layer actor is pinned to now (None: anywhere)."""
-        return self._transport.placement()
+        return self._transport.layer_actor_resources()
+
+    def expert_placement(self, after_version: int = 0) -> Placement | None:
+        """The latest expert placement when newer than ``after_version`` (else None)."""
+        return self._timed(self._coordinator.expert_placement, after_version)
 
     def layer_actor_nodes(self) -> list[str]:
         """The Ray node id each layer actor runs on."""
@@ -285,6 +311,7 @@ class CoordinatorHost:
         return moeray.__file__, IS_NATIVE
 
     def shutdown(self) -> None:
+        self._coordinator.close()
         self._transport.kill_all()
 
 
@@ -461,13 +488,19 @@ _LATENCY_BOUNDARIES_MS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 1000]
 
 
 class ServiceMetrics:
-    """Counters fed by the coordinator as layer actors acknowledge windows (module doc)."""
+    """Counters fed by the coordinator as layer actors acknowledge windows and, with
+    ``placement``, as load windows are re-placed (module doc)."""
 
-    def __init__(self, service: str):
+    def __init__(self, service: str, placement: bool = False):
         def counter(name: str, description: str, tags=("service", "layer")):
             c = metrics.Counter(name, description=description, tag_keys=tags)
             c.set_default_tags({"service": service})
             return c
+
+        def gauge(name: str, description: str, tags=("service", "layer")):
+            g = metrics.Gauge(name, description=description, tag_keys=tags)
+            g.set_default_tags({"service": service})
+            return g
 
         self._counters = {
             key: counter(name, description)
@@ -494,6 +527,69 @@ class ServiceMetrics:
                 ("uses", "expert uses a predictor had a guess for"),
             )
         }
+        self._placement = None
+        if placement:
+            self._placement = {
+                "forecast": gauge(
+                    "moeray_placement_forecast_balancedness",
+                    "mean / max GPU load of the forecast on the placement in force",
+                ),
+                "realised": gauge(
+                    "moeray_placement_realised_balancedness",
+                    "mean / max GPU load of the last load window on the placement that served "
+                    "it (even split over replicas)",
+                ),
+                "slots": counter("moeray_placement_slots_moved", "expert slots rewritten"),
+                "bytes": counter("moeray_placement_bytes_moved", "expert bytes to copy"),
+                "rebalances": counter(
+                    "moeray_placement_rebalances", "placements published", ("service",)
+                ),
+                "skipped": counter(
+                    "moeray_placement_rebalances_skipped",
+                    "re-placements whose moves were all zero (the gate)",
+                    ("service",),
+                ),
+                "errors": counter(
+                    "moeray_placement_errors", "load windows whose planning failed", ("service",)
+                ),
+                "version": gauge(
+                    "moeray_placement_version", "the latest placement's version", ("service",)
+                ),
+                "age": gauge(
+                    "moeray_placement_age_s",
+                    "seconds since the latest placement was published",
+                    ("service",),
+                ),
+            }
+
+    def record_rebalance(self, result: Rebalance) -> None:
+        placement = self._placement
+        if placement is None:
+            return
+        if result.error is not None:
+            placement["errors"].inc(1)
+        elif result.skipped:
+            placement["skipped"].inc(1)
+        else:
+            placement["rebalances"].inc(1)
+            placement["version"].set(result.version)
+            expert_bytes = result.placement.topology.expert_bytes
+            for layer, moved in enumerate(result.moved_slots.tolist()):
+                if moved:
+                    placement["slots"].inc(moved, tags={"layer": str(layer)})
+                    if expert_bytes:
+                        placement["bytes"].inc(moved * expert_bytes, tags={"layer": str(layer)})
+        for key, values in (
+            ("forecast", result.forecast_balancedness),
+            ("realised", result.realised_balancedness),
+        ):
+            if values is not None:
+                for layer, value in enumerate(values.tolist()):
+                    placement[key].set(value, tags={"layer": str(layer)})
+
+    def record_placement_age(self, stats: PlacementStats) -> None:
+        if self._placement is not None and stats.age_s is not None:
+            self._placement["age"].set(stats.age_s)
 
     def record_ack(self, ack: LayerAck) -> None:
         tags = {"layer": str(ack.layer)}

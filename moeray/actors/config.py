@@ -6,10 +6,11 @@ named constructors that read a checkpoint to turn one byte budget into experts p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
+from moeray.placement.balancer import PlacementConfig
 from moeray.policy._validate import check_int
 from moeray.policy.affinity import AffinityConfig
 from moeray.policy.predict import PredictConfig
@@ -46,6 +47,10 @@ class ServiceConfig:
     limit). With engine hints at most num_experts wide, a window's routing takes at most
     window_steps x max_step_tokens x num_layers x (top_k + 4 num_experts) bytes in a handle and
     in the coordinator, whatever its steps hold.
+    expert_placement: which GPU slots hold each expert of each layer, re-planned by the
+    coordinator from every client's routing every ``every_tokens`` tokens and published in
+    versions (``ServiceHandle.placement``): a ``PlacementConfig`` or a dict of its fields (None,
+    the default: off). Not to be confused with ``placement``, the nodes of the layer actors.
     """
 
     num_layers: int
@@ -68,6 +73,7 @@ class ServiceConfig:
     predict: PredictConfig = PredictConfig()
     warmup_tokens: int = 4096
     max_step_tokens: int = 65_536
+    expert_placement: PlacementConfig | None = None
 
     def __post_init__(self):
         check_int(self.num_layers, "num_layers", 1)
@@ -129,6 +135,41 @@ class ServiceConfig:
             raise TypeError(
                 f"shards: expected a checkpoint path (str) or None, got {self.shards!r}"
             )
+        if self.expert_placement is not None:
+            object.__setattr__(self, "expert_placement", self._check_expert_placement())
+
+    def _check_expert_placement(self) -> PlacementConfig:
+        """``expert_placement`` as a PlacementConfig whose slots fit this model; errors name the
+        field as ``expert_placement.<field>``."""
+        value = self.expert_placement
+        if isinstance(value, dict):  # from a JSON config (moeray serve --config)
+            known = [f.name for f in fields(PlacementConfig)]
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ValueError(
+                    f"expert_placement: unknown field {', '.join(map(str, unknown))} "
+                    f"(expected some of {', '.join(known)})"
+                )
+            if "gpus" not in value:
+                raise ValueError("expert_placement.gpus: required (the GPUs serving the model)")
+            try:
+                value = PlacementConfig(**value)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"expert_placement.{exc}") from None
+        if not isinstance(value, PlacementConfig):
+            raise TypeError(
+                f"expert_placement: expected a PlacementConfig, a dict or None, got {value!r}"
+            )
+        try:
+            topology = value.topology(self.num_experts)
+        except ValueError as exc:
+            raise ValueError(f"expert_placement.{exc}") from None
+        if value.migration_budget is not None and value.migration_budget > topology.num_slots:
+            raise ValueError(
+                f"expert_placement.migration_budget: expected at most the {topology.num_slots} "
+                f"slots of a layer, got {value.migration_budget}"
+            )
+        return value
 
     def actor_layers(self) -> list[list[int]]:
         """Layers of each layer actor, in actor order."""
@@ -187,8 +228,9 @@ class ServiceConfig:
     @classmethod
     def from_dict(cls, fields: dict) -> ServiceConfig:
         """A config from JSON-like fields (``moeray serve --config``): lists become tuples,
-        ``predict`` (and its ``split``) a dict of fields, ``capacity_bytes`` a byte budget (see
-        ``from_byte_budget``). ValueError naming what is wrong."""
+        ``predict`` (and its ``split``) and ``expert_placement`` dicts of fields,
+        ``capacity_bytes`` a byte budget (see ``from_byte_budget``). ValueError naming what is
+        wrong."""
         fields = dict(fields)
         for key in ("capacity", "placement"):
             if isinstance(fields.get(key), list):

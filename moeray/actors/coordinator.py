@@ -17,6 +17,10 @@ engine hints, the previous layer's routing on an actor's first layer, and the ca
 (``predict.split``) that the coordinator runs over every layer's routing. Budgets are a function
 of the configuration only, never of timing: a stream gives the same decisions whatever its
 windows and transport. docs/design.md has the restart rules.
+
+With ``expert_placement``, every flushed window's routing also goes to a ``Rebalancer``, which
+re-plans the expert placement off the submit path and publishes versions
+(``expert_placement()``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ from moeray.actors.messages import (
     ServiceStats,
     Warmup,
 )
+from moeray.actors.rebalancer import Rebalancer
 from moeray.actors.steps import WindowBuffer, check_step, schedule_step
+from moeray.placement.balancer import Rebalance
+from moeray.placement.placement import Placement
 from moeray.policy.affinity import ExpertAffinity
 from moeray.policy.split import CapacitySplit, SplitSchedule
 
@@ -78,7 +85,12 @@ class Coordinator:
         transport: LayerTransport,
         timer: Callable[[], float] = time.monotonic,
         on_ack: Callable[[LayerAck], None] | None = None,
+        on_rebalance: Callable[[Rebalance], None] | None = None,
+        run_in_background: Callable[[Callable[[], None]], object] | None = None,
     ):
+        """on_rebalance: called for every planned load window (``expert_placement`` on), on
+        this object's thread. run_in_background(job): where placement planning runs (None: a
+        worker thread of the coordinator's own; a test passes its own to decide when)."""
         self.config = config
         self._transport = transport
         self._on_ack_hook = on_ack  # e.g. Prometheus counters
@@ -112,6 +124,16 @@ class Coordinator:
                     config.capacity,
                     config.predict.split,
                 )
+            )
+        self._rebalancer: Rebalancer | None = None
+        if config.expert_placement is not None:
+            self._rebalancer = Rebalancer(
+                config.expert_placement,
+                config.num_layers,
+                config.num_experts,
+                run_in_background,
+                timer,
+                on_rebalance,
             )
 
     # --- submitting ---
@@ -160,6 +182,8 @@ class Coordinator:
         resplits = self._split.window(routing.shape[1]) if self._split is not None else ()
         if self._predictive and self.config.warmup_tokens:
             self._keep_recent(routing, starts)
+        if self._rebalancer is not None:
+            self._rebalancer.feed(routing)
         for actor, layers in enumerate(self._groups):
             windows = []
             for layer in layers:
@@ -222,6 +246,8 @@ class Coordinator:
             self._collect(wait=True)
 
     def _collect(self, wait: bool) -> None:
+        if self._rebalancer is not None:
+            self._rebalancer.drain()
         for actor, generation, result in self._transport.poll(wait):
             if generation != self._transport.generation(actor):
                 continue  # a call to an actor already replaced
@@ -284,4 +310,20 @@ class Coordinator:
             resplit_moved=split.moved if split else 0,
             capacity=split.capacity if split else self.config.capacity,
             capacity_max=split.capacity_max if split else self.config.capacity,
+            expert_placement=self._rebalancer.stats() if self._rebalancer else None,
         )
+
+    # --- expert placement ---
+
+    def expert_placement(self, after_version: int = 0) -> Placement | None:
+        """The latest published expert placement (its ``version`` from 1) when newer than
+        ``after_version``, else None (also when ``expert_placement`` is off)."""
+        if self._rebalancer is None:
+            return None
+        self._rebalancer.drain()
+        return self._rebalancer.latest(after_version)
+
+    def close(self) -> None:
+        """Stops the placement worker (the coordinator takes no more routing after this)."""
+        if self._rebalancer is not None:
+            self._rebalancer.close()

@@ -22,6 +22,7 @@ __all__ = [
     "LayerState",
     "LayerStats",
     "LayerWindow",
+    "PlacementStats",
     "ServiceStats",
     "Warmup",
     "WindowGapError",
@@ -178,6 +179,35 @@ class LayerStats(Counters):
 
 
 @dataclass
+class PlacementStats:
+    """The service's expert placement so far (``ServiceConfig.expert_placement``).
+
+    version: the latest published placement's (0: none yet); age_s: seconds since it was
+    published (None: none yet; growing while load windows keep coming means a stalled
+    balancer); windows: load windows planned (``every_tokens`` routed tokens each); rebalances:
+    placements published (the first, full one included); skipped: re-placements whose moves
+    were all zero (the gate); errors: load windows whose planning raised (the last good placement
+    stayed); last_error: the latest one's line. slots_moved: slots rewritten, summed over layers
+    and rebalances (the first placement counts every slot); bytes_moved: that times the
+    expert's bytes (None without ``expert_bytes``). forecast_balancedness: per layer, the
+    forecast load on the placement in force after the latest load window;
+    realised_balancedness: per layer, that window's own load on the placement that served it,
+    split evenly over replicas (empty before the second load window)."""
+
+    version: int = 0
+    age_s: float | None = None
+    windows: int = 0
+    rebalances: int = 0
+    skipped: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    slots_moved: int = 0
+    bytes_moved: int | None = None
+    forecast_balancedness: tuple[float, ...] = ()
+    realised_balancedness: tuple[float, ...] = ()
+
+
+@dataclass
 class ServiceStats:
     layers: list[LayerStats] = field(default_factory=list)
     submits: int = 0
@@ -192,6 +222,8 @@ class ServiceStats:
     resplit_moved: int = 0
     capacity: tuple[int, ...] = ()
     capacity_max: tuple[int, ...] = ()
+    # the expert placement (None: ServiceConfig.expert_placement is off)
+    expert_placement: PlacementStats | None = None
 
     def total(self) -> LayerStats:
         """Every layer's counters summed; tokens are the service's (each token passes every
