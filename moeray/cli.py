@@ -210,6 +210,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="write the service name here once it answers (for scripts and tests)",
     )
+    for flag, metavar, text in _SERVE_PLACEMENT_FLAGS:
+        serve.add_argument(flag, type=int, metavar=metavar, help=text)
     status = commands.add_parser(
         "status",
         help="print per-layer statistics of a running service",
@@ -518,6 +520,74 @@ def _print_stats(stats, out) -> None:
             f"{list(stats.capacity)}",
             file=out,
         )
+    placement = stats.expert_placement
+    if placement is not None:
+        age = "none yet" if placement.age_s is None else f"{placement.age_s:.1f} s old"
+        print(
+            f"expert placement: version {placement.version} ({age}); balancedness, mean of layers: "
+            f"forecast {_mean(placement.forecast_balancedness)}, last load window "
+            f"{_mean(placement.realised_balancedness)}; {placement.rebalances} rebalances, "
+            f"{placement.skipped} skipped, {placement.errors} errors; "
+            f"{placement.slots_moved:,} slots moved",
+            file=out,
+        )
+
+
+# moeray serve's expert placement flags: (flag, metavar, help); each sets the
+# PlacementConfig field its dest names, over the config file's expert_placement
+_SERVE_PLACEMENT_FLAGS = (
+    (
+        "--place-gpus",
+        "N",
+        "keep an expert placement over N GPUs, re-planned from every client's "
+        "routing and published in versions (ServiceConfig.expert_placement)",
+    ),
+    ("--place-nodes", "M", "nodes the GPUs are spread over (default 1)"),
+    ("--place-every", "T", "routed tokens between re-placements (default 4096)"),
+    (
+        "--place-redundant",
+        "R",
+        "extra slots per layer for replicas (default: 2 per GPU, plus "
+        "what makes the slots divide over the GPUs)",
+    ),
+    (
+        "--migration-budget",
+        "S",
+        "slot moves per layer per re-placement (default: a tenth of the slots)",
+    ),
+)
+_PLACEMENT_FIELDS = {
+    "place_gpus": "gpus",
+    "place_nodes": "nodes",
+    "place_every": "every_tokens",
+    "place_redundant": "redundant",
+    "migration_budget": "migration_budget",
+}
+
+
+def _with_placement_flags(config, args):
+    """``config`` with serve's --place-* and --migration-budget over its expert_placement."""
+    from dataclasses import asdict, replace
+
+    given = {d: getattr(args, d) for d in _PLACEMENT_FIELDS if getattr(args, d) is not None}
+    if not given:
+        return config
+    if "place_gpus" not in given and config.expert_placement is None:
+        flags = ", ".join(f"--{d.replace('_', '-')}" for d in given)
+        raise ValueError(f"{flags}: expert placement needs --place-gpus N")
+    fields = asdict(config.expert_placement) if config.expert_placement else {}
+    fields.update({_PLACEMENT_FIELDS[d]: value for d, value in given.items()})
+    try:
+        return replace(config, expert_placement=fields)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        for dest, name in _PLACEMENT_FIELDS.items():  # name the flag, not the field
+            message = message.replace(f"expert_placement.{name}:", f"--{dest.replace('_', '-')}:")
+        raise ValueError(message) from None
+
+
+def _mean(values) -> str:
+    return f"{sum(values) / len(values):.3f}" if values else "-"
 
 
 def _serve(args) -> int:
@@ -528,7 +598,7 @@ def _serve(args) -> int:
     from moeray import service
     from moeray.actors import _ray
 
-    config = _load_service_config(args.config)
+    config = _with_placement_flags(_load_service_config(args.config), args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
