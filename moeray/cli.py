@@ -480,7 +480,7 @@ def _trace_info(args) -> int:
 
 
 def _load_service_config(path: Path):
-    from moeray.service import ServiceConfig
+    from moeray.actors.config import ServiceConfig  # not moeray.service: no Ray for a config
 
     try:
         fields = json.loads(path.read_text())
@@ -595,10 +595,11 @@ def _serve(args) -> int:
     import threading
     import time
 
+    config = _with_placement_flags(_load_service_config(args.config), args)  # before Ray loads
+
     from moeray import service
     from moeray.actors import _ray
 
-    config = _with_placement_flags(_load_service_config(args.config), args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
