@@ -334,3 +334,28 @@ def test_from_dict_reads_the_placement_section():
         )
     with pytest.raises(TypeError, match="^expert_placement: expected a PlacementConfig"):
         ServiceConfig(num_layers=2, num_experts=32, top_k=4, expert_placement=8)
+
+
+def test_serve_placement_flags_build_the_section_and_name_the_flag(tmp_path, capsys):
+    """``moeray serve --place-*``: over the config file's section; a bad value fails in the
+    caller, before any Ray starts, naming the flag."""
+    import json
+
+    from moeray import cli
+
+    path = tmp_path / "service.json"
+    fields = {"num_layers": 2, "num_experts": 32, "top_k": 4}
+    path.write_text(json.dumps({**fields, "expert_placement": {"gpus": 4, "min_gain": 0.05}}))
+    args = cli._parser().parse_args(
+        ["serve", "--config", str(path), "--place-gpus", "8", "--place-every", "1024"]
+    )
+    built = cli._with_placement_flags(cli._load_service_config(args.config), args)
+    assert built.expert_placement == PlacementConfig(gpus=8, every_tokens=1024, min_gain=0.05)
+    path.write_text(json.dumps(fields))
+    for flags, message in (
+        (["--place-nodes", "2"], "--place-nodes: expert placement needs --place-gpus N"),
+        (["--place-gpus", "8", "--place-redundant", "3"], "--place-redundant: 32 experts + 3"),
+        (["--place-gpus", "8", "--migration-budget", "99"], "--migration-budget: expected at"),
+    ):
+        assert cli.main(["serve", "--config", str(path), *flags]) == 2
+        assert f"moeray serve: error: {message}" in capsys.readouterr().err

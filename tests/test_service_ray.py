@@ -3,6 +3,8 @@ in-process path, a layer actor killed mid-replay, bad input that must not hurt t
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -364,3 +366,40 @@ def test_window_ms_timer_sends_a_window_no_submit_closes():
     now[0] = 0.3
     handle.submit(ids)
     assert len(received) == 3 and received[2][1] == 2
+
+
+def test_a_service_with_expert_placement_publishes_versions(ray_local, routing):
+    """Placement on: a few windows of the bundled trace, and the handle reads the placement the
+    coordinator's worker thread published (polled with a deadline), as Python and as msgpack."""
+    from moeray.placement.balancer import PlacementConfig, decode_placement
+
+    ids, weights = routing
+    placement_config = PlacementConfig(gpus=8, every_tokens=1024)
+    handle = service.start(
+        config("svc-placement", window_steps=1, expert_placement=placement_config)
+    )
+    try:
+        assert handle.placement() == (None, 0)
+        assert decode_placement(handle.placement_msgpack()) is None
+        replay(handle, ids[:, :1024], weights[:, :1024], step_tokens=512)
+        placement, version = handle.wait_placement(0, timeout_s=120)
+        assert version == placement.version >= 1
+        assert placement.physical_to_logical.shape == (24, 48)  # 32 experts + 16 redundant
+        assert (placement.replica_counts >= 1).all()
+        replay(handle, ids[:, 1024:2048], weights[:, 1024:2048], step_tokens=512)
+        stats = handle.stats()
+        deadline = time.monotonic() + 120
+        while stats.expert_placement.windows < 2 and time.monotonic() < deadline:
+            stats = handle.stats()  # the second load window is planned off the submit path
+        assert stats.expert_placement.windows == 2 and stats.expert_placement.errors == 0
+        latest, latest_version = handle.placement()
+        assert latest_version == stats.expert_placement.version >= version
+        assert len(stats.expert_placement.realised_balancedness) == 24
+        decoded = decode_placement(handle.placement_msgpack())
+        assert decoded.version == latest_version
+        assert np.array_equal(decoded.physical_to_logical, latest.physical_to_logical)
+        assert decode_placement(handle.placement_msgpack(after_version=latest_version)) is None
+        assert handle.wait_placement(latest_version, timeout_s=0.2) is None
+        assert handle.layer_actor_resources() == [None, None]
+    finally:
+        handle.shutdown()
