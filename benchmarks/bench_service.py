@@ -26,9 +26,18 @@ coordinator's time per step). Two measurements:
   re-split over every layer's routing) without Ray's noise; the last column puts that extra
   against the coordinator's CPU per step through Ray for the first policy.
 
+Then expert placement (``ServiceConfig.expert_placement``, ``--placement-gpus`` GPUs, a
+re-placement every ``--placement-every`` tokens; 0 GPUs skips it): submit p50 / p99 and routed
+tokens/s with placement off and on, the two alternating over ``--placement-rounds`` rounds of the
+same replay (planning runs on the coordinator's worker thread: the goal is no change to submit),
+and the time from submitting the step that completes a load window until the handle sees the new
+version (``handle.placement()`` polled back to back), over ``--placement-visible`` re-placements
+of a stream whose expert ids are permuted anew every load window (so each one moves slots).
+
 usage: python benchmarks/bench_service.py [--layers-per-actor N] [--windows 1,4,16,64,256] [--passes P]
        [--policies lru,moeray,moeray+resplit] [--compare-window 4] [--compare-tokens 5120] [--compare-passes 1]
-       [--body-rounds 15]
+       [--body-rounds 15] [--placement-gpus 8] [--placement-every 4096] [--placement-window 4]
+       [--placement-rounds 3] [--placement-visible 20]
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from moeray import service
 from moeray.actors import _ray
 from moeray.actors.coordinator import Coordinator
 from moeray.actors.messages import Counters, LayerAck
+from moeray.placement.balancer import PlacementConfig
 from moeray.policy.predict import PredictConfig
 from moeray.policy.split import SplitConfig
 from moeray.traces import default_trace_path, load_trace
@@ -202,8 +212,17 @@ def coordinator_body_ms_per_step(
 
 
 def run_service(
-    ids, weights, window_steps: int, layers_per_actor: int, step_tokens: int, passes: int
+    ids,
+    weights,
+    window_steps: int,
+    layers_per_actor: int,
+    step_tokens: int,
+    passes: int,
+    expert_placement: PlacementConfig | None = None,
+    stats_out: list | None = None,
 ):
+    """(routed tokens/s, submits/s, submit p50 ms, p99 ms) of an lru service replaying ids
+    [layers, T, top_k] ``passes`` times; its last ServiceStats appended to ``stats_out``."""
     config = service.ServiceConfig(
         num_layers=ids.shape[0],
         num_experts=32,
@@ -212,7 +231,8 @@ def run_service(
         policy="lru",
         window_steps=window_steps,
         layers_per_actor=layers_per_actor,
-        name=f"bench-{window_steps}-{os.getpid()}",
+        name=f"bench-{window_steps}-{'placed-' if expert_placement else ''}{os.getpid()}",
+        expert_placement=expert_placement,
     )
     handle = service.start(config)
     try:
@@ -233,12 +253,124 @@ def run_service(
         handle.shutdown()
     latency = np.array(handle.submit_latency_s) * 1e3
     assert all(s.tokens == tokens + step_tokens for s in stats.layers)  # every token applied
+    if stats_out is not None:
+        stats_out.append(stats)
     return (
         tokens / seconds,
         len(latency) / seconds,
         np.percentile(latency, 50),
         np.percentile(latency, 99),
     )
+
+
+def placement_rows(ids, weights, args) -> None:
+    """Prints submit latency with expert placement off and on (alternating rounds), then the
+    time until a re-placement triggered by a step is visible to the handle."""
+    placement = PlacementConfig(gpus=args.placement_gpus, every_tokens=args.placement_every)
+    runs = {"off": [], "on": []}
+    stats: list = []
+    for _ in range(args.placement_rounds):
+        for mode in runs:
+            runs[mode].append(
+                run_service(
+                    ids,
+                    weights,
+                    args.placement_window,
+                    args.layers_per_actor,
+                    args.step_tokens,
+                    args.passes,
+                    placement if mode == "on" else None,
+                    stats if mode == "on" else None,
+                )
+            )
+    print()
+    print(
+        f"| expert placement ({args.placement_gpus} GPUs, every {args.placement_every:,} tokens) | "
+        f"window (steps) | routed tokens/s | submit p50 | submit p99 | rebalances / skipped / "
+        f"errors per run | mean balancedness, forecast / last window |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for mode, rows in runs.items():
+        tps, _, p50, p99 = (statistics.median(column) for column in zip(*rows))
+        extra = "- | -"
+        if mode == "on":
+            last = stats[-1].expert_placement
+            extra = (
+                f"{last.rebalances} / {last.skipped} / {last.errors} | "
+                f"{np.mean(last.forecast_balancedness):.3f} / "
+                f"{np.mean(last.realised_balancedness):.3f}"
+            )
+        print(
+            f"| {mode} (median of {len(rows)}) | {args.placement_window} | {tps:,.0f} | "
+            f"{p50:.3f} ms | {p99:.3f} ms | {extra} |",
+            flush=True,
+        )
+    visible = time_to_visible(ids, placement, args)
+    print()
+    print(
+        "| re-placements timed | step that completes a load window -> version visible to the "
+        "handle: median | p90 | max | of which in the coordinator (routing in -> published): "
+        "median | not published (skipped) |"
+    )
+    print("|---|---|---|---|---|---|")
+    times = np.array([t for t, _ in visible if t is not None]) * 1e3
+    inside = np.array([c for t, c in visible if t is not None]) * 1e3
+    print(
+        f"| {len(visible)} | {np.median(times):.1f} ms | {np.percentile(times, 90):.1f} ms | "
+        f"{times.max():.1f} ms | {np.median(inside):.1f} ms | "
+        f"{sum(t is None for t, _ in visible)} |",
+        flush=True,
+    )
+
+
+def time_to_visible(ids, placement: PlacementConfig, args) -> list[tuple[float | None, float]]:
+    """Seconds from submitting the step that completes a load window (once the steps before it
+    have reached the coordinator: a client that submits faster than the coordinator applies
+    adds its queue) until ``handle.placement()`` returns the next version (None: not published
+    within 10 s, i.e. skipped), and of those the coordinator's (``PlacementStats.latency_s``),
+    per re-placement.
+    Window of one step; every load window's ids go through a fresh permutation of the experts,
+    so each forecast moves and each re-placement has slots to move."""
+    every, step = args.placement_every, args.step_tokens
+    assert every % step == 0, "--placement-every: a multiple of --step-tokens here"
+    config = service.ServiceConfig(
+        num_layers=ids.shape[0],
+        num_experts=32,
+        top_k=ids.shape[2],
+        capacity=8,
+        policy="lru",
+        window_steps=1,
+        layers_per_actor=args.layers_per_actor,
+        name=f"bench-visible-{os.getpid()}",
+        expert_placement=placement,
+    )
+    rng = np.random.default_rng(0)
+    handle = service.start(config)
+    out: list[tuple[float | None, float]] = []
+    try:
+        version, at = 0, 0
+        for _ in range(args.placement_visible + 1):  # the first, full placement is not timed
+            permutation = rng.permutation(32).astype(np.int32)
+            for first in range(0, every, step):
+                part = (at + np.arange(first, first + step)) % ids.shape[1]
+                routing = permutation[ids[:, part]]
+                if first + step == every:
+                    handle.flush()  # the coordinator has caught up: time this step alone
+                start = time.perf_counter()
+                handle.submit(routing)
+            at += every
+            _, seen = handle.placement()
+            deadline = start + 10.0
+            while seen <= version and time.perf_counter() < deadline:
+                _, seen = handle.placement()
+            seconds = time.perf_counter() - start
+            if version > 0:
+                inside = handle.stats().expert_placement.latency_s
+                out.append((seconds if seen > version else None, inside))
+            version = max(version, seen)
+    finally:
+        handle.shutdown()
+    return out
 
 
 def main(argv=None) -> int:
@@ -293,6 +425,36 @@ def main(argv=None) -> int:
         default=1,
         help="passes over those tokens per policy in the comparison (default 1)",
     )
+    parser.add_argument(
+        "--placement-gpus",
+        type=int,
+        default=8,
+        help="GPUs of the expert placement rows (default 8; 0: skip them)",
+    )
+    parser.add_argument(
+        "--placement-every",
+        type=int,
+        default=4096,
+        help="tokens per re-placement in the placement rows (default 4096)",
+    )
+    parser.add_argument(
+        "--placement-window",
+        type=int,
+        default=4,
+        help="window (steps) of the placement rows (default 4)",
+    )
+    parser.add_argument(
+        "--placement-rounds",
+        type=int,
+        default=3,
+        help="alternating off / on rounds of the placement rows (default 3)",
+    )
+    parser.add_argument(
+        "--placement-visible",
+        type=int,
+        default=20,
+        help="re-placements timed until visible to the handle (default 20)",
+    )
     args = parser.parse_args(argv)
 
     trace = load_trace(default_trace_path())
@@ -325,6 +487,7 @@ def main(argv=None) -> int:
                 f"{'yes' if tps >= 100_000 else 'no'} / {'yes' if p50 <= 2 * rtt_ms else 'no'} |",
                 flush=True,
             )
+        whole = ids, weights  # the comparison below takes a prefix
         policies = [p for p in args.policies.split(",") if p]
         if policies:
             n = min(args.compare_tokens, trace.num_tokens)
@@ -387,6 +550,8 @@ def main(argv=None) -> int:
                     f"| {policy} | {ms * 1e3:.1f} µs | {extra * 1e3:+.1f} µs | {share} |",
                     flush=True,
                 )
+        if args.placement_gpus:
+            placement_rows(*whole, args)
     return 0
 
 

@@ -184,18 +184,21 @@ class PlacementStats:
 
     version: the latest published placement's (0: none yet); age_s: seconds since it was
     published (None: none yet; growing while load windows keep coming means a stalled
-    balancer); windows: load windows planned (``every_tokens`` routed tokens each); rebalances:
-    placements published (the first, full one included); skipped: re-placements whose moves
-    were all zero (the gate); errors: load windows whose planning raised (the last good placement
-    stayed); last_error: the latest one's line. slots_moved: slots rewritten, summed over layers
-    and rebalances (the first placement counts every slot); bytes_moved: that times the
-    expert's bytes (None without ``expert_bytes``). forecast_balancedness: per layer, the
-    forecast load on the placement in force after the latest load window;
-    realised_balancedness: per layer, that window's own load on the placement that served it,
-    split evenly over replicas (empty before the second load window)."""
+    balancer); latency_s: seconds from the routing that completed its load window reaching the
+    coordinator until it was published (the worker's queue and planning); windows: load
+    windows planned (``every_tokens`` routed tokens each); rebalances: placements published
+    (the first, full one included); skipped: re-placements whose moves were all zero (the
+    gate); errors: load windows whose planning raised (the last good placement stayed);
+    last_error: the latest one's line. slots_moved: slots rewritten, summed over layers and
+    rebalances (the first placement counts every slot); bytes_moved: that times the expert's
+    bytes (None without ``expert_bytes``). forecast_balancedness: per layer, the forecast load
+    on the placement in force after the latest load window; realised_balancedness: per layer,
+    that window's own load on the placement that served it, split evenly over replicas (empty
+    before the second load window)."""
 
     version: int = 0
     age_s: float | None = None
+    latency_s: float | None = None
     windows: int = 0
     rebalances: int = 0
     skipped: int = 0

@@ -61,6 +61,7 @@ class Rebalancer:
         # Written by the worker, read by the coordinator's thread: one reference swapped (a
         # tuple), and a deque whose append and popleft are atomic, so no lock is needed.
         self._published: tuple[Placement | None, float | None] = (None, None)
+        self._latency_s: float | None = None
         self._finished: deque[Rebalance] = deque()
         self._stats = PlacementStats(bytes_moved=0 if config.expert_bytes else None)
         self._expert_bytes = config.expert_bytes
@@ -72,10 +73,12 @@ class Rebalancer:
     def feed(self, expert_ids: np.ndarray) -> None:
         """A flushed window's routing, int [num_layers, T, top_k] (not written to afterwards):
         queued for the worker; returns at once."""
-        self._run(lambda: self._plan(expert_ids))
+        queued = self._timer()
+        self._run(lambda: self._plan(expert_ids, queued))
 
-    def _plan(self, expert_ids: np.ndarray) -> None:
-        """The worker: counts the routing into load windows and re-plans each one in turn."""
+    def _plan(self, expert_ids: np.ndarray, queued: float) -> None:
+        """The worker: counts the routing into load windows and re-plans each one in turn;
+        ``queued``: when the routing was handed over (the timer's)."""
         balancer = self._balancer
         try:
             windows = balancer.observe(expert_ids)
@@ -85,7 +88,9 @@ class Rebalancer:
         for counts in windows:
             result = balancer.rebalance(counts)
             if result.placement is not None:
-                self._published = (result.placement, self._timer())
+                now = self._timer()
+                self._published = (result.placement, now)
+                self._latency_s = now - queued
             elif result.error is not None:
                 _log.warning(
                     "moeray placement: load window %d not re-placed, version %d kept (%s)",
@@ -134,6 +139,7 @@ class Rebalancer:
         out = PlacementStats(**vars(self._stats))
         out.version = placement.version if placement is not None else 0
         out.age_s = None if published_at is None else max(0.0, self._timer() - published_at)
+        out.latency_s = self._latency_s
         return out
 
     def close(self) -> None:
