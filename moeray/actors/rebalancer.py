@@ -66,10 +66,6 @@ class Rebalancer:
         self._stats = PlacementStats(bytes_moved=0 if config.expert_bytes else None)
         self._expert_bytes = config.expert_bytes
 
-    @property
-    def topology(self):
-        return self._balancer.topology
-
     def feed(self, expert_ids: np.ndarray) -> None:
         """A flushed window's routing, int [num_layers, T, top_k] (not written to afterwards):
         queued for the worker; returns at once."""
