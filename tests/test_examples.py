@@ -158,7 +158,7 @@ def test_examples_are_found():
     documents = {
         block.where.split(":")[0] for block in BLOCKS if not block.where.endswith("--help")
     }
-    assert {"README.md", "docs/shards.md", "docs/user-guide.md"} <= documents
+    assert {"README.md", "docs/shards.md", "docs/user-guide.md", "docs/placement.md"} <= documents
 
 
 def test_installs_and_clusters_are_marked():

@@ -37,8 +37,8 @@ def plot_placement(report: dict, path) -> Path:
     names = list(algorithms)
     ratios = {name: np.asarray(algorithms[name]["gpu_load_ratio"]).T for name in names}
     peak = max(float(r.max()) for r in ratios.values() if r.size) if names else 1.0
-    fig = plt.figure(figsize=(max(10.0, 3.6 * len(names)), 8.0))
-    grid = fig.add_gridspec(2, len(names), height_ratios=(1.0, 1.1))
+    fig = plt.figure(figsize=(max(10.0, 3.6 * len(names)), 8.5))
+    grid = fig.add_gridspec(2, len(names), height_ratios=(1.0, 1.1), hspace=0.4)
     series_ax = fig.add_subplot(grid[0, :])
     for i, name in enumerate(names):
         series = algorithms[name]["window_series"]
@@ -58,19 +58,31 @@ def plot_placement(report: dict, path) -> Path:
         f"balancedness per window of {report['every']:,} tokens, each placement scored on the "
         "window after it"
     )
+    # centred on 1 (a GPU at the mean load): red above, blue below
+    high = max(peak, 1.05)
     image = None
     for i, name in enumerate(names):
         ax = fig.add_subplot(grid[1, i])
         ratio = ratios[name]
+        windows, gpus = (ratio.shape[1], ratio.shape[0]) if ratio.size else (1, 1)
         image = ax.imshow(
-            ratio, aspect="auto", cmap="magma", vmin=0.0, vmax=max(peak, 1.0), origin="lower"
+            ratio,
+            aspect="auto",
+            cmap="RdBu_r",
+            vmin=max(0.0, 2.0 - high),
+            vmax=high,
+            origin="lower",
+            interpolation="nearest",
+            extent=(0.5, windows + 0.5, -0.5, gpus - 0.5),
         )
-        ax.set_title(f"{name}: GPU load / mean", fontsize=9)
+        ax.set_title(f"{name} ({algorithms[name]['served']})", fontsize=9)
         ax.set_xlabel("scored window")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
         if i == 0:
             ax.set_ylabel("GPU")
     if image is not None:
-        fig.colorbar(image, ax=fig.axes[1:], shrink=0.9, label="load / mean GPU load")
+        fig.colorbar(image, ax=fig.axes[1:], shrink=0.9, label="load / mean GPU load (as served)")
     fig.suptitle(f"moeray place: {report['trace']}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

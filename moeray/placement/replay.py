@@ -65,7 +65,7 @@ class PlaceConfig:
     algorithms: tuple[str, ...] = ALGORITHMS
     groups: int = 1
     half_life_windows: float = 4.0
-    min_gain: float = 0.01
+    min_gain: float = 0.002
     expert_bytes: int | None = None
 
     def __post_init__(self):
