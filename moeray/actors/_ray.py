@@ -68,7 +68,15 @@ __all__ = [
     "wait_all",
 ]
 
-_OPTIONS = {"num_cpus": 0, "max_restarts": 0, "lifetime": "detached"}
+# Ray stores one task event per actor call in the GCS (22-98 MiB/min under a steady service):
+# off for both actors, whose submit / apply calls run at step rate. MOERAY_TASK_EVENTS=1 in the
+# environment of the process that creates an actor turns them on (debugging, bench_soak).
+_OPTIONS = {
+    "num_cpus": 0,
+    "max_restarts": 0,
+    "lifetime": "detached",
+    "enable_task_events": os.environ.get("MOERAY_TASK_EVENTS") == "1",
+}
 
 
 def coordinator_name(config_name: str) -> str:
