@@ -1,10 +1,10 @@
 """``moeray/native/_core.pyi`` stays in step with the compiled ``_core`` and with ``_reference``.
 
 The stub is parsed with ``ast``. Its names (module functions, constants, classes and each
-class's public methods; the private kernels ``_PredictKernel`` and ``_stack_histogram``
-included) must equal what ``_core`` exposes and what ``_reference`` exposes, and every stubbed
-signature (parameter names, in order, and default values) must match the reference's
-``inspect.signature`` and the signature pybind11 records in each docstring.
+class's public methods; the private kernels ``_PredictKernel``, ``_stack_histogram`` and the
+placement's included) must equal what ``_core`` exposes and what ``_reference`` exposes, and
+every stubbed signature (parameter names, in order, and default values) must match the
+reference's ``inspect.signature`` and the signature pybind11 records in each docstring.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def pybind_params(doc: str) -> list[tuple[str, object]]:
 
 
 def test_stub_declares_the_documented_api(stub):
-    """The names moeray.native promises: three classes, three functions, three policy codes."""
+    """The names moeray.native promises: three classes, four functions, three policy codes."""
     assert stub.public_names == {
         "ExpertCacheCore",
         "AffinityCore",
@@ -144,11 +144,19 @@ def test_stub_declares_the_documented_api(stub):
         "schedule",
         "belady_hits",
         "expert_matvec",
+        "dispatch",
         "LRU",
         "LFU",
         "ADAPTIVE",
     }
-    assert stub.private_names == {"_PredictKernel", "_stack_histogram"}  # the policies' kernels
+    assert stub.private_names == {  # the policies' and the placement's kernels
+        "_PredictKernel",
+        "_stack_histogram",
+        "_replicate",
+        "_pack",
+        "_improve",
+        "_dispatch_allocation",
+    }
     for cls in stub.classes.values():
         assert "__init__" in cls
         for name, fn in cls.items():

@@ -125,6 +125,37 @@ class _PredictKernel:
     ) -> None: ...
     def flush(self) -> None: ...
 
+# Private: the placement kernels behind moeray.placement (one layer per row).
+def _replicate(
+    weight: npt.NDArray[np.float32], num_slots: int
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...
+def _pack(
+    weight: npt.NDArray[np.float32],
+    num_packs: int,
+    labels: npt.NDArray[np.int32] | None = None,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...
+def _improve(
+    slots: npt.NDArray[np.int32],
+    load: npt.NDArray[np.float64],
+    num_gpus: int,
+    gpus_per_node: int,
+    budget: int,
+    candidates: int,
+    min_gain: float,
+    node_cost: float,
+) -> npt.NDArray[np.int32]: ...
+def _dispatch_allocation(
+    counts: npt.NDArray[np.int64], slots: npt.NDArray[np.int32], num_gpus: int
+) -> npt.NDArray[np.int64]: ...
+def dispatch(
+    expert_ids: npt.NDArray[np.int32],
+    weights: npt.NDArray[np.float32],
+    slots: npt.NDArray[np.int32],
+    num_gpus: int,
+    num_experts: int,
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.float32]
+]: ...
 def _stack_histogram(
     last: npt.NDArray[np.int64],
     histogram: npt.NDArray[np.float64],

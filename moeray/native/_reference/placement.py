@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from moeray.native._reference._checks import check_array, check_ids, check_int, index
+from moeray.native._reference._checks import as_float, check_array, check_ids, check_int
 
 __all__ = ["_dispatch_allocation", "_improve", "_pack", "_replicate", "dispatch"]
 
 _MAX = 2**31 - 1
+_MAX_TOKENS = 2**62
 
 
 def _check_matrix(value, name: str, dtype: str) -> np.ndarray:
@@ -41,7 +42,13 @@ def _replicate(weight, num_slots):
     int32 [X, num_slots], int32 [X, num_slots], int32 [X, n]; slot i < n holds expert i."""
     weight = _check_matrix(weight, "weight", "float32")
     rows, n = weight.shape
-    num_slots = check_int(num_slots, "num_slots", max(n, 1), _MAX, f"an int in [{n}, 2**31)")
+    if rows and not n:
+        raise ValueError(
+            f"weight: expected at least one expert per layer, got {list(weight.shape)}"
+        )
+    num_slots = check_int(
+        num_slots, "num_slots", max(n, 1), _MAX, f"an int in [{max(n, 1)}, 2**31)"
+    )
     phy = np.zeros((rows, num_slots), dtype=np.int32)
     rank = np.zeros((rows, num_slots), dtype=np.int32)
     counts = np.ones((rows, n), dtype=np.int32)
@@ -70,7 +77,7 @@ def _pack(weight, num_packs, labels=None):
     per_pack = n // num_packs
     pack = np.zeros((rows, n), dtype=np.int32)
     rank = np.zeros((rows, n), dtype=np.int32)
-    if per_pack == 1:  # one item per pack: item i is pack i, as the published method has it
+    if per_pack <= 1:  # one item per pack: item i is pack i, as the published method has it
         pack[:] = np.arange(n, dtype=np.int32)
         return pack, rank
     for x in range(rows):
@@ -114,7 +121,8 @@ def _improve(slots, load, num_gpus, gpus_per_node, budget, candidates, min_gain,
         raise TypeError(f"slots: expected a numpy int32 array, got {type(slots).__name__}")
     load = _check_matrix(load, "load", "float64")
     rows, num_experts = load.shape
-    slots = check_array(slots, "slots", "int32", (rows, slots.shape[-1]), " [layers, slots]")
+    width = slots.shape[-1] if slots.ndim else 0
+    slots = check_array(slots, "slots", "int32", (rows, width), " [layers, slots]")
     if not slots.flags.writeable:
         raise ValueError("slots: expected a writeable array")
     num_slots = slots.shape[1]
@@ -126,8 +134,8 @@ def _improve(slots, load, num_gpus, gpus_per_node, budget, candidates, min_gain,
         raise ValueError(f"gpus_per_node: {num_gpus} GPUs do not divide into nodes of it")
     budget = check_int(budget, "budget", 0, _MAX, "an int >= 0")
     candidates = check_int(candidates, "candidates", 1, _MAX, "an int >= 1")
-    min_gain = float(min_gain)
-    node_cost = float(node_cost)
+    min_gain = as_float(min_gain, "min_gain")
+    node_cost = as_float(node_cost, "node_cost")
     if not (min_gain >= 0 and node_cost >= 1):
         raise ValueError("min_gain must be >= 0 and node_cost >= 1")
     if slots.size and (slots.min() < 0 or slots.max() >= num_experts):
@@ -136,6 +144,8 @@ def _improve(slots, load, num_gpus, gpus_per_node, budget, candidates, min_gain,
     gpu_of_slot = np.arange(num_slots) // per_gpu
     node_of_slot = gpu_of_slot // gpus_per_node
     moved = np.zeros(rows, dtype=np.int32)
+    if num_slots == 0:  # nothing to move, and no [num_gpus] loads to allocate
+        return moved
     for x in range(rows):
         row = slots[x]
         mu = load[x]
@@ -246,7 +256,7 @@ def _replica_gpus(row, gpu_of_slot, num_experts):
 def _check_slots(slots, num_gpus, num_experts):
     if not isinstance(slots, np.ndarray):
         raise TypeError(f"slots: expected a numpy int32 array, got {type(slots).__name__}")
-    slots = check_array(slots, "slots", "int32", (slots.shape[0],), " [slots]")
+    slots = check_array(slots, "slots", "int32", (slots.shape[0] if slots.ndim else 0,), " [slots]")
     num_gpus = check_int(num_gpus, "num_gpus", 1, _MAX, "an int >= 1")
     if slots.shape[0] == 0 or slots.shape[0] % num_gpus:
         raise ValueError(f"num_gpus: {slots.shape[0]} slots do not divide over {num_gpus} GPUs")
@@ -258,12 +268,17 @@ def _check_slots(slots, num_gpus, num_experts):
 
 
 def _dispatch_allocation(counts, slots, num_gpus):
-    """counts: int64 [E] tokens per expert in the batch; slots: int32 [S] the layer's placement.
-    Returns int64 [S]: tokens each slot serves (0 for a second replica on the same GPU)."""
-    counts = check_array(counts, "counts", "int64", (index(len(counts), "counts"),), "")
+    """counts: int64 [E] >= 0 tokens per expert in the batch, summing to at most 2**62; slots:
+    int32 [S] the layer's placement. Returns int64 [S]: tokens each slot serves (0 for a second
+    replica on the same GPU)."""
+    if not isinstance(counts, np.ndarray):
+        raise TypeError(f"counts: expected a numpy int64 array, got {type(counts).__name__}")
+    counts = check_array(counts, "counts", "int64", (counts.shape[0] if counts.ndim else 0,), "")
     num_experts = len(counts)
     if num_experts and counts.min() < 0:
         raise ValueError("counts: every count must be >= 0")
+    if sum(counts.tolist()) > _MAX_TOKENS:  # the levels below stay exact in int64
+        raise ValueError("counts: the counts must sum to at most 2**62")
     slots, num_gpus = _check_slots(slots, num_gpus, num_experts)
     gpu_of_slot = np.arange(len(slots)) // (len(slots) // num_gpus)
     gpus, first = _replica_gpus(slots, gpu_of_slot, num_experts)
@@ -303,6 +318,8 @@ def dispatch(expert_ids, weights, slots, num_gpus: int, num_experts: int):
     weights = check_array(weights, "weights", "float32", ids.shape, " like expert_ids")
     if not np.isfinite(weights).all():
         raise ValueError("weights: every weight must be finite (no NaN or inf)")
+    if ids.shape[0] > _MAX:  # token_indices are int32
+        raise ValueError("expert_ids: at most 2**31 - 1 tokens per call")
     slots, num_gpus = _check_slots(slots, num_gpus, num_experts)
     flat = ids.ravel()
     counts = np.bincount(flat, minlength=num_experts).astype(np.int64)

@@ -16,6 +16,7 @@
 #include "affinity.hpp"
 #include "expert_cache.hpp"
 #include "matvec.hpp"
+#include "placement.hpp"
 #include "predict.hpp"
 #include "prefetch.hpp"
 #include "routing.hpp"
@@ -623,8 +624,268 @@ void stack_histogram(const py::handle& last_obj, const py::handle& histogram_obj
   moeray::stack_histogram(p, T, L, k, E, row, counter, scale, hist);
 }
 
+// -- placement kernels (placement.hpp): the twin's checks (_reference/placement.py), in its
+// order and with its messages; the kernels then run with the GIL released.
+
+namespace {
+
+// A 2-d numpy array [layers, n] of T, C-contiguous, finite and >= 0: the twin's _check_matrix.
+template <typename T>
+py::array check_loads(const py::handle& obj, const std::string& name, const std::string& dtype) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(name + ": expected a numpy " + dtype + " array, got " + type_name(obj));
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (arr.ndim() != 2)
+    throw py::value_error(name + ": expected a 2-d array [layers, n], got " +
+                          shape_text(shape_of(arr)));
+  check_array(obj, name, dtype, shape_of(arr), "");
+  const T* p = static_cast<const T*>(arr.data());
+  const int64_t size = arr.size();
+  bool finite = true, negative = false;
+  {
+    py::gil_scoped_release release;
+    for (int64_t i = 0; i < size; ++i) {
+      finite &= std::isfinite(p[i]);
+      negative |= p[i] < 0;
+    }
+  }
+  if (!finite) throw py::value_error(name + ": every load must be finite (no NaN or inf)");
+  if (negative)
+    throw py::value_error(name + ": every load must be >= 0, got " +
+                          std::string(py::str(arr.attr("min")())));
+  return arr;
+}
+
+// The twin's as_float: anything with __float__ but a str or bytes.
+double as_float(const py::handle& obj, const std::string& name) {
+  if (PyUnicode_Check(obj.ptr()) || PyBytes_Check(obj.ptr()) || !py::hasattr(obj, "__float__"))
+    throw py::type_error(name + ": expected a float, got " + type_name(obj));
+  const auto value = py::reinterpret_steal<py::object>(PyNumber_Float(obj.ptr()));
+  if (!value) throw py::error_already_set();
+  return PyFloat_AsDouble(value.ptr());
+}
+
+// The length of a 1-d array as the twin reads it (shape[0]; 0 for a 0-d array), for the check
+// of its shape; 0 for anything else, which check_array refuses by its type.
+int64_t leading_dim(const py::handle& obj) {
+  if (!py::isinstance<py::array>(obj)) return 0;
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  return arr.ndim() ? arr.shape(0) : 0;
+}
+
+// The twin's _check_slots: one layer's slots, int32 [S] on num_gpus GPUs, every expert of
+// [0, num_experts) in at least one.
+std::pair<py::array, int64_t> check_layer_slots(const py::handle& obj, const py::handle& num_gpus,
+                                                int64_t num_experts) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error("slots: expected a numpy int32 array, got " + type_name(obj));
+  py::array slots = check_array(obj, "slots", "int32", {leading_dim(obj)}, " [slots]");
+  const int64_t gpus = check_int(num_gpus, "num_gpus", 1, INT32_MAX, "an int >= 1");
+  const int64_t n = slots.shape(0);
+  if (n == 0 || n % gpus != 0)
+    throw py::value_error("num_gpus: " + std::to_string(n) + " slots do not divide over " +
+                          std::to_string(gpus) + " GPUs");
+  const auto* p = static_cast<const int32_t*>(slots.data());
+  const auto [lo, hi] = std::minmax_element(p, p + n);
+  if (*lo < 0 || *hi >= num_experts)
+    throw py::value_error("slots: every slot must hold an expert in [0, " +
+                          std::to_string(num_experts) + ")");
+  bool every = num_experts <= n;  // more experts than slots: one has none
+  if (every) {
+    std::vector<char> held(num_experts, 0);
+    for (int64_t s = 0; s < n; ++s) held[p[s]] = 1;
+    every = std::all_of(held.begin(), held.end(), [](char h) { return h != 0; });
+  }
+  if (!every) throw py::value_error("slots: every expert must hold at least one slot");
+  return {slots, gpus};
+}
+
+py::tuple replicate(const py::handle& weight_obj, const py::handle& num_slots_obj) {
+  py::array weight = check_loads<float>(weight_obj, "weight", "float32");
+  const int64_t rows = weight.shape(0), n = weight.shape(1);
+  if (rows && !n)
+    throw py::value_error("weight: expected at least one expert per layer, got " +
+                          shape_text(shape_of(weight)));
+  const int64_t lo = std::max<int64_t>(n, 1);
+  const int64_t num_slots = check_int(num_slots_obj, "num_slots", lo, INT32_MAX,
+                                      "an int in [" + std::to_string(lo) + ", 2**31)");
+  py::array_t<int32_t> phy({rows, num_slots}), rank({rows, num_slots}), counts({rows, n});
+  const auto* w = static_cast<const float*>(weight.data());
+  int32_t* pp = phy.mutable_data();
+  int32_t* pr = rank.mutable_data();
+  int32_t* pc = counts.mutable_data();
+  {
+    py::gil_scoped_release release;
+    moeray::Replicator replicator;
+    for (int64_t x = 0; x < rows; ++x)
+      replicator.run(w + x * n, n, num_slots, pp + x * num_slots, pr + x * num_slots, pc + x * n);
+  }
+  return py::make_tuple(phy, rank, counts);
+}
+
+py::tuple pack(const py::handle& weight_obj, const py::handle& num_packs_obj,
+               const py::handle& labels_obj) {
+  py::array weight = check_loads<float>(weight_obj, "weight", "float32");
+  const int64_t rows = weight.shape(0), n = weight.shape(1);
+  const int64_t num_packs = check_int(num_packs_obj, "num_packs", 1, INT32_MAX, "an int >= 1");
+  if (n % num_packs != 0)
+    throw py::value_error("num_packs: " + std::to_string(n) + " items do not divide over " +
+                          std::to_string(num_packs) + " packs");
+  const int32_t* labels = nullptr;
+  py::array labels_arr;
+  if (!labels_obj.is_none()) {
+    labels_arr = check_array(labels_obj, "labels", "int32", {rows, n}, " like weight");
+    labels = static_cast<const int32_t*>(labels_arr.data());
+  }
+  py::array_t<int32_t> pack_out({rows, n}), rank({rows, n});
+  const auto* w = static_cast<const float*>(weight.data());
+  int32_t* pp = pack_out.mutable_data();
+  int32_t* pr = rank.mutable_data();
+  {
+    py::gil_scoped_release release;
+    if (n / num_packs <= 1) {  // one item per pack: item i is pack i, as the published method has it
+      for (int64_t x = 0; x < rows; ++x) {
+        for (int64_t i = 0; i < n; ++i) {
+          pp[x * n + i] = static_cast<int32_t>(i);
+          pr[x * n + i] = 0;
+        }
+      }
+    } else {
+      moeray::Packer packer;
+      for (int64_t x = 0; x < rows; ++x)
+        packer.run(w + x * n, labels ? labels + x * n : nullptr, n, num_packs, pp + x * n,
+                   pr + x * n);
+    }
+  }
+  return py::make_tuple(pack_out, rank);
+}
+
+py::array_t<int32_t> improve(const py::handle& slots_obj, const py::handle& load_obj,
+                             const py::handle& num_gpus_obj, const py::handle& gpus_per_node_obj,
+                             const py::handle& budget_obj, const py::handle& candidates_obj,
+                             const py::handle& min_gain_obj, const py::handle& node_cost_obj) {
+  if (!py::isinstance<py::array>(slots_obj))
+    throw py::type_error("slots: expected a numpy int32 array, got " + type_name(slots_obj));
+  py::array load = check_loads<double>(load_obj, "load", "float64");
+  const int64_t rows = load.shape(0), num_experts = load.shape(1);
+  const auto slots_arr = py::reinterpret_borrow<py::array>(slots_obj);
+  const int64_t width = slots_arr.ndim() ? slots_arr.shape(slots_arr.ndim() - 1) : 0;
+  py::array slots = check_array(slots_obj, "slots", "int32", {rows, width}, " [layers, slots]");
+  if (!slots.writeable()) throw py::value_error("slots: expected a writeable array");
+  const int64_t num_slots = width;
+  const int64_t num_gpus = check_int(num_gpus_obj, "num_gpus", 1, INT32_MAX, "an int >= 1");
+  if (num_slots % num_gpus != 0)
+    throw py::value_error("num_gpus: " + std::to_string(num_slots) + " slots do not divide over " +
+                          std::to_string(num_gpus) + " GPUs");
+  const int64_t gpus_per_node =
+      check_int(gpus_per_node_obj, "gpus_per_node", 1, INT32_MAX, "an int >= 1");
+  if (num_gpus % gpus_per_node != 0)
+    throw py::value_error("gpus_per_node: " + std::to_string(num_gpus) +
+                          " GPUs do not divide into nodes of it");
+  const int64_t budget = check_int(budget_obj, "budget", 0, INT32_MAX, "an int >= 0");
+  const int64_t candidates = check_int(candidates_obj, "candidates", 1, INT32_MAX, "an int >= 1");
+  const double min_gain = as_float(min_gain_obj, "min_gain");
+  const double node_cost = as_float(node_cost_obj, "node_cost");
+  if (!(min_gain >= 0 && node_cost >= 1))
+    throw py::value_error("min_gain must be >= 0 and node_cost >= 1");
+  auto* row = static_cast<int32_t*>(slots.mutable_data());
+  const int64_t total = rows * num_slots;
+  if (total > 0) {
+    const auto [lo, hi] = std::minmax_element(row, row + total);
+    if (*lo < 0 || *hi >= num_experts)
+      throw py::value_error("slots: every slot must hold an expert in [0, " +
+                            std::to_string(num_experts) + ")");
+  }
+  py::array_t<int32_t> moved(rows);
+  int32_t* out = moved.mutable_data();
+  std::fill(out, out + rows, 0);
+  if (num_slots == 0) return moved;  // nothing to move
+  const auto* mu = static_cast<const double*>(load.data());
+  {
+    py::gil_scoped_release release;
+    moeray::Improver improver(num_slots, num_experts, num_gpus, gpus_per_node, budget, candidates,
+                              min_gain, node_cost);
+    for (int64_t x = 0; x < rows; ++x)
+      out[x] = improver.run(row + x * num_slots, mu + x * num_experts);
+  }
+  return moved;
+}
+
+py::array_t<int64_t> dispatch_allocation(const py::handle& counts_obj, const py::handle& slots_obj,
+                                         const py::handle& num_gpus_obj) {
+  if (!py::isinstance<py::array>(counts_obj))
+    throw py::type_error("counts: expected a numpy int64 array, got " + type_name(counts_obj));
+  py::array counts = check_array(counts_obj, "counts", "int64", {leading_dim(counts_obj)}, "");
+  const int64_t num_experts = counts.shape(0);
+  const auto* c = static_cast<const int64_t*>(counts.data());
+  if (num_experts && *std::min_element(c, c + num_experts) < 0)
+    throw py::value_error("counts: every count must be >= 0");
+  uint64_t sum = 0;  // each count < 2**63: no wrap before the test stops the sum
+  for (int64_t e = 0; e < num_experts && sum <= (uint64_t{1} << 62); ++e)
+    sum += static_cast<uint64_t>(c[e]);
+  if (sum > (uint64_t{1} << 62))
+    throw py::value_error("counts: the counts must sum to at most 2**62");
+  auto [slots, num_gpus] = check_layer_slots(slots_obj, num_gpus_obj, num_experts);
+  const int64_t num_slots = slots.shape(0);
+  py::array_t<int64_t> alloc(num_slots);
+  const auto* p = static_cast<const int32_t*>(slots.data());
+  int64_t* out = alloc.mutable_data();
+  {
+    py::gil_scoped_release release;
+    moeray::Allocation allocation(p, num_slots, num_gpus, num_experts);
+    allocation.run(c, out);
+  }
+  return alloc;
+}
+
+py::tuple dispatch(const py::handle& expert_ids, const py::handle& weights_obj,
+                   const py::handle& slots_obj, const py::handle& num_gpus_obj,
+                   const py::handle& num_experts_obj) {
+  const int32_t num_experts = check_num_experts(num_experts_obj);
+  auto ids = check_ids(expert_ids, num_experts, "expert_ids", /*check_range=*/false);
+  const int64_t num_tokens = ids.shape(0), top_k = ids.shape(1), total = ids.size();
+  py::array weights;
+  try {
+    weights = check_array(weights_obj, "weights", "float32", {num_tokens, top_k}, " like expert_ids");
+  } catch (...) {
+    check_ids(ids, num_experts);  // an id out of range is named first, as the twin does
+    throw;
+  }
+  const int32_t* pi = ids.data();
+  const auto* pw = static_cast<const float*>(weights.data());
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = moeray::batch_ok(pi, pw, total, num_experts);
+  }
+  if (!ok) {
+    check_ids(ids, num_experts);  // names the first bad id, if that is what failed
+    throw py::value_error("weights: every weight must be finite (no NaN or inf)");
+  }
+  if (num_tokens > INT32_MAX)
+    throw py::value_error("expert_ids: at most 2**31 - 1 tokens per call");
+  auto [slots, num_gpus] = check_layer_slots(slots_obj, num_gpus_obj, num_experts);
+  const int64_t num_slots = slots.shape(0);
+  py::array_t<int64_t> offsets(num_gpus + 1);
+  py::array_t<int32_t> token_indices(total), slot_indices(total);
+  py::array_t<float> out_weights(total);
+  const auto* ps = static_cast<const int32_t*>(slots.data());
+  int64_t* po = offsets.mutable_data();
+  int32_t* pt = token_indices.mutable_data();
+  int32_t* pz = slot_indices.mutable_data();
+  float* pv = out_weights.mutable_data();
+  {
+    py::gil_scoped_release release;
+    moeray::dispatch(pi, pw, num_tokens, top_k, ps, num_slots, num_gpus, num_experts, po, pt, pz,
+                     pv);
+  }
+  return py::make_tuple(offsets, token_indices, slot_indices, out_weights);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "moeray's native core (C++17): expert cache, affinity, scheduling, Belady, expert matvec.";
+  m.doc() = "moeray's native core (C++17): expert cache, affinity, scheduling, Belady, expert matvec, placement.";
   m.attr("__version__") = MOERAY_VERSION;  // pyproject.toml's, passed by the build
   m.attr("LRU") = static_cast<int>(moeray::kLru);
   m.attr("LFU") = static_cast<int>(moeray::kLfu);
@@ -979,4 +1240,23 @@ PYBIND11_MODULE(_core, m) {
         py::arg("intermediate_size"), py::arg("tensors"), py::arg("x"),
         "One expert's FFN over T tokens: x float32 [T, hidden] -> float32 [T, hidden], the "
         "weights read in place (the twin: moeray.native._reference.matvec).");
+  m.def("_replicate", &replicate, py::arg("weight"), py::arg("num_slots"),
+        "EPLB's replication, each layer's extra slots to the expert with the most load per copy "
+        "(the twin: moeray.native._reference.placement._replicate).");
+  m.def("_pack", &pack, py::arg("weight"), py::arg("num_packs"), py::arg("labels") = py::none(),
+        "EPLB's balanced packing, labels spread over the packs "
+        "(the twin: moeray.native._reference.placement._pack).");
+  m.def("_improve", &improve, py::arg("slots"), py::arg("load"), py::arg("num_gpus"),
+        py::arg("gpus_per_node"), py::arg("budget"), py::arg("candidates"), py::arg("min_gain"),
+        py::arg("node_cost"),
+        "moeray's incremental re-placement, slots rewritten in place "
+        "(the twin: moeray.native._reference.placement._improve).");
+  m.def("_dispatch_allocation", &dispatch_allocation, py::arg("counts"), py::arg("slots"),
+        py::arg("num_gpus"),
+        "The tokens each slot serves when a batch with these counts is dispatched "
+        "(the twin: moeray.native._reference.placement._dispatch_allocation).");
+  m.def("dispatch", &dispatch, py::arg("expert_ids"), py::arg("weights"), py::arg("slots"),
+        py::arg("num_gpus"), py::arg("num_experts"),
+        "One layer's batch onto the placement's replicas: the per-GPU CSR "
+        "(the twin: moeray.native._reference.placement.dispatch).");
 }
