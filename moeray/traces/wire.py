@@ -38,6 +38,9 @@ from moeray.traces.mtrace import (
 __all__ = ["WireStep", "encode_step", "decode_step", "encode_batches", "decode_batches"]
 
 _MAX_STEP_BYTES = DEFAULT_MAX_RECORD_BYTES
+# A step builds at most 9 maps and lists (itself, 4 arrays and their shapes); capping them
+# bounds the Python objects any payload can make (64 MiB of nested lists would be gigabytes).
+_MAX_STEP_CONTAINERS = 64
 _HINT_DTYPES = {"int32": np.dtype("<i4")}
 
 
@@ -83,6 +86,15 @@ def decode_step(payload: bytes) -> WireStep:
         raise TypeError(f"step: expected msgpack bytes, got {type(payload).__name__}")
     if len(payload) > _MAX_STEP_BYTES:
         raise ValueError(f"step: {len(payload)} bytes exceed the limit of {_MAX_STEP_BYTES}")
+    containers = 0
+
+    def count(obj):
+        nonlocal containers
+        containers += 1
+        if containers > _MAX_STEP_CONTAINERS:
+            raise ValueError(f"more than {_MAX_STEP_CONTAINERS} maps and lists")
+        return obj
+
     try:
         step = msgpack.unpackb(
             payload,
@@ -92,6 +104,8 @@ def decode_step(payload: bytes) -> WireStep:
             max_array_len=16,
             max_map_len=16,
             max_ext_len=0,
+            list_hook=count,
+            object_hook=count,
         )
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ValueError(f"step: not valid msgpack ({exc})") from None
