@@ -219,15 +219,23 @@ def test_dispatch_is_optimal_when_one_expert_is_replicated(counts):
 # --------------------------------------------------------------------------- forecast
 
 
-def test_forecast_half_life():
-    old = np.array([[10.0, 0.0]])
-    forecast = LoadForecast.start(old, half_life_windows=2)
-    for _ in range(2):
-        forecast = forecast.update(np.array([[0.0, 10.0]]))
-    np.testing.assert_allclose(forecast.mean, [[0.5, 0.5]])
-    assert forecast.windows == 3 and (forecast.variance > 0).all()
+def test_forecast_follows_the_horizon_that_erred_least():
+    # layer 0 alternates between two loads (the long horizons, near their average, err least);
+    # layer 1 jumps once and stays (the shortest horizon follows first and errs least)
+    a, b = np.array([8.0, 2.0]), np.array([2.0, 8.0])
+    forecast = LoadForecast.start(np.stack([a, a]))
+    for w in range(40):
+        forecast = forecast.update(np.stack([b if w % 2 == 0 else a, b]))
+    np.testing.assert_allclose(forecast.mean[0], [0.5, 0.5], atol=0.1)
+    np.testing.assert_allclose(forecast.mean[1], b / b.sum(), atol=1e-3)
+    short = forecast.horizons.index(min(forecast.horizons))
+    assert np.argmin(forecast.errors[:, 1]) == short
+    assert np.argmin(forecast.errors[:, 0]) != short
+    assert forecast.windows == 41
     with pytest.raises(PlacementError, match="shape"):
         forecast.update(np.ones((1, 3)))
+    with pytest.raises(PlacementError, match="horizons"):
+        LoadForecast.start(np.ones((1, 2)), horizons=(0.0,))
 
 
 # --------------------------------------------------------------------------- replay

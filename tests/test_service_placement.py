@@ -304,7 +304,6 @@ def test_placement_off_publishes_nothing(routing):
         ({"gpus": 8, "min_gain": 1.0}, ValueError, r"^expert_placement\.min_gain: .*\[0, 1\)"),
         ({"gpus": 8, "min_gain": float("nan")}, ValueError, r"^expert_placement\.min_gain"),
         ({"gpus": 8, "expert_bytes": 0}, ValueError, r"^expert_placement\.expert_bytes"),
-        ({"gpus": 8, "half_life_windows": 0}, ValueError, r"^expert_placement\.half_life"),
     ],
 )
 def test_bad_placement_config_fields_are_named(fields, error, message):

@@ -47,8 +47,7 @@ class PlacementConfig:
     window (one forecast update and one re-placement each); migration_budget: slot moves per
     layer per re-placement (None: a tenth of the slots, at least one); min_gain: the gate, a
     move must lower a layer's peak GPU load by this fraction, in [0, 1); expert_bytes: one
-    expert's bytes (None: bytes moved are not counted); half_life_windows: the forecast's
-    half-life in load windows.
+    expert's bytes (None: bytes moved are not counted).
     """
 
     gpus: int
@@ -58,7 +57,6 @@ class PlacementConfig:
     migration_budget: int | None = None
     min_gain: float = 0.002
     expert_bytes: int | None = None
-    half_life_windows: float = 4.0
 
     def __post_init__(self):
         check_int(self.gpus, "gpus", 1, 65_536)
@@ -74,11 +72,6 @@ class PlacementConfig:
             raise ValueError(f"min_gain: expected a fraction in [0, 1), got {self.min_gain}")
         if self.expert_bytes is not None:
             check_int(self.expert_bytes, "expert_bytes", 1)
-        half_life = check_float(self.half_life_windows, "half_life_windows")
-        if not 0.0 < half_life < float("inf"):
-            raise ValueError(
-                f"half_life_windows: expected a number > 0, got {self.half_life_windows}"
-            )
 
     def topology(self, num_experts: int) -> Topology:
         """The slots for ``num_experts`` experts; PlacementError naming the field when the
@@ -202,7 +195,7 @@ class LoadBalancer:
             if current is not None:
                 realised = balancedness(current.gpu_loads(counts))
             if self.forecast is None:
-                forecast = LoadForecast.start(counts, self.config.half_life_windows)
+                forecast = LoadForecast.start(counts)
             else:
                 forecast = self.forecast.update(counts)
             placement, moved = self._planner(

@@ -64,7 +64,6 @@ class PlaceConfig:
     migration_budget: int | None = None
     algorithms: tuple[str, ...] = ALGORITHMS
     groups: int = 1
-    half_life_windows: float = 4.0
     min_gain: float = 0.002
     expert_bytes: int | None = None
 
@@ -200,11 +199,7 @@ def replay_placement(
                     planned(name, _moved, current.get("oracle"), eplb, counts)
                 _score(scores[name], _SERVED[name], current[name], counts, batches)
         history += counts
-        forecast = (
-            LoadForecast.start(counts, config.half_life_windows)
-            if forecast is None
-            else forecast.update(counts)
-        )
+        forecast = LoadForecast.start(counts) if forecast is None else forecast.update(counts)
         for name in names:
             if name == "static" and "static" not in current:
                 current[name] = place_static(topology, layers, num_experts)
@@ -270,7 +265,7 @@ def replay_placement(
 
 def final_placement(trace: Trace, config: PlaceConfig = PlaceConfig()) -> Placement:
     """The placement moeray would publish after ``trace``: a full ``place_moeray`` of the
-    forecast (``LoadForecast``, ``config.half_life_windows``) over every whole window of
+    forecast (``LoadForecast``) over every whole window of
     ``config.every`` tokens, on ``config``'s topology (what ``moeray place --write-map`` writes).
     """
     topology = config.topology(trace.num_experts)
@@ -285,11 +280,7 @@ def final_placement(trace: Trace, config: PlaceConfig = PlaceConfig()) -> Placem
         counts = window_counts(
             trace.expert_ids[w * config.every : (w + 1) * config.every], trace.num_experts
         )
-        forecast = (
-            LoadForecast.start(counts, config.half_life_windows)
-            if forecast is None
-            else forecast.update(counts)
-        )
+        forecast = LoadForecast.start(counts) if forecast is None else forecast.update(counts)
     placement, _ = place_moeray(forecast.mean, topology)
     return placement
 
