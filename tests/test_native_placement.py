@@ -381,6 +381,12 @@ def test_dispatch_decides_alike(pair, seed, skew):
         got = native.dispatch(ids, weights, slots, num_gpus, n)
         assert_same(got, reference.dispatch(ids, weights, slots, num_gpus, n))
         check_dispatch(got, ids, weights, slots, num_gpus, native)
+        per_node = int(rng.choice([g for g in (1, 2, 4) if num_gpus % g == 0]))
+        nodes = rng.integers(0, num_gpus // per_node, tokens).astype(np.int32)
+        local = native.dispatch(ids, weights, slots, num_gpus, n, nodes, per_node)
+        assert_same(local, reference.dispatch(ids, weights, slots, num_gpus, n, nodes, per_node))
+        check_dispatch(local, ids, weights, slots, num_gpus, native)
+        np.testing.assert_array_equal(local[0], got[0])  # the same loads, other replicas
         for counts in (
             np.bincount(ids.ravel(), minlength=n),
             rng.integers(0, 3, n),

@@ -279,3 +279,34 @@ def test_replay_needs_two_windows():
     trace = _trace(np.random.default_rng(0), 1, 100)
     with pytest.raises(PlacementError, match="every"):
         replay_placement(trace, PlaceConfig(gpus=4, redundant=8, every=64, batch=64))
+
+
+def test_dispatch_serves_tokens_on_their_node_first(core):
+    # 2 nodes x 2 GPUs; expert 0 on every GPU, the others once. Tokens of node 1 first.
+    topology = Topology(2, 2, 2)
+    row = np.array([0, 1, 0, 2, 0, 3, 0, 4], dtype=np.int32)
+    rng = np.random.default_rng(5)
+    ids = np.stack([[0, rng.integers(1, 5)] for _ in range(40)]).astype(np.int32)
+    weights = np.ones(ids.shape, dtype=np.float32)
+    nodes = np.repeat(np.array([1, 0], dtype=np.int32), 20)
+    plain = core.dispatch(ids, weights, row, 4, 5)
+    local = core.dispatch(ids, weights, row, 4, 5, nodes, 2)
+    np.testing.assert_array_equal(np.diff(plain[0]), np.diff(local[0]))  # the same loads
+
+    def crossing(result):
+        offsets, tokens, slots, _ = result
+        node_of_entry = topology.slot_node[slots]
+        return int((node_of_entry != nodes[tokens]).sum())
+
+    assert crossing(local) < crossing(plain)
+    for g in range(4):  # token order within each GPU still
+        assert (np.diff(local[1][local[0][g] : local[0][g + 1]]) >= 0).all()
+    with pytest.raises(ValueError, match="token_nodes"):
+        core.dispatch(ids, weights, row, 4, 5, np.full(40, 2, dtype=np.int32), 2)
+    with pytest.raises(ValueError, match="gpus_per_node"):
+        core.dispatch(ids, weights, row, 4, 5, nodes, 3)
+    placement = Placement(row[None], topology, 5)
+    batches = dispatch(ids, weights, placement, 0, token_nodes=nodes)
+    np.testing.assert_array_equal(batches.slot_indices, local[2])
+    with pytest.raises(PlacementError, match="token_nodes"):
+        dispatch(ids, weights, placement, 0, token_nodes=nodes[:3])

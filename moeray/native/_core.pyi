@@ -153,6 +153,8 @@ def dispatch(
     slots: npt.NDArray[np.int32],
     num_gpus: int,
     num_experts: int,
+    token_nodes: npt.NDArray[np.int32] | None = None,
+    gpus_per_node: int = 1,
 ) -> tuple[
     npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.float32]
 ]: ...

@@ -3,7 +3,8 @@
 Each expert's tokens are water-filled onto the GPUs that hold it, experts with one replica first,
 then the others heaviest first, twice over (the second pass refills each expert knowing where the
 rest went), so the batch's peak GPU load is as low as whole tokens allow. Deterministic: ties go
-to the lower GPU, and an expert's tokens fill its replicas in token order.
+to the lower GPU, and an expert's tokens fill its replicas in token order (tokens whose node
+holds a replica with room first, when the engine says where each token comes from).
 """
 
 from __future__ import annotations
@@ -47,10 +48,22 @@ def _row(placement: Placement, layer: int) -> np.ndarray:
     return np.ascontiguousarray(placement.physical_to_logical[layer])
 
 
-def dispatch(expert_ids, weights, placement: Placement, layer: int) -> GpuBatches:
+def dispatch(expert_ids, weights, placement: Placement, layer: int, token_nodes=None) -> GpuBatches:
     """expert_ids: int [T, top_k] in [0, num_experts); weights: float [T, top_k]; the batch of
-    ``layer`` onto ``placement``'s replicas (native: one pass over the tokens, GIL released)."""
+    ``layer`` onto ``placement``'s replicas (native: one pass over the tokens, GIL released).
+
+    token_nodes (optional): int [T], the node each token comes from; a token is then served by
+    a replica on its own node whenever the batch's allocation leaves one room (the loads are the
+    same, fewer tokens cross nodes)."""
     ids = as_expert_ids(expert_ids, placement.num_experts)
+    if token_nodes is not None:
+        token_nodes = np.asarray(token_nodes)
+        if token_nodes.dtype.kind not in "iu" or token_nodes.shape != ids.shape[:1]:
+            raise PlacementError(
+                f"token_nodes: expected integers of shape [{ids.shape[0]}] (one node per "
+                f"token), got {token_nodes.dtype} {list(token_nodes.shape)}"
+            )
+        token_nodes = np.ascontiguousarray(token_nodes, dtype=np.int32)
     return GpuBatches(
         *backend.dispatch(
             ids,
@@ -58,6 +71,8 @@ def dispatch(expert_ids, weights, placement: Placement, layer: int) -> GpuBatche
             _row(placement, layer),
             placement.topology.num_gpus,
             placement.num_experts,
+            token_nodes,
+            placement.topology.gpus_per_node,
         )
     )
 

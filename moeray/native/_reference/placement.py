@@ -301,12 +301,24 @@ def _dispatch_allocation(counts, slots, num_gpus):
     return alloc
 
 
-def dispatch(expert_ids, weights, slots, num_gpus: int, num_experts: int):
+def dispatch(
+    expert_ids,
+    weights,
+    slots,
+    num_gpus: int,
+    num_experts: int,
+    token_nodes=None,
+    gpus_per_node: int = 1,
+):
     """One layer's batch onto the placement's replicas.
 
     expert_ids: int32 [T, top_k] in [0, num_experts); weights: float32 [T, top_k]; slots: int32
     [S], the expert of each slot (GPU = slot // (S // num_gpus)). Each expert's tokens, in token
-    order, fill its replicas' allocations (``_dispatch_allocation``) in GPU order.
+    order, fill its replicas' allocations (``_dispatch_allocation``) in GPU order. With
+    token_nodes (int32 [T], the node each token comes from, in [0, num_gpus / gpus_per_node)),
+    a token first takes a replica on its own node that has room (the first in GPU order), and
+    only the tokens none of whose expert's replicas on their node has room fill the rest, in
+    token order: the same loads, fewer tokens across nodes.
     Returns the per-GPU CSR: offsets int64 [num_gpus + 1], token_indices int32 [T * top_k],
     slot_indices int32, weights float32; GPU g serves entries offsets[g]:offsets[g+1], in token
     order.
@@ -321,15 +333,34 @@ def dispatch(expert_ids, weights, slots, num_gpus: int, num_experts: int):
     if ids.shape[0] > _MAX:  # token_indices are int32
         raise ValueError("expert_ids: at most 2**31 - 1 tokens per call")
     slots, num_gpus = _check_slots(slots, num_gpus, num_experts)
+    gpus_per_node = check_int(gpus_per_node, "gpus_per_node", 1, _MAX, "an int >= 1")
+    if num_gpus % gpus_per_node:
+        raise ValueError(f"gpus_per_node: {num_gpus} GPUs do not divide into nodes of it")
+    if token_nodes is not None:
+        token_nodes = check_array(token_nodes, "token_nodes", "int32", ids.shape[:1], " [T]")
+        num_nodes = num_gpus // gpus_per_node
+        if token_nodes.size and (token_nodes.min() < 0 or token_nodes.max() >= num_nodes):
+            raise ValueError(f"token_nodes: every node must be in [0, {num_nodes})")
     flat = ids.ravel()
     counts = np.bincount(flat, minlength=num_experts).astype(np.int64)
     alloc = _dispatch_allocation(counts, slots, num_gpus)
     gpu_of_slot = np.arange(len(slots)) // (len(slots) // num_gpus)
     _, first = _replica_gpus(slots, gpu_of_slot, num_experts)
     left = alloc.copy()
+    slot_of = np.full(len(flat), -1, dtype=np.int32)
+    top_k = ids.shape[1]
+    if token_nodes is not None:  # same-node replicas first
+        for i, e in enumerate(flat.tolist()):
+            node = token_nodes[i // top_k]
+            for owner in first[e]:
+                if left[owner] > 0 and gpu_of_slot[owner] // gpus_per_node == node:
+                    slot_of[i] = owner
+                    left[owner] -= 1
+                    break
     cursor = [0] * num_experts
-    slot_of = np.empty(len(flat), dtype=np.int32)
     for i, e in enumerate(flat.tolist()):
+        if slot_of[i] >= 0:
+            continue
         owners = first[e]
         while left[owners[cursor[e]]] == 0:
             cursor[e] += 1
@@ -339,6 +370,5 @@ def dispatch(expert_ids, weights, slots, num_gpus: int, num_experts: int):
     order = np.argsort(gpu_of, kind="stable")
     offsets = np.zeros(num_gpus + 1, dtype=np.int64)
     np.cumsum(np.bincount(gpu_of, minlength=num_gpus), out=offsets[1:])
-    top_k = ids.shape[1]
     token_indices = (order // max(top_k, 1)).astype(np.int32)
     return offsets, token_indices, slot_of[order], weights.ravel()[order].astype(np.float32)

@@ -840,7 +840,8 @@ py::array_t<int64_t> dispatch_allocation(const py::handle& counts_obj, const py:
 
 py::tuple dispatch(const py::handle& expert_ids, const py::handle& weights_obj,
                    const py::handle& slots_obj, const py::handle& num_gpus_obj,
-                   const py::handle& num_experts_obj) {
+                   const py::handle& num_experts_obj, const py::handle& token_nodes_obj,
+                   const py::handle& gpus_per_node_obj) {
   const int32_t num_experts = check_num_experts(num_experts_obj);
   auto ids = check_ids(expert_ids, num_experts, "expert_ids", /*check_range=*/false);
   const int64_t num_tokens = ids.shape(0), top_k = ids.shape(1), total = ids.size();
@@ -865,6 +866,23 @@ py::tuple dispatch(const py::handle& expert_ids, const py::handle& weights_obj,
   if (num_tokens > INT32_MAX)
     throw py::value_error("expert_ids: at most 2**31 - 1 tokens per call");
   auto [slots, num_gpus] = check_layer_slots(slots_obj, num_gpus_obj, num_experts);
+  const int64_t gpus_per_node =
+      check_int(gpus_per_node_obj, "gpus_per_node", 1, INT32_MAX, "an int >= 1");
+  if (num_gpus % gpus_per_node != 0)
+    throw py::value_error("gpus_per_node: " + std::to_string(num_gpus) +
+                          " GPUs do not divide into nodes of it");
+  py::array token_nodes;
+  const int32_t* pn = nullptr;
+  if (!token_nodes_obj.is_none()) {
+    token_nodes = check_array(token_nodes_obj, "token_nodes", "int32", {num_tokens}, " [T]");
+    pn = static_cast<const int32_t*>(token_nodes.data());
+    const int64_t num_nodes = num_gpus / gpus_per_node;
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      if (pn[t] < 0 || pn[t] >= num_nodes)
+        throw py::value_error("token_nodes: every node must be in [0, " +
+                              std::to_string(num_nodes) + ")");
+    }
+  }
   const int64_t num_slots = slots.shape(0);
   py::array_t<int64_t> offsets(num_gpus + 1);
   py::array_t<int32_t> token_indices(total), slot_indices(total);
@@ -877,7 +895,7 @@ py::tuple dispatch(const py::handle& expert_ids, const py::handle& weights_obj,
   {
     py::gil_scoped_release release;
     moeray::dispatch(pi, pw, num_tokens, top_k, ps, num_slots, num_gpus, num_experts, po, pt, pz,
-                     pv);
+                     pv, pn, gpus_per_node);
   }
   return py::make_tuple(offsets, token_indices, slot_indices, out_weights);
 }
@@ -1256,7 +1274,8 @@ PYBIND11_MODULE(_core, m) {
         "The tokens each slot serves when a batch with these counts is dispatched "
         "(the twin: moeray.native._reference.placement._dispatch_allocation).");
   m.def("dispatch", &dispatch, py::arg("expert_ids"), py::arg("weights"), py::arg("slots"),
-        py::arg("num_gpus"), py::arg("num_experts"),
+        py::arg("num_gpus"), py::arg("num_experts"), py::arg("token_nodes") = py::none(),
+        py::arg("gpus_per_node") = 1,
         "One layer's batch onto the placement's replicas: the per-GPU CSR "
         "(the twin: moeray.native._reference.placement.dispatch).");
 }

@@ -795,10 +795,13 @@ inline bool batch_ok(const int32_t* ids, const float* weights, int64_t total, in
 // One layer's batch onto its placement's replicas; the twin's dispatch. ids, weights: [T, top_k]
 // (checked: batch_ok); slots: int32 [S] as for Allocation. Writes the per-GPU CSR: offsets
 // [G + 1]; token_indices, slot_indices, out_weights [T * top_k], each GPU's in token order.
+// token_nodes (nullptr, or int32 [T] in [0, num_gpus / gpus_per_node), checked): each token first
+// takes a replica with room on its own node, the first in GPU order; the rest fill in token order.
 inline void dispatch(const int32_t* ids, const float* weights, int64_t num_tokens, int64_t top_k,
                      const int32_t* slots, int64_t num_slots, int64_t num_gpus,
                      int64_t num_experts, int64_t* offsets, int32_t* token_indices,
-                     int32_t* slot_indices, float* out_weights) {
+                     int32_t* slot_indices, float* out_weights,
+                     const int32_t* token_nodes = nullptr, int64_t gpus_per_node = 1) {
   const int64_t total = num_tokens * top_k, per_gpu = num_slots / num_gpus;
   std::vector<int64_t> counts(num_experts, 0);
   for (int64_t i = 0; i < total; ++i) ++counts[ids[i]];
@@ -818,19 +821,50 @@ inline void dispatch(const int32_t* ids, const float* weights, int64_t num_token
   int64_t* left_of = left.data();
   int64_t* cur = cursor.data();
   int64_t* at = next.data();
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    for (int64_t j = 0; j < top_k; ++j) {
-      const int64_t i = t * top_k + j, e = ids[i];
-      int64_t c = cur[e];
-      while (left_of[first[c]] == 0) ++c;  // the allocations of e sum to its count
-      cur[e] = c;
-      const int64_t s = first[c];
-      --left_of[s];
-      const int64_t p = at[gpu[c]]++;
-      token_indices[p] = static_cast<int32_t>(t);
-      slot_indices[p] = static_cast<int32_t>(s);
-      out_weights[p] = weights[i];
+  if (token_nodes == nullptr) {  // one pass: each assignment takes the next replica with room
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      for (int64_t j = 0; j < top_k; ++j) {
+        const int64_t i = t * top_k + j, e = ids[i];
+        int64_t c = cur[e];
+        while (left_of[first[c]] == 0) ++c;  // the allocations of e sum to its count
+        cur[e] = c;
+        const int64_t s = first[c];
+        --left_of[s];
+        const int64_t p = at[gpu[c]]++;
+        token_indices[p] = static_cast<int32_t>(t);
+        slot_indices[p] = static_cast<int32_t>(s);
+        out_weights[p] = weights[i];
+      }
     }
+    return;
+  }
+  // Same-node replicas first: decide every assignment's replica, then write in token order.
+  const int64_t* start = allocation.start().data();
+  std::vector<int64_t> chosen(total, -1);  // the index into first / gpu of each assignment
+  for (int64_t i = 0; i < total; ++i) {
+    const int64_t e = ids[i], node = token_nodes[i / top_k];
+    for (int64_t c = start[e]; c < start[e + 1]; ++c) {
+      if (left_of[first[c]] > 0 && gpu[c] / gpus_per_node == node) {
+        --left_of[first[c]];
+        chosen[i] = c;
+        break;
+      }
+    }
+  }
+  for (int64_t i = 0; i < total; ++i) {
+    if (chosen[i] >= 0) continue;
+    const int64_t e = ids[i];
+    int64_t c = cur[e];
+    while (left_of[first[c]] == 0) ++c;
+    cur[e] = c;
+    --left_of[first[c]];
+    chosen[i] = c;
+  }
+  for (int64_t i = 0; i < total; ++i) {
+    const int64_t c = chosen[i], p = at[gpu[c]]++;
+    token_indices[p] = static_cast<int32_t>(i / top_k);
+    slot_indices[p] = static_cast<int32_t>(first[c]);
+    out_weights[p] = weights[i];
   }
 }
 
