@@ -23,8 +23,7 @@ import numpy as np
 
 from moeray.placement.forecast import LoadForecast
 from moeray.placement.placement import Placement, PlacementError, Topology, balancedness
-from moeray.placement.planner import place_moeray
-from moeray.placement.replay import default_redundant
+from moeray.placement.planner import default_budget, place_moeray
 from moeray.policy._validate import check_float, check_int
 
 __all__ = [
@@ -42,8 +41,8 @@ class PlacementConfig:
     """Expert placement kept by a service (``ServiceConfig.expert_placement``).
 
     gpus, nodes: the GPUs serving the model, spread evenly over nodes (gpus % nodes == 0);
-    redundant: extra slots per layer for replicas (None: ``replay.default_redundant``, two per
-    GPU plus what makes the slots divide over the GPUs); every_tokens: routed tokens per load
+    redundant: extra slots per layer for replicas (None: two per GPU plus what makes the
+    slots divide over the GPUs, ``Topology.for_experts``); every_tokens: routed tokens per load
     window (one forecast update and one re-placement each); migration_budget: slot moves per
     layer per re-placement (None: a tenth of the slots, at least one); min_gain: the gate, a
     move must lower a layer's peak GPU load by this fraction, in [0, 1); expert_bytes: one
@@ -76,17 +75,14 @@ class PlacementConfig:
     def topology(self, num_experts: int) -> Topology:
         """The slots for ``num_experts`` experts; PlacementError naming the field when the
         slots do not divide over the GPUs."""
-        redundant = self.redundant
-        if redundant is None:
-            redundant = default_redundant(num_experts, self.gpus)
         return Topology.for_experts(
-            num_experts, self.gpus, self.nodes, redundant, self.expert_bytes
+            num_experts, self.gpus, self.nodes, self.redundant, self.expert_bytes
         )
 
     def budget(self, topology: Topology) -> int:
         """Slot moves per layer per re-placement."""
         if self.migration_budget is None:
-            return max(1, topology.num_slots // 10)
+            return default_budget(topology)
         return self.migration_budget
 
 

@@ -68,11 +68,12 @@ class Topology:
         num_experts: int,
         gpus: int,
         nodes: int = 1,
-        redundant: int = 0,
+        redundant: int | None = None,
         expert_bytes: int | None = None,
         gpu_memory_bytes: int | None = None,
     ) -> Topology:
-        """The topology of ``num_experts + redundant`` slots spread evenly over ``gpus`` GPUs.
+        """The topology of ``num_experts + redundant`` slots spread evenly over ``gpus`` GPUs;
+        redundant None: two extra slots per GPU, plus what makes the slots divide over the GPUs.
 
         Raises PlacementError naming the field when the GPUs do not divide over the nodes, the
         slots do not divide over the GPUs, or the slots cannot hold every expert once.
@@ -80,6 +81,8 @@ class Topology:
         num_experts = check_int(num_experts, "num_experts", 1, _MAX_EXPERTS)
         gpus = check_int(gpus, "gpus", 1, 65_536)
         nodes = check_int(nodes, "nodes", 1, 65_536)
+        if redundant is None:
+            redundant = 2 * gpus + (-num_experts) % gpus
         redundant = check_int(redundant, "redundant", 0, _MAX_SLOTS)
         if gpus % nodes:
             raise PlacementError(f"gpus: {gpus} GPUs do not divide over {nodes} nodes")

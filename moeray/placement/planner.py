@@ -21,7 +21,7 @@ from moeray.placement.eplb import check_load
 from moeray.placement.placement import Placement, PlacementError, Topology
 from moeray.policy._validate import check_int
 
-__all__ = ["budget_slots", "place_moeray", "place_static"]
+__all__ = ["budget_slots", "default_budget", "place_moeray", "place_static"]
 
 
 def place_static(topology: Topology, num_layers: int, num_experts: int) -> Placement:
@@ -30,6 +30,11 @@ def place_static(topology: Topology, num_layers: int, num_experts: int) -> Place
     topology.check_holds(num_experts)
     row = np.arange(topology.num_slots, dtype=np.int32) % num_experts
     return Placement(np.tile(row, (num_layers, 1)), topology, num_experts)
+
+
+def default_budget(topology: Topology) -> int:
+    """The migration budget when none is given: a tenth of a layer's slots (at least one)."""
+    return max(1, topology.num_slots // 10)
 
 
 def budget_slots(migration_budget: int | None, topology: Topology, unit: str = "slots") -> int:

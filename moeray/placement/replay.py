@@ -27,14 +27,13 @@ from moeray.placement.dispatch import dispatched_gpu_loads
 from moeray.placement.eplb import rebalance_eplb
 from moeray.placement.forecast import LoadForecast
 from moeray.placement.placement import Placement, PlacementError, Topology, balancedness
-from moeray.placement.planner import place_moeray, place_static
+from moeray.placement.planner import default_budget, place_moeray, place_static
 from moeray.policy._validate import check_int
 from moeray.traces.trace import Trace
 
 __all__ = [
     "ALGORITHMS",
     "PlaceConfig",
-    "default_redundant",
     "final_placement",
     "replay_placement",
     "window_counts",
@@ -44,14 +43,9 @@ ALGORITHMS = ("static", "eplb", "moeray", "oracle")
 _SERVED = {"static": "even", "eplb": "even", "moeray": "dispatched", "oracle": "even"}
 
 
-def default_redundant(num_experts: int, gpus: int) -> int:
-    """Two extra slots per GPU, plus what makes the slots divide over the GPUs."""
-    return 2 * gpus + (-num_experts) % gpus
-
-
 @dataclass(frozen=True)
 class PlaceConfig:
-    """gpus, nodes: the topology; redundant: extra slots per layer (None: ``default_redundant``);
+    """gpus, nodes: the topology; redundant: extra slots per layer (None: ``Topology.for_experts``'s);
     every: tokens between re-placements (a window); batch: tokens per dispatched batch;
     migration_budget: moeray's slot moves per layer per re-placement (None: a tenth of the
     slots); groups: EPLB's expert groups; expert_bytes: one expert's bytes (for bytes moved)."""
@@ -85,16 +79,13 @@ class PlaceConfig:
             )
 
     def topology(self, num_experts: int) -> Topology:
-        redundant = self.redundant
-        if redundant is None:
-            redundant = default_redundant(num_experts, self.gpus)
         return Topology.for_experts(
-            num_experts, self.gpus, self.nodes, redundant, self.expert_bytes
+            num_experts, self.gpus, self.nodes, self.redundant, self.expert_bytes
         )
 
     def budget(self, topology: Topology) -> int:
         if self.migration_budget is None:
-            return max(1, topology.num_slots // 10)
+            return default_budget(topology)
         return check_int(self.migration_budget, "migration_budget", 0, 2**31 - 1)
 
 
