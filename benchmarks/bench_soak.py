@@ -1,7 +1,8 @@
 """A service under steady load and faults for minutes: does any process grow, is any token lost?
 
-Submits the bundled gpt-oss-20b slice (looped) to a service on a local, loopback-only Ray with
-token auth on, ``--steps-per-s`` steps of ``--step-tokens`` tokens a second, for ``--minutes``.
+Submits the bundled gpt-oss-20b slice (looped) to a service on a local Ray started as moeray's
+CLI starts one (token auth on), ``--steps-per-s`` steps of ``--step-tokens`` tokens a second, for
+``--minutes``.
 Every ``--kill-every`` seconds a layer actor (round robin, from the handle's
 ``layer_actor_handles``) is killed with Ray's kill; the coordinator re-creates and restores it.
 With ``--kill-coordinator``, the coordinator is killed as well, where the installed code can
