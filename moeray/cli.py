@@ -947,6 +947,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"moeray {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError:  # readers bound what a file declares; a policy's tables may not fit
+        source = getattr(args, "trace", None) or getattr(args, "src", None)
+        where = f" processing '{source}'" if source else ""
+        print(
+            f"moeray {args.command}: error: out of memory{where} (the sizes it declares need "
+            "more memory than this machine has)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,8 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from moeray.traces.loading import load_trace, trace_kind
-from moeray.traces.mtrace import SalvageReport, TraceHeader, TraceReader, TraceWriter
+from moeray.traces.loading import load_trace, read_npy, read_npz, trace_kind
+from moeray.traces.mtrace import (
+    MAX_EXPERTS,
+    MAX_LAYERS,
+    MAX_TOP_K,
+    SalvageReport,
+    TraceHeader,
+    TraceReader,
+    TraceWriter,
+)
 from moeray.traces.trace import Trace
 
 __all__ = ["SOURCE_FORMATS", "ConvertResult", "convert", "guess_format", "read_csv", "read_sglang"]
@@ -129,9 +137,11 @@ def read_csv(
         raise ValueError(
             f"{path}: row {bad + 1 + start}: {len(ids[bad])} expert ids, the first row has {top_k}"
         )
-    return _assemble(
-        np.array(seqs), np.array(tokens), np.array(layers), np.array(ids), path, num_experts
-    )
+    try:
+        columns = [np.array(c, dtype=np.int64) for c in (seqs, tokens, layers, ids)]
+    except OverflowError:
+        raise ValueError(f"{path}: a layer, token or expert id does not fit 64 bits") from None
+    return _assemble(*columns, path, num_experts)
 
 
 def _chain(*iterables):
@@ -198,6 +208,15 @@ def _trace(expert_ids, weights, offsets, source, num_experts) -> Trace:
         num_experts = max_id + 1
     if num_experts <= max_id:
         raise ValueError(f"num_experts: {num_experts} experts but {source} uses id {max_id}")
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(
+            f"{source}: num_experts: expected an int in [1, {MAX_EXPERTS}], got {num_experts}"
+        )
+    for axis, name, limit in ((1, "layers", MAX_LAYERS), (2, "top_k", MAX_TOP_K)):
+        if expert_ids.shape[axis] > limit:
+            raise ValueError(
+                f"{source}: {expert_ids.shape[axis]:,} {name} exceed the limit of {limit:,}"
+            )
     dtype = np.uint8 if num_experts <= 256 else np.uint16 if num_experts <= 2**16 else np.int32
     return Trace(
         expert_ids.astype(dtype), weights, offsets, int(num_experts), Path(str(source)).name
@@ -209,7 +228,7 @@ def _trace(expert_ids, weights, offsets, source, num_experts) -> Trace:
 
 def _load_sglang(path: Path):
     if path.suffix.lower() == ".npy":
-        return {"records": [{"topk_ids_of_layer": np.load(path, allow_pickle=False)}]}
+        return {"records": [{"topk_ids_of_layer": read_npy(path)}]}
     try:
         import torch
     except ImportError:
@@ -318,39 +337,44 @@ def _split_requests(record: dict, a: np.ndarray, index: int, num_tokens: int):
 
 
 def _read_source(src: Path, fmt: str, num_experts: int | None, salvage: bool, on_salvage):
+    """(trace, layer_ids or None, the dtype its weights are stored in or None)."""
     if fmt == "trace":
         trace = load_trace(src, num_experts, salvage=salvage, on_salvage=on_salvage)
         with TraceReader(src) as reader:
-            return trace, reader.header.layer_ids
+            return trace, reader.header.layer_ids, reader.header.weights_dtype
     if fmt == "npz":
-        return load_trace(src, num_experts, salvage=salvage), _npz_layer_ids(src)
+        trace, arrays = read_npz(src, num_experts, salvage)
+        probs = arrays.get("expert_probs")
+        stored = None if probs is None else "float16" if probs.dtype == np.float16 else "float32"
+        return trace, _npz_layer_ids(arrays, trace.num_layers, src), stored
     if fmt == "csv":
-        return read_csv(src, num_experts)
+        return *read_csv(src, num_experts), None
     if fmt == "sglang":
-        return read_sglang(src, num_experts)
+        return *read_sglang(src, num_experts), None
     raise ValueError(f"--from: expected one of {SOURCE_FORMATS}, got {fmt!r}")
 
 
-def _npz_layer_ids(path: Path) -> tuple[int, ...] | None:
+def _npz_layer_ids(arrays: dict, num_layers: int, src: Path) -> tuple[int, ...] | None:
     """``moe_layer_ids`` of an npz (as in shared/traces/deepseek-v2-lite-chat), if any."""
-    with np.load(path, allow_pickle=False) as data:
-        if "moe_layer_ids" in data.files:
-            return tuple(int(x) for x in data["moe_layer_ids"])
-    return None
+    layer_ids = arrays.get("moe_layer_ids")
+    if layer_ids is None:
+        return None
+    if layer_ids.dtype.kind not in "iu" or layer_ids.shape != (num_layers,):
+        raise ValueError(
+            f"path: '{src}': moe_layer_ids: expected {num_layers} ints, got "
+            f"{layer_ids.dtype} {list(layer_ids.shape)}"
+        )
+    return tuple(int(x) for x in layer_ids)
 
 
-def _weights_dtype(src: Path, fmt: str, trace: Trace, requested: str) -> str | None:
+def _weights_dtype(trace: Trace, requested: str, stored: str | None) -> str | None:
+    """How to write the weights: ``requested``, or for auto the dtype the source stores them in
+    (float16 router weights stay float16: exact, and half the bytes)."""
     if trace.weights is None or requested == "none":
         return None
     if requested != "auto":
         return requested
-    if fmt == "npz":  # keep float16 router weights float16: exact, and half the bytes
-        with np.load(src, allow_pickle=False) as data:
-            return "float16" if data["expert_probs"].dtype == np.float16 else "float32"
-    if fmt == "trace":
-        with TraceReader(src) as reader:
-            return reader.header.weights_dtype
-    return "float32"
+    return stored or "float32"
 
 
 def convert(
@@ -381,8 +405,8 @@ def convert(
     fmt = guess_format(src) if source_format == "auto" else source_format
     if fmt in ("trace", "npz"):  # the content decides between the two, as in load_trace
         fmt = "trace" if trace_kind(src) == "mtrace" else "npz"
-    trace, layer_ids = _read_source(src, fmt, num_experts, salvage, on_salvage)
-    dtype = _weights_dtype(src, fmt, trace, weights_dtype)
+    trace, layer_ids, stored_dtype = _read_source(src, fmt, num_experts, salvage, on_salvage)
+    dtype = _weights_dtype(trace, weights_dtype, stored_dtype)
     if dst.suffix.lower() == ".npz":
         arrays = {
             "expert_ids": trace.expert_ids,

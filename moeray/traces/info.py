@@ -15,7 +15,12 @@ from moeray.traces.loading import empty_trace_error, load_trace, salvage_hint, t
 from moeray.traces.mtrace import SalvageReport, TraceFormatError, TraceReader
 from moeray.traces.trace import TraceNotFoundError
 
-__all__ = ["TraceSummary", "summarize_trace", "format_summary", "plot_load"]
+__all__ = ["MAX_LOAD_COUNTERS", "TraceSummary", "summarize_trace", "format_summary", "plot_load"]
+
+# The load table holds num_layers x num_experts counters, and --json writes each; a header
+# declaring more (a 154-byte file may declare 2^31 - 1 experts) is refused before allocating.
+MAX_LOAD_COUNTERS = 2**20
+_SLICE_IDS = 2**20  # ids counted at once: a few int64 copies of them, 8 MiB each
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,46 @@ def _steps(
         yield trace.expert_ids[start:stop].transpose(1, 0, 2), seq, {}
 
 
+def _tally(
+    load: np.ndarray, overlap: np.ndarray, ids: np.ndarray, before: np.ndarray | None
+) -> int:
+    """Adds the routing ids [L, T, k] (each in [0, E)) to load int64 [L, E], and to overlap
+    int64 [L] how many of each token's experts the token before it also chose (``before``
+    [L, 1, k]: the token before ids[:, 0], None when a sequence starts there); returns the
+    (token, previous token) pairs counted. Works in slices of _SLICE_IDS ids: time and memory
+    grow with the ids, never with E or k squared."""
+    num_layers, num_tokens, top_k = ids.shape
+    flat = load.reshape(-1)  # a view: load is C-contiguous
+    rows = (np.arange(num_layers, dtype=np.int64) * load.shape[1])[:, None, None]
+    step = max(1, _SLICE_IDS // (num_layers * top_k))
+    pairs = 0
+    for start in range(0, num_tokens, step):
+        part = ids[:, start : start + step].astype(np.int64)
+        np.add.at(flat, (part + rows).ravel(), 1)
+        previous = before if start == 0 else ids[:, start - 1 : start].astype(np.int64)
+        if previous is None:
+            current, previous = part[:, 1:], part[:, :-1]
+        else:
+            current, previous = part, np.concatenate([previous, part[:, :-1]], axis=1)
+        overlap += _shared(previous, current, load.shape[1])
+        pairs += current.shape[1]
+    return pairs
+
+
+def _shared(previous: np.ndarray, current: np.ndarray, num_experts: int) -> np.ndarray:
+    """int64 [L]: the slots of current [L, n, k] whose expert is among previous [L, n, k]'s at
+    the same layer and token, by binary search: each (layer, token) row of ids is shifted into
+    its own range of num_experts values, so one sorted array holds every row's set."""
+    num_layers, n = current.shape[:2]
+    if n == 0:
+        return np.zeros(num_layers, dtype=np.int64)
+    shift = (np.arange(num_layers * n, dtype=np.int64) * num_experts).reshape(num_layers, n, 1)
+    keys = (np.sort(previous, axis=2) + shift).ravel()
+    probe = (current + shift).ravel()
+    found = keys[np.minimum(np.searchsorted(keys, probe), keys.size - 1)] == probe
+    return found.reshape(num_layers, -1).sum(axis=1)
+
+
 def summarize_trace(
     path: str | os.PathLike,
     progress=None,
@@ -131,13 +176,21 @@ def summarize_trace(
     on_salvage: Callable[[SalvageReport], None] | None = None,
 ) -> TraceSummary:
     """One pass over the trace at ``path`` (any format ``load_trace`` reads; ``salvage`` and
-    ``on_salvage`` as there)."""
+    ``on_salvage`` as there). A trace of more than MAX_LOAD_COUNTERS layers x experts is a
+    ValueError, raised before the load table is made."""
     path = Path(path)
     if not path.is_file():
         raise TraceNotFoundError(2, f"path: no trace file at '{path}'", str(path))
     steps = _steps(path, progress, salvage, on_salvage)
     _, _, facts = next(steps)
     num_layers, num_experts, top_k = facts["num_layers"], facts["num_experts"], facts["top_k"]
+    if num_layers * num_experts > MAX_LOAD_COUNTERS:
+        steps.close()
+        raise ValueError(
+            f"path: '{path}': num_experts: {num_layers:,} layers x {num_experts:,} experts is "
+            "more load counters than moeray trace info keeps (num_layers x num_experts <= "
+            f"{MAX_LOAD_COUNTERS:,})"
+        )
     load = np.zeros((num_layers, num_experts), dtype=np.int64)
     overlap = np.zeros(num_layers, dtype=np.int64)
     pairs = tokens = records = sequences = 0
@@ -146,16 +199,10 @@ def summarize_trace(
         records += 1
         if ids.shape[1] == 0:
             continue
-        for layer in range(num_layers):
-            load[layer] += np.bincount(ids[layer].ravel(), minlength=num_experts)
         if seq != last_seq:
             sequences += 1
             last_ids = None
-        chained = ids if last_ids is None else np.concatenate([last_ids, ids], axis=1)
-        # A token's experts are distinct, so matches against the previous token's count overlap.
-        same = (chained[:, 1:, :, None] == chained[:, :-1, None, :]).any(axis=3)
-        overlap += same.sum(axis=(1, 2))
-        pairs += chained.shape[1] - 1
+        pairs += _tally(load, overlap, ids, last_ids)
         tokens += ids.shape[1]
         last_seq, last_ids = seq, ids[:, -1:, :]
     return TraceSummary(

@@ -10,24 +10,30 @@ The ``.npz`` layout (that of ``shared/traces/``, read with ``allow_pickle=False`
 - ``seq_offsets`` (optional): int64 [sequences + 1], sequence i is rows
   ``seq_offsets[i]:seq_offsets[i+1]`` in time order (default: one sequence);
 - ``num_experts`` (optional): scalar; without it, num_experts = max id + 1.
-Other keys are ignored.
+Other keys are ignored. Every size either format declares is bounded by the bytes that hold it
+or a documented limit before anything that size is allocated (docs/trace-format.md, "Limits").
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import warnings
 import zipfile
-import zlib
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from moeray.policy._validate import check_int
 from moeray.traces.mtrace import (
     FORMAT_NAME,
+    MAX_EXPERTS,
+    MAX_LAYERS,
+    MAX_TOP_K,
     SalvageReport,
     TraceFormatError,
     TraceReader,
@@ -35,12 +41,16 @@ from moeray.traces.mtrace import (
 )
 from moeray.traces.trace import Trace, TraceNotFoundError
 
-__all__ = ["default_trace_path", "load_trace", "read_mtrace", "trace_kind"]
+__all__ = ["default_trace_path", "load_trace", "read_mtrace", "read_npy", "read_npz", "trace_kind"]
 
 _SNIFF_BYTES = 64 * 2**10
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a member first, or an empty archive
 _NPY_MAGIC = b"\x93NUMPY"
 _MTRACE_MARKER = FORMAT_NAME.encode()
+# The most a member's bytes can expand to: stored as is, or deflate's ceiling of 1032:1.
+_MAX_RATIO = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}
+_NPY_HEADER_LENGTH = {(1, 0): 2, (2, 0): 4}  # bytes of the header-length field per version
+_MAX_NPY_HEADER = 10_000  # numpy's own limit on a header it parses safely
 
 
 def default_trace_path() -> Path:
@@ -116,7 +126,7 @@ def load_trace(
         raise TraceNotFoundError(2, f"path: no trace file at '{path}'", str(path))
     if trace_kind(path) == "mtrace":
         return _with_num_experts(read_mtrace(path, salvage, on_salvage), num_experts)
-    return _read_npz(path, num_experts, salvage)
+    return read_npz(path, num_experts, salvage)[0]
 
 
 def read_mtrace(
@@ -166,69 +176,151 @@ def empty_trace_error(path: str | os.PathLike, report: SalvageReport) -> ValueEr
     return ValueError(f"path: '{path}': the trace is empty (a header and {what})")
 
 
+def read_npy(path: str | os.PathLike) -> np.ndarray:
+    """A bare ``.npy`` file, its declared size checked against the file's before anything is
+    allocated; object arrays are refused, never unpickled. ValueError naming the file."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            return _read_npy(f, os.fstat(f.fileno()).st_size, "the file")
+        except Exception as exc:  # numpy's header parser raises several types on garbage
+            raise ValueError(
+                f"path: '{path}' is not a readable .npy array ({_one_line(str(exc))})"
+            ) from None
+
+
 def _npz_arrays(path: Path, salvage: bool) -> dict[str, np.ndarray]:
-    """Every ``.npy`` member of the archive, its declared size checked against the member's
-    before anything is allocated; object arrays are refused, never unpickled."""
+    """Every ``.npy`` member of the archive, its declared size checked before anything is
+    allocated (docs/trace-format.md, "Limits"); object arrays are refused, never unpickled.
+    A damaged archive or member is a ValueError naming the file (and the member)."""
     no_salvage = " (--salvage reads moeray traces only)" if salvage else ""
+    # zipfile raises many unrelated types on damaged bytes (BadZipFile, zlib.error, EOFError,
+    # struct.error, NotImplementedError, RuntimeError, ...): every one of them means "damaged".
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
+        members = archive.infolist()
+    except Exception:
         raise ValueError(
             f"path: '{path}' is a truncated or damaged .npz: it starts as a zip archive but has "
             f"no readable zip directory at its end{no_salvage}"
         ) from None
+    archive_bytes = path.stat().st_size
     arrays = {}
     with archive:
-        for info in archive.infolist():
+        for info in members:
             if not info.filename.endswith(".npy"):
                 continue
             key = info.filename[: -len(".npy")]
             try:
-                arrays[key] = _read_member(archive, info)
-            except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as exc:
+                arrays[key] = _read_member(archive, info, key, archive_bytes)
+            except _LimitError as exc:
+                raise ValueError(f"path: '{path}': {exc}") from None
+            except Exception as exc:
                 raise ValueError(
-                    f"path: '{path}' is a damaged .npz: array '{key}' cannot be read "
-                    f"({exc}){no_salvage}"
+                    f"path: '{path}' is a damaged .npz: array {key!r} cannot be "
+                    f"read ({_one_line(str(exc))}){no_salvage}"
                 ) from None
     return arrays
 
 
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+def _one_line(text: str) -> str:
+    """``text`` (an error from a library, a name from the file) fit for a one-line message:
+    whitespace runs as one space, other unprintable characters escaped."""
+    text = " ".join(text.split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _LimitError(ValueError):
+    """A well-formed size beyond a documented limit (not damage)."""
+
+
+def _read_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, archive_bytes: int
+) -> np.ndarray:
+    """One member; what it may expand to is bounded by the bytes the archive really holds."""
+    if info.flag_bits & 0x1:
+        raise ValueError("it is encrypted")
+    if info.compress_type not in _MAX_RATIO:
+        raise ValueError(f"compression method {info.compress_type} (an .npz is stored or deflated)")
+    if info.compress_size > archive_bytes:
+        raise ValueError(
+            f"it declares {info.compress_size:,} compressed bytes, the file has {archive_bytes:,}"
+        )
+    available = min(info.file_size, info.compress_size * _MAX_RATIO[info.compress_type])
     with archive.open(info) as member:
-        version = np.lib.format.read_magic(member)
+        return _read_npy(member, available, "the archive", key)
+
+
+def _read_npy(stream: BinaryIO, available: int, where: str, key: str = "") -> np.ndarray:
+    """An .npy array from ``stream``, which holds at most ``available`` bytes (header included):
+    the header's length, then its shape x dtype, are checked against that (and ``expert_ids``
+    against the layer and top_k limits) before anything that size is read."""
+    version = np.lib.format.read_magic(stream)
+    if version not in _NPY_HEADER_LENGTH:
+        raise ValueError(f"npy format version {version} is not one moeray reads")
+    length_bytes = stream.read(_NPY_HEADER_LENGTH[version])
+    length = int.from_bytes(length_bytes, "little")
+    if length > _MAX_NPY_HEADER:
+        raise ValueError(f"its header declares {length:,} bytes, more than {_MAX_NPY_HEADER:,}")
+    header = io.BytesIO(length_bytes + stream.read(length))
+    with warnings.catch_warnings():  # a Python 2 header warns; it is read all the same
+        warnings.simplefilter("ignore")
         if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
         else:
-            raise ValueError(f"npy format version {version} is not one moeray reads")
-        if dtype.hasobject:
-            raise ValueError("it holds Python objects (a pickle), which moeray never loads")
-        if any(d < 0 for d in shape):
-            raise ValueError(f"negative shape {shape}")
-        size = math.prod(shape) * dtype.itemsize
-        if size > info.file_size:
-            raise ValueError(
-                f"its header declares {dtype} {list(shape)} ({size:,} bytes) but the archive "
-                f"holds {info.file_size:,} bytes"
-            )
-        data = member.read(size)
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(header)
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects (a pickle), which moeray never loads")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"negative shape {shape}")
+    if key == "expert_ids" and len(shape) == 3:
+        _check_ids_shape(shape)
+    size = math.prod(shape) * dtype.itemsize
+    if size > available:
+        raise ValueError(
+            f"its header declares {dtype} {list(shape)} ({size:,} bytes) but {where} "
+            f"holds {available:,} bytes"
+        )
+    data = stream.read(size)
     if len(data) != size:
         raise ValueError(f"truncated: {len(data):,} of its {size:,} bytes")
     return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def _read_npz(path: Path, num_experts: int | None, salvage: bool) -> Trace:
+def _check_ids_shape(shape: tuple[int, ...]) -> None:
+    """expert_ids [tokens, layers, top_k] within the limits of the moeray trace format."""
+    for axis, name, limit in ((1, "layers", MAX_LAYERS), (2, "top_k", MAX_TOP_K)):
+        if shape[axis] > limit:
+            raise _LimitError(
+                f"expert_ids: {shape[axis]:,} {name} exceed the limit of {limit:,} "
+                "(docs/trace-format.md, Limits)"
+            )
+
+
+def read_npz(
+    path: str | os.PathLike, num_experts: int | None = None, salvage: bool = False
+) -> tuple[Trace, dict[str, np.ndarray]]:
+    """An ``.npz`` in the layout of the module docstring: the checked trace, and every array of
+    the archive (read-only; a converter keeps ``moe_layer_ids`` and the weights' stored dtype).
+    Sizes are bounded as docs/trace-format.md, "Limits", says; ValueError naming the file."""
+    path = Path(path)
     arrays = _npz_arrays(path, salvage)
+    try:
+        return _npz_trace(arrays, num_experts, path.name), arrays
+    except ValueError as exc:
+        raise ValueError(f"path: '{path}': {exc}") from None
+
+
+def _npz_trace(arrays: dict[str, np.ndarray], num_experts: int | None, name: str) -> Trace:
     if "expert_ids" not in arrays:
-        raise ValueError(f"path: '{path}' has no 'expert_ids' array (keys: {sorted(arrays)})")
+        raise ValueError(f"no 'expert_ids' array (keys: {sorted(arrays)})")
     ids = arrays["expert_ids"]
     if ids.dtype.kind not in "iu":
         raise ValueError(f"expert_ids: expected an integer dtype, got {ids.dtype}")
     if ids.ndim != 3 or ids.shape[1] < 1 or ids.shape[2] < 1:
         raise ValueError(f"expert_ids: expected shape [tokens, layers, top_k], got {ids.shape}")
     if ids.shape[0] == 0:
-        raise ValueError(f"path: '{path}': the trace is empty (expert_ids has 0 tokens)")
+        raise ValueError("the trace is empty (expert_ids has 0 tokens)")
     if ids.min() < 0:
         raise ValueError(f"expert_ids: ids must be >= 0, got {ids.min()}")
     max_id = int(ids.max())
@@ -242,6 +334,8 @@ def _read_npz(path: Path, num_experts: int | None, salvage: bool) -> Trace:
         num_experts = int(stored)
     if num_experts is None:
         num_experts = max_id + 1
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"num_experts: expected an int in [1, {MAX_EXPERTS}], got {num_experts}")
     if num_experts <= max_id:
         raise ValueError(f"num_experts: {num_experts} experts but the trace uses id {max_id}")
 
@@ -273,7 +367,7 @@ def _read_npz(path: Path, num_experts: int | None, salvage: bool) -> Trace:
         weights=weights,
         seq_offsets=offsets.astype(np.int64),
         num_experts=int(num_experts),
-        name=path.name,
+        name=name,
     )
 
 
