@@ -432,8 +432,11 @@ def local_session(address: str | None = None, job: bool = False, say=None, **opt
     quiet = dict(log_to_driver=False, logging_level="ERROR")
     start = time.monotonic()
     if address is None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # for Ray's processes
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # ...and for this one, which read the variable when ray was imported: the node's address
+        # (so every listener of the GCS, raylet and workers) is 127.0.0.1, not the host's IP
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
         system = {"worker_maximum_startup_concurrency": 32, **options.pop("_system_config", {})}
         settings = {
             "include_dashboard": False,
