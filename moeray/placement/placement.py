@@ -9,6 +9,7 @@ Both are frozen and validated when built; the arrays of a ``Placement`` are read
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,9 +142,9 @@ class Placement:
 
     physical_to_logical: int32 [layers, slots], the expert each slot holds; every expert in
       [0, num_experts) holds at least one slot of every layer.
-    Derived when built: ``replica_counts`` int32 [layers, experts] (slots per expert) and
+    Derived: ``replica_counts`` int32 [layers, experts] (slots per expert, when built) and
     ``logical_to_physical`` int32 [layers, experts, max_replicas], each expert's slots in
-    ascending order, padded with -1.
+    ascending order, padded with -1 (on first use).
     version: a number the publisher raises with every new placement (0 for a computed one).
     """
 
@@ -152,7 +153,6 @@ class Placement:
     num_experts: int
     version: int = 0
     replica_counts: np.ndarray = field(init=False, repr=False, compare=False)
-    logical_to_physical: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         check_int(self.num_experts, "num_experts", 1, _MAX_EXPERTS)
@@ -177,27 +177,44 @@ class Placement:
                 f"[0, {self.num_experts}), got {int(bad)}"
             )
         table = np.array(table, dtype=np.int32, order="C")
-        layers = table.shape[0]
-        counts = np.zeros((layers, self.num_experts), dtype=np.int32)
-        np.add.at(counts, (np.arange(layers)[:, None], table), 1)
+        layers, num_slots = table.shape
+        rows = np.arange(layers)[:, None]
+        counts = (
+            np.bincount(
+                (table + rows * self.num_experts).ravel(), minlength=layers * self.num_experts
+            )
+            .reshape(layers, self.num_experts)
+            .astype(np.int32)
+        )
         if (counts == 0).any():
             layer, expert = np.argwhere(counts == 0)[0]
             raise PlacementError(
                 f"physical_to_logical: expert {expert} holds no slot in layer {layer} (every "
                 "expert needs at least one)"
             )
-        width = int(counts.max())
-        inverse = np.full((layers, self.num_experts, width), -1, dtype=np.int32)
-        # Slots in ascending order per expert: a stable sort of each layer's row by expert.
-        order = np.argsort(table, axis=1, kind="stable")
-        starts = np.cumsum(counts, axis=1) - counts
-        for layer in range(layers):
-            experts = table[layer, order[layer]]
-            rank = np.arange(table.shape[1]) - starts[layer, experts]
-            inverse[layer, experts, rank] = order[layer]
         object.__setattr__(self, "physical_to_logical", _frozen(table))
         object.__setattr__(self, "replica_counts", _frozen(counts))
-        object.__setattr__(self, "logical_to_physical", _frozen(inverse))
+
+    @functools.cached_property
+    def logical_to_physical(self) -> np.ndarray:
+        """int32 [layers, experts, max_replicas]: each expert's slots in ascending order, padded
+        with -1 (built on first use: the planner's hot path never needs it)."""
+        table, counts = self.physical_to_logical, self.replica_counts
+        layers, num_slots = table.shape
+        width = int(counts.max())
+        if layers * self.num_experts * width > 64 * table.size + 2**24:  # bounded before allocating
+            raise PlacementError(
+                f"physical_to_logical: one expert holds {width} slots of a layer, so the inverse "
+                f"map would need {layers * self.num_experts * width:,} entries"
+            )
+        # a stable sort of each row by expert, then each slot's rank among its expert's slots
+        order = np.argsort(table, axis=1, kind="stable")
+        experts = np.take_along_axis(table, order, axis=1)
+        starts = np.cumsum(counts, axis=1) - counts
+        rank = np.arange(num_slots)[None, :] - np.take_along_axis(starts, experts, axis=1)
+        inverse = np.full((layers, self.num_experts, width), -1, dtype=np.int32)
+        inverse[np.arange(layers)[:, None], experts, rank] = order
+        return _frozen(inverse)
 
     @property
     def num_layers(self) -> int:
