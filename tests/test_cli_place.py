@@ -197,3 +197,31 @@ def test_every_on_the_bundled_trace_is_checked(capsys):
     tokens = load_trace(default_trace_path()).num_tokens
     code, _, err = place(["--every", str(tokens // 2 + 1)], capsys)
     assert code == 2 and "\n" not in err.strip() and "every:" in err
+
+
+def test_load_places_once_from_a_counts_table(tmp_path, capsys):
+    # one layer whose expert 0 carries half the load: only a replica spreads it
+    counts = np.array([[40, 6, 6, 6, 6, 6, 6, 4], [5, 5, 5, 5, 5, 5, 5, 5]])
+    table = tmp_path / "counts.csv"
+    table.write_text("\n".join(",".join(str(c) for c in row) for row in counts) + "\n")
+    out_map = tmp_path / "map.json"
+    report = tmp_path / "load.json"
+    argv = ["--load", str(table), "--gpus", "4", "--json", str(report)]
+    code, out, _ = place([*argv, "--write-map", "sglang", str(out_map)], capsys)
+    assert code == 0, out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert {"static", "eplb", "moeray"} <= rows.keys() and "in sample" in out
+    data = json.loads(report.read_text())
+    for name in ("static", "eplb", "moeray"):
+        assert 0 < data["algorithms"][name]["balancedness"]["min"] <= 1
+    # the static map cannot split expert 0's load; placements from the load do
+    static = data["algorithms"]["static"]["balancedness"]["per_layer"][0]
+    assert data["algorithms"]["moeray"]["balancedness"]["per_layer"][0] > static
+    topology = PlaceConfig(gpus=4).topology(8)
+    written = read_map(out_map, "sglang", topology, 8)
+    assert written.replica_counts[0, 0] == written.replica_counts[0].max() > 1
+    code, _, err = place(["--load", str(table), str(table)], capsys)
+    assert code == 2 and "--load" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.csv").write_text("1,2\n3,-4\n")
+    code, _, err = place(["--load", str(tmp_path / "bad.csv")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1

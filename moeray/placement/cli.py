@@ -25,6 +25,7 @@ examples:
       --migration-budget 400MiB                 # a bf16 gpt-oss-20b expert: 8 moves per layer
   moeray place --gpus 8 --nodes 2 --redundant 16 --plot place.png
   moeray place --write-map sglang placement.json   # moeray's placement after the trace
+  moeray place --load counts.csv --gpus 4 --write-map trtllm balancer.yaml   # needs: a load table
   moeray place ../shared/traces/deepseek-v2-lite-chat/deepseek_v2_lite_chat_prefill_routing.npz \\
       --gpus 8 --redundant 16 --every 4096          # needs: the shared traces
 
@@ -150,6 +151,14 @@ def add_parser(commands) -> argparse.ArgumentParser:
         f"its forecast over every window) as an engine's map: {', '.join(MAP_FORMATS)}",
     )
     place.add_argument(
+        "--load",
+        metavar="FILE",
+        help="instead of replaying a trace, place once from a load table: an SGLang expert "
+        "distribution dump (logical_count, .json or .pt), a routing trace (its counts), or a CSV "
+        "of counts (one row per layer, one column per expert); prints how balanced each "
+        "algorithm's placement is on that same load, and --write-map writes moeray's",
+    )
+    place.add_argument(
         "--first-layer",
         type=int,
         default=0,
@@ -193,6 +202,10 @@ def run(args: argparse.Namespace) -> int:
         require_matplotlib()  # before the replay, not after
     budget, budget_unit = _migration_budget(args.migration_budget)
     expert_bytes = None if args.expert_bytes is None else _size("--expert-bytes", args.expert_bytes)
+    if args.load is not None:
+        if args.trace is not None:
+            raise PlacementError("--load: give a trace to replay or --load, not both")
+        return _place_load(args, expert_bytes)
     if budget_unit == "bytes" and expert_bytes is None:
         raise PlacementError(
             f"--migration-budget: {args.migration_budget} is bytes, which needs --expert-bytes "
@@ -253,6 +266,82 @@ def run(args: argparse.Namespace) -> int:
             f"{placement.num_layers} layers x {placement.num_slots} slots",
             file=table_out,
         )
+    return 0
+
+
+def _place_load(args: argparse.Namespace, expert_bytes: int | None) -> int:
+    """``--load``: one placement per algorithm from a load table, scored on that same load."""
+
+    from moeray.placement.eplb import rebalance_eplb
+    from moeray.placement.formats import read_load, write_map
+    from moeray.placement.placement import balancedness
+    from moeray.placement.planner import place_moeray, place_static
+    from moeray.placement.replay import PlaceConfig
+
+    load, source = read_load(args.load, first_layer=args.first_layer)
+    layers, num_experts = load.shape
+    config = PlaceConfig(
+        gpus=args.gpus,
+        nodes=args.nodes,
+        redundant=args.redundant,
+        groups=args.groups,
+        expert_bytes=expert_bytes,
+    )
+    topology = config.topology(num_experts)
+    placements = {
+        "static": place_static(topology, layers, num_experts),
+        "eplb": rebalance_eplb(
+            load,
+            topology.num_slots,
+            config.groups,
+            topology.num_nodes,
+            topology.num_gpus,
+            expert_bytes,
+        ),
+        "moeray": place_moeray(load, topology)[0],
+    }
+    wanted = _algorithms(args.algorithms)
+    report = {
+        "load": source,
+        "layers": layers,
+        "num_experts": num_experts,
+        "topology": topology.to_dict(),
+        "algorithms": {},
+    }
+    table_out = sys.stderr if args.json == "-" else sys.stdout
+    print(
+        f"{source}; {topology.num_gpus} GPUs x "
+        f"{topology.slots_per_gpu} slots = {topology.num_slots} slots per layer",
+        file=table_out,
+    )
+    print(f"{'algorithm':<10}{'balancedness':>13}{'worst layer':>13}", file=table_out)
+    for name, placement in placements.items():
+        if name not in wanted:
+            continue
+        per_layer = balancedness(placement.gpu_loads(load))
+        report["algorithms"][name] = {
+            "balancedness": {
+                "mean": float(per_layer.mean()),
+                "min": float(per_layer.min()),
+                "per_layer": [float(v) for v in per_layer],
+            },
+        }
+        print(f"{name:<10}{per_layer.mean():>13.3f}{per_layer.min():>13.3f}", file=table_out)
+    print(
+        "scored on the same load it was placed from (in sample), tokens split evenly over "
+        "replicas; replay a trace to score placements on the tokens that follow",
+        file=table_out,
+    )
+    if args.json is not None:
+        text = json.dumps(report, indent=2) + "\n"
+        if args.json == "-":
+            sys.stdout.write(text)
+        else:
+            Path(args.json).write_text(text)
+    if args.write_map is not None:
+        format, path = args.write_map
+        written = write_map(placements["moeray"], format, path, first_layer=args.first_layer)
+        print(f"wrote {written}: moeray's placement of {args.load}, {format} map", file=table_out)
     return 0
 
 

@@ -112,4 +112,15 @@ def _full(load: np.ndarray, topology: Topology) -> np.ndarray:
     table = np.empty_like(experts)
     rows = np.arange(layers)[:, None]
     table[rows, gpu * topology.slots_per_gpu + rank] = experts
+    # Greedy packing leaves a peak that a few swaps lower: polish, as an incremental step would.
+    backend._improve(
+        table,
+        np.ascontiguousarray(load),
+        topology.num_gpus,
+        topology.gpus_per_node,
+        topology.num_slots // 4,
+        8,
+        0.002,
+        1.0,
+    )
     return table
