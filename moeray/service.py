@@ -10,25 +10,34 @@ coordinator without waiting, so the coordinator sees one call per client window;
 (predictive policies read them); ``submit_msgpack`` takes the wire form (``moeray.traces.wire``).
 With ``ServiceConfig.expert_placement``, ``placement`` / ``wait_placement`` /
 ``placement_msgpack`` read the coordinator's latest versioned expert placement.
+
+Failures: each handle numbers its windows and keeps them in a journal (``ClientJournal``, at most
+``max_journal_windows``) until every layer actor has acknowledged them. When the coordinator's
+process dies, Ray restarts it, it rebuilds itself from the layer actors, and the handle resends
+what was not acknowledged everywhere; the coordinator drops what a layer actor already has. So
+no window is lost or counted twice; a submit waits while the coordinator is down (seconds), and
+raises a RuntimeError that says why when it does not come back within ``recovery_timeout_s``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable
 
 from moeray.actors import _ray
 from moeray.actors.config import ServiceConfig
-from moeray.actors.messages import ServiceStats
+from moeray.actors.journal import ClientJournal, JournalGapError
+from moeray.actors.messages import ClientGapError, ServiceStats
 from moeray.actors.rebalancer import wait_for_placement
 from moeray.actors.steps import WindowBuffer, check_step, schedule_step
 from moeray.placement.balancer import encode_placement
 from moeray.placement.placement import Placement
 from moeray.policy.scheduler import ExpertBatches
-from moeray.traces.wire import decode_step
+from moeray.traces.wire import decode_step, encode_batches
 
 __all__ = ["ServiceConfig", "ServiceHandle", "connect", "session", "start"]
 
@@ -50,13 +59,19 @@ class ServiceHandle:
         max_in_flight: int = 64,
         timer: Callable[[], float] = time.perf_counter,
         wake_after: Callable[[float, Callable[[], None]], None] = _daemon_timer,
+        max_journal_windows: int = 256,
+        recovery_timeout_s: float = 60.0,
     ):
-        """timer: seconds, monotonic (submit latency, window age). wake_after(seconds,
-        callback): calls callback later from another thread (closes a window_ms-old window
-        when no submit comes to do it; a test passes its own)."""
+        """timer: seconds, monotonic (submit latency, window age, recovery deadlines).
+        wake_after(seconds, callback): calls callback later from another thread (closes a
+        window_ms-old window when no submit comes to do it; a test passes its own).
+        max_journal_windows: windows this handle keeps until every layer actor acknowledged
+        them (each at most window_steps x max_step_tokens tokens); at the bound a submit waits
+        for the acknowledgements. recovery_timeout_s: how long a submit waits for a coordinator
+        that died to come back before it raises."""
         self._coordinator = coordinator
         self.config = config
-        self._in_flight: deque = deque()
+        self._in_flight: deque = deque()  # add_routing calls not yet answered, in send order
         self._max_in_flight = max_in_flight
         self._timer = timer
         self._wake_after = wake_after
@@ -66,8 +81,16 @@ class ServiceHandle:
         self._latency_metric = _ray.SubmitLatency(config.name)
         self._window = WindowBuffer(config, timer)  # this client's routing not yet sent
         self._window_number = 0  # which window a window_ms wake-up was armed for
-        self._lock = threading.Lock()  # submit and the window_ms wake-up both send windows
+        # submit and the window_ms wake-up both send windows; a recovery inside a send calls
+        # the coordinator again
+        self._lock = threading.RLock()
         self._closed = False  # after shutdown: no more steps
+        self._broken: str | None = None  # why this handle can take no more steps
+        self._journal = ClientJournal(uuid.uuid4().hex, max_journal_windows)
+        self._recovery_timeout_s = recovery_timeout_s
+        self._failing_since: float | None = None  # when the coordinator was first seen failing
+        # seconds each recovery took, from the failure seen to the journal resent
+        self.recoveries_s: deque[float] = deque(maxlen=10_000)
 
     def submit(
         self, expert_ids, weights=None, seq_starts=None, hints=None
@@ -80,7 +103,7 @@ class ServiceHandle:
         ``moeray.policy.predict``, "Engine hints"). Returns each layer's ``ExpertBatches``.
 
         Bad input raises TypeError / ValueError here and reaches no actor; RuntimeError after
-        ``shutdown``."""
+        ``shutdown``, or when the coordinator is gone (module doc, "Failures")."""
         self._check_open()
         start = self._timer()
         step = check_step(self.config, expert_ids, weights, seq_starts, hints)
@@ -107,16 +130,22 @@ class ServiceHandle:
     def _close_window(self, number: int) -> None:
         """The window_ms wake-up: sends window ``number`` if it is still open."""
         with self._lock:
-            if self._window and self._window_number == number:
+            if self._window and self._window_number == number and self._broken is None:
                 self._send_window()
 
     def _send_window(self) -> None:
-        """Sends the open window (the caller holds the lock)."""
+        """Sends the open window (the caller holds the lock), journaled."""
         window = self._window.take()
         if window is None:
             return
+        self._reap()
         if len(self._in_flight) >= self._max_in_flight:
-            _ray.wait_all([self._in_flight.popleft()])
+            self._reap(keep=self._max_in_flight - 1)
+        if self._journal.full():
+            self._make_room()
+        self._post(self._journal.add(window), window)
+
+    def _post(self, seq: int, window) -> None:
         self._in_flight.append(
             _ray.call_async(
                 self._coordinator.add_routing,
@@ -125,24 +154,128 @@ class ServiceHandle:
                 True,
                 window.seq_starts,
                 window.hints,
+                self._journal.client,
+                seq,
             )
         )
 
+    def _reap(self, keep: int | None = None) -> None:
+        """Takes the coordinator's answers in send order: each finished one, and while more
+        than ``keep`` are outstanding, waits for the oldest. An answer confirms journaled
+        windows; a failure (the coordinator died, or it lost a window before this one) starts a
+        recovery."""
+        while self._in_flight:
+            ref = self._in_flight[0]
+            if (keep is None or len(self._in_flight) <= keep) and not _ray.ready(ref):
+                return
+            try:
+                confirmed, _ = _ray.get(ref, timeout_s=self._recovery_timeout_s)
+            except _ray.RayActorError as exc:
+                self._recover(exc)
+                continue
+            except _ray.RayTaskError as exc:
+                if isinstance(exc.cause, ClientGapError):
+                    self._recover(exc)
+                    continue
+                self._break(f"the coordinator refused a window of this client: {exc.cause!r}")
+            except _ray.GetTimeoutError:
+                self._break(f"the coordinator did not answer within {self._recovery_timeout_s:g} s")
+            self._in_flight.popleft()
+            self._journal.confirm(confirmed)
+            self._failing_since = None
+
+    def _make_room(self) -> None:
+        """The journal is at its bound: waits until the coordinator has every window sent and
+        every layer actor has acknowledged them."""
+        self._reap(keep=0)
+        if self._journal.full():
+            confirmed, _ = self._call("client_marks", self._journal.client, True)
+            self._journal.confirm(confirmed)
+        if self._journal.full():
+            self._break(
+                f"{len(self._journal)} windows of this client are not acknowledged by every "
+                f"layer actor (max_journal_windows={self._journal.max_windows})"
+            )
+
+    def _recover(self, failure: Exception) -> None:
+        """The coordinator failed a call: waits until it answers again (restarted by Ray and
+        rebuilt from the layer actors), then resends every journaled window it does not have.
+        RuntimeError when it is gone for good or not back within recovery_timeout_s."""
+        began = self._timer()
+        if self._failing_since is None:
+            self._failing_since = began
+        deadline = self._failing_since + self._recovery_timeout_s
+        self._in_flight.clear()  # their answers no longer matter: the resend decides
+        pause = 0.01
+        while True:
+            if isinstance(failure, _ray.ActorDiedError) and not _ray.coordinator_exists(
+                self.config.name, self.config.namespace
+            ):
+                self._break("its coordinator is gone (shut down, or its restarts ran out)")
+            left = deadline - self._timer()
+            if left <= 0:
+                self._break(
+                    f"its coordinator did not come back within {self._recovery_timeout_s:g} s "
+                    f"(last error: {type(failure).__name__})"
+                )
+            try:
+                confirmed, low = _ray.call_within(
+                    left, self._coordinator.client_marks, self._journal.client
+                )
+                break
+            except (_ray.RayActorError, _ray.GetTimeoutError) as exc:
+                failure = exc
+            time.sleep(min(pause, max(left, 0)))  # Ray refuses calls while it restarts it
+            pause = min(pause * 2, 0.2)
+        self._journal.confirm(confirmed)
+        try:
+            again = self._journal.after(low)
+        except JournalGapError as exc:
+            self._break(str(exc))
+        for seq, window in again:
+            self._post(seq, window)
+        self.recoveries_s.append(self._timer() - began)
+
+    def _break(self, why: str) -> None:
+        """This handle cannot go on: it refuses every later step, saying why."""
+        self._broken = why
+        self._in_flight.clear()
+        raise RuntimeError(f"service {self.config.name!r}: {why}")
+
+    def _call(self, method: str, *args):
+        """Calls a coordinator method and waits; a coordinator that died is waited for (and
+        this handle's windows resent) and the call made again."""
+        while True:
+            try:
+                result = _ray.call(getattr(self._coordinator, method), *args)
+            except _ray.RayActorError as exc:
+                with self._lock:
+                    self._recover(exc)
+                continue
+            self._failing_since = None
+            return result
+
     def submit_msgpack(self, payload: bytes) -> bytes:
         """A step in the msgpack form of ``moeray.traces.wire``; returns the schedules in that form.
-        This is the path of non-Python clients: it waits for the coordinator. The step is
-        checked here first (one-line ValueError / TypeError, as ``submit``); this handle's open
-        window goes first, so steps mixed with ``submit`` keep their order."""
+        This is the path of non-Python clients. The step is checked here (one-line ValueError /
+        TypeError, as ``submit``) and joins this handle's windows, so steps mixed with
+        ``submit`` keep their order and are journaled alike."""
         self._check_open()
         step = decode_step(payload)
-        check_step(self.config, step.expert_ids, step.weights, step.seq_starts, step.hints)
-        with self._lock:
-            self._send_window()
-        return _ray.call(self._coordinator.submit_msgpack, payload)
+        batches = self.submit(step.expert_ids, step.weights, step.seq_starts, step.hints)
+        return encode_batches(batches or [])
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"service {self.config.name!r}: this handle was shut down")
+        if self._broken is not None:
+            raise RuntimeError(f"service {self.config.name!r}: {self._broken}")
+
+    @property
+    def unconfirmed_windows(self) -> int:
+        """Windows this handle sent that not every layer actor has acknowledged yet (its
+        journal; at most ``max_journal_windows``)."""
+        return len(self._journal)
 
     def flush(self) -> None:
         """Sends this client's open window and waits until everything submitted so far has
@@ -150,28 +283,30 @@ class ServiceHandle:
         self._check_open()
         with self._lock:
             self._send_window()
-            in_flight = list(self._in_flight)
-            self._in_flight.clear()
-        _ray.wait_all(in_flight)
-        _ray.call(self._coordinator.flush)
+            self._reap(keep=0)
+        self._call("flush")
 
     def stats(self) -> ServiceStats:
         """Per-layer statistics once everything submitted so far has been applied."""
         self.flush()
-        return _ray.call(self._coordinator.stats)
+        return self._call("stats")
 
     def layer_actor_handles(self) -> list:
-        return _ray.call(self._coordinator.layer_actor_handles)
+        return self._call("layer_actor_handles")
 
     def layer_actor_resources(self) -> list[str | None]:
         """The node resource each layer actor is pinned to now (after any re-placement)."""
-        return _ray.call(self._coordinator.layer_actor_resources)
+        return self._call("layer_actor_resources")
+
+    def coordinator_pid(self) -> int:
+        """The process id of the coordinator (on its node), for tests that kill it."""
+        return self._call("pid")
 
     def placement(self) -> tuple[Placement | None, int]:
         """The latest expert placement the coordinator published and its version (from 1):
         (None, 0) before the first, or when ``expert_placement`` is off. Does not wait for this
         handle's routing to be planned (``wait_placement`` does)."""
-        placement = _ray.call(self._coordinator.expert_placement, 0)
+        placement = self._call("expert_placement", 0)
         return (placement, placement.version) if placement is not None else (None, 0)
 
     def wait_placement(
@@ -180,7 +315,7 @@ class ServiceHandle:
         """Waits until a placement newer than ``after_version`` is published; returns it and
         its version, or None after ``timeout_s`` seconds (polls the coordinator every 10 ms)."""
         placement = wait_for_placement(
-            lambda after: _ray.call(self._coordinator.expert_placement, after),
+            lambda after: self._call("expert_placement", after),
             after_version,
             timeout_s,
             timer=self._timer,
@@ -191,26 +326,25 @@ class ServiceHandle:
         """The latest expert placement as msgpack (``moeray.placement.balancer.encode_placement``,
         docs/user-guide.md): a map {"version", "physical_to_logical", "num_experts",
         "topology"}, or nil when none is newer than ``after_version``. Does not wait."""
-        return encode_placement(_ray.call(self._coordinator.expert_placement, after_version))
+        return encode_placement(self._call("expert_placement", after_version))
 
     def layer_actor_nodes(self) -> list[str]:
         """The Ray node id each layer actor runs on."""
-        return _ray.call(self._coordinator.layer_actor_nodes)
+        return self._call("layer_actor_nodes")
 
     def shutdown(self) -> None:
-        """Removes the coordinator and every layer actor of this service; the handle takes no
-        more steps (RuntimeError)."""
+        """Removes the coordinator and every layer actor of this service, by name, even when the
+        coordinator is dead or restarting, and returns once their names are free (a new
+        ``start`` works); the handle takes no more steps (RuntimeError)."""
         self._closed = True
-        try:
-            with self._lock:
-                self._window.take()  # dropped: the service goes
-            _ray.wait_all(self._in_flight)
-            _ray.call(self._coordinator.shutdown)
-        except _ray.RayActorError:
-            pass
-        finally:
+        with self._lock:
+            self._window.take()  # dropped: the service goes
             self._in_flight.clear()
-            _ray.kill(self._coordinator)
+        try:
+            _ray.call_within(10.0, self._coordinator.shutdown)  # stops its placement worker
+        except (_ray.RayActorError, _ray.RayTaskError, _ray.GetTimeoutError):
+            pass  # dead or restarting: its actors go by name below
+        _ray.remove_service(self.config)
 
 
 def start(config: ServiceConfig) -> ServiceHandle:
@@ -248,10 +382,32 @@ def _warn_if_core_differs(path: str, native: bool) -> None:
         )
 
 
-def connect(name: str = "moeray", namespace: str = "moeray") -> ServiceHandle:
-    """A handle on the running service ``name``; ValueError when there is none."""
+def connect(
+    name: str = "moeray", namespace: str = "moeray", timeout_s: float = 30.0
+) -> ServiceHandle:
+    """A handle on the running service ``name``; ValueError when there is none. A coordinator
+    that is restarting is waited for up to ``timeout_s`` seconds, then TimeoutError."""
     coordinator = _ray.get_coordinator(name, namespace)
-    return ServiceHandle(coordinator, _ray.call(coordinator.config))
+    deadline = time.monotonic() + timeout_s
+    pause = 0.01
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            config = _ray.call_within(max(left, 0.001), coordinator.config)
+            return ServiceHandle(coordinator, config)
+        except _ray.ActorDiedError:
+            raise ValueError(
+                f"name: moeray service {name!r} in namespace {namespace!r} is gone (its "
+                "coordinator was shut down)"
+            ) from None
+        except (_ray.RayActorError, _ray.GetTimeoutError):
+            if time.monotonic() + pause > deadline:
+                raise TimeoutError(
+                    f"service {name!r}: its coordinator is restarting and did not answer within "
+                    f"{timeout_s:g} s"
+                ) from None
+        time.sleep(pause)  # Ray refuses calls while it restarts the coordinator
+        pause = min(pause * 2, 0.2)
 
 
 def session(address: str | None = None, **options):

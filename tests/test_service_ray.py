@@ -318,19 +318,22 @@ def test_layer_actors_keep_the_hot_sets_resident_in_real_bytes(ray_local, tmp_pa
     assert all(r >= 8 * expert for r in one.shards["moeray"].resident_bytes_max)
 
 
-def test_window_ms_timer_sends_a_window_no_submit_closes():
+def test_window_ms_timer_sends_a_window_no_submit_closes(monkeypatch):
     """A handle's window_ms closes its window by a wake-up: an engine that pauses after one
     step still has its routing sent (a fake coordinator records what reaches it; a fake clock
     and wake-up stand in for time and threads; no Ray)."""
+    from moeray.actors import _ray
     from moeray.service import ServiceConfig, ServiceHandle
 
     received = []
     now = [0.0]
     wakeups = []  # (seconds, callback) as armed
+    monkeypatch.setattr(_ray, "ready", lambda ref: False)  # no answer comes back
 
     class FakeMethod:
-        def remote(self, routing, steps, close_window, starts, hints):
+        def remote(self, routing, steps, close_window, starts, hints, client, seq):
             assert starts is None and hints is None  # none submitted
+            assert seq == len(received) + 1  # the handle numbers its windows
             received.append((routing.copy(), steps, close_window))
             return object()
 

@@ -30,7 +30,14 @@ import time
 from dataclasses import replace
 
 import ray
-from ray.exceptions import AuthenticationError, RayActorError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    AuthenticationError,
+    GetTimeoutError,
+    RayActorError,
+    RayTaskError,
+)
 from ray.util import metrics
 
 from moeray.actors.address import resolve_address
@@ -45,6 +52,7 @@ from moeray.actors.messages import (
     Warmup,
     WindowGapError,
 )
+from moeray.actors.steps import check_window
 from moeray.placement.balancer import Rebalance
 from moeray.placement.placement import Placement
 from moeray.policy.predict import PREDICTOR_NAMES
@@ -53,6 +61,7 @@ from moeray.traces.wire import decode_step, encode_batches
 __all__ = [
     "RayLayerTransport",
     "CoordinatorHost",
+    "coordinator_exists",
     "coordinator_name",
     "layer_actor_name",
     "create_coordinator",
@@ -60,8 +69,16 @@ __all__ = [
     "call",
     "init",
     "call_async",
+    "call_within",
+    "get",
     "kill",
+    "ready",
+    "remove_service",
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "GetTimeoutError",
     "RayActorError",
+    "RayTaskError",
     "ServiceMetrics",
     "SubmitLatency",
     "local_session",
@@ -77,6 +94,10 @@ _OPTIONS = {
     "lifetime": "detached",
     "enable_task_events": os.environ.get("MOERAY_TASK_EVENTS") == "1",
 }
+# The coordinator comes back under the same actor id and name when its process dies, so every
+# client's handle, in any process, follows it; its calls are not retried (a client resends its
+# windows from its journal, in order, and the coordinator drops what it already has).
+_COORDINATOR_RESTARTS = {"max_restarts": -1, "max_task_retries": 0}
 
 
 def coordinator_name(config_name: str) -> str:
@@ -104,19 +125,45 @@ def _resource_available(resource: str) -> bool:
 
 
 class RayLayerTransport:
-    """The coordinator's view of its layer actors; every call returns at once."""
+    """The coordinator's view of its layer actors; every call returns at once.
 
-    def __init__(self, config: ServiceConfig):
+    adopt: the coordinator was restarted: its layer actors are found by name (a missing one is
+    re-created empty and reported lost by ``adopt()``); otherwise any actor left under their
+    names (a service that died without a shutdown) is killed and new ones are created."""
+
+    def __init__(self, config: ServiceConfig, adopt: bool = False):
         self._config = config
         self._groups = config.actor_layers()
         self._handles: list = [None] * len(self._groups)
         self._generation = [0] * len(self._groups)
         self._inflight: list[tuple[int, int, ray.ObjectRef]] = []
+        self._lost: set[int] = set()
         self.blocked_cpu_s = 0.0  # this thread's CPU while blocked waiting for a layer actor
         # the node resource each actor is pinned to; changes when its node is lost
         self._resource = list(config.placement) if config.placement else [None] * len(self._groups)
         for actor in range(len(self._groups)):
-            self._handles[actor] = self._create(actor)
+            name = layer_actor_name(config.name, actor)
+            if adopt:
+                try:
+                    self._handles[actor] = ray.get_actor(name, namespace=config.namespace)
+                    continue
+                except ValueError:  # it died too: its state is lost
+                    self._lost.add(actor)
+            else:
+                _free_name(name, config.namespace, time.monotonic() + _FREE_NAME_S)
+            self._handles[actor] = self._create(actor, replacement=adopt)
+
+    def adopt(self) -> tuple[list[LayerState], list[int]]:
+        states = []
+        for actor, ref in enumerate([handle.adopt.remote() for handle in self._handles]):
+            try:
+                states.extend(ray.get(ref))
+            except RayActorError:  # died since: re-created empty
+                self.recreate(actor)
+                self._lost.add(actor)
+                states.extend(ray.get(self._handles[actor].adopt.remote()))
+        lost, self._lost = sorted(self._lost), set()
+        return states, lost
 
     def _replace_if_lost(self, actor: int) -> None:
         """Moves an actor whose node resource is gone to the placement resource, still offered,
@@ -130,7 +177,7 @@ class RayLayerTransport:
                 alive, key=lambda r: (self._resource.count(r), alive.index(r))
             )
 
-    def _create(self, actor: int):
+    def _create(self, actor: int, replacement: bool = False):
         config = self._config
         self._replace_if_lost(actor)
         resource = self._resource[actor]
@@ -151,6 +198,7 @@ class RayLayerTransport:
                 config.affinity_config(),
                 config.settings(),
                 config.shards,
+                replacement=replacement,
             )
         )
 
@@ -168,7 +216,7 @@ class RayLayerTransport:
         except Exception:  # already gone
             pass
         self._generation[actor] += 1
-        self._handles[actor] = self._create(actor)
+        self._handles[actor] = self._create(actor, replacement=True)
 
     def generation(self, actor: int) -> int:
         return self._generation[actor]
@@ -227,16 +275,20 @@ class RayLayerTransport:
 
 
 class CoordinatorHost:
-    """The coordinator actor's body: a ``Coordinator`` over real layer actors."""
+    """The coordinator actor's body: a ``Coordinator`` over real layer actors. Restarted by Ray
+    when its process dies (``_COORDINATOR_RESTARTS``), it adopts the layer actors it had and
+    rebuilds itself from them (``Coordinator(adopt=True)``)."""
 
     def __init__(self, config: ServiceConfig):
-        self._transport = RayLayerTransport(config)
+        adopt = ray.get_runtime_context().was_current_actor_reconstructed
+        self._transport = RayLayerTransport(config, adopt=adopt)
         self._metrics = ServiceMetrics(config.name, config.expert_placement is not None)
         self._coordinator = Coordinator(
             config,
             self._transport,
             on_ack=self._metrics.record_ack,
             on_rebalance=self._metrics.record_rebalance,
+            adopt=adopt,
         )
         self._method_cpu_s = 0.0  # this thread's CPU inside the methods below
 
@@ -272,9 +324,38 @@ class CoordinatorHost:
         return encode_batches(batches or [])
 
     def add_routing(
-        self, ids, steps: int = 1, close_window: bool = False, seq_starts=None, hints=None
-    ) -> None:
-        self._timed(self._coordinator.add_routing, ids, steps, close_window, seq_starts, hints)
+        self,
+        ids,
+        steps: int = 1,
+        close_window: bool = False,
+        seq_starts=None,
+        hints=None,
+        client: str | None = None,
+        seq: int | None = None,
+    ) -> tuple[int, int] | None:
+        """A client's window (``Coordinator.add_routing``), checked again here: any Ray client
+        can call this, and a bad window must fail its caller alone."""
+        ids, seq_starts, hints = check_window(
+            self._coordinator.config, ids, steps, seq_starts, hints
+        )
+        return self._timed(
+            self._coordinator.add_routing,
+            ids,
+            steps,
+            bool(close_window),
+            seq_starts,
+            hints,
+            client,
+            seq,
+        )
+
+    def client_marks(self, client: str, sync: bool = False) -> tuple[int, int]:
+        """``Coordinator.client_marks``: (confirmed, low) of ``client``'s windows."""
+        return self._timed(self._coordinator.client_marks, client, bool(sync))
+
+    def pid(self) -> int:
+        """This process's id (tests kill it)."""
+        return os.getpid()
 
     def flush(self) -> None:
         self._timed(self._coordinator.flush)
@@ -330,11 +411,20 @@ def create_coordinator(config: ServiceConfig):
         .options(
             name=coordinator_name(config.name),
             namespace=config.namespace,
-            **_OPTIONS,
+            **{**_OPTIONS, **_COORDINATOR_RESTARTS},
             **_placement_options(config.coordinator_placement),
         )
         .remote(config)
     )
+
+
+def coordinator_exists(name: str, namespace: str) -> bool:
+    """Whether service ``name`` has a coordinator (alive or restarting)."""
+    try:
+        ray.get_actor(coordinator_name(name), namespace=namespace)
+    except ValueError:
+        return False
+    return True
 
 
 def get_coordinator(name: str, namespace: str):
@@ -367,6 +457,54 @@ def call(method, *args, **kwargs):
 def call_async(method, *args, **kwargs):
     """Calls an actor method; returns its ObjectRef without waiting."""
     return method.remote(*args, **kwargs)
+
+
+def call_within(timeout_s: float, method, *args, **kwargs):
+    """Calls an actor method and waits at most ``timeout_s`` seconds (GetTimeoutError)."""
+    return ray.get(method.remote(*args, **kwargs), timeout=timeout_s)
+
+
+def ready(ref) -> bool:
+    """Whether the call behind ``ref`` has finished (answered or failed); never waits."""
+    return bool(ray.wait([ref], timeout=0)[0])
+
+
+def get(ref, timeout_s: float | None = None):
+    """The result of a call (its error raised), waiting at most ``timeout_s`` seconds."""
+    return ray.get(ref, timeout=timeout_s)
+
+
+_FREE_NAME_S = 30.0
+
+
+def _free_name(name: str, namespace: str, deadline: float) -> bool:
+    """Kills the actor named ``name`` (no restart) and waits until the name is free; returns
+    whether there was one. TimeoutError at ``deadline`` (time.monotonic)."""
+    found = False
+    while True:
+        try:
+            handle = ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return found
+        found = True
+        kill(handle)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"actor {namespace}/{name} still holds its name after a kill")
+        time.sleep(0.01)  # the GCS frees the name once the process is gone
+
+
+def remove_service(config: ServiceConfig, timeout_s: float = _FREE_NAME_S) -> None:
+    """Kills the coordinator of service ``config.name`` (no restart) and then every layer actor,
+    by name, whether or not they answer, and returns once every name is free (a new service
+    of that name can start). TimeoutError after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    names = [coordinator_name(config.name)] + [
+        layer_actor_name(config.name, actor) for actor in range(len(config.actor_layers()))
+    ]
+    # the coordinator first (a restarting one re-creates layer actors); then until one pass
+    # finds none, in case one was being created as the coordinator died
+    while any([_free_name(name, config.namespace, deadline) for name in names]):
+        pass
 
 
 def wait_all(refs) -> None:

@@ -33,7 +33,8 @@ class ServiceConfig:
     shards: a checkpoint directory, at this path on every node, whose expert bytes the layer
     actors keep resident for their hot sets (None: decisions only, no bytes move).
     coordinator_placement: the resource that pins the coordinator, e.g. one only the head node
-    offers: the coordinator holds the service's state and is not re-created if its node is lost.
+    offers (None: anywhere). Ray restarts a coordinator whose process dies, where that resource
+    is offered; pinned to a node that is lost, it comes back only when the resource does.
     policy: an online policy of ``moeray.policy.registry``: moeray (the default, predictive;
     its parameters are ``predict``, a PredictConfig or a dict of its fields, and its budget,
     experts per layer per token, is ``predict.prefetch_budget``, None for top_k;

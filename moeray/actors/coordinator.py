@@ -10,7 +10,15 @@ A plain class: it reaches layer actors through a ``LayerTransport`` (Ray's in
   layer's statistics and the ack's affinity becomes the coordinator's copy of the layer's state;
 - when a layer actor fails it is re-created, restored from that copy (last acknowledged window,
   affinity and, for a policy that relearns, the recent routing: ``Warmup``) and sent every
-  unacknowledged window again, so nothing is lost or counted twice.
+  unacknowledged window again, so nothing is lost or counted twice;
+- a client that numbers its windows (``add_routing(..., client=, seq=)``, as ``ServiceHandle``
+  does) has each window sent once to each layer actor, in order (a gap raises
+  ``ClientGapError``), and learns which of its windows every layer actor has acknowledged;
+- a restarted coordinator (``adopt=True``) rebuilds itself from the layer actors' reports
+  (``LayerTransport.adopt``): windows, statistics, affinity, each client's last window per
+  actor. Its clients then resend what was not acknowledged everywhere; a window some actors
+  already applied goes only to the others (layers may stand at different windows after a
+  crash), so nothing is lost or doubled end to end.
 
 A predictive policy (``PolicyEntry.predictive``) also gets, per window, the sequence starts,
 engine hints, the previous layer's routing on an actor's first layer, and the capacity re-split
@@ -34,6 +42,7 @@ import numpy as np
 
 from moeray.actors.config import ServiceConfig
 from moeray.actors.messages import (
+    ClientGapError,
     LayerAck,
     LayerState,
     LayerStats,
@@ -75,6 +84,12 @@ class LayerTransport(Protocol):
         merged: layer -> shard counters."""
         ...
 
+    def adopt(self) -> tuple[list[LayerState], list[int]]:
+        """Blocking, for a restarted coordinator: every layer actor's ``LayerCaches.adopt()``
+        report (every layer's, in layer order), and the actors that were gone and had to be
+        re-created empty."""
+        ...
+
 
 class Coordinator:
     """Coalesces routing per layer into windows and keeps layer actors in step (see module doc)."""
@@ -87,14 +102,26 @@ class Coordinator:
         on_ack: Callable[[LayerAck], None] | None = None,
         on_rebalance: Callable[[Rebalance], None] | None = None,
         run_in_background: Callable[[Callable[[], None]], object] | None = None,
+        adopt: bool = False,
     ):
         """on_rebalance: called for every planned load window (``expert_placement`` on), on
         this object's thread. run_in_background(job): where placement planning runs (None: a
-        worker thread of the coordinator's own; a test passes its own to decide when)."""
+        worker thread of the coordinator's own; a test passes its own to decide when). adopt:
+        this coordinator replaces one that died: it rebuilds itself from the layer actors
+        (``transport.adopt()``, blocking)."""
         self.config = config
         self._transport = transport
         self._on_ack_hook = on_ack  # e.g. Prometheus counters
         self._groups = config.actor_layers()
+        self._actor_of = {layer: a for a, group in enumerate(self._groups) for layer in group}
+        actors = range(len(self._groups))
+        # per actor: each client's last window sent to it and acknowledged by it (all of an
+        # actor's layers advance together), the submits it acknowledged, and its epoch
+        self._client_sent: list[dict[str, int]] = [{} for _ in actors]
+        self._client_acked: list[dict[str, int]] = [{} for _ in actors]
+        self._acked_submits = [0 for _ in actors]
+        self._epoch = [0 for _ in actors]
+        self._open_clients: dict[str, int] = {}  # client windows in the open window
         layers = range(config.num_layers)
         self._buffer = WindowBuffer(config, timer)
         self._predictive = config.entry.predictive
@@ -108,10 +135,11 @@ class Coordinator:
         }
         self._stats = {layer: LayerStats(layer=layer) for layer in layers}
         self._submits = 0
-        # Recent windows' routing, every layer (a policy that relearns): (window number,
-        # ids [layers, T, top_k], seq_starts or None), at least the last warmup_tokens tokens
-        # every layer acknowledged, for a restarted actor to relearn from.
-        self._recent: deque[tuple[int, np.ndarray, np.ndarray | None]] = deque()
+        # Recent windows' routing, every layer (a policy that relearns): (each layer's number
+        # for it, 0 where a layer did not get it; ids [layers, T, top_k]; seq_starts or None),
+        # at least the last warmup_tokens tokens every layer acknowledged, for a restarted
+        # actor to relearn from.
+        self._recent: deque[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = deque()
         # One capacity re-split across layers: it runs over every layer's routing as it
         # comes; its plans go out with the windows of their tokens.
         self._split: SplitSchedule | None = None
@@ -135,6 +163,37 @@ class Coordinator:
                 timer,
                 on_rebalance,
             )
+        if adopt:
+            self._adopt(*transport.adopt())
+
+    def _adopt(self, states: list[LayerState], lost: list[int]) -> None:
+        """Rebuilds the per-layer copies, statistics, window numbers and client marks from the
+        layer actors' reports. An actor that was gone (``lost``) or had replaced one that died
+        and never got its restore (``LayerState.unrestored``) starts from the marks every other
+        actor holds: its layers' earlier statistics died with it (a restart is counted)."""
+        by_layer = {state.layer: state for state in states}
+        for layer, state in by_layer.items():
+            self._state[layer] = LayerState(
+                layer, state.window, state.affinity_scores, state.activation_counts
+            )
+            self._sent[layer] = state.window
+            self._stats[layer] = LayerStats(**vars(state.totals or LayerStats(layer=layer)))
+        heads = [by_layer[group[0]] for group in self._groups]
+        lost = set(lost) | {a for a, head in enumerate(heads) if head.unrestored}
+        kept = [head.clients for a, head in enumerate(heads) if a not in lost]
+        floor = {c: min(marks.get(c, 0) for marks in kept) for c in set().union(*kept)}
+        for actor, head in enumerate(heads):
+            self._epoch[actor] = max(head.epoch for head in heads)
+            marks = floor if actor in lost else head.clients
+            self._client_sent[actor] = dict(marks)
+            self._client_acked[actor] = dict(marks)
+            self._acked_submits[actor] = head.submits
+        self._submits = max((head.submits for head in heads), default=0)
+        for actor in sorted(lost):
+            for layer in self._groups[actor]:
+                self._stats[layer].restarts += 1
+                self._stats[layer].restart_tokens += (0,)
+            self._transport.restore(actor, [self._copy_of(layer) for layer in self._groups[actor]])
 
     # --- submitting ---
 
@@ -158,33 +217,92 @@ class Coordinator:
         close_window: bool = False,
         seq_starts: np.ndarray | None = None,
         hints: np.ndarray | None = None,
-    ) -> None:
+        client: str | None = None,
+        seq: int | None = None,
+    ) -> tuple[int, int] | None:
         """Buffers checked routing (ints [num_layers, T, top_k]) of ``steps`` submits and
         closes the window if due, or at once with ``close_window`` (a client that coalesced a
-        whole window itself). seq_starts, hints: checked (``check_step``) or None."""
-        self._buffer.add(ids, steps, seq_starts, hints)
+        whole window itself). seq_starts, hints: checked (``check_step``) or None.
+
+        client, seq: a client's id and this window's sequence number (from 1, each once, in
+        order): a window every layer actor already has is dropped, one some have goes to the
+        others alone (after a coordinator restart), one that skips ahead raises
+        ClientGapError before anything changes. Returns the client's marks
+        (``client_marks``), or None without a client."""
+        if client is None:
+            self._buffer.add(ids, steps, seq_starts, hints)
+            self._observe(ids, steps)
+            if close_window or self._buffer.due():
+                self.flush()
+            self._collect(wait=False)
+            return None
+        actors = self._admit(client, seq)
+        if len(actors) == len(self._groups):
+            self._buffer.add(ids, steps, seq_starts, hints)
+            self._observe(ids, steps)
+            self._open_clients[client] = seq
+            if close_window or self._buffer.due():
+                self.flush()
+        elif actors:  # resent after a restart: only some actors lack it; the open window first
+            self.flush()
+            self._buffer.add(ids, steps, seq_starts, hints)
+            self._observe(ids, 0)  # the actors that have it counted its submits
+            self._send(self._buffer.take(), actors, ((client, seq),))
+        for actor in actors:
+            self._client_sent[actor][client] = seq
+        self._collect(wait=False)
+        return self.client_marks(client)
+
+    def _admit(self, client: str, seq: int) -> list[int]:
+        """The actors that lack window ``seq`` of ``client`` (ClientGapError when one lacks an
+        earlier window)."""
+        if not isinstance(client, str) or not 0 < len(client) <= 128:
+            raise ValueError("client: expected a non-empty id of at most 128 characters")
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or seq < 1:
+            raise ValueError(f"seq: expected an int >= 1, got {seq!r}")
+        marks = [sent.get(client, 0) for sent in self._client_sent]
+        low = min(marks)
+        if seq > low + 1:
+            raise ClientGapError(client, low + 1, int(seq))
+        return [actor for actor, mark in enumerate(marks) if mark < seq]
+
+    def client_marks(self, client: str, sync: bool = False) -> tuple[int, int]:
+        """(confirmed, low) for ``client``: its last window every layer actor has acknowledged
+        (the client may forget it and every earlier one), and its last window every layer
+        actor has been sent (it resends those after it). With ``sync``, waits for every
+        acknowledgement first."""
+        if sync:
+            self.sync()
+        confirmed = min(acked.get(client, 0) for acked in self._client_acked)
+        low = min(sent.get(client, 0) for sent in self._client_sent)
+        return confirmed, low
+
+    def _observe(self, ids: np.ndarray, steps: int) -> None:
         if self._split is not None:
             self._split.observe(ids.transpose(1, 0, 2))
         self._submits += steps
-        if close_window or self._buffer.due():
-            self.flush()
-        self._collect(wait=False)
 
     def flush(self) -> None:
         """Sends the open window: one call per layer actor, carrying each of its layers."""
         window = self._buffer.take()
         if window is None:
             return
+        clients, self._open_clients = tuple(self._open_clients.items()), {}
+        self._send(window, range(len(self._groups)), clients)
+
+    def _send(self, window, actors, clients: tuple[tuple[str, int], ...]) -> None:
+        """Sends ``window`` (``steps.Window``) to ``actors``: one call each, carrying each of
+        its layers."""
         routing = window.expert_ids
         starts = hints = None
         if self._predictive:  # only predictive policies read starts and hints
             starts, hints = window.seq_starts, window.hints
         resplits = self._split.window(routing.shape[1]) if self._split is not None else ()
-        if self._predictive and self.config.warmup_tokens:
-            self._keep_recent(routing, starts)
         if self._rebalancer is not None:
             self._rebalancer.feed(routing)
-        for actor, layers in enumerate(self._groups):
+        numbers = np.zeros(self.config.num_layers, dtype=np.int64)
+        for actor in actors:
+            layers = self._groups[actor]
             windows = []
             for layer in layers:
                 self._sent[layer] += 1
@@ -200,19 +318,31 @@ class Coordinator:
                     seq_starts=starts,
                     hints=None if hints is None else hints[layer],
                     resplits=resplits,
+                    clients=clients,
+                    steps=window.steps,
+                    epoch=self._epoch[actor],
                 )
+                numbers[layer] = self._sent[layer]
                 self._unacked[layer].append(layer_window)
                 windows.append(layer_window)
             self._transport.send(actor, windows)
+        if self._predictive and self.config.warmup_tokens:
+            self._keep_recent(numbers, routing, starts)
 
-    def _keep_recent(self, routing: np.ndarray, starts: np.ndarray | None) -> None:
-        """Keeps the window about to be sent in ``_recent``, and drops the oldest windows while
-        warmup_tokens tokens acknowledged by every layer remain (a restart relearns from tokens
-        up to its last acknowledged window)."""
-        self._recent.append((self._sent[0] + 1, routing, starts))  # the window's own arrays
-        acked = min(state.window for state in self._state.values())
-        covered = sum(ids.shape[1] for number, ids, _ in self._recent if number <= acked)
-        while self._recent[0][0] <= acked:
+    def _keep_recent(
+        self, numbers: np.ndarray, routing: np.ndarray, starts: np.ndarray | None
+    ) -> None:
+        """Keeps the window just sent (each layer's number for it) in ``_recent``, and drops
+        the oldest windows while warmup_tokens tokens acknowledged by every layer remain (a
+        restart relearns from tokens up to its last acknowledged window)."""
+        self._recent.append((numbers, routing, starts))  # the window's own arrays
+        acked = np.array([self._state[layer].window for layer in range(len(numbers))])
+
+        def done(entry) -> bool:  # acknowledged by every layer it went to
+            return bool((entry[0] <= acked).all())
+
+        covered = sum(entry[1].shape[1] for entry in self._recent if done(entry))
+        while done(self._recent[0]):
             first = self._recent[0][1].shape[1]
             if covered - first < self.config.warmup_tokens:
                 break
@@ -223,8 +353,10 @@ class Coordinator:
         """The routing a restarted actor hosting ``layers`` relearns from (a predictive
         policy): its rows (the previous layer's first) of the last warmup_tokens tokens up to
         its last acknowledged window; None without any."""
-        acked = self._state[layers[0]].window  # its layers advance together
-        kept = [(ids, starts) for number, ids, starts in self._recent if number <= acked]
+        first, acked = layers[0], self._state[layers[0]].window  # its layers advance together
+        kept = [
+            (ids, starts) for numbers, ids, starts in self._recent if 0 < numbers[first] <= acked
+        ]
         if not self._predictive or not kept:
             return None
         rows = slice(max(layers[0] - 1, 0), layers[-1] + 1)
@@ -260,6 +392,10 @@ class Coordinator:
     def _on_ack(self, ack: LayerAck) -> None:
         window = self._unacked[ack.layer].popleft()
         assert window.number == ack.number == self._state[ack.layer].window + 1, "acks in order"
+        actor = self._actor_of[ack.layer]
+        if ack.layer == self._groups[actor][0]:  # once per actor
+            self._client_acked[actor].update(window.clients)
+            self._acked_submits[actor] += window.steps
         self._state[ack.layer] = LayerState(
             ack.layer, ack.number, ack.affinity_scores, ack.activation_counts
         )
@@ -274,11 +410,12 @@ class Coordinator:
         """Re-creates a failed layer actor, restores it and resends what it had not acked."""
         self._transport.recreate(actor)
         layers = self._groups[actor]
-        self._transport.restore(
-            actor, [self.layer_state(layer) for layer in layers], self._warmup(layers)
-        )
         for layer in layers:
             self._stats[layer].restarts += 1
+            self._stats[layer].restart_tokens += (self._stats[layer].tokens,)
+        self._transport.restore(
+            actor, [self._copy_of(layer) for layer in layers], self._warmup(layers)
+        )
         resend = [w for layer in layers for w in self._unacked[layer]]
         if resend:
             self._transport.send(actor, sorted(resend, key=lambda w: (w.number, w.layer)))
@@ -286,6 +423,21 @@ class Coordinator:
     def layer_state(self, layer: int) -> LayerState:
         """The coordinator's copy of ``layer`` as of its last acknowledged window."""
         return self._state[layer]
+
+    def _copy_of(self, layer: int) -> LayerState:
+        """What a re-created actor is restored to for ``layer``: the copy, with the statistics,
+        client marks and submits as of its last acknowledged window."""
+        state, actor = self._state[layer], self._actor_of[layer]
+        return LayerState(
+            layer,
+            state.window,
+            state.affinity_scores,
+            state.activation_counts,
+            dict(self._client_acked[actor]),
+            LayerStats(**vars(self._stats[layer])),
+            self._acked_submits[actor],
+            self._epoch[actor],
+        )
 
     # --- reading ---
 
@@ -307,6 +459,7 @@ class Coordinator:
             layers=layers,
             submits=self._submits,
             pending_windows=pending,
+            coordinator_restarts=max(self._epoch, default=0),
             resplit_moved=split.moved if split else 0,
             capacity=split.capacity if split else self.config.capacity,
             capacity_max=split.capacity_max if split else self.config.capacity,

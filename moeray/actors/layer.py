@@ -4,7 +4,10 @@ A plain class: ``moeray.actors._ray`` wraps it with ``ray.remote`` where it is c
 ``InProcessTransport`` calls it directly. The coordinator sends it ``LayerWindow``s numbered per
 layer (1, 2, 3, ...): every hosted layer's window of one number comes in the same call; it
 applies each number exactly once, in order, through the policy's one per-window interface
-(``moeray.policy.windows``), and answers with a ``LayerAck`` per layer.
+(``moeray.policy.windows``), and answers with a ``LayerAck`` per layer. It keeps, with its state,
+what a restarted coordinator rebuilds itself from (``adopt``): each layer's statistics, each
+client's last window applied and the submits applied; windows from a coordinator older than the
+one that last adopted it are ignored.
 
 With ``shards`` (a checkpoint directory on the actor's node) each hosted layer also keeps the
 bytes of its shard resident for its hot set (``moeray.shards.residency``): after each window the
@@ -20,6 +23,7 @@ from moeray.actors.messages import (
     Counters,
     LayerAck,
     LayerState,
+    LayerStats,
     LayerWindow,
     Warmup,
     WindowGapError,
@@ -48,6 +52,7 @@ class LayerCaches:
         shards: str | None = None,
         settle: bool = False,
         policies: dict[str, PolicyEntry] = POLICIES,
+        replacement: bool = False,
     ):
         """affinity_config: the service's affinity EMA of each layer's routing (restored after
         a restart; the demand policies decide by it). settings: what the policy reads besides
@@ -68,6 +73,13 @@ class LayerCaches:
             self._layers, num_experts, capacity, self._affinity, settings or PolicySettings()
         )
         self._applied = {layer: 0 for layer in layers}
+        # what a restarted coordinator reads back (``adopt``): every hosted layer advances
+        # together, so the clients' marks and the submits are the actor's
+        self._totals = {layer: LayerStats(layer=layer) for layer in layers}
+        self._clients: dict[str, int] = {}
+        self._submits = 0
+        self._epoch = 0
+        self._unrestored = replacement
         self._settle = settle
         self._residency = _open_residency(shards, layers, num_experts, capacity) if shards else {}
         # each layer's residency counters as last reported (an ack or settle_shards): the
@@ -83,17 +95,49 @@ class LayerCaches:
 
     def restore(self, states: list[LayerState], warmup: Warmup | None = None) -> None:
         """Takes the coordinator's copy after a restart: affinity and the last applied window,
-        and the recent routing a relearning policy steps through (``warmup``)."""
+        the statistics, client marks and submits up to it, and the recent routing a relearning
+        policy steps through (``warmup``). A restore from an older coordinator is ignored."""
+        if states and states[0].epoch < self._epoch:
+            return
         for state in states:
             self._affinity[state.layer].load_state(state.affinity_scores, state.activation_counts)
             self._applied[state.layer] = state.window
+            self._totals[state.layer] = _copy_stats(state.totals, state.layer)
+            self._clients = dict(state.clients)
+            self._submits = state.submits
+            self._epoch = state.epoch
+        self._unrestored = False
         if warmup is not None:
             self._policy.warm_up(np.asarray(warmup.expert_ids), warmup.seq_starts)
+
+    def adopt(self) -> list[LayerState]:
+        """A restarted coordinator takes this actor over: from now on windows of the coordinator
+        before it are ignored (they may still be on their way). Returns each hosted layer's
+        state: last window applied, affinity, statistics, client marks, submits and the new
+        epoch (``LayerState``)."""
+        self._epoch += 1
+        return [
+            LayerState(
+                layer,
+                self._applied[layer],
+                self._affinity[layer].scores(),
+                self._affinity[layer].activation_counts(),
+                dict(self._clients),
+                _copy_stats(self._totals[layer], layer),
+                self._submits,
+                self._epoch,
+                self._unrestored,
+            )
+            for layer in self._layers
+        ]
 
     def apply(self, windows: list[LayerWindow]) -> list[LayerAck]:
         """Applies windows in number order, every hosted layer's window of one number together;
         a number already applied is skipped (a resend after a failure), one that skips ahead
-        raises WindowGapError before anything changes."""
+        raises WindowGapError before anything changes. Windows of a coordinator older than the
+        one that last adopted this actor are ignored (no acks)."""
+        if windows and windows[0].epoch < self._epoch:
+            return []  # sent by a coordinator that has died since: its routing comes again
         by_number: dict[int, dict[int, LayerWindow]] = {}
         for window in windows:
             if window.layer not in self._applied:
@@ -116,6 +160,10 @@ class LayerCaches:
                     f"{number} has layers {sorted(group)}, this actor hosts {self._layers}"
                 )
             acks.extend(self._apply_group([group[layer] for layer in self._layers]))
+            head = group[first]
+            self._clients.update(head.clients)
+            self._submits += head.steps
+            self._epoch = max(self._epoch, head.epoch)
         return acks
 
     def _apply_group(self, ordered: list[LayerWindow]) -> list[LayerAck]:
@@ -145,11 +193,16 @@ class LayerCaches:
             self._applied[w.layer] = w.number
             shard = self._shard_end(b, *hot_set) if b is not None else {}
             affinity = self._affinity[w.layer]
+            counters = Counters(**count, **shard)
+            totals = self._totals[w.layer]
+            totals.add(counters)
+            totals.windows += 1
+            totals.tokens += len(w.expert_ids)
             acks.append(
                 LayerAck(
                     w.layer,
                     w.number,
-                    Counters(**count, **shard),
+                    counters,
                     affinity.scores(),
                     affinity.activation_counts(),
                 )
@@ -196,7 +249,10 @@ class LayerCaches:
         for residency in self._residency.values():
             residency.settle()
             residency.measure()
-        return {layer: Counters(**self._shard_report(layer)) for layer in self._residency}
+        out = {layer: Counters(**self._shard_report(layer)) for layer in self._residency}
+        for layer, counters in out.items():
+            self._totals[layer].add(counters)  # the coordinator adds them to its statistics too
+        return out
 
     def shard_capacity_bytes(self) -> dict[int, int]:
         """layer -> capacity in bytes (hot experts x an expert's bytes); empty without shards."""
@@ -204,6 +260,11 @@ class LayerCaches:
 
     def ping(self) -> bool:
         return True
+
+
+def _copy_stats(stats: LayerStats | None, layer: int) -> LayerStats:
+    """A copy of ``stats`` (None: zeros) for ``layer``."""
+    return LayerStats(layer=layer) if stats is None else LayerStats(**vars(stats))
 
 
 def _open_residency(

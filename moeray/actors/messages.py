@@ -3,9 +3,12 @@
 Windows go out (``LayerWindow``: one layer's routing coalesced over a window, numbered per layer
 from 1), acknowledgements come back (``LayerAck``: that window's ``Counters`` and the layer's
 affinity after it); the coordinator keeps a copy of each layer (``LayerState``) to restart its
-actor from, with recent routing (``Warmup``) for a policy that relearns. Every counter list is
-built from ``Counters``: an ack carries one, ``LayerStats`` sums them per layer, and
-``ServiceStats.total`` sums the layers. Plain values, numpy and the standard library only.
+actor from, with recent routing (``Warmup``) for a policy that relearns, and a restarted
+coordinator rebuilds itself from the ``LayerState`` each layer actor reports. A client's windows
+are numbered by the client (its sequence numbers, from 1); one that skips ahead is refused with
+``ClientGapError``. Every counter list is built from ``Counters``: an ack carries one,
+``LayerStats`` sums them per layer, and ``ServiceStats.total`` sums the layers. Plain values,
+numpy and the standard library only.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 from moeray.policy.windows import COUNTER_KEYS, PREDICTOR_COUNTER_KEYS
 
 __all__ = [
+    "ClientGapError",
     "Counters",
     "LayerAck",
     "LayerState",
@@ -120,6 +124,9 @@ class LayerWindow:
     seq_starts: np.ndarray | None = None
     hints: np.ndarray | None = None
     resplits: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    clients: tuple[tuple[str, int], ...] = ()
+    steps: int = 0
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,12 +148,25 @@ class LayerState:
 
     window: the number of the last window applied; affinity_scores float64 [E] and
     activation_counts int64 [E] after it. The hot set is not part of it: a restarted actor's
-    memory is empty, as a real process's is (a policy that relearns gets ``Warmup``)."""
+    memory is empty, as a real process's is (a policy that relearns gets ``Warmup``).
+
+    What a restarted coordinator rebuilds itself from (each layer actor keeps it with its state
+    and reports it, ``LayerCaches.adopt``): clients, each client's last sequence number in
+    windows 1..window; totals, the layer's statistics over those windows (None: zeros);
+    submits, the submits those windows held; epoch, the coordinator incarnation the actor
+    answers to (windows of an older one are ignored); unrestored: the actor replaced one that
+    died and its restore never came (its coordinator died first): the layer's state is lost (a
+    report only)."""
 
     layer: int
     window: int
     affinity_scores: np.ndarray
     activation_counts: np.ndarray
+    clients: dict[str, int] = field(default_factory=dict)
+    totals: LayerStats | None = None
+    submits: int = 0
+    epoch: int = 0
+    unrestored: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +177,18 @@ class Warmup:
 
     expert_ids: np.ndarray
     seq_starts: np.ndarray | None = None
+
+
+class ClientGapError(RuntimeError):
+    """A client's window skipped ahead of the windows the coordinator has from that client (the
+    client resends from ``expected``: ``ServiceHandle`` does, from its journal)."""
+
+    def __init__(self, client: str, expected: int, got: int):
+        super().__init__(f"client {client}: expected window {expected}, got {got}")
+        self.client, self.expected, self.got = client, expected, got
+
+    def __reduce__(self):  # crosses Ray as itself
+        return ClientGapError, (self.client, self.expected, self.got)
 
 
 class WindowGapError(RuntimeError):
@@ -170,12 +202,14 @@ class WindowGapError(RuntimeError):
 @dataclass
 class LayerStats(Counters):
     """One layer's counters over its acknowledged windows, with how many windows and tokens
-    those were and how often its actor was restarted (layer -1: the sum of every layer)."""
+    those were, how often its actor was restarted and at which of its tokens each restart
+    resumed (the new actor's first window starts there) (layer -1: the sum of every layer)."""
 
     layer: int = -1
     windows: int = 0
     tokens: int = 0
     restarts: int = 0
+    restart_tokens: tuple[int, ...] = ()
 
 
 @dataclass
@@ -215,6 +249,7 @@ class ServiceStats:
     layers: list[LayerStats] = field(default_factory=list)
     submits: int = 0
     pending_windows: int = 0
+    coordinator_restarts: int = 0  # times the coordinator was re-created and rebuilt itself
     coordinator_cpu_s: float = 0.0  # CPU time of the coordinator's process so far
     # CPU time of the coordinator's thread inside its methods (submits, windows,
     # acknowledgements), less its blocking waits for layer actors, and without the Ray threads

@@ -27,6 +27,7 @@ __all__ = [
     "check_routing",
     "check_seq_starts",
     "check_step",
+    "check_window",
     "join_hints",
     "schedule_step",
 ]
@@ -59,6 +60,41 @@ def check_step(
         w,
         check_seq_starts(seq_starts, ids.shape[1]),
         check_hints(hints, config, ids.shape[1]),
+    )
+
+
+def check_window(config: ServiceConfig, expert_ids, steps, seq_starts=None, hints=None):
+    """A window of ``steps`` coalesced steps as a client sends it to the coordinator (``Window``'s
+    fields): expert_ids int [num_layers, T, top_k], T at most steps x max_step_tokens, each id
+    in [0, num_experts); steps an int in [1, window_steps]; seq_starts, hints as for a step.
+    Returns (expert_ids, seq_starts, hints) checked (``check_seq_starts``, ``check_hints``).
+    TypeError / ValueError naming the argument: the coordinator's entry for any Ray client."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
+    if not 1 <= steps <= config.window_steps:
+        raise ValueError(f"steps: expected an int in [1, {config.window_steps}], got {steps}")
+    if not isinstance(expert_ids, np.ndarray):
+        raise TypeError(f"expert_ids: expected a numpy array, got {type(expert_ids).__name__}")
+    if expert_ids.dtype.kind not in "iu":
+        raise TypeError(f"expert_ids: expected an integer dtype, got {expert_ids.dtype}")
+    shape = (config.num_layers, config.top_k)
+    if expert_ids.ndim != 3 or (expert_ids.shape[0], expert_ids.shape[2]) != shape:
+        raise ValueError(
+            f"expert_ids: expected shape [num_layers={config.num_layers}, T, "
+            f"top_k={config.top_k}], got {expert_ids.shape}"
+        )
+    if expert_ids.shape[1] > steps * config.max_step_tokens:
+        raise ValueError(
+            f"expert_ids: {expert_ids.shape[1]:,} tokens in {steps} steps exceed "
+            f"ServiceConfig.max_step_tokens={config.max_step_tokens:,} per step"
+        )
+    if expert_ids.size and (expert_ids.min() < 0 or expert_ids.max() >= config.num_experts):
+        raise ValueError(f"expert_ids: every id must be in [0, {config.num_experts})")
+    num_tokens = expert_ids.shape[1]
+    return (
+        expert_ids,
+        check_seq_starts(seq_starts, num_tokens),
+        check_hints(hints, config, num_tokens),
     )
 
 

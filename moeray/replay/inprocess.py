@@ -16,13 +16,14 @@ the whole stream and run on their own.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from moeray._progress import Progress
 from moeray.actors.config import ServiceConfig
 from moeray.actors.coordinator import Coordinator
+from moeray.actors.messages import ServiceStats
 from moeray.actors.transport import InProcessTransport
 from moeray.policy.registry import POLICIES, PolicyEntry, policy_entry
 from moeray.replay.config import ReplayConfig
@@ -30,7 +31,14 @@ from moeray.replay.hints import synthetic_hints
 from moeray.replay.report import PolicyResult, ReplayReport, policy_result, resplit_report
 from moeray.traces.trace import Trace
 
-__all__ = ["replay_policy", "replay_trace", "service_config_for", "trace_hints", "trace_seq_starts"]
+__all__ = [
+    "replay_policy",
+    "replay_steps",
+    "replay_trace",
+    "service_config_for",
+    "trace_hints",
+    "trace_seq_starts",
+]
 
 # Tokens per submit of an in-process replay without shards: windows never change a decision,
 # so this only sets how often progress moves.
@@ -118,6 +126,39 @@ def replay_policy(
     if progress is not None and trace.num_layers > reported:
         progress.advance(trace.num_layers - reported, name)
     return stats, transport.seconds
+
+
+def replay_steps(
+    config: ServiceConfig,
+    steps: Iterable[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]],
+    restart_tokens: Mapping[int, Sequence[int]] | None = None,
+) -> ServiceStats:
+    """What a service of ``config`` counts for ``steps`` (expert_ids, seq_starts, hints each, as
+    submitted, in order), in this process, with each layer actor re-created (empty) where
+    ``restart_tokens[actor]`` says: at those token counts of its layers, each a window boundary
+    and distinct, as ``LayerStats.restart_tokens`` reports them. A coordinator that restarts
+    changes nothing, so this is the count of a service that survived those failures."""
+    transport = InProcessTransport(config)
+    coordinator = Coordinator(config, transport)
+    firsts = [layers[0] for layers in config.actor_layers()]
+    due = {actor: sorted(tokens) for actor, tokens in (restart_tokens or {}).items()}
+
+    def kill_due() -> None:
+        layers = coordinator.stats(sync=False).layers
+        for actor, tokens in due.items():
+            if tokens and tokens[0] == layers[firsts[actor]].tokens:
+                transport.kill(actor)
+                tokens.pop(0)
+
+    kill_due()
+    for ids, starts, hints in steps:
+        coordinator.submit(ids, seq_starts=starts, hints=hints)
+        kill_due()
+    stats = coordinator.stats()
+    left = {actor: tokens for actor, tokens in due.items() if tokens}
+    if left:
+        raise ValueError(f"restart_tokens: no window of these actors ends at {left}")
+    return stats
 
 
 def resplit_of(stats, config: ReplayConfig, entry: PolicyEntry) -> dict | None:
