@@ -61,6 +61,7 @@ class ServiceHandle:
         wake_after: Callable[[float, Callable[[], None]], None] = _daemon_timer,
         max_journal_windows: int = 256,
         recovery_timeout_s: float = 60.0,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         """timer: seconds, monotonic (submit latency, window age, recovery deadlines).
         wake_after(seconds, callback): calls callback later from another thread (closes a
@@ -68,7 +69,8 @@ class ServiceHandle:
         max_journal_windows: windows this handle keeps until every layer actor acknowledged
         them (each at most window_steps x max_step_tokens tokens); at the bound a submit waits
         for the acknowledgements. recovery_timeout_s: how long a submit waits for a coordinator
-        that died to come back before it raises."""
+        that died to come back before it raises; sleep(seconds): waits between its polls of a
+        restarting coordinator (a test passes its own)."""
         self._coordinator = coordinator
         self.config = config
         self._in_flight: deque = deque()  # add_routing calls not yet answered, in send order
@@ -88,6 +90,7 @@ class ServiceHandle:
         self._broken: str | None = None  # why this handle can take no more steps
         self._journal = ClientJournal(uuid.uuid4().hex, max_journal_windows)
         self._recovery_timeout_s = recovery_timeout_s
+        self._sleep = sleep
         self._failing_since: float | None = None  # when the coordinator was first seen failing
         # seconds each recovery took, from the failure seen to the journal resent
         self.recoveries_s: deque[float] = deque(maxlen=10_000)
@@ -225,7 +228,7 @@ class ServiceHandle:
                 break
             except (_ray.RayActorError, _ray.GetTimeoutError) as exc:
                 failure = exc
-            time.sleep(min(pause, max(left, 0)))  # Ray refuses calls while it restarts it
+            self._sleep(min(pause, max(left, 0)))  # Ray refuses calls while it restarts it
             pause = min(pause * 2, 0.2)
         self._journal.confirm(confirmed)
         try:
@@ -347,8 +350,9 @@ class ServiceHandle:
         _ray.remove_service(self.config)
 
 
-def start(config: ServiceConfig) -> ServiceHandle:
-    """Creates the service's actors and returns once the coordinator answers.
+def start(config: ServiceConfig, **options) -> ServiceHandle:
+    """Creates the service's actors and returns once the coordinator answers. options: the
+    handle's (``ServiceHandle``: max_in_flight, max_journal_windows, recovery_timeout_s).
 
     ValueError when a service of that name already runs in the namespace (use ``connect``)."""
     if not isinstance(config, ServiceConfig):
@@ -362,7 +366,7 @@ def start(config: ServiceConfig) -> ServiceHandle:
     coordinator = _ray.create_coordinator(config)
     _ray.call(coordinator.ready)  # every actor is up, or its creation error surfaces here
     _warn_if_core_differs(*_ray.call(coordinator.core))
-    return ServiceHandle(coordinator, config)
+    return ServiceHandle(coordinator, config, **options)
 
 
 def _warn_if_core_differs(path: str, native: bool) -> None:
@@ -383,10 +387,11 @@ def _warn_if_core_differs(path: str, native: bool) -> None:
 
 
 def connect(
-    name: str = "moeray", namespace: str = "moeray", timeout_s: float = 30.0
+    name: str = "moeray", namespace: str = "moeray", timeout_s: float = 30.0, **options
 ) -> ServiceHandle:
     """A handle on the running service ``name``; ValueError when there is none. A coordinator
-    that is restarting is waited for up to ``timeout_s`` seconds, then TimeoutError."""
+    that is restarting is waited for up to ``timeout_s`` seconds, then TimeoutError. options:
+    the handle's (as ``start``)."""
     coordinator = _ray.get_coordinator(name, namespace)
     deadline = time.monotonic() + timeout_s
     pause = 0.01
@@ -394,7 +399,7 @@ def connect(
         left = deadline - time.monotonic()
         try:
             config = _ray.call_within(max(left, 0.001), coordinator.config)
-            return ServiceHandle(coordinator, config)
+            return ServiceHandle(coordinator, config, **options)
         except _ray.ActorDiedError:
             raise ValueError(
                 f"name: moeray service {name!r} in namespace {namespace!r} is gone (its "

@@ -144,3 +144,136 @@ def test_connect_waits_for_a_restarting_coordinator_then_says_so(ray_local, rout
             service.connect(stuck.name, timeout_s=1)
     finally:
         _ray.remove_service(stuck)
+
+
+class _Ref:
+    """A fake call's outcome: its answer, or the error ray.get would raise."""
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+
+class _FakeCoordinator:
+    """A coordinator whose calls answer or fail as the test scripts them (no Ray cluster)."""
+
+    def __init__(self):
+        self.sent: list[int] = []  # the window numbers add_routing received
+        self.failure = None  # raised by every call while set
+        self.marks_failures = 0  # client_marks calls that fail before one answers
+        self.marks = (0, 0)
+
+    def _answer(self, value):
+        return _Ref(self.failure if self.failure is not None else value)
+
+    @property
+    def add_routing(self):
+        fake = self
+
+        class Method:
+            def remote(self, ids, steps, close, starts, hints, client, seq):
+                fake.sent.append(seq)
+                return fake._answer((0, seq))
+
+        return Method()
+
+    @property
+    def client_marks(self):
+        fake = self
+
+        class Method:
+            def remote(self, client, sync=False):
+                if fake.marks_failures:
+                    fake.marks_failures -= 1
+                    return _Ref(fake.failure)
+                fake.failure = None  # it is back
+                return _Ref(fake.marks)
+
+        return Method()
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    def get(ref, timeout_s=None):
+        if isinstance(ref.outcome, BaseException):
+            raise ref.outcome
+        return ref.outcome
+
+    monkeypatch.setattr(_ray, "ready", lambda ref: True)
+    monkeypatch.setattr(_ray, "get", get)
+    monkeypatch.setattr(
+        _ray, "call_within", lambda timeout, method, *args: get(method.remote(*args))
+    )
+    monkeypatch.setattr(_ray, "coordinator_exists", lambda name, namespace: False)
+    return get
+
+
+def _handle(coordinator, now=None, **options):
+    cfg = config("svc-fake", num_layers=2, window_steps=1, layers_per_actor=1)
+    timer = (lambda: now[0]) if now is not None else time.perf_counter
+    return service.ServiceHandle(coordinator, cfg, timer=timer, **options)
+
+
+def test_a_handle_waits_for_a_restarted_coordinator_and_resends_its_journal(fake_ray):
+    from ray.exceptions import ActorUnavailableError, RayTaskError
+
+    from moeray.actors.messages import ClientGapError
+
+    step = np.zeros((2, 3, 4), np.int32)
+    coordinator = _FakeCoordinator()
+    handle = _handle(coordinator)
+    for _ in range(3):
+        handle.submit(step)
+    assert coordinator.sent == [1, 2, 3] and handle.unconfirmed_windows == 3  # none confirmed
+    coordinator.failure = ActorUnavailableError("restarting", None)
+    handle.submit(step)  # window 4 goes out; its failure is seen at the next send
+    coordinator.marks_failures, coordinator.marks = 2, (1, 2)  # back after two refusals
+    handle.submit(step)
+    # forgot window 1 (confirmed), resent what not every layer actor was sent, then window 5
+    assert coordinator.sent == [1, 2, 3, 4, 3, 4, 5]
+    assert len(handle.recoveries_s) == 1 and handle.unconfirmed_windows == 4
+    # a window that skipped ahead of what a restarted coordinator holds: resent from its gap
+    coordinator.failure = RayTaskError("add_routing", "", ClientGapError("c", 4, 6))
+    handle.submit(step)
+    coordinator.marks = (2, 3)  # every actor acknowledged 2 and was sent 3
+    handle.submit(step)
+    assert coordinator.sent[-5:] == [6, 4, 5, 6, 7] and handle.unconfirmed_windows == 5
+
+
+def test_a_handle_says_why_it_cannot_go_on(fake_ray):
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    step = np.zeros((2, 3, 4), np.int32)
+    now = [0.0]
+    coordinator = _FakeCoordinator()
+    # each poll of the restarting coordinator finds it still down, 7 s later
+    handle = _handle(
+        coordinator, now, recovery_timeout_s=60, sleep=lambda s: now.__setitem__(0, now[0] + 7)
+    )
+    handle.submit(step)
+    coordinator.failure = ActorUnavailableError("restarting", None)
+    coordinator.marks_failures = 10**9  # never back
+    handle.submit(step)
+    with pytest.raises(RuntimeError, match="did not come back within 60 s"):
+        handle.submit(step)
+    with pytest.raises(RuntimeError, match="did not come back"):  # and says so from then on
+        handle.submit(step)
+    gone = _FakeCoordinator()
+    handle = _handle(gone)
+    handle.submit(step)
+    gone.failure = ActorDiedError()  # shut down: no coordinator of that name is left
+    handle.submit(step)
+    with pytest.raises(RuntimeError, match="coordinator is gone"):
+        handle.submit(step)
+
+
+def test_a_full_journal_waits_for_acknowledgements(ray_local, routing):
+    ids = routing
+    cfg = config("svc-journal-bound", window_steps=1)
+    handle = service.start(cfg, max_journal_windows=2, max_in_flight=1)
+    try:
+        for lo in range(0, 1024, 64):
+            handle.submit(ids[:, lo : lo + 64])
+            assert handle.unconfirmed_windows <= 2
+        assert handle.stats().layers[0].tokens == 1024
+    finally:
+        handle.shutdown()
