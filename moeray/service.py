@@ -134,7 +134,10 @@ class ServiceHandle:
         """The window_ms wake-up: sends window ``number`` if it is still open."""
         with self._lock:
             if self._window and self._window_number == number and self._broken is None:
-                self._send_window()
+                try:
+                    self._send_window()
+                except RuntimeError:  # recorded (_break): the next submit raises it
+                    pass
 
     def _send_window(self) -> None:
         """Sends the open window (the caller holds the lock), journaled."""
