@@ -60,15 +60,17 @@ class ServiceHandle:
         timer: Callable[[], float] = time.perf_counter,
         wake_after: Callable[[float, Callable[[], None]], None] = _daemon_timer,
         max_journal_windows: int = 256,
+        max_journal_bytes: int = 256 * 2**20,
         recovery_timeout_s: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
     ):
         """timer: seconds, monotonic (submit latency, window age, recovery deadlines).
         wake_after(seconds, callback): calls callback later from another thread (closes a
         window_ms-old window when no submit comes to do it; a test passes its own).
-        max_journal_windows: windows this handle keeps until every layer actor acknowledged
-        them (each at most window_steps x max_step_tokens tokens); at the bound a submit waits
-        for the acknowledgements. recovery_timeout_s: how long a submit waits for a coordinator
+        max_journal_windows, max_journal_bytes: windows, and their bytes, this handle keeps
+        until every layer actor acknowledged them (each window at most
+        ``ServiceConfig.max_window_bytes``); at either bound a submit waits for the
+        acknowledgements. recovery_timeout_s: how long a submit waits for a coordinator
         that died to come back before it raises; sleep(seconds): waits between its polls of a
         restarting coordinator (a test passes its own)."""
         self._coordinator = coordinator
@@ -88,7 +90,7 @@ class ServiceHandle:
         self._lock = threading.RLock()
         self._closed = False  # after shutdown: no more steps
         self._broken: str | None = None  # why this handle can take no more steps
-        self._journal = ClientJournal(uuid.uuid4().hex, max_journal_windows)
+        self._journal = ClientJournal(uuid.uuid4().hex, max_journal_windows, max_journal_bytes)
         self._recovery_timeout_s = recovery_timeout_s
         self._sleep = sleep
         self._failing_since: float | None = None  # when the coordinator was first seen failing
@@ -115,6 +117,8 @@ class ServiceHandle:
             batches = schedule_step(step.expert_ids, step.weights, self.config.num_experts)
         ms = self.config.window_ms
         with self._lock:
+            if not self._window.fits(step.expert_ids, step.hints):
+                self._send_window()  # max_window_bytes, and hints padded at most 2x
             if not self._window:
                 self._window_number += 1
                 if ms is not None and self.config.window_steps > 1:
@@ -199,8 +203,9 @@ class ServiceHandle:
             self._journal.confirm(confirmed)
         if self._journal.full():
             self._break(
-                f"{len(self._journal)} windows of this client are not acknowledged by every "
-                f"layer actor (max_journal_windows={self._journal.max_windows})"
+                f"{len(self._journal)} windows ({self._journal.bytes:,} bytes) of this client "
+                "are not acknowledged by every layer actor (max_journal_windows="
+                f"{self._journal.max_windows}, max_journal_bytes={self._journal.max_bytes:,})"
             )
 
     def _recover(self, failure: Exception) -> None:
@@ -355,7 +360,8 @@ class ServiceHandle:
 
 def start(config: ServiceConfig, **options) -> ServiceHandle:
     """Creates the service's actors and returns once the coordinator answers. options: the
-    handle's (``ServiceHandle``: max_in_flight, max_journal_windows, recovery_timeout_s).
+    handle's (``ServiceHandle``: max_in_flight, max_journal_windows, max_journal_bytes,
+    recovery_timeout_s).
 
     ValueError when a service of that name already runs in the namespace (use ``connect``)."""
     if not isinstance(config, ServiceConfig):

@@ -669,7 +669,50 @@ def test_one_clients_oversized_hints_or_step_cannot_wedge_the_window(routing):
     coordinator.submit(ids[:, 200:300])
     stats = coordinator.stats()
     assert stats.submits == 3 and all(s.tokens == 300 for s in stats.layers)
-    window = transport.sends[0][1][0]
-    assert window.hints.shape == (300, 32)  # padded to the widest accepted step, no wider
+    # padded to the widest accepted step, no wider; the hint-less third step would have
+    # doubled the padding, so it went in a window of its own
+    first, second = [windows[0] for actor, windows in transport.sends if actor == 0][:2]
+    assert first.hints.shape == (200, 32) and second.hints is None
     with pytest.raises(ValueError, match="max_step_tokens"):
         ServiceConfig(num_layers=2, num_experts=8, top_k=2, max_step_tokens=0)
+
+
+def test_a_window_stays_within_its_bytes_and_pads_hints_at_most_twice(routing):
+    """A small step with wide hints after a long one with narrow hints (once: +514 MiB of
+    padding from 656 KB of steps) goes in a window of its own; a step larger than
+    max_window_bytes is refused naming it; windows never pass max_window_bytes; the counts are
+    those of the whole stream."""
+    ids, _ = routing
+    config = ServiceConfig(
+        num_layers=6, num_experts=32, top_k=4, window_steps=64, max_window_bytes=64 * 2**10
+    )
+    coordinator, transport = make(config)
+    rng = np.random.default_rng(0)
+    sent = 0
+    for start in range(0, 1150, 50):
+        width = int(rng.choice([0, 1, 32]))
+        hints = None if width == 0 else np.full((6, 50, width), -1, np.int32)
+        coordinator.submit(ids[:, start : start + 50], hints=hints)
+        sent += 50
+    big = np.full((6, 400, 32), -1, np.int32)  # 400 x 6 x (4 + 128) + 400 bytes > 64 KiB
+    with pytest.raises(ValueError, match="max_window_bytes=65,536"):
+        coordinator.submit(ids[:, :400], hints=big)
+    coordinator.submit(ids[:, 1150:1151], hints=np.full((6, 1, 32), -1, np.int32))
+    coordinator.flush()
+    windows = [windows[0] for actor, windows in transport.sends if actor == 0]
+    assert len(windows) > 1
+    for window in windows:
+        tokens = len(window.expert_ids)
+        width = 0 if window.hints is None else window.hints.shape[1]
+        assert tokens * 6 * (4 + 4 * width) + tokens <= config.max_window_bytes
+    assert all(s.tokens == sent + 1 for s in coordinator.stats().layers)
+
+
+def test_config_bounds_what_it_allocates_per_expert():
+    with pytest.raises(ValueError, match="transition tables"):
+        ServiceConfig(num_layers=24, num_experts=2**16, top_k=4)
+    ServiceConfig(num_layers=24, num_experts=2**16, top_k=4, policy="lru")
+    with pytest.raises(ValueError, match="num_experts"):
+        ServiceConfig(num_layers=2, num_experts=2**24, top_k=4, policy="lru")
+    with pytest.raises(ValueError, match="max_window_bytes"):
+        ServiceConfig(num_layers=2, num_experts=8, top_k=2, max_window_bytes=100)

@@ -20,6 +20,10 @@ from moeray.shards.capacity import capacity_from_bytes, shard_expert_bytes
 
 __all__ = ["ServiceConfig"]
 
+_MAX_LAYERS = 4096  # per-layer state is allocated for every layer: bounded before it is
+_MAX_EXPERTS = 2**20  # per-expert state likewise (the largest routed MoE today has 512)
+_MAX_TABLE_BYTES = 8 * 2**30
+
 
 @dataclass(frozen=True)
 class ServiceConfig:
@@ -45,9 +49,13 @@ class ServiceConfig:
     policy, the routing the coordinator keeps (this many last tokens, every layer) for a
     restarted layer actor to relearn from (0: it restarts with empty tables).
     max_step_tokens: the most tokens one step may carry (a larger one is refused, naming this
-    limit). With engine hints at most num_experts wide, a window's routing takes at most
-    window_steps x max_step_tokens x num_layers x (top_k + 4 num_experts) bytes in a handle and
-    in the coordinator, whatever its steps hold.
+    limit). max_window_bytes: the most bytes one window's routing and hints may take, as
+    buffered (ids at ``ids_dtype``, hints int32 padded to the window's widest step, one byte per
+    token for sequence starts): a step larger than this is refused, naming it, and a window
+    closes early rather than grow past it or pad its hints to more than twice their own bytes.
+    So a handle holds at most 2 x max_window_bytes of routing not yet sent (its open window and
+    one being sent) plus its journal (``max_journal_windows`` windows, at most
+    ``max_journal_bytes``), and the coordinator one open window, whatever its clients send.
     expert_placement: which GPU slots hold each expert of each layer, re-planned by the
     coordinator from every client's routing every ``every_tokens`` tokens and published in
     versions (``ServiceHandle.placement``): a ``PlacementConfig`` or a dict of its fields (None,
@@ -74,11 +82,12 @@ class ServiceConfig:
     predict: PredictConfig = PredictConfig()
     warmup_tokens: int = 4096
     max_step_tokens: int = 65_536
+    max_window_bytes: int = 64 * 2**20
     expert_placement: PlacementConfig | None = None
 
     def __post_init__(self):
-        check_int(self.num_layers, "num_layers", 1)
-        check_int(self.num_experts, "num_experts", 1, 2**31 - 1)
+        check_int(self.num_layers, "num_layers", 1, _MAX_LAYERS)
+        check_int(self.num_experts, "num_experts", 1, _MAX_EXPERTS)
         check_int(self.top_k, "top_k", 1, self.num_experts)
         capacity = self.capacity
         if isinstance(capacity, (list, tuple)):
@@ -118,6 +127,16 @@ class ServiceConfig:
         check_int(self.warmup_tokens, "warmup_tokens", 0)
         check_int(self.window_steps, "window_steps", 1)
         check_int(self.max_step_tokens, "max_step_tokens", 1)
+        check_int(self.max_window_bytes, "max_window_bytes", 4096)
+        if self.entry.predictive:  # [layers, E, E] tables: refused before any is allocated
+            table_bytes = self.num_layers * self.num_experts**2 * 4
+            if table_bytes > _MAX_TABLE_BYTES:
+                raise ValueError(
+                    f"num_experts: the moeray policy's transition tables for {self.num_experts:,} "
+                    f"experts x {self.num_layers} layers would take {table_bytes / 2**30:,.1f} "
+                    f"GiB (more than {_MAX_TABLE_BYTES // 2**30} GiB); use a demand policy "
+                    "(--policy lru) for this many experts"
+                )
         if self.window_ms is not None and not self.window_ms > 0:
             raise ValueError(f"window_ms: expected None or a positive number, got {self.window_ms}")
         check_int(self.layers_per_actor, "layers_per_actor", 1, self.num_layers)

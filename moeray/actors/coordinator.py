@@ -230,6 +230,7 @@ class Coordinator:
         ClientGapError before anything changes. Returns the client's marks
         (``client_marks``), or None without a client."""
         if client is None:
+            self._make_room(ids, hints)
             self._buffer.add(ids, steps, seq_starts, hints)
             self._observe(ids, steps)
             if close_window or self._buffer.due():
@@ -238,6 +239,7 @@ class Coordinator:
             return None
         actors = self._admit(client, seq)
         if len(actors) == len(self._groups):
+            self._make_room(ids, hints)
             self._buffer.add(ids, steps, seq_starts, hints)
             self._observe(ids, steps)
             self._open_clients[client] = seq
@@ -252,6 +254,12 @@ class Coordinator:
             self._client_sent[actor][client] = seq
         self._collect(wait=False)
         return self.client_marks(client)
+
+    def _make_room(self, ids: np.ndarray, hints: np.ndarray | None) -> None:
+        """Sends the open window first when this routing would make it outgrow
+        ``max_window_bytes`` or pad its hints past twice their own size."""
+        if not self._buffer.fits(ids, hints):
+            self.flush()
 
     def _admit(self, client: str, seq: int) -> list[int]:
         """The actors that lack window ``seq`` of ``client`` (ClientGapError when one lacks an

@@ -49,18 +49,38 @@ class Step:
         return self.expert_ids.shape[1]
 
 
+def routing_bytes(config: ServiceConfig, tokens: int, hint_width: int) -> int:
+    """Bytes of ``tokens`` tokens of routing as a window buffers them: ids at the config's ids
+    dtype, hints int32 ``hint_width`` wide, one byte per token for sequence starts."""
+    per_token = config.num_layers * (config.top_k * config.ids_dtype().itemsize + 4 * hint_width)
+    return tokens * (per_token + 1)
+
+
+def _check_bytes(config: ServiceConfig, tokens: int, hints, what: str) -> None:
+    width = 0 if hints is None else hints.shape[2]
+    size = routing_bytes(config, tokens, width)
+    if size > config.max_window_bytes:
+        raise ValueError(
+            f"{what}: {tokens:,} tokens with hints {width} wide take {size:,} bytes, more than "
+            f"ServiceConfig.max_window_bytes={config.max_window_bytes:,}"
+        )
+
+
 def check_step(
     config: ServiceConfig, expert_ids, weights=None, seq_starts=None, hints=None
 ) -> Step:
     """One step checked against ``config`` (see ``check_routing``, ``check_seq_starts``,
-    ``check_hints``). TypeError / ValueError naming the argument; nothing changes on failure."""
+    ``check_hints``; its bytes within ``max_window_bytes``). TypeError / ValueError naming the
+    argument; nothing changes on failure."""
     ids, w = check_routing(expert_ids, weights, config)
-    return Step(
+    step = Step(
         ids,
         w,
         check_seq_starts(seq_starts, ids.shape[1]),
         check_hints(hints, config, ids.shape[1]),
     )
+    _check_bytes(config, ids.shape[1], step.hints, "step")
+    return step
 
 
 def check_window(config: ServiceConfig, expert_ids, steps, seq_starts=None, hints=None):
@@ -91,11 +111,13 @@ def check_window(config: ServiceConfig, expert_ids, steps, seq_starts=None, hint
     if expert_ids.size and (expert_ids.min() < 0 or expert_ids.max() >= config.num_experts):
         raise ValueError(f"expert_ids: every id must be in [0, {config.num_experts})")
     num_tokens = expert_ids.shape[1]
-    return (
+    checked = (
         expert_ids,
         check_seq_starts(seq_starts, num_tokens),
         check_hints(hints, config, num_tokens),
     )
+    _check_bytes(config, num_tokens, checked[2], "window")
+    return checked
 
 
 def check_routing(expert_ids, weights, config: ServiceConfig):
@@ -226,9 +248,26 @@ class WindowBuffer:
         self._hints: list[tuple[int, np.ndarray | None]] = []
         self.steps = 0
         self.opened: float | None = None  # when the first step of the open window came
+        self._tokens = 0
+        self._width = 0  # the widest step's hints: the window pads every step's to it
+        self._hint_cells = 0  # [layer, token, hint] cells the steps' own hints hold
 
     def __bool__(self) -> bool:
         return self.steps > 0
+
+    def fits(self, ids: np.ndarray, hints: np.ndarray | None = None) -> bool:
+        """Whether a checked step (ids [num_layers, T, top_k], hints or None) may join the open
+        window: the window stays within ``max_window_bytes``, and padding every step's hints to
+        the widest does not more than double their own cells. An empty window takes any
+        checked step."""
+        if not self.steps:
+            return True
+        tokens = self._tokens + ids.shape[1]
+        width = max(self._width, 0 if hints is None else hints.shape[2])
+        cells = self._hint_cells + (0 if hints is None else hints[0].size)
+        if routing_bytes(self._config, tokens, width) > self._config.max_window_bytes:
+            return False
+        return tokens * width <= 2 * cells
 
     def add(self, ids: np.ndarray, steps: int = 1, seq_starts=None, hints=None) -> None:
         """Buffers checked routing (int [num_layers, T, top_k]) of ``steps`` submits, its
@@ -239,6 +278,10 @@ class WindowBuffer:
         self._starts.append(seq_starts)
         self._hints.append((ids.shape[1], hints))
         self.steps += steps
+        self._tokens += ids.shape[1]
+        if hints is not None:
+            self._width = max(self._width, hints.shape[2])
+            self._hint_cells += hints[0].size
 
     def due(self) -> bool:
         """``window_steps`` steps are in, or the window is ``window_ms`` old."""
@@ -269,4 +312,5 @@ class WindowBuffer:
         self._ids, self._starts, self._hints = [], [], []
         self.steps = 0
         self.opened = None
+        self._tokens = self._width = self._hint_cells = 0
         return window
