@@ -6,8 +6,8 @@ Algorithms (``ALGORITHMS``):
 - ``static``: round robin, never moved; served with tokens split evenly over replicas.
 - ``eplb``: the published EPLB method on all load seen so far, re-placed from scratch each window;
   served with an even split (what engines do with its map).
-- ``moeray``: the forecast (``LoadForecast``), a full placement once, then incremental moves under
-  the migration budget; served with moeray's dispatch.
+- ``moeray``: what a service re-places (``balancer.LoadBalancer``: the forecast, a full placement
+  once, then incremental moves under the migration budget, gated); served with moeray's dispatch.
 - ``oracle``: the published method given the coming window's own load (a bound no online planner
   reaches); served with an even split.
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moeray.placement.balancer import LoadBalancer, PlacementConfig
 from moeray.placement.dispatch import dispatched_gpu_loads
 from moeray.placement.eplb import rebalance_eplb
 from moeray.placement.forecast import LoadForecast
@@ -157,7 +158,20 @@ def replay_placement(
     scores = {name: _Score() for name in names}
     current: dict[str, Placement] = {}
     history = np.zeros((layers, num_experts), dtype=np.int64)
-    forecast: LoadForecast | None = None
+    # moeray re-places exactly as a service does (LoadBalancer), one window at a time
+    balancer = LoadBalancer(
+        PlacementConfig(
+            gpus=config.gpus,
+            nodes=config.nodes,
+            redundant=config.redundant,
+            every_tokens=config.every,
+            migration_budget=budget,
+            min_gain=config.min_gain,
+            expert_bytes=config.expert_bytes,
+        ),
+        layers,
+        num_experts,
+    )
 
     def eplb(load) -> Placement:
         return rebalance_eplb(
@@ -190,22 +204,13 @@ def replay_placement(
                     planned(name, _moved, current.get("oracle"), eplb, counts)
                 _score(scores[name], _SERVED[name], current[name], counts, batches)
         history += counts
-        forecast = LoadForecast.start(counts) if forecast is None else forecast.update(counts)
         for name in names:
             if name == "static" and "static" not in current:
                 current[name] = place_static(topology, layers, num_experts)
             elif name == "eplb":
                 planned(name, _moved, current.get("eplb"), eplb, history)
             elif name == "moeray":
-                planned(
-                    name,
-                    _moeray,
-                    forecast.mean,
-                    topology,
-                    current.get("moeray"),
-                    budget,
-                    config.min_gain,
-                )
+                planned(name, _rebalanced, balancer, counts)
             elif name == "oracle" and "oracle" not in current:
                 current[name] = eplb(counts)  # replaced by the next window's own before scoring
         if progress is not None:
@@ -282,6 +287,8 @@ def _moved(previous: Placement | None, plan: Callable, load) -> tuple[Placement,
     return placement, moved
 
 
-def _moeray(*args) -> tuple[Placement, int]:
-    placement, moved = place_moeray(*args)
-    return placement, int(np.asarray(moved).sum())
+def _rebalanced(balancer: LoadBalancer, counts) -> tuple[Placement, int]:
+    result = balancer.rebalance(counts)
+    if result.error is not None:
+        raise PlacementError(f"moeray's planner failed: {result.error}")
+    return balancer.current, int(result.moved_slots.sum())
