@@ -76,6 +76,7 @@ class ServiceHandle:
         self._coordinator = coordinator
         self.config = config
         self._in_flight: deque = deque()  # add_routing calls not yet answered, in send order
+        self._orphans: deque = deque(maxlen=4 * max_in_flight)  # calls a recovery gave up on
         self._max_in_flight = max_in_flight
         self._timer = timer
         self._wake_after = wake_after
@@ -174,6 +175,7 @@ class ServiceHandle:
         than ``keep`` are outstanding, waits for the oldest. An answer confirms journaled
         windows; a failure (the coordinator died, or it lost a window before this one) starts a
         recovery."""
+        self._take_orphans()
         while self._in_flight:
             ref = self._in_flight[0]
             if (keep is None or len(self._in_flight) <= keep) and not _ray.ready(ref):
@@ -193,6 +195,15 @@ class ServiceHandle:
             self._in_flight.popleft()
             self._journal.confirm(confirmed)
             self._failing_since = None
+
+    def _take_orphans(self) -> None:
+        """Takes, and ignores, the answers to calls made before a recovery that have come."""
+        while self._orphans and _ray.ready(self._orphans[0]):
+            ref = self._orphans.popleft()
+            try:
+                _ray.get(ref, timeout_s=0)
+            except Exception:  # any answer, error or not, is moot now
+                pass
 
     def _make_room(self) -> None:
         """The journal is at its bound: waits until the coordinator has every window sent and
@@ -216,7 +227,10 @@ class ServiceHandle:
         if self._failing_since is None:
             self._failing_since = began
         deadline = self._failing_since + self._recovery_timeout_s
-        self._in_flight.clear()  # their answers no longer matter: the resend decides
+        # their answers no longer matter (the resend decides), but each is taken when it comes,
+        # so that Ray does not log the gap errors a restarted coordinator answers them with
+        self._orphans.extend(self._in_flight)
+        self._in_flight.clear()
         pause = 0.01
         while True:
             if isinstance(failure, _ray.ActorDiedError) and not _ray.coordinator_exists(
