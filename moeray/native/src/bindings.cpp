@@ -80,11 +80,18 @@ py::array_t<int32_t> check_ids(const py::handle& obj, int32_t num_experts,
   bool ok = true;
   {
     py::gil_scoped_release release;
-    for (int64_t i = 0; i < total; ++i) {
-      if (p[i] < 0 || p[i] >= num_experts) {
-        bad = p[i];
-        ok = false;
-        break;
+    // A branch-free pass the compiler vectorises (negative ids wrap to large unsigned ones);
+    // the first bad id is looked for only when there is one.
+    uint32_t out_of_range = 0;
+    const uint32_t n = static_cast<uint32_t>(num_experts);
+    for (int64_t i = 0; i < total; ++i) out_of_range |= static_cast<uint32_t>(p[i]) >= n;
+    if (out_of_range != 0) {
+      ok = false;
+      for (int64_t i = 0; i < total; ++i) {
+        if (static_cast<uint32_t>(p[i]) >= n) {
+          bad = p[i];
+          break;
+        }
       }
     }
   }
@@ -937,7 +944,7 @@ PYBIND11_MODULE(_core, m) {
              const int64_t rows = ids.shape(0), k = ids.shape(1);
              py::gil_scoped_release release;
              Lock lock(a.mutex);
-             for (int64_t t = 0; t < rows; ++t) a.update_row(p + t * k, k);
+             a.update_rows(p, rows, k);
            },
            py::arg("expert_ids"))
       .def("score", [](const Affinity& a, int64_t e) { return a.score(e); }, py::arg("expert_id"))
