@@ -136,7 +136,7 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compare physical_to_logical, not values
 class Placement:
     """Every layer's experts on the topology's slots.
 
