@@ -1,0 +1,302 @@
+"""The engine-side data plane: a session in the engine's own process that plans each layer's
+fast tier as the layer's router runs.
+
+An engine calls ``route(layer, ids)`` for layers 0, 1, ..., L-1 of each batch, in order, as each
+router runs; the answer is that layer's ``LayerPlan``: the experts of this layer to load before
+its experts run (what the batch uses and is not hot), the experts of this layer to free once it
+ran, and, for a predictive policy, the experts of the next layer to start loading now (and the
+ones of the next layer to free to make room). ``hot(layer)`` is the layer's hot set, the plan's
+target. The session runs the service's own policies (``moeray.policy.registry``) on the
+service's configuration (``ServiceConfig``), so its decisions are those of ``moeray replay
+--backend local`` on the same stream: layer l's decisions read only layer l's state, layer l-1's
+routing of the same tokens and older routing, so serving the layers of a batch one after the
+other makes the decisions of serving its tokens one after the other (tests/test_engine_session.py
+checks every policy against the replay).
+
+A capacity re-split (``predict.split``) couples every layer at every token: a session takes it
+from a service's updates (``apply_update``), between batches, never on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from moeray.actors.config import ServiceConfig
+from moeray.policy.affinity import ExpertAffinity
+from moeray.policy.predict import PredictiveCaches
+from moeray.policy.windows import COUNTER_KEYS, PolicyWindow
+
+__all__ = ["EngineSession", "EngineUpdate", "LayerPlan", "PROTOCOL_VERSION"]
+
+# The version of the updates a session understands (``EngineUpdate.protocol``): an update from a
+# newer protocol is refused for that call, and the session goes on with what it has.
+PROTOCOL_VERSION = 1
+
+_EMPTY = np.zeros(0, np.int64)
+_EMPTY.flags.writeable = False
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPlan:
+    """What the engine does for ``layer`` of the current batch (expert ids, int64, ascending).
+
+    load: experts of ``layer`` to load before its experts run (the batch uses them and they are
+    not hot: stalls), and, for a batch of several tokens, the experts the policy brought in for
+    its later tokens. evict: experts of ``layer`` to free once the layer ran. prefetch: experts
+    of layer + 1 to start loading now, in time for its router (predictive policies; empty for
+    demand ones and at the last layer). prefetch_evict: experts of layer + 1 to free to make
+    room for them. version: the update (``EngineUpdate.version``) the plan was made under.
+    """
+
+    layer: int
+    load: np.ndarray = field(default_factory=lambda: _EMPTY)
+    evict: np.ndarray = field(default_factory=lambda: _EMPTY)
+    prefetch: np.ndarray = field(default_factory=lambda: _EMPTY)
+    prefetch_evict: np.ndarray = field(default_factory=lambda: _EMPTY)
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class EngineUpdate:
+    """What a service computes from every engine's routing and sends each session when it
+    changes: version (increasing), protocol (``PROTOCOL_VERSION`` of the sender), capacity: hot
+    experts per layer (a re-split) or None (unchanged), prefetch_budget: experts per layer per
+    token (predictive) or None (unchanged)."""
+
+    version: int
+    protocol: int = PROTOCOL_VERSION
+    capacity: tuple[int, ...] | None = None
+    prefetch_budget: int | None = None
+
+
+@dataclass
+class _Batch:
+    """The batch being routed: its size, sequence starts and each layer's routing so far."""
+
+    tokens: int
+    starts: np.ndarray
+    ids: list[np.ndarray] = field(default_factory=list)
+
+
+class EngineSession:
+    """One engine's plans, layer by layer, under ``config``'s policy and capacities.
+
+    max_batch_tokens: the most tokens one route call may carry (a larger batch is refused before
+    anything changes; default ``config.max_step_tokens``).
+    """
+
+    def __init__(self, config: ServiceConfig, max_batch_tokens: int | None = None):
+        if not isinstance(config, ServiceConfig):
+            raise TypeError(f"config: expected a ServiceConfig, got {type(config).__name__}")
+        self.config = config
+        self._max_tokens = config.max_step_tokens if max_batch_tokens is None else max_batch_tokens
+        if isinstance(self._max_tokens, bool) or not isinstance(self._max_tokens, int):
+            raise TypeError(f"max_batch_tokens: expected an int, got {self._max_tokens!r}")
+        if self._max_tokens < 1:
+            raise ValueError(f"max_batch_tokens: expected an int >= 1, got {self._max_tokens}")
+        L, E = config.num_layers, config.num_experts
+        self._affinity = [ExpertAffinity(config.affinity_config()) for _ in range(L)]
+        self._predictive = config.entry.predictive
+        if self._predictive:
+            # the service's predictive windows run PredictiveCaches without their own split
+            self._caches = PredictiveCaches(
+                L, E, config.top_k, config.capacity, replace(config.predict, split=None)
+            )
+        else:
+            settings = config.settings()
+            self._layers = [
+                config.entry.build(
+                    [layer], E, {layer: config.capacity[layer]}, {layer: aff}, settings
+                )
+                for layer, aff in enumerate(self._affinity)
+            ]
+            self._budget = config.prefetch_budgets()
+        self._counters = [dict.fromkeys(COUNTER_KEYS, 0) for _ in range(L)]
+        self._batch: _Batch | None = None
+        self._version = 0
+
+    # ------------------------------------------------------------------ the engine's calls
+
+    def route(self, layer: int, ids, weights=None, new_sequence=None) -> LayerPlan:
+        """Layer ``layer``'s routing of the current batch: ids int [B, top_k] in [0,
+        num_experts); weights: the router's weights, float [B, top_k] (checked; the policies
+        decide by ids alone); new_sequence: with layer 0 only, bool [B] (True where a token
+        starts a sequence) or one bool for all, default False. Layers come 0..L-1 for each batch;
+        anything else, and bad input, raises a one-line ValueError / TypeError and changes
+        nothing. Returns the layer's plan."""
+        ids = self._check_route(layer, ids, weights, new_sequence)
+        if layer == 0:
+            self._open(ids.shape[0], new_sequence)
+        batch = self._batch
+        before = self._hot_mask(layer)
+        ahead_before = self._hot_mask(layer + 1) if layer + 1 < self.config.num_layers else None
+        if self._predictive:
+            self._caches.serve_layer(layer, ids)
+        else:
+            window = PolicyWindow((ids,), prefetch_budget=self._budget[layer])
+            for key, value in self._layers[layer].apply(window)[0].items():
+                self._counters[layer][key] += value
+        batch.ids.append(ids)
+        used = np.zeros(self.config.num_experts, dtype=bool)
+        used[ids.ravel()] = True
+        after = self._hot_mask(layer)
+        plan = LayerPlan(
+            layer,
+            load=np.flatnonzero((used | after) & ~before),
+            evict=np.flatnonzero((before | used) & ~after),
+            version=self._version,
+        )
+        if ahead_before is not None and self._predictive:
+            ahead_after = self._hot_mask(layer + 1)
+            plan = replace(
+                plan,
+                prefetch=np.flatnonzero(ahead_after & ~ahead_before),
+                prefetch_evict=np.flatnonzero(ahead_before & ~ahead_after),
+            )
+        if layer == self.config.num_layers - 1:
+            self._close()
+        return plan
+
+    def hot(self, layer: int) -> np.ndarray:
+        """Layer ``layer``'s hot experts now (int64, ascending): what the plans keep resident."""
+        self._check_layer(layer)
+        return np.flatnonzero(self._hot_mask(layer))
+
+    @property
+    def version(self) -> int:
+        """The version of the last update applied (0: none)."""
+        return self._version
+
+    def stats(self) -> list[dict]:
+        """Per layer, the counters so far (``moeray.policy.windows.COUNTER_KEYS``), as a replay
+        of the same stream counts them."""
+        if self._predictive:
+            st = self._caches.stats
+            return [
+                {key: int(getattr(st, key)[layer]) for key in COUNTER_KEYS}
+                for layer in range(self.config.num_layers)
+            ]
+        return [dict(c) for c in self._counters]
+
+    def apply_update(self, update: EngineUpdate) -> None:
+        """Takes a service's update between batches: its capacities and prefetch budget apply
+        from the next batch on. An update no newer than the last one applied is ignored; one
+        from a newer protocol, one in the middle of a batch, or one with bad fields raises a
+        one-line ValueError and changes nothing."""
+        if not isinstance(update, EngineUpdate):
+            raise TypeError(f"update: expected an EngineUpdate, got {type(update).__name__}")
+        if update.protocol > PROTOCOL_VERSION:
+            raise ValueError(
+                f"update: protocol {update.protocol} is newer than this session's "
+                f"{PROTOCOL_VERSION}; upgrade moeray on the engine"
+            )
+        if self._batch is not None:
+            raise ValueError(
+                f"update: a batch is being routed (layer {len(self._batch.ids)} is next); "
+                "apply updates between batches"
+            )
+        if update.version <= self._version:
+            return
+        config = self.config
+        if update.capacity is not None:
+            config = replace(config, capacity=tuple(update.capacity))  # checks the values
+        if update.prefetch_budget is not None:
+            if not self._predictive:
+                config = replace(config, prefetch_budget=update.prefetch_budget)
+            else:
+                config = replace(
+                    config, predict=replace(config.predict, prefetch_budget=update.prefetch_budget)
+                )
+        if config.capacity != self.config.capacity:
+            if not self._predictive:  # as in the service: only a predictive policy re-splits
+                raise ValueError(
+                    f"update: capacity: the {config.policy!r} policy's capacity is fixed"
+                )
+            self._caches.set_capacity(np.asarray(config.capacity, dtype=np.int64))
+        if self._predictive:
+            self._caches.config = replace(config.predict, split=None)
+        else:
+            self._budget = config.prefetch_budgets()
+        self.config = config
+        self._version = update.version
+
+    # ------------------------------------------------------------------ internals
+
+    def _open(self, tokens: int, new_sequence) -> None:
+        starts = np.zeros(tokens, dtype=bool)
+        if new_sequence is not None:
+            starts[:] = new_sequence
+        self._batch = _Batch(tokens, starts)
+        if self._predictive:
+            self._caches.open_batch(starts)
+
+    def _close(self) -> None:
+        if self._predictive:
+            self._caches.close_batch()
+            # the service's affinity EMA of each layer (the predictive windows feed it too)
+            for layer, ids in enumerate(self._batch.ids):
+                self._affinity[layer].update_batch(ids)
+        self._batch = None
+
+    def _hot_mask(self, layer: int) -> np.ndarray:
+        mask = np.zeros(self.config.num_experts, dtype=bool)
+        if self._predictive:
+            mask[self._caches.hot_set(layer)[0]] = True
+        else:
+            mask[self._layers[layer].hot_sets()[0][0]] = True
+        return mask
+
+    def _check_layer(self, layer) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.config.num_layers:
+            raise ValueError(
+                f"layer: expected an int in [0, {self.config.num_layers}), got {layer}"
+            )
+        return int(layer)
+
+    def _check_route(self, layer, ids, weights, new_sequence) -> np.ndarray:
+        layer = self._check_layer(layer)
+        expected = 0 if self._batch is None else len(self._batch.ids)
+        if layer != expected:
+            raise ValueError(
+                f"layer: expected layer {expected} next (layers come 0..{self.config.num_layers - 1}"
+                f" for each batch), got {layer}"
+            )
+        ids = np.asarray(ids)
+        top_k = self.config.top_k
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] != top_k or ids.dtype.kind not in "iu":
+            raise ValueError(
+                f"ids: expected integers of shape [tokens, {top_k}], got {ids.dtype} {ids.shape}"
+            )
+        tokens = ids.shape[0]
+        if not 1 <= tokens <= self._max_tokens:
+            raise ValueError(f"ids: expected 1 to {self._max_tokens} tokens, got {tokens}")
+        if self._batch is not None and tokens != self._batch.tokens:
+            raise ValueError(
+                f"ids: layer {layer} of this batch needs its {self._batch.tokens} tokens, "
+                f"got {tokens}"
+            )
+        if ids.min() < 0 or ids.max() >= self.config.num_experts:
+            raise ValueError(f"ids: expected ids in [0, {self.config.num_experts})")
+        if weights is not None:
+            weights = np.asarray(weights)
+            if weights.shape != ids.shape or weights.dtype.kind != "f":
+                raise ValueError(
+                    f"weights: expected floats of shape {ids.shape}, got {weights.dtype} "
+                    f"{weights.shape}"
+                )
+        if new_sequence is not None:
+            if layer != 0:
+                raise ValueError("new_sequence: give it with layer 0 (it marks the batch's tokens)")
+            starts = np.asarray(new_sequence)
+            if starts.dtype != bool or starts.shape not in ((), (tokens,)):
+                raise ValueError(
+                    f"new_sequence: expected a bool or bool [{tokens}], got {starts.dtype} "
+                    f"{starts.shape}"
+                )
+        return ids.astype(np.int64, copy=False)
