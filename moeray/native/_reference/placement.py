@@ -108,7 +108,8 @@ def _pack(weight, num_packs, labels=None):
 def _gpu_loads(row, load, counts, gpu_of_slot, num_gpus):
     loads = np.zeros(num_gpus, dtype=np.float64)
     for s, e in enumerate(row):
-        loads[gpu_of_slot[s]] += load[e] / counts[e]
+        if e >= 0:  # an empty slot carries nothing
+            loads[gpu_of_slot[s]] += load[e] / counts[e]
     return loads
 
 
@@ -116,6 +117,9 @@ def _improve(slots, load, num_gpus, gpus_per_node, budget, candidates, min_gain,
     """slots: int32 [X, S] (rewritten in place), S a multiple of num_gpus; load: float64 [X, E].
     Returns int32 [X]: slots rewritten per row (<= budget). A move's cost is 1 per slot, or
     ``node_cost`` when the slot's new expert has no replica on the slot's node (a cross-node copy).
+    A slot of -1 is empty: never rewritten, but a swap from the peak GPU into an empty slot of
+    the least loaded one moves the expert there for one copy (1, or ``node_cost`` across nodes)
+    and leaves its old slot empty; the number of filled slots never changes.
     """
     if not isinstance(slots, np.ndarray):
         raise TypeError(f"slots: expected a numpy int32 array, got {type(slots).__name__}")
@@ -138,8 +142,10 @@ def _improve(slots, load, num_gpus, gpus_per_node, budget, candidates, min_gain,
     node_cost = as_float(node_cost, "node_cost")
     if not (min_gain >= 0 and node_cost >= 1):
         raise ValueError("min_gain must be >= 0 and node_cost >= 1")
-    if slots.size and (slots.min() < 0 or slots.max() >= num_experts):
-        raise ValueError(f"slots: every slot must hold an expert in [0, {num_experts})")
+    if slots.size and (slots.min() < -1 or slots.max() >= num_experts):
+        raise ValueError(
+            f"slots: every slot must hold an expert in [0, {num_experts}) or be empty (-1)"
+        )
     per_gpu = num_slots // num_gpus
     gpu_of_slot = np.arange(num_slots) // per_gpu
     node_of_slot = gpu_of_slot // gpus_per_node
@@ -151,7 +157,7 @@ def _improve(slots, load, num_gpus, gpus_per_node, budget, candidates, min_gain,
         mu = load[x]
         spent = 0.0
         while True:
-            counts = np.bincount(row, minlength=num_experts)
+            counts = np.bincount(row[row >= 0], minlength=num_experts)
             loads = _gpu_loads(row, mu, counts, gpu_of_slot, num_gpus)
             peak = float(loads.max())
             if peak <= 0:
@@ -161,7 +167,7 @@ def _improve(slots, load, num_gpus, gpus_per_node, budget, candidates, min_gain,
             best_rate, best = 0.0, None
             for s in range(num_slots):
                 a = int(row[s])
-                if counts[a] < 2:
+                if a < 0 or counts[a] < 2:
                     continue
                 g = gpu_of_slot[s]
                 on_gpu = row[g * per_gpu : (g + 1) * per_gpu]
@@ -188,14 +194,18 @@ def _improve(slots, load, num_gpus, gpus_per_node, budget, candidates, min_gain,
             for s1 in range(hi * per_gpu, (hi + 1) * per_gpu):
                 for s2 in range(lo * per_gpu, (lo + 1) * per_gpu):
                     a, b = int(row[s1]), int(row[s2])
-                    delta = share[a] - share[b]
+                    if a < 0:
+                        continue
+                    delta = share[a] - (share[b] if b >= 0 else 0.0)
                     if a == b or delta <= 0:
                         continue
                     if (row[lo * per_gpu : (lo + 1) * per_gpu] == a).any():
                         continue
-                    if (row[hi * per_gpu : (hi + 1) * per_gpu] == b).any():
+                    if b >= 0 and (row[hi * per_gpu : (hi + 1) * per_gpu] == b).any():
                         continue
-                    cost = 2.0 if node_of_slot[s1] == node_of_slot[s2] else 2.0 * node_cost
+                    cost = 1.0 if node_of_slot[s1] == node_of_slot[s2] else node_cost
+                    if b >= 0:  # a swap copies two experts, a move into an empty slot one
+                        cost *= 2.0
                     if spent + cost > budget:
                         continue
                     new = loads.copy()
@@ -211,8 +221,8 @@ def _improve(slots, load, num_gpus, gpus_per_node, budget, candidates, min_gain,
                 row[s] = b
                 moved[x] += 1
             else:
+                moved[x] += 1 if row[s2] < 0 else 2
                 row[s], row[s2] = row[s2], row[s]
-                moved[x] += 2
             spent += cost
     return moved
 
@@ -246,6 +256,8 @@ def _replica_gpus(row, gpu_of_slot, num_experts):
     gpus: list[list[int]] = [[] for _ in range(num_experts)]
     first: list[list[int]] = [[] for _ in range(num_experts)]
     for s, e in enumerate(row):
+        if e < 0:  # empty
+            continue
         g = int(gpu_of_slot[s])
         if g not in gpus[e]:
             gpus[e].append(g)
@@ -260,9 +272,11 @@ def _check_slots(slots, num_gpus, num_experts):
     num_gpus = check_int(num_gpus, "num_gpus", 1, _MAX, "an int >= 1")
     if slots.shape[0] == 0 or slots.shape[0] % num_gpus:
         raise ValueError(f"num_gpus: {slots.shape[0]} slots do not divide over {num_gpus} GPUs")
-    if slots.min() < 0 or slots.max() >= num_experts:
-        raise ValueError(f"slots: every slot must hold an expert in [0, {num_experts})")
-    if len(np.unique(slots)) != num_experts:
+    if slots.min() < -1 or slots.max() >= num_experts:
+        raise ValueError(
+            f"slots: every slot must hold an expert in [0, {num_experts}) or be empty (-1)"
+        )
+    if len(np.unique(slots[slots >= 0])) != num_experts:
         raise ValueError("slots: every expert must hold at least one slot")
     return slots, num_gpus
 

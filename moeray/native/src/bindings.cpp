@@ -694,13 +694,14 @@ std::pair<py::array, int64_t> check_layer_slots(const py::handle& obj, const py:
                           std::to_string(gpus) + " GPUs");
   const auto* p = static_cast<const int32_t*>(slots.data());
   const auto [lo, hi] = std::minmax_element(p, p + n);
-  if (*lo < 0 || *hi >= num_experts)
+  if (*lo < -1 || *hi >= num_experts)
     throw py::value_error("slots: every slot must hold an expert in [0, " +
-                          std::to_string(num_experts) + ")");
+                          std::to_string(num_experts) + ") or be empty (-1)");
   bool every = num_experts <= n;  // more experts than slots: one has none
   if (every) {
     std::vector<char> held(num_experts, 0);
-    for (int64_t s = 0; s < n; ++s) held[p[s]] = 1;
+    for (int64_t s = 0; s < n; ++s)
+      if (p[s] >= 0) held[p[s]] = 1;
     every = std::all_of(held.begin(), held.end(), [](char h) { return h != 0; });
   }
   if (!every) throw py::value_error("slots: every expert must hold at least one slot");
@@ -799,9 +800,9 @@ py::array_t<int32_t> improve(const py::handle& slots_obj, const py::handle& load
   const int64_t total = rows * num_slots;
   if (total > 0) {
     const auto [lo, hi] = std::minmax_element(row, row + total);
-    if (*lo < 0 || *hi >= num_experts)
+    if (*lo < -1 || *hi >= num_experts)
       throw py::value_error("slots: every slot must hold an expert in [0, " +
-                            std::to_string(num_experts) + ")");
+                            std::to_string(num_experts) + ") or be empty (-1)");
   }
   py::array_t<int32_t> moved(rows);
   int32_t* out = moved.mutable_data();

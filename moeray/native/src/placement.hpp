@@ -36,6 +36,8 @@
 //   A candidate left is evaluated as the twin does: its additions replayed on the GPUs of the
 //   two experts' slots, in slot order, O(count a + count b). Per move: O(E/C) amortised for the
 //   pool, O(C G) for the receivers' bounds, O(S / 64 + candidates tried).
+//   An empty slot (-1, a shared budget's) holds nothing and is never rewritten; a swap of the
+//   top GPU's expert into an empty slot of the least loaded one is a move of one copy.
 // dispatch_allocation (E experts, S slots, G GPUs): per expert, its GPUs ascending and its first
 //   slot on each (a CSR). Experts on one GPU put their count there; the others, by count desc
 //   then id, are water-filled twice, each fill a closed form over its r GPUs, O(r log r).
@@ -366,17 +368,24 @@ class Improver {
         }
         // a swap's new max is at least the others' max: with another GPU at the peak, or no
         // more gain than the best rewrite's, none is chosen
-        const double cost = node_of_[hi] == node_of_[lo] ? 2.0 : 2.0 * node_cost_;
-        if (others < peak && !(spent + cost > budget_) && (peak - others) / cost > best_rate) {
+        // a swap costs two copies; a move into an empty slot of lo (b < 0) one
+        const double move_cost = node_of_[hi] == node_of_[lo] ? 1.0 : node_cost_;
+        bool lo_empty = false;
+        for (int64_t s2 = lo * per_gpu_; s2 < (lo + 1) * per_gpu_; ++s2) lo_empty |= row_[s2] < 0;
+        const double least = lo_empty ? move_cost : 2.0 * move_cost;
+        if (others < peak && !(spent + least > budget_) && (peak - others) / least > best_rate) {
           for (int64_t s1 = hi * per_gpu_; s1 < (hi + 1) * per_gpu_; ++s1) {
             for (int64_t s2 = lo * per_gpu_; s2 < (lo + 1) * per_gpu_; ++s2) {
               const int64_t a = row_[s1], b = row_[s2];
-              const double delta = share_[a] - share_[b];
+              if (a < 0) continue;  // an empty slot of hi gives nothing
+              const double delta = share_[a] - (b < 0 ? 0.0 : share_[b]);
               if (a == b || delta <= 0) continue;
+              const double cost = b < 0 ? move_cost : 2.0 * move_cost;
+              if (spent + cost > budget_) continue;
               const double new_max =
                   std::max(others, std::max(loads_[hi] - delta, loads_[lo] + delta));
               const double rate = (peak - new_max) / cost;
-              if (rate > best_rate && !on_gpu(a, lo) && !on_gpu(b, hi)) {
+              if (rate > best_rate && !on_gpu(a, lo) && (b < 0 || !on_gpu(b, hi))) {
                 best_rate = rate;
                 best_s = s1;
                 best_b = -1;
@@ -392,8 +401,8 @@ class Improver {
         rewrite(best_s, best_b);
         moved += 1;
       } else {
+        moved += row_[best_s2] < 0 ? 1 : 2;  // a move into an empty slot copies one expert
         swap(best_s, best_s2);
-        moved += 2;
       }
       spent += best_cost;
       if (spent + 1.0 > budget_) break;
@@ -410,6 +419,7 @@ class Improver {
     std::fill(head_.begin(), head_.end(), -1);
     for (int64_t s = S_ - 1; s >= 0; --s) {
       const int64_t e = row_[s];
+      if (e < 0) continue;  // empty
       ++count_[e];
       next_[s] = head_[e];
       head_[e] = s;
@@ -418,7 +428,7 @@ class Improver {
       share_[e] = count_[e] > 0 ? mu_[e] / static_cast<double>(count_[e]) : 0.0;
     std::fill(multi_.begin(), multi_.end(), 0);
     for (int64_t s = 0; s < S_; ++s)
-      if (count_[row_[s]] >= 2) multi_[s / 64] |= uint64_t{1} << (s % 64);
+      if (row_[s] >= 0 && count_[row_[s]] >= 2) multi_[s / 64] |= uint64_t{1} << (s % 64);
     for (int64_t g = 0; g < G_; ++g) sum_load(g);
     std::copy(loads_.begin(), loads_.end(), tmp_.begin());
     std::iota(by_load_.begin(), by_load_.end(), int64_t{0});
@@ -434,7 +444,8 @@ class Improver {
 
   void sum_load(int64_t g) {
     double load = 0.0;
-    for (int64_t s = g * per_gpu_; s < (g + 1) * per_gpu_; ++s) load += share_[row_[s]];
+    for (int64_t s = g * per_gpu_; s < (g + 1) * per_gpu_; ++s)
+      if (row_[s] >= 0) load += share_[row_[s]];
     loads_[g] = load;
     tmp_[g] = load;
   }
@@ -467,14 +478,15 @@ class Improver {
   }
 
   // Slots s1 and s2 trade experts: counts and shares stay, the two GPUs' sums change.
+  // s1 holds an expert; s2 may be empty (b < 0: the expert moves there, s1 is left empty).
   void swap(int64_t s1, int64_t s2) {
     const int64_t a = row_[s1], b = row_[s2];
     unlink(a, s1);
-    unlink(b, s2);
+    if (b >= 0) unlink(b, s2);
     std::swap(row_[s1], row_[s2]);
     link(a, s2);
-    link(b, s1);
-    set_multi(s1, count_[b] >= 2);
+    if (b >= 0) link(b, s1);
+    set_multi(s1, b >= 0 && count_[b] >= 2);
     set_multi(s2, count_[a] >= 2);
     sum_load(gpu_of_[s1]);
     sum_load(gpu_of_[s2]);
@@ -682,7 +694,8 @@ class Improver {
 // The replicas of one layer's placement and the allocation of a batch's tokens over them.
 class Allocation {
  public:
-  // slots: int32 [S], S a multiple of num_gpus, every expert in [0, E) in at least one slot.
+  // slots: int32 [S], S a multiple of num_gpus, every expert in [0, E) in at least one slot,
+  // -1 an empty slot.
   Allocation(const int32_t* slots, int64_t num_slots, int64_t num_gpus, int64_t num_experts)
       : S_(num_slots), G_(num_gpus), E_(num_experts), start_(num_experts + 1, 0),
         levels_(num_gpus) {
@@ -690,6 +703,7 @@ class Allocation {
     std::vector<int64_t> last(E_, -1);
     for (int64_t s = 0; s < S_; ++s) {
       const int64_t e = slots[s], g = s / per_gpu;
+      if (e < 0) continue;  // an empty slot serves nothing
       if (last[e] != g) {
         last[e] = g;
         ++start_[e + 1];
@@ -702,6 +716,7 @@ class Allocation {
     std::fill(last.begin(), last.end(), -1);
     for (int64_t s = 0; s < S_; ++s) {
       const int64_t e = slots[s], g = s / per_gpu;
+      if (e < 0) continue;  // an empty slot serves nothing
       if (last[e] != g) {
         last[e] = g;
         gpu_[next[e]] = g;
