@@ -46,7 +46,10 @@ class PlacementConfig:
     window (one forecast update and one re-placement each); migration_budget: slot moves per
     layer per re-placement (None: a tenth of the slots, at least one); min_gain: the gate, a
     move must lower a layer's peak GPU load by this fraction, in [0, 1); expert_bytes: one
-    expert's bytes (None: bytes moved are not counted).
+    expert's bytes (None: bytes moved are not counted); shared_budget: the memory of
+    ``redundant`` slots per layer shared by all layers (``Topology.shared``: a grid of
+    ``headroom`` more slots per GPU, None for room to double a layer's share), split by the
+    balance each layer gains (``allocate_redundant``) at the first placement.
     """
 
     gpus: int
@@ -56,6 +59,8 @@ class PlacementConfig:
     migration_budget: int | None = None
     min_gain: float = 0.002
     expert_bytes: int | None = None
+    shared_budget: bool = False
+    headroom: int | None = None
 
     def __post_init__(self):
         check_int(self.gpus, "gpus", 1, 65_536)
@@ -71,10 +76,25 @@ class PlacementConfig:
             raise ValueError(f"min_gain: expected a fraction in [0, 1), got {self.min_gain}")
         if self.expert_bytes is not None:
             check_int(self.expert_bytes, "expert_bytes", 1)
+        if type(self.shared_budget) is not bool:
+            raise ValueError(f"shared_budget: expected a bool, got {self.shared_budget!r}")
+        if self.headroom is not None:
+            check_int(self.headroom, "headroom", 0, 2**20)
 
-    def topology(self, num_experts: int) -> Topology:
-        """The slots for ``num_experts`` experts; PlacementError naming the field when the
-        slots do not divide over the GPUs."""
+    def topology(self, num_experts: int, num_layers: int = 1) -> Topology:
+        """The slots for ``num_experts`` experts (and, with shared_budget, the budget of
+        ``num_layers`` layers); PlacementError naming the field when the slots do not divide
+        over the GPUs."""
+        if self.shared_budget:
+            return Topology.shared(
+                num_experts,
+                self.gpus,
+                num_layers,
+                self.nodes,
+                self.redundant,
+                self.headroom,
+                self.expert_bytes,
+            )
         return Topology.for_experts(
             num_experts, self.gpus, self.nodes, self.redundant, self.expert_bytes
         )
@@ -135,7 +155,7 @@ class LoadBalancer:
         self.config = config
         self.num_layers = check_int(num_layers, "num_layers", 1, 4096)
         self.num_experts = check_int(num_experts, "num_experts", 1, 2**20)
-        self.topology = config.topology(num_experts)
+        self.topology = config.topology(num_experts, self.num_layers)
         self.topology.check_holds(num_experts)
         self.budget = config.budget(self.topology)
         self._planner = planner
@@ -218,8 +238,8 @@ class LoadBalancer:
 def encode_placement(placement: Placement | None) -> bytes:
     """A placement as the msgpack map engines read: {"version": int, "physical_to_logical":
     [[int] * slots] * layers, "num_experts": int, "topology": {"num_nodes", "gpus_per_node",
-    "slots_per_gpu", "gpu_memory_bytes", "expert_bytes"}} (the last two int or nil); None as
-    nil."""
+    "slots_per_gpu", "gpu_memory_bytes", "expert_bytes", "redundant_budget"}} (the last three
+    int or nil; with a redundant_budget, -1 marks an empty slot); None as nil."""
     if placement is None:
         return msgpack.packb(None)
     return msgpack.packb(

@@ -36,7 +36,9 @@ placement is scored on the next window, never on the tokens it was computed from
   moeray  moeray's planner on its load forecast: one full placement, then at most
           --migration-budget slot moves per layer, none when the forecast barely moved;
   oracle  the published EPLB method given each coming window's own load, known in advance:
-          a bound no online planner reaches.
+          a bound no online planner reaches;
+  shared  (--shared-budget) moeray with the same memory, all layers' redundant slots, split
+          across layers by the balance each gains (a grid of twice the redundant slots).
 Balancedness is mean GPU load / max GPU load of a layer (1 is perfect), averaged over layers:
 window over each scored window's load, batch over each --batch tokens of it. served is how the
 algorithm's system sends tokens to replicas: even (each expert's tokens split evenly over its
@@ -129,6 +131,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
         metavar="SIZE",
         help="bytes of one expert's weights (24MiB, 1.5GB, 25165824): adds bytes moved per "
         "re-placement and allows a --migration-budget in bytes",
+    )
+    place.add_argument(
+        "--shared-budget",
+        action="store_true",
+        help="add the row shared: moeray with the layers' redundant slots (--redundant per "
+        "layer, in all) shared, each layer given what gains the most balance, up to twice its "
+        "share (with --load: the placement scored beside the others)",
     )
     place.add_argument(
         "--json",
@@ -234,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         algorithms=_algorithms(args.algorithms),
         groups=args.groups,
         expert_bytes=expert_bytes,
+        shared_budget=args.shared_budget,
     )
     topology = config.topology(trace.num_experts)
     if budget is not None:
@@ -272,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
 def _place_load(args: argparse.Namespace, expert_bytes: int | None) -> int:
     """``--load``: one placement per algorithm from a load table, scored on that same load."""
 
+    from moeray.placement.balancer import PlacementConfig
     from moeray.placement.eplb import rebalance_eplb
     from moeray.placement.formats import read_load, write_map
     from moeray.placement.placement import balancedness
@@ -300,6 +311,11 @@ def _place_load(args: argparse.Namespace, expert_bytes: int | None) -> int:
         ),
         "moeray": place_moeray(load, topology)[0],
     }
+    if args.shared_budget:
+        shared = PlacementConfig(
+            args.gpus, args.nodes, args.redundant, expert_bytes=expert_bytes, shared_budget=True
+        )
+        placements["shared"] = place_moeray(load, shared.topology(num_experts, layers))[0]
     wanted = _algorithms(args.algorithms)
     report = {
         "load": source,
@@ -316,7 +332,7 @@ def _place_load(args: argparse.Namespace, expert_bytes: int | None) -> int:
     )
     print(f"{'algorithm':<10}{'balancedness':>13}{'worst layer':>13}", file=table_out)
     for name, placement in placements.items():
-        if name not in wanted:
+        if name not in wanted and name != "shared":
             continue
         per_layer = balancedness(placement.gpu_loads(load))
         report["algorithms"][name] = {
@@ -452,6 +468,16 @@ def print_report(report: dict, top_k: int, out) -> None:
         "re-placements that moved nothing; planner ms: median per re-placement."
     )
     print(textwrap.fill(note, 100, break_on_hyphens=False), file=out)
+    if "shared" in report:
+        shared = report["shared"]
+        counts = shared["redundant_per_layer"]
+        grid = shared["topology"]["slots_per_gpu"] * gpus
+        text = (
+            f"shared: the same {shared['topology']['redundant_budget']:,} redundant slots over "
+            f"{layers} layers, shared on a grid of {grid} slots per layer; redundant per layer "
+            f"{min(counts)} to {max(counts)} (moved % is of the fixed grid's slots)"
+        )
+        print(textwrap.fill(text, 100), file=out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,10 @@ Maps (``write_map`` / ``read_map``; docs/placement-formats.md shows each file):
   local index of every expert on that rank, -1 where absent).
 A row is the expert of every slot of one layer, in moeray's slot order, which is also the
 engines': EP rank g holds slots ``[g * slots_per_gpu, (g + 1) * slots_per_gpu)``.
+Every engine here loads the same slots in every layer, so a shared budget's empty slots (-1) are
+filled before writing (``Placement.filled``: a second copy of an expert that GPU alone holds,
+which changes no GPU's load) for sglang and trtllm; vllm's map allows an expert once per rank,
+so it refuses a placement with empty slots.
 ``first_layer``: the engine's index of placement layer 0, where dense layers come first (3 for
 DeepSeek-V3); SGLang's map also holds rows for those layers, TensorRT-LLM keys layers by it.
 
@@ -67,9 +71,11 @@ def write_sglang(placement: Placement, path: str | os.PathLike, *, first_layer: 
     rows: int [first_layer + layers, slots], one JSON list per line; row ``first_layer + l`` is
     ``placement.physical_to_logical[l]``. SGLang's map has a row for every decoder layer, so the
     ``first_layer`` dense layers before the first MoE layer get SGLang's trivial row (slot s
-    holds expert ``s % num_experts``), which they never read. Returns the path written.
+    holds expert ``s % num_experts``), which they never read. Empty slots are filled first
+    (``Placement.filled``). Returns the path written.
     """
     first_layer = check_int(first_layer, "first_layer", 0, _MAX_LAYERS)
+    placement = placement.filled()
     slots = np.arange(placement.num_slots) % placement.num_experts
     rows = [slots.tolist()] * first_layer + placement.physical_to_logical.tolist()
     body = ",\n".join(f"  {json.dumps(row)}" for row in rows)
@@ -83,9 +89,10 @@ def write_trtllm(placement: Placement, path: str | os.PathLike, *, first_layer: 
     num_slots: int, slots per layer over all EP ranks (``topology.num_slots``);
     initial_global_assignments: {first_layer + l: int [slots], the expert of each slot};
     layer_updates_per_iter: 0 (a static placement: the engine moves no expert).
-    Returns the path written.
+    Empty slots are filled first (``Placement.filled``). Returns the path written.
     """
     first_layer = check_int(first_layer, "first_layer", 0, _MAX_LAYERS)
+    placement = placement.filled()
     rows = placement.physical_to_logical.tolist()
     config = {
         "num_slots": placement.num_slots,
@@ -106,9 +113,16 @@ def write_vllm(placement: Placement, path: str | os.PathLike) -> Path:
     device_expert: the expert of each of rank g's slots, in slot order; expert_map: vLLM's
     per-rank map, the local slot of each expert on rank g, -1 where g holds none. Layers are MoE
     layers only (layer_id 0 is the first one). A rank holds an expert at most once there, so a
-    placement that gives one GPU two replicas of an expert raises PlacementError.
+    placement that gives one GPU two replicas of an expert raises PlacementError, and so does
+    one with empty slots (a shared budget's; write sglang or trtllm, which fill them).
     Returns the path written.
     """
+    empty = np.argwhere(placement.physical_to_logical < 0)
+    if len(empty):
+        raise PlacementError(
+            f"placement: layer {empty[0][0]} slot {empty[0][1]} is empty (a shared budget); a "
+            "vLLM expert map needs every slot filled with an expert new to its rank"
+        )
     per_gpu = _per_gpu(placement.physical_to_logical, placement.topology)
     _check_no_twins(per_gpu, "placement")
     maps = _expert_maps(per_gpu, placement.num_experts)

@@ -5,6 +5,11 @@ A ``Topology`` fixes the slots: ``num_nodes`` nodes of ``gpus_per_node`` GPUs, e
 A ``Placement`` fills every slot of every layer with one expert: ``physical_to_logical`` int32
 [layers, slots]; every expert holds at least one slot, hot experts hold extra slots (replicas).
 Both are frozen and validated when built; the arrays of a ``Placement`` are read-only.
+
+A shared budget (``Topology.redundant_budget``): the slot grid is the most a layer may hold, and
+the redundant slots filled over all layers (slots beyond one per expert) are at most the budget;
+a slot left empty is -1, so layers hold different replica counts (``planner.allocate_redundant``
+splits the budget by the balance each layer gains).
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ class Topology:
     """num_nodes nodes x gpus_per_node GPUs x slots_per_gpu expert slots per layer.
 
     gpu_memory_bytes (optional): bytes each GPU gives to one layer's expert slots;
-    expert_bytes (optional): bytes of one expert's weights (what a slot move transfers).
+    expert_bytes (optional): bytes of one expert's weights (what a slot move transfers);
+    redundant_budget (optional): a shared budget, the redundant slots (beyond one per expert)
+    a placement fills over all its layers; its slots may then be empty (-1). None: every slot
+    of every layer holds an expert (each layer's own fixed budget).
     """
 
     num_nodes: int
@@ -40,6 +48,7 @@ class Topology:
     slots_per_gpu: int
     gpu_memory_bytes: int | None = None
     expert_bytes: int | None = None
+    redundant_budget: int | None = None
 
     def __post_init__(self):
         check_int(self.num_nodes, "num_nodes", 1, 65_536)
@@ -52,6 +61,8 @@ class Topology:
             )
         if self.expert_bytes is not None:
             check_int(self.expert_bytes, "expert_bytes", 1)
+        if self.redundant_budget is not None:
+            check_int(self.redundant_budget, "redundant_budget", 0, _MAX_LAYERS * _MAX_SLOTS)
         if self.gpu_memory_bytes is not None:
             check_int(self.gpu_memory_bytes, "gpu_memory_bytes", 1)
             if self.expert_bytes is None:
@@ -72,6 +83,7 @@ class Topology:
         redundant: int | None = None,
         expert_bytes: int | None = None,
         gpu_memory_bytes: int | None = None,
+        redundant_budget: int | None = None,
     ) -> Topology:
         """The topology of ``num_experts + redundant`` slots spread evenly over ``gpus`` GPUs;
         redundant None: two extra slots per GPU, plus what makes the slots divide over the GPUs.
@@ -93,7 +105,39 @@ class Topology:
                 f"redundant: {num_experts} experts + {redundant} redundant = {slots} slots do not "
                 f"divide over {gpus} GPUs (choose redundant so that the sum is a multiple of {gpus})"
             )
-        return cls(nodes, gpus // nodes, slots // gpus, gpu_memory_bytes, expert_bytes)
+        return cls(
+            nodes, gpus // nodes, slots // gpus, gpu_memory_bytes, expert_bytes, redundant_budget
+        )
+
+    @classmethod
+    def shared(
+        cls,
+        num_experts: int,
+        gpus: int,
+        num_layers: int,
+        nodes: int = 1,
+        redundant: int | None = None,
+        headroom: int | None = None,
+        expert_bytes: int | None = None,
+    ) -> Topology:
+        """The memory of ``redundant`` extra slots per layer (as ``for_experts``) over
+        ``num_layers`` layers, shared: ``redundant_budget = num_layers * redundant``, and a grid
+        of ``headroom`` more slots per GPU (None: enough for twice ``redundant`` per layer) so
+        that a layer may hold more than its even share."""
+        fixed = cls.for_experts(num_experts, gpus, nodes, redundant, expert_bytes)
+        num_layers = check_int(num_layers, "num_layers", 1, _MAX_LAYERS)
+        extra = fixed.num_slots - num_experts
+        if headroom is None:
+            headroom = -(-extra // fixed.num_gpus)
+        headroom = check_int(headroom, "headroom", 0, _MAX_SLOTS)
+        return cls(
+            fixed.num_nodes,
+            fixed.gpus_per_node,
+            fixed.slots_per_gpu + headroom,
+            None,
+            expert_bytes,
+            num_layers * extra,
+        )
 
     @property
     def num_gpus(self) -> int:
@@ -128,6 +172,7 @@ class Topology:
             "slots_per_gpu": self.slots_per_gpu,
             "gpu_memory_bytes": self.gpu_memory_bytes,
             "expert_bytes": self.expert_bytes,
+            "redundant_budget": self.redundant_budget,
         }
 
 
@@ -141,7 +186,9 @@ class Placement:
     """Every layer's experts on the topology's slots.
 
     physical_to_logical: int32 [layers, slots], the expert each slot holds; every expert in
-      [0, num_experts) holds at least one slot of every layer.
+      [0, num_experts) holds at least one slot of every layer. Under a shared budget
+      (``topology.redundant_budget``) a slot may be empty (-1), and the slots filled beyond one
+      per expert, over all layers, are at most the budget.
     Derived: ``replica_counts`` int32 [layers, experts] (slots per expert, when built) and
     ``logical_to_physical`` int32 [layers, experts, max_replicas], each expert's slots in
     ascending order, padded with -1 (on first use).
@@ -170,18 +217,22 @@ class Placement:
             raise PlacementError(
                 f"physical_to_logical: expected 1 to {_MAX_LAYERS} layers, got {table.shape[0]}"
             )
-        if table.min() < 0 or table.max() >= self.num_experts:
-            bad = table[(table < 0) | (table >= self.num_experts)].flat[0]
+        shared = self.topology.redundant_budget is not None
+        lowest = -1 if shared else 0
+        if table.min() < lowest or table.max() >= self.num_experts:
+            bad = table[(table < lowest) | (table >= self.num_experts)].flat[0]
+            empty = " (-1, empty, only under a shared redundant_budget)" if bad == -1 else ""
             raise PlacementError(
                 f"physical_to_logical: every slot must hold an expert in "
-                f"[0, {self.num_experts}), got {int(bad)}"
+                f"[0, {self.num_experts}), got {int(bad)}{empty}"
             )
         table = np.array(table, dtype=np.int32, order="C")
         layers, num_slots = table.shape
         rows = np.arange(layers)[:, None]
+        filled = table >= 0
         counts = (
             np.bincount(
-                (table + rows * self.num_experts).ravel(), minlength=layers * self.num_experts
+                (table + rows * self.num_experts)[filled], minlength=layers * self.num_experts
             )
             .reshape(layers, self.num_experts)
             .astype(np.int32)
@@ -192,6 +243,14 @@ class Placement:
                 f"physical_to_logical: expert {expert} holds no slot in layer {layer} (every "
                 "expert needs at least one)"
             )
+        if shared:
+            used = int(filled.sum()) - layers * self.num_experts
+            if used > self.topology.redundant_budget:
+                raise PlacementError(
+                    f"physical_to_logical: {used} redundant slots filled over {layers} layers, "
+                    f"more than the topology's redundant_budget of "
+                    f"{self.topology.redundant_budget}"
+                )
         object.__setattr__(self, "physical_to_logical", _frozen(table))
         object.__setattr__(self, "replica_counts", _frozen(counts))
 
@@ -207,13 +266,18 @@ class Placement:
                 f"physical_to_logical: one expert holds {width} slots of a layer, so the inverse "
                 f"map would need {layers * self.num_experts * width:,} entries"
             )
-        # a stable sort of each row by expert, then each slot's rank among its expert's slots
-        order = np.argsort(table, axis=1, kind="stable")
-        experts = np.take_along_axis(table, order, axis=1)
+        # a stable sort of each row by expert (empty slots last), then each slot's rank among
+        # its expert's slots
+        keyed = np.where(table >= 0, table, self.num_experts)
+        order = np.argsort(keyed, axis=1, kind="stable")
+        experts = np.take_along_axis(keyed, order, axis=1)
         starts = np.cumsum(counts, axis=1) - counts
+        starts = np.concatenate([starts, np.full((layers, 1), num_slots)], axis=1)
         rank = np.arange(num_slots)[None, :] - np.take_along_axis(starts, experts, axis=1)
+        held = experts < self.num_experts
         inverse = np.full((layers, self.num_experts, width), -1, dtype=np.int32)
-        inverse[np.arange(layers)[:, None], experts, rank] = order
+        rows = np.broadcast_to(np.arange(layers)[:, None], table.shape)
+        inverse[rows[held], experts[held], rank[held]] = order[held]
         return _frozen(inverse)
 
     @property
@@ -223,6 +287,50 @@ class Placement:
     @property
     def num_slots(self) -> int:
         return self.topology.num_slots
+
+    @property
+    def redundant(self) -> np.ndarray:
+        """int64 [layers]: the slots each layer fills beyond one per expert (its replicas)."""
+        return (self.physical_to_logical >= 0).sum(axis=1) - self.num_experts
+
+    def filled(self) -> Placement:
+        """This placement with no empty slot, for engines whose map has one expert in every
+        slot of every layer (SGLang, TensorRT-LLM): an empty slot of GPU g takes the lowest
+        expert whose every replica is on g (dispatch and an even split then give every GPU the
+        load it had), else the expert on g with the fewest replicas, else (g holds none) the
+        layer's expert with the most. The engine then holds the full grid in every layer: the
+        memory a shared budget saves is saved only by an engine that sizes layers apart.
+        Returns ``self`` when no slot is empty; the result's topology has no redundant_budget."""
+        table = self.physical_to_logical
+        topology = self.topology
+        fixed = Topology(
+            topology.num_nodes,
+            topology.gpus_per_node,
+            topology.slots_per_gpu,
+            topology.gpu_memory_bytes,
+            topology.expert_bytes,
+        )
+        if (table >= 0).all():
+            return (
+                self
+                if topology.redundant_budget is None
+                else Placement(table, fixed, self.num_experts, self.version)
+            )
+        out = np.array(table)
+        width = topology.slots_per_gpu
+        for layer, gpu in {(int(l), int(s) // width) for l, s in np.argwhere(table < 0)}:
+            counts = self.replica_counts[layer]
+            own = out[layer, gpu * width : (gpu + 1) * width]
+            held = np.unique(own[own >= 0])
+            local = [e for e in held if (own == e).sum() == counts[e]]
+            if local:
+                filler = int(local[0])
+            elif len(held):
+                filler = int(held[np.argmin(counts[held])])
+            else:
+                filler = int(np.argmax(counts))
+            own[own < 0] = filler
+        return Placement(out, fixed, self.num_experts, self.version)
 
     def with_version(self, version: int) -> Placement:
         return Placement(self.physical_to_logical, self.topology, self.num_experts, version)
@@ -237,21 +345,22 @@ class Placement:
                 f"{list(load.shape)}"
             )
         rows = np.arange(self.num_layers)[:, None]
-        share = (
-            load[rows, self.physical_to_logical]
-            / self.replica_counts[rows, self.physical_to_logical]
-        )
+        table = self.physical_to_logical
+        held = np.maximum(table, 0)  # an empty slot carries nothing
+        share = np.where(table >= 0, load[rows, held] / self.replica_counts[rows, held], 0.0)
         topology = self.topology
         return share.reshape(self.num_layers, topology.num_gpus, topology.slots_per_gpu).sum(-1)
 
     def moved_slots(self, previous: Placement) -> np.ndarray:
-        """int64 [layers]: slots whose expert differs from ``previous`` (the weights to copy)."""
+        """int64 [layers]: slots that hold an expert other than ``previous``'s (the weights to
+        copy; a slot left empty copies nothing)."""
         if previous.physical_to_logical.shape != self.physical_to_logical.shape:
             raise PlacementError(
                 "previous: expected a placement of the same layers and slots, got shape "
                 f"{list(previous.physical_to_logical.shape)}"
             )
-        return (previous.physical_to_logical != self.physical_to_logical).sum(axis=1)
+        table = self.physical_to_logical
+        return ((previous.physical_to_logical != table) & (table >= 0)).sum(axis=1)
 
 
 def balancedness(gpu_loads: np.ndarray) -> np.ndarray:

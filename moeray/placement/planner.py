@@ -10,6 +10,12 @@ between GPUs, and re-placed by the few slot moves that lower the peak GPU the mo
   GPU load per slot moved first (a copy from another node counts ``node_cost`` slots), until the
   budget is spent or the best move gains less than ``min_gain`` of the peak (the gate: a window
   whose forecast barely moved costs no traffic at all).
+- ``allocate_redundant(load, topology, budget)``: a shared budget's split: each layer's redundant
+  slots, given by the bound on its peak GPU load that falls most per slot (greedy over each
+  layer's concave hull, so a step that needs several slots, tied experts, is weighed per slot).
+  ``place_moeray`` uses it for a full placement on a topology with a ``redundant_budget``;
+  an incremental one keeps each layer's count (its moves fill an empty slot only by emptying
+  another).
 """
 
 from __future__ import annotations
@@ -21,7 +27,13 @@ from moeray.placement.eplb import check_load
 from moeray.placement.placement import Placement, PlacementError, Topology
 from moeray.policy._validate import check_int
 
-__all__ = ["budget_slots", "default_budget", "place_moeray", "place_static"]
+__all__ = [
+    "allocate_redundant",
+    "budget_slots",
+    "default_budget",
+    "place_moeray",
+    "place_static",
+]
 
 
 def place_static(topology: Topology, num_layers: int, num_experts: int) -> Placement:
@@ -72,8 +84,11 @@ def place_moeray(
     if not 0 <= min_gain < 1:
         raise PlacementError(f"min_gain: expected a fraction in [0, 1), got {min_gain}")
     if current is None:
-        table = _full(load, topology)
-        moved = np.full(layers, topology.num_slots, dtype=np.int32)
+        if topology.redundant_budget is None:
+            table = _full(load, topology)
+        else:
+            table = _full(load, topology, allocate_redundant(load, topology))
+        moved = (table >= 0).sum(axis=1).astype(np.int32)
         return Placement(table, topology, num_experts), moved
     if current.physical_to_logical.shape != (layers, topology.num_slots):
         raise PlacementError(
@@ -101,17 +116,88 @@ def place_moeray(
     return placement, placement.moved_slots(current).astype(np.int32)
 
 
-def _full(load: np.ndarray, topology: Topology) -> np.ndarray:
+def allocate_redundant(load, topology: Topology, budget: int | None = None) -> np.ndarray:
+    """int64 [layers]: the redundant slots (beyond one per expert) of each layer of ``load``
+    (float [layers, experts], finite, >= 0), summing to at most ``budget`` (None: the topology's
+    ``redundant_budget``), each at most the layer's grid (``num_slots - experts``).
+
+    Each layer's peak GPU load is bounded by mean + (1 - 1/G) x the largest load per copy (what
+    packing heaviest first onto the least loaded GPU guarantees); with r replicas made as EPLB
+    makes them (to the largest load per copy), the bound's balancedness, mean / bound, rises
+    with r. Slots go to the layer whose balancedness rises most per slot: each layer's gains as
+    the segments of its concave hull, taken steepest first; a layer whose bound no slot lowers
+    takes none, so the budget may be left unspent. Numpy, plus one ``_replicate`` call.
+    """
+    load = check_load(load, "load")
+    layers, num_experts = load.shape
+    topology.check_holds(num_experts)
+    if budget is None:
+        budget = topology.redundant_budget
+        if budget is None:
+            raise PlacementError(
+                "budget: expected a redundant-slot budget (the topology has no redundant_budget)"
+            )
+    budget = check_int(budget, "budget", 0, 2**40)
+    cap = min(topology.num_slots - num_experts, budget)
+    out = np.zeros(layers, dtype=np.int64)
+    if cap == 0:
+        return out
+    weight = np.ascontiguousarray(load, dtype=np.float32)
+    # slot num_experts + r is the (r + 1)-th replica: its expert's load per copy before it was
+    # made is the largest after r replicas
+    experts, rank, _ = backend._replicate(weight, num_experts + cap + 1)
+    tail = slice(num_experts, num_experts + cap + 1)
+    largest = np.take_along_axis(load, experts[:, tail], 1) / rank[:, tail]
+    gpus = topology.num_gpus
+    mean = load.sum(axis=1, keepdims=True) / gpus
+    bound = mean + (1.0 - 1.0 / gpus) * largest
+    value = np.divide(mean, bound, out=np.ones_like(bound), where=bound > 0)
+    segments = []  # (-slope, layer, start, length)
+    for layer in range(layers):
+        for start, length, slope in _hull(value[layer]):
+            if slope > 0:
+                segments.append((-slope, layer, start, length))
+    segments.sort()
+    left = budget
+    for _, layer, start, length in segments:
+        if left == 0:
+            break
+        if out[layer] != start:  # an earlier segment of this layer was cut short
+            continue
+        take = min(length, left)
+        out[layer] += take
+        left -= take
+    return out
+
+
+def _hull(values: np.ndarray) -> list[tuple[int, int, float]]:
+    """The upper concave hull of (r, values[r]) from r = 0: (start, length, slope) segments."""
+    points: list[int] = []
+    for r in range(len(values)):
+        while len(points) >= 2:
+            a, b = points[-2], points[-1]
+            # b lies on or under the chord a -> r: drop it
+            if (values[b] - values[a]) * (r - a) <= (values[r] - values[a]) * (b - a):
+                points.pop()
+            else:
+                break
+        points.append(r)
+    return [(a, b - a, float(values[b] - values[a]) / (b - a)) for a, b in zip(points, points[1:])]
+
+
+def _full(load: np.ndarray, topology: Topology, redundant: np.ndarray | None = None) -> np.ndarray:
+    """A full placement's table; ``redundant`` (int [layers]): each layer's redundant slots under
+    a shared budget, the rest of its grid left empty (-1); None: every slot filled."""
     layers, num_experts = load.shape
     weight = np.ascontiguousarray(load, dtype=np.float32)
-    experts, _, counts = backend._replicate(weight, topology.num_slots)
-    share = np.take_along_axis(weight / counts.astype(np.float32), experts, -1)
-    gpu, rank = backend._pack(
-        np.ascontiguousarray(share, dtype=np.float32), topology.num_gpus, experts
-    )
-    table = np.empty_like(experts)
-    rows = np.arange(layers)[:, None]
-    table[rows, gpu * topology.slots_per_gpu + rank] = experts
+    num_slots = topology.num_slots
+    if redundant is None:
+        table = _packed(weight, topology, num_slots)
+    else:
+        table = np.empty((layers, num_slots), dtype=np.int32)
+        for extra in np.unique(redundant):  # layers of one count share a kernel call
+            rows = np.flatnonzero(redundant == extra)
+            table[rows] = _packed(weight[rows], topology, num_experts + int(extra))
     # Greedy packing leaves a peak that a few swaps lower: polish, as an incremental step would.
     backend._improve(
         table,
@@ -123,4 +209,25 @@ def _full(load: np.ndarray, topology: Topology) -> np.ndarray:
         0.002,
         1.0,
     )
+    return table
+
+
+def _packed(weight: np.ndarray, topology: Topology, filled: int) -> np.ndarray:
+    """``filled`` replicas of each row of weight (float32 [X, experts]) packed onto the
+    topology's grid, heaviest first, one expert's replicas on different GPUs where room allows;
+    slots beyond ``filled`` are empty (-1): zero-weight items packed last."""
+    rows, num_experts = weight.shape
+    num_slots = topology.num_slots
+    experts, _, counts = backend._replicate(weight, filled)
+    share = np.take_along_axis(weight / counts.astype(np.float32), experts, -1)
+    empty = num_slots - filled
+    items = np.concatenate([experts, np.full((rows, empty), -1, dtype=np.int32)], axis=1)
+    share = np.concatenate([share, np.zeros((rows, empty), dtype=np.float32)], axis=1)
+    labels = items.copy()
+    labels[:, filled:] = num_experts + np.arange(empty, dtype=np.int32)  # each empty its own
+    gpu, rank = backend._pack(
+        np.ascontiguousarray(share, dtype=np.float32), topology.num_gpus, labels
+    )
+    table = np.empty_like(items)
+    table[np.arange(rows)[:, None], gpu * topology.slots_per_gpu + rank] = items
     return table

@@ -10,6 +10,9 @@ Algorithms (``ALGORITHMS``):
   once, then incremental moves under the migration budget, gated); served with moeray's dispatch.
 - ``oracle``: the published method given the coming window's own load (a bound no online planner
   reaches); served with an even split.
+- ``shared`` (with ``PlaceConfig.shared_budget``): ``moeray`` with the same memory, the
+  redundant slots of all layers, split across layers by the balance each gains
+  (``Topology.shared``, ``allocate_redundant``); served with moeray's dispatch.
 
 Each algorithm is scored both ways (``even`` and ``dispatched``); ``served`` names the one its
 system uses. Balancedness = mean GPU load / max GPU load, per layer, then averaged.
@@ -41,7 +44,13 @@ __all__ = [
 ]
 
 ALGORITHMS = ("static", "eplb", "moeray", "oracle")
-_SERVED = {"static": "even", "eplb": "even", "moeray": "dispatched", "oracle": "even"}
+_SERVED = {
+    "static": "even",
+    "eplb": "even",
+    "moeray": "dispatched",
+    "oracle": "even",
+    "shared": "dispatched",
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,8 @@ class PlaceConfig:
     """gpus, nodes: the topology; redundant: extra slots per layer (None: ``Topology.for_experts``'s);
     every: tokens between re-placements (a window); batch: tokens per dispatched batch;
     migration_budget: moeray's slot moves per layer per re-placement (None: a tenth of the
-    slots); groups: EPLB's expert groups; expert_bytes: one expert's bytes (for bytes moved)."""
+    slots); groups: EPLB's expert groups; expert_bytes: one expert's bytes (for bytes moved);
+    shared_budget: adds the ``shared`` row, moeray with the layers' redundant slots shared."""
 
     gpus: int = 8
     nodes: int = 1
@@ -61,6 +71,7 @@ class PlaceConfig:
     groups: int = 1
     min_gain: float = 0.002
     expert_bytes: int | None = None
+    shared_budget: bool = False
 
     def __post_init__(self):
         check_int(self.gpus, "gpus", 1, 65_536)
@@ -154,24 +165,29 @@ def replay_placement(
         )
     layers, num_experts = trace.num_layers, trace.num_experts
     budget = config.budget(topology)
-    names: Sequence[str] = config.algorithms
+    names: Sequence[str] = config.algorithms + (("shared",) if config.shared_budget else ())
     scores = {name: _Score() for name in names}
     current: dict[str, Placement] = {}
     history = np.zeros((layers, num_experts), dtype=np.int64)
     # moeray re-places exactly as a service does (LoadBalancer), one window at a time
-    balancer = LoadBalancer(
-        PlacementConfig(
-            gpus=config.gpus,
-            nodes=config.nodes,
-            redundant=config.redundant,
-            every_tokens=config.every,
-            migration_budget=budget,
-            min_gain=config.min_gain,
-            expert_bytes=config.expert_bytes,
-        ),
-        layers,
-        num_experts,
-    )
+    balancers = {
+        name: LoadBalancer(
+            PlacementConfig(
+                gpus=config.gpus,
+                nodes=config.nodes,
+                redundant=config.redundant,
+                every_tokens=config.every,
+                migration_budget=budget,
+                min_gain=config.min_gain,
+                expert_bytes=config.expert_bytes,
+                shared_budget=name == "shared",
+            ),
+            layers,
+            num_experts,
+        )
+        for name in ("moeray", "shared")
+        if name in names
+    }
 
     def eplb(load) -> Placement:
         return rebalance_eplb(
@@ -209,8 +225,8 @@ def replay_placement(
                 current[name] = place_static(topology, layers, num_experts)
             elif name == "eplb":
                 planned(name, _moved, current.get("eplb"), eplb, history)
-            elif name == "moeray":
-                planned(name, _rebalanced, balancer, counts)
+            elif name in balancers:
+                planned(name, _rebalanced, balancers[name], counts)
             elif name == "oracle" and "oracle" not in current:
                 current[name] = eplb(counts)  # replaced by the next window's own before scoring
         if progress is not None:
@@ -245,6 +261,13 @@ def replay_placement(
             "window_series": [float(np.mean(v)) for v in window],
             "gpu_load_ratio": [[float(x) for x in row] for row in score.gpu_ratio],
         }
+    extra = {}
+    if "shared" in balancers:
+        shared = balancers["shared"]
+        extra["shared"] = {
+            "topology": shared.topology.to_dict(),
+            "redundant_per_layer": [int(r) for r in shared.current.redundant],
+        }
     return {
         "trace": trace.name,
         "tokens": trace.num_tokens,
@@ -256,6 +279,7 @@ def replay_placement(
         "migration_budget": budget,
         "windows_scored": windows - 1,
         "algorithms": algorithms,
+        **extra,
     }
 
 
