@@ -19,6 +19,8 @@ from a service's updates (``apply_update``), between batches, never on its own.
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -29,6 +31,8 @@ from moeray.policy.predict import PredictiveCaches
 from moeray.policy.windows import COUNTER_KEYS, PolicyWindow
 
 __all__ = ["EngineSession", "EngineUpdate", "LayerPlan", "PROTOCOL_VERSION"]
+
+log = logging.getLogger(__name__)
 
 # The version of the updates a session understands (``EngineUpdate.protocol``): an update from a
 # newer protocol is refused for that call, and the session goes on with what it has.
@@ -84,10 +88,13 @@ class EngineSession:
     """One engine's plans, layer by layer, under ``config``'s policy and capacities.
 
     max_batch_tokens: the most tokens one route call may carry (a larger batch is refused before
-    anything changes; default ``config.max_step_tokens``).
+    anything changes; default ``config.max_step_tokens``). link: None (the session decides
+    alone) or a ``moeray.engine.link.ServiceLink``: each routed batch is reported to the
+    service through it, and the service's updates are applied at the start of the next batch
+    (``attach`` builds one from a service's handle).
     """
 
-    def __init__(self, config: ServiceConfig, max_batch_tokens: int | None = None):
+    def __init__(self, config: ServiceConfig, max_batch_tokens: int | None = None, link=None):
         if not isinstance(config, ServiceConfig):
             raise TypeError(f"config: expected a ServiceConfig, got {type(config).__name__}")
         self.config = config
@@ -96,6 +103,7 @@ class EngineSession:
             raise TypeError(f"max_batch_tokens: expected an int, got {self._max_tokens!r}")
         if self._max_tokens < 1:
             raise ValueError(f"max_batch_tokens: expected an int >= 1, got {self._max_tokens}")
+        self._check_capacity(config)
         L, E = config.num_layers, config.num_experts
         self._affinity = [ExpertAffinity(config.affinity_config()) for _ in range(L)]
         self._predictive = config.entry.predictive
@@ -116,6 +124,30 @@ class EngineSession:
         self._counters = [dict.fromkeys(COUNTER_KEYS, 0) for _ in range(L)]
         self._batch: _Batch | None = None
         self._version = 0
+        self._link = link
+        self.batches = 0  # batches routed to their last layer
+        # (batch number it applied before, update), the latest 10,000: with the routing, what
+        # makes the decisions reproducible
+        self.applied_updates: deque[tuple[int, EngineUpdate]] = deque(maxlen=10_000)
+        self.refused_updates = 0
+
+    @classmethod
+    def attach(cls, handle, **link_options) -> EngineSession:
+        """A session on a running service's configuration (``handle.config``) that reports its
+        routing to it and takes its updates (``ServiceLink``'s options)."""
+        from moeray.engine.link import ServiceLink
+
+        return cls(handle.config, link=ServiceLink(handle, **link_options))
+
+    @property
+    def link(self):
+        """The ``ServiceLink`` to a service, or None."""
+        return self._link
+
+    def close(self) -> None:
+        """Stops the link to the service, if any (the session itself holds no thread)."""
+        if self._link is not None:
+            self._link.close()
 
     # ------------------------------------------------------------------ the engine's calls
 
@@ -209,6 +241,7 @@ class EngineSession:
                 config = replace(
                     config, predict=replace(config.predict, prefetch_budget=update.prefetch_budget)
                 )
+        self._check_capacity(config)
         if config.capacity != self.config.capacity:
             if not self._predictive:  # as in the service: only a predictive policy re-splits
                 raise ValueError(
@@ -221,10 +254,19 @@ class EngineSession:
             self._budget = config.prefetch_budgets()
         self.config = config
         self._version = update.version
+        self.applied_updates.append((self.batches, update))
 
     # ------------------------------------------------------------------ internals
 
     def _open(self, tokens: int, new_sequence) -> None:
+        if self._link is not None:
+            update = self._link.take_update()
+            if update is not None:
+                try:
+                    self.apply_update(update)
+                except ValueError as exc:  # the engine keeps serving with what it has
+                    self.refused_updates += 1
+                    log.warning("moeray: update %d refused: %s", update.version, exc)
         starts = np.zeros(tokens, dtype=bool)
         if new_sequence is not None:
             starts[:] = new_sequence
@@ -238,6 +280,10 @@ class EngineSession:
             # the service's affinity EMA of each layer (the predictive windows feed it too)
             for layer, ids in enumerate(self._batch.ids):
                 self._affinity[layer].update_batch(ids)
+        if self._link is not None:
+            ids = np.stack(self._batch.ids).astype(self.config.ids_dtype())
+            self._link.report(ids, self._batch.starts)
+        self.batches += 1
         self._batch = None
 
     def _hot_mask(self, layer: int) -> np.ndarray:
@@ -247,6 +293,15 @@ class EngineSession:
         else:
             mask[self._layers[layer].hot_sets()[0][0]] = True
         return mask
+
+    @staticmethod
+    def _check_capacity(config: ServiceConfig) -> None:
+        """The engine's tier holds at least one token's experts of a layer while it runs."""
+        if min(config.capacity) < config.top_k:
+            raise ValueError(
+                f"capacity: the tier must hold one token's {config.top_k} experts of a layer, "
+                f"got {min(config.capacity)}"
+            )
 
     def _check_layer(self, layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):

@@ -1,0 +1,247 @@
+"""The engine-side session: its decisions are the replay's, its plans keep an engine's tier
+equal to the hot sets, and bad input fails one call alone."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from moeray.engine import PROTOCOL_VERSION, EngineSession, EngineUpdate
+from moeray.policy.registry import online_policy_names
+from moeray.policy.windows import COUNTER_KEYS
+from moeray.replay.config import ReplayConfig
+from moeray.replay.inprocess import replay_policy, service_config_for, trace_seq_starts
+from moeray.traces import default_trace_path, load_trace
+
+pytestmark = pytest.mark.pure
+
+TOKENS = 600
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return load_trace(default_trace_path()).head(TOKENS)
+
+
+def route_trace(session, trace, batch: int, check_tier: bool = False, begin: int = 0):
+    """Routes ``trace`` (from token ``begin``) through ``session`` in batches of ``batch``
+    tokens, layer after layer. With check_tier, follows every plan as an engine would and
+    checks the tier it keeps."""
+    ids, starts = trace.expert_ids, trace_seq_starts(trace)
+    L = trace.num_layers
+    tier = [set() for _ in range(L)]
+    for first in range(begin, trace.num_tokens, batch):
+        rows = slice(first, first + batch)
+        for layer in range(L):
+            used = set(ids[rows, layer].ravel().tolist())
+            plan = session.route(
+                layer, ids[rows, layer], new_sequence=starts[rows] if layer == 0 else None
+            )
+            assert plan.layer == layer
+            if not check_tier:
+                continue
+            load, evict = set(plan.load.tolist()), set(plan.evict.tolist())
+            assert not load & tier[layer], "a plan loads what the tier holds"
+            assert used <= tier[layer] | load, "the batch uses an expert the plan left out"
+            assert evict <= tier[layer] | load
+            tier[layer] = (tier[layer] | load) - evict
+            assert tier[layer] == set(session.hot(layer).tolist())
+            if layer + 1 < L:
+                fetch, drop = set(plan.prefetch.tolist()), set(plan.prefetch_evict.tolist())
+                assert not fetch & tier[layer + 1] and drop <= tier[layer + 1]
+                tier[layer + 1] = (tier[layer + 1] | fetch) - drop
+                assert tier[layer + 1] == set(session.hot(layer + 1).tolist())
+            else:
+                assert plan.prefetch.size == plan.prefetch_evict.size == 0
+
+
+@pytest.mark.parametrize("policy", online_policy_names())
+@pytest.mark.parametrize("batch", [1, 7])
+def test_decisions_equal_the_local_replay(trace, policy, batch):
+    config = ReplayConfig(capacity=8)
+    stats, _ = replay_policy(trace, config, policy)
+    session = EngineSession(service_config_for(trace, config, policy))
+    route_trace(session, trace, batch)
+    got = session.stats()
+    for layer, expected in enumerate(stats.layers):
+        assert got[layer] == {key: getattr(expected, key) for key in COUNTER_KEYS}, layer
+    assert sum(c["stalls"] for c in got) > 0  # the comparison saw real work
+
+
+@pytest.mark.parametrize("policy", online_policy_names())
+def test_plans_keep_the_tier_equal_to_the_hot_sets(trace, policy):
+    session = EngineSession(service_config_for(trace.head(200), ReplayConfig(capacity=6), policy))
+    route_trace(session, trace.head(200), batch=1, check_tier=True)
+    route_trace(session, trace.head(60), batch=5, check_tier=False)
+
+
+def test_predictive_plans_prefetch_the_next_layer(trace):
+    session = EngineSession(service_config_for(trace, ReplayConfig(capacity=8), "moeray"))
+    prefetched = 0
+    for t in range(100):
+        for layer in range(trace.num_layers):
+            plan = session.route(layer, trace.expert_ids[t : t + 1, layer])
+            prefetched += plan.prefetch.size
+    assert prefetched > 0
+    assert sum(c["prefetches"] for c in session.stats()) >= prefetched
+
+
+def session_for(trace, policy="lru", capacity=8):
+    return EngineSession(service_config_for(trace, ReplayConfig(capacity=capacity), policy))
+
+
+@pytest.mark.parametrize(
+    "layer, ids, message",
+    [
+        (1, [[0, 1, 2, 3]], "layer: expected layer 0 next"),
+        (0, [[0, 1, 2, 32]], "ids: expected ids in [0, 32)"),
+        (0, [[0, 1, 2, -1]], "ids: expected ids in [0, 32)"),
+        (0, [[0, 1, 2]], "ids: expected integers of shape [tokens, 4]"),
+        (0, [[0.0, 1.0, 2.0, 3.0]], "ids: expected integers"),
+        (24, [[0, 1, 2, 3]], "layer: expected an int in [0, 24)"),
+    ],
+)
+def test_bad_route_fails_that_call_alone(trace, layer, ids, message):
+    session = session_for(trace)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        session.route(layer, np.asarray(ids))
+    route_trace(session, trace.head(3), batch=1)  # the session serves on
+    assert sum(c["hits"] + c["stalls"] for c in session.stats()) == 3 * 24 * 4
+
+
+def test_a_batch_keeps_its_size_and_order(trace):
+    session = session_for(trace)
+    session.route(0, trace.expert_ids[:2, 0])
+    with pytest.raises(ValueError, match="needs its 2 tokens"):
+        session.route(1, trace.expert_ids[:3, 1])
+    with pytest.raises(ValueError, match="expected layer 1 next"):
+        session.route(2, trace.expert_ids[:2, 2])
+    with pytest.raises(ValueError, match="new_sequence: give it with layer 0"):
+        session.route(1, trace.expert_ids[:2, 1], new_sequence=True)
+    with pytest.raises(ValueError, match="weights"):
+        session.route(1, trace.expert_ids[:2, 1], weights=np.ones((2, 3)))
+    session.route(1, trace.expert_ids[:2, 1], weights=np.ones((2, 4)))
+
+
+def test_budget_below_top_k_is_refused(trace):
+    with pytest.raises(ValueError, match="capacity: the tier must hold one token's 4 experts"):
+        session_for(trace, capacity=3)
+
+
+def test_updates_apply_between_batches_and_newer_protocols_are_refused(trace):
+    session = session_for(trace, "moeray")
+    with pytest.raises(ValueError, match="protocol"):
+        session.apply_update(EngineUpdate(1, protocol=PROTOCOL_VERSION + 1))
+    assert session.version == 0
+    capacity = tuple([6] * 12 + [10] * 12)
+    session.apply_update(EngineUpdate(3, capacity=capacity, prefetch_budget=1))
+    assert session.version == 3 and session.config.capacity == capacity
+    session.apply_update(EngineUpdate(2, capacity=(8,) * 24))  # older: ignored
+    assert session.config.capacity == capacity
+    route_trace(session, trace.head(50), batch=1)
+    assert all(len(session.hot(layer)) <= capacity[layer] for layer in range(24))
+    assert len(session.hot(23)) == 10
+    session.route(0, trace.expert_ids[:1, 0])
+    with pytest.raises(ValueError, match="between batches"):
+        session.apply_update(EngineUpdate(4, prefetch_budget=2))
+    with pytest.raises(ValueError, match="capacity"):
+        session_for(trace, "lru").apply_update(EngineUpdate(1, capacity=(6,) * 24))
+
+
+class FakeService:
+    """A handle's two calls the link makes; ``fail`` makes both raise, ``gate`` holds submits."""
+
+    def __init__(self, config, update=None):
+        self.config = config
+        self.update = update
+        self.tokens = 0
+        self.fail = False
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def submit(self, expert_ids, seq_starts=None):
+        self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("service gone")
+        assert expert_ids.shape[0] == self.config.num_layers and seq_starts.dtype == bool
+        self.tokens += expert_ids.shape[1]
+
+    def engine_update(self, after_version):
+        if self.fail:
+            raise RuntimeError("service gone")
+        if self.update is not None and self.update.version > after_version:
+            return self.update
+        return None
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_linked_session_reports_its_routing_and_applies_updates(trace):
+    config = service_config_for(trace, ReplayConfig(capacity=8), "moeray")
+    capacity = tuple([6] * 12 + [10] * 12)
+    service = FakeService(config, EngineUpdate(5, capacity=capacity))
+    session = EngineSession.attach(service, poll_s=0.01)
+    try:
+        route_trace(session, trace.head(20), batch=1)
+        wait_for(lambda: session.link.stats().updates == 1)
+        route_trace(session, trace.head(30), batch=3)
+        assert session.link.flush()
+        assert service.tokens == 50 and session.link.stats().reported_tokens == 50
+        assert session.version == 5 and session.config.capacity == capacity
+        (at, update), *_ = session.applied_updates
+        assert update.version == 5 and 1 <= at <= 20
+    finally:
+        session.close()
+    # the decisions are reproducible from the routing and the updates applied
+    again = EngineSession(config)
+    route_trace(again, trace.head(at), batch=1)
+    again.apply_update(update)
+    route_trace(again, trace.head(20), batch=1, begin=at)
+    route_trace(again, trace.head(30), batch=3)
+    assert again.stats() == session.stats()
+
+
+def test_a_session_outlives_its_service_and_resynchronises(trace, caplog):
+    config = service_config_for(trace, ReplayConfig(capacity=8), "lru")
+    service = FakeService(config)
+    session = EngineSession.attach(service, poll_s=0.01)
+    try:
+        service.fail = True
+        with caplog.at_level("WARNING", logger="moeray.engine.link"):
+            route_trace(session, trace.head(10), batch=1)  # the engine is never stopped
+            wait_for(lambda: not session.link.stats().connected)
+        assert "decides on its own" in caplog.text
+        assert session.link.stats().failures >= 1
+        service.fail = False
+        wait_for(lambda: session.link.stats().connected)
+        route_trace(session, trace.head(10), batch=1)
+        assert session.link.flush()
+        stats = session.link.stats()
+        assert stats.reported_tokens + stats.dropped_tokens == 20 and stats.reported_tokens >= 10
+    finally:
+        session.close()
+
+
+def test_a_full_queue_drops_for_the_service_never_blocks_the_engine(trace):
+    config = service_config_for(trace, ReplayConfig(capacity=8), "lru")
+    service = FakeService(config)
+    service.gate.clear()  # the service takes nothing
+    session = EngineSession.attach(service, max_queued_tokens=4, poll_s=0.01)
+    try:
+        route_trace(session, trace.head(20), batch=2)  # returns: nothing waits on the service
+        assert session.link.stats().dropped_tokens >= 20 - 4 - 2
+        service.gate.set()
+        assert session.link.flush()
+        stats = session.link.stats()
+        assert stats.reported_tokens + stats.dropped_tokens == 20
+    finally:
+        session.close()
