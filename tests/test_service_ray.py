@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from service_helpers import config
 
 from moeray import ExpertCache, ExpertCacheConfig, service
 from moeray.traces import default_trace_path, load_trace
@@ -23,21 +24,6 @@ def routing():
 
 def in_process_hits(ids, capacity):
     return [int(ExpertCache(32, ExpertCacheConfig(capacity)).access_batch(x).sum()) for x in ids]
-
-
-def config(name, **kw):
-    base = dict(
-        num_layers=24,
-        num_experts=32,
-        top_k=4,
-        capacity=8,
-        policy="lru",
-        layers_per_actor=12,
-        window_steps=2,
-        name=name,
-    )
-    base.update(kw)
-    return service.ServiceConfig(**base)
 
 
 def replay(handle, ids, weights, step_tokens=256, on_step=None):

@@ -10,14 +10,21 @@ state, so a coordinator's death changes no decision.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 
 import numpy as np
 import pytest
+from service_helpers import config
 
 from moeray import service
 from moeray.actors import _ray
+from moeray.actors.coordinator import Coordinator
+from moeray.actors.journal import ClientJournal
+from moeray.actors.layer import LayerCaches
+from moeray.actors.steps import Window
+from moeray.actors.transport import InProcessTransport
 from moeray.replay.inprocess import replay_steps
 from moeray.traces import default_trace_path, load_trace
 
@@ -27,21 +34,6 @@ def routing():
     """int32 [24 layers, 2048 tokens, 4] of the bundled gpt-oss-20b slice."""
     trace = load_trace(default_trace_path())
     return np.ascontiguousarray(trace.expert_ids[:2048].transpose(1, 0, 2), dtype=np.int32)
-
-
-def config(name, **kw):
-    base = dict(
-        num_layers=24,
-        num_experts=32,
-        top_k=4,
-        capacity=8,
-        policy="lru",
-        layers_per_actor=12,
-        window_steps=2,
-        name=name,
-    )
-    base.update(kw)
-    return service.ServiceConfig(**base)
 
 
 def counters(stats):
@@ -277,3 +269,118 @@ def test_a_full_journal_waits_for_acknowledgements(ray_local, routing):
         assert handle.stats().layers[0].tokens == 1024
     finally:
         handle.shutdown()
+
+
+class _DictStore:
+    """A layer actor's saved report in a dict, as the service's is in Ray's GCS."""
+
+    def __init__(self, saved: dict, actor: int):
+        self._saved, self._actor = saved, actor
+
+    def save(self, states):
+        self._saved[self._actor] = pickle.dumps(states)
+
+    def load(self):
+        data = self._saved.get(self._actor)
+        return None if data is None else pickle.loads(data)
+
+
+class _StoredTransport(InProcessTransport):
+    """In-process layer actors that save their report (``_DictStore``) and run their calls
+    only when the coordinator waits, so a coordinator that dies leaves calls on the wire."""
+
+    def __init__(self, config, saved: dict, **kw):
+        self.saved = saved
+        super().__init__(config, **kw)
+
+    def _create(self, actor, replacement=False):
+        cfg, layers = self._config, self._groups[actor]
+        return LayerCaches(
+            layers,
+            cfg.num_experts,
+            {layer: cfg.capacity[layer] for layer in layers},
+            cfg.policy,
+            cfg.affinity_config(),
+            cfg.settings(),
+            replacement=replacement,
+            state_store=_DictStore(self.saved, actor),
+        )
+
+    def poll(self, wait):
+        return super().poll(wait) if wait else []
+
+
+def test_a_layer_actor_lost_with_the_coordinator_resumes_its_saved_state(routing):
+    """Both at once, in-process: the lost actor's replacement resumes the report it saved
+    before its last acknowledgement, the client resends what that actor lacks, and every
+    count equals the replay with that actor restarted (empty hot set) where it resumed."""
+    ids = routing[:, :1536]
+    cfg = config("in-process", window_steps=1, layers_per_actor=8)  # 3 actors
+    steps = [(ids[:, lo : lo + 64], None, None) for lo in range(0, ids.shape[1], 64)]
+    saved: dict = {}
+    transport = _StoredTransport(cfg, saved)
+    coordinator = Coordinator(cfg, transport)
+    journal = ClientJournal("c1")
+
+    def send(seq, window):
+        confirmed, _ = coordinator.add_routing(
+            window.expert_ids, window.steps, True, client=journal.client, seq=seq
+        )
+        journal.confirm(confirmed)
+
+    for i, (step, _, _) in enumerate(steps):
+        window = Window(step, 1, None, None)
+        send(journal.add(window), window)
+        if i % 4 == 3:  # acknowledged: the journal forgets those windows
+            journal.confirm(coordinator.client_marks(journal.client, sync=True)[0])
+        if i in (9, 17):  # actor 1, then actor 0, die with the coordinator; calls on the wire
+            transport.kill(1 if i == 9 else 0)
+            transport.lose_queued({0: 1, 1: 1, 2: 0})
+            transport = _StoredTransport(cfg, saved, actors=transport.survivors())
+            coordinator = Coordinator(cfg, transport, adopt=True)
+            confirmed, low = coordinator.client_marks(journal.client)
+            journal.confirm(confirmed)
+            for seq, window in journal.after(low):  # never a JournalGapError
+                send(seq, window)
+    stats = coordinator.stats()
+    restart_tokens = {
+        a: stats.layers[g[0]].restart_tokens for a, g in enumerate(cfg.actor_layers())
+    }
+    assert restart_tokens[0][0] > 0 and restart_tokens[1][0] > 0  # resumed, not from zero
+    assert restart_tokens[2] == ()
+    assert all(s.tokens == ids.shape[1] for s in stats.layers)  # nothing lost or doubled
+    assert counters(stats) == counters(replay_steps(cfg, steps, restart_tokens))
+    assert stats.submits == len(steps) and stats.coordinator_restarts == 2
+
+
+def test_a_layer_actor_killed_with_the_coordinator_loses_nothing(ray_local, routing):
+    """Both at once on Ray, a few times: a layer actor and the coordinator killed in the same
+    instant. The replacement resumes the report the actor saved in the GCS, so the counts equal
+    the in-process replay with that actor restarted where the service says it resumed."""
+    ids = routing
+    cfg = config("svc-double-kill")
+    steps = [(ids[:, lo : lo + 64], None, None) for lo in range(0, ids.shape[1], 64)]
+    handle = service.start(cfg)
+    try:
+        coordinator = ray_local.get_actor(_ray.coordinator_name(cfg.name), namespace=cfg.namespace)
+        for i, (step, _, _) in enumerate(steps):
+            handle.submit(step)
+            if i in (7, 15, 23):
+                victim = handle.layer_actor_handles()[(i // 8) % 2]
+                pid = handle.coordinator_pid()  # also: the last restart is over
+                ray_local.kill(victim, no_restart=True)
+                if i == 15:
+                    ray_local.kill(coordinator, no_restart=False)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+        stats = handle.stats()
+    finally:
+        handle.shutdown()
+    restart_tokens = {
+        a: stats.layers[g[0]].restart_tokens for a, g in enumerate(cfg.actor_layers())
+    }
+    assert sorted(map(len, restart_tokens.values())) == [1, 2]  # every kill counted
+    assert all(0 < t < ids.shape[1] for tokens in restart_tokens.values() for t in tokens)
+    assert all(s.tokens == ids.shape[1] for s in stats.layers)  # nothing lost or doubled
+    assert counters(stats) == counters(replay_steps(cfg, steps, restart_tokens))
+    assert stats.coordinator_restarts == 3 and stats.submits == len(steps)

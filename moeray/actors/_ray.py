@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -38,6 +39,7 @@ from ray.exceptions import (
     RayActorError,
     RayTaskError,
 )
+from ray.experimental import internal_kv
 from ray.util import metrics
 
 from moeray.actors.address import resolve_address
@@ -59,6 +61,7 @@ from moeray.policy.predict import PREDICTOR_NAMES
 from moeray.traces.wire import decode_step, encode_batches
 
 __all__ = [
+    "GcsStateStore",
     "RayLayerTransport",
     "CoordinatorHost",
     "coordinator_exists",
@@ -108,6 +111,29 @@ def layer_actor_name(config_name: str, actor: int) -> str:
     return f"{config_name}.layers-{actor}"
 
 
+class GcsStateStore:
+    """A layer actor's saved report (``LayerCaches(state_store=)``): one key of Ray's GCS
+    key-value store, overwritten on every save, so it outlives the actor and the coordinator
+    (and lives as long as the cluster's GCS). Picklable: created by the coordinator, used in
+    the layer actor's process. Its size: the actor's layers x (16 x num_experts bytes of
+    affinity + ~1 KB of statistics) + ~50 bytes per client id."""
+
+    def __init__(self, config: ServiceConfig, actor: int):
+        self.namespace = f"moeray:{config.namespace}"
+        self.key = f"{layer_actor_name(config.name, actor)}.state"
+
+    def save(self, states: list[LayerState]) -> None:
+        data = pickle.dumps(states, protocol=pickle.HIGHEST_PROTOCOL)
+        internal_kv._internal_kv_put(self.key, data, overwrite=True, namespace=self.namespace)
+
+    def load(self) -> list[LayerState] | None:
+        data = internal_kv._internal_kv_get(self.key, namespace=self.namespace)
+        return None if data is None else pickle.loads(data)
+
+    def delete(self) -> None:
+        internal_kv._internal_kv_del(self.key, namespace=self.namespace)
+
+
 def _placement_options(resource: str | None) -> dict:
     # A tiny amount of a node's custom resource pins the actor to that node without using it up.
     return {"resources": {resource: 0.001}} if resource else {}
@@ -149,8 +175,9 @@ class RayLayerTransport:
                     continue
                 except ValueError:  # it died too: its state is lost
                     self._lost.add(actor)
-            else:
+            else:  # a new service: nothing of an earlier one of that name is resumed
                 _free_name(name, config.namespace, time.monotonic() + _FREE_NAME_S)
+                GcsStateStore(config, actor).delete()
             self._handles[actor] = self._create(actor, replacement=adopt)
 
     def adopt(self) -> tuple[list[LayerState], list[int]]:
@@ -199,6 +226,7 @@ class RayLayerTransport:
                 config.settings(),
                 config.shards,
                 replacement=replacement,
+                state_store=GcsStateStore(config, actor),
             )
         )
 
@@ -495,8 +523,9 @@ def _free_name(name: str, namespace: str, deadline: float) -> bool:
 
 def remove_service(config: ServiceConfig, timeout_s: float = _FREE_NAME_S) -> None:
     """Kills the coordinator of service ``config.name`` (no restart) and then every layer actor,
-    by name, whether or not they answer, and returns once every name is free (a new service
-    of that name can start). TimeoutError after ``timeout_s`` seconds."""
+    by name, whether or not they answer, deletes their saved reports (``GcsStateStore``), and
+    returns once every name is free (a new service of that name can start). TimeoutError after
+    ``timeout_s`` seconds."""
     deadline = time.monotonic() + timeout_s
     names = [coordinator_name(config.name)] + [
         layer_actor_name(config.name, actor) for actor in range(len(config.actor_layers()))
@@ -505,6 +534,8 @@ def remove_service(config: ServiceConfig, timeout_s: float = _FREE_NAME_S) -> No
     # finds none, in case one was being created as the coordinator died
     while any([_free_name(name, config.namespace, deadline) for name in names]):
         pass
+    for actor in range(len(config.actor_layers())):  # the layer actors' saved reports
+        GcsStateStore(config, actor).delete()
 
 
 def wait_all(refs) -> None:

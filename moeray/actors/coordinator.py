@@ -168,9 +168,11 @@ class Coordinator:
 
     def _adopt(self, states: list[LayerState], lost: list[int]) -> None:
         """Rebuilds the per-layer copies, statistics, window numbers and client marks from the
-        layer actors' reports. An actor that was gone (``lost``) or had replaced one that died
-        and never got its restore (``LayerState.unrestored``) starts from the marks every other
-        actor holds: its layers' earlier statistics died with it (a restart is counted)."""
+        layer actors' reports. An actor that was gone (``lost``) was re-created from the report
+        its predecessor saved (``LayerCaches(state_store=)``) and counts a restart there; one
+        without such a report, or that had replaced one that died and never got its restore
+        (``LayerState.unrestored``), starts from the marks every other actor holds: its
+        layers' earlier statistics died with it (a restart is counted)."""
         by_layer = {state.layer: state for state in states}
         for layer, state in by_layer.items():
             self._state[layer] = LayerState(
@@ -179,7 +181,8 @@ class Coordinator:
             self._sent[layer] = state.window
             self._stats[layer] = LayerStats(**vars(state.totals or LayerStats(layer=layer)))
         heads = [by_layer[group[0]] for group in self._groups]
-        lost = set(lost) | {a for a, head in enumerate(heads) if head.unrestored}
+        # a re-created actor (in ``lost``) that resumed its predecessor's report is whole
+        lost = {a for a, head in enumerate(heads) if head.unrestored}
         kept = [head.clients for a, head in enumerate(heads) if a not in lost]
         floor = {c: min(marks.get(c, 0) for marks in kept) for c in set().union(*kept)}
         for actor, head in enumerate(heads):

@@ -9,6 +9,11 @@ what a restarted coordinator rebuilds itself from (``adopt``): each layer's stat
 client's last window applied and the submits applied; windows from a coordinator older than the
 one that last adopted it are ignored.
 
+With a ``state_store`` (the service's: a key in Ray's GCS, ``moeray.actors._ray``), that report
+is also saved whenever it changes, before the change is acknowledged: an actor that replaces one
+that died (``replacement``) starts from it, so a layer actor and the coordinator dying together
+lose nothing that was acknowledged (docs/design.md, "Two failures at once").
+
 With ``shards`` (a checkpoint directory on the actor's node) each hosted layer also keeps the
 bytes of its shard resident for its hot set (``moeray.shards.residency``): after each window the
 experts that left the hot set are released and the ones that entered it are prefetched by the
@@ -16,6 +21,9 @@ native prefetcher. Trace layer i is the checkpoint's i-th MoE layer.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import Protocol
 
 import numpy as np
 
@@ -34,7 +42,17 @@ from moeray.policy.windows import PolicyWindow
 from moeray.shards.residency import ShardResidency
 from moeray.shards.store import ShardStore
 
-__all__ = ["LayerCaches"]
+__all__ = ["LayerCaches", "StateStore"]
+
+
+class StateStore(Protocol):
+    """Where a layer actor keeps its report (``LayerCaches.adopt``'s) outside its process."""
+
+    def save(self, states: list[LayerState]) -> None: ...
+
+    def load(self) -> list[LayerState] | None:
+        """The last saved report, or None when none was saved."""
+        ...
 
 
 class LayerCaches:
@@ -53,6 +71,7 @@ class LayerCaches:
         settle: bool = False,
         policies: dict[str, PolicyEntry] = POLICIES,
         replacement: bool = False,
+        state_store: StateStore | None = None,
     ):
         """affinity_config: the service's affinity EMA of each layer's routing (restored after
         a restart; the demand policies decide by it). settings: what the policy reads besides
@@ -60,7 +79,11 @@ class LayerCaches:
         sets (None: decisions only). settle: model the consumer of a replay: read the experts a
         window stalled on and wait for its prefetches before reading resident bytes (exact
         peaks); otherwise (the service, whose consumer is the engine) the reading is taken when
-        the next window arrives, without waiting. policies: the registry to build from."""
+        the next window arrives, without waiting. policies: the registry to build from.
+        replacement: this actor replaces one that died: it starts from the report its
+        predecessor saved in ``state_store`` (a restart counted at its tokens), or, without
+        one, reports itself unrestored. state_store: where the report is saved before each
+        change is acknowledged (None: not kept outside this process)."""
         entry = policy_entry(policy, policies)
         if not entry.online:
             raise ValueError(f"policy: {policy!r} is an oracle; a layer actor runs online ones")
@@ -85,6 +108,54 @@ class LayerCaches:
         # each layer's residency counters as last reported (an ack or settle_shards): the
         # prefetcher's bytes keep arriving between windows, and each is reported once
         self._reported = {layer: r.stats() for layer, r in self._residency.items()}
+        self._store = state_store
+        saved = state_store.load() if replacement and state_store is not None else None
+        if saved:
+            self._resume(saved)
+
+    def _resume(self, saved: list[LayerState]) -> None:
+        """A replacement takes over its predecessor's saved report: a restart of each layer at
+        the tokens it had applied (its hot sets start empty, as after a restore)."""
+        by_layer = {state.layer: state for state in saved}
+        if sorted(by_layer) != self._layers:
+            raise ValueError(f"state_store: layers {sorted(by_layer)}, this actor {self._layers}")
+        for state in saved:
+            totals = _copy_stats(state.totals, state.layer)
+            totals.restarts += 1
+            totals.restart_tokens += (totals.tokens,)
+            self._set_state(replace(state, totals=totals))
+        # a report saved while unrestored is no better than none
+        self._unrestored = any(state.unrestored for state in saved)
+        self._save()  # a second replacement counts a second restart
+
+    def _set_state(self, state: LayerState) -> None:
+        self._affinity[state.layer].load_state(state.affinity_scores, state.activation_counts)
+        self._applied[state.layer] = state.window
+        self._totals[state.layer] = _copy_stats(state.totals, state.layer)
+        self._clients = dict(state.clients)
+        self._submits = state.submits
+        self._epoch = state.epoch
+
+    def _report(self) -> list[LayerState]:
+        """Each hosted layer's state with what a restarted coordinator rebuilds from."""
+        return [
+            LayerState(
+                layer,
+                self._applied[layer],
+                self._affinity[layer].scores(),
+                self._affinity[layer].activation_counts(),
+                dict(self._clients),
+                _copy_stats(self._totals[layer], layer),
+                self._submits,
+                self._epoch,
+                self._unrestored,
+            )
+            for layer in self._layers
+        ]
+
+    def _save(self) -> None:
+        if self._store is not None:
+            self._store.save(self._report())
 
     def layers(self) -> list[int]:
         return list(self._layers)
@@ -100,15 +171,11 @@ class LayerCaches:
         if states and states[0].epoch < self._epoch:
             return
         for state in states:
-            self._affinity[state.layer].load_state(state.affinity_scores, state.activation_counts)
-            self._applied[state.layer] = state.window
-            self._totals[state.layer] = _copy_stats(state.totals, state.layer)
-            self._clients = dict(state.clients)
-            self._submits = state.submits
-            self._epoch = state.epoch
+            self._set_state(state)
         self._unrestored = False
         if warmup is not None:
             self._policy.warm_up(np.asarray(warmup.expert_ids), warmup.seq_starts)
+        self._save()
 
     def adopt(self) -> list[LayerState]:
         """A restarted coordinator takes this actor over: from now on windows of the coordinator
@@ -116,20 +183,8 @@ class LayerCaches:
         state: last window applied, affinity, statistics, client marks, submits and the new
         epoch (``LayerState``)."""
         self._epoch += 1
-        return [
-            LayerState(
-                layer,
-                self._applied[layer],
-                self._affinity[layer].scores(),
-                self._affinity[layer].activation_counts(),
-                dict(self._clients),
-                _copy_stats(self._totals[layer], layer),
-                self._submits,
-                self._epoch,
-                self._unrestored,
-            )
-            for layer in self._layers
-        ]
+        self._save()
+        return self._report()
 
     def apply(self, windows: list[LayerWindow]) -> list[LayerAck]:
         """Applies windows in number order, every hosted layer's window of one number together;
@@ -164,6 +219,8 @@ class LayerCaches:
             self._clients.update(head.clients)
             self._submits += head.steps
             self._epoch = max(self._epoch, head.epoch)
+        if acks:
+            self._save()  # before the acks: what was acknowledged outlives this process
         return acks
 
     def _apply_group(self, ordered: list[LayerWindow]) -> list[LayerAck]:
@@ -252,6 +309,8 @@ class LayerCaches:
         out = {layer: Counters(**self._shard_report(layer)) for layer in self._residency}
         for layer, counters in out.items():
             self._totals[layer].add(counters)  # the coordinator adds them to its statistics too
+        if out:
+            self._save()
         return out
 
     def shard_capacity_bytes(self) -> dict[int, int]:
