@@ -6,9 +6,9 @@ CLI starts one (token auth on), ``--steps-per-s`` steps of ``--step-tokens`` tok
 Every ``--kill-every`` seconds a layer actor (round robin, from the handle's
 ``layer_actor_handles``) is killed with Ray's kill; the coordinator re-creates and restores it.
 With ``--kill-coordinator``, the coordinator is killed as well, half a period after each layer
-actor (both at once is the double failure that loses a layer's statistics), where the installed
-code can recover it (its actor may be restarted: ``max_restarts`` != 0 in the GCS); otherwise a
-note says it was skipped.
+actor (one failure at a time; ``bench_chaos.py --double-kills`` kills both at once), where the
+installed code can recover it (its actor may be restarted: ``max_restarts`` != 0 in the GCS);
+otherwise a note says it was skipped.
 
 Every ``--sample-s`` seconds the resident set (VmRSS, /proc) of each process is read: the
 coordinator and each layer actor (the pid their own process reports, through the ``__ray_call__``
@@ -175,8 +175,7 @@ def soak(args, ids, weights, session_dir: str, say) -> dict:
         next_sample = start
         next_row = start + 60
         next_kill = start + args.kill_every if args.kill_every > 0 else float("inf")
-        # the coordinator dies half a period after a layer actor, never with one: a layer actor
-        # that dies while the coordinator is down loses its statistics (docs/design.md)
+        # the coordinator dies half a period after a layer actor: single failures, staggered
         next_coordinator_kill = next_kill + args.kill_every / 2
         victim = 0
         print(
