@@ -217,7 +217,10 @@ def _packed(weight: np.ndarray, topology: Topology, filled: int) -> np.ndarray:
     topology's grid, heaviest first, one expert's replicas on different GPUs where room allows;
     slots beyond ``filled`` are empty (-1): zero-weight items packed last."""
     rows, num_experts = weight.shape
-    num_slots = topology.num_slots
+    gpus = topology.num_gpus
+    # each GPU gets at most ceil(filled / gpus) replicas: filled slots spread evenly over GPUs
+    # (dispatch has as many choices on each), the rest of each GPU's slots stay empty
+    num_slots = gpus * -(-filled // gpus)
     experts, _, counts = backend._replicate(weight, filled)
     share = np.take_along_axis(weight / counts.astype(np.float32), experts, -1)
     empty = num_slots - filled
@@ -225,9 +228,7 @@ def _packed(weight: np.ndarray, topology: Topology, filled: int) -> np.ndarray:
     share = np.concatenate([share, np.zeros((rows, empty), dtype=np.float32)], axis=1)
     labels = items.copy()
     labels[:, filled:] = num_experts + np.arange(empty, dtype=np.int32)  # each empty its own
-    gpu, rank = backend._pack(
-        np.ascontiguousarray(share, dtype=np.float32), topology.num_gpus, labels
-    )
-    table = np.empty_like(items)
+    gpu, rank = backend._pack(np.ascontiguousarray(share, dtype=np.float32), gpus, labels)
+    table = np.full((rows, topology.num_slots), -1, dtype=np.int32)
     table[np.arange(rows)[:, None], gpu * topology.slots_per_gpu + rank] = items
     return table
