@@ -11,6 +11,21 @@ from moeray.native._reference._checks import as_float, check_ids, check_num_expe
 __all__ = ["AffinityCore", "affinity_key"]
 
 _NEG_INF = -math.inf
+# The lazy form's bounds (src/affinity.hpp): its scale stays in [2^-64, 1], so boost / scale and
+# max_score / scale stay finite for |boost|, max_score <= 2^512.
+_MIN_DECAY = 2.0**-16
+_BIG = 2.0**512
+_MIN_SCALE = 2.0**-64
+
+
+def lazy_applies(decay: float, boost: float, max_score: float) -> bool:
+    """Whether the lazy decay (O(top_k) a token) holds for these parameters, as in the core."""
+    return (
+        _MIN_DECAY <= decay <= 1.0
+        and abs(boost) <= _BIG
+        and max_score >= 0.0
+        and (max_score <= _BIG or max_score == math.inf)
+    )
 
 
 def affinity_key(score: float) -> float:
@@ -19,13 +34,19 @@ def affinity_key(score: float) -> float:
 
 
 class AffinityCore:
-    """EMA affinity per expert: ``update`` decays every score, then boosts the activated ones."""
+    """EMA affinity per expert: ``update`` decays every score, then boosts the activated ones.
+
+    In the lazy form (``lazy_applies``) ``_scores`` holds the scaled values v and a score reads
+    ``min(v * _scale, max_score)``; the same operations in the same order as ``src/affinity.hpp``.
+    """
 
     def __init__(self, num_experts: int, decay: float, activation_boost: float, max_score: float):
         self._n = check_num_experts(num_experts)
         self._decay = as_float(decay, "decay")
         self._boost = as_float(activation_boost, "activation_boost")
         self._max = as_float(max_score, "max_score")
+        self._lazy = lazy_applies(self._decay, self._boost, self._max)
+        self._scale = 1.0
         self._scores = [0.0] * self._n
         self._counts = [0] * self._n
 
@@ -38,13 +59,34 @@ class AffinityCore:
             raise ValueError(f"activated: expert ids must be >= 0, got {min(ids)}")
         self._update_row(ids)
 
+    def _read(self, e: int) -> float:
+        if self._lazy:
+            return min(self._scores[e] * self._scale, self._max)
+        return self._scores[e]
+
     def _update_row(self, ids) -> None:
+        if self._lazy:
+            self._lazy_row(ids)
+            return
         decay, scores = self._decay, self._scores
         for e in range(self._n):
             scores[e] = scores[e] * decay
         for e in ids:
             if e < self._n:  # the seed ignores ids it does not track
                 scores[e] = min(scores[e] + self._boost, self._max)
+                self._counts[e] += 1
+
+    def _lazy_row(self, ids) -> None:
+        scale = self._scale * self._decay
+        if scale < _MIN_SCALE:  # fold the scale into the stored values
+            self._scores = [self._read(e) for e in range(self._n)]
+            scale = self._decay
+        self._scale = scale
+        inverse = 1.0 / scale
+        boost, max_score, scores = self._boost * inverse, self._max * inverse, self._scores
+        for e in ids:
+            if e < self._n:
+                scores[e] = min(scores[e] + boost, max_score)
                 self._counts[e] += 1
 
     def update_batch(self, expert_ids) -> None:
@@ -54,10 +96,10 @@ class AffinityCore:
 
     def score(self, expert_id: int) -> float:
         e = index(expert_id, "expert_id")
-        return self._scores[e] if 0 <= e < self._n else 0.0
+        return self._read(e) if 0 <= e < self._n else 0.0
 
     def scores(self) -> np.ndarray:
-        return np.array(self._scores, dtype=np.float64)
+        return np.array([self._read(e) for e in range(self._n)], dtype=np.float64)
 
     def activation_count(self, expert_id: int) -> int:
         e = index(expert_id, "expert_id")
@@ -70,7 +112,7 @@ class AffinityCore:
         k = index(k, "k")
         if k < 0:
             raise ValueError(f"k: expected k >= 0, got {k}")
-        order = sorted(range(self._n), key=lambda e: (-affinity_key(self._scores[e]), e))
+        order = sorted(range(self._n), key=lambda e: (-affinity_key(self._read(e)), e))
         return order[:k]
 
     def top_k_by_frequency(self, k: int) -> list[int]:
@@ -106,8 +148,10 @@ class AffinityCore:
         if (activation_counts < 0).any():
             raise ValueError("activation_counts: counts must be >= 0")
         self._scores = scores.tolist()
+        self._scale = 1.0
         self._counts = activation_counts.tolist()
 
     def reset(self) -> None:
+        self._scale = 1.0
         self._scores = [0.0] * self._n
         self._counts = [0] * self._n

@@ -1,9 +1,21 @@
 // EMA affinity per expert (the seed's moe/affinity.rs semantics, in double precision).
 //
 // An update decays every score (s = s * decay), then boosts each activated one
-// (s = min(s + boost, max_score), once per occurrence). Each score sees the same IEEE operations
-// in the same order on every path below, so every path gives the twin's bits (all but which NaN
-// comes out where two NaNs meet: tests/test_affinity_batch.py):
+// (s = min(s + boost, max_score), once per occurrence).
+//
+// Lazy decay (the usual parameters: decay in [2^-16, 1], |boost| <= 2^512, max_score in
+// [0, 2^512] or +inf): a token costs O(top_k), not O(n). The scores are kept scaled, s = v * scale,
+// with one running scale = decay^t since the last normalisation; a token multiplies the scale by
+// decay and adds boost / scale (clamped at max_score / scale) to its experts' stored values; a read
+// is min(v * scale, max_score) (the clamp keeps reads <= max_score, as the seed's boosts do: the
+// products round). When the scale falls below 2^-64 every stored value is replaced by its read
+// and the scale by 1 (so max_score / scale and boost / scale stay finite). The rounding differs
+// from the eager form by a few ulps (tests/test_affinity_lazy.py bounds it); the twin does the
+// same operations in the same order, so native and twin agree bit for bit.
+//
+// Other parameters (decay 0, huge boosts, NaN) take the eager form, which every path below
+// computes with the twin's IEEE operations in the same order (all but which NaN comes out where
+// two NaNs meet: tests/test_affinity_batch.py):
 // - update_row: one token; a sweep of n multiplies the compiler vectorises, then the boosts.
 // - update_rows (a batch of T tokens): on CPUs with AVX-512, two tokens per pass over the
 //   scores, held in registers between them (update_rows_avx512). The per-token sweep is bound
@@ -141,13 +153,23 @@ class Affinity {
  public:
   Affinity(int32_t num_experts, double decay, double boost, double max_score)
       : n_(num_experts), decay_(decay), boost_(boost), max_score_(max_score),
-        scores_(num_experts, 0.0), counts_(num_experts, 0) {}
+        lazy_(lazy_applies(decay, boost, max_score)), scores_(num_experts, 0.0),
+        counts_(num_experts, 0) {}
+
+  // Whether the lazy form (see the top of this file) keeps every stored value finite.
+  static bool lazy_applies(double decay, double boost, double max_score) {
+    constexpr double big = 0x1p512;
+    return decay >= 0x1p-16 && decay <= 1.0 && std::fabs(boost) <= big && max_score >= 0.0 &&
+           (max_score <= big || max_score == std::numeric_limits<double>::infinity());
+  }
 
   int32_t num_experts() const { return n_; }
+  bool lazy() const { return lazy_; }
 
   // One update: decay every score, then boost each activated id in [0, n) (others are ignored,
   // as in the seed). Callers have rejected negative ids.
   void update_row(const int32_t* ids, int64_t count) {
+    if (lazy_) return lazy_row(ids, count);
     affinity_detail::decay(scores_.data(), n_, decay_);
     affinity_detail::boost(scores_.data(), n_, ids, count, boost_, max_score_);
     for (int64_t j = 0; j < count; ++j)
@@ -156,6 +178,10 @@ class Affinity {
 
   // `rows` updates of `k` ids each (int32 [rows, k], row-major), as many update_row calls.
   void update_rows(const int32_t* ids, int64_t rows, int64_t k) {
+    if (lazy_) {
+      for (int64_t t = 0; t < rows; ++t) lazy_row(ids + t * k, k);
+      return;
+    }
 #ifdef MOERAY_AFFINITY_AVX512
     if (rows >= 16 && affinity_detail::has_avx512()) {  // shorter batches: the copy dominates
       affinity_detail::update_rows_avx512(scores_.data(), counts_.data(), n_, ids, rows, k,
@@ -166,14 +192,19 @@ class Affinity {
     for (int64_t t = 0; t < rows; ++t) update_row(ids + t * k, k);
   }
 
-  double score(int64_t e) const { return (e >= 0 && e < n_) ? scores_[e] : 0.0; }
+  double score(int64_t e) const { return (e >= 0 && e < n_) ? read(static_cast<int32_t>(e)) : 0.0; }
   uint64_t activation_count(int64_t e) const { return (e >= 0 && e < n_) ? counts_[e] : 0; }
-  const std::vector<double>& scores() const { return scores_; }
+  // The scores as read (a copy).
+  std::vector<double> scores() const {
+    std::vector<double> out(n_);
+    for (int32_t e = 0; e < n_; ++e) out[e] = read(e);
+    return out;
+  }
   const std::vector<uint64_t>& counts() const { return counts_; }
 
   // Ranking key of the seed: non-finite scores rank below every finite one.
   double key(int32_t e) const {
-    const double s = scores_[e];
+    const double s = read(e);
     return std::isfinite(s) ? s : -std::numeric_limits<double>::infinity();
   }
   // True when expert a ranks before b: higher key first, then lower id.
@@ -240,11 +271,13 @@ class Affinity {
   // coordinator's copy). Sizes are checked by the caller.
   void load_state(const double* scores, const int64_t* counts) {
     std::copy(scores, scores + n_, scores_.begin());
+    scale_ = 1.0;
     for (int32_t e = 0; e < n_; ++e) counts_[e] = static_cast<uint64_t>(counts[e]);
   }
 
   void reset() {
     std::fill(scores_.begin(), scores_.end(), 0.0);
+    scale_ = 1.0;
     std::fill(counts_.begin(), counts_.end(), 0);
   }
 
@@ -252,9 +285,36 @@ class Affinity {
   std::mutex mutex;
 
  private:
+  // Expert e's score: the stored value itself, or in the lazy form its scaled read.
+  double read(int32_t e) const {
+    return lazy_ ? std::min(scores_[e] * scale_, max_score_) : scores_[e];
+  }
+
+  // One token in the lazy form: O(count), plus O(n) once every log(2^-64) / log(decay) tokens.
+  void lazy_row(const int32_t* ids, int64_t count) {
+    double scale = scale_ * decay_;
+    if (scale < 0x1p-64) {  // fold the scale into the stored values before 1 / scale grows big
+      for (int32_t e = 0; e < n_; ++e) scores_[e] = read(e);
+      scale = decay_;
+    }
+    scale_ = scale;
+    const double inverse = 1.0 / scale;
+    const double boost = boost_ * inverse, max_score = max_score_ * inverse;
+    double* s = scores_.data();
+    for (int64_t j = 0; j < count; ++j) {
+      const int32_t e = ids[j];
+      if (e < n_) {
+        s[e] = std::min(s[e] + boost, max_score);
+        ++counts_[e];
+      }
+    }
+  }
+
   int32_t n_;
   double decay_, boost_, max_score_;
-  std::vector<double> scores_;
+  bool lazy_;
+  double scale_ = 1.0;  // the lazy form's running decay^t; 1 in the eager form
+  std::vector<double> scores_;  // the lazy form's stored values, or the scores
   std::vector<uint64_t> counts_;
 };
 

@@ -951,7 +951,8 @@ PYBIND11_MODULE(_core, m) {
       .def("score", [](const Affinity& a, int64_t e) { return a.score(e); }, py::arg("expert_id"))
       .def("scores",
            [](const Affinity& a) {
-             return py::array_t<double>(a.num_experts(), a.scores().data());
+             const std::vector<double> scores = a.scores();  // the reads of the lazy form
+             return py::array_t<double>(a.num_experts(), scores.data());
            })
       .def("activation_count", [](const Affinity& a, int64_t e) { return a.activation_count(e); },
            py::arg("expert_id"))
