@@ -123,6 +123,30 @@ class _PredictKernel:
         next_scale: float,
         next_prev_scale: float,
     ) -> None: ...
+    def run_window(
+        self,
+        ids: npt.NDArray[np.int64],
+        new_sequence: npt.NDArray[np.bool_] | None,
+        last_ids: npt.NDArray[np.int64] | None,
+        clock: int,
+        scale: float,
+        prev_scale: float,
+        transition_decay: float,
+        previous_decay: float,
+    ) -> tuple[int, float, float]: ...
+    def open_batch(
+        self,
+        last_ids: npt.NDArray[np.int64] | None,
+        new_sequence: npt.NDArray[np.bool_],
+        clock: npt.NDArray[np.int64],
+        scale: npt.NDArray[np.float64],
+        next_scale: npt.NDArray[np.float64],
+        next_prev_scale: npt.NDArray[np.float64],
+        record: bool,
+    ) -> None: ...
+    def serve_layer(self, layer: int, ids: npt.NDArray[np.int64]) -> None: ...
+    def take_events(self) -> npt.NDArray[np.int64]: ...
+    def close_batch(self) -> None: ...
     def flush(self) -> None: ...
 
 # Private: the placement kernels behind moeray.placement (one layer per row).

@@ -13,8 +13,11 @@ Timing: the prefetch for layer l >= 1 of token t uses layer l-1's routing of tok
 routing only, so ``step`` handles one token's layers together and makes exactly the decisions
 of a token-major loop over layers. One token runs in a kernel object built once over this
 class's state arrays (``backend._PredictKernel``): native for tokens without hints, the twin's
-phases (``moeray.native._reference.predict``) otherwise, bit for bit alike. How the defaults
-were chosen, and the model in full: docs/design.md, "The predictive policy".
+phases (``moeray.native._reference.predict``) otherwise, bit for bit alike. ``run_window``
+serves a window of tokens in one kernel call; ``open_batch`` / ``serve_layer`` /
+``close_batch`` serve a batch of tokens layer by layer, as an engine's routers run, with the
+decisions of ``step``. How the defaults were chosen, and the model in full: docs/design.md,
+"The predictive policy".
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from moeray.policy._validate import check_float, check_int
 from moeray.policy.split import CapacitySplit, SplitConfig, per_layer_capacity
 
 __all__ = [
+    "PLAN_EVENT_KINDS",
     "PAIR_TABLE_ENTRIES",
     "PREDICTOR_NAMES",
     "PredictConfig",
@@ -56,6 +60,9 @@ _KERNEL_WEIGHTS = (
     "pair_prior",
     "affinity_decay",
 )
+# The kinds of a plan event (``PredictiveCaches.take_events``), in the order of their codes.
+PLAN_EVENT_KINDS = twin.EVENT_KINDS
+_EVICTION = PLAN_EVENT_KINDS.index("eviction")
 # Most entries of one pair table (float64; 64 MiB): beyond it pairs share hashed buckets.
 PAIR_TABLE_ENTRIES = 2**23
 
@@ -279,6 +286,11 @@ class PredictiveCaches:
         )
         self._resplit_out: np.ndarray | None = None  # [l, e]: evicted by a re-split, not reloaded
         self._due: list = []  # re-split plans for the next token
+        # The open batch (open_batch): its kernel, each layer's ids as served, and the events of
+        # its re-split evictions (None: no batch open, or events not recorded)
+        self._batch_kernel = None
+        self._batch_layers: list[np.ndarray] = []
+        self._batch_events: np.ndarray | None = None
 
     @property
     def config(self) -> PredictConfig:
@@ -289,6 +301,8 @@ class PredictiveCaches:
         """A new config applies from the next token on (the layer actors change the budget)."""
         if not isinstance(config, PredictConfig):
             raise TypeError(f"config: expected a PredictConfig, got {type(config).__name__}")
+        if getattr(self, "_batch_kernel", None) is not None:
+            raise ValueError("config: a batch is open (close_batch first)")
         self._drop_kernels()
         self._config = config
 
@@ -365,6 +379,7 @@ class PredictiveCaches:
         layer (a re-split: see ``moeray.policy.split``). A layer over its new capacity evicts the
         hot experts least likely to be used by the next token, counted in resplit_evictions;
         a layer that grows fills the room by later prefetches and loads."""
+        self._refuse_in_batch("set_capacity")
         self.capacity = per_layer_capacity(capacity, self.num_layers, self.num_experts)
         self._drop_kernels()  # they hold the old capacity (and maybe no _resplit_out)
         over = self._hot_count > self.capacity
@@ -401,6 +416,7 @@ class PredictiveCaches:
         sequence (the previous-token predictor has nothing to go on); hints: None or integer
         [num_layers, h], h >= 1, each in [-1, num_experts) (-1: no hint), an engine's
         predicted experts of this token at each layer (see the module docstring)."""
+        self._refuse_in_batch("step")
         hinted = self._check_hints(hints) if hints is not None else None
         ids = np.asarray(ids)
         if ids.shape != (self.num_layers, self.top_k) or ids.dtype.kind not in "iu":
@@ -514,6 +530,15 @@ class PredictiveCaches:
                 f"hints: expected {expert_ids.shape[0]} tokens, got shape {np.shape(hints)}"
             )
         starts = set(np.asarray(seq_offsets if seq_offsets is not None else [0]).tolist())
+        if hints is None and self._windowed():
+            new_sequence = np.zeros(expert_ids.shape[0], dtype=bool)
+            new_sequence[[t for t in starts if 0 <= t < len(new_sequence)]] = True
+            for first in range(0, expert_ids.shape[0], 1024):
+                chunk = expert_ids[first : first + 1024]
+                self.run_window(chunk, new_sequence[first : first + 1024])
+                if progress is not None:
+                    progress(len(chunk))
+            return self.stats
         for t in range(expert_ids.shape[0]):
             self.step(
                 expert_ids[t], new_sequence=t in starts, hints=None if hints is None else hints[t]
@@ -523,3 +548,178 @@ class PredictiveCaches:
         if progress is not None and expert_ids.shape[0] % 1024:
             progress(expert_ids.shape[0] % 1024)
         return self.stats
+
+    # ------------------------------------------------------------------ a window of tokens
+
+    def _windowed(self) -> bool:
+        """Whether a window of tokens without hints may run in one kernel call: no re-split
+        can fall inside it, and (off the native path) the victim valuations are this class's
+        own (a subclass's hooks run only in ``_step_numpy``)."""
+        return self._split is None and not self._due and self._kernel_decides()
+
+    def _kernel_decides(self) -> bool:
+        """Whether a kernel makes this object's decisions without its hooks: on the native
+        path, or with this class's own victim valuations (a subclass's ``_hot_value`` and
+        ``_keep_scores`` run only in ``_step_numpy``)."""
+        cls = type(self)
+        own = cls._hot_value is PredictiveCaches._hot_value
+        return self._native or (own and cls._keep_scores is PredictiveCaches._keep_scores)
+
+    def run_window(self, expert_ids, new_sequence=None) -> None:
+        """Serves T tokens without hints exactly as T ``step`` calls: expert_ids integer [T,
+        num_layers, top_k], each in [0, num_experts); new_sequence None (the stream continues)
+        or bool [T], True where a token starts a sequence. One kernel call (the native one
+        without the GIL) advances the clock and the tables' scales itself; with
+        ``config.split`` set (a re-split may fall inside the window) the tokens go through
+        ``step`` one by one."""
+        self._refuse_in_batch("run_window")
+        ids = np.asarray(expert_ids)
+        shape = (self.num_layers, self.top_k)
+        if ids.ndim != 3 or ids.shape[1:] != shape or ids.dtype.kind not in "iu":
+            raise ValueError(
+                f"expert_ids: expected integers of shape [tokens, {shape[0]}, {shape[1]}], "
+                f"got {ids.dtype} {ids.shape}"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
+            raise ValueError(f"expert_ids: expected ids in [0, {self.num_experts})")
+        starts = None
+        if new_sequence is not None:
+            starts = np.asarray(new_sequence)
+            if starts.shape != (len(ids),) or starts.dtype != bool:
+                raise ValueError(
+                    f"new_sequence: expected bool [{len(ids)}], got {starts.dtype} {starts.shape}"
+                )
+            starts = np.ascontiguousarray(starts)
+        if not self._windowed():
+            for t in range(len(ids)):
+                self.step(ids[t], new_sequence=starts is not None and bool(starts[t]))
+            return
+        if not len(ids):
+            return
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        kernel = self._kernel() if self._native else self._twin()
+        cfg = self.config
+        self._clock, self._scale, self._prev_scale = kernel.run_window(
+            ids,
+            starts,
+            self._last_ids,
+            self._clock,
+            self._scale,
+            self._prev_scale,
+            cfg.transition_decay,
+            cfg.previous_decay,
+        )
+        self._last_ids = ids[-1].copy()
+
+    # ------------------------------------------------------------------ a batch, layer by layer
+
+    def open_batch(self, new_sequence, record: bool = False) -> None:
+        """Opens a batch of B tokens that an engine serves layer by layer: ``serve_layer(l,
+        ids)`` for l = 0 .. num_layers - 1 in order, then ``close_batch()``. new_sequence:
+        bool [B], True where a token starts a sequence; record: keep the plan events
+        (``take_events``).
+
+        Each token gets the clock and table scales that B consecutive ``step`` calls would
+        give it, and the re-splits due apply now, so after ``close_batch`` the state, counters
+        and hot sets are exactly those of B ``step`` calls (tests/test_predict_layers.py):
+        layer l's work touches only layer l's rows of the state and reads the routing of the
+        layer before (this token, served earlier in the batch) and of the token before (this
+        layer, served earlier in the same call). One exception: with ``config.split`` set, a
+        re-split that the batch's routing calls for applies from the next batch (``step``
+        applies it from the next token), so batches of one token are exact there. No hints on
+        this path (``step`` takes them)."""
+        self._refuse_in_batch("open_batch")
+        starts = np.asarray(new_sequence)
+        if starts.ndim != 1 or starts.dtype != bool or len(starts) < 1:
+            raise ValueError(
+                f"new_sequence: expected bool [tokens], tokens >= 1, got {starts.dtype} "
+                f"{starts.shape}"
+            )
+        if not isinstance(record, bool):
+            raise ValueError(f"record: expected a bool, got {record!r}")
+        if not self._kernel_decides():
+            raise ValueError("open_batch: this class values victims its own way (step only)")
+        st = self._stats
+        hot = self._hot.copy() if record else None
+        for plan in self._due:  # a re-split is part of the batch's first token
+            self.set_capacity(plan.capacity)
+            st.resplit_moved += plan.moved
+        self._due = []
+        self._batch_events = None
+        if record:
+            layer, expert = np.nonzero(hot & ~self._hot)  # evicted by the re-split
+            self._batch_events = np.stack(
+                [np.zeros_like(layer), layer, expert, np.full_like(layer, _EVICTION)], axis=1
+            ).astype(np.int64)
+        B = len(starts)
+        clock = np.empty(B, dtype=np.int64)
+        scales = np.empty((3, B))
+        for b in range(B):  # step's arithmetic, token by token
+            self._clock += 1
+            clock[b] = self._clock
+            scales[0, b] = self._scale
+            self._scale /= self.config.transition_decay
+            self._prev_scale /= self.config.previous_decay
+            scales[1, b], scales[2, b] = self._scale, self._prev_scale
+            if self._scale > 1e200:  # the kernel divides the tables by it at this token
+                self._scale = 1.0
+            if self._prev_scale > 1e200:
+                self._prev_scale = 1.0
+        kernel = self._kernel() if self._native else self._twin()
+        kernel.open_batch(
+            self._last_ids,
+            np.ascontiguousarray(starts),
+            clock,
+            scales[0].copy(),
+            scales[1].copy(),
+            scales[2].copy(),
+            record,
+        )
+        self._batch_kernel = kernel
+        self._batch_layers = []
+
+    def serve_layer(self, layer: int, ids) -> None:
+        """Serves layer ``layer`` (the next in order) of every token of the open batch: ids
+        integer [B, top_k], each in [0, num_experts). Each token's predictions and prefetches
+        for the layer (unless done), then its accesses and learning; then the next layer's
+        predictions and prefetches for the batch's first token, which need only this layer's
+        routing: the prefetch an engine can start now (``hot_set(layer + 1)``, or the events
+        of ``take_events``). A layer out of order is a ValueError; nothing changes then."""
+        if self._batch_kernel is None:
+            raise ValueError("layer: no batch is open (open_batch first)")
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"ids: expected integers [tokens, {self.top_k}], got {ids.dtype}")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self._batch_kernel.serve_layer(layer, ids)
+        self._batch_layers.append(ids)
+
+    def take_events(self) -> np.ndarray:
+        """The plan events of the open batch (recorded: ``open_batch(record=True)``) since the
+        last call: int64 [n, 4] rows (token in the batch, layer, expert, kind), kind an index
+        into PLAN_EVENT_KINDS (stall load, prefetch load, eviction), in the order they
+        happened; an open batch's re-split evictions come first, as token 0's. O(events)."""
+        if self._batch_kernel is None:
+            raise ValueError("take_events: no batch is open")
+        events = self._batch_kernel.take_events()
+        if self._batch_events is not None and len(self._batch_events):
+            events = np.concatenate([self._batch_events, events])
+        self._batch_events = None
+        return events
+
+    def close_batch(self) -> None:
+        """Closes the open batch once every layer is served: its last token becomes the
+        previous token of the next; with ``config.split``, the split observes its routing."""
+        if self._batch_kernel is None:
+            raise ValueError("close_batch: no batch is open")
+        self._batch_kernel.close_batch()
+        self._batch_kernel = None
+        self._batch_events = None
+        layers, self._batch_layers = self._batch_layers, []
+        self._last_ids = np.stack([ids[-1] for ids in layers])
+        if self._split is not None:
+            self._due += self._split.observe(np.stack(layers, axis=1))
+
+    def _refuse_in_batch(self, what: str) -> None:
+        if self._batch_kernel is not None:
+            raise ValueError(f"{what}: a batch is open (close_batch first)")

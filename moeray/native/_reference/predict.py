@@ -7,6 +7,13 @@ each a function here over all layers at once: ``predict`` (the blend of the thre
 the layers one after the other and reaches the same state bit for bit. The policy's numpy path
 (tokens with engine hints) calls ``predict`` and ``serve`` itself, with the hints between.
 
+A batch of tokens may also be served layer by layer (``open_batch``, ``serve_layer``,
+``close_batch``: the engine's order, a layer as its router runs): per layer and token,
+``ahead_layer`` (predictions and prefetches, decidable once the layer before is routed) and
+``serve_layer`` (the guesses counted, accesses, learning), each the all-layer phases above run
+on a one-layer view of the state (``_LayerView``). ``run_window`` serves a whole window of
+tokens as consecutive steps, advancing the clock and the lazy-decay scales itself.
+
 Predictor guesses are queued and counted 1024 at a time (one numpy pass each); ``flush``
 counts the rest: the predictor counters are complete after it.
 """
@@ -18,8 +25,10 @@ import numpy as np
 from moeray.native._reference._checks import as_float, check_array, check_int, check_writeable
 
 __all__ = [
+    "EVENT_KINDS",
     "_PredictKernel",
     "access",
+    "ahead_layer",
     "count_guess",
     "cross_scores",
     "evict",
@@ -30,8 +39,13 @@ __all__ = [
     "predict",
     "prefetch",
     "serve",
+    "serve_layer",
     "table_scores",
 ]
+
+# The kinds of a plan event (token, layer, expert, kind), in the order of their codes.
+EVENT_KINDS = ("stall load", "prefetch load", "eviction")
+_STALL_LOAD, _PREFETCH_LOAD, _EVICTION = range(3)
 
 _INT64_MAX = 2**63 - 1
 _HASH = 2654435761
@@ -199,7 +213,12 @@ class _PredictKernel:
             setattr(self, name, _config_float(arrays[name], name))
         self.rows = np.arange(L)
         self.pair_a, self.pair_b = np.triu_indices(k, 1)
-        self._guesses: list = []  # (predictor, float32 scores [n, E], ids [n, k]), not counted
+        # (predictor, float32 scores [n, E], ids [n, k], layers [n]), not counted yet
+        self._guesses: list = []
+        self._events: list | None = None  # plan events of the open batch, when recorded
+        self._event_token = self._layer = 0  # where this kernel's events happen (a view: its own)
+        self._views: dict[int, _LayerView] = {}
+        self._batch: _Batch | None = None
 
     def _token(self, ids, name: str) -> np.ndarray:
         """ids int64 [L, top_k], C-contiguous, each in [0, E)."""
@@ -225,17 +244,183 @@ class _PredictKernel:
         p = predict(self, ids, last_ids, scale)
         serve(self, p, ids, last_ids, clock, next_scale, next_prev_scale)
 
+    def run_window(
+        self,
+        ids,
+        new_sequence,
+        last_ids,
+        clock,
+        scale,
+        prev_scale,
+        transition_decay,
+        previous_decay,
+    ) -> tuple[int, float, float]:
+        """Tokens ids int64 [T, L, top_k] without hints, as T steps: new_sequence bool [T] or
+        None (no token starts a sequence); last_ids the token's before the window (None:
+        none); clock, scale, prev_scale the policy's before the window, each advanced per
+        token as ``PredictiveCaches.step`` advances them (the tables divided by a scale past
+        1e200, which restarts at 1). Returns (clock, scale, prev_scale) after the window."""
+        if not isinstance(ids, np.ndarray) or ids.ndim != 3:
+            raise ValueError(f"ids: expected shape [tokens, {self.layers}, {self.top_k}]")
+        T = ids.shape[0]
+        check_array(ids, "ids", "int64", (T, self.layers, self.top_k), "")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.experts):
+            bad = ids[(ids < 0) | (ids >= self.experts)].flat[0]
+            raise ValueError(f"ids: every id must be in [0, {self.experts}), got {bad}")
+        if new_sequence is not None:
+            check_array(new_sequence, "new_sequence", "bool", (T,), "")
+        if last_ids is not None:
+            last_ids = self._token(last_ids, "last_ids")
+        clock = check_int(clock, "clock", 0, _INT64_MAX - T, "an int >= 0")
+        scale, prev_scale = _check_scale(scale, "scale"), _check_scale(prev_scale, "prev_scale")
+        for name, decay in (
+            ("transition_decay", transition_decay),
+            ("previous_decay", previous_decay),
+        ):
+            if not 0.0 < decay < 1.0:
+                raise ValueError(f"{name}: expected a float in (0, 1)")
+        if self._batch is not None:
+            raise ValueError("run_window: a batch is open (close_batch first)")
+        for t in range(T):
+            before = ids[t - 1] if t else last_ids
+            last = None if new_sequence is not None and new_sequence[t] else before
+            clock += 1
+            next_scale, prev_scale = scale / transition_decay, prev_scale / previous_decay
+            p = predict(self, ids[t], last, scale)
+            serve(self, p, ids[t], last, clock, next_scale, prev_scale)
+            scale = 1.0 if next_scale > 1e200 else next_scale
+            prev_scale = 1.0 if prev_scale > 1e200 else prev_scale
+        return clock, scale, prev_scale
+
+    # -------------------------------------------------------------- a batch, layer by layer
+
+    def open_batch(
+        self, last_ids, new_sequence, clock, scale, next_scale, next_prev_scale, record
+    ) -> None:
+        """Opens a batch of B tokens served layer by layer: last_ids int64 [L, top_k] the
+        token's before the batch (None: none); new_sequence bool [B]; clock int64 [B] (each
+        >= 1), scale, next_scale, next_prev_scale float64 [B] (finite, > 0): each token's, as
+        ``step`` takes them; record: keep the plan events for ``take_events``."""
+        if not isinstance(new_sequence, np.ndarray) or new_sequence.ndim != 1:
+            raise ValueError("new_sequence: expected a numpy bool array [tokens]")
+        B = len(new_sequence)
+        check_array(new_sequence, "new_sequence", "bool", (B,), "")
+        if B < 1:
+            raise ValueError("new_sequence: expected at least one token, got 0")
+        check_array(clock, "clock", "int64", (B,), "")
+        for name, value in (
+            ("scale", scale),
+            ("next_scale", next_scale),
+            ("next_prev_scale", next_prev_scale),
+        ):
+            check_array(value, name, "float64", (B,), "")
+            for x in value:
+                _check_scale(x, name)
+        if clock.min() < 1:
+            raise ValueError(f"clock: expected ints >= 1, got {clock.min()}")
+        if last_ids is not None:
+            last_ids = self._token(last_ids, "last_ids").copy()
+        self._batch = _Batch(
+            np.zeros((B, self.layers, self.top_k), dtype=np.int64),
+            last_ids,
+            new_sequence.copy(),
+            clock.tolist(),
+            scale.tolist(),
+            next_scale.tolist(),
+            next_prev_scale.tolist(),
+        )
+        self._events = [] if record else None
+
+    def serve_layer(self, layer, ids) -> None:
+        """Layer ``layer`` (the next in order, from 0) of every token of the open batch: ids
+        int64 [B, top_k], each in [0, E); each token's predictions and prefetches for the
+        layer unless done, then its accesses and learning; then the next layer's predictions
+        and prefetches for the first token (the prefetch an engine can start now)."""
+        batch = self._batch
+        error = _layer_error(batch, layer, self.layers)
+        if error:
+            raise ValueError(error)
+        B, k = len(batch.new_sequence), self.top_k
+        check_array(ids, "ids", "int64", (B, k), "")
+        if ids.min() < 0 or ids.max() >= self.experts:
+            bad = ids[(ids < 0) | (ids >= self.experts)].flat[0]
+            raise ValueError(f"ids: every id must be in [0, {self.experts}), got {bad}")
+        batch.ids[:, layer] = ids
+        for b in range(B):
+            guesses = batch.ahead if b == 0 and batch.ahead is not None else None
+            if guesses is None:
+                guesses = self._ahead(layer, b)
+            src, last = self._context(layer, b)
+            view = self._view(layer, b)
+            serve_layer(
+                view,
+                guesses,
+                batch.ids[b, layer],
+                src,
+                last,
+                batch.clock[b],
+                batch.next_scale[b],
+                batch.next_prev_scale[b],
+            )
+        batch.ahead = None
+        batch.next_layer = layer + 1
+        if layer + 1 < self.layers:
+            batch.ahead = self._ahead(layer + 1, 0)
+
+    def take_events(self) -> np.ndarray:
+        """The plan events recorded since the last call: int64 [n, 4] rows (token, layer,
+        expert, kind), kind an index into EVENT_KINDS, in the order they happened."""
+        events = self._events or []
+        out = np.array(events, dtype=np.int64).reshape(len(events), 4)
+        if self._events is not None:
+            self._events = []
+        return out
+
+    def close_batch(self) -> None:
+        """Closes the open batch (every layer served)."""
+        if self._batch is None:
+            raise ValueError("close_batch: no batch is open")
+        if self._batch.next_layer < self.layers:
+            raise ValueError(
+                f"close_batch: layers {self._batch.next_layer}..{self.layers - 1} of the batch "
+                "not served"
+            )
+        self._batch = None
+
+    def _context(self, layer: int, b: int):
+        """(src, last) of token b at ``layer``: its ids at layer - 1 (None at 0) and the token
+        before's at ``layer`` (None where b starts a sequence or nothing came before)."""
+        batch = self._batch
+        src = batch.ids[b, layer - 1] if layer else None
+        last = None
+        if not batch.new_sequence[b]:
+            before = batch.ids[b - 1] if b else batch.last_ids
+            last = None if before is None else before[layer]
+        return src, last
+
+    def _view(self, layer: int, b: int) -> _LayerView:
+        view = self._views.get(layer)
+        if view is None:
+            view = self._views[layer] = _LayerView(self, layer)
+        view._events, view._event_token = self._events, b
+        return view
+
+    def _ahead(self, layer: int, b: int) -> list:
+        src, last = self._context(layer, b)
+        batch = self._batch
+        return ahead_layer(self._view(layer, b), src, last, batch.scale[b], batch.clock[b])
+
     def flush(self) -> None:
         """Counts the queued predictor guesses: per predictor, the k highest float32 scores
         (ties to the lower expert id), those > 0 guessed, those the token used hit."""
         k, L = self.top_k, self.layers
         for index in range(self.predictor_hits.shape[0]):
-            batch = [(s, i) for j, s, i in self._guesses if j == index]
+            batch = [(s, i, rows) for j, s, i, rows in self._guesses if j == index]
             if not batch:
                 continue
-            scores = np.concatenate([s for s, _ in batch])
-            ids = np.concatenate([i for _, i in batch])
-            layers = np.concatenate([self.rows[L - len(i) :] for _, i in batch])
+            scores = np.concatenate([s for s, _, _ in batch])
+            ids = np.concatenate([i for _, i, _ in batch])
+            layers = np.concatenate([rows for _, _, rows in batch])
             # argpartition would leave the choice among ties open
             guess = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             valid = np.take_along_axis(scores, guess, axis=1) > 0.0
@@ -253,10 +438,14 @@ class _PredictKernel:
 # ---------------------------------------------------------------------- predictions
 
 
-def count_guess(kernel: _PredictKernel, index: int, scores: np.ndarray, ids: np.ndarray) -> None:
-    """Queues predictor ``index``'s guess ``scores`` [n, E] against ``ids`` [n, k], rows for the
-    last n layers (``_PredictKernel.flush`` counts them)."""
-    kernel._guesses.append((index, scores.astype(np.float32), ids))
+def count_guess(
+    kernel: _PredictKernel, index: int, scores: np.ndarray, ids: np.ndarray, layers=None
+) -> None:
+    """Queues predictor ``index``'s guess ``scores`` [n, E] against ``ids`` [n, k], rows for
+    ``layers`` (int [n]; default the last n layers; ``_PredictKernel.flush`` counts them)."""
+    if layers is None:
+        layers = kernel.rows[kernel.layers - len(ids) :]
+    kernel._guesses.append((index, scores.astype(np.float32), ids, layers))
     if len(kernel._guesses) >= 1024:
         kernel.flush()
 
@@ -282,21 +471,24 @@ def pair_index(kernel: _PredictKernel, src: np.ndarray) -> np.ndarray:
     return index
 
 
-def cross_scores(kernel: _PredictKernel, src: np.ndarray, scale: float) -> np.ndarray:
-    """P(e' at l | routing at l - 1) for l >= 1 from src = ids[:-1]: float [L - 1, E], the
-    mean over the source experts (or over their pairs, each backed off to its two experts'
-    tables by pair_prior, in units of ``scale``) of the decayed transition frequencies."""
+def cross_scores(
+    kernel: _PredictKernel, src: np.ndarray, scale: float, layers: slice = slice(1, None)
+) -> np.ndarray:
+    """P(e' at l | routing at l - 1) for the n layers l of ``layers`` (default every l >= 1)
+    from src = their previous layers' ids [n, k]: float [n, E], the mean over the source
+    experts (or over their pairs, each backed off to its two experts' tables by pair_prior,
+    in units of ``scale``) of the decayed transition frequencies."""
     k = kernel
-    rows = k.rows[:-1, None]
-    den = np.maximum(k.cross_n[1:][rows, src], _TINY)[..., None]
-    cond = k.cross[1:][rows, src] / den
+    rows = np.arange(len(src))[:, None]
+    den = np.maximum(k.cross_n[layers][rows, src], _TINY)[..., None]
+    cond = k.cross[layers][rows, src] / den
     if not k.buckets:
         return cond.mean(axis=1)
-    back = 0.5 * (cond[:, k.pair_a] + cond[:, k.pair_b])  # [L - 1, pairs, E]
+    back = 0.5 * (cond[:, k.pair_a] + cond[:, k.pair_b])  # [n, pairs, E]
     index = pair_index(k, src)
     prior = k.pair_prior * scale
-    num = k.pair[1:][rows, index] + prior * back
-    den = k.pair_n[1:][rows, index][..., None] + prior
+    num = k.pair[layers][rows, index] + prior * back
+    den = k.pair_n[layers][rows, index][..., None] + prior
     return (num / np.maximum(den, _TINY)).mean(axis=1)
 
 
@@ -360,11 +552,19 @@ def evict(kernel: _PredictKernel, layers: np.ndarray, victim: np.ndarray) -> Non
         return
     k = kernel
     er, ev = k.rows[layers], victim[layers]
+    _note(k, _EVICTION, er, ev)
     k.wasted_prefetches += np.bincount(er[k.pending[er, ev]], minlength=k.layers)
     k.hot[er, ev] = False
     k.pending[er, ev] = False
     k.hot_count -= layers
     k.evictions += layers
+
+
+def _note(kernel, kind: int, rows: np.ndarray, experts: np.ndarray) -> None:
+    """Records plan events of ``kind`` at rows x experts when the kernel records them."""
+    if kernel._events is not None:
+        for r, e in zip(rows.tolist(), experts.tolist()):
+            kernel._events.append((kernel._event_token, kernel._layer + r, e, kind))
 
 
 def _count_reloads(kernel: _PredictKernel, layers: np.ndarray, experts: np.ndarray) -> None:
@@ -398,6 +598,7 @@ def prefetch(kernel: _PredictKernel, p: np.ndarray, value: np.ndarray, clock: in
         evict(k, go & full, victim)
         gr, gc = rows[go], cand[go]
         _count_reloads(k, gr, gc)
+        _note(k, _PREFETCH_LOAD, gr, gc)
         hot[gr, gc] = True
         k.pending[gr, gc] = True
         k.touch[gr, gc] = clock
@@ -429,6 +630,7 @@ def access(kernel: _PredictKernel, ids: np.ndarray, keep: np.ndarray, clock: int
                 evict(k, full, victim)
             mr, me = rows[miss], e[miss]
             _count_reloads(k, mr, me)
+            _note(k, _STALL_LOAD, mr, me)
             hot[mr, me] = True
             k.hot_count += miss
         used[rows, e] = True
@@ -486,3 +688,125 @@ def serve(
     used = access(k, ids, keep_scores(k, ids, clock) if keep is None else keep(ids), clock)
     learn(k, ids, last_ids, next_scale, next_prev_scale)
     return used
+
+
+# ---------------------------------------------------------------------- one layer of one token
+
+
+class _Batch:
+    """The open batch of a kernel: ids int64 [B, L, k] (filled a layer at a time), last_ids
+    the token's before it or None, new_sequence bool [B], and per token its clock and scales;
+    next_layer the layer to serve next; ahead the guesses of the next layer's first token,
+    whose predictions and prefetches already ran (None: not yet)."""
+
+    def __init__(self, ids, last_ids, new_sequence, clock, scale, next_scale, next_prev_scale):
+        self.ids, self.last_ids, self.new_sequence = ids, last_ids, new_sequence
+        self.clock, self.scale = clock, scale
+        self.next_scale, self.next_prev_scale = next_scale, next_prev_scale
+        self.next_layer = 0
+        self.ahead: list | None = None
+
+
+def _layer_error(batch: _Batch | None, layer, layers: int) -> str:
+    """Why ``layer`` cannot be served now ("" when it can)."""
+    if batch is None:
+        return "layer: no batch is open (open_batch first)"
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        return f"layer: expected an int, got {type(layer).__name__}"
+    if layer == batch.next_layer:
+        return ""
+    if batch.next_layer >= layers:
+        return f"layer: every layer of the batch is served, got {layer} (close_batch next)"
+    return (
+        f"layer: expected {batch.next_layer} (layers in order 0..{layers - 1} per batch), "
+        f"got {layer}"
+    )
+
+
+class _LayerView:
+    """Layer ``layer`` of a kernel as a one-layer kernel: its arrays are views of the layer's
+    rows (written through), its parameters the kernel's; so the all-layer phases above serve
+    one layer with the same arithmetic."""
+
+    def __init__(self, kernel: _PredictKernel, layer: int):
+        self._kernel, self._layer_index = kernel, layer
+        for name, _, _ in _ARRAYS:
+            if name.startswith("predictor_"):
+                continue
+            value = getattr(kernel, name)
+            setattr(self, name, None if value is None else value[layer : layer + 1])
+        self.layers, self.rows = 1, np.arange(1)
+        self._layer, self._event_token, self._events = layer, 0, None
+
+    def __getattr__(self, name):  # the parameters: top_k, weights, pair_a, ...
+        return getattr(self._kernel, name)
+
+
+def ahead_layer(view: _LayerView, src, last, scale: float, clock: int) -> list:
+    """Layer l's predictions and prefetches for one token (l = the view's layer): src the
+    token's ids [k] at layer l - 1 (None at l = 0), last the previous token's ids [k] at layer
+    l (None: none in this sequence), scale the cross-layer tables' scale before the token.
+    Reads no routing of layer l. Returns the predictors' guesses [(predictor, float32 scores
+    [1, E])], counted by ``serve_layer`` against the routing."""
+    k, layer = view, view._layer
+    weight = np.zeros((1, 1))
+    p = np.zeros((1, k.experts))
+    guesses = []
+    if k.affinity_weight > 0:
+        p += k.affinity_weight * k.affinity
+        weight += k.affinity_weight
+    guesses.append((2, k.affinity.astype(np.float32)))
+    if last is not None:
+        prev = table_scores(k.prev, k.prev_n, last[None])
+        guesses.append((1, prev.astype(np.float32)))
+        if k.previous_weight > 0:
+            p += k.previous_weight * prev
+            weight += k.previous_weight
+    if layer > 0:
+        cross = cross_scores(view._kernel, src[None], scale, slice(layer, layer + 1))
+        guesses.append((0, cross.astype(np.float32)))
+        if k.cross_weight > 0:
+            p += k.cross_weight * cross
+            weight += k.cross_weight
+    p /= np.maximum(weight, _TINY)
+    guesses.append((3, p.astype(np.float32)))
+    prefetch(k, p, hot_value(k, p), clock)
+    return guesses
+
+
+def serve_layer(
+    view: _LayerView,
+    guesses: list,
+    ids,
+    src,
+    last,
+    clock: int,
+    next_scale: float,
+    next_prev_scale: float,
+) -> None:
+    """Layer l of one token after ``ahead_layer``: its guesses counted against ids [k] (the
+    token's routing at l), the accesses, and the learning (src and last as in
+    ``ahead_layer``; next_scale and next_prev_scale the scales the token's events add)."""
+    k, layer = view._kernel, view._layer
+    rows = k.rows[layer : layer + 1]
+    for index, scores in guesses:
+        count_guess(k, index, scores, ids[None], rows)
+    access(view, ids[None], keep_scores(view, ids[None], clock), clock)
+    if layer > 0:
+        k.cross[layer][src[:, None], ids[None, :]] += next_scale
+        k.cross_n[layer][src] += next_scale
+        if k.buckets:
+            index = pair_index(k, src[None])[0]
+            k.pair[layer][index[:, None], ids[None, :]] += next_scale
+            k.pair_n[layer][index] += next_scale
+    if last is not None:
+        k.prev[layer][last[:, None], ids[None, :]] += next_prev_scale
+        k.prev_n[layer][last] += next_prev_scale
+    if next_scale > 1e200:
+        for a in (k.cross, k.cross_n, k.pair, k.pair_n):
+            a[layer] /= next_scale
+    if next_prev_scale > 1e200:
+        k.prev[layer] /= next_prev_scale
+        k.prev_n[layer] /= next_prev_scale
+    k.affinity[layer] *= k.affinity_decay
+    k.affinity[layer][ids] += 1.0 - k.affinity_decay

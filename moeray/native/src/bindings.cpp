@@ -585,6 +585,165 @@ void predict_kernel_step(PredictKernelHandle& self, H ids_obj, H last_ids_obj, H
   self.kernel.step(t);
 }
 
+// A 1-D numpy array of `dtype`, C-contiguous, of `n` entries (n < 0: its own length).
+py::array check_vector(const py::handle& obj, const char* name, const char* dtype, int64_t n) {
+  if (n < 0 && py::isinstance<py::array>(obj)) {
+    const auto shape = shape_of(py::reinterpret_borrow<py::array>(obj));
+    n = shape.size() == 1 ? shape[0] : 0;
+  }
+  return check_array(obj, name, dtype, {n}, "");
+}
+
+void predict_kernel_open_batch(PredictKernelHandle& self, H last_ids_obj, H new_sequence_obj,
+                               H clock_obj, H scale_obj, H next_scale_obj,
+                               H next_prev_scale_obj, bool record) {
+  moeray::PredictKernel& kernel = self.kernel;
+  const moeray::PredictState& s = kernel.state();
+  const py::array starts = check_vector(new_sequence_obj, "new_sequence", "bool", -1);
+  const int64_t B = starts.shape(0);
+  if (B < 1) throw py::value_error("new_sequence: expected at least one token, got 0");
+  const py::array clock = check_vector(clock_obj, "clock", "int64", B);
+  const py::array scale = check_vector(scale_obj, "scale", "float64", B);
+  const py::array next_scale = check_vector(next_scale_obj, "next_scale", "float64", B);
+  const py::array next_prev = check_vector(next_prev_scale_obj, "next_prev_scale", "float64", B);
+  std::vector<py::array> keep;
+  const int64_t* last = last_ids_obj.is_none()
+                            ? nullptr
+                            : check_token_ids(last_ids_obj, "last_ids", s.layers, s.top_k,
+                                              s.experts, keep);
+  const auto* c = static_cast<const int64_t*>(clock.data());
+  const auto* sc = static_cast<const double*>(scale.data());
+  const auto* ns = static_cast<const double*>(next_scale.data());
+  const auto* np_ = static_cast<const double*>(next_prev.data());
+  for (int64_t b = 0; b < B; ++b) {
+    if (c[b] < 1)
+      throw py::value_error("clock: expected ints >= 1, got " + std::to_string(c[b]));
+    check_scale(sc[b], "scale");
+    check_scale(ns[b], "next_scale");
+    check_scale(np_[b], "next_prev_scale");
+  }
+  Lock lock(kernel.mutex);
+  moeray::PredictBatch& batch = kernel.open_batch(record);
+  batch.tokens = B;
+  batch.ids.assign(B * s.layers * s.top_k, 0);
+  if (last)
+    batch.last_ids.assign(last, last + s.layers * s.top_k);
+  else
+    batch.last_ids.clear();
+  const auto* st = static_cast<const bool*>(starts.data());
+  batch.new_sequence.assign(st, st + B);
+  batch.clock.assign(c, c + B);
+  batch.scale.assign(sc, sc + B);
+  batch.next_scale.assign(ns, ns + B);
+  batch.next_prev_scale.assign(np_, np_ + B);
+}
+
+// Why layer `layer` cannot be served now ("" when it can); under the kernel's mutex.
+std::string batch_layer_error(const moeray::PredictKernel& kernel, int64_t layer) {
+  const int64_t L = kernel.state().layers, next = kernel.next_layer();
+  if (!kernel.batch_open()) return "layer: no batch is open (open_batch first)";
+  if (layer == next) return "";
+  if (next >= L)
+    return "layer: every layer of the batch is served, got " + std::to_string(layer) +
+           " (close_batch next)";
+  return "layer: expected " + std::to_string(next) + " (layers in order 0.." +
+         std::to_string(L - 1) + " per batch), got " + std::to_string(layer);
+}
+
+void predict_kernel_serve_layer(PredictKernelHandle& self, int64_t layer, H ids_obj) {
+  moeray::PredictKernel& kernel = self.kernel;
+  const moeray::PredictState& s = kernel.state();
+  int64_t B;
+  {
+    Lock lock(kernel.mutex);  // no wait: the kernel's calls release it before the GIL
+    const std::string error = batch_layer_error(kernel, layer);
+    if (!error.empty()) throw py::value_error(error);
+    B = kernel.batch().tokens;
+  }
+  std::vector<py::array> keep;
+  const int64_t k = s.top_k;
+  const int64_t* ids = check_token_ids(ids_obj, "ids", B, k, s.experts, keep);
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    Lock lock(kernel.mutex);
+    error = batch_layer_error(kernel, layer);  // unchanged unless another thread served it
+    if (error.empty() && kernel.batch().tokens == B) {
+      int64_t* batch_ids = kernel.batch_ids();
+      for (int64_t b = 0; b < B; ++b)
+        std::copy(ids + b * k, ids + (b + 1) * k, batch_ids + (b * s.layers + layer) * k);
+      kernel.serve_layer(layer);
+    }
+  }
+  if (!error.empty()) throw py::value_error(error);
+}
+
+void predict_kernel_close_batch(PredictKernelHandle& self) {
+  moeray::PredictKernel& kernel = self.kernel;
+  Lock lock(kernel.mutex);
+  if (!kernel.batch_open()) throw py::value_error("close_batch: no batch is open");
+  if (kernel.next_layer() < kernel.state().layers)
+    throw py::value_error("close_batch: layers " + std::to_string(kernel.next_layer()) + ".." +
+                          std::to_string(kernel.state().layers - 1) + " of the batch not served");
+  kernel.close_batch();
+}
+
+py::array_t<int64_t> predict_kernel_take_events(PredictKernelHandle& self) {
+  Lock lock(self.kernel.mutex);
+  std::vector<int64_t>& events = self.kernel.events();
+  const auto n = static_cast<py::ssize_t>(events.size() / 4);
+  py::array_t<int64_t> out({n, static_cast<py::ssize_t>(4)});
+  std::copy(events.begin(), events.end(), out.mutable_data());
+  events.clear();
+  return out;
+}
+
+py::tuple predict_kernel_run_window(PredictKernelHandle& self, H ids_obj, H new_sequence_obj,
+                                    H last_ids_obj, H clock_obj, double scale, double prev_scale,
+                                    double transition_decay, double previous_decay) {
+  moeray::PredictKernel& kernel = self.kernel;
+  const moeray::PredictState& s = kernel.state();
+  // ids [T, L, k]: T is the array's own
+  std::vector<int64_t> want{0, s.layers, s.top_k};
+  if (py::isinstance<py::array>(ids_obj)) {
+    const auto got = shape_of(py::reinterpret_borrow<py::array>(ids_obj));
+    if (got.size() == 3) want[0] = got[0];
+  }
+  const py::array ids_arr = check_array(ids_obj, "ids", "int64", want, "");
+  const int64_t T = want[0];
+  const auto* ids = static_cast<const int64_t*>(ids_arr.data());
+  for (int64_t i = 0; i < T * s.layers * s.top_k; ++i)
+    if (ids[i] < 0 || ids[i] >= s.experts)
+      throw py::value_error("ids: every id must be in [0, " + std::to_string(s.experts) +
+                            "), got " + std::to_string(ids[i]));
+  const bool has_starts = !new_sequence_obj.is_none();
+  py::array starts;  // a default py::array is an empty array, not a null handle
+  if (has_starts) starts = check_vector(new_sequence_obj, "new_sequence", "bool", T);
+  std::vector<py::array> keep;
+  const int64_t* last = last_ids_obj.is_none()
+                            ? nullptr
+                            : check_token_ids(last_ids_obj, "last_ids", s.layers, s.top_k,
+                                              s.experts, keep);
+  moeray::PredictClock clock{};
+  clock.clock = check_int(clock_obj, "clock", 0, INT64_MAX - T, "an int >= 0");
+  clock.scale = check_scale(scale, "scale");
+  clock.prev_scale = check_scale(prev_scale, "prev_scale");
+  if (!(transition_decay > 0.0 && transition_decay < 1.0))
+    throw py::value_error("transition_decay: expected a float in (0, 1)");
+  if (!(previous_decay > 0.0 && previous_decay < 1.0))
+    throw py::value_error("previous_decay: expected a float in (0, 1)");
+  const bool* st = has_starts ? static_cast<const bool*>(starts.data()) : nullptr;
+  bool open = false;
+  {
+    py::gil_scoped_release release;
+    Lock lock(kernel.mutex);
+    open = kernel.batch_open();
+    if (!open) kernel.run_window(ids, T, st, last, clock, transition_decay, previous_decay);
+  }
+  if (open) throw py::value_error("run_window: a batch is open (close_batch first)");
+  return py::make_tuple(clock.clock, clock.scale, clock.prev_scale);
+}
+
 }  // namespace
 
 // -- _stack_histogram: CapacitySplit's access counters, histogram and one chunk of routing,
@@ -1252,6 +1411,22 @@ PYBIND11_MODULE(_core, m) {
       .def("step", &predict_kernel_step, py::arg("ids"), py::arg("last_ids"), py::arg("clock"),
            py::arg("scale"), py::arg("next_scale"), py::arg("next_prev_scale"),
            "One token without hints, the state updated in place.")
+      .def("run_window", &predict_kernel_run_window, py::arg("ids"), py::arg("new_sequence"),
+           py::arg("last_ids"), py::arg("clock"), py::arg("scale"), py::arg("prev_scale"),
+           py::arg("transition_decay"), py::arg("previous_decay"),
+           "Tokens ids [T, L, top_k] without hints, as T steps; returns (clock, scale, "
+           "prev_scale) after them.")
+      .def("open_batch", &predict_kernel_open_batch, py::arg("last_ids"),
+           py::arg("new_sequence"), py::arg("clock"), py::arg("scale"), py::arg("next_scale"),
+           py::arg("next_prev_scale"), py::arg("record"),
+           "Opens a batch of tokens served layer by layer, each token's clock and scales given.")
+      .def("serve_layer", &predict_kernel_serve_layer, py::arg("layer"), py::arg("ids"),
+           "Layer `layer` (the next in order) of every token of the batch: ids [B, top_k]; then "
+           "the next layer's predictions and prefetches for the first token.")
+      .def("take_events", &predict_kernel_take_events,
+           "The plan events recorded since the last call: int64 [n, 4] rows (token, layer, "
+           "expert, kind), kind 0 stall load, 1 prefetch load, 2 eviction.")
+      .def("close_batch", &predict_kernel_close_batch, "Closes the batch (every layer served).")
       .def("flush", [](PredictKernelHandle&) {},
            "Nothing to count: each step adds its predictor guesses at once (the twin queues "
            "them).");

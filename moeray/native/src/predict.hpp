@@ -67,15 +67,25 @@ inline bool seen_before(const int64_t* row, int64_t i) {
   return std::find(row, row + i, row[i]) != row + i;
 }
 
-// Buffers of one step, reused by its layers: E doubles each, cond k * E.
+// What a plan event is: an expert loaded on a stall, loaded by a prefetch, or evicted.
+enum EventKind : int64_t { kStallLoad = 0, kPrefetchLoad = 1, kEviction = 2 };
+
+// Buffers of one step, reused by its layers: E doubles each, cond k * E. guess holds the
+// float32 scores of the predictors' guesses from a layer's `ahead` until its `serve` counts
+// them against the routing (guessed: which predictors had one). events (null: not recorded)
+// receives (token, layer, expert, kind) rows.
 struct Scratch {
   explicit Scratch(int64_t experts, int64_t top_k)
       : p(experts), scores(experts), cond(top_k * experts), value(experts), keep(experts),
-        tie(experts), f32(experts), flags(experts) {}
+        tie(experts), guess(kGuesses * experts), flags(experts) {}
+  static constexpr int kGuesses = 4;
   std::vector<double> p, scores, cond, value, keep, tie;
-  std::vector<float> f32;
+  std::vector<float> guess;
   std::vector<int64_t> buckets, hot_list;
   std::vector<char> flags;
+  bool guessed[kGuesses] = {false, false, false, false};
+  std::vector<int64_t>* events = nullptr;
+  int64_t token = 0;
 };
 
 class Layer {
@@ -86,14 +96,35 @@ class Layer {
         ids_(t.ids + l * s.top_k), src_(l > 0 ? t.ids + (l - 1) * s.top_k : nullptr),
         last_(t.last_ids ? t.last_ids + l * s.top_k : nullptr) {}
 
-  void run() {
+  // Predictions and prefetches: what is decidable once the layer before is routed (reads this
+  // token's ids of layer l - 1 and the previous token's of layer l, never ids of layer l). The
+  // predictors' guesses wait in the scratch for `serve`.
+  void ahead() {
     predict(w_.p, w_.scores, w_.cond);
     prefetch(w_.p, w_.value, w_.flags);
+  }
+
+  // The routing of layer l: the guesses of `ahead` counted, accesses and learning.
+  void serve() {
+    for (int index = 0; index < Scratch::kGuesses; ++index) {
+      if (!w_.guessed[index]) continue;
+      count_guess(index);
+      w_.guessed[index] = false;
+    }
     access(w_.scores, w_.keep, w_.flags);
     learn();
   }
 
+  void run() {
+    ahead();
+    serve();
+  }
+
  private:
+  void note(int64_t e, EventKind kind) const {
+    if (w_.events) w_.events->insert(w_.events->end(), {w_.token, l_, e, kind});
+  }
+
   const double* row(const double* a) const { return a + l_ * E_; }
   double* row(double* a) const { return a + l_ * E_; }
   const double* table(const double* a, int64_t e) const { return a + (l_ * E_ + e) * E_; }
@@ -151,15 +182,21 @@ class Layer {
     for (int64_t f = 0; f < E_; ++f) out[f] /= static_cast<double>(pairs);
   }
 
+  // Keeps predictor `index`'s guess for this layer (its float32 scores) until `serve`.
+  void guess(int index, const double* scores) const {
+    float* v = w_.guess.data() + index * E_;
+    for (int64_t e = 0; e < E_; ++e) v[e] = static_cast<float>(scores[e]);
+    w_.guessed[index] = true;
+  }
+
   // Counts predictor `index`'s guess for this layer: the k highest float32 scores (ties to the
   // lower expert id), those > 0 guessed, those the token uses hit (the twin's `flush`). Without
   // sorting: a used expert with a positive score is in the guess when fewer than k experts
   // rank ahead of it, and the guess holds min(k, positive scores) experts.
-  void count_guess(int64_t index, const double* scores) const {
-    float* v = w_.f32.data();
+  void count_guess(int64_t index) const {
+    const float* v = w_.guess.data() + index * E_;
     const int32_t E = static_cast<int32_t>(E_);  // int32 counts: the compare loops vectorize
     int32_t positive = 0;
-    for (int32_t e = 0; e < E; ++e) v[e] = static_cast<float>(scores[e]);
     for (int32_t e = 0; e < E; ++e) positive += v[e] > 0.0f;
     int64_t hits = 0;
     for (int64_t j = 0; j < k_; ++j) {
@@ -185,10 +222,10 @@ class Layer {
       for (int64_t f = 0; f < E_; ++f) p[f] += c_.affinity_weight * aff[f];
       weight += c_.affinity_weight;
     }
-    count_guess(2, aff);
+    guess(2, aff);
     if (last_) {
       table_scores(s_.prev, s_.prev_n, last_, scratch.data());
-      count_guess(1, scratch.data());
+      guess(1, scratch.data());
       if (c_.previous_weight > 0) {
         for (int64_t f = 0; f < E_; ++f) p[f] += c_.previous_weight * scratch[f];
         weight += c_.previous_weight;
@@ -196,7 +233,7 @@ class Layer {
     }
     if (l_ > 0) {
       cross_scores(scratch.data(), cond);
-      count_guess(0, scratch.data());
+      guess(0, scratch.data());
       if (c_.cross_weight > 0) {
         for (int64_t f = 0; f < E_; ++f) p[f] += c_.cross_weight * scratch[f];
         weight += c_.cross_weight;
@@ -204,7 +241,7 @@ class Layer {
     }
     const double den = std::max(weight, kTiny);
     for (int64_t f = 0; f < E_; ++f) p[f] /= den;
-    count_guess(3, p.data());
+    guess(3, p.data());
   }
 
   // `hot_value` of expert f from this token's p and next, its einsum("le,lef->lf", p,
@@ -256,6 +293,7 @@ class Layer {
     bool* hot = s_.hot + l_ * E_;
     bool* pending = s_.pending + l_ * E_;
     s_.wasted_prefetches[l_] += pending[e];
+    note(e, kEviction);
     hot[e] = false;
     pending[e] = false;
     --s_.hot_count[l_];
@@ -321,6 +359,7 @@ class Layer {
       if (!(p[cand] > bar)) return;
       if (full) evict(victim);
       count_reload(cand);
+      note(cand, kPrefetchLoad);
       hot[cand] = true;
       s_.pending[l_ * E_ + cand] = true;
       touch[cand] = clock;
@@ -367,6 +406,7 @@ class Layer {
           evict(victim);
         }
         count_reload(e);
+        note(e, kStallLoad);
         hot[e] = true;
         ++s_.hot_count[l_];
       }
@@ -446,28 +486,135 @@ class Layer {
 
 }  // namespace predict_detail
 
+// A batch of tokens served layer by layer (PredictiveCaches.open_batch): each token's clock and
+// scales fixed when it opens, as consecutive steps would set them; its ids filled one layer at
+// a time. last_ids: the token before the batch ([L, k]; empty: none).
+struct PredictBatch {
+  int64_t tokens = 0;
+  std::vector<int64_t> ids, last_ids, clock;
+  std::vector<char> new_sequence;
+  std::vector<double> scale, next_scale, next_prev_scale;
+};
+
+// The window step's lazy-decay state (PredictiveCaches' _clock, _scale, _prev_scale), advanced
+// per token exactly as `step` advances it.
+struct PredictClock {
+  int64_t clock;
+  double scale, prev_scale;
+};
+
 // The kernel of one PredictiveCaches: its state and parameters, checked once by the binding,
 // and the scratch buffers its steps reuse. One token without hints per step: predictions,
 // prefetches, accesses and learning of every layer, the state updated in place exactly as the
-// twin (moeray/native/_reference/predict.py) does. Steps of one kernel run one at a time (the
+// twin (moeray/native/_reference/predict.py) does. Calls on one kernel run one at a time (the
 // binding holds `mutex`).
+//
+// A layer's work touches only its own rows of the state, and reads the routing of the layer
+// before (this token) and of the token before (this layer); so a batch may run layer-major
+// (every token of layer l, then of l + 1) and reach the state of the token-major steps: the
+// tokens' clocks and scales are fixed when the batch opens. Layer l's predictions and
+// prefetches for the batch's first token (`ahead`) run as soon as layer l - 1 is served.
 class PredictKernel {
  public:
   PredictKernel(const PredictState& s, const PredictParams& c)
       : s_(s), c_(c), scratch_(s.experts, s.top_k) {}
 
   void step(const PredictToken& t) {
+    scratch_.events = nullptr;
     for (int64_t l = 0; l < s_.layers; ++l) predict_detail::Layer(s_, c_, t, l, scratch_).run();
   }
 
+  // A whole window: ids int64 [T, L, k]; new_sequence [T] (null: none starts a sequence);
+  // last_ids the token's before the window (null: none). Advances `clock` as T steps would.
+  void run_window(const int64_t* ids, int64_t tokens, const bool* new_sequence,
+                  const int64_t* last_ids, PredictClock& clock, double transition_decay,
+                  double previous_decay) {
+    scratch_.events = nullptr;
+    const int64_t stride = s_.layers * s_.top_k;
+    for (int64_t i = 0; i < tokens; ++i) {
+      PredictToken t{};
+      t.ids = ids + i * stride;
+      const int64_t* before = i ? ids + (i - 1) * stride : last_ids;
+      t.last_ids = new_sequence && new_sequence[i] ? nullptr : before;
+      t.clock = ++clock.clock;
+      t.scale = clock.scale;
+      clock.scale /= transition_decay;
+      clock.prev_scale /= previous_decay;
+      t.next_scale = clock.scale;
+      t.next_prev_scale = clock.prev_scale;
+      for (int64_t l = 0; l < s_.layers; ++l)
+        predict_detail::Layer(s_, c_, t, l, scratch_).run();
+      if (clock.scale > 1e200) clock.scale = 1.0;  // the layers divided the tables by it
+      if (clock.prev_scale > 1e200) clock.prev_scale = 1.0;
+    }
+  }
+
+  // Opens a batch (the binding filled it; ids are set by serve_layer); record: keep the plan
+  // events of its layers for take_events.
+  PredictBatch& open_batch(bool record) {
+    batch_open_ = true;
+    next_layer_ = 0;
+    ahead_token_ = -1;
+    record_ = record;
+    events_.clear();
+    return batch_;
+  }
+
+  // Layer l of every token of the batch, its ids (int64 [B, k]) already in the batch; then
+  // layer l + 1's `ahead` for the first token. The binding checked that l is next_layer().
+  void serve_layer(int64_t l) {
+    scratch_.events = record_ ? &events_ : nullptr;
+    for (int64_t b = 0; b < batch_.tokens; ++b) {
+      const PredictToken t = token(b);
+      scratch_.token = b;
+      predict_detail::Layer layer(s_, c_, t, l, scratch_);
+      if (!(ahead_token_ == 0 && b == 0)) layer.ahead();
+      layer.serve();
+    }
+    ahead_token_ = -1;
+    next_layer_ = l + 1;
+    if (l + 1 < s_.layers && batch_.tokens > 0) {
+      scratch_.token = 0;
+      const PredictToken t = token(0);
+      predict_detail::Layer(s_, c_, t, l + 1, scratch_).ahead();
+      ahead_token_ = 0;
+    }
+    scratch_.events = nullptr;
+  }
+
+  void close_batch() { batch_open_ = false; }
+
+  bool batch_open() const { return batch_open_; }
+  int64_t next_layer() const { return next_layer_; }
+  const PredictBatch& batch() const { return batch_; }
+  int64_t* batch_ids() { return batch_.ids.data(); }
+  std::vector<int64_t>& events() { return events_; }
   const PredictState& state() const { return s_; }
 
   std::mutex mutex;
 
  private:
+  // Token b of the batch: its ids, and the previous token's unless b starts a sequence.
+  PredictToken token(int64_t b) const {
+    const int64_t stride = s_.layers * s_.top_k;
+    PredictToken t{};
+    t.ids = batch_.ids.data() + b * stride;
+    if (!batch_.new_sequence[b])
+      t.last_ids = b ? t.ids - stride : (batch_.last_ids.empty() ? nullptr : batch_.last_ids.data());
+    t.clock = batch_.clock[b];
+    t.scale = batch_.scale[b];
+    t.next_scale = batch_.next_scale[b];
+    t.next_prev_scale = batch_.next_prev_scale[b];
+    return t;
+  }
+
   const PredictState s_;
   const PredictParams c_;
   predict_detail::Scratch scratch_;
+  PredictBatch batch_;
+  std::vector<int64_t> events_;
+  bool batch_open_ = false, record_ = false;
+  int64_t next_layer_ = 0, ahead_token_ = -1;
 };
 
 }  // namespace moeray
