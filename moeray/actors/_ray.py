@@ -41,8 +41,10 @@ from ray.exceptions import (
 )
 from ray.experimental import internal_kv
 from ray.util import metrics
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moeray.actors.address import resolve_address
+from moeray.actors.channel import ChannelClient, RouteMessage
 from moeray.actors.config import ServiceConfig
 from moeray.actors.coordinator import Coordinator
 from moeray.actors.layer import LayerCaches
@@ -54,6 +56,7 @@ from moeray.actors.messages import (
     Warmup,
     WindowGapError,
 )
+from moeray.actors.prefetch_node import PrefetchNode, StreamStats
 from moeray.actors.steps import check_window
 from moeray.placement.balancer import Rebalance
 from moeray.placement.placement import Placement
@@ -82,6 +85,7 @@ __all__ = [
     "GetTimeoutError",
     "RayActorError",
     "RayTaskError",
+    "PrefetchNodeHandle",
     "ServiceMetrics",
     "SubmitLatency",
     "local_session",
@@ -444,6 +448,54 @@ def create_coordinator(config: ServiceConfig):
         )
         .remote(config)
     )
+
+
+class PrefetchNodeHandle:
+    """A prefetch actor (``PrefetchNode(*args, **kwargs)``) on this process's node, owned by
+    this process. ``on_route`` writes to the actor's stream socket (``moeray.actors.channel``:
+    one way, in order, tens of microseconds); the other calls go through Ray, after the actor
+    read everything sent (``timeout_s`` bounds that wait and each call)."""
+
+    def __init__(self, *args, timeout_s: float = 60.0, **kwargs):
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        options = dict(num_cpus=0, max_restarts=0, scheduling_strategy=here)
+        options["enable_task_events"] = _OPTIONS["enable_task_events"]
+        self._timeout_s = timeout_s
+        self._actor = ray.remote(PrefetchNode).options(**options).remote(*args, **kwargs)
+        try:  # the actor's errors (a bad checkpoint) raise here
+            self._channel = ChannelClient(ray.get(self._actor.listen.remote(), timeout=timeout_s))
+        except BaseException:
+            kill(self._actor)
+            raise
+
+    def on_route(self, message: RouteMessage) -> None:
+        self._channel.send(message)
+
+    def _call(self, method):
+        deadline = time.monotonic() + self._timeout_s
+        while ray.get(self._actor.received.remote(), timeout=self._timeout_s) < self._channel.sent:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the prefetch actor has not read the stream in {self._timeout_s} s"
+                )
+            time.sleep(0.001)
+        return ray.get(method.remote(), timeout=self._timeout_s)
+
+    def flush(self) -> None:
+        self._call(self._actor.flush)
+
+    def settle(self) -> None:
+        self._call(self._actor.settle)
+
+    def stats(self) -> StreamStats:
+        return self._call(self._actor.stats)
+
+    def reset_stats(self) -> None:
+        self._call(self._actor.reset_stats)
+
+    def close(self) -> None:
+        self._channel.close()
+        kill(self._actor)
 
 
 def coordinator_exists(name: str, namespace: str) -> bool:
