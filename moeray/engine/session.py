@@ -28,7 +28,7 @@ import numpy as np
 from moeray.actors.config import ServiceConfig
 from moeray.policy.affinity import ExpertAffinity
 from moeray.policy.predict import PredictiveCaches
-from moeray.policy.windows import COUNTER_KEYS, PolicyWindow
+from moeray.policy.windows import COUNTER_KEYS
 
 __all__ = ["EngineSession", "EngineUpdate", "LayerPlan", "PROTOCOL_VERSION"]
 
@@ -112,16 +112,18 @@ class EngineSession:
             self._caches = PredictiveCaches(
                 L, E, config.top_k, config.capacity, replace(config.predict, split=None)
             )
-        else:
-            settings = config.settings()
-            self._layers = [
-                config.entry.build(
-                    [layer], E, {layer: config.capacity[layer]}, {layer: aff}, settings
-                )
-                for layer, aff in enumerate(self._affinity)
-            ]
+        else:  # every layer in one DemandCaches, as a replay's one actor hosts them
+            self._demand = config.entry.build(
+                list(range(L)),
+                E,
+                dict(enumerate(config.capacity)),
+                dict(enumerate(self._affinity)),
+                config.settings(),
+            )
             self._budget = config.prefetch_budgets()
-        self._counters = [dict.fromkeys(COUNTER_KEYS, 0) for _ in range(L)]
+            self._prefetches = [0] * L
+        self._before = np.zeros(E, dtype=bool)  # scratch masks of route's plan
+        self._after = np.zeros(E, dtype=bool)
         self._batch: _Batch | None = None
         self._version = 0
         self._link = link
@@ -167,9 +169,7 @@ class EngineSession:
         if self._predictive:
             self._caches.serve_layer(layer, ids)
         else:
-            window = PolicyWindow((ids,), prefetch_budget=self._budget[layer])
-            for key, value in self._layers[layer].apply(window)[0].items():
-                self._counters[layer][key] += value
+            self._prefetches[layer] += self._demand.serve(layer, ids, self._budget[layer])
         batch.ids.append(ids)
         used = np.zeros(self.config.num_experts, dtype=bool)
         used[ids.ravel()] = True
@@ -210,7 +210,10 @@ class EngineSession:
                 {key: int(getattr(st, key)[layer]) for key in COUNTER_KEYS}
                 for layer in range(self.config.num_layers)
             ]
-        return [dict(c) for c in self._counters]
+        return [
+            self._demand.counters(layer) | {"prefetches": self._prefetches[layer]}
+            for layer in range(self.config.num_layers)
+        ]
 
     def apply_update(self, update: EngineUpdate) -> None:
         """Takes a service's update between batches: its capacities and prefetch budget apply
@@ -291,7 +294,7 @@ class EngineSession:
         if self._predictive:
             mask[self._caches.hot_set(layer)[0]] = True
         else:
-            mask[self._layers[layer].hot_sets()[0][0]] = True
+            self._demand.hot_mask(layer, mask)
         return mask
 
     @staticmethod

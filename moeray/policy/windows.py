@@ -93,6 +93,9 @@ class WindowPolicy(Protocol):
         and not used yet (what shard residency prefetches)."""
 
 
+_NONE = np.zeros(0, np.int64)
+
+
 class DemandCaches:
     """One seed ``ExpertCache`` per hosted layer: loads on use, evicts by ``base`` (or, with
     ``blended``, by the affinity blend of ``suggest_eviction_with_affinity``), and after each
@@ -120,27 +123,53 @@ class DemandCaches:
 
     def apply(self, window: PolicyWindow) -> list[dict]:
         out = []
-        for i, (layer, ids) in enumerate(zip(self._layers, window.expert_ids)):
-            cache, affinity = self._caches[i], self._affinities[layer]
-            before = cache.stats()
-            if self._blended:  # updates the affinity row by row, between accesses
-                cache.access_batch(ids, affinity, self._weight)
-            else:
-                cache.access_batch(ids)
-                affinity.update_batch(ids)
-            prefetched = cache.prefetch_by_affinity(affinity, window.prefetch_budget)
-            self._ahead[i] = np.asarray(prefetched, dtype=np.int64)
-            after = cache.stats()
+        for i, ids in enumerate(window.expert_ids):
+            before = self._caches[i].stats()
+            prefetched = self.serve(i, ids, window.prefetch_budget)
+            after = self._caches[i].stats()
             counts = dict.fromkeys(COUNTER_KEYS, 0)
             counts.update(
                 hits=after.hits - before.hits,
                 stalls=after.misses - before.misses,
                 evictions=after.evictions - before.evictions,
                 prefetch_hits=after.prefetch_hits - before.prefetch_hits,
-                prefetches=len(prefetched),
+                prefetches=prefetched,
             )
             out.append(counts)
         return out
+
+    def serve(self, index: int, ids: np.ndarray, prefetch_budget: int = 0) -> int:
+        """Serves hosted layer ``index``'s routing ids int [T, top_k] (its part of a window, or
+        an engine's batch), then prefetches by affinity; returns the prefetches made."""
+        cache, affinity = self._caches[index], self._affinities[self._layers[index]]
+        if self._blended:  # updates the affinity row by row, between accesses
+            cache.access_batch(ids, affinity, self._weight)
+        else:
+            cache.access_batch(ids)
+            affinity.update_batch(ids)
+        if not prefetch_budget:
+            self._ahead[index] = _NONE
+            return 0
+        prefetched = cache.prefetch_by_affinity(affinity, prefetch_budget)
+        self._ahead[index] = np.asarray(prefetched, dtype=np.int64)
+        return len(prefetched)
+
+    def counters(self, index: int) -> dict:
+        """Hosted layer ``index``'s counters since it was built (COUNTER_KEYS; prefetches are
+        counted by the caller, from ``serve``'s answers)."""
+        st = self._caches[index].stats()
+        return dict.fromkeys(COUNTER_KEYS, 0) | dict(
+            hits=st.hits,
+            stalls=st.misses,
+            evictions=st.evictions,
+            prefetch_hits=st.prefetch_hits,
+        )
+
+    def hot_mask(self, index: int, out: np.ndarray) -> None:
+        """Sets out[e] (bool [num_experts], cleared first) for each hot expert of hosted layer
+        ``index``."""
+        out[:] = False
+        out[self._caches[index].hot_experts()] = True
 
     def warm_up(self, expert_ids: np.ndarray, seq_starts: np.ndarray | None) -> None:
         """A demand cache restarts empty (as a real process's memory is): nothing to relearn."""
@@ -219,9 +248,12 @@ class PredictiveWindows:
                 raise ValueError(f"seq_starts: expected bool [{tokens}], got shape {starts.shape}")
         resplits = self._resplits(window, tokens)
         before = _counters(caches)
-        if starts is None and hints is None and not resplits:
-            for t in range(tokens):
-                caches.step(ids[t])
+        if hints is None:  # one kernel call per stretch between re-splits
+            cuts = sorted({0, *resplits, tokens})
+            for first, end in zip(cuts, cuts[1:]):
+                if first in resplits and not np.array_equal(resplits[first], caches.capacity):
+                    caches.set_capacity(resplits[first])
+                caches.run_window(ids[first:end], None if starts is None else starts[first:end])
         else:
             for t in range(tokens):
                 if t in resplits and not np.array_equal(resplits[t], caches.capacity):
@@ -254,8 +286,7 @@ class PredictiveWindows:
                 f"{ids.dtype} {ids.shape}"
             )
         caches = self._build(ids.shape[2])
-        for t in range(len(ids)):
-            caches.step(ids[t], new_sequence=seq_starts is not None and bool(seq_starts[t]))
+        caches.run_window(ids, None if seq_starts is None else np.asarray(seq_starts, dtype=bool))
 
     def _resplits(self, window: PolicyWindow, tokens: int) -> dict[int, np.ndarray]:
         """Token offset -> the capacities of this instance's rows (the shadow layer's first)
