@@ -22,6 +22,8 @@ examples:
   moeray replay --backend local --per-layer --plot replay.png   # per-layer stalls, capacity curve
   moeray shards synth --shape gpt-oss-20b --layers 24 --scale 8 --out ckpt   # 572 MiB
   moeray replay --backend local --shards ckpt --policy lru --tokens 200  # hot sets in real bytes
+  moeray replay --realtime 5                     # 64 tokens paced at 5 ms per layer, plans
+                                                 # streamed to a prefetch actor on this node
 
 The trace is an .npz with expert_ids [tokens, layers, top_k] (optional expert_probs,
 seq_offsets, num_experts); see moeray.traces. Hit and stall rates are per layer, averaged over
@@ -156,6 +158,15 @@ def _parser() -> argparse.ArgumentParser:
         help="a safetensors checkpoint (e.g. from `moeray shards synth`) whose "
         "expert bytes follow each policy's hot sets: reports per layer resident "
         "bytes (mincore) against capacity, bytes moved and late prefetches",
+    )
+    replay.add_argument(
+        "--realtime",
+        type=float,
+        metavar="MS",
+        help="pace one policy (--policy, default moeray) at MS ms of compute per layer, one "
+        "token at a time: each layer's plan streams to a prefetch actor on this node, experts "
+        "are read from a mapped checkpoint (--shards, else a small synthesised one, cold), and "
+        "late prefetches and route-to-prefetch-start latency are reported (default --tokens 64)",
     )
     replay.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     replay.add_argument(
@@ -789,7 +800,9 @@ def _replay(args) -> int:
         salvage=args.salvage,
         on_salvage=lambda report: print(f"moeray replay: salvage: {report}", file=sys.stderr),
     )
-    if args.tokens is not None:
+    if args.realtime is not None:
+        trace = trace.head(64 if args.tokens is None else args.tokens)
+    elif args.tokens is not None:
         trace = trace.head(args.tokens)
     shards = str(args.shards) if args.shards else None
     if args.capacity_bytes is not None:
@@ -812,6 +825,8 @@ def _replay(args) -> int:
             "the policies can hardly differ",
             file=sys.stderr,
         )
+    if args.realtime is not None:
+        return _replay_realtime(args, trace, capacity)
     config = ReplayConfig(
         capacity=capacity,
         policies=tuple(dict.fromkeys(args.policies or POLICY_NAMES)),
@@ -892,6 +907,67 @@ def _replay(args) -> int:
             len(PLOT_FRACTIONS) * 3 * trace.num_layers, "capacity curve", enabled=args.progress
         ) as progress:
             print(f"wrote {plot_replay(report, trace, config, args.plot, progress=progress)}")
+    return 0
+
+
+def _replay_realtime(args, trace, capacity: int) -> int:
+    """``moeray replay --realtime MS`` (moeray.replay.realtime)."""
+    import contextlib
+
+    from moeray._progress import Progress
+    from moeray.actors.prefetch_node import PrefetchNode
+    from moeray.engine.stream import CheckpointReader
+    from moeray.policy.registry import policy_entry
+    from moeray.replay import ReplayConfig
+    from moeray.replay import realtime as rt
+    from moeray.replay.inprocess import service_config_for
+
+    compute_ms = rt.check_compute_ms(args.realtime)
+    if args.tokens is not None and args.tokens < 1:
+        raise ValueError(f"--tokens: expected an int >= 1, got {args.tokens}")
+    policies = list(dict.fromkeys(args.policies or ["moeray"]))
+    if len(policies) != 1 or not policy_entry(policies[0]).online:
+        raise ValueError(f"--policy: --realtime paces one online policy, got {', '.join(policies)}")
+    for flag, value in (("--plot", args.plot), ("--capacity-bytes", args.capacity_bytes)):
+        if value is not None:
+            raise ValueError(f"{flag}: not with --realtime")
+    policy = policies[0]
+    replay_config = ReplayConfig(
+        capacity=capacity,
+        policies=(policy,),
+        affinity_weight=args.affinity_weight,
+        **({} if args.resplit_every is None else {"predict": _resplit_predict(args.resplit_every)}),
+    )
+    config = service_config_for(trace, replay_config, policy)
+    with contextlib.ExitStack() as stack:
+        if args.shards is None:
+            shards = str(stack.enter_context(rt.synthetic_checkpoint(trace, _say)).path)
+        else:
+            shards = str(args.shards)
+        reader = CheckpointReader(shards, trace.num_layers, trace.num_experts)  # checks the fit
+        stack.callback(reader.close)
+        if args.backend == "local":
+            target = PrefetchNode(shards, trace.num_layers, trace.num_experts)
+        else:
+            from moeray.actors import _ray
+
+            stack.enter_context(_ray.local_session(args.address, say=_say))
+            target = _ray.PrefetchNodeHandle(shards, trace.num_layers, trace.num_experts)
+        stack.callback(target.close)
+        where = "in this process" if args.backend == "local" else "a Ray actor on this node"
+        _say(
+            f"pacing {trace.num_tokens} tokens x {trace.num_layers} layers at {compute_ms:g} ms "
+            f"per layer (~{trace.num_tokens * trace.num_layers * compute_ms / 1e3:.1f} s), "
+            f"policy {policy}, prefetch node {where}"
+        )
+        with Progress(trace.num_tokens, "realtime", enabled=args.progress) as progress:
+            report = rt.replay_realtime(
+                trace, config, reader, target, compute_ms, args.shards is None, progress=progress
+            )
+    print("\n".join(rt.format_report(report)))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
