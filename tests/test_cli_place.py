@@ -225,3 +225,34 @@ def test_load_places_once_from_a_counts_table(tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("1,2\n3,-4\n")
     code, _, err = place(["--load", str(tmp_path / "bad.csv")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_shared_budget_adds_a_row_at_the_same_memory(trace_path, tmp_path, capsys):
+    target = tmp_path / "shared.json"
+    argv = [trace_path, *SMALL, "--redundant", "8", "--shared-budget", "--json", str(target)]
+    code, out, _ = place(argv, capsys)
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["shared"][1] == "dispatched"
+    assert "shared: the same 24 redundant slots over 3 layers" in out
+    report = json.loads(target.read_text())
+    assert set(report["algorithms"]) == set(ALGORITHMS) | {"shared"}
+    shared = report["shared"]
+    assert shared["topology"]["redundant_budget"] == LAYERS * 8
+    counts = shared["redundant_per_layer"]
+    assert len(counts) == LAYERS and sum(counts) <= LAYERS * 8
+    assert max(counts) <= shared["topology"]["slots_per_gpu"] * 4 - EXPERTS
+    result = report["algorithms"]["shared"]
+    assert 0 < result["balancedness"]["mean"] <= 1
+    assert len(result["window_series"]) == report["windows_scored"]
+
+
+def test_shared_budget_with_a_load_table(tmp_path, capsys):
+    load = tmp_path / "load.csv"
+    rows = np.ones((LAYERS, EXPERTS), dtype=np.int64)
+    rows[1, :2] = 40
+    load.write_text("\n".join(",".join(str(v) for v in row) for row in rows) + "\n")
+    code, out, _ = place(["--load", str(load), "--gpus", "4", "--shared-budget"], capsys)
+    assert code == 0
+    table = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert "shared" in table and 0 < float(table["shared"][1]) <= 1

@@ -125,8 +125,10 @@ def allocate_redundant(load, topology: Topology, budget: int | None = None) -> n
     packing heaviest first onto the least loaded GPU guarantees); with r replicas made as EPLB
     makes them (to the largest load per copy), the bound's balancedness, mean / bound, rises
     with r. Slots go to the layer whose balancedness rises most per slot: each layer's gains as
-    the segments of its concave hull, taken steepest first; a layer whose bound no slot lowers
-    takes none, so the budget may be left unspent. Numpy, plus one ``_replicate`` call.
+    the segments of its concave hull, taken steepest first, whole (a step of tied experts gains
+    only once each has its replica), then the budget's rest to the steepest that did not fit;
+    a layer whose bound no slot lowers takes none, so the budget may be left unspent. Numpy,
+    plus one ``_replicate`` call.
     """
     load = check_load(load, "load")
     layers, num_experts = load.shape
@@ -158,15 +160,18 @@ def allocate_redundant(load, topology: Topology, budget: int | None = None) -> n
             if slope > 0:
                 segments.append((-slope, layer, start, length))
     segments.sort()
+    # whole segments first (a step of tied experts gains only once all its slots are given),
+    # then what is left to the first segment that did not fit, part of it
     left = budget
-    for _, layer, start, length in segments:
-        if left == 0:
-            break
-        if out[layer] != start:  # an earlier segment of this layer was cut short
-            continue
-        take = min(length, left)
-        out[layer] += take
-        left -= take
+    for whole in (True, False):
+        for _, layer, start, length in segments:
+            if left == 0:
+                return out
+            if out[layer] != start or (whole and length > left):
+                continue  # not this layer's next segment, or too long for now
+            take = min(length, left)
+            out[layer] += take
+            left -= take
     return out
 
 
@@ -218,8 +223,8 @@ def _packed(weight: np.ndarray, topology: Topology, filled: int) -> np.ndarray:
     slots beyond ``filled`` are empty (-1): zero-weight items packed last."""
     rows, num_experts = weight.shape
     gpus = topology.num_gpus
-    # each GPU gets at most ceil(filled / gpus) replicas: filled slots spread evenly over GPUs
-    # (dispatch has as many choices on each), the rest of each GPU's slots stay empty
+    # each GPU gets at most ceil(filled / gpus) replicas, so the filled slots spread over the
+    # GPUs (each gives dispatch choices); the rest of each GPU's slots stay empty
     num_slots = gpus * -(-filled // gpus)
     experts, _, counts = backend._replicate(weight, filled)
     share = np.take_along_axis(weight / counts.astype(np.float32), experts, -1)
