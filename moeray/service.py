@@ -31,7 +31,7 @@ from collections.abc import Callable
 from moeray.actors import _ray
 from moeray.actors.config import ServiceConfig
 from moeray.actors.journal import ClientJournal, JournalGapError
-from moeray.actors.messages import ClientGapError, ServiceStats
+from moeray.actors.messages import ClientGapError, EngineUpdate, ServiceStats
 from moeray.actors.rebalancer import wait_for_placement
 from moeray.actors.steps import WindowBuffer, check_step, schedule_step
 from moeray.placement.balancer import encode_placement
@@ -346,6 +346,12 @@ class ServiceHandle:
             timer=self._timer,
         )
         return (placement, placement.version) if placement is not None else None
+
+    def engine_update(self, after_version: int = 0) -> EngineUpdate | None:
+        """What an engine session takes from the service (capacities, prefetch budget, the
+        placement's version: ``EngineUpdate``) when newer than ``after_version``, else None.
+        Does not wait. ``moeray.engine.EngineSession.attach(handle)`` polls it."""
+        return self._call("engine_update", after_version)
 
     def placement_msgpack(self, after_version: int = 0) -> bytes:
         """The latest expert placement as msgpack (``moeray.placement.balancer.encode_placement``,

@@ -245,3 +245,27 @@ def test_a_full_queue_drops_for_the_service_never_blocks_the_engine(trace):
         assert stats.reported_tokens + stats.dropped_tokens == 20
     finally:
         session.close()
+
+
+def test_the_coordinator_versions_its_engine_updates(trace):
+    """In process: the update moves when the capacity re-split moves, never otherwise."""
+    from moeray.actors.coordinator import Coordinator
+    from moeray.actors.transport import InProcessTransport
+    from moeray.policy.predict import PredictConfig
+    from moeray.policy.split import SplitConfig
+
+    predict = PredictConfig(split=SplitConfig())
+    config = service_config_for(trace, ReplayConfig(capacity=8, predict=predict), "moeray")
+    coordinator = Coordinator(config, InProcessTransport(config))
+    first = coordinator.engine_update(0)
+    assert first.version == 1 and first.capacity == (8,) * 24 and first.prefetch_budget == 4
+    assert coordinator.engine_update(first.version) is None
+    ids = np.ascontiguousarray(trace.expert_ids.transpose(1, 0, 2))
+    versions = [first.version]
+    for begin in range(0, TOKENS, 100):
+        coordinator.submit(ids[:, begin : begin + 100])
+        update = coordinator.engine_update(versions[-1])
+        if update is not None:
+            assert update.version == versions[-1] + 1 and sum(update.capacity) == 8 * 24
+            versions.append(update.version)
+    assert coordinator.stats().resplit_moved > 0 and len(versions) > 1

@@ -415,6 +415,10 @@ class CoordinatorHost:
         """The latest expert placement when newer than ``after_version`` (else None)."""
         return self._timed(self._coordinator.expert_placement, after_version)
 
+    def engine_update(self, after_version: int = 0):
+        """The engine sessions' update when newer than ``after_version`` (else None)."""
+        return self._timed(self._coordinator.engine_update, after_version)
+
     def layer_actor_nodes(self) -> list[str]:
         """The Ray node id each layer actor runs on."""
         return ray.get([handle.node_id.remote() for handle in self._transport.handles()])

@@ -43,6 +43,7 @@ import numpy as np
 from moeray.actors.config import ServiceConfig
 from moeray.actors.messages import (
     ClientGapError,
+    EngineUpdate,
     LayerAck,
     LayerState,
     LayerStats,
@@ -153,6 +154,8 @@ class Coordinator:
                     config.predict.split,
                 )
             )
+        self._engine_state: tuple | None = None  # what the last engine update carried
+        self._engine_version = 0
         self._rebalancer: Rebalancer | None = None
         if config.expert_placement is not None:
             self._rebalancer = Rebalancer(
@@ -475,6 +478,33 @@ class Coordinator:
             capacity=split.capacity if split else self.config.capacity,
             capacity_max=split.capacity_max if split else self.config.capacity,
             expert_placement=self._rebalancer.stats() if self._rebalancer else None,
+        )
+
+    # --- engine sessions ---
+
+    def engine_update(self, after_version: int = 0) -> EngineUpdate | None:
+        """What engine sessions take from the service (``EngineUpdate``: every layer's capacity
+        now, the prefetch budget, the latest placement's version) when it is newer than
+        ``after_version``, else None. The version moves when any of them changes."""
+        split = self._split
+        placement = self.expert_placement(0) if self._rebalancer is not None else None
+        current = (
+            tuple(int(c) for c in (split.capacity if split else self.config.capacity)),
+            self._budgets[0],
+            placement.version if placement is not None else 0,
+        )
+        if current != self._engine_state:
+            self._engine_state = current
+            self._engine_version += 1
+        version = (max(self._epoch, default=0) << 32) + self._engine_version
+        if version <= after_version:
+            return None
+        capacity, budget, placement_version = current
+        return EngineUpdate(
+            version,
+            capacity=capacity,
+            prefetch_budget=budget if self._predictive else None,
+            placement_version=placement_version,
         )
 
     # --- expert placement ---

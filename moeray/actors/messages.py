@@ -20,8 +20,10 @@ import numpy as np
 from moeray.policy.windows import COUNTER_KEYS, PREDICTOR_COUNTER_KEYS
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "ClientGapError",
     "Counters",
+    "EngineUpdate",
     "LayerAck",
     "LayerState",
     "LayerStats",
@@ -31,6 +33,27 @@ __all__ = [
     "Warmup",
     "WindowGapError",
 ]
+
+# The version of the updates engine sessions understand (``EngineUpdate.protocol``): a session
+# refuses an update from a newer protocol for that call and goes on with what it has.
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EngineUpdate:
+    """What the coordinator computes from every engine's routing and sends each engine session
+    (``moeray.engine``) when it changes. version: increasing, across coordinator restarts too
+    (the restart count in the high 32 bits); protocol: the sender's ``PROTOCOL_VERSION``;
+    capacity: hot experts per layer (a re-split) or None (unchanged); prefetch_budget: experts
+    per layer per token (predictive policies) or None (unchanged); placement_version: the
+    latest expert placement's version (0: none; ``ServiceHandle.placement`` fetches it)."""
+
+    version: int
+    protocol: int = PROTOCOL_VERSION
+    capacity: tuple[int, ...] | None = None
+    prefetch_budget: int | None = None
+    placement_version: int = 0
+
 
 # Counters kept as the largest reading rather than a sum.
 _PEAKS = ("resident_bytes_max",)

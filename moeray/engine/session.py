@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from moeray.actors.config import ServiceConfig
+from moeray.actors.messages import PROTOCOL_VERSION, EngineUpdate
 from moeray.policy.affinity import ExpertAffinity
 from moeray.policy.predict import PredictiveCaches
 from moeray.policy.windows import COUNTER_KEYS
@@ -33,10 +34,6 @@ from moeray.policy.windows import COUNTER_KEYS
 __all__ = ["EngineSession", "EngineUpdate", "LayerPlan", "PROTOCOL_VERSION"]
 
 log = logging.getLogger(__name__)
-
-# The version of the updates a session understands (``EngineUpdate.protocol``): an update from a
-# newer protocol is refused for that call, and the session goes on with what it has.
-PROTOCOL_VERSION = 1
 
 _EMPTY = np.zeros(0, np.int64)
 _EMPTY.flags.writeable = False
@@ -60,19 +57,6 @@ class LayerPlan:
     prefetch: np.ndarray = field(default_factory=lambda: _EMPTY)
     prefetch_evict: np.ndarray = field(default_factory=lambda: _EMPTY)
     version: int = 0
-
-
-@dataclass(frozen=True)
-class EngineUpdate:
-    """What a service computes from every engine's routing and sends each session when it
-    changes: version (increasing), protocol (``PROTOCOL_VERSION`` of the sender), capacity: hot
-    experts per layer (a re-split) or None (unchanged), prefetch_budget: experts per layer per
-    token (predictive) or None (unchanged)."""
-
-    version: int
-    protocol: int = PROTOCOL_VERSION
-    capacity: tuple[int, ...] | None = None
-    prefetch_budget: int | None = None
 
 
 @dataclass
