@@ -238,8 +238,8 @@ class LoadBalancer:
 def encode_placement(placement: Placement | None) -> bytes:
     """A placement as the msgpack map engines read: {"version": int, "physical_to_logical":
     [[int] * slots] * layers, "num_experts": int, "topology": {"num_nodes", "gpus_per_node",
-    "slots_per_gpu", "gpu_memory_bytes", "expert_bytes", "redundant_budget"}} (the last three
-    int or nil; with a redundant_budget, -1 marks an empty slot); None as nil."""
+    "slots_per_gpu", "gpu_memory_bytes", "expert_bytes"}} (the last two int or nil; a shared
+    budget adds "redundant_budget", and -1 marks an empty slot); None as nil."""
     if placement is None:
         return msgpack.packb(None)
     return msgpack.packb(

@@ -166,14 +166,18 @@ class Topology:
             )
 
     def to_dict(self) -> dict:
-        return {
+        """The fields as a dict; redundant_budget only when set (a fixed budget's dict, and
+        the msgpack map engines read, stay as they were)."""
+        out = {
             "num_nodes": self.num_nodes,
             "gpus_per_node": self.gpus_per_node,
             "slots_per_gpu": self.slots_per_gpu,
             "gpu_memory_bytes": self.gpu_memory_bytes,
             "expert_bytes": self.expert_bytes,
-            "redundant_budget": self.redundant_budget,
         }
+        if self.redundant_budget is not None:
+            out["redundant_budget"] = self.redundant_budget
+        return out
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
