@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moeray.engine.session import EngineUpdate
+from moeray.actors.messages import EngineUpdate
 
 __all__ = ["LinkStats", "ServiceLink"]
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from moeray.actors.config import ServiceConfig
 from moeray.actors.messages import PROTOCOL_VERSION, EngineUpdate
+from moeray.engine.link import ServiceLink
 from moeray.policy.affinity import ExpertAffinity
 from moeray.policy.predict import PredictiveCaches
 from moeray.policy.windows import COUNTER_KEYS
@@ -121,8 +122,6 @@ class EngineSession:
     def attach(cls, handle, **link_options) -> EngineSession:
         """A session on a running service's configuration (``handle.config``) that reports its
         routing to it and takes its updates (``ServiceLink``'s options)."""
-        from moeray.engine.link import ServiceLink
-
         return cls(handle.config, link=ServiceLink(handle, **link_options))
 
     @property
