@@ -7,18 +7,22 @@ the trace replayed round after round). Each round submits a random number of ste
 either the coordinator (SIGKILL of its process, or ``ray.kill(no_restart=False)``, alternating;
 Ray restarts it and it rebuilds itself from the layer actors) or a random layer actor
 (``ray.kill``; the coordinator re-creates it), until ``--coordinator-kills`` and
-``--layer-kills`` are reached. After a coordinator kill the client keeps submitting until its
+``--layer-kills`` are reached; with ``--double-kills``, some rounds kill a random layer actor and
+the coordinator in the same instant (the layer actor first, then the coordinator, back to back:
+the layer actor dies while no coordinator is up to restore it; its replacement resumes the
+report it saved in the GCS). After a coordinator kill the client keeps submitting until its
 handle has resent its journal; the client pause is the longest submit() in that time (what an
 engine's step waits). After a layer-actor kill it submits until stats() shows the actor
-re-created (one failure at a time).
+re-created.
 
 At the end: routing lost and doubled, per layer, in tokens (the service's count against the
 tokens accepted: goal 0 and 0), and whether every count of every layer equals the in-process
 replay of the same steps with each layer actor re-created at the token where the service says
 it was (``moeray.replay.inprocess.replay_steps``). Goal: client pause p99 <= 5 s on the 2-core VM.
 
-usage: python benchmarks/bench_chaos.py [--coordinator-kills 100] [--layer-kills 100] [--seed 0]
-       [--layers-per-actor 6] [--step-tokens 64] [--timeout-s 1800] [--json PATH]
+usage: python benchmarks/bench_chaos.py [--coordinator-kills 100] [--layer-kills 100]
+       [--double-kills 0] [--seed 0] [--layers-per-actor 6] [--step-tokens 64]
+       [--timeout-s 1800] [--json PATH]
 """
 
 from __future__ import annotations
@@ -94,7 +98,12 @@ def run(args) -> dict:
     began = time.monotonic()
     deadline = began + args.timeout_s
     pauses, recoveries, layer_recovery = [], [], []
-    kills = {"coordinator": 0, "layer": 0}
+    kills = {"coordinator": 0, "layer": 0, "double": 0}
+    wanted = {
+        "coordinator": args.coordinator_kills,
+        "layer": args.layer_kills,
+        "double": args.double_kills,
+    }
     layer_kills = [0] * actors
     handle = service.start(config)
     try:
@@ -105,39 +114,43 @@ def run(args) -> dict:
             handle.submit(stream.next())
             return time.perf_counter() - start
 
-        while kills["coordinator"] < args.coordinator_kills or kills["layer"] < args.layer_kills:
+        def kill_coordinator(also_layer_actor: int | None = None) -> None:
+            """Kills the coordinator (SIGKILL or ray.kill, alternating), with layer actor
+            ``also_layer_actor`` in the same instant, and submits until the handle resent."""
+            handles = handle.layer_actor_handles()
+            pid = handle.coordinator_pid()  # also: any earlier restart is over
+            seen = len(handle.recoveries_s)
+            if also_layer_actor is not None:
+                ray.kill(handles[also_layer_actor], no_restart=True)
+            if (kills["coordinator"] + kills["double"]) % 2:
+                os.kill(pid, signal.SIGKILL)
+            else:
+                ray.kill(coordinator, no_restart=False)
+            worst = 0.0
+            while len(handle.recoveries_s) == seen:  # until the handle has resent
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the handle never saw the coordinator die")
+                worst = max(worst, submit())
+            worst = max(worst, submit())
+            pauses.append(worst)
+            recoveries.append(handle.recoveries_s[-1])
+
+        while any(kills[k] < n for k, n in wanted.items()):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"--timeout-s {args.timeout_s} reached after {kills}")
             for _ in range(int(rng.integers(2, 11))):
                 submit()
-            left = {
-                k: n - kills[k]
-                for k, n in (("coordinator", args.coordinator_kills), ("layer", args.layer_kills))
-            }
-            kind = (
-                "coordinator"
-                if rng.random() < left["coordinator"] / sum(left.values())
-                else "layer"
-            )
+            left = {k: n - kills[k] for k, n in wanted.items()}
+            kind = str(rng.choice(list(left), p=np.array(list(left.values())) / sum(left.values())))
             if kind == "coordinator":
-                pid = handle.coordinator_pid()  # also: any earlier restart is over
-                seen = len(handle.recoveries_s)
-                if kills["coordinator"] % 2:
-                    os.kill(pid, signal.SIGKILL)
-                else:
-                    ray.kill(coordinator, no_restart=False)
-                worst = 0.0
-                while len(handle.recoveries_s) == seen:  # until the handle has resent
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("the handle never saw the coordinator die")
-                    worst = max(worst, submit())
-                worst = max(worst, submit())
-                pauses.append(worst)
-                recoveries.append(handle.recoveries_s[-1])
+                kill_coordinator()
             else:
                 victim = int(rng.integers(actors))
                 killed = time.monotonic()
-                ray.kill(handle.layer_actor_handles()[victim], no_restart=True)
+                if kind == "double":
+                    kill_coordinator(also_layer_actor=victim)
+                else:
+                    ray.kill(handle.layer_actor_handles()[victim], no_restart=True)
                 layer_kills[victim] += 1
                 first = config.actor_layers()[victim][0]
                 while True:
@@ -172,6 +185,7 @@ def run(args) -> dict:
         "rows": [
             ("coordinator kills (half SIGKILL, half ray.kill)", f"{kills['coordinator']}"),
             ("layer-actor kills", f"{kills['layer']}"),
+            ("a layer actor and the coordinator killed at once", f"{kills['double']}"),
             ("coordinator restarts the service counted", f"{stats.coordinator_restarts}"),
             (
                 "layer-actor restarts the service counted",
@@ -186,7 +200,7 @@ def run(args) -> dict:
                 f"{equal} of {len(stats.layers)}",
             ),
             (
-                "client pause after a coordinator kill, p50 / p99 / max",
+                "client pause after a coordinator kill (any), p50 / p99 / max",
                 f"{_percentile(pauses, 50):.2f} / {_percentile(pauses, 99):.2f} / "
                 f"{max(pauses, default=float('nan')):.2f} s",
             ),
@@ -212,6 +226,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coordinator-kills", type=int, default=100)
     parser.add_argument("--layer-kills", type=int, default=100)
+    parser.add_argument(
+        "--double-kills",
+        type=int,
+        default=0,
+        help="rounds that kill a layer actor and the coordinator at once (default 0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers-per-actor", type=int, default=6)
     parser.add_argument("--step-tokens", type=int, default=64)
