@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from moeray.native import backend
+from moeray.policy.affinity import AffinityConfig, ExpertAffinity
 from moeray.policy.predict import PLAN_EVENT_KINDS, PredictConfig, PredictiveCaches
 from moeray.policy.split import SplitConfig
+from moeray.policy.windows import PolicyWindow, PredictiveWindows
 from moeray.traces import default_trace_path, load_trace
 
 pytestmark = pytest.mark.pure
@@ -325,3 +327,46 @@ def test_window_checks_its_input(core):
         kernel.run_window(ids, None, None, 0, 1.0, 1.0, 1.0, 0.99)
     assert not c._hot.any()
     assert kernel.run_window(ids, None, None, 5, 1.0, 1.0, 0.5, 0.5)[0] == 9
+
+
+class _TokenByToken(PredictiveCaches):
+    """Windows served by ``step`` one token at a time (the path before the window step)."""
+
+    def _windowed(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("native", PATHS)
+def test_policy_windows_decide_as_token_loops(native, monkeypatch):
+    """PredictiveWindows (layers 1..3 and their shadow layer 0) over windows with sequence
+    starts and re-splits: the window step gives the counters and hot sets of the token loop."""
+    monkeypatch.setattr(PredictiveCaches, "_native", native)
+    rng = np.random.default_rng(21)
+    ids = routing(rng, 120, 4, 12, 3)
+    starts = starts_of(rng, 120)
+    capacity = {layer: 4 for layer in range(4)}
+    policies = [
+        PredictiveWindows(
+            [1, 2, 3],
+            12,
+            capacity,
+            {x: ExpertAffinity(AffinityConfig(num_experts=12)) for x in range(4)},
+            PredictConfig(),
+            make,
+        )
+        for make in (PredictiveCaches, _TokenByToken)
+    ]
+    for first in range(0, 120, 40):
+        window = PolicyWindow(
+            tuple(ids[first : first + 40, layer] for layer in (1, 2, 3)),
+            previous_layer_ids=ids[first : first + 40, 0],
+            seq_starts=starts[first : first + 40],
+            prefetch_budget=2,
+            resplits=((0, (4, 4, 4, 4)), (17, (4, 3, 5, 4))) if first == 40 else (),
+        )
+        counts = [policy.apply(window) for policy in policies]
+        assert counts[0] == counts[1]
+        for (hot_a, ahead_a), (hot_b, ahead_b) in zip(*(p.hot_sets() for p in policies)):
+            assert np.array_equal(hot_a, hot_b) and np.array_equal(ahead_a, ahead_b)
+    assert policies[0]._caches.stats.resplit_evictions.sum() > 0
+    assert_same(policies[0]._caches, policies[1]._caches, "windows")
