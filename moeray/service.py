@@ -328,9 +328,11 @@ class ServiceHandle:
         return self._call("pid")
 
     def placement(self) -> tuple[Placement | None, int]:
-        """The latest expert placement the coordinator published and its version (from 1):
-        (None, 0) before the first, or when ``expert_placement`` is off. Does not wait for this
-        handle's routing to be planned (``wait_placement`` does)."""
+        """The latest expert placement the coordinator published and its version: (None, 0)
+        before the first, or when ``expert_placement`` is off. Versions only rise, across
+        coordinator restarts too (restarts << 32 plus the placements published since the last
+        restart, from 1); a restarted coordinator has none until its first load window. Does
+        not wait for this handle's routing to be planned (``wait_placement`` does)."""
         placement = self._call("expert_placement", 0)
         return (placement, placement.version) if placement is not None else (None, 0)
 

@@ -25,6 +25,7 @@ from moeray.actors.journal import ClientJournal
 from moeray.actors.layer import LayerCaches
 from moeray.actors.steps import Window
 from moeray.actors.transport import InProcessTransport
+from moeray.placement.balancer import PlacementConfig
 from moeray.replay.inprocess import replay_steps
 from moeray.traces import default_trace_path, load_trace
 
@@ -384,3 +385,46 @@ def test_a_layer_actor_killed_with_the_coordinator_loses_nothing(ray_local, rout
     assert all(s.tokens == ids.shape[1] for s in stats.layers)  # nothing lost or doubled
     assert counters(stats) == counters(replay_steps(cfg, steps, restart_tokens))
     assert stats.coordinator_restarts == 3 and stats.submits == len(steps)
+
+
+def test_placement_versions_keep_rising_across_coordinator_restarts(routing):
+    """A restarted coordinator's balancer counts from 1 again: its versions are numbered after
+    every earlier one's (restarts << 32), in ``expert_placement``, stats and the hook."""
+    cfg = config(
+        "in-process-placement",
+        num_layers=4,
+        window_steps=1,
+        layers_per_actor=2,
+        expert_placement=PlacementConfig(gpus=4, every_tokens=256),
+    )
+    ids = routing[:4]
+    hooked = []
+
+    def start(transport, adopt=False):
+        return Coordinator(
+            cfg,
+            transport,
+            on_rebalance=lambda result: hooked.append(result.version),
+            run_in_background=lambda job: job(),
+            adopt=adopt,
+        )
+
+    transport = InProcessTransport(cfg)
+    coordinator = start(transport)
+    seen = [0]
+    for restart in range(3):
+        if restart:
+            transport.lose_queued({})
+            transport = InProcessTransport(cfg, actors=transport.survivors())
+            coordinator = start(transport, adopt=True)
+            assert coordinator.expert_placement(seen[-1]) is None  # none newer yet
+        for lo in range(512 * restart, 512 * (restart + 1), 128):  # two load windows
+            coordinator.add_routing(ids[:, lo : lo + 128])
+            placement = coordinator.expert_placement(seen[-1])
+            if placement is not None:
+                seen.append(placement.version)
+        assert coordinator.stats().expert_placement.version == seen[-1]
+        coordinator.close()
+    assert seen == sorted(set(seen))  # strictly rising
+    assert {v >> 32 for v in seen[1:]} == {0, 1, 2}  # every incarnation published
+    assert hooked == sorted(hooked) and hooked[-1] == seen[-1]  # the metrics' versions too

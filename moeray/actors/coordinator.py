@@ -36,6 +36,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -48,6 +49,7 @@ from moeray.actors.messages import (
     LayerState,
     LayerStats,
     LayerWindow,
+    PlacementStats,
     ServiceStats,
     Warmup,
 )
@@ -157,14 +159,18 @@ class Coordinator:
         self._engine_state: tuple | None = None  # what the last engine update carried
         self._engine_version = 0
         self._rebalancer: Rebalancer | None = None
+        # the latest placement and its copy numbered as this incarnation publishes it
+        self._numbered: tuple[Placement, Placement] | None = None
+        self._on_rebalance_hook = on_rebalance
         if config.expert_placement is not None:
+            hook = self._on_rebalance if on_rebalance is not None else None
             self._rebalancer = Rebalancer(
                 config.expert_placement,
                 config.num_layers,
                 config.num_experts,
                 run_in_background,
                 timer,
-                on_rebalance,
+                hook,
             )
         if adopt:
             self._adopt(*transport.adopt())
@@ -477,7 +483,7 @@ class Coordinator:
             resplit_moved=split.moved if split else 0,
             capacity=split.capacity if split else self.config.capacity,
             capacity_max=split.capacity_max if split else self.config.capacity,
-            expert_placement=self._rebalancer.stats() if self._rebalancer else None,
+            expert_placement=self._placement_stats() if self._rebalancer else None,
         )
 
     # --- engine sessions ---
@@ -509,13 +515,42 @@ class Coordinator:
 
     # --- expert placement ---
 
+    def _version_base(self) -> int:
+        """What this incarnation adds to its balancer's placement versions (1, 2, ...): the
+        coordinator's restarts << 32, so versions keep rising across restarts, as engine
+        updates' do (a restarted coordinator's balancer counts from 1 again)."""
+        return max(self._epoch, default=0) << 32
+
     def expert_placement(self, after_version: int = 0) -> Placement | None:
-        """The latest published expert placement (its ``version`` from 1) when newer than
-        ``after_version``, else None (also when ``expert_placement`` is off)."""
+        """The latest published expert placement when newer than ``after_version``, else None
+        (also when ``expert_placement`` is off). Versions rise across coordinator restarts:
+        restarts << 32 plus the count of placements this incarnation published (from 1)."""
         if self._rebalancer is None:
             return None
         self._rebalancer.drain()
-        return self._rebalancer.latest(after_version)
+        base = self._version_base()
+        placement = self._rebalancer.latest(max(after_version - base, 0))
+        if placement is None or not base:
+            return placement
+        if self._numbered is None or self._numbered[0] is not placement:
+            self._numbered = (placement, placement.with_version(base + placement.version))
+        return self._numbered[1]
+
+    def _placement_stats(self) -> PlacementStats:
+        stats = self._rebalancer.stats()
+        if stats.version:
+            stats.version += self._version_base()
+        return stats
+
+    def _on_rebalance(self, result: Rebalance) -> None:
+        """The on_rebalance hook, given ``result`` with this incarnation's versions."""
+        base = self._version_base()
+        if base and result.version:
+            placement = result.placement
+            if placement is not None:
+                placement = placement.with_version(base + placement.version)
+            result = replace(result, version=base + result.version, placement=placement)
+        self._on_rebalance_hook(result)
 
     def close(self) -> None:
         """Stops the placement worker (the coordinator takes no more routing after this)."""
