@@ -178,8 +178,8 @@ class LayerState:
     windows 1..window; totals, the layer's statistics over those windows (None: zeros);
     submits, the submits those windows held; epoch, the coordinator incarnation the actor
     answers to (windows of an older one are ignored); unrestored: the actor replaced one that
-    died and its restore never came (its coordinator died first): the layer's state is lost (a
-    report only)."""
+    died, found no report its predecessor saved (``LayerCaches(state_store=)``) and its restore
+    never came (its coordinator died first): the layer's state is lost (a report only)."""
 
     layer: int
     window: int
