@@ -3,11 +3,13 @@ beside its numpy twin and beside its defaults before the pair tables, side by si
 
 Each row replays the first N tokens of a real trace through ``PredictiveCaches.run`` at 1/4
 of each layer's experts; the rows alternate, and the table shows the median of the repeats.
-`moeray` has today's defaults on the native step (moeray/native/src/predict.hpp); `moeray on
-numpy` the same policy and decisions on the twin's phases (`moeray.native._reference.predict`, what
-MOERAY_PURE_PYTHON=1 runs); `moeray before pairs`, on the native step, the defaults before the
-pair tables (bench_quality.BEFORE_PAIRS: single-expert tables, victims valued by this token
-alone, budget 4). The layer actors of the service run this same code, so it bounds what they
+`moeray` has today's defaults on the native window step (``run_window``: the tokens in one
+kernel call, moeray/native/src/predict.hpp); `moeray per-token step` the same decisions with
+one ``step`` call (and its Python) per token, the path before the window step; `moeray on
+numpy` the same policy and decisions on the twin's phases (`moeray.native._reference.predict`,
+what MOERAY_PURE_PYTHON=1 runs); `moeray before pairs`, on the native window step, the
+defaults before the pair tables (bench_quality.BEFORE_PAIRS: single-expert tables, victims
+valued by this token alone, budget 4). The layer actors of the service run this same code, so it bounds what they
 serve under `policy="moeray"`.
 
 usage: python benchmarks/bench_policy.py [--traces DIR] [--tokens N] [--repeats R]
@@ -27,11 +29,20 @@ from bench_quality import BEFORE_PAIRS, BEFORE_PAIRS_NAME, head, traces
 from moeray.policy.predict import PredictConfig, PredictiveCaches
 from moeray.replay import capacity_from_fraction
 
-# row name -> (config, the native step on); rows on the native step only where it is in use
+
+class _TokenByToken(PredictiveCaches):
+    """One ``step`` per token (the path before the window step)."""
+
+    def _windowed(self) -> bool:
+        return False
+
+
+# row name -> (config, the native step on, caches class); native only where it is in use
 ROWS = {
-    "moeray": (PredictConfig(), True),
-    "moeray on numpy": (PredictConfig(), False),
-    BEFORE_PAIRS_NAME: (BEFORE_PAIRS, True),
+    "moeray": (PredictConfig(), True, PredictiveCaches),
+    "moeray per-token step": (PredictConfig(), True, _TokenByToken),
+    "moeray on numpy": (PredictConfig(), False, PredictiveCaches),
+    BEFORE_PAIRS_NAME: (BEFORE_PAIRS, True, PredictiveCaches),
 }
 
 
@@ -56,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         capacity = capacity_from_fraction(0.25, trace.num_experts)
         rates = {name: [] for name in ROWS}
         for _ in range(args.repeats):
-            for name, (config, native) in ROWS.items():
-                caches = PredictiveCaches(
-                    trace.num_layers, trace.num_experts, trace.top_k, capacity, config
-                )
+            for name, (config, native, cls) in ROWS.items():
+                caches = cls(trace.num_layers, trace.num_experts, trace.top_k, capacity, config)
                 caches._native = native and PredictiveCaches._native
                 start = time.perf_counter()
                 caches.run(trace.expert_ids, trace.seq_offsets)
