@@ -413,9 +413,10 @@ def test_update_batch_equals_row_updates(core_pair, n, params):
     np.testing.assert_array_equal(
         states[1].activation_counts(), np.bincount(ids.ravel(), minlength=n)
     )
-    np.testing.assert_array_equal(
-        states[1].scores(), spec_scores(ids.tolist(), n, decay, boost, max_score)
-    )
+    # The cores decay lazily (src/affinity.hpp): the spec's scores within a few ulps, its ranking.
+    spec = spec_scores(ids.tolist(), n, decay, boost, max_score)
+    np.testing.assert_allclose(states[1].scores(), spec, rtol=1e-13, atol=1e-300)
+    assert states[1].top_k_by_affinity(n) == np.lexsort((np.arange(n), -spec)).tolist()
 
 
 @pytest.mark.parametrize("params", sorted(AFFINITY_PARAMS))
