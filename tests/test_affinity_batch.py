@@ -1,13 +1,16 @@
 """The native batched affinity update (``AffinityCore.update_batch``) gives the twin's bits.
 
-On CPUs with AVX-512 the C++ core replays two tokens per pass over the scores with masked vector
-operations (``src/affinity.hpp``, ``update_rows_avx512``); elsewhere it sweeps token by token.
-Either way every score must see the twin's IEEE operations in the twin's order, so the scores
-are compared as bytes (``-0.0`` and ``0.0`` differ), all but NaNs' sign and payload: where two NaNs
-meet, x86 keeps the first operand's, and neither core fixes the order the compiler picks (the
-native per-token ``update`` differs from the twin there too); rankings see every NaN alike. Over
-sizes that are not multiples of 8 or 64, odd and even batch lengths, tokens that name an
-expert twice, and parameters and states that produce infinities, NaNs and subnormals.
+With the usual parameters both cores decay lazily (``src/affinity.hpp``: a running scale, O(top_k)
+a token; tests/test_affinity_lazy.py holds it to the eager form). Outside the lazy form's bounds
+(decay 0 or NaN, huge boosts, a negative cap), on CPUs with AVX-512 the C++ core replays two
+tokens per pass over the scores with masked vector operations (``update_rows_avx512``); elsewhere
+it sweeps token by token. Either way every score must see the twin's IEEE operations in the twin's
+order, so the scores are compared as bytes (``-0.0`` and ``0.0`` differ), all but NaNs' sign and
+payload: where two NaNs meet, x86 keeps the first operand's, and neither core fixes the order the
+compiler picks (the native per-token ``update`` differs from the twin there too); rankings see
+every NaN alike. Over sizes that are not multiples of 8 or 64, odd and even batch lengths, tokens
+that name an expert twice, and parameters and states that produce infinities, NaNs and
+subnormals.
 """
 
 from __future__ import annotations
@@ -109,3 +112,4 @@ def test_long_batch_in_pieces_equals_one_call(core_pair):
         pieces.update_batch(np.ascontiguousarray(ids[start:stop]))
     assert one.scores().tobytes() == pieces.scores().tobytes()
     run_both(core_pair, n, (0.99, 1.0, 1.0), ids[:600], np.zeros(n))
+    run_both(core_pair, n, (0.9, 0.2, 1.0), ids[:1000], np.zeros(n))  # folds the scale twice
