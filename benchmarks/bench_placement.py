@@ -5,7 +5,10 @@ balanced it keeps the GPUs on the real traces.
     slots (32 redundant), loads from a seeded Zipf-like generator: the published EPLB method
     (``rebalance_eplb``, DeepSeek-V3's 8 expert groups, hierarchical over the 4 nodes),
     ``place_moeray`` full, and ``place_moeray`` incremental (migration budget 8 slots per layer)
-    from the full placement of the previous load to a drifted one. Median ms over repeats.
+    from the full placement of the previous load to a drifted one; and under a shared budget
+    (the same memory, 58 x 32 redundant slots over all layers, a grid of 320 slots):
+    ``allocate_redundant`` (each layer's share) and ``place_moeray`` full. Median ms over
+    repeats.
 (b) Dispatch speed: ns per token-assignment of ``moeray.placement.dispatch`` for one layer's
     batch of 65,536 tokens x top-8 over 256 experts on 288 slots (the full placement of (a)),
     beside a numpy even split: ``moeray.policy.schedule`` groups the batch by expert, numpy
@@ -17,6 +20,9 @@ pure-Python twin on the same inputs (fewer repeats).
     every placement scored on the window after it): DeepSeek-V2-Lite (64 experts) at 8 GPUs, 16
     redundant slots, gpt-oss-20b (32 experts) at 4 GPUs, 8 redundant; a re-placement every
     4,096 tokens, batches of 256, moeray's default migration budget (a tenth of the slots).
+    The row ``shared`` is moeray with the same memory shared by the layers (``--shared-budget``:
+    layers x redundant slots in all, each layer up to twice its share), beside ``moeray``'s
+    fixed budget per layer in the same replay.
 
 Goals: moeray's served window balancedness >= 0.94 on both traces while moving <= 25 % of the
 slots EPLB moves over the trace; per-batch served balancedness >= 0.84 on DeepSeek-V2-Lite;
@@ -47,6 +53,7 @@ from moeray.native import IS_NATIVE, backend
 from moeray.placement import (
     PlaceConfig,
     Topology,
+    allocate_redundant,
     dispatch,
     place_moeray,
     rebalance_eplb,
@@ -163,8 +170,13 @@ def measure_speed(repeats: int, tokens: int, seed: int = 2026) -> dict:
         loads = np.diff(offsets)
         return float(loads.max() / loads.mean())
 
+    shared = Topology.shared(EXPERTS, GPUS, LAYERS, NODES, REDUNDANT)
+    split = allocate_redundant(load, shared)
     result = {
         "core": "native" if IS_NATIVE else "pure Python",
+        "allocate_ms": median_ms(lambda: allocate_redundant(load, shared), repeats),
+        "allocated": [int(split.min()), int(split.max()), int(split.sum())],
+        "shared_full_ms": median_ms(lambda: place_moeray(load, shared), repeats),
         "eplb_full_ms": median_ms(
             lambda: rebalance_eplb(load, topology.num_slots, GROUPS, NODES, GPUS), repeats
         ),
@@ -229,6 +241,22 @@ def speed_rows(native: dict | None, pure: dict) -> list[dict]:
             f"{LAYERS} layers",
         ),
         row(
+            "allocate_redundant (shared budget)",
+            "ms",
+            "allocate_ms",
+            None,
+            f"{LAYERS} x {REDUNDANT} redundant slots over {LAYERS} layers, grid "
+            f"{EXPERTS + 2 * REDUNDANT}: {source['allocated'][0]} to {source['allocated'][1]} "
+            f"per layer, {source['allocated'][2]} in all",
+        ),
+        row(
+            "place_moeray (full, shared budget)",
+            "ms",
+            "shared_full_ms",
+            None,
+            "the allocation, then each layer's replicas packed and polished",
+        ),
+        row(
             f"dispatch T={source['dispatch_tokens']:,} top-{TOP_K}",
             "ns/assignment",
             "dispatch_ns",
@@ -274,7 +302,12 @@ def quality(traces: Path, tokens: int | None, progress: bool | None) -> list[tup
         if tokens:
             trace = trace.head(tokens)
         config = PlaceConfig(
-            gpus=gpus, redundant=redundant, every=EVERY, batch=BATCH, expert_bytes=expert_bytes
+            gpus=gpus,
+            redundant=redundant,
+            every=EVERY,
+            batch=BATCH,
+            expert_bytes=expert_bytes,
+            shared_budget=True,
         )
         windows = trace.num_tokens // EVERY
         with Progress(windows, label, enabled=progress) as bar:

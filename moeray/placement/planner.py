@@ -177,6 +177,7 @@ def allocate_redundant(load, topology: Topology, budget: int | None = None) -> n
 
 def _hull(values: np.ndarray) -> list[tuple[int, int, float]]:
     """The upper concave hull of (r, values[r]) from r = 0: (start, length, slope) segments."""
+    values = values.tolist()  # Python floats: numpy scalars one at a time are slow
     points: list[int] = []
     for r in range(len(values)):
         while len(points) >= 2:
@@ -187,7 +188,7 @@ def _hull(values: np.ndarray) -> list[tuple[int, int, float]]:
             else:
                 break
         points.append(r)
-    return [(a, b - a, float(values[b] - values[a]) / (b - a)) for a, b in zip(points, points[1:])]
+    return [(a, b - a, (values[b] - values[a]) / (b - a)) for a, b in zip(points, points[1:])]
 
 
 def _full(load: np.ndarray, topology: Topology, redundant: np.ndarray | None = None) -> np.ndarray:
