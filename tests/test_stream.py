@@ -256,6 +256,7 @@ def test_prefetches_the_node_finished_are_resident_at_use(trace, node, reader):
 def test_prefetches_the_node_never_started_are_late(trace, node, reader):
     def send(m):  # the node frees what the plans evict, and never pages anything in
         node.on_route(replace(m, load=(), prefetch=()))
+        node.settle()  # its frees done
 
     streaming = StreamingSession(EngineSession(_config(trace, "moeray")), send, reader)
     _pace(trace, streaming)
@@ -338,3 +339,32 @@ def _poll(condition, timeout_s: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.002)
+
+
+def test_a_free_asked_back_before_it_ran_is_cancelled():
+    import threading
+
+    from moeray.actors.prefetch_node import _Freer
+
+    gate, released = threading.Event(), []
+
+    class Core:
+        def release(self, e):
+            gate.wait(20)
+            released.append(e)
+
+    freer = _Freer([Core()])
+    try:
+        freer.free(0, 1)
+        _poll(lambda: freer._running == (0, 1))  # blocked in its release
+        freer.free(0, 2)
+        freer.free(0, 3)
+        freer.cancel(0, 2)  # not run yet: taken back
+        gate.set()
+        freer.cancel(0, 1)  # running: waits for it
+        assert released[:1] == [1]
+        freer.drain()
+        assert released == [1, 3]
+    finally:
+        gate.set()
+        freer.close()

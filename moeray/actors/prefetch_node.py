@@ -109,6 +109,9 @@ class PrefetchNode:
         self._lock = threading.RLock()
         self._server: ChannelServer | None = None
         self._received = 0  # messages and rejected frames, never reset (for ``received``)
+        # Frees run on a thread of their own: a release waits on the kernel (fadvise drains
+        # every CPU's page lists), and the next message must not wait behind it.
+        self._freer = _Freer(self._cores)
 
     def _layer_core(self, layer: int, num_experts: int, cold: bool):
         ranges = [self._store.expert_ranges(layer, e) for e in range(num_experts)]
@@ -159,6 +162,7 @@ class PrefetchNode:
         for target, experts in ask:
             core = self._cores[target]
             for e in experts:
+                self._freer.cancel(target, e)  # asked again before its free ran: it stays
                 core.prefetch(e)
             self._asked[target].update(experts)
             self._told += len(experts)
@@ -177,9 +181,12 @@ class PrefetchNode:
         with self._lock:
             self._free(self._pending)
             self._pending = []
+        self._freer.drain()
 
     def settle(self) -> None:
-        """Waits until every expert asked for and not freed is paged in (tests, benchmarks)."""
+        """Waits until every expert asked for and not freed is paged in and every free queued
+        so far has run (tests, benchmarks)."""
+        self._freer.drain()
         with self._lock:
             for core, asked in zip(self._cores, self._asked):
                 for e in sorted(asked):
@@ -229,6 +236,7 @@ class PrefetchNode:
             if self._server is not None:
                 self._server.close()
                 self._server = None
+            self._freer.close()
             self._cores = []
             self._store.close()
 
@@ -236,9 +244,8 @@ class PrefetchNode:
 
     def _free(self, pending) -> None:
         for layer, experts in pending:
-            core = self._cores[layer]
             for e in experts:
-                core.release(e)
+                self._freer.free(layer, e)
                 self._asked[layer].discard(e)
             self._released += len(experts)
 
@@ -264,3 +271,55 @@ class PrefetchNode:
         if message.prefetch:
             ask.append((layer + 1, message.prefetch))
         return layer, ask
+
+
+class _Freer:
+    """Releases experts on its own thread, in the order queued. ``cancel`` takes back a free
+    that has not run (the expert was asked for again) or waits for the one running."""
+
+    def __init__(self, cores):
+        self._cores = cores
+        self._queue: dict[tuple[int, int], None] = {}  # insertion-ordered set
+        self._running: tuple[int, int] | None = None
+        self._closed = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._serve, name="moeray-free", daemon=True)
+        self._thread.start()
+
+    def free(self, layer: int, expert: int) -> None:
+        with self._cv:
+            self._queue[layer, expert] = None
+            self._cv.notify_all()
+
+    def cancel(self, layer: int, expert: int) -> None:
+        with self._cv:
+            self._queue.pop((layer, expert), None)
+            self._cv.wait_for(lambda: self._running != (layer, expert))
+
+    def drain(self) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: not self._queue and self._running is None)
+
+    def close(self) -> None:
+        self.drain()
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _serve(self) -> None:
+        with self._cv:
+            while True:
+                self._cv.wait_for(lambda: self._queue or self._closed)
+                if self._closed:
+                    return
+                item = next(iter(self._queue))
+                del self._queue[item]
+                self._running = item
+                self._cv.release()
+                try:
+                    self._cores[item[0]].release(item[1])
+                finally:
+                    self._cv.acquire()
+                    self._running = None
+                    self._cv.notify_all()

@@ -42,7 +42,6 @@ __all__ = [
 # The synthesised checkpoint's expert: BF16 gate, up, down of 128 x 128 (96 KiB), so a trace of
 # gpt-oss-20b's shape (24 layers, 32 experts) writes 72 MiB.
 _SYNTH_HIDDEN = 128
-_SYNTH_INTERMEDIATE = 128
 _MAX_COMPUTE_MS = 10_000.0
 
 
@@ -93,17 +92,13 @@ def check_compute_ms(compute_ms) -> float:
 
 
 @contextlib.contextmanager
-def synthetic_checkpoint(trace: Trace, say: Callable[[str], None] = lambda text: None) -> Iterator:
-    """A BF16 checkpoint of ``trace``'s layers and experts (96 KiB per expert) in a temporary
-    directory, removed on exit; yields its ``SynthCheckpoint``."""
-    shape = ModelShape(
-        "synthetic",
-        "mlp",
-        trace.num_layers,
-        trace.num_experts,
-        _SYNTH_HIDDEN,
-        _SYNTH_INTERMEDIATE,
-    )
+def synthetic_checkpoint(
+    trace: Trace, say: Callable[[str], None] = lambda text: None, size: int = _SYNTH_HIDDEN
+) -> Iterator:
+    """A BF16 checkpoint of ``trace``'s layers and experts (gate, up, down of ``size`` x
+    ``size``: 96 KiB per expert by default) in a temporary directory, removed on exit; yields
+    its ``SynthCheckpoint``."""
+    shape = ModelShape("synthetic", "mlp", trace.num_layers, trace.num_experts, size, size)
     with tempfile.TemporaryDirectory(prefix="moeray-realtime-") as out:
         checkpoint = write_checkpoint(
             SynthConfig(shape, trace.num_layers, layers_per_file=trace.num_layers), out
@@ -111,7 +106,7 @@ def synthetic_checkpoint(trace: Trace, say: Callable[[str], None] = lambda text:
         say(
             f"synthesised a checkpoint of {checkpoint.total_bytes / 2**20:.1f} MiB "
             f"({trace.num_layers} layers x {trace.num_experts} experts of "
-            f"{3 * _SYNTH_HIDDEN * _SYNTH_INTERMEDIATE * 2 // 1024} KiB) in {out}"
+            f"{3 * size * size * 2 // 1024} KiB) in {out}"
         )
         yield checkpoint
 
