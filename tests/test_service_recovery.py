@@ -375,8 +375,10 @@ def test_a_layer_actor_killed_with_the_coordinator_loses_nothing(ray_local, rout
                 else:
                     os.kill(pid, signal.SIGKILL)
         stats = handle.stats()
+        assert _ray.GcsStateStore(cfg, 0).load()[0].totals.tokens == ids.shape[1]
     finally:
         handle.shutdown()
+    assert _ray.GcsStateStore(cfg, 0).load() is None  # shutdown deleted the saved reports
     restart_tokens = {
         a: stats.layers[g[0]].restart_tokens for a, g in enumerate(cfg.actor_layers())
     }
