@@ -498,7 +498,13 @@ class PrefetchNodeHandle:
         self._call(self._actor.reset_stats)
 
     def close(self) -> None:
+        """Unmaps the checkpoint in the actor (its pages can then leave the page cache at
+        once, not when Ray has reaped the process), then kills it."""
         self._channel.close()
+        try:
+            ray.get(self._actor.close.remote(), timeout=self._timeout_s)
+        except Exception:  # dead or stuck: the kill below ends it either way
+            pass
         kill(self._actor)
 
 
