@@ -22,8 +22,9 @@ examples:
   moeray replay --backend local --per-layer --plot replay.png   # per-layer stalls, capacity curve
   moeray shards synth --shape gpt-oss-20b --layers 24 --scale 8 --out ckpt   # 572 MiB
   moeray replay --backend local --shards ckpt --policy lru --tokens 200  # hot sets in real bytes
-  moeray replay --realtime 5                     # 64 tokens paced at 5 ms per layer, plans
-                                                 # streamed to a prefetch actor on this node
+  moeray replay --realtime 5 --backend local     # 64 tokens paced at 5 ms per layer, plans
+                                                 # streamed to a prefetcher (without --backend
+                                                 # local: a prefetch actor on a local Ray)
 
 The trace is an .npz with expert_ids [tokens, layers, top_k] (optional expert_probs,
 seq_offsets, num_experts); see moeray.traces. Hit and stall rates are per layer, averaged over
