@@ -233,11 +233,12 @@ class Placement:
         table = np.array(table, dtype=np.int32, order="C")
         layers, num_slots = table.shape
         rows = np.arange(layers)[:, None]
-        filled = table >= 0
+        keys = table + rows * self.num_experts
+        empty = shared and bool((table < 0).any())
+        if empty:  # only a shared budget's placement pays for the mask
+            keys = keys[table >= 0]
         counts = (
-            np.bincount(
-                (table + rows * self.num_experts)[filled], minlength=layers * self.num_experts
-            )
+            np.bincount(keys.ravel(), minlength=layers * self.num_experts)
             .reshape(layers, self.num_experts)
             .astype(np.int32)
         )
@@ -248,7 +249,7 @@ class Placement:
                 "expert needs at least one)"
             )
         if shared:
-            used = int(filled.sum()) - layers * self.num_experts
+            used = int(counts.sum()) - layers * self.num_experts
             if used > self.topology.redundant_budget:
                 raise PlacementError(
                     f"physical_to_logical: {used} redundant slots filled over {layers} layers, "
@@ -364,7 +365,10 @@ class Placement:
                 f"{list(previous.physical_to_logical.shape)}"
             )
         table = self.physical_to_logical
-        return ((previous.physical_to_logical != table) & (table >= 0)).sum(axis=1)
+        differ = previous.physical_to_logical != table
+        if self.topology.redundant_budget is not None:
+            differ &= table >= 0
+        return differ.sum(axis=1)
 
 
 def balancedness(gpu_loads: np.ndarray) -> np.ndarray:
