@@ -67,6 +67,18 @@ inline bool seen_before(const int64_t* row, int64_t i) {
   return std::find(row, row + i, row[i]) != row + i;
 }
 
+// The tables' quotients P(e' | e) = table[l, e, e'] / max(counts[l, e], 1e-300) of the
+// cross-layer and previous-token tables, kept by the kernel so that each is divided once per
+// change of its row, not at each use: a row is recomputed when first read after learning
+// touched it (dirty), the same division as at each use, so the same bits.
+struct Quotients {
+  Quotients(int64_t layers, int64_t experts)
+      : cross(layers * experts * experts), prev(layers * experts * experts),
+        cross_dirty(layers * experts, 1), prev_dirty(layers * experts, 1) {}
+  std::vector<double> cross, prev;
+  std::vector<char> cross_dirty, prev_dirty;
+};
+
 // What a plan event is: an expert loaded on a stall, loaded by a prefetch, or evicted.
 enum EventKind : int64_t { kStallLoad = 0, kPrefetchLoad = 1, kEviction = 2 };
 
@@ -91,8 +103,8 @@ struct Scratch {
 class Layer {
  public:
   Layer(const PredictState& s, const PredictParams& c, const PredictToken& t, int64_t l,
-        Scratch& w)
-      : s_(s), c_(c), t_(t), w_(w), l_(l), E_(s.experts), k_(s.top_k),
+        Scratch& w, Quotients& q)
+      : s_(s), c_(c), t_(t), w_(w), q_(q), l_(l), E_(s.experts), k_(s.top_k),
         ids_(t.ids + l * s.top_k), src_(l > 0 ? t.ids + (l - 1) * s.top_k : nullptr),
         last_(t.last_ids ? t.last_ids + l * s.top_k : nullptr) {}
 
@@ -130,6 +142,26 @@ class Layer {
   const double* table(const double* a, int64_t e) const { return a + (l_ * E_ + e) * E_; }
   double* table(double* a, int64_t e) const { return a + (l_ * E_ + e) * E_; }
 
+  // Row e of this layer's quotients of `tab` (counts its row sums), computed if dirty.
+  const double* quotients(std::vector<double>& q, std::vector<char>& dirty, const double* tab,
+                          const double* counts, int64_t e) const {
+    double* out = q.data() + (l_ * E_ + e) * E_;
+    char& stale = dirty[l_ * E_ + e];
+    if (stale) {
+      const double* t = table(tab, e);
+      const double den = std::max(row(counts)[e], kTiny);
+      for (int64_t f = 0; f < E_; ++f) out[f] = t[f] / den;
+      stale = 0;
+    }
+    return out;
+  }
+  const double* prev_row(int64_t e) const {
+    return quotients(q_.prev, q_.prev_dirty, s_.prev, s_.prev_n, e);
+  }
+  const double* cross_row(int64_t e) const {
+    return quotients(q_.cross, q_.cross_dirty, s_.cross, s_.cross_n, e);
+  }
+
   // Bucket of the pair (a, b) of experts: the triangular index, hashed when the table holds
   // fewer buckets than pairs (the twin's `pair_index`).
   int64_t pair_index(int64_t a, int64_t b) const {
@@ -140,14 +172,13 @@ class Layer {
     return index;
   }
 
-  // `table_scores` of one layer: (sum over j of table[src_j] / counts[src_j]) * (1 / k).
-  void table_scores(const double* tab, const double* counts, const int64_t* src,
-                    double* out) const {
+  // `table_scores` of the previous-token table, one layer: (sum over j of prev[src_j] /
+  // prev_n[src_j]) * (1 / k).
+  void table_scores(const int64_t* src, double* out) const {
     std::fill(out, out + E_, 0.0);  // 0 + x is x: numpy's sum starts from the first term
     for (int64_t j = 0; j < k_; ++j) {
-      const double* t = table(tab, src[j]);
-      const double den = std::max(row(counts)[src[j]], kTiny);
-      for (int64_t f = 0; f < E_; ++f) out[f] += t[f] / den;
+      const double* q = prev_row(src[j]);
+      for (int64_t f = 0; f < E_; ++f) out[f] += q[f];
     }
     const double inv = 1.0 / static_cast<double>(k_);
     for (int64_t f = 0; f < E_; ++f) out[f] *= inv;
@@ -156,9 +187,8 @@ class Layer {
   // `cross_scores` of one layer l >= 1 from the routing of layer l - 1; cond: [k, E] scratch.
   void cross_scores(double* out, std::vector<double>& cond) const {
     for (int64_t j = 0; j < k_; ++j) {
-      const double* t = table(s_.cross, src_[j]);
-      const double den = std::max(row(s_.cross_n)[src_[j]], kTiny);
-      for (int64_t f = 0; f < E_; ++f) cond[j * E_ + f] = t[f] / den;
+      const double* q = cross_row(src_[j]);
+      std::copy(q, q + E_, cond.begin() + j * E_);
     }
     std::fill(out, out + E_, 0.0);
     if (s_.buckets == 0) {  // mean over the k source experts
@@ -203,8 +233,11 @@ class Layer {
       const int32_t u = static_cast<int32_t>(ids_[j]);
       const float vu = v[u];
       if (seen_before(ids_, j) || !(vu > 0.0f)) continue;
-      int32_t ahead = 0;  // higher scores, and equal ones of lower ids (one loop: it vectorizes)
-      for (int32_t e = 0; e < E; ++e) ahead += (v[e] > vu) | ((v[e] == vu) & (e < u));
+      // higher scores, and equal ones of lower ids: below u, v >= vu; above u, v > vu (two
+      // loops without an index compare: they vectorize)
+      int32_t ahead = 0;
+      for (int32_t e = 0; e < u; ++e) ahead += v[e] >= vu;
+      for (int32_t e = u + 1; e < E; ++e) ahead += v[e] > vu;
       hits += ahead < k_;
     }
     const int64_t at = index * s_.layers + l_;
@@ -224,7 +257,7 @@ class Layer {
     }
     guess(2, aff);
     if (last_) {
-      table_scores(s_.prev, s_.prev_n, last_, scratch.data());
+      table_scores(last_, scratch.data());
       guess(1, scratch.data());
       if (c_.previous_weight > 0) {
         for (int64_t f = 0; f < E_; ++f) p[f] += c_.previous_weight * scratch[f];
@@ -259,7 +292,7 @@ class Layer {
     double next = 0.0;
     if (c_.victim_next_weight != 0.0)
       for (int64_t e = 0; e < E_; ++e)
-        if (p[e] != 0.0) next += p[e] * (table(s_.prev, e)[f] / std::max(row(s_.prev_n)[e], kTiny));
+        if (p[e] != 0.0) next += p[e] * prev_row(e)[f];
     return next;
   }
 
@@ -277,9 +310,8 @@ class Layer {
     if (c_.victim_next_weight != 0.0) {
       for (int64_t e = 0; e < E_; ++e) {
         if (p[e] == 0.0) continue;
-        const double* t = table(s_.prev, e);
-        const double den = std::max(row(s_.prev_n)[e], kTiny);
-        for (size_t i = 0; i < n; ++i) next[i] += p[e] * (t[list[i]] / den);
+        const double* q = prev_row(e);
+        for (size_t i = 0; i < n; ++i) next[i] += p[e] * q[list[i]];
       }
     }
     for (size_t i = 0; i < n; ++i) {
@@ -417,7 +449,7 @@ class Layer {
 
   // The twin's `keep_scores` of this layer.
   void keep_scores(std::vector<double>& nxt, std::vector<double>& keep) const {
-    table_scores(s_.prev, s_.prev_n, ids_, nxt.data());
+    table_scores(ids_, nxt.data());
     const double* aff = row(s_.affinity);
     const double* touch = row(s_.touch);
     const double clock = static_cast<double>(std::max<int64_t>(t_.clock, 1));
@@ -427,19 +459,26 @@ class Layer {
   }
 
   // Adds `inc` to table[l, a, b] for each distinct (a in src, b in ids), and to counts[l, a]
-  // for each distinct a: numpy's fancy `+=` adds once per distinct index.
-  void learn_table(double* tab, double* counts, const int64_t* src, double inc) {
+  // for each distinct a: numpy's fancy `+=` adds once per distinct index. The rows learned
+  // are marked in `dirty` (their quotients change); used: this token's distinct ids.
+  void learn_table(double* tab, double* counts, const int64_t* src, double inc,
+                   std::vector<char>& dirty, const std::vector<int64_t>& used) {
     for (int64_t i = 0; i < k_; ++i) {
       if (seen_before(src, i)) continue;
-      for (int64_t j = 0; j < k_; ++j)
-        if (!seen_before(ids_, j)) table(tab, src[i])[ids_[j]] += inc;
+      double* t = table(tab, src[i]);
+      for (int64_t e : used) t[e] += inc;
       row(counts)[src[i]] += inc;
+      dirty[l_ * E_ + src[i]] = 1;
     }
   }
 
   void learn() {
+    std::vector<int64_t>& used = w_.hot_list;  // this token's distinct ids (free after access)
+    used.clear();
+    for (int64_t j = 0; j < k_; ++j)
+      if (!seen_before(ids_, j)) used.push_back(ids_[j]);
     if (l_ > 0) {
-      learn_table(s_.cross, s_.cross_n, src_, t_.next_scale);
+      learn_table(s_.cross, s_.cross_n, src_, t_.next_scale, q_.cross_dirty, used);
       if (s_.buckets) {
         std::vector<int64_t>& buckets = w_.buckets;
         buckets.clear();
@@ -448,28 +487,28 @@ class Layer {
         for (size_t i = 0; i < buckets.size(); ++i) {
           if (seen_before(buckets.data(), static_cast<int64_t>(i))) continue;  // hashed pairs collide
           double* num = s_.pair + (l_ * s_.buckets + buckets[i]) * E_;
-          for (int64_t j = 0; j < k_; ++j)
-            if (!seen_before(ids_, j)) num[ids_[j]] += t_.next_scale;
+          for (int64_t e : used) num[e] += t_.next_scale;
           s_.pair_n[l_ * s_.buckets + buckets[i]] += t_.next_scale;
         }
       }
     }
-    if (last_) learn_table(s_.prev, s_.prev_n, last_, t_.next_prev_scale);
+    if (last_) learn_table(s_.prev, s_.prev_n, last_, t_.next_prev_scale, q_.prev_dirty, used);
     if (t_.next_scale > 1e200) {  // the lazy decay's rescale, this layer's rows
+      std::fill_n(q_.cross_dirty.begin() + l_ * E_, E_, 1);
       divide(s_.cross + l_ * E_ * E_, E_ * E_, t_.next_scale);
       divide(row(s_.cross_n), E_, t_.next_scale);
       divide(s_.pair + l_ * s_.buckets * E_, s_.buckets * E_, t_.next_scale);
       divide(s_.pair_n + l_ * s_.buckets, s_.buckets, t_.next_scale);
     }
     if (t_.next_prev_scale > 1e200) {
+      std::fill_n(q_.prev_dirty.begin() + l_ * E_, E_, 1);
       divide(s_.prev + l_ * E_ * E_, E_ * E_, t_.next_prev_scale);
       divide(row(s_.prev_n), E_, t_.next_prev_scale);
     }
     double* aff = row(s_.affinity);
     for (int64_t f = 0; f < E_; ++f) aff[f] *= c_.affinity_decay;
     const double boost = 1.0 - c_.affinity_decay;
-    for (int64_t j = 0; j < k_; ++j)
-      if (!seen_before(ids_, j)) aff[ids_[j]] += boost;
+    for (int64_t e : used) aff[e] += boost;
   }
 
   static void divide(double* a, int64_t n, double by) {
@@ -480,6 +519,7 @@ class Layer {
   const PredictParams& c_;
   const PredictToken& t_;
   Scratch& w_;
+  Quotients& q_;
   const int64_t l_, E_, k_;
   const int64_t *ids_, *src_, *last_;
 };
@@ -504,7 +544,8 @@ struct PredictClock {
 };
 
 // The kernel of one PredictiveCaches: its state and parameters, checked once by the binding,
-// and the scratch buffers its steps reuse. One token without hints per step: predictions,
+// the scratch buffers its steps reuse, and the tables' quotients (Quotients: 2 L E^2 doubles,
+// as much again as the two tables; valid while only this kernel writes the tables). One token without hints per step: predictions,
 // prefetches, accesses and learning of every layer, the state updated in place exactly as the
 // twin (moeray/native/_reference/predict.py) does. Calls on one kernel run one at a time (the
 // binding holds `mutex`).
@@ -517,11 +558,11 @@ struct PredictClock {
 class PredictKernel {
  public:
   PredictKernel(const PredictState& s, const PredictParams& c)
-      : s_(s), c_(c), scratch_(s.experts, s.top_k) {}
+      : s_(s), c_(c), scratch_(s.experts, s.top_k), quotients_(s.layers, s.experts) {}
 
   void step(const PredictToken& t) {
     scratch_.events = nullptr;
-    for (int64_t l = 0; l < s_.layers; ++l) predict_detail::Layer(s_, c_, t, l, scratch_).run();
+    for (int64_t l = 0; l < s_.layers; ++l) predict_detail::Layer(s_, c_, t, l, scratch_, quotients_).run();
   }
 
   // A whole window: ids int64 [T, L, k]; new_sequence [T] (null: none starts a sequence);
@@ -543,7 +584,7 @@ class PredictKernel {
       t.next_scale = clock.scale;
       t.next_prev_scale = clock.prev_scale;
       for (int64_t l = 0; l < s_.layers; ++l)
-        predict_detail::Layer(s_, c_, t, l, scratch_).run();
+        predict_detail::Layer(s_, c_, t, l, scratch_, quotients_).run();
       if (clock.scale > 1e200) clock.scale = 1.0;  // the layers divided the tables by it
       if (clock.prev_scale > 1e200) clock.prev_scale = 1.0;
     }
@@ -567,7 +608,7 @@ class PredictKernel {
     for (int64_t b = 0; b < batch_.tokens; ++b) {
       const PredictToken t = token(b);
       scratch_.token = b;
-      predict_detail::Layer layer(s_, c_, t, l, scratch_);
+      predict_detail::Layer layer(s_, c_, t, l, scratch_, quotients_);
       if (!(ahead_token_ == 0 && b == 0)) layer.ahead();
       layer.serve();
     }
@@ -576,7 +617,7 @@ class PredictKernel {
     if (l + 1 < s_.layers && batch_.tokens > 0) {
       scratch_.token = 0;
       const PredictToken t = token(0);
-      predict_detail::Layer(s_, c_, t, l + 1, scratch_).ahead();
+      predict_detail::Layer(s_, c_, t, l + 1, scratch_, quotients_).ahead();
       ahead_token_ = 0;
     }
     scratch_.events = nullptr;
@@ -611,6 +652,7 @@ class PredictKernel {
   const PredictState s_;
   const PredictParams c_;
   predict_detail::Scratch scratch_;
+  predict_detail::Quotients quotients_;
   PredictBatch batch_;
   std::vector<int64_t> events_;
   bool batch_open_ = false, record_ = false;
