@@ -237,7 +237,7 @@ class PrefetchNode:
                 self._server.close()
                 self._server = None
             self._freer.close()
-            self._cores = []
+            self._cores.clear()  # the freer shares the list: the mappings go with the cores
             self._store.close()
 
     # ------------------------------------------------------------------ internals
