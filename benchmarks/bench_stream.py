@@ -168,42 +168,51 @@ def main(argv=None) -> int:
     need_ms = requested / bandwidth * 1e3
     window_ms = 2 * args.compute_ms
     bound = min(1.0, window_ms / need_ms) if need_ms else 1.0
+    printed = []
+
+    def out(text: str = "") -> None:
+        print(text)
+        printed.append(text)
+
     core = "native" if IS_NATIVE else "pure-Python"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"bench_stream at {result['commit']} ({core} core, {os.cpu_count()} CPUs, load {load})")
-    print()
-    print(
+    out(f"bench_stream at {result['commit']} ({core} core, {os.cpu_count()} CPUs, load {load})")
+    out()
+    out(
         f"route-to-prefetch-start, {len(messages)} plans of the moeray policy, one per "
         f"{args.interval_us:g} us:"
     )
-    print(f"{'path':<22}{'messages':>10}{'p50':>12}{'p99':>12}{'max':>12}")
+    out(f"{'path':<22}{'messages':>10}{'p50':>12}{'p99':>12}{'max':>12}")
     for r in rows:
         times = "".join(f"{_time(r[key]):>12}" for key in ("p50_us", "p99_us", "max_us"))
-        print(f"{r['path']:<22}{r['messages']:>10,}{times}")
+        out(f"{r['path']:<22}{r['messages']:>10,}{times}")
     socket_row = rows[0]
     goal = socket_row["p50_us"] <= 200 and socket_row["p99_us"] <= 2000
-    print(f"goal: socket p50 <= 200 us, p99 <= 2 ms: {'met' if goal else 'NOT met'}")
-    print()
-    print("\n".join(format_report(report)))
-    print()
+    out(f"goal: socket p50 <= 200 us, p99 <= 2 ms: {'met' if goal else 'NOT met'}")
+    out()
+    out("\n".join(format_report(report)))
+    out()
     in_time = u.prefetched_in_time or 0.0
-    print(f"{'paced at ' + format(args.compute_ms, 'g') + ' ms per layer':<44}{'value':>14}")
-    print(f"{'used prefetched experts resident before use':<44}{100 * in_time:>12.1f} %")
-    print(f"{'  late (not resident at use)':<44}{u.late_prefetches:>9} of {u.prefetched}")
+    out(f"{'paced at ' + format(args.compute_ms, 'g') + ' ms per layer':<44}{'value':>14}")
+    out(f"{'used prefetched experts resident before use':<44}{100 * in_time:>12.1f} %")
+    out(f"{'  late (not resident at use)':<44}{u.late_prefetches:>9} of {u.prefetched}")
     loads = u.loaded_resident / u.loaded if u.loaded else 0.0
-    print(f"{'layer loads (stalls) resident at use':<44}{100 * loads:>12.1f} %")
-    print(
+    out(f"{'layer loads (stalls) resident at use':<44}{100 * loads:>12.1f} %")
+    out(
         f"{'cold read bandwidth (' + f'{total / 2**20:.0f} MiB, one expert at a time)':<44}"
         f"{bandwidth / 2**20:>8,.0f} MiB/s"
     )
-    print(f"{'bytes paged in per layer (mean)':<44}{requested / 1024:>10,.0f} KiB")
-    print(f"{'  their time at that bandwidth':<44}{need_ms:>11.2f} ms")
-    print(
+    out(f"{'bytes paged in per layer (mean)':<44}{requested / 1024:>10,.0f} KiB")
+    out(f"{'  their time at that bandwidth':<44}{need_ms:>11.2f} ms")
+    out(
         f"{'physical bound (time a prefetch has: ' + f'{window_ms:g} ms)':<44}"
         f"{100 * bound:>12.1f} %"
     )
-    print(f"goal: >= 90 % resident before use: {'met' if in_time >= 0.9 else 'NOT met'}")
+    out(f"goal: >= 90 % resident before use: {'met' if in_time >= 0.9 else 'NOT met'}")
     result.update(
+        command="python benchmarks/bench_stream.py " + " ".join(argv or sys.argv[1:]),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        printed=printed,
         cpus=os.cpu_count(),
         load_average=os.getloadavg(),
         latency=rows,
