@@ -229,12 +229,17 @@ def _packed(weight: np.ndarray, topology: Topology, filled: int) -> np.ndarray:
     num_slots = gpus * -(-filled // gpus)
     experts, _, counts = backend._replicate(weight, filled)
     share = np.take_along_axis(weight / counts.astype(np.float32), experts, -1)
+    items = labels = experts
     empty = num_slots - filled
-    items = np.concatenate([experts, np.full((rows, empty), -1, dtype=np.int32)], axis=1)
-    share = np.concatenate([share, np.zeros((rows, empty), dtype=np.float32)], axis=1)
-    labels = items.copy()
-    labels[:, filled:] = num_experts + np.arange(empty, dtype=np.int32)  # each empty its own
+    if empty:  # zero-weight items, each its own label, hold the empty slots
+        items = np.concatenate([experts, np.full((rows, empty), -1, dtype=np.int32)], axis=1)
+        share = np.concatenate([share, np.zeros((rows, empty), dtype=np.float32)], axis=1)
+        labels = items.copy()
+        labels[:, filled:] = num_experts + np.arange(empty, dtype=np.int32)
     gpu, rank = backend._pack(np.ascontiguousarray(share, dtype=np.float32), gpus, labels)
-    table = np.full((rows, topology.num_slots), -1, dtype=np.int32)
+    if num_slots == topology.num_slots:
+        table = np.empty_like(items)
+    else:
+        table = np.full((rows, topology.num_slots), -1, dtype=np.int32)
     table[np.arange(rows)[:, None], gpu * topology.slots_per_gpu + rank] = items
     return table
