@@ -319,6 +319,13 @@ class ServiceHandle:
     def layer_actor_handles(self) -> list:
         return self._call("layer_actor_handles")
 
+    def predictor_tables(self) -> list[tuple[int, dict]]:
+        """Every layer actor's learned tables of the predictive policy (``LayerCaches.tables``:
+        (first layer, tables)), learned from every client's routing: what
+        ``EngineSession.attach(handle, warm=True)`` starts from. Empty for a demand policy."""
+        refs = [_ray.call_async(actor.tables) for actor in self.layer_actor_handles()]
+        return [tables for tables in _ray.get(refs) if tables is not None]
+
     def layer_actor_resources(self) -> list[str | None]:
         """The node resource each layer actor is pinned to now (after any re-placement)."""
         return self._call("layer_actor_resources")

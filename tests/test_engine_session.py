@@ -269,3 +269,28 @@ def test_the_coordinator_versions_its_engine_updates(trace):
             assert update.version == versions[-1] + 1 and sum(update.capacity) == 8 * 24
             versions.append(update.version)
     assert coordinator.stats().resplit_moved > 0 and len(versions) > 1
+
+
+def test_a_session_that_takes_learned_tables_starts_warm(trace):
+    """Tables round-trip, and a session that starts from another's stalls less than a cold one
+    on the tokens after."""
+    config = service_config_for(trace, ReplayConfig(capacity=8), "moeray")
+    teacher = EngineSession(config)
+    route_trace(teacher, trace, batch=1, end=400)
+    warm, cold = EngineSession(config), EngineSession(config)
+    warm.load_tables(teacher.tables())
+    for name, value in teacher.tables().items():
+        np.testing.assert_allclose(warm.tables()[name], value, rtol=1e-12, err_msg=name)
+    for session in (warm, cold):
+        route_trace(session, trace, batch=1, begin=400, end=500)
+    stalls = [sum(c["stalls"] for c in s.stats()) for s in (warm, cold)]
+    assert stalls[0] < stalls[1]
+    assert warm.loaded_tables == [(0, 0)]
+    bad = teacher.tables() | {"cross": np.full((24, 32, 31), 1.0)}
+    with pytest.raises(ValueError, match="tables: cross: expected"):
+        cold.load_tables(bad)
+    with pytest.raises(ValueError, match="learns no tables"):
+        session_for(trace, "lru").load_tables(teacher.tables())
+    cold.route(0, trace.expert_ids[:1, 0])
+    with pytest.raises(ValueError, match="between batches"):
+        cold.load_tables(teacher.tables())

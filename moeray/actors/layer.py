@@ -160,6 +160,14 @@ class LayerCaches:
     def layers(self) -> list[int]:
         return list(self._layers)
 
+    def tables(self) -> tuple[int, dict] | None:
+        """(first hosted layer, the predictive policy's learned tables of the hosted layers:
+        ``PredictiveCaches.tables``), what an engine session joining the service starts from;
+        None for a demand policy or before the first window."""
+        tables = getattr(self._policy, "tables", None)
+        learned = tables() if tables is not None else None
+        return None if learned is None else (self._layers[0], learned)
+
     def applied(self) -> dict[int, int]:
         """layer -> number of the last window applied."""
         return dict(self._applied)

@@ -117,12 +117,37 @@ class EngineSession:
         # makes the decisions reproducible
         self.applied_updates: deque[tuple[int, EngineUpdate]] = deque(maxlen=10_000)
         self.refused_updates = 0
+        self.loaded_tables: list[tuple[int, int]] = []  # (batch number, first layer) of loads
 
     @classmethod
-    def attach(cls, handle, **link_options) -> EngineSession:
+    def attach(cls, handle, warm: bool = True, **link_options) -> EngineSession:
         """A session on a running service's configuration (``handle.config``) that reports its
-        routing to it and takes its updates (``ServiceLink``'s options)."""
-        return cls(handle.config, link=ServiceLink(handle, **link_options))
+        routing to it and takes its updates (``ServiceLink``'s options). warm: a predictive
+        policy starts from the tables the service's layer actors learned from every engine
+        (``handle.predictor_tables()``) instead of empty ones."""
+        session = cls(handle.config)
+        if warm and session._predictive:
+            for first_layer, tables in handle.predictor_tables():
+                session.load_tables(tables, first_layer)
+        session._link = ServiceLink(handle, **link_options)
+        return session
+
+    def load_tables(self, tables: dict, first_layer: int = 0) -> None:
+        """Starts the predictive policy's predictors of layers first_layer.. from ``tables``
+        (``PredictiveCaches.tables``' form: a service's, or another session's ``tables()``),
+        between batches. ValueError for a demand policy, in a batch, or for bad tables."""
+        if not self._predictive:
+            raise ValueError(f"tables: the {self.config.policy!r} policy learns no tables")
+        if self._batch is not None:
+            raise ValueError("tables: a batch is being routed; load tables between batches")
+        self._caches.load_tables(tables, first_layer)
+        self.loaded_tables.append((self.batches, first_layer))
+
+    def tables(self) -> dict:
+        """The predictive policy's learned tables, every layer (``load_tables``' form)."""
+        if not self._predictive:
+            raise ValueError(f"tables: the {self.config.policy!r} policy learns no tables")
+        return self._caches.tables()
 
     @property
     def link(self):

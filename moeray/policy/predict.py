@@ -404,6 +404,60 @@ class PredictiveCaches:
             self._twin_kernel.flush()
         return self._stats
 
+    # ------------------------------------------------------------------ learned tables
+
+    def tables(self, layers: slice = slice(None)) -> dict[str, np.ndarray]:
+        """What the predictors learned, for rows ``layers`` (default all): the cross-layer,
+        pair and previous-token tables and counts as decayed counts (the lazy scale divided
+        out) and the affinity rows; copies. A session that loads them (``load_tables``)
+        predicts from the first token as this one does now."""
+        self._refuse_in_batch("tables")
+        return {
+            "cross": self._cross[layers] / self._scale,
+            "cross_n": self._cross_n[layers] / self._scale,
+            "pair": self._pair[layers] / self._scale,
+            "pair_n": self._pair_n[layers] / self._scale,
+            "prev": self._prev[layers] / self._prev_scale,
+            "prev_n": self._prev_n[layers] / self._prev_scale,
+            "affinity": self._affinity[layers].copy(),
+        }
+
+    def load_tables(self, tables: dict[str, np.ndarray], first_layer: int = 0) -> None:
+        """Replaces the learned tables of rows first_layer .. first_layer + n - 1 by ``tables``
+        (``tables()``'s form, n rows each); hot sets and counters stay. ValueError naming the
+        table when a shape or value is wrong (nothing changes then)."""
+        self._refuse_in_batch("load_tables")
+        targets = {
+            "cross": (self._cross, self._scale),
+            "cross_n": (self._cross_n, self._scale),
+            "pair": (self._pair, self._scale),
+            "pair_n": (self._pair_n, self._scale),
+            "prev": (self._prev, self._prev_scale),
+            "prev_n": (self._prev_n, self._prev_scale),
+            "affinity": (self._affinity, 1.0),
+        }
+        if not isinstance(tables, dict) or set(tables) != set(targets):
+            raise ValueError(f"tables: expected the keys {sorted(targets)}")
+        check_int(first_layer, "first_layer", 0, self.num_layers - 1)
+        checked = {}
+        for name, (target, _) in targets.items():
+            value = np.asarray(tables[name], dtype=np.float64)
+            rows = len(value) if value.ndim else 0
+            if value.shape[1:] != target.shape[1:] or not 1 <= rows <= len(target) - first_layer:
+                raise ValueError(
+                    f"tables: {name}: expected [rows, {', '.join(map(str, target.shape[1:]))}] "
+                    f"from layer {first_layer}, got {value.shape}"
+                )
+            if not np.isfinite(value).all() or (value < 0).any():
+                raise ValueError(f"tables: {name}: expected finite counts >= 0")
+            checked[name] = value
+        if len({len(v) for v in checked.values()}) != 1:
+            raise ValueError("tables: expected the same number of layers in every table")
+        for name, (target, scale) in targets.items():
+            value = checked[name]
+            target[first_layer : first_layer + len(value)] = value * scale
+        self._drop_kernels()  # the native kernel caches the tables' quotients
+
     def hot_set(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Layer ``layer``'s hot experts now and, of those, the ones prefetched and not used
         yet (int64 ids, ascending): what shard residency follows."""

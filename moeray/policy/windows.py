@@ -325,6 +325,13 @@ class PredictiveWindows:
             return [(np.zeros(0, np.int64),) * 2 for _ in self._layers]
         return [self._caches.hot_set(self._skip + i) for i in range(len(self._layers))]
 
+    def tables(self) -> dict[str, np.ndarray] | None:
+        """The hosted layers' learned tables (``PredictiveCaches.tables``), None before the
+        first window."""
+        if self._caches is None:
+            return None
+        return self._caches.tables(slice(self._skip, self._skip + len(self._layers)))
+
 
 def _counters(caches: PredictiveCaches) -> dict[str, np.ndarray]:
     stats = caches.stats
