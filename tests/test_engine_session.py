@@ -170,6 +170,9 @@ class FakeService:
         assert expert_ids.shape[0] == self.config.num_layers and seq_starts.dtype == bool
         self.tokens += expert_ids.shape[1]
 
+    def predictor_tables(self):
+        return []  # a service that learned nothing yet
+
     def engine_update(self, after_version):
         if self.fail:
             raise RuntimeError("service gone")
