@@ -63,6 +63,7 @@ _KERNEL_WEIGHTS = (
 # The kinds of a plan event (``PredictiveCaches.take_events``), in the order of their codes.
 PLAN_EVENT_KINDS = twin.EVENT_KINDS
 _EVICTION = PLAN_EVENT_KINDS.index("eviction")
+_INT64 = np.dtype(np.int64)
 # Most entries of one pair table (float64; 64 MiB): beyond it pairs share hashed buckets.
 PAIR_TABLE_ENTRIES = 2**23
 
@@ -697,39 +698,27 @@ class PredictiveCaches:
         if not self._kernel_decides():
             raise ValueError("open_batch: this class values victims its own way (step only)")
         st = self._stats
-        hot = self._hot.copy() if record else None
+        hot = self._hot.copy() if record and self._due else None
         for plan in self._due:  # a re-split is part of the batch's first token
             self.set_capacity(plan.capacity)
             st.resplit_moved += plan.moved
         self._due = []
         self._batch_events = None
-        if record:
+        if hot is not None:
             layer, expert = np.nonzero(hot & ~self._hot)  # evicted by the re-split
             self._batch_events = np.stack(
                 [np.zeros_like(layer), layer, expert, np.full_like(layer, _EVICTION)], axis=1
             ).astype(np.int64)
-        B = len(starts)
-        clock = np.empty(B, dtype=np.int64)
-        scales = np.empty((3, B))
-        for b in range(B):  # step's arithmetic, token by token
-            self._clock += 1
-            clock[b] = self._clock
-            scales[0, b] = self._scale
-            self._scale /= self.config.transition_decay
-            self._prev_scale /= self.config.previous_decay
-            scales[1, b], scales[2, b] = self._scale, self._prev_scale
-            if self._scale > 1e200:  # the kernel divides the tables by it at this token
-                self._scale = 1.0
-            if self._prev_scale > 1e200:
-                self._prev_scale = 1.0
         kernel = self._kernel() if self._native else self._twin()
-        kernel.open_batch(
+        cfg = self.config
+        self._clock, self._scale, self._prev_scale = kernel.open_batch(
             self._last_ids,
-            np.ascontiguousarray(starts),
-            clock,
-            scales[0].copy(),
-            scales[1].copy(),
-            scales[2].copy(),
+            starts if starts.flags.c_contiguous else starts.copy(),
+            self._clock,
+            self._scale,
+            self._prev_scale,
+            cfg.transition_decay,
+            cfg.previous_decay,
             record,
         )
         self._batch_kernel = kernel
@@ -742,14 +731,17 @@ class PredictiveCaches:
         predictions and prefetches for the batch's first token, which need only this layer's
         routing: the prefetch an engine can start now (``hot_set(layer + 1)``, or the events
         of ``take_events``). A layer out of order is a ValueError; nothing changes then."""
-        if self._batch_kernel is None:
+        kernel = self._batch_kernel
+        if kernel is None:
             raise ValueError("layer: no batch is open (open_batch first)")
-        ids = np.asarray(ids)
-        if ids.dtype.kind not in "iu":
-            raise ValueError(f"ids: expected integers [tokens, {self.top_k}], got {ids.dtype}")
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        self._batch_kernel.serve_layer(layer, ids)
-        self._batch_layers.append(ids)
+        if not (type(ids) is np.ndarray and ids.dtype == _INT64 and ids.flags.c_contiguous):
+            ids = np.asarray(ids)
+            if ids.dtype.kind not in "iu":
+                raise ValueError(f"ids: expected integers [tokens, {self.top_k}], got {ids.dtype}")
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+        kernel.serve_layer(layer, ids)
+        if self._split is not None:  # observed at close_batch; the caller may reuse its buffer
+            self._batch_layers.append(ids.copy())
 
     def take_events(self) -> np.ndarray:
         """The plan events of the open batch (recorded: ``open_batch(record=True)``) since the
@@ -769,11 +761,10 @@ class PredictiveCaches:
         previous token of the next; with ``config.split``, the split observes its routing."""
         if self._batch_kernel is None:
             raise ValueError("close_batch: no batch is open")
-        self._batch_kernel.close_batch()
+        self._last_ids = self._batch_kernel.close_batch()
         self._batch_kernel = None
         self._batch_events = None
         layers, self._batch_layers = self._batch_layers, []
-        self._last_ids = np.stack([ids[-1] for ids in layers])
         if self._split is not None:
             self._due += self._split.observe(np.stack(layers, axis=1))
 

@@ -271,65 +271,55 @@ class _PredictKernel:
             check_array(new_sequence, "new_sequence", "bool", (T,), "")
         if last_ids is not None:
             last_ids = self._token(last_ids, "last_ids")
-        clock = check_int(clock, "clock", 0, _INT64_MAX - T, "an int >= 0")
-        scale, prev_scale = _check_scale(scale, "scale"), _check_scale(prev_scale, "prev_scale")
-        for name, decay in (
-            ("transition_decay", transition_decay),
-            ("previous_decay", previous_decay),
-        ):
-            if not 0.0 < decay < 1.0:
-                raise ValueError(f"{name}: expected a float in (0, 1)")
+        clock = _Clock(clock, T, scale, prev_scale, transition_decay, previous_decay)
         if self._batch is not None:
             raise ValueError("run_window: a batch is open (close_batch first)")
         for t in range(T):
             before = ids[t - 1] if t else last_ids
             last = None if new_sequence is not None and new_sequence[t] else before
-            clock += 1
-            next_scale, prev_scale = scale / transition_decay, prev_scale / previous_decay
+            token_clock, scale, next_scale, next_prev_scale = clock.advance()
             p = predict(self, ids[t], last, scale)
-            serve(self, p, ids[t], last, clock, next_scale, prev_scale)
-            scale = 1.0 if next_scale > 1e200 else next_scale
-            prev_scale = 1.0 if prev_scale > 1e200 else prev_scale
-        return clock, scale, prev_scale
+            serve(self, p, ids[t], last, token_clock, next_scale, next_prev_scale)
+        return clock.state()
 
     # -------------------------------------------------------------- a batch, layer by layer
 
     def open_batch(
-        self, last_ids, new_sequence, clock, scale, next_scale, next_prev_scale, record
-    ) -> None:
+        self,
+        last_ids,
+        new_sequence,
+        clock,
+        scale,
+        prev_scale,
+        transition_decay,
+        previous_decay,
+        record,
+    ) -> tuple[int, float, float]:
         """Opens a batch of B tokens served layer by layer: last_ids int64 [L, top_k] the
-        token's before the batch (None: none); new_sequence bool [B]; clock int64 [B] (each
-        >= 1), scale, next_scale, next_prev_scale float64 [B] (finite, > 0): each token's, as
-        ``step`` takes them; record: keep the plan events for ``take_events``."""
+        token's before the batch (None: none); new_sequence bool [B]; clock, scale,
+        prev_scale, transition_decay, previous_decay as ``run_window`` takes them, each
+        token's clock and scales advanced as steps advance them; record: keep the plan events
+        for ``take_events``. Returns (clock, scale, prev_scale) after the batch's tokens."""
         if not isinstance(new_sequence, np.ndarray) or new_sequence.ndim != 1:
             raise ValueError("new_sequence: expected a numpy bool array [tokens]")
         B = len(new_sequence)
         check_array(new_sequence, "new_sequence", "bool", (B,), "")
         if B < 1:
             raise ValueError("new_sequence: expected at least one token, got 0")
-        check_array(clock, "clock", "int64", (B,), "")
-        for name, value in (
-            ("scale", scale),
-            ("next_scale", next_scale),
-            ("next_prev_scale", next_prev_scale),
-        ):
-            check_array(value, name, "float64", (B,), "")
-            for x in value:
-                _check_scale(x, name)
-        if clock.min() < 1:
-            raise ValueError(f"clock: expected ints >= 1, got {clock.min()}")
         if last_ids is not None:
             last_ids = self._token(last_ids, "last_ids").copy()
+        clock = _Clock(clock, B, scale, prev_scale, transition_decay, previous_decay)
+        if self._batch is not None:
+            raise ValueError("open_batch: a batch is open (close_batch first)")
+        tokens = [clock.advance() for _ in range(B)]
         self._batch = _Batch(
             np.zeros((B, self.layers, self.top_k), dtype=np.int64),
             last_ids,
             new_sequence.copy(),
-            clock.tolist(),
-            scale.tolist(),
-            next_scale.tolist(),
-            next_prev_scale.tolist(),
+            *(list(column) for column in zip(*tokens)),
         )
         self._events = [] if record else None
+        return clock.state()
 
     def serve_layer(self, layer, ids) -> None:
         """Layer ``layer`` (the next in order, from 0) of every token of the open batch: ids
@@ -376,8 +366,9 @@ class _PredictKernel:
             self._events = []
         return out
 
-    def close_batch(self) -> None:
-        """Closes the open batch (every layer served)."""
+    def close_batch(self) -> np.ndarray:
+        """Closes the open batch (every layer served); returns its last token's ids int64 [L,
+        top_k]."""
         if self._batch is None:
             raise ValueError("close_batch: no batch is open")
         if self._batch.next_layer < self.layers:
@@ -385,7 +376,8 @@ class _PredictKernel:
                 f"close_batch: layers {self._batch.next_layer}..{self.layers - 1} of the batch "
                 "not served"
             )
-        self._batch = None
+        last, self._batch = self._batch.ids[-1].copy(), None
+        return last
 
     def _context(self, layer: int, b: int):
         """(src, last) of token b at ``layer``: its ids at layer - 1 (None at 0) and the token
@@ -691,6 +683,40 @@ def serve(
 
 
 # ---------------------------------------------------------------------- one layer of one token
+
+
+class _Clock:
+    """The lazy-decay state of ``PredictiveCaches`` (clock, scale, prev_scale) and its decays,
+    checked for ``tokens`` tokens; ``advance`` moves it one token as ``step`` does."""
+
+    def __init__(self, clock, tokens, scale, prev_scale, transition_decay, previous_decay):
+        self.clock = check_int(clock, "clock", 0, _INT64_MAX - tokens, "an int >= 0")
+        self.scale = _check_scale(scale, "scale")
+        self.prev_scale = _check_scale(prev_scale, "prev_scale")
+        for name, decay in (
+            ("transition_decay", transition_decay),
+            ("previous_decay", previous_decay),
+        ):
+            if not 0.0 < decay < 1.0:
+                raise ValueError(f"{name}: expected a float in (0, 1)")
+        self.transition_decay, self.previous_decay = transition_decay, previous_decay
+
+    def advance(self) -> tuple[int, float, float, float]:
+        """One token: its clock, the tables' scale before it, and the scales its events add
+        (a scale past 1e200 restarts at 1 after the token: its learning divides by it)."""
+        self.clock += 1
+        scale = self.scale
+        self.scale /= self.transition_decay
+        self.prev_scale /= self.previous_decay
+        out = self.clock, scale, self.scale, self.prev_scale
+        if self.scale > 1e200:
+            self.scale = 1.0
+        if self.prev_scale > 1e200:
+            self.prev_scale = 1.0
+        return out
+
+    def state(self) -> tuple[int, float, float]:
+        return self.clock, self.scale, self.prev_scale
 
 
 class _Batch:

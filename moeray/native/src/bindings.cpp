@@ -594,48 +594,42 @@ py::array check_vector(const py::handle& obj, const char* name, const char* dtyp
   return check_array(obj, name, dtype, {n}, "");
 }
 
-void predict_kernel_open_batch(PredictKernelHandle& self, H last_ids_obj, H new_sequence_obj,
-                               H clock_obj, H scale_obj, H next_scale_obj,
-                               H next_prev_scale_obj, bool record) {
+// The lazy-decay state passed in (PredictiveCaches' clock and scales, its config's decays).
+moeray::PredictClock check_clock(H clock_obj, int64_t tokens, double scale, double prev_scale,
+                                 double transition_decay, double previous_decay) {
+  moeray::PredictClock clock{};
+  clock.clock = check_int(clock_obj, "clock", 0, INT64_MAX - tokens, "an int >= 0");
+  clock.scale = check_scale(scale, "scale");
+  clock.prev_scale = check_scale(prev_scale, "prev_scale");
+  if (!(transition_decay > 0.0 && transition_decay < 1.0))
+    throw py::value_error("transition_decay: expected a float in (0, 1)");
+  if (!(previous_decay > 0.0 && previous_decay < 1.0))
+    throw py::value_error("previous_decay: expected a float in (0, 1)");
+  clock.transition_decay = transition_decay;
+  clock.previous_decay = previous_decay;
+  return clock;
+}
+
+py::tuple predict_kernel_open_batch(PredictKernelHandle& self, H last_ids_obj,
+                                    H new_sequence_obj, H clock_obj, double scale,
+                                    double prev_scale, double transition_decay,
+                                    double previous_decay, bool record) {
   moeray::PredictKernel& kernel = self.kernel;
   const moeray::PredictState& s = kernel.state();
   const py::array starts = check_vector(new_sequence_obj, "new_sequence", "bool", -1);
   const int64_t B = starts.shape(0);
   if (B < 1) throw py::value_error("new_sequence: expected at least one token, got 0");
-  const py::array clock = check_vector(clock_obj, "clock", "int64", B);
-  const py::array scale = check_vector(scale_obj, "scale", "float64", B);
-  const py::array next_scale = check_vector(next_scale_obj, "next_scale", "float64", B);
-  const py::array next_prev = check_vector(next_prev_scale_obj, "next_prev_scale", "float64", B);
   std::vector<py::array> keep;
   const int64_t* last = last_ids_obj.is_none()
                             ? nullptr
                             : check_token_ids(last_ids_obj, "last_ids", s.layers, s.top_k,
                                               s.experts, keep);
-  const auto* c = static_cast<const int64_t*>(clock.data());
-  const auto* sc = static_cast<const double*>(scale.data());
-  const auto* ns = static_cast<const double*>(next_scale.data());
-  const auto* np_ = static_cast<const double*>(next_prev.data());
-  for (int64_t b = 0; b < B; ++b) {
-    if (c[b] < 1)
-      throw py::value_error("clock: expected ints >= 1, got " + std::to_string(c[b]));
-    check_scale(sc[b], "scale");
-    check_scale(ns[b], "next_scale");
-    check_scale(np_[b], "next_prev_scale");
-  }
-  Lock lock(kernel.mutex);
-  moeray::PredictBatch& batch = kernel.open_batch(record);
-  batch.tokens = B;
-  batch.ids.assign(B * s.layers * s.top_k, 0);
-  if (last)
-    batch.last_ids.assign(last, last + s.layers * s.top_k);
-  else
-    batch.last_ids.clear();
-  const auto* st = static_cast<const bool*>(starts.data());
-  batch.new_sequence.assign(st, st + B);
-  batch.clock.assign(c, c + B);
-  batch.scale.assign(sc, sc + B);
-  batch.next_scale.assign(ns, ns + B);
-  batch.next_prev_scale.assign(np_, np_ + B);
+  moeray::PredictClock clock =
+      check_clock(clock_obj, B, scale, prev_scale, transition_decay, previous_decay);
+  Lock lock(kernel.mutex);  // no wait: the kernel's calls release it before the GIL
+  if (kernel.batch_open()) throw py::value_error("open_batch: a batch is open (close_batch first)");
+  kernel.open_batch(B, static_cast<const bool*>(starts.data()), last, clock, record);
+  return py::make_tuple(clock.clock, clock.scale, clock.prev_scale);
 }
 
 // Why layer `layer` cannot be served now ("" when it can); under the kernel's mutex.
@@ -678,14 +672,18 @@ void predict_kernel_serve_layer(PredictKernelHandle& self, int64_t layer, H ids_
   if (!error.empty()) throw py::value_error(error);
 }
 
-void predict_kernel_close_batch(PredictKernelHandle& self) {
+py::array_t<int64_t> predict_kernel_close_batch(PredictKernelHandle& self) {
   moeray::PredictKernel& kernel = self.kernel;
+  const moeray::PredictState& s = kernel.state();
   Lock lock(kernel.mutex);
   if (!kernel.batch_open()) throw py::value_error("close_batch: no batch is open");
-  if (kernel.next_layer() < kernel.state().layers)
+  if (kernel.next_layer() < s.layers)
     throw py::value_error("close_batch: layers " + std::to_string(kernel.next_layer()) + ".." +
-                          std::to_string(kernel.state().layers - 1) + " of the batch not served");
-  kernel.close_batch();
+                          std::to_string(s.layers - 1) + " of the batch not served");
+  const int64_t* last = kernel.close_batch();
+  py::array_t<int64_t> out({static_cast<py::ssize_t>(s.layers), static_cast<py::ssize_t>(s.top_k)});
+  std::copy(last, last + s.layers * s.top_k, out.mutable_data());
+  return out;
 }
 
 py::array_t<int64_t> predict_kernel_take_events(PredictKernelHandle& self) {
@@ -724,21 +722,15 @@ py::tuple predict_kernel_run_window(PredictKernelHandle& self, H ids_obj, H new_
                             ? nullptr
                             : check_token_ids(last_ids_obj, "last_ids", s.layers, s.top_k,
                                               s.experts, keep);
-  moeray::PredictClock clock{};
-  clock.clock = check_int(clock_obj, "clock", 0, INT64_MAX - T, "an int >= 0");
-  clock.scale = check_scale(scale, "scale");
-  clock.prev_scale = check_scale(prev_scale, "prev_scale");
-  if (!(transition_decay > 0.0 && transition_decay < 1.0))
-    throw py::value_error("transition_decay: expected a float in (0, 1)");
-  if (!(previous_decay > 0.0 && previous_decay < 1.0))
-    throw py::value_error("previous_decay: expected a float in (0, 1)");
+  moeray::PredictClock clock =
+      check_clock(clock_obj, T, scale, prev_scale, transition_decay, previous_decay);
   const bool* st = has_starts ? static_cast<const bool*>(starts.data()) : nullptr;
   bool open = false;
   {
     py::gil_scoped_release release;
     Lock lock(kernel.mutex);
     open = kernel.batch_open();
-    if (!open) kernel.run_window(ids, T, st, last, clock, transition_decay, previous_decay);
+    if (!open) kernel.run_window(ids, T, st, last, clock);
   }
   if (open) throw py::value_error("run_window: a batch is open (close_batch first)");
   return py::make_tuple(clock.clock, clock.scale, clock.prev_scale);
@@ -1417,16 +1409,18 @@ PYBIND11_MODULE(_core, m) {
            "Tokens ids [T, L, top_k] without hints, as T steps; returns (clock, scale, "
            "prev_scale) after them.")
       .def("open_batch", &predict_kernel_open_batch, py::arg("last_ids"),
-           py::arg("new_sequence"), py::arg("clock"), py::arg("scale"), py::arg("next_scale"),
-           py::arg("next_prev_scale"), py::arg("record"),
-           "Opens a batch of tokens served layer by layer, each token's clock and scales given.")
+           py::arg("new_sequence"), py::arg("clock"), py::arg("scale"), py::arg("prev_scale"),
+           py::arg("transition_decay"), py::arg("previous_decay"), py::arg("record"),
+           "Opens a batch of tokens served layer by layer, each token's clock and scales "
+           "advanced as steps advance them; returns (clock, scale, prev_scale) after them.")
       .def("serve_layer", &predict_kernel_serve_layer, py::arg("layer"), py::arg("ids"),
            "Layer `layer` (the next in order) of every token of the batch: ids [B, top_k]; then "
            "the next layer's predictions and prefetches for the first token.")
       .def("take_events", &predict_kernel_take_events,
            "The plan events recorded since the last call: int64 [n, 4] rows (token, layer, "
            "expert, kind), kind 0 stall load, 1 prefetch load, 2 eviction.")
-      .def("close_batch", &predict_kernel_close_batch, "Closes the batch (every layer served).")
+      .def("close_batch", &predict_kernel_close_batch,
+           "Closes the batch (every layer served); returns its last token's ids [L, top_k].")
       .def("flush", [](PredictKernelHandle&) {},
            "Nothing to count: each step adds its predictor guesses at once (the twin queues "
            "them).");

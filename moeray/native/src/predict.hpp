@@ -536,11 +536,26 @@ struct PredictBatch {
   std::vector<double> scale, next_scale, next_prev_scale;
 };
 
-// The window step's lazy-decay state (PredictiveCaches' _clock, _scale, _prev_scale), advanced
-// per token exactly as `step` advances it.
+// The lazy-decay state of PredictiveCaches (its _clock, _scale, _prev_scale), advanced per
+// token exactly as its `step` advances it: the token's clock and its scale before, the scales
+// its events add after (a scale past 1e200 restarts at 1: the token's learning divides the
+// tables by it).
 struct PredictClock {
   int64_t clock;
   double scale, prev_scale;
+  double transition_decay, previous_decay;
+
+  // Token t of the window or batch: sets its clock and scales.
+  void advance(PredictToken& t) {
+    t.clock = ++clock;
+    t.scale = scale;
+    scale /= transition_decay;
+    prev_scale /= previous_decay;
+    t.next_scale = scale;
+    t.next_prev_scale = prev_scale;
+    if (scale > 1e200) scale = 1.0;
+    if (prev_scale > 1e200) prev_scale = 1.0;
+  }
 };
 
 // The kernel of one PredictiveCaches: its state and parameters, checked once by the binding,
@@ -568,8 +583,7 @@ class PredictKernel {
   // A whole window: ids int64 [T, L, k]; new_sequence [T] (null: none starts a sequence);
   // last_ids the token's before the window (null: none). Advances `clock` as T steps would.
   void run_window(const int64_t* ids, int64_t tokens, const bool* new_sequence,
-                  const int64_t* last_ids, PredictClock& clock, double transition_decay,
-                  double previous_decay) {
+                  const int64_t* last_ids, PredictClock& clock) {
     scratch_.events = nullptr;
     const int64_t stride = s_.layers * s_.top_k;
     for (int64_t i = 0; i < tokens; ++i) {
@@ -577,28 +591,42 @@ class PredictKernel {
       t.ids = ids + i * stride;
       const int64_t* before = i ? ids + (i - 1) * stride : last_ids;
       t.last_ids = new_sequence && new_sequence[i] ? nullptr : before;
-      t.clock = ++clock.clock;
-      t.scale = clock.scale;
-      clock.scale /= transition_decay;
-      clock.prev_scale /= previous_decay;
-      t.next_scale = clock.scale;
-      t.next_prev_scale = clock.prev_scale;
+      clock.advance(t);
       for (int64_t l = 0; l < s_.layers; ++l)
         predict_detail::Layer(s_, c_, t, l, scratch_, quotients_).run();
-      if (clock.scale > 1e200) clock.scale = 1.0;  // the layers divided the tables by it
-      if (clock.prev_scale > 1e200) clock.prev_scale = 1.0;
     }
   }
 
-  // Opens a batch (the binding filled it; ids are set by serve_layer); record: keep the plan
-  // events of its layers for take_events.
-  PredictBatch& open_batch(bool record) {
+  // Opens a batch of `tokens` tokens (new_sequence [tokens]; last_ids [L, k] the token's before
+  // it, null: none), each token's clock and scales taken from `clock` as consecutive steps
+  // would; record: keep the plan events of its layers for take_events.
+  void open_batch(int64_t tokens, const bool* new_sequence, const int64_t* last_ids,
+                  PredictClock& clock, bool record) {
+    const int64_t stride = s_.layers * s_.top_k;
+    batch_.tokens = tokens;
+    batch_.ids.assign(tokens * stride, 0);
+    if (last_ids)
+      batch_.last_ids.assign(last_ids, last_ids + stride);
+    else
+      batch_.last_ids.clear();
+    batch_.new_sequence.assign(new_sequence, new_sequence + tokens);
+    batch_.clock.resize(tokens);
+    batch_.scale.resize(tokens);
+    batch_.next_scale.resize(tokens);
+    batch_.next_prev_scale.resize(tokens);
+    for (int64_t b = 0; b < tokens; ++b) {
+      PredictToken t{};
+      clock.advance(t);
+      batch_.clock[b] = t.clock;
+      batch_.scale[b] = t.scale;
+      batch_.next_scale[b] = t.next_scale;
+      batch_.next_prev_scale[b] = t.next_prev_scale;
+    }
     batch_open_ = true;
     next_layer_ = 0;
     ahead_token_ = -1;
     record_ = record;
     events_.clear();
-    return batch_;
   }
 
   // Layer l of every token of the batch, its ids (int64 [B, k]) already in the batch; then
@@ -623,7 +651,11 @@ class PredictKernel {
     scratch_.events = nullptr;
   }
 
-  void close_batch() { batch_open_ = false; }
+  // Closes the batch; returns its last token's ids [L, k] (the next one's previous token).
+  const int64_t* close_batch() {
+    batch_open_ = false;
+    return batch_.ids.data() + (batch_.tokens - 1) * s_.layers * s_.top_k;
+  }
 
   bool batch_open() const { return batch_open_; }
   int64_t next_layer() const { return next_layer_; }
