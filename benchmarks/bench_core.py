@@ -153,7 +153,7 @@ def bench_blended(ids: np.ndarray, ref_ids: np.ndarray, repeats: int):
         run(_reference, ref_ids, 64),
         None,
         None,
-        "blend O(hot) per miss + decay per token",
+        "blend O(hot) per miss + an affinity update per token",
     )
 
 
