@@ -1,0 +1,436 @@
+"""A transformers MoE model whose experts do not fit: moeray's offload against accelerate's, and
+against the physical bound, side by side in one run.
+
+The model is a random-weight gpt-oss (transformers' ``GptOssForCausalLM``) at gpt-oss-20b's
+expert shape (openai/gpt-oss-20b config.json: hidden 2880, intermediate 2880, 32 experts, top-4,
+bf16; 49.8 MB per expert), its first ``--layers`` layers, a 2048-token vocabulary. Every router
+is forced to the real gpt-oss-20b decode trace (``../shared/traces``, else the bundled slice;
+``moeray.integrations.transformers.force_routing``), so the experts are used as the real model
+used them. Each setting runs in its own process (peak RSS is its own): a 4-token prompt, then
+``--tokens`` greedy decode steps, timed.
+
+Settings, at each budget (a fraction of the experts' bytes; the dense weights are extra):
+  resident        every expert in memory: the compute time
+  accelerate      accelerate's dispatch_model: the experts modules of as many layers as the
+                  budget holds in memory, the others offloaded (CPU: to disk, read at each
+                  forward; the offload folder's pages are dropped before each token, so the slow
+                  tier is the disk, as for moeray; CUDA: to CPU memory)
+  lru             moeray offload, demand policy lru: misses load when the layer needs them
+  moeray          moeray offload, the predictive policy: the next layer's predicted experts load
+                  on a background thread while this layer computes
+The slow tier: CPU, the checkpoint on disk (every read cold: moeray drops the pages it read);
+CUDA, pinned host memory. Its bandwidth is measured in the same run (CPU: a cold read of the
+checkpoint after dropping its page cache; CUDA: pinned host to device copies).
+Reported per setting: tokens/s, bytes moved per token (moeray: counted; accelerate: the
+offloaded experts' bytes, every forward), disk bytes read per token (/proc/self/io), RSS+: the
+peak RSS over the process's RSS before the model was built (the libraries; CUDA: peak GPU
+memory), against the goal budget + dense weights + two experts, stalls per token, and the ratio
+of time per token to the physical bound max(compute, bytes moved / bandwidth). Every setting
+must produce the same token ids (exactness).
+
+usage: python benchmarks/bench_offload.py [--quick] [--layers N] [--tokens N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED_TRACE = (
+    Path(__file__).resolve().parents[1]
+    / ".."
+    / "shared"
+    / "traces"
+    / "gpt-oss-20b"
+    / "gpt_oss_20b_decode_routing.npz"
+)
+GPT_OSS_20B = dict(hidden=2880, intermediate=2880, experts=32, top_k=4, heads=64, kv_heads=8)
+PROMPT_TOKENS = 4
+TRACE_START = 1000  # decode steps into the trace: past the first sequence's start
+
+
+# ---------------------------------------------------------------------------- the child
+
+
+def build_model(args):
+    """The random gpt-oss model, the same weights in every process (seeded, in order)."""
+    import torch
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    scale = args.scale
+    config = transformers.GptOssConfig(
+        vocab_size=2048,
+        hidden_size=GPT_OSS_20B["hidden"] // scale,
+        intermediate_size=GPT_OSS_20B["intermediate"] // scale,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, GPT_OSS_20B["heads"] // scale),
+        num_key_value_heads=max(1, GPT_OSS_20B["kv_heads"] // scale),
+        head_dim=64,
+        num_local_experts=GPT_OSS_20B["experts"],
+        num_experts_per_tok=GPT_OSS_20B["top_k"],
+        sliding_window=128,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    with no_init_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("sinks"):
+                p.fill_(1.0 if "norm" in name else 0.0)
+            elif name.endswith("bias"):
+                p.uniform_(-0.01, 0.01, generator=gen)
+            else:
+                fan_in = (
+                    p.shape[-2] if name.endswith(("gate_up_proj", "down_proj")) else p.shape[-1]
+                )
+                bound = (3.0 / fan_in) ** 0.5
+                p.uniform_(-bound, bound, generator=gen)
+    return model.eval()
+
+
+def experts_bytes(model) -> tuple[int, int, int]:
+    """(every expert's bytes, one expert's, the dense weights')."""
+    total = dense = 0
+    one = 0
+    for name, p in model.named_parameters():
+        size = p.numel() * p.element_size()
+        if ".experts." in name:
+            total += size
+            one += size // p.shape[0] if "layers.0." in name else 0
+        else:
+            dense += size
+    return total, one, dense
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # 5: reset the peak (VmHWM) to the current RSS
+        f.write("5")
+
+
+def peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def disk_read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def drop_page_cache(paths) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def accelerate_offload(model, budget_bytes, layer_bytes, device, folder):
+    """dispatch_model with the experts modules of budget // layer_bytes layers kept on the
+    device, the others offloaded (CPU: disk; CUDA: CPU memory). Returns (offloaded layers,
+    files to drop)."""
+    import torch
+    from accelerate import dispatch_model
+
+    keep = int(budget_bytes // layer_bytes)
+    main = 0 if device == "cuda" else "cpu"
+    slow = "cpu" if device == "cuda" else "disk"
+    device_map, offloaded = {}, 0
+
+    def visit(prefix, module):
+        nonlocal offloaded
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if full.endswith(".mlp.experts"):
+                layer = int(full.split(".")[2])
+                device_map[full] = main if layer < keep else slow
+                offloaded += layer >= keep
+            elif any(n.endswith(".experts") for n, _ in child.named_modules(prefix=full)):
+                visit(full + ".", child)
+            else:
+                device_map[full] = main
+
+    visit("", model)
+    dispatch_model(model, device_map, main_device=torch.device(main), offload_dir=folder)
+    files = [str(p) for p in Path(folder).glob("*")] if slow == "disk" else []
+    return offloaded, files
+
+
+def decode(model, tokens, warmup, device, before_token=None, after_prompt=None):
+    """(seconds of the decode steps, generated ids): a 4-token prompt, ``warmup`` greedy steps
+    (not timed, their bytes not counted: ``after_prompt`` runs after them), then ``tokens``."""
+    import inspect
+
+    import torch
+
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prompt = torch.arange(3, 3 + PROMPT_TOKENS, device=device)[None]
+    ids = []
+    with torch.no_grad():
+        if before_token:
+            before_token()
+        out = model(input_ids=prompt, use_cache=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = 0.0
+        for step in range(-warmup, tokens):
+            if step == 0 and after_prompt:
+                after_prompt()
+            nxt = out.logits[:, -1:].argmax(dim=-1)
+            ids.append(int(nxt))
+            if before_token:
+                before_token()
+            start = time.perf_counter()
+            out = model(input_ids=nxt, use_cache=True, **{cache: out[cache]})
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step >= 0:
+                elapsed += time.perf_counter() - start
+    return elapsed, ids
+
+
+def child(spec: dict) -> dict:
+    import torch
+
+    from moeray.integrations.transformers import force_routing, offload
+    from moeray.traces import load_trace
+
+    torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    baseline_rss = peak_rss()  # the libraries, before the model
+    model = build_model(argparse.Namespace(**spec))
+    total, one, dense = experts_bytes(model)
+    trace = load_trace(spec["trace"])
+    budget = int(spec["budget"] * total)
+    if device == "cuda":
+        model.to("cuda")
+    result = dict(setting=spec["setting"], budget=spec["budget"], budget_bytes=budget)
+    result.update(experts_bytes=total, expert_bytes=one, dense_bytes=dense)
+    before_token, handle = None, None
+    tokens = spec["tokens"]
+    if spec["setting"] == "accelerate":
+        folder = tempfile.mkdtemp(dir=spec["dir"], prefix="accelerate-")
+        offloaded, files = accelerate_offload(
+            model, budget, total // spec["layers"], device, folder
+        )
+        drop_page_cache(files)
+        if files:
+            before_token = lambda: drop_page_cache(files)  # noqa: E731
+        result["bytes_per_token"] = offloaded * (total // spec["layers"])
+        tokens = spec["accelerate_tokens"]
+    elif spec["setting"] in ("lru", "moeray"):
+        handle = offload(model, budget_bytes=budget, policy=spec["setting"], shards=spec["shards"])
+        result["capacity"] = handle.session.config.capacity[0]
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    forced = force_routing(model, trace, start=TRACE_START)
+    reset_peak_rss()
+    at_prompt = {}
+
+    def after_prompt():  # the prompt's and warm-up's bytes are not decode's
+        at_prompt["read"] = disk_read_bytes()
+        at_prompt["stats"] = handle.stats().as_dict() if handle is not None else {}
+
+    elapsed, ids = decode(model, tokens, spec["warmup"], device, before_token, after_prompt)
+    result.update(tokens=tokens, seconds=elapsed, ids=ids, routed_tokens=forced.tokens)
+    result["disk_bytes_per_token"] = (disk_read_bytes() - at_prompt["read"]) / tokens
+    result["peak_rss"] = peak_rss()
+    result["baseline_rss"] = baseline_rss
+    if device == "cuda":
+        result["peak_gpu"] = torch.cuda.max_memory_allocated()
+    if handle is not None:
+        stats = handle.stats().as_dict()
+        result["stats"] = {k: v - at_prompt["stats"][k] for k, v in stats.items()}
+        result["bytes_per_token"] = result["stats"]["bytes_moved"] / tokens
+        handle.close()
+    result.setdefault("bytes_per_token", 0)
+    return result
+
+
+# ---------------------------------------------------------------------------- the parent
+
+
+def measure_bandwidth(shards: Path, device: str) -> float:
+    """Bytes per second of the slow tier: CPU, a cold read (page cache dropped) of the whole
+    checkpoint in 64 MiB preads; CUDA, pinned host to device copies."""
+    if device == "cuda":
+        import torch
+
+        host = torch.empty(512 * 2**20, dtype=torch.uint8).pin_memory()
+        dev = torch.empty_like(host, device="cuda")
+        dev.copy_(host)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(4):
+            dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        return 4 * host.numel() / (time.perf_counter() - start)
+    files = sorted(shards.glob("*.safetensors"))
+    drop_page_cache(files)
+    buffer = bytearray(64 * 2**20)
+    view = memoryview(buffer)
+    total, start = 0, time.perf_counter()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            offset = 0
+            while got := os.preadv(fd, [view], offset):
+                offset += got
+            total += offset
+        finally:
+            os.close(fd)
+    seconds = time.perf_counter() - start
+    drop_page_cache(files)
+    return total / seconds
+
+
+def run_child(spec: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(f"bench_offload: setting {spec['setting']} failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 layers at 1/8 size, 8 tokens")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--scale", type=int, default=1, help="divide hidden and intermediate sizes")
+    p.add_argument("--tokens", type=int, default=32, help="decode steps per setting")
+    p.add_argument("--accelerate-tokens", type=int, default=6, help="its steps read every "
+                   "offloaded expert from disk: fewer")  # fmt: skip
+    p.add_argument("--warmup", type=int, default=4, help="untimed decode steps first")
+    p.add_argument("--budgets", default="0.25,0.5")
+    p.add_argument("--trace", default=None, help="default: the shared gpt-oss-20b trace")
+    p.add_argument("--dir", default=None, help="work directory (checkpoints); default a temp dir")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if args.quick:
+        args.layers, args.scale, args.tokens, args.accelerate_tokens, args.warmup = 2, 8, 8, 4, 2
+    import torch
+
+    from moeray.traces import default_trace_path
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    trace = args.trace or (str(SHARED_TRACE) if SHARED_TRACE.exists() else default_trace_path())
+    work = Path(args.dir or tempfile.mkdtemp(prefix="moeray-bench-offload-"))
+    work.mkdir(parents=True, exist_ok=True)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    base = dict(
+        layers=args.layers,
+        scale=args.scale,
+        tokens=args.tokens,
+        warmup=args.warmup,
+        accelerate_tokens=args.accelerate_tokens,
+        trace=str(trace),
+        dir=str(work),
+        shards=str(work / "shards"),
+        device=device,
+        threads=args.threads,
+    )
+    rows = [run_child(dict(base, setting="resident", budget=1.0))]
+    for budget in budgets:
+        for setting in ("accelerate", "lru", "moeray"):
+            rows.append(run_child(dict(base, setting=setting, budget=budget)))
+    bandwidth = measure_bandwidth(work / "shards", device)
+    compute = rows[0]["seconds"] / rows[0]["tokens"]
+    reference_ids = rows[0]["ids"]
+    for row in rows:
+        row["s_per_token"] = row["seconds"] / row["tokens"]
+        row["tokens_per_s"] = 1 / row["s_per_token"]
+        row["bound_s"] = max(compute, row["bytes_per_token"] / bandwidth)
+        row["to_bound"] = row["s_per_token"] / row["bound_s"]
+        row["same_ids"] = row["ids"] == reference_ids[: len(row["ids"])]
+        row["rss_goal"] = row["budget_bytes"] + row["dense_bytes"] + 2 * row["expert_bytes"]
+    print_table(rows, bandwidth, compute, device, args)
+    if args.json:
+        meta = dict(
+            device=device,
+            card=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+            cpus=os.cpu_count(),
+            threads=args.threads,
+            trace=str(trace),
+            layers=args.layers,
+            scale=args.scale,
+            bandwidth_bytes_per_s=bandwidth,
+            compute_s_per_token=compute,
+        )
+        Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    return 0
+
+
+def print_table(rows, bandwidth, compute, device, args) -> None:
+    first = rows[0]
+    print(
+        f"bench_offload: gpt-oss-20b experts / {args.scale}, {args.layers} layers, "
+        f"{mib(first['expert_bytes'])} MiB per expert, {mib(first['experts_bytes'])} MiB of "
+        f"experts, {mib(first['dense_bytes'])} MiB dense; {device}, {args.threads} threads"
+    )
+    print(
+        f"slow tier {bandwidth / 1e9:.2f} GB/s ({'pinned host -> GPU' if device == 'cuda' else 'cold disk read'}), "
+        f"compute {compute * 1e3:.0f} ms/token (all resident)"
+    )
+    memory = "peak GPU MiB" if device == "cuda" else "RSS+ MiB"
+    header = (
+        f"{'setting':<11} {'budget':>6} {'cap':>4} {'tok/s':>7} {'MiB/tok':>8} {'disk MiB/tok':>12} "
+        f"{memory:>13} {'goal MiB':>9} {'stalls/tok':>10} {'x bound':>8} {'same ids':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        stats = row.get("stats", {})
+        stalls = f"{stats['stalls'] / row['tokens']:.2f}" if stats else "-"
+        peak = row.get("peak_gpu", row["peak_rss"] - row["baseline_rss"])
+        goal = "-" if row["setting"] == "resident" else mib(row["rss_goal"])
+        print(
+            f"{row['setting']:<11} {row['budget']:>6.0%} {row.get('capacity', '-')!s:>4} "
+            f"{row['tokens_per_s']:>7.2f} {mib(row['bytes_per_token']):>8} "
+            f"{mib(row['disk_bytes_per_token']):>12} {mib(peak):>13} {goal:>9} {stalls:>10} "
+            f"{row['to_bound']:>8.2f} {'yes' if row['same_ids'] else 'NO':>8}"
+        )
+    by = {(r["setting"], r["budget"]): r for r in rows}
+    for budget in sorted({r["budget"] for r in rows if r["setting"] != "resident"}):
+        m, lru, acc = by[("moeray", budget)], by[("lru", budget)], by[("accelerate", budget)]
+        print(
+            f"at {budget:.0%}: moeray / lru {m['tokens_per_s'] / lru['tokens_per_s']:.2f}x, "
+            f"moeray / accelerate {m['tokens_per_s'] / acc['tokens_per_s']:.2f}x, "
+            f"moeray {m['to_bound']:.2f}x its bound"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
