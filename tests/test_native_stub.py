@@ -149,8 +149,10 @@ def test_stub_declares_the_documented_api(stub):
         "LFU",
         "ADAPTIVE",
     }
-    assert stub.private_names == {  # the policies' and the placement's kernels
+    assert stub.private_names == {  # the policies', the placement's and the session's kernels
         "_PredictKernel",
+        "_DemandSession",
+        "_HotPlan",
         "_stack_histogram",
         "_replicate",
         "_pack",
@@ -166,7 +168,14 @@ def test_stub_declares_the_documented_api(stub):
 # --------------------------------------------------------------------------- _reference
 
 
-CLASSES = ["ExpertCacheCore", "AffinityCore", "PrefetcherCore", "_PredictKernel"]
+CLASSES = [
+    "ExpertCacheCore",
+    "AffinityCore",
+    "PrefetcherCore",
+    "_PredictKernel",
+    "_DemandSession",
+    "_HotPlan",
+]
 
 
 def test_reference_names_match_stub(stub):

@@ -2,8 +2,9 @@
 
 One module per header of ``src/``: ``affinity`` (affinity.hpp), ``expert_cache``
 (expert_cache.hpp), ``routing`` (routing.hpp), ``matvec`` (matvec.hpp), ``predict``
-(predict.hpp), ``prefetch`` (prefetch.hpp), ``placement`` (placement.hpp); ``_checks`` holds the
-argument checks they share, with the binding's messages. This package exposes exactly the API ``_core`` exposes.
+(predict.hpp), ``prefetch`` (prefetch.hpp), ``placement`` (placement.hpp), ``session``
+(session.hpp); ``_checks`` holds the argument checks they share, with the binding's messages.
+This package exposes exactly the API ``_core`` exposes.
 Selected by ``MOERAY_PURE_PYTHON=1``; the test suite runs against both and compares them on the
 same inputs. Written to be obviously correct rather than fast.
 """
@@ -23,6 +24,7 @@ from moeray.native._reference.placement import (
 from moeray.native._reference.predict import _PredictKernel
 from moeray.native._reference.prefetch import PrefetcherCore
 from moeray.native._reference.routing import _stack_histogram, belady_hits, schedule
+from moeray.native._reference.session import _DemandSession, _HotPlan
 
 __all__ = [
     "ADAPTIVE",
@@ -31,6 +33,8 @@ __all__ = [
     "AffinityCore",
     "ExpertCacheCore",
     "PrefetcherCore",
+    "_DemandSession",
+    "_HotPlan",
     "_PredictKernel",
     "_dispatch_allocation",
     "_improve",

@@ -26,6 +26,7 @@
 #endif
 
 namespace py = pybind11;
+void bind_session(py::module_& m);  // bindings_session.cpp
 using moeray::Affinity;
 using moeray::ExpertCache;
 using moeray::Prefetcher;
@@ -1456,4 +1457,5 @@ PYBIND11_MODULE(_core, m) {
         py::arg("gpus_per_node") = 1,
         "One layer's batch onto the placement's replicas: the per-GPU CSR "
         "(the twin: moeray.native._reference.placement.dispatch).");
+  bind_session(m);
 }

@@ -1,0 +1,246 @@
+// pybind11 bindings of session.hpp: the engine session's plan cores (_DemandSession, _HotPlan),
+// bound by bind_session, which bindings.cpp's module calls. Arguments are checked here with the
+// twin's messages (_reference/session.py); a route's work runs with the GIL released and the
+// layer's cache and affinity mutexes held (cache before affinity, as bindings.cpp locks them).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "session.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+using Lock = std::lock_guard<std::mutex>;
+using H = const py::handle&;
+
+std::string type_name(H obj) {
+  return std::string(py::str(py::type::handle_of(obj).attr("__name__")));
+}
+
+// ids: a C-contiguous int32 or int64 numpy array [tokens, k], tokens >= 1, every id in
+// [0, experts): the one check of a route call, before anything changes.
+py::array check_route_ids(H obj, int64_t experts) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error("ids: expected a numpy int32 or int64 array, got " + type_name(obj));
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  const bool i32 = py::isinstance<py::array_t<int32_t>>(arr);
+  if (!i32 && !py::isinstance<py::array_t<int64_t>>(arr))
+    throw py::type_error("ids: expected dtype int32 or int64, got " +
+                         std::string(py::str(arr.dtype())));
+  if (arr.ndim() != 2 || arr.shape(0) < 1 || arr.shape(1) < 1)
+    throw py::value_error("ids: expected shape [tokens, top_k], got " +
+                          std::string(py::str(arr.attr("shape"))));
+  if (!(arr.flags() & py::array::c_style))
+    throw py::value_error("ids: expected a C-contiguous array");
+  const int64_t n = arr.size();
+  bool bad = false;
+  int64_t first = 0;
+  // One pass the compiler vectorises (a negative id wraps to a large unsigned one).
+  if (i32) {
+    const auto* p = static_cast<const int32_t*>(arr.data());
+    uint32_t out = 0;
+    for (int64_t i = 0; i < n; ++i) out |= static_cast<uint32_t>(p[i]) >= uint64_t(experts);
+    if (out)
+      for (int64_t i = 0; i < n && !bad; ++i)
+        if (static_cast<uint32_t>(p[i]) >= uint64_t(experts)) bad = true, first = p[i];
+  } else {
+    const auto* p = static_cast<const int64_t*>(arr.data());
+    uint64_t out = 0;
+    for (int64_t i = 0; i < n; ++i) out |= static_cast<uint64_t>(p[i]) >= uint64_t(experts);
+    if (out)
+      for (int64_t i = 0; i < n && !bad; ++i)
+        if (static_cast<uint64_t>(p[i]) >= uint64_t(experts)) bad = true, first = p[i];
+  }
+  if (bad)
+    throw py::value_error("ids: expected ids in [0, " + std::to_string(experts) + "), got " +
+                          std::to_string(first));
+  return arr;
+}
+
+int64_t check_layer(int64_t layer, int64_t layers) {
+  if (layer < 0 || layer >= layers)
+    throw py::value_error("layer: expected an int in [0, " + std::to_string(layers) + "), got " +
+                          std::to_string(layer));
+  return layer;
+}
+
+// A read-only view of `n` int64 entries of `data`, kept alive by `owner`.
+py::array_t<int64_t> view(int64_t* data, int64_t n, H owner) {
+  py::array_t<int64_t> out({n}, {static_cast<py::ssize_t>(sizeof(int64_t))}, data, owner);
+  out.attr("setflags")(py::arg("write") = false);
+  return out;
+}
+
+struct DemandSessionHandle {
+  std::vector<py::object> keep;  // the caches and affinities the core points into
+  moeray::DemandSession core;
+  std::vector<int64_t> load, evict;
+  std::vector<int32_t> ids32;  // int64 ids narrowed for the cache and affinity calls
+
+  DemandSessionHandle(std::vector<py::object> objects, std::vector<moeray::ExpertCache*> caches,
+                      std::vector<moeray::Affinity*> affinities, bool blended, double weight)
+      : keep(std::move(objects)), core(std::move(caches), std::move(affinities), blended, weight),
+        load(core.experts()), evict(core.experts()) {}
+};
+
+DemandSessionHandle* make_demand_session(const py::list& caches, const py::list& affinities,
+                                         bool blended, double affinity_weight) {
+  if (caches.empty()) throw py::value_error("caches: expected one ExpertCacheCore per layer");
+  if (affinities.size() != caches.size())
+    throw py::value_error("affinities: expected one per layer (" + std::to_string(caches.size()) +
+                          "), got " + std::to_string(affinities.size()));
+  if (!std::isfinite(affinity_weight))
+    throw py::value_error("affinity_weight: expected a finite float");
+  std::vector<py::object> keep;
+  std::vector<moeray::ExpertCache*> cs;
+  std::vector<moeray::Affinity*> as;
+  for (size_t l = 0; l < caches.size(); ++l) {
+    py::object c = caches[l], a = affinities[l];
+    if (!py::isinstance<moeray::ExpertCache>(c))
+      throw py::type_error("caches: expected ExpertCacheCore objects, got " + type_name(c));
+    if (!py::isinstance<moeray::Affinity>(a))
+      throw py::type_error("affinities: expected AffinityCore objects, got " + type_name(a));
+    cs.push_back(&c.cast<moeray::ExpertCache&>());
+    as.push_back(&a.cast<moeray::Affinity&>());
+    if (cs.back()->num_experts() != cs[0]->num_experts() ||
+        as.back()->num_experts() != cs[0]->num_experts())
+      throw py::value_error("caches: every cache and affinity must track the same experts");
+    keep.push_back(c);
+    keep.push_back(a);
+  }
+  return new DemandSessionHandle(std::move(keep), std::move(cs), std::move(as), blended,
+                                 std::clamp(affinity_weight, 0.0, 1.0));
+}
+
+py::tuple demand_route(DemandSessionHandle& self, int64_t layer, H ids_obj, int64_t budget) {
+  moeray::DemandSession& core = self.core;
+  check_layer(layer, core.layers());
+  if (budget < 0) throw py::value_error("budget: expected an int >= 0, got " + std::to_string(budget));
+  const py::array ids = check_route_ids(ids_obj, core.experts());
+  const int64_t tokens = ids.shape(0), k = ids.shape(1);
+  int64_t n_load = 0, n_evict = 0, prefetched = 0;
+  {
+    py::gil_scoped_release release;
+    const int32_t* p;
+    if (ids.itemsize() == 4) {
+      p = static_cast<const int32_t*>(ids.data());
+    } else {
+      const auto* q = static_cast<const int64_t*>(ids.data());
+      self.ids32.assign(q, q + tokens * k);  // in [0, experts): checked
+      p = self.ids32.data();
+    }
+    Lock lock(core.cache(layer).mutex);
+    Lock lock_a(core.affinity(layer).mutex);
+    prefetched = core.route(layer, p, tokens, k, budget, self.load.data(), n_load,
+                            self.evict.data(), n_evict);
+  }
+  return py::make_tuple(n_load, n_evict, prefetched);
+}
+
+struct HotPlanHandle {
+  py::array hot_array;  // PredictiveCaches' hot rows, read in place
+  moeray::HotPlan core;
+  std::vector<int64_t> out;  // load, evict, prefetch, prefetch_evict: E entries each
+
+  HotPlanHandle(py::array hot, int64_t layers, int64_t experts)
+      : hot_array(std::move(hot)),
+        core(static_cast<const bool*>(hot_array.data()), layers, experts),
+        out(4 * experts) {}
+};
+
+HotPlanHandle* make_hot_plan(H hot_obj) {
+  if (!py::isinstance<py::array>(hot_obj))
+    throw py::type_error("hot: expected a numpy bool array, got " + type_name(hot_obj));
+  auto hot = py::reinterpret_borrow<py::array>(hot_obj);
+  if (!py::isinstance<py::array_t<bool>>(hot))
+    throw py::type_error("hot: expected dtype bool, got " + std::string(py::str(hot.dtype())));
+  if (hot.ndim() != 2 || hot.shape(0) < 1 || hot.shape(1) < 1)
+    throw py::value_error("hot: expected shape [layers, experts], got " +
+                          std::string(py::str(hot.attr("shape"))));
+  if (!(hot.flags() & py::array::c_style))
+    throw py::value_error("hot: expected a C-contiguous array");
+  return new HotPlanHandle(hot, hot.shape(0), hot.shape(1));
+}
+
+void hot_plan_before(HotPlanHandle& self, int64_t layer) {
+  self.core.before(check_layer(layer, self.core.layers()));
+}
+
+py::tuple hot_plan_plan(HotPlanHandle& self, int64_t layer, H ids_obj) {
+  moeray::HotPlan& core = self.core;
+  check_layer(layer, core.layers());
+  if (core.ready() != layer)
+    throw py::value_error("layer: the hot rows before layer " + std::to_string(layer) +
+                          " were not taken (before(layer) first)");
+  const py::array ids = check_route_ids(ids_obj, core.experts());
+  const int64_t E = core.experts();
+  int64_t n[4];
+  int64_t* o = self.out.data();
+  if (ids.itemsize() == 4)
+    core.plan(layer, static_cast<const int32_t*>(ids.data()), ids.size(), o, o + E, o + 2 * E,
+              o + 3 * E, n);
+  else
+    core.plan(layer, static_cast<const int64_t*>(ids.data()), ids.size(), o, o + E, o + 2 * E,
+              o + 3 * E, n);
+  return py::make_tuple(n[0], n[1], n[2], n[3]);
+}
+
+}  // namespace
+
+void bind_session(py::module_& m) {
+  py::class_<DemandSessionHandle>(
+      m, "_DemandSession",
+      "A demand policy's layers for the engine session (session.hpp's DemandSession over the "
+      "given caches and affinities, which it alone uses from then on; the twin: "
+      "moeray.native._reference.session).")
+      .def(py::init(&make_demand_session), py::arg("caches"), py::arg("affinities"),
+           py::arg("blended"), py::arg("affinity_weight"))
+      .def("num_layers", [](DemandSessionHandle& s) { return s.core.layers(); })
+      .def("num_experts", [](DemandSessionHandle& s) { return s.core.experts(); })
+      .def("buffers",
+           [](py::object self) {
+             auto& s = self.cast<DemandSessionHandle&>();
+             const int64_t E = s.core.experts();
+             return py::make_tuple(view(s.load.data(), E, self), view(s.evict.data(), E, self));
+           },
+           "(load, evict): int64 [num_experts] views that each route rewrites (its counts say "
+           "how many entries are the plan's).")
+      .def("check",
+           [](DemandSessionHandle& s, H ids) { check_route_ids(ids, s.core.experts()); },
+           py::arg("ids"), "Raises what route would for these ids; changes nothing.")
+      .def("route", &demand_route, py::arg("layer"), py::arg("ids"), py::arg("budget"),
+           "Serves layer `layer`'s batch (ids int32 or int64 [tokens, top_k]) as "
+           "DemandCaches.serve does, then prefetches `budget` experts by affinity; writes the "
+           "plan into buffers(); returns (loads, evictions, prefetched).");
+
+  py::class_<HotPlanHandle>(
+      m, "_HotPlan",
+      "Plans from a predictive policy's hot rows (bool [layers, experts], read in place; the "
+      "twin: moeray.native._reference.session).")
+      .def(py::init(&make_hot_plan), py::arg("hot"))
+      .def("buffers",
+           [](py::object self) {
+             auto& s = self.cast<HotPlanHandle&>();
+             const int64_t E = s.core.experts();
+             int64_t* o = s.out.data();
+             return py::make_tuple(view(o, E, self), view(o + E, E, self),
+                                   view(o + 2 * E, E, self), view(o + 3 * E, E, self));
+           },
+           "(load, evict, prefetch, prefetch_evict): int64 [num_experts] views that each plan "
+           "rewrites.")
+      .def("check", [](HotPlanHandle& s, H ids) { check_route_ids(ids, s.core.experts()); },
+           py::arg("ids"), "Raises what plan would for these ids; changes nothing.")
+      .def("before", &hot_plan_before, py::arg("layer"),
+           "Copies rows layer and layer + 1 of the hot rows (before layer `layer` is served).")
+      .def("plan", &hot_plan_plan, py::arg("layer"), py::arg("ids"),
+           "Once layer `layer` is served (ids: its batch's): writes its plan into buffers(); "
+           "returns (loads, evictions, prefetches, prefetch evictions); keeps row layer + 1 as "
+           "the next layer's before.");
+}

@@ -1,0 +1,198 @@
+// The engine session's plans (moeray/engine/session.py, EngineSession.route) without Python per
+// call; the twin is _reference/session.py.
+//
+// A plan compares a layer's hot set before and after the layer is served with the experts its
+// batch used: load = (used | after) & ~before, evict = (before | used) & ~after, both as
+// ascending ids. Hot sets are kept as one byte per expert (0 or 1), so 8 experts are compared
+// per 64-bit word and a word with nothing to report costs a few operations.
+//
+// - DemandSession serves a demand policy's layer exactly as DemandCaches.serve does (the seed
+//   ExpertCache of expert_cache.hpp and the Affinity of affinity.hpp, the same calls in the same
+//   order) and keeps a byte copy of each layer's hot set, changed as the cache changes: before
+//   each miss it asks the cache for the victim it is about to evict (suggest_eviction, or the
+//   affinity blend's), which is what the access then evicts. A prefetch by affinity evicts
+//   victims it does not report, so after one the layer's copy is read again from the cache.
+// - HotPlan plans the predictive policy's layers from PredictiveCaches' hot rows (bool [L, E],
+//   written by the predict kernel): a copy of row `layer` taken before the layer is served,
+//   and of row layer + 1 for the next layer's prefetch.
+// Ids were checked by the caller (bindings_session.cpp): nothing here reads out of bounds.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "affinity.hpp"
+#include "expert_cache.hpp"
+
+namespace moeray {
+
+namespace session_detail {
+
+inline uint64_t word(const uint8_t* p) {
+  uint64_t w;
+  std::memcpy(&w, p, 8);
+  return w;
+}
+
+// Appends e0 + i for each nonzero byte i of w (bytes are 0 or 1) to out.
+inline int64_t emit(uint64_t w, int64_t e0, int64_t* out, int64_t n) {
+  while (w) {
+    out[n++] = e0 + (__builtin_ctzll(w) >> 3);
+    w &= w - 1;
+  }
+  return n;
+}
+
+}  // namespace session_detail
+
+// Rows of E bytes (0 or 1): load = ids with (used | after) & ~before, evict = ids with
+// (before | used) & ~after, ascending (used null: none). Returns the counts through n_load,
+// n_evict.
+inline void plan_rows(const uint8_t* before, const uint8_t* after, const uint8_t* used,
+                      int64_t experts, int64_t* load, int64_t& n_load, int64_t* evict,
+                      int64_t& n_evict) {
+  using session_detail::emit;
+  using session_detail::word;
+  int64_t nl = 0, ne = 0, e = 0;
+  for (; e + 8 <= experts; e += 8) {
+    const uint64_t b = word(before + e), a = word(after + e), u = used ? word(used + e) : 0;
+    if ((a ^ b) | u) {
+      nl = emit((u | a) & ~b, e, load, nl);
+      ne = emit((b | u) & ~a, e, evict, ne);
+    }
+  }
+  for (; e < experts; ++e) {
+    const bool b = before[e], a = after[e], u = used && used[e];
+    if ((u || a) && !b) load[nl++] = e;
+    if ((b || u) && !a) evict[ne++] = e;
+  }
+  n_load = nl;
+  n_evict = ne;
+}
+
+// Every layer of a demand policy: caches[l] and affinities[l] (not owned; the session is their
+// only user while it lives), blended: evict by suggest_eviction_with_affinity(weight) and
+// update the affinity row by row (affinity-lru), else by the cache's own policy and update the
+// affinity once after the batch.
+class DemandSession {
+ public:
+  DemandSession(std::vector<ExpertCache*> caches, std::vector<Affinity*> affinities, bool blended,
+                double weight)
+      : caches_(std::move(caches)), affinities_(std::move(affinities)), blended_(blended),
+        weight_(weight), experts_(caches_.empty() ? 0 : caches_[0]->num_experts()),
+        hot_(caches_.size() * experts_, 0), before_(experts_ + 8, 0), used_(experts_ + 8, 0) {
+    for (size_t l = 0; l < caches_.size(); ++l) read_hot(static_cast<int64_t>(l));
+  }
+
+  int64_t layers() const { return static_cast<int64_t>(caches_.size()); }
+  int64_t experts() const { return experts_; }
+  ExpertCache& cache(int64_t l) { return *caches_[l]; }
+  Affinity& affinity(int64_t l) { return *affinities_[l]; }
+  // Layer l's hot set as bytes (E of them).
+  const uint8_t* hot(int64_t l) const { return hot_.data() + l * experts_; }
+
+  // Serves layer l's batch, ids int32 [tokens, k] in [0, E), then prefetches `budget` experts by
+  // affinity (DemandCaches.serve); writes the plan into load and evict (E entries each) and
+  // their counts; returns the number of experts prefetched.
+  int64_t route(int64_t l, const int32_t* ids, int64_t tokens, int64_t k, int64_t budget,
+                int64_t* load, int64_t& n_load, int64_t* evict, int64_t& n_evict) {
+    ExpertCache& c = *caches_[l];
+    Affinity& a = *affinities_[l];
+    uint8_t* now = hot_.data() + l * experts_;
+    uint8_t* used = used_.data();
+    std::memcpy(before_.data(), now, experts_);
+    const int64_t n = tokens * k;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int32_t* row = ids + t * k;
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t e = row[j];
+        used[e] = 1;
+        if (!now[e]) {  // a miss: the victim the access evicts, if the hot set is full
+          int32_t victim = ExpertCache::kNone;
+          if (blended_) {
+            victim = c.suggest_eviction_with_affinity(a, weight_);
+            if (victim != ExpertCache::kNone) c.evict(victim);  // access_blended's order
+          } else {
+            victim = c.suggest_eviction();
+          }
+          if (victim != ExpertCache::kNone) now[victim] = 0;
+          now[e] = 1;
+        }
+        c.access(e);
+      }
+      if (blended_) a.update_row(row, k);
+    }
+    if (!blended_) a.update_rows(ids, tokens, k);
+    int64_t prefetched = 0;
+    if (budget > 0) {
+      prefetched = static_cast<int64_t>(c.prefetch_by_affinity(a, budget).size());
+      read_hot(l);
+    }
+    plan_rows(before_.data(), now, used, experts_, load, n_load, evict, n_evict);
+    for (int64_t i = 0; i < n; ++i) used[ids[i]] = 0;
+    return prefetched;
+  }
+
+ private:
+  void read_hot(int64_t l) {
+    uint8_t* row = hot_.data() + l * experts_;
+    for (int32_t e = 0; e < experts_; ++e) row[e] = caches_[l]->is_hot(e) ? 1 : 0;
+  }
+
+  std::vector<ExpertCache*> caches_;
+  std::vector<Affinity*> affinities_;
+  bool blended_;
+  double weight_;
+  int32_t experts_;
+  std::vector<uint8_t> hot_, before_, used_;
+};
+
+// Plans of the predictive policy's layers from its hot rows (bool [L, E], PredictiveCaches'
+// `_hot`, not owned): `before(l)` copies rows l and l + 1 before layer l is served; `plan(l)`
+// after it: layer l's load and evict from the batch's ids, and layer l + 1's prefetch (rows
+// hot now and not before) and prefetch_evict (the reverse); then it keeps row l + 1 as the
+// next layer's `before` (nothing changes a hot row between two layers of a batch).
+class HotPlan {
+ public:
+  HotPlan(const bool* hot, int64_t layers, int64_t experts)
+      : hot_(reinterpret_cast<const uint8_t*>(hot)), layers_(layers), experts_(experts),
+        before_(2 * experts, 0), used_(experts + 8, 0) {}
+
+  int64_t layers() const { return layers_; }
+  int64_t experts() const { return experts_; }
+  // The layer whose rows `before` holds (-1: none).
+  int64_t ready() const { return ready_; }
+
+  void before(int64_t l) {
+    const int64_t rows = l + 1 < layers_ ? 2 : 1;
+    std::memcpy(before_.data(), hot_ + l * experts_, rows * experts_);
+    ready_ = l;
+  }
+
+  // Layer l's plan once served (before(l) taken), ids int64 [tokens, k] in [0, E); out:
+  // load, evict, prefetch, prefetch_evict (E entries each), counts into n[0..3].
+  template <class Id>
+  void plan(int64_t l, const Id* ids, int64_t count, int64_t* load, int64_t* evict,
+            int64_t* prefetch, int64_t* prefetch_evict, int64_t* n) {
+    uint8_t* used = used_.data();
+    for (int64_t i = 0; i < count; ++i) used[ids[i]] = 1;
+    const uint8_t* row = hot_ + l * experts_;
+    plan_rows(before_.data(), row, used, experts_, load, n[0], evict, n[1]);
+    for (int64_t i = 0; i < count; ++i) used[ids[i]] = 0;
+    n[2] = n[3] = 0;
+    ready_ = -1;
+    if (l + 1 < layers_) {
+      plan_rows(before_.data() + experts_, row + experts_, nullptr, experts_, prefetch, n[2],
+                prefetch_evict, n[3]);
+      before(l + 1);
+    }
+  }
+
+ private:
+  const uint8_t* hot_;
+  int64_t layers_, experts_, ready_ = -1;
+  std::vector<uint8_t> before_, used_;
+};
+
+}  // namespace moeray
