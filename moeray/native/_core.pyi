@@ -205,7 +205,6 @@ class PrefetcherCore:
     def file_array(self, file: int) -> np.ndarray: ...
     def stats(self) -> dict[str, float]: ...
 
-
 class _DemandSession:
     def __init__(
         self,
