@@ -256,3 +256,19 @@ def test_shared_budget_with_a_load_table(tmp_path, capsys):
     assert code == 0
     table = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert "shared" in table and 0 < float(table["shared"][1]) <= 1
+
+
+def test_shared_budget_map_is_written_filled(trace_path, tmp_path, capsys):
+    target = tmp_path / "map.json"
+    argv = [trace_path, *SMALL, "--redundant", "8", "--shared-budget"]
+    code, out, _ = place([*argv, "--write-map", "sglang", str(target)], capsys)
+    assert code == 0 and "empty slots of the shared budget filled" in out
+    config = PlaceConfig(gpus=4, redundant=8, every=256, batch=64, shared_budget=True)
+    placement = final_placement(load_trace(trace_path), config)
+    assert placement.topology.redundant_budget == LAYERS * 8
+    grid = placement.topology
+    fixed = type(grid)(grid.num_nodes, grid.gpus_per_node, grid.slots_per_gpu)
+    read = read_map(target, "sglang", fixed, EXPERTS)
+    np.testing.assert_array_equal(read.physical_to_logical, placement.filled().physical_to_logical)
+    code, _, err = place([*argv, "--write-map", "vllm", str(tmp_path / "v.json")], capsys)
+    assert code == 2 and "is empty (a shared budget)" in err and err.count("\n") == 1

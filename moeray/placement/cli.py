@@ -271,9 +271,11 @@ def run(args: argparse.Namespace) -> int:
         format, path = args.write_map
         placement = final_placement(trace, config)
         written = write_map(placement, format, path, first_layer=args.first_layer)
+        empty = int((placement.physical_to_logical < 0).sum())
+        filled = f" ({empty} empty slots of the shared budget filled)" if empty else ""
         print(
             f"wrote {written}: moeray's placement after the trace, {format} map, "
-            f"{placement.num_layers} layers x {placement.num_slots} slots",
+            f"{placement.num_layers} layers x {placement.num_slots} slots{filled}",
             file=table_out,
         )
     return 0

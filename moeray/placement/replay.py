@@ -286,9 +286,20 @@ def replay_placement(
 def final_placement(trace: Trace, config: PlaceConfig = PlaceConfig()) -> Placement:
     """The placement moeray would publish after ``trace``: a full ``place_moeray`` of the
     forecast (``LoadForecast``) over every whole window of
-    ``config.every`` tokens, on ``config``'s topology (what ``moeray place --write-map`` writes).
+    ``config.every`` tokens, on ``config``'s topology (what ``moeray place --write-map`` writes);
+    with ``config.shared_budget``, on the shared topology (``Topology.shared``), empty slots and
+    all.
     """
     topology = config.topology(trace.num_experts)
+    if config.shared_budget:
+        topology = Topology.shared(
+            trace.num_experts,
+            config.gpus,
+            trace.num_layers,
+            config.nodes,
+            config.redundant,
+            expert_bytes=config.expert_bytes,
+        )
     windows = trace.num_tokens // config.every
     if windows < 1:
         raise PlacementError(
