@@ -137,7 +137,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
         action="store_true",
         help="add the row shared: moeray with the layers' redundant slots (--redundant per "
         "layer, in all) shared, each layer given what gains the most balance, up to twice its "
-        "share (with --load: the placement scored beside the others)",
+        "share (with --load: the placement scored beside the others); --write-map then writes "
+        "the shared placement, its empty slots filled (sglang, trtllm; vllm refuses)",
     )
     place.add_argument(
         "--json",
@@ -358,8 +359,9 @@ def _place_load(args: argparse.Namespace, expert_bytes: int | None) -> int:
             Path(args.json).write_text(text)
     if args.write_map is not None:
         format, path = args.write_map
-        written = write_map(placements["moeray"], format, path, first_layer=args.first_layer)
-        print(f"wrote {written}: moeray's placement of {args.load}, {format} map", file=table_out)
+        name = "shared" if args.shared_budget else "moeray"
+        written = write_map(placements[name], format, path, first_layer=args.first_layer)
+        print(f"wrote {written}: {name}'s placement of {args.load}, {format} map", file=table_out)
     return 0
 
 
