@@ -287,6 +287,14 @@ def test_a_stream_through_the_prefetch_actor(ray_local, trace, checkpoint, reade
         _ray.PrefetchNodeHandle(checkpoint, 30, EXPERTS, timeout_s=30)
 
 
+def test_cli_realtime_through_the_prefetch_actor(ray_local, checkpoint, capsys):
+    argv = ["replay", "--realtime", "0", "--tokens", "2", "--policy", "lru"]
+    assert main([*argv, "--shards", checkpoint]) == 0
+    captured = capsys.readouterr()
+    assert "prefetch node a Ray actor on this node" in captured.err
+    assert "route-to-prefetch-start over 48 messages" in captured.out
+
+
 # ---------------------------------------------------------------------- the CLI
 
 
