@@ -15,6 +15,12 @@ checks every policy against the replay).
 
 A capacity re-split (``predict.split``) couples every layer at every token: a session takes it
 from a service's updates (``apply_update``), between batches, never on its own.
+
+A route call's work is native (``moeray.native``'s session cores, src/session.hpp): a demand
+policy's layer is served and planned in one call (``_DemandSession``, over the DemandCaches'
+own caches and this session's affinities); a predictive one's plan is read from the hot rows
+before and after ``PredictiveCaches.serve_layer`` (``_HotPlan``). Python checks the call's shape
+and order; the ids' range is checked natively before anything changes.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 from moeray.actors.config import ServiceConfig
 from moeray.actors.messages import PROTOCOL_VERSION, EngineUpdate
 from moeray.engine.link import ServiceLink
+from moeray.native import backend
 from moeray.policy.affinity import ExpertAffinity
 from moeray.policy.predict import PredictiveCaches
 from moeray.policy.windows import COUNTER_KEYS
@@ -38,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _EMPTY = np.zeros(0, np.int64)
 _EMPTY.flags.writeable = False
+_NATIVE_IDS = (np.dtype(np.int32), np.dtype(np.int64))  # the cores read these in place
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,8 +115,7 @@ class EngineSession:
             )
             self._budget = config.prefetch_budgets()
             self._prefetches = [0] * L
-        self._before = np.zeros(E, dtype=bool)  # scratch masks of route's plan
-        self._after = np.zeros(E, dtype=bool)
+        self._core, self._buffers = self._plan_core()
         self._batch: _Batch | None = None
         self._version = 0
         self._link = link
@@ -168,33 +175,31 @@ class EngineSession:
         starts a sequence) or one bool for all, default False. Layers come 0..L-1 for each batch;
         anything else, and bad input, raises a one-line ValueError / TypeError and changes
         nothing. Returns the layer's plan."""
-        ids = self._check_route(layer, ids, weights, new_sequence)
+        layer, ids = self._check_route(layer, ids, weights, new_sequence)
+        core = self._core
         if layer == 0:
+            core.check(ids)  # the range, before the batch opens
             self._open(ids.shape[0], new_sequence)
         batch = self._batch
-        before = self._hot_mask(layer)
-        ahead_before = self._hot_mask(layer + 1) if layer + 1 < self.config.num_layers else None
         if self._predictive:
+            if layer == 0:
+                core.before(0)  # later layers' rows were kept by the plan of the layer before
             self._caches.serve_layer(layer, ids)
+            n_load, n_evict, n_fetch, n_drop = core.plan(layer, ids)
         else:
-            self._prefetches[layer] += self._demand.serve(layer, ids, self._budget[layer])
+            n_load, n_evict, prefetched = core.route(layer, ids, self._budget[layer])
+            self._prefetches[layer] += prefetched
+            n_fetch = n_drop = 0
         batch.ids.append(ids)
-        used = np.zeros(self.config.num_experts, dtype=bool)
-        used[ids.ravel()] = True
-        after = self._hot_mask(layer)
+        buffers = self._buffers
         plan = LayerPlan(
             layer,
-            load=np.flatnonzero((used | after) & ~before),
-            evict=np.flatnonzero((before | used) & ~after),
+            load=buffers[0][:n_load].copy() if n_load else _EMPTY,
+            evict=buffers[1][:n_evict].copy() if n_evict else _EMPTY,
+            prefetch=buffers[2][:n_fetch].copy() if n_fetch else _EMPTY,
+            prefetch_evict=buffers[3][:n_drop].copy() if n_drop else _EMPTY,
             version=self._version,
         )
-        if ahead_before is not None and self._predictive:
-            ahead_after = self._hot_mask(layer + 1)
-            plan = replace(
-                plan,
-                prefetch=np.flatnonzero(ahead_after & ~ahead_before),
-                prefetch_evict=np.flatnonzero(ahead_before & ~ahead_after),
-            )
         if layer == self.config.num_layers - 1:
             self._close()
         return plan
@@ -297,6 +302,18 @@ class EngineSession:
         self.batches += 1
         self._batch = None
 
+    def _plan_core(self):
+        """The native plan core of this session's policy and its output buffers (load, evict,
+        prefetch, prefetch_evict; a demand core writes the first two)."""
+        if self._predictive:
+            core = backend._HotPlan(self._caches._hot)  # the kernel writes these rows in place
+            return core, core.buffers()
+        demand = self._demand  # the core serves its caches from now on (it alone)
+        core = backend._DemandSession(
+            demand._caches, self._affinity, demand._blended, demand._weight
+        )
+        return core, (*core.buffers(), _EMPTY, _EMPTY)
+
     def _hot_mask(self, layer: int) -> np.ndarray:
         mask = np.zeros(self.config.num_experts, dtype=bool)
         if self._predictive:
@@ -323,15 +340,19 @@ class EngineSession:
             )
         return int(layer)
 
-    def _check_route(self, layer, ids, weights, new_sequence) -> np.ndarray:
-        layer = self._check_layer(layer)
+    def _check_route(self, layer, ids, weights, new_sequence) -> tuple[int, np.ndarray]:
+        """The call's layer and its ids as the cores read them (int32 or int64, C-contiguous,
+        [tokens, top_k]); the ids' range is the cores' to check."""
         expected = 0 if self._batch is None else len(self._batch.ids)
-        if layer != expected:
-            raise ValueError(
-                f"layer: expected layer {expected} next (layers come 0..{self.config.num_layers - 1}"
-                f" for each batch), got {layer}"
-            )
-        ids = np.asarray(ids)
+        if type(layer) is not int or layer != expected:
+            layer = self._check_layer(layer)
+            if layer != expected:
+                raise ValueError(
+                    f"layer: expected layer {expected} next (layers come "
+                    f"0..{self.config.num_layers - 1} for each batch), got {layer}"
+                )
+        if type(ids) is not np.ndarray:
+            ids = np.asarray(ids)
         top_k = self.config.top_k
         if ids.ndim == 1:
             ids = ids[None]
@@ -347,8 +368,6 @@ class EngineSession:
                 f"ids: layer {layer} of this batch needs its {self._batch.tokens} tokens, "
                 f"got {tokens}"
             )
-        if ids.min() < 0 or ids.max() >= self.config.num_experts:
-            raise ValueError(f"ids: expected ids in [0, {self.config.num_experts})")
         if weights is not None:
             weights = np.asarray(weights)
             if weights.shape != ids.shape or weights.dtype.kind != "f":
@@ -365,4 +384,8 @@ class EngineSession:
                     f"new_sequence: expected a bool or bool [{tokens}], got {starts.dtype} "
                     f"{starts.shape}"
                 )
-        return ids.astype(np.int64, copy=False)
+        if ids.dtype not in _NATIVE_IDS or (self._predictive and ids.dtype != np.int64):
+            ids = ids.astype(np.int64)  # uint64 ids past 2**63 turn negative: out of range
+        elif not ids.flags.c_contiguous:
+            ids = np.ascontiguousarray(ids)
+        return layer, ids
