@@ -387,6 +387,15 @@ class ServiceHandle:
         _ray.remove_service(self.config)
 
 
+def start_prefetch_node(shards: str, num_layers: int, num_experts: int, **options):
+    """A prefetch actor on this process's node over the checkpoint at ``shards``
+    (``moeray.actors.prefetch_node.PrefetchNode``): give its ``on_route`` to a
+    ``moeray.engine.StreamingSession``, which streams each layer's plan to it over a local
+    socket as the router runs (docs/user-guide.md, "Streaming"). Needs a Ray session;
+    ``close()`` removes it."""
+    return _ray.PrefetchNodeHandle(shards, num_layers, num_experts, **options)
+
+
 def start(config: ServiceConfig, **options) -> ServiceHandle:
     """Creates the service's actors and returns once the coordinator answers. options: the
     handle's (``ServiceHandle``: max_in_flight, max_journal_windows, max_journal_bytes,

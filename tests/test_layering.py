@@ -55,7 +55,7 @@ def run_probe(modules: str, env_extra: dict[str, str] | None = None) -> subproce
 @pytest.mark.parametrize(
     "modules",
     [
-        "moeray, moeray.policy, moeray.replay, moeray.traces, moeray.placement",
+        "moeray, moeray.policy, moeray.replay, moeray.traces, moeray.placement, moeray.engine",
         "moeray.cli, moeray.native, moeray.native._reference, moeray.policy.memory",
     ],
 )
