@@ -26,6 +26,7 @@ process growing once warm) and 0 tokens lost.
 usage: python benchmarks/bench_soak.py [--minutes 10] [--kill-every 60] [--kill-coordinator]
        [--task-events off|on] [--steps-per-s 200] [--step-tokens 256] [--window-steps 4]
        [--sample-s 10] [--json PATH]
+       python benchmarks/bench_soak.py --summary-of PATH  (a saved run's growth table again)
 """
 
 from __future__ import annotations
@@ -262,7 +263,12 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
             last_pid = tail[-1]["pids"].get(name)
             kept = [s for s in tail if s["pids"].get(name) == last_pid]
             if len(kept) < len(tail):
+                # ... and, since its latest process is young, the line through every process of
+                # that actor over the last half: does the actor grow from restart to restart?
+                across = slope_mib_per_min([s["t_s"] for s in tail], [s["rss"][name] for s in tail])
                 note = f"since its restart at {kept[0]['t_s'] / 60:.1f} min"
+                if across is not None:
+                    note += f"; {across:+.2f} MiB/min through all its processes"
         slope = slope_mib_per_min([s["t_s"] for s in kept], [s["rss"][name] for s in kept])
         rows.append(
             (
@@ -274,6 +280,13 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
             )
         )
     return rows
+
+
+def print_summary(rows: list[tuple[str, str, str, str, str]]) -> None:
+    print("| process | RSS at half-time (MiB) | RSS at the end (MiB) | growth (MiB/min) | note |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 def main(argv=None) -> int:
@@ -304,7 +317,18 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--sample-s", type=float, default=10.0, help="default 10")
     parser.add_argument("--json", type=Path, default=None, help="write samples and summary")
+    parser.add_argument(
+        "--summary-of",
+        type=Path,
+        default=None,
+        help="print the growth table of a run saved with --json, and run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.summary_of is not None:
+        saved = json.loads(args.summary_of.read_text())
+        print(f"{args.summary_of.name} (moeray at {saved['commit']}, {saved['date']}):")
+        print_summary(summary_rows(saved))
+        return 0
     if args.minutes <= 0 or args.steps_per_s <= 0 or args.sample_s <= 0:
         parser.error("--minutes, --steps-per-s and --sample-s must be > 0")
 
@@ -341,10 +365,7 @@ def main(argv=None) -> int:
         "the last half, least-squares line through the samples"
     )
     print()
-    print("| process | RSS at half-time (MiB) | RSS at the end (MiB) | growth (MiB/min) | note |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_summary(rows)
     print()
     print(
         "| steps | tokens submitted | tokens routed (every layer) | tokens lost | applied twice "
