@@ -10,14 +10,18 @@
 //   ExpertCache of expert_cache.hpp and the Affinity of affinity.hpp, the same calls in the same
 //   order) and keeps a byte copy of each layer's hot set, changed as the cache changes: before
 //   each miss it asks the cache for the victim it is about to evict (suggest_eviction, or the
-//   affinity blend's), which is what the access then evicts. A prefetch by affinity evicts
-//   victims it does not report, so after one the layer's copy is read again from the cache.
+//   affinity blend's), which is what the access then evicts. Only the batch's experts and those
+//   victims can change, so the plan is read from them alone (a scan of every expert costs more
+//   than the serving at decode: its branches follow the data). A prefetch by affinity evicts
+//   victims it does not report: with one, the layer's copy is read again from the cache and the
+//   plan comes from every expert's before and after.
 // - HotPlan plans the predictive policy's layers from PredictiveCaches' hot rows (bool [L, E],
 //   written by the predict kernel): a copy of row `layer` taken before the layer is served,
 //   and of row layer + 1 for the next layer's prefetch.
 // Ids were checked by the caller (bindings_session.cpp): nothing here reads out of bounds.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -81,7 +85,8 @@ class DemandSession {
                 double weight)
       : caches_(std::move(caches)), affinities_(std::move(affinities)), blended_(blended),
         weight_(weight), experts_(caches_.empty() ? 0 : caches_[0]->num_experts()),
-        hot_(caches_.size() * experts_, 0), before_(experts_ + 8, 0), used_(experts_ + 8, 0) {
+        hot_(caches_.size() * experts_, 0), before_(experts_ + 8, 0), used_(experts_ + 8, 0),
+        mark_(experts_, 0) {
     for (size_t l = 0; l < caches_.size(); ++l) read_hot(static_cast<int64_t>(l));
   }
 
@@ -100,14 +105,14 @@ class DemandSession {
     ExpertCache& c = *caches_[l];
     Affinity& a = *affinities_[l];
     uint8_t* now = hot_.data() + l * experts_;
-    uint8_t* used = used_.data();
-    std::memcpy(before_.data(), now, experts_);
-    const int64_t n = tokens * k;
+    uint8_t* mark = mark_.data();
+    if (budget > 0) std::memcpy(before_.data(), now, experts_);
+    touched_.clear();
     for (int64_t t = 0; t < tokens; ++t) {
       const int32_t* row = ids + t * k;
       for (int64_t j = 0; j < k; ++j) {
         const int32_t e = row[j];
-        used[e] = 1;
+        touch(e, now[e], kUsed);
         if (!now[e]) {  // a miss: the victim the access evicts, if the hot set is full
           int32_t victim = ExpertCache::kNone;
           if (blended_) {
@@ -116,7 +121,10 @@ class DemandSession {
           } else {
             victim = c.suggest_eviction();
           }
-          if (victim != ExpertCache::kNone) now[victim] = 0;
+          if (victim != ExpertCache::kNone) {
+            touch(victim, 1, 0);
+            now[victim] = 0;
+          }
           now[e] = 1;
         }
         c.access(e);
@@ -128,13 +136,51 @@ class DemandSession {
     if (budget > 0) {
       prefetched = static_cast<int64_t>(c.prefetch_by_affinity(a, budget).size());
       read_hot(l);
+      std::fill(used_.begin(), used_.end(), 0);
+      for (int32_t e : touched_) used_[e] = (mark[e] & kUsed) ? 1 : 0;
+      plan_rows(before_.data(), now, used_.data(), experts_, load, n_load, evict, n_evict);
+    } else {
+      int64_t nl = 0, ne = 0;
+      for (int32_t e : touched_) {  // branch-free: whether an expert is in is the data's
+        const int64_t m = mark[e], b = (m & kBefore) != 0, u = (m & kUsed) != 0, after = now[e];
+        load[nl] = e;
+        nl += (u | after) & (b ^ 1);
+        evict[ne] = e;
+        ne += (b | u) & (after ^ 1);
+      }
+      sort_ids(load, nl);
+      sort_ids(evict, ne);
+      n_load = nl;
+      n_evict = ne;
     }
-    plan_rows(before_.data(), now, used, experts_, load, n_load, evict, n_evict);
-    for (int64_t i = 0; i < n; ++i) used[ids[i]] = 0;
+    for (int32_t e : touched_) mark[e] = 0;
     return prefetched;
   }
 
  private:
+  static constexpr uint8_t kTouched = 1, kBefore = 2, kUsed = 4;
+
+  // Notes e as touched by this call: its status before the call (`hot` now, at its first touch:
+  // nothing changed it earlier in the call) and whether the batch used it.
+  void touch(int32_t e, uint8_t hot, uint8_t used) {
+    uint8_t& m = mark_[e];
+    if (!m) {
+      m = kTouched | (hot ? kBefore : 0);
+      touched_.push_back(e);
+    }
+    m |= used;
+  }
+
+  static void sort_ids(int64_t* v, int64_t n) {
+    if (n > 32) return std::sort(v, v + n);
+    for (int64_t i = 1; i < n; ++i) {  // a decode step's few ids: an insertion sort
+      const int64_t x = v[i];
+      int64_t j = i;
+      for (; j > 0 && v[j - 1] > x; --j) v[j] = v[j - 1];
+      v[j] = x;
+    }
+  }
+
   void read_hot(int64_t l) {
     uint8_t* row = hot_.data() + l * experts_;
     for (int32_t e = 0; e < experts_; ++e) row[e] = caches_[l]->is_hot(e) ? 1 : 0;
@@ -145,7 +191,8 @@ class DemandSession {
   bool blended_;
   double weight_;
   int32_t experts_;
-  std::vector<uint8_t> hot_, before_, used_;
+  std::vector<uint8_t> hot_, before_, used_, mark_;
+  std::vector<int32_t> touched_;
 };
 
 // Plans of the predictive policy's layers from its hot rows (bool [L, E], PredictiveCaches'
