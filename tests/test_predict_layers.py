@@ -301,7 +301,7 @@ def test_window_kernels_agree():
     starts = starts_of(rng, 80)
     a, b = PredictiveCaches(3, 9, 3, 4), PredictiveCaches(3, 9, 3, 4)
     kernels = backend._PredictKernel(**a._kernel_arguments()), b._twin()
-    out = [k.run_window(ids, starts, None, 0, 1.0, 1.0, 0.999, 0.99) for k in kernels]
+    out = [k.run_window(ids, starts, None, 0, 1.0, 1.0, 0.999, 0.99, 0) for k in kernels]
     kernels[1].flush()
     assert out[0] == out[1] and out[0][0] == 80
     for name, x in a._kernel_arguments().items():
@@ -312,11 +312,34 @@ def test_window_kernels_agree():
             assert np.array_equal(x, y), name
 
 
+@pytest.mark.parametrize("native", PATHS)
+def test_window_layers_below_first_are_routing_only(native):
+    """run_window(first_layer=2): layers 2.. decide as the full steps, layers 0 and 1 keep
+    their state and counters."""
+    rng = np.random.default_rng(31)
+    ids = routing(rng, 90, 4, 10, 3)
+    starts = starts_of(rng, 90)
+    a, b = caches(native, 4, 10, 3, 4), caches(native, 4, 10, 3, 4)
+    by_steps(a, ids, starts)
+    b.run_window(ids[:40], starts[:40], first_layer=2)
+    b.run_window(ids[40:], starts[40:], first_layer=2)
+    for name in ("_hot", "_pending", "_touch", "_affinity", "_prev", "_cross", "_pair"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert np.array_equal(x[2:], y[2:]), name
+        assert not y[:2].any(), name
+    for name in COUNTERS[:6]:
+        x, y = getattr(a.stats, name), getattr(b.stats, name)
+        assert np.array_equal(x[2:], y[2:]) and not y[:2].any(), name
+    assert b._clock == 90 and a.stats.prefetches[2:].sum() > 0
+    with pytest.raises(ValueError, match=r"^first_layer: expected an int \[0, 3\], got 4"):
+        b.run_window(ids[:1], first_layer=4)
+
+
 def test_window_checks_its_input(core):
     c = PredictiveCaches(3, 6, 2, 2)
     kernel = core._PredictKernel(**c._kernel_arguments())
     ids = np.zeros((4, 3, 2), dtype=np.int64)
-    args = (None, None, 0, 1.0, 1.0, 0.999, 0.99)
+    args = (None, None, 0, 1.0, 1.0, 0.999, 0.99, 0)
     with pytest.raises(ValueError, match=r"ids: every id must be in \[0, 6\)"):
         kernel.run_window(ids + 6, *args)
     with pytest.raises(ValueError, match=r"ids: expected shape \[4, 3, 2\]"):
@@ -324,9 +347,11 @@ def test_window_checks_its_input(core):
     with pytest.raises(ValueError, match=r"new_sequence: expected shape \[4\]"):
         kernel.run_window(ids, np.zeros(3, dtype=bool), *args[1:])
     with pytest.raises(ValueError, match=r"transition_decay: expected a float in \(0, 1\)"):
-        kernel.run_window(ids, None, None, 0, 1.0, 1.0, 1.0, 0.99)
+        kernel.run_window(ids, None, None, 0, 1.0, 1.0, 1.0, 0.99, 0)
     assert not c._hot.any()
-    assert kernel.run_window(ids, None, None, 5, 1.0, 1.0, 0.5, 0.5)[0] == 9
+    with pytest.raises(ValueError, match=r"first_layer: expected an int in \[0, 2\]"):
+        kernel.run_window(ids, None, None, 0, 1.0, 1.0, 0.999, 0.99, 3)
+    assert kernel.run_window(ids, None, None, 5, 1.0, 1.0, 0.5, 0.5, 0)[0] == 9
 
 
 class _TokenByToken(PredictiveCaches):
@@ -369,4 +394,10 @@ def test_policy_windows_decide_as_token_loops(native, monkeypatch):
         for (hot_a, ahead_a), (hot_b, ahead_b) in zip(*(p.hot_sets() for p in policies)):
             assert np.array_equal(hot_a, hot_b) and np.array_equal(ahead_a, ahead_b)
     assert policies[0]._caches.stats.resplit_evictions.sum() > 0
-    assert_same(policies[0]._caches, policies[1]._caches, "windows")
+    tables = [p.tables() for p in policies]  # the hosted layers' (the shadow's never runs)
+    for name in tables[0]:
+        assert np.array_equal(tables[0][name], tables[1][name]), name
+    window, token = (p._caches for p in policies)
+    assert not window._hot[0].any() and token._hot[0].any()  # the shadow: routing only
+    for name in ("_hot", "_pending", "_touch", "_affinity", "_prev", "_cross"):
+        assert np.array_equal(getattr(window, name)[1:], getattr(token, name)[1:]), name

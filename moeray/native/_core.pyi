@@ -133,6 +133,7 @@ class _PredictKernel:
         prev_scale: float,
         transition_decay: float,
         previous_decay: float,
+        first_layer: int,
     ) -> tuple[int, float, float]: ...
     def open_batch(
         self,

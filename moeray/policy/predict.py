@@ -623,14 +623,19 @@ class PredictiveCaches:
         own = cls._hot_value is PredictiveCaches._hot_value
         return self._native or (own and cls._keep_scores is PredictiveCaches._keep_scores)
 
-    def run_window(self, expert_ids, new_sequence=None) -> None:
+    def run_window(self, expert_ids, new_sequence=None, first_layer: int = 0) -> None:
         """Serves T tokens without hints exactly as T ``step`` calls: expert_ids integer [T,
         num_layers, top_k], each in [0, num_experts); new_sequence None (the stream continues)
         or bool [T], True where a token starts a sequence. One kernel call (the native one
         without the GIL) advances the clock and the tables' scales itself; with
         ``config.split`` set (a re-split may fall inside the window) the tokens go through
-        ``step`` one by one."""
+        ``step`` one by one. first_layer in [0, num_layers): the layers below it are routing
+        context only (a layer actor's shadow layer): their ids feed first_layer's cross-layer
+        predictor, and what happens to their own state and counters is left open (the window
+        step leaves them as they were, ``step`` serves them); the other layers' decisions are
+        the same either way."""
         self._refuse_in_batch("run_window")
+        check_int(first_layer, "first_layer", 0, self.num_layers - 1)
         ids = np.asarray(expert_ids)
         shape = (self.num_layers, self.top_k)
         if ids.ndim != 3 or ids.shape[1:] != shape or ids.dtype.kind not in "iu":
@@ -666,6 +671,7 @@ class PredictiveCaches:
             self._prev_scale,
             cfg.transition_decay,
             cfg.previous_decay,
+            first_layer,
         )
         self._last_ids = ids[-1].copy()
 

@@ -184,9 +184,11 @@ class DemandCaches:
 class PredictiveWindows:
     """One ``PredictiveCaches`` over hosted layers a..b, plus the "shadow" layer a-1 when a > 0:
     layer a's cross-layer predictor reads layer a-1's routing of the same token
-    (``PolicyWindow.previous_layer_ids``), and the shadow's own counters are dropped. Hot sets never
-    interact across layers, so this makes exactly the decisions the whole model's
-    ``PredictiveCaches`` makes for a..b. Built at the first window (top_k from its routing).
+    (``PolicyWindow.previous_layer_ids``); the shadow's own policy does not run on the window
+    step (``run_window(first_layer=1)``), and its counters are dropped on the token path (with
+    hints). Hot sets never interact across layers, so this makes exactly the decisions the
+    whole model's ``PredictiveCaches`` makes for a..b. Windows without hints run in one kernel
+    call per stretch between re-splits. Built at the first window (top_k from its routing).
     ``make_caches``: builds the caches from ``PredictiveCaches``' arguments (a variant under
     study, in benchmarks)."""
 
@@ -253,7 +255,11 @@ class PredictiveWindows:
             for first, end in zip(cuts, cuts[1:]):
                 if first in resplits and not np.array_equal(resplits[first], caches.capacity):
                     caches.set_capacity(resplits[first])
-                caches.run_window(ids[first:end], None if starts is None else starts[first:end])
+                caches.run_window(
+                    ids[first:end],
+                    None if starts is None else starts[first:end],
+                    first_layer=self._skip,  # the shadow layer: its routing only
+                )
         else:
             for t in range(tokens):
                 if t in resplits and not np.array_equal(resplits[t], caches.capacity):
@@ -286,7 +292,11 @@ class PredictiveWindows:
                 f"{ids.dtype} {ids.shape}"
             )
         caches = self._build(ids.shape[2])
-        caches.run_window(ids, None if seq_starts is None else np.asarray(seq_starts, dtype=bool))
+        caches.run_window(
+            ids,
+            None if seq_starts is None else np.asarray(seq_starts, dtype=bool),
+            first_layer=self._skip,
+        )
 
     def _resplits(self, window: PolicyWindow, tokens: int) -> dict[int, np.ndarray]:
         """Token offset -> the capacities of this instance's rows (the shadow layer's first)

@@ -254,12 +254,15 @@ class _PredictKernel:
         prev_scale,
         transition_decay,
         previous_decay,
+        first_layer,
     ) -> tuple[int, float, float]:
         """Tokens ids int64 [T, L, top_k] without hints, as T steps: new_sequence bool [T] or
         None (no token starts a sequence); last_ids the token's before the window (None:
         none); clock, scale, prev_scale the policy's before the window, each advanced per
         token as ``PredictiveCaches.step`` advances them (the tables divided by a scale past
-        1e200, which restarts at 1). Returns (clock, scale, prev_scale) after the window."""
+        1e200, which restarts at 1). Layers below first_layer (in [0, L)) are routing only:
+        they feed first_layer's cross-layer predictor, nothing of theirs runs or changes.
+        Returns (clock, scale, prev_scale) after the window."""
         if not isinstance(ids, np.ndarray) or ids.ndim != 3:
             raise ValueError(f"ids: expected shape [tokens, {self.layers}, {self.top_k}]")
         T = ids.shape[0]
@@ -272,14 +275,33 @@ class _PredictKernel:
         if last_ids is not None:
             last_ids = self._token(last_ids, "last_ids")
         clock = _Clock(clock, T, scale, prev_scale, transition_decay, previous_decay)
+        first = check_int(
+            first_layer, "first_layer", 0, self.layers - 1, f"an int in [0, {self.layers - 1}]"
+        )
         if self._batch is not None:
             raise ValueError("run_window: a batch is open (close_batch first)")
         for t in range(T):
             before = ids[t - 1] if t else last_ids
             last = None if new_sequence is not None and new_sequence[t] else before
             token_clock, scale, next_scale, next_prev_scale = clock.advance()
-            p = predict(self, ids[t], last, scale)
-            serve(self, p, ids[t], last, token_clock, next_scale, next_prev_scale)
+            if not first:  # every layer at once
+                p = predict(self, ids[t], last, scale)
+                serve(self, p, ids[t], last, token_clock, next_scale, next_prev_scale)
+                continue
+            for layer in range(first, self.layers):  # one layer at a time, as a batch's
+                view = self._view(layer, 0)
+                prev = None if last is None else last[layer]
+                guesses = ahead_layer(view, ids[t, layer - 1], prev, scale, token_clock)
+                serve_layer(
+                    view,
+                    guesses,
+                    ids[t, layer],
+                    ids[t, layer - 1],
+                    prev,
+                    token_clock,
+                    next_scale,
+                    next_prev_scale,
+                )
         return clock.state()
 
     # -------------------------------------------------------------- a batch, layer by layer
@@ -376,7 +398,7 @@ class _PredictKernel:
                 f"close_batch: layers {self._batch.next_layer}..{self.layers - 1} of the batch "
                 "not served"
             )
-        last, self._batch = self._batch.ids[-1].copy(), None
+        last, self._batch, self._events = self._batch.ids[-1].copy(), None, None
         return last
 
     def _context(self, layer: int, b: int):

@@ -699,7 +699,8 @@ py::array_t<int64_t> predict_kernel_take_events(PredictKernelHandle& self) {
 
 py::tuple predict_kernel_run_window(PredictKernelHandle& self, H ids_obj, H new_sequence_obj,
                                     H last_ids_obj, H clock_obj, double scale, double prev_scale,
-                                    double transition_decay, double previous_decay) {
+                                    double transition_decay, double previous_decay,
+                                    H first_layer_obj) {
   moeray::PredictKernel& kernel = self.kernel;
   const moeray::PredictState& s = kernel.state();
   // ids [T, L, k]: T is the array's own
@@ -725,13 +726,15 @@ py::tuple predict_kernel_run_window(PredictKernelHandle& self, H ids_obj, H new_
                                               s.experts, keep);
   moeray::PredictClock clock =
       check_clock(clock_obj, T, scale, prev_scale, transition_decay, previous_decay);
+  const int64_t first_layer = check_int(first_layer_obj, "first_layer", 0, s.layers - 1,
+                                        "an int in [0, " + std::to_string(s.layers - 1) + "]");
   const bool* st = has_starts ? static_cast<const bool*>(starts.data()) : nullptr;
   bool open = false;
   {
     py::gil_scoped_release release;
     Lock lock(kernel.mutex);
     open = kernel.batch_open();
-    if (!open) kernel.run_window(ids, T, st, last, clock);
+    if (!open) kernel.run_window(ids, T, st, last, clock, first_layer);
   }
   if (open) throw py::value_error("run_window: a batch is open (close_batch first)");
   return py::make_tuple(clock.clock, clock.scale, clock.prev_scale);
@@ -1406,9 +1409,9 @@ PYBIND11_MODULE(_core, m) {
            "One token without hints, the state updated in place.")
       .def("run_window", &predict_kernel_run_window, py::arg("ids"), py::arg("new_sequence"),
            py::arg("last_ids"), py::arg("clock"), py::arg("scale"), py::arg("prev_scale"),
-           py::arg("transition_decay"), py::arg("previous_decay"),
-           "Tokens ids [T, L, top_k] without hints, as T steps; returns (clock, scale, "
-           "prev_scale) after them.")
+           py::arg("transition_decay"), py::arg("previous_decay"), py::arg("first_layer"),
+           "Tokens ids [T, L, top_k] without hints, as T steps, layers below first_layer "
+           "routing only; returns (clock, scale, prev_scale) after them.")
       .def("open_batch", &predict_kernel_open_batch, py::arg("last_ids"),
            py::arg("new_sequence"), py::arg("clock"), py::arg("scale"), py::arg("prev_scale"),
            py::arg("transition_decay"), py::arg("previous_decay"), py::arg("record"),

@@ -582,8 +582,10 @@ class PredictKernel {
 
   // A whole window: ids int64 [T, L, k]; new_sequence [T] (null: none starts a sequence);
   // last_ids the token's before the window (null: none). Advances `clock` as T steps would.
+  // Layers below first_layer are context only: their routing feeds the cross-layer predictor
+  // of first_layer, nothing of theirs runs or changes (a layer actor's shadow layer).
   void run_window(const int64_t* ids, int64_t tokens, const bool* new_sequence,
-                  const int64_t* last_ids, PredictClock& clock) {
+                  const int64_t* last_ids, PredictClock& clock, int64_t first_layer = 0) {
     scratch_.events = nullptr;
     const int64_t stride = s_.layers * s_.top_k;
     for (int64_t i = 0; i < tokens; ++i) {
@@ -592,7 +594,7 @@ class PredictKernel {
       const int64_t* before = i ? ids + (i - 1) * stride : last_ids;
       t.last_ids = new_sequence && new_sequence[i] ? nullptr : before;
       clock.advance(t);
-      for (int64_t l = 0; l < s_.layers; ++l)
+      for (int64_t l = first_layer; l < s_.layers; ++l)
         predict_detail::Layer(s_, c_, t, l, scratch_, quotients_).run();
     }
   }
