@@ -3,7 +3,11 @@
 //
 // The numpy step handles all layers at once; a layer's decisions depend only on its own rows of
 // the state (and the routing of the layer before), so this kernel runs the layers one after
-// the other, each from prediction to learning, and reaches the same state. Every floating
+// the other, each from prediction to learning, and reaches the same state. A layer's work has
+// two phases: `ahead` (predictions and prefetches, decidable once the layer before is routed)
+// and `serve` (the routing of the layer: guesses counted, accesses, learning); a step, a window
+// of tokens (run_window) and a batch served layer by layer (serve_layer) run the same phases in
+// different orders that reach the same state. Every floating
 // expression keeps numpy's operands and order (numpy sums over a non-last axis one term after
 // the other; `mean` is that sum divided by the count; the einsum of `hot_value` adds its
 // products in expert order), so native and numpy agree bit for bit (built with
