@@ -117,7 +117,8 @@ def test_native_demand_session_equals_the_twin(policy):
 
 
 @pytest.mark.parametrize("core", [backend, reference], ids=["backend", "twin"])
-def test_hot_plan_plans_the_rows_difference(core):
+@pytest.mark.parametrize("E", [E, 77, 200])  # whole words, a tail, several masks of 64
+def test_hot_plan_plans_the_rows_difference(core, E):
     rng = np.random.default_rng(3)
     hot = np.zeros((L, E), dtype=bool)
     planner = core._HotPlan(hot)

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 _EMPTY = np.zeros(0, np.int64)
 _EMPTY.flags.writeable = False
-_NATIVE_IDS = (np.dtype(np.int32), np.dtype(np.int64))  # the cores read these in place
+_INT32, _INT64 = np.dtype(np.int32), np.dtype(np.int64)  # the cores read these in place
+_new = object.__new__
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,10 +71,12 @@ class LayerPlan:
 
 @dataclass
 class _Batch:
-    """The batch being routed: its size, sequence starts and each layer's routing so far."""
+    """The batch being routed: its size, sequence starts, ids' shape and each layer's routing
+    so far."""
 
     tokens: int
     starts: np.ndarray
+    shape: tuple[int, int]
     ids: list[np.ndarray] = field(default_factory=list)
 
 
@@ -175,12 +178,23 @@ class EngineSession:
         starts a sequence) or one bool for all, default False. Layers come 0..L-1 for each batch;
         anything else, and bad input, raises a one-line ValueError / TypeError and changes
         nothing. Returns the layer's plan."""
-        layer, ids = self._check_route(layer, ids, weights, new_sequence)
+        batch = self._batch
+        if not (  # the common call (a batch's next layer, its ids as the cores read them)
+            batch is not None
+            and type(layer) is int
+            and layer == len(batch.ids)
+            and type(ids) is np.ndarray
+            and ids.shape == batch.shape
+            and (ids.dtype is _INT64 or (ids.dtype is _INT32 and not self._predictive))
+            and weights is None
+            and new_sequence is None
+        ):
+            layer, ids = self._check_route(layer, ids, weights, new_sequence)
         core = self._core
         if layer == 0:
             core.check(ids)  # the range, before the batch opens
-            self._open(ids.shape[0], new_sequence)
-        batch = self._batch
+            self._open(ids.shape, new_sequence)
+            batch = self._batch
         if self._predictive:
             if layer == 0:
                 core.before(0)  # later layers' rows were kept by the plan of the layer before
@@ -192,8 +206,9 @@ class EngineSession:
             n_fetch = n_drop = 0
         batch.ids.append(ids)
         buffers = self._buffers
-        plan = LayerPlan(
-            layer,
+        plan = _new(LayerPlan)  # LayerPlan(...) without the frozen dataclass's slow __init__
+        plan.__dict__.update(
+            layer=layer,
             load=buffers[0][:n_load].copy() if n_load else _EMPTY,
             evict=buffers[1][:n_evict].copy() if n_evict else _EMPTY,
             prefetch=buffers[2][:n_fetch].copy() if n_fetch else _EMPTY,
@@ -274,7 +289,7 @@ class EngineSession:
 
     # ------------------------------------------------------------------ internals
 
-    def _open(self, tokens: int, new_sequence) -> None:
+    def _open(self, shape: tuple[int, int], new_sequence) -> None:
         if self._link is not None:
             update = self._link.take_update()
             if update is not None:
@@ -283,10 +298,10 @@ class EngineSession:
                 except ValueError as exc:  # the engine keeps serving with what it has
                     self.refused_updates += 1
                     log.warning("moeray: update %d refused: %s", update.version, exc)
-        starts = np.zeros(tokens, dtype=bool)
+        starts = np.zeros(shape[0], dtype=bool)
         if new_sequence is not None:
             starts[:] = new_sequence
-        self._batch = _Batch(tokens, starts)
+        self._batch = _Batch(shape[0], starts, shape)
         if self._predictive:
             self._caches.open_batch(starts)
 
@@ -341,8 +356,8 @@ class EngineSession:
         return int(layer)
 
     def _check_route(self, layer, ids, weights, new_sequence) -> tuple[int, np.ndarray]:
-        """The call's layer and its ids as the cores read them (int32 or int64, C-contiguous,
-        [tokens, top_k]); the ids' range is the cores' to check."""
+        """The call's layer and its ids as the cores read them (int32 or int64 [tokens,
+        top_k]); the ids' range is the cores' to check."""
         expected = 0 if self._batch is None else len(self._batch.ids)
         if type(layer) is not int or layer != expected:
             layer = self._check_layer(layer)
@@ -384,8 +399,7 @@ class EngineSession:
                     f"new_sequence: expected a bool or bool [{tokens}], got {starts.dtype} "
                     f"{starts.shape}"
                 )
-        if ids.dtype not in _NATIVE_IDS or (self._predictive and ids.dtype != np.int64):
+        dtype = ids.dtype
+        if dtype != _INT64 and (dtype != _INT32 or self._predictive):
             ids = ids.astype(np.int64)  # uint64 ids past 2**63 turn negative: out of range
-        elif not ids.flags.c_contiguous:
-            ids = np.ascontiguousarray(ids)
-        return layer, ids
+        return layer, ids  # the cores read a strided array through a copy

@@ -28,8 +28,7 @@ def _check_route_ids(ids, experts: int) -> np.ndarray:
         raise TypeError(f"ids: expected dtype int32 or int64, got {ids.dtype}")
     if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
         raise ValueError(f"ids: expected shape [tokens, top_k], got {ids.shape}")
-    if not ids.flags.c_contiguous:
-        raise ValueError("ids: expected a C-contiguous array")
+    ids = np.ascontiguousarray(ids)
     bad = (ids < 0) | (ids >= experts)
     if bad.any():
         raise ValueError(f"ids: expected ids in [0, {experts}), got {int(ids[bad][0])}")

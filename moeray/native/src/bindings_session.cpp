@@ -24,8 +24,8 @@ std::string type_name(H obj) {
   return std::string(py::str(py::type::handle_of(obj).attr("__name__")));
 }
 
-// ids: a C-contiguous int32 or int64 numpy array [tokens, k], tokens >= 1, every id in
-// [0, experts): the one check of a route call, before anything changes.
+// ids: an int32 or int64 numpy array [tokens, k], tokens >= 1, every id in [0, experts): the
+// one check of a route call, before anything changes. Returns it C-contiguous (a copy if not).
 py::array check_route_ids(H obj, int64_t experts) {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error("ids: expected a numpy int32 or int64 array, got " + type_name(obj));
@@ -37,8 +37,8 @@ py::array check_route_ids(H obj, int64_t experts) {
   if (arr.ndim() != 2 || arr.shape(0) < 1 || arr.shape(1) < 1)
     throw py::value_error("ids: expected shape [tokens, top_k], got " +
                           std::string(py::str(arr.attr("shape"))));
-  if (!(arr.flags() & py::array::c_style))
-    throw py::value_error("ids: expected a C-contiguous array");
+  if (!(arr.flags() & py::array::c_style))  // a slice of an engine's routing: read a copy
+    arr = py::array::ensure(arr, py::array::c_style);
   const int64_t n = arr.size();
   bool bad = false;
   int64_t first = 0;

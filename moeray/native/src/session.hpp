@@ -3,8 +3,8 @@
 //
 // A plan compares a layer's hot set before and after the layer is served with the experts its
 // batch used: load = (used | after) & ~before, evict = (before | used) & ~after, both as
-// ascending ids. Hot sets are kept as one byte per expert (0 or 1), so 8 experts are compared
-// per 64-bit word and a word with nothing to report costs a few operations.
+// ascending ids. Hot sets are kept as one byte per expert (0 or 1) (PredictiveCaches' bool rows
+// are), compared 8 experts per 64-bit word.
 //
 // - DemandSession serves a demand policy's layer exactly as DemandCaches.serve does (the seed
 //   ExpertCache of expert_cache.hpp and the Affinity of affinity.hpp, the same calls in the same
@@ -39,12 +39,13 @@ inline uint64_t word(const uint8_t* p) {
   return w;
 }
 
-// Appends e0 + i for each nonzero byte i of w (bytes are 0 or 1) to out.
+// 8 bytes of 0 or 1 as 8 bits, bit i for byte i: each byte's bit lands on bit 56 + i of the
+// product, and no two partial products meet (so nothing carries).
+inline uint64_t bits8(uint64_t w) { return (w * 0x0102040810204080ULL) >> 56; }
+
+// Appends e0 + i for each set bit i of w to out.
 inline int64_t emit(uint64_t w, int64_t e0, int64_t* out, int64_t n) {
-  while (w) {
-    out[n++] = e0 + (__builtin_ctzll(w) >> 3);
-    w &= w - 1;
-  }
+  for (; w; w &= w - 1) out[n++] = e0 + __builtin_ctzll(w);
   return n;
 }
 
@@ -52,19 +53,25 @@ inline int64_t emit(uint64_t w, int64_t e0, int64_t* out, int64_t n) {
 
 // Rows of E bytes (0 or 1): load = ids with (used | after) & ~before, evict = ids with
 // (before | used) & ~after, ascending (used null: none). Returns the counts through n_load,
-// n_evict.
+// n_evict. Up to 64 experts at a time gathered into bit masks without a branch (a byte-by-byte
+// scan's branches would follow the data), then the set bits' ids.
 inline void plan_rows(const uint8_t* before, const uint8_t* after, const uint8_t* used,
                       int64_t experts, int64_t* load, int64_t& n_load, int64_t* evict,
                       int64_t& n_evict) {
+  using session_detail::bits8;
   using session_detail::emit;
   using session_detail::word;
   int64_t nl = 0, ne = 0, e = 0;
-  for (; e + 8 <= experts; e += 8) {
-    const uint64_t b = word(before + e), a = word(after + e), u = used ? word(used + e) : 0;
-    if ((a ^ b) | u) {
-      nl = emit((u | a) & ~b, e, load, nl);
-      ne = emit((b | u) & ~a, e, evict, ne);
+  while (e + 8 <= experts) {  // up to 64 experts, 8 at a time, then their ids
+    const int64_t e0 = e;
+    uint64_t in = 0, out = 0;
+    for (int c = 0; c < 8 && e + 8 <= experts; ++c, e += 8) {
+      const uint64_t b = word(before + e), a = word(after + e), u = used ? word(used + e) : 0;
+      in |= bits8((u | a) & ~b) << (8 * c);
+      out |= bits8((b | u) & ~a) << (8 * c);
     }
+    nl = emit(in, e0, load, nl);
+    ne = emit(out, e0, evict, ne);
   }
   for (; e < experts; ++e) {
     const bool b = before[e], a = after[e], u = used && used[e];

@@ -1,0 +1,328 @@
+"""The engine-side session's plan per layer call, side by side in one run: the native core alone,
+the Python ``EngineSession.route`` on it, and the Python path before the native cores.
+
+Rows, per policy (lru: a demand policy; moeray: the predictive one):
+- decode at 256 experts, top-8, 64 hot per layer, 24 layers (a skewed synthetic stream, one
+  token per batch): nanoseconds per layer call.
+- a decode step of gpt-oss-20b's shape (the bundled trace: 24 layers, 32 experts, top-4, 8 hot):
+  microseconds per 24-layer step (24 route calls, one token).
+Columns:
+- core (C++): the plan core of ``EngineSession.route`` timed in C++ without Python per call:
+  ``session_harness.cpp``, built here with the system compiler against the headers (lru:
+  session.hpp's DemandSession over the seed ExpertCache and Affinity; moeray: predict.hpp's
+  open_batch / serve_layer / close_batch with session.hpp's HotPlan around each serve_layer and
+  the session's affinity update at the batch's close). Its plans' totals are checked equal to
+  the Python session's on the same tokens.
+- route (Python): ``EngineSession.route`` of this tree, LayerPlan and all.
+- before (Python): ``EngineSession.route`` as it was before the native cores (the session module
+  at ``BASELINE_REV``, read from git): the baseline. Its decisions are checked equal to this
+  tree's (every counter of every layer).
+Each repeat starts fresh sessions, warms them on the first tokens (hot sets full, tables
+learned) and times the rest; the implementations alternate within a repeat; medians are shown.
+
+Goals (issue 18): <= 1 us per layer call at decode for the predictive policy, <= 100 ns for lru;
+a 24-layer decode step of gpt-oss-20b's shape planned in <= 25 us.
+
+usage: python benchmarks/bench_session.py [--quick] [--tokens N] [--repeats R] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from moeray.actors.config import ServiceConfig
+from moeray.engine import EngineSession
+from moeray.native import IS_NATIVE
+from moeray.policy.predict import _KERNEL_WEIGHTS, PREDICTOR_NAMES, PredictiveCaches
+from moeray.traces import default_trace_path, load_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE_REV = "2323305"  # the last commit whose EngineSession planned in numpy
+POLICIES = ("lru", "moeray")
+GOALS = {  # (shape, policy) -> (goal, unit of the row)
+    ("decode", "lru"): 100.0,
+    ("decode", "moeray"): 1000.0,
+    ("gpt-oss-20b", "lru"): 25.0,
+    ("gpt-oss-20b", "moeray"): 25.0,
+}
+
+
+def skewed_stream(tokens: int, layers: int, experts: int, top_k: int, seed: int = 0):
+    """int64 [tokens, layers, top_k]: per layer a Zipf-like popularity over its own
+    permutation of the experts, top_k distinct experts per token."""
+    rng = np.random.default_rng(seed)
+    popularity = 1.0 / np.arange(1, experts + 1) ** 0.8
+    out = np.empty((tokens, layers, top_k), np.int64)
+    for layer in range(layers):
+        p = popularity[np.argsort(rng.permutation(experts))]
+        p /= p.sum()
+        for t in range(tokens):
+            out[t, layer] = rng.choice(experts, size=top_k, replace=False, p=p)
+    return out
+
+
+def baseline_session_class():
+    """EngineSession as of BASELINE_REV (its module read from git), or None without git."""
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{BASELINE_REV}:moeray/engine/session.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp(prefix="bench_session_")) / "session_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("moeray_session_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.EngineSession
+
+
+def build_harness(workdir: Path) -> Path | None:
+    """Compiles session_harness.cpp as the extension is compiled (-O3, no FMA contraction)."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return None
+    out = workdir / "session_harness"
+    cmd = [
+        compiler,
+        "-std=c++17",
+        "-O3",
+        "-ffp-contract=off",
+        "-I",
+        str(ROOT / "moeray/native/src"),
+        str(ROOT / "benchmarks/session_harness.cpp"),
+        "-o",
+        str(out),
+    ]
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def harness_args(config: ServiceConfig) -> list[str]:
+    """The harness's policy arguments for ``config`` (see session_harness.cpp)."""
+    a = config.affinity_config()
+    out = [repr(float(a.decay)), repr(float(a.activation_boost)), repr(float(a.max_score))]
+    if config.policy == "lru":
+        return out
+    caches = PredictiveCaches(
+        config.num_layers,
+        config.num_experts,
+        config.top_k,
+        config.capacity,
+        replace(config.predict, split=None),
+    )
+    kw = caches._kernel_arguments()
+    cfg = caches.config
+    return out + [
+        str(caches._pair_buckets),
+        str(len(PREDICTOR_NAMES)),
+        str(kw["prefetch_budget"]),
+        repr(cfg.transition_decay),
+        repr(cfg.previous_decay),
+        *(repr(kw[name]) for name in _KERNEL_WEIGHTS),
+    ]
+
+
+def run_harness(harness: Path, config, ids: np.ndarray, warm: int, repeats: int, workdir: Path):
+    path = workdir / f"ids-{config.num_experts}.bin"
+    np.ascontiguousarray(ids, dtype=np.int64).tofile(path)
+    T, L, k = ids.shape
+    cmd = [str(harness), config.policy, str(path), str(T), str(L), str(config.num_experts)]
+    cmd += [str(k), str(config.capacity[0]), str(warm), str(repeats), *harness_args(config)]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
+def time_route(session, ids: np.ndarray, warm: int) -> float:
+    """Routes ids [T, L, k] one token per batch; returns ns per route call after ``warm``
+    tokens."""
+    rows = [[ids[t, layer][None] for layer in range(ids.shape[1])] for t in range(len(ids))]
+    layers = range(ids.shape[1])
+    route = session.route
+    for t in range(warm):
+        for layer in layers:
+            route(layer, rows[t][layer])
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        for t in range(warm, len(ids)):
+            row = rows[t]
+            for layer in layers:
+                route(layer, row[layer])
+        elapsed = time.perf_counter_ns() - start
+    finally:
+        gc.enable()
+    return elapsed / ((len(ids) - warm) * ids.shape[1])
+
+
+def plan_totals(config, ids: np.ndarray, warm: int) -> dict[str, int]:
+    """The plans' totals of this tree's session on tokens warm.. (the harness's check)."""
+    session = EngineSession(config)
+    out = dict.fromkeys(("loads", "evictions", "prefetches"), 0)
+    for t in range(len(ids)):
+        for layer in range(ids.shape[1]):
+            plan = session.route(layer, ids[t, layer][None])
+            if t >= warm:
+                out["loads"] += plan.load.size
+                out["evictions"] += plan.evict.size
+                out["prefetches"] += plan.prefetch.size
+    return out
+
+
+def measure(shape, config, ids, warm, repeats, harness, before_cls, workdir) -> dict:
+    """One row: the three columns' ns per layer call (medians), and the checks."""
+    core = plan_ns = None
+    if harness is not None:
+        result = run_harness(harness, config, ids, warm, repeats, workdir)
+        totals = plan_totals(config, ids, warm)
+        if any(result[key] != totals[key] for key in totals):
+            raise SystemExit(
+                f"{shape} {config.policy}: the harness planned {result}, the session {totals}"
+            )
+        core = statistics.median(result["ns_per_call"])
+        plan_ns = result["plan_ns_per_call"] if config.policy != "lru" else None
+    route, before, same = [], [], None
+    for _ in range(repeats):
+        session = EngineSession(config)
+        route.append(time_route(session, ids, warm))
+        if before_cls is not None:
+            old = before_cls(config)
+            before.append(time_route(old, ids, warm))
+            same = session.stats() == old.stats()
+            if not same:
+                raise SystemExit(f"{shape} {config.policy}: decisions differ from the baseline's")
+    return {
+        "shape": shape,
+        "policy": config.policy,
+        "core_ns": core,
+        "core_ns_repeats": result["ns_per_call"] if harness is not None else [],
+        "plan_helper_ns": plan_ns,
+        "route_ns": statistics.median(route),
+        "before_ns": statistics.median(before) if before else None,
+        "route_ns_repeats": route,
+        "before_ns_repeats": before,
+        "same_decisions_as_before": same,
+        "harness_plans_checked": core is not None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    parser.add_argument("--tokens", type=int, help="timed tokens per row (default 300; quick 60)")
+    parser.add_argument("--repeats", type=int, help="repeats per row (default 3; quick 2)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    tokens = args.tokens or (60 if args.quick else 300)
+    repeats = args.repeats or (2 if args.quick else 3)
+    if tokens < 1 or repeats < 1:
+        parser.error("--tokens and --repeats: expected ints >= 1")
+    if not IS_NATIVE:
+        parser.error("the native core is not in use (MOERAY_PURE_PYTHON or an unbuilt tree)")
+    warm = 100 if not args.quick else 40
+    workdir = Path(tempfile.mkdtemp(prefix="bench_session_"))
+    harness = build_harness(workdir)
+    before_cls = baseline_session_class()
+    trace = load_trace(default_trace_path())
+    gpt = trace.expert_ids[: warm + tokens].astype(np.int64)
+    shapes = [
+        ("decode", 24, 256, 8, 64, skewed_stream(warm + tokens, 24, 256, 8)),
+        ("gpt-oss-20b", trace.num_layers, trace.num_experts, trace.top_k, 8, gpt),
+    ]
+    rows = []
+    for shape, L, E, k, capacity, ids in shapes:
+        for policy in POLICIES:
+            config = ServiceConfig(
+                num_layers=L, num_experts=E, top_k=k, capacity=capacity, policy=policy
+            )
+            rows.append(measure(shape, config, ids, warm, repeats, harness, before_cls, workdir))
+    lines = table(rows, shapes)
+    for line in lines:
+        print(line)
+    if args.json:
+        result = {
+            "command": " ".join(["python", "benchmarks/bench_session.py", *(argv or sys.argv[1:])]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "revision": _revision(),
+            "baseline_revision": BASELINE_REV,
+            "load_average": os.getloadavg(),
+            "cpus": os.cpu_count(),
+            "tokens": tokens,
+            "warm": warm,
+            "repeats": repeats,
+            "rows": rows,
+            "lines": lines,
+        }
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def table(rows: list[dict], shapes) -> list[str]:
+    """The printed table: decode rows in ns per layer call, gpt-oss-20b rows in us per step."""
+    dims = {shape: f"{L} x {E}, top-{k}, {c} hot" for shape, L, E, k, c, _ in shapes}
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    out = [
+        f"load average {load} on {os.cpu_count()} CPUs; medians of the repeats",
+        "",
+        "| row | policy | core (C++) | of it: the plan | route (Python) | before (Python) "
+        "| x faster | goal | met by |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        per_step = row["shape"] == "gpt-oss-20b"
+        scale, unit = (24 / 1000, "us/step") if per_step else (1.0, "ns/call")
+        cells = [row["core_ns"], row["plan_helper_ns"], row["route_ns"], row["before_ns"]]
+        text = [
+            "-" if v is None else f"{v * scale:,.1f}" if per_step else f"{v:,.0f}" for v in cells
+        ]
+        speedup = (
+            f"{row['before_ns'] / row['route_ns']:.1f}" if row["before_ns"] is not None else "-"
+        )
+        goal = GOALS[(row["shape"], row["policy"])]
+        met = [
+            name
+            for name, v in zip(("core", "route"), cells[::2])
+            if v is not None and v * scale <= goal
+        ]
+        goal_text = f"<= {goal:g} {unit}"
+        label = f"{'decode step' if per_step else 'decode'}, {dims[row['shape']]} ({unit})"
+        out.append(
+            f"| {label} | {row['policy']} | {text[0]} | "
+            f"{'in core' if row['policy'] == 'lru' else text[1]} | {text[2]} | {text[3]} | "
+            f"{speedup} | {goal_text} | {', '.join(met) or 'not met'} |"
+        )
+    return out
+
+
+def _revision() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

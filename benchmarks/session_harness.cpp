@@ -1,0 +1,229 @@
+// The engine session's plan core timed in C++, without Python per call (bench_session.py builds
+// and runs it): per layer call at decode, the layer served and planned exactly as
+// EngineSession.route does it (lru: session.hpp's DemandSession over the seed ExpertCache and
+// Affinity; moeray: predict.hpp's PredictKernel open_batch / serve_layer / close_batch with
+// session.hpp's HotPlan around each serve_layer, the binding's copy of the ids included).
+//
+// usage: session_harness POLICY IDS_FILE TOKENS LAYERS EXPERTS TOP_K CAPACITY WARM REPEATS
+//          [lru:     DECAY BOOST MAX_SCORE]
+//          [moeray:  DECAY BOOST MAX_SCORE BUCKETS PREDICTORS PREFETCH_BUDGET TRANSITION_DECAY
+//                    PREVIOUS_DECAY and the 11 PredictParams weights in PredictParams' order]
+// (DECAY BOOST MAX_SCORE: the session's affinity per layer, which moeray's batch feeds at its
+// last layer.)
+// IDS_FILE: int64 [TOKENS, LAYERS, TOP_K], raw. Tokens 0..WARM-1 warm the state; the rest are
+// timed, REPEATS times from a fresh state. Prints one JSON object: ns per layer call of each
+// repeat, and the plan's totals (loads, evictions, prefetches) of the last repeat, which the
+// benchmark compares with EngineSession's on the same stream.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "affinity.hpp"
+#include "expert_cache.hpp"
+#include "predict.hpp"
+#include "session.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Totals {
+  int64_t loads = 0, evictions = 0, prefetches = 0;
+  double plan_ns = 0.0;  // moeray: the HotPlan calls' share of the timed calls, per call
+};
+
+std::vector<int64_t> read_ids(const char* path, int64_t n) {
+  std::vector<int64_t> ids(n);
+  FILE* f = std::fopen(path, "rb");
+  if (!f || std::fread(ids.data(), sizeof(int64_t), n, f) != static_cast<size_t>(n)) {
+    std::fprintf(stderr, "cannot read %lld ids from %s\n", static_cast<long long>(n), path);
+    std::exit(2);
+  }
+  std::fclose(f);
+  return ids;
+}
+
+// One repeat of lru: returns ns per timed layer call.
+double run_lru(const std::vector<int64_t>& ids64, int64_t T, int64_t L, int64_t E, int64_t k,
+               int64_t cap, int64_t warm, double decay, double boost, double max_score,
+               Totals& totals) {
+  std::vector<int32_t> ids(ids64.begin(), ids64.end());
+  std::vector<std::unique_ptr<moeray::ExpertCache>> caches;  // a mutex each: not movable
+  std::vector<std::unique_ptr<moeray::Affinity>> affinities;
+  std::vector<moeray::ExpertCache*> cs;
+  std::vector<moeray::Affinity*> as;
+  for (int64_t l = 0; l < L; ++l) {
+    caches.push_back(std::make_unique<moeray::ExpertCache>(static_cast<int32_t>(E),
+                                                           static_cast<int32_t>(cap), 0.1,
+                                                           moeray::kLru));
+    affinities.push_back(
+        std::make_unique<moeray::Affinity>(static_cast<int32_t>(E), decay, boost, max_score));
+    cs.push_back(caches.back().get());
+    as.push_back(affinities.back().get());
+  }
+  moeray::DemandSession session(cs, as, false, 0.8);
+  std::vector<int64_t> load(E), evict(E);
+  totals = Totals{};
+  Clock::time_point start;
+  for (int64_t t = 0; t < T; ++t) {
+    if (t == warm) start = Clock::now();
+    for (int64_t l = 0; l < L; ++l) {
+      int64_t nl, ne;
+      session.route(l, ids.data() + (t * L + l) * k, 1, k, 0, load.data(), nl, evict.data(), ne);
+      if (t >= warm) {
+        totals.loads += nl;
+        totals.evictions += ne;
+      }
+    }
+  }
+  const double ns = std::chrono::duration<double, std::nano>(Clock::now() - start).count();
+  return ns / static_cast<double>((T - warm) * L);
+}
+
+// PredictiveCaches' state arrays, zeroed as its constructor makes them.
+struct PredictArrays {
+  std::vector<char> hot, pending;
+  std::vector<int64_t> hot_count, capacity, counters, predictors;
+  std::vector<double> touch, cross, cross_n, pair, pair_n, prev, prev_n, affinity;
+
+  PredictArrays(int64_t L, int64_t E, int64_t B, int64_t P, int64_t cap)
+      : hot(L * E, 0), pending(L * E, 0), hot_count(L, 0), capacity(L, cap), counters(7 * L, 0),
+        predictors(3 * P * L, 0), touch(L * E, 0.0), cross(L * E * E, 0.0), cross_n(L * E, 0.0),
+        pair(L * B * E, 0.0), pair_n(L * B, 0.0), prev(L * E * E, 0.0), prev_n(L * E, 0.0),
+        affinity(L * E, 0.0) {}
+
+  moeray::PredictState state(int64_t L, int64_t E, int64_t k, int64_t B, int64_t P) {
+    moeray::PredictState s{};
+    s.layers = L;
+    s.experts = E;
+    s.top_k = k;
+    s.buckets = B;
+    s.hot = reinterpret_cast<bool*>(hot.data());
+    s.pending = reinterpret_cast<bool*>(pending.data());
+    s.resplit_out = nullptr;
+    s.hot_count = hot_count.data();
+    s.capacity = capacity.data();
+    s.touch = touch.data();
+    s.cross = cross.data();
+    s.cross_n = cross_n.data();
+    s.pair = pair.data();
+    s.pair_n = pair_n.data();
+    s.prev = prev.data();
+    s.prev_n = prev_n.data();
+    s.affinity = affinity.data();
+    int64_t* c = counters.data();
+    s.hits = c;
+    s.stalls = c + L;
+    s.prefetches = c + 2 * L;
+    s.prefetch_hits = c + 3 * L;
+    s.wasted_prefetches = c + 4 * L;
+    s.evictions = c + 5 * L;
+    s.resplit_transfers = c + 6 * L;
+    s.predictor_hits = predictors.data();
+    s.predictor_guesses = predictors.data() + P * L;
+    s.predictor_uses = predictors.data() + 2 * P * L;
+    return s;
+  }
+};
+
+double run_moeray(const std::vector<int64_t>& ids, int64_t T, int64_t L, int64_t E, int64_t k,
+                  int64_t cap, int64_t warm, int64_t B, int64_t P,
+                  const moeray::PredictParams& params, double transition_decay,
+                  double previous_decay, double decay, double boost, double max_score,
+                  Totals& totals) {
+  std::vector<std::unique_ptr<moeray::Affinity>> affinities;
+  for (int64_t l = 0; l < L; ++l)
+    affinities.push_back(
+        std::make_unique<moeray::Affinity>(static_cast<int32_t>(E), decay, boost, max_score));
+  std::vector<int32_t> ids32(ids.begin(), ids.end());
+  PredictArrays arrays(L, E, B, P, cap);
+  moeray::PredictKernel kernel(arrays.state(L, E, k, B, P), params);
+  moeray::HotPlan plan(reinterpret_cast<const bool*>(arrays.hot.data()), L, E);
+  moeray::PredictClock clock{0, 1.0, 1.0, transition_decay, previous_decay};
+  double plan_ns = 0.0;  // clock reads around the plan calls (tens of ns against the kernel's us)
+  std::vector<int64_t> out(4 * E), last(L * k);
+  bool has_last = false;
+  const bool start_flag = false;
+  totals = Totals{};
+  Clock::time_point start;
+  for (int64_t t = 0; t < T; ++t) {
+    if (t == warm) start = Clock::now();
+    kernel.open_batch(1, &start_flag, has_last ? last.data() : nullptr, clock, false);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t* row = ids.data() + (t * L + l) * k;
+      const Clock::time_point t0 = Clock::now();
+      if (l == 0) plan.before(0);
+      const Clock::time_point t1 = Clock::now();
+      std::copy(row, row + k, kernel.batch_ids() + l * k);  // the binding's copy
+      kernel.serve_layer(l);
+      const Clock::time_point t2 = Clock::now();
+      int64_t n[4];
+      plan.plan(l, row, k, out.data(), out.data() + E, out.data() + 2 * E, out.data() + 3 * E, n);
+      if (t >= warm) {
+        plan_ns += std::chrono::duration<double, std::nano>((t1 - t0) + (Clock::now() - t2)).count();
+        totals.loads += n[0];
+        totals.evictions += n[1];
+        totals.prefetches += n[2];
+      }
+    }
+    const int64_t* tail = kernel.close_batch();
+    for (int64_t l = 0; l < L; ++l)  // the session's close: its affinity EMA of each layer
+      affinities[l]->update_rows(ids32.data() + (t * L + l) * k, 1, k);
+    std::copy(tail, tail + L * k, last.data());  // the next token's previous token
+    has_last = true;
+  }
+  const double ns = std::chrono::duration<double, std::nano>(Clock::now() - start).count();
+  totals.plan_ns = plan_ns / static_cast<double>((T - warm) * L);
+  return ns / static_cast<double>((T - warm) * L);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 10) {
+    std::fprintf(stderr, "usage: see the top of session_harness.cpp\n");
+    return 2;
+  }
+  const std::string policy = argv[1];
+  const int64_t T = std::atoll(argv[3]), L = std::atoll(argv[4]), E = std::atoll(argv[5]),
+                k = std::atoll(argv[6]), cap = std::atoll(argv[7]), warm = std::atoll(argv[8]),
+                repeats = std::atoll(argv[9]);
+  const std::vector<int64_t> ids = read_ids(argv[2], T * L * k);
+  std::vector<double> ns;
+  Totals totals;
+  if (policy == "lru" && argc == 13) {
+    const double decay = std::atof(argv[10]), boost = std::atof(argv[11]),
+                 max_score = std::atof(argv[12]);
+    for (int64_t r = 0; r < repeats; ++r)
+      ns.push_back(run_lru(ids, T, L, E, k, cap, warm, decay, boost, max_score, totals));
+  } else if (policy == "moeray" && argc == 29) {
+    const double decay = std::atof(argv[10]), boost = std::atof(argv[11]),
+                 max_score = std::atof(argv[12]);
+    const int64_t B = std::atoll(argv[13]), P = std::atoll(argv[14]);
+    moeray::PredictParams c{};
+    c.prefetch_budget = std::atoll(argv[15]);
+    const double transition_decay = std::atof(argv[16]), previous_decay = std::atof(argv[17]);
+    double* w[] = {&c.cross_weight,         &c.previous_weight,      &c.affinity_weight,
+                   &c.prefetch_margin,      &c.prefetch_threshold,   &c.keep_previous_weight,
+                   &c.keep_affinity_weight, &c.victim_next_weight,   &c.victim_affinity_weight,
+                   &c.pair_prior,           &c.affinity_decay};
+    for (int i = 0; i < 11; ++i) *w[i] = std::atof(argv[18 + i]);
+    for (int64_t r = 0; r < repeats; ++r)
+      ns.push_back(run_moeray(ids, T, L, E, k, cap, warm, B, P, c, transition_decay,
+                              previous_decay, decay, boost, max_score, totals));
+  } else {
+    std::fprintf(stderr, "bad arguments for policy %s (%d given)\n", policy.c_str(), argc);
+    return 2;
+  }
+  std::printf("{\"ns_per_call\": [");
+  for (size_t i = 0; i < ns.size(); ++i) std::printf("%s%.2f", i ? ", " : "", ns[i]);
+  std::printf("], \"loads\": %lld, \"evictions\": %lld, \"prefetches\": %lld, "
+              "\"plan_ns_per_call\": %.2f}\n",
+              static_cast<long long>(totals.loads), static_cast<long long>(totals.evictions),
+              static_cast<long long>(totals.prefetches), totals.plan_ns);
+  return 0;
+}
