@@ -373,9 +373,15 @@ class ExpertOffload:
                 self._free(bank, int(e))
         hot = {int(e) for e in self.session.hot(position)}
         missing = sorted((used_set | {int(e) for e in plan.load}) - set(bank.slot_of))
-        if len(missing) <= len(bank.free):
+        fits = len(missing) <= len(bank.free)
+        if fits:
             for e in missing:
                 self._load_now(bank, position, e, stall=e in used_set)
+        # the next layer's loads run while this layer's experts compute (after this layer's
+        # own misses: those are needed first)
+        if self._prefetch and position + 1 < len(self._banks) and len(plan.prefetch):
+            self._prefetch_next(position + 1, plan.prefetch_evict, plan.prefetch)
+        if fits:
             out = self._compute(bank, hidden_states, top_k_index, top_k_weights, used)
         else:  # the batch's experts do not fit the bank: gather them, keep the hot ones
             out = self._compute_compact(bank, position, hidden_states, top_k_index, top_k_weights)
@@ -384,8 +390,6 @@ class ExpertOffload:
                     self._load_now(bank, position, e, stall=False)
         for e in sorted(set(bank.slot_of) - hot):  # the plan's evictions, and any drift
             self._free(bank, e)
-        if self._prefetch and position + 1 < len(self._banks) and len(plan.prefetch):
-            self._prefetch_next(position + 1, plan.prefetch_evict, plan.prefetch)
         if position == len(self._banks) - 1:
             self._stats.batches += 1
             self._starts = None
@@ -624,7 +628,9 @@ def _session(layers, shape, budget_bytes, capacity, policy, service, options) ->
                 f"experts, top_k {config.top_k}; the model {num_layers}, {shape.num_experts}, "
                 f"{top_k}"
             )
-        EngineSession._check_capacity(config)  # before any weight moves
+        caps = config.capacity if isinstance(config.capacity, tuple) else (config.capacity,)
+        if min(caps) < top_k:  # the session would refuse it; say so before any weight moves
+            raise ValueError(f"service: its capacity {min(caps)} is below top_k {top_k}")
         return EngineSession.attach(service)
     if (budget_bytes is None) == (capacity is None):
         raise ValueError("budget_bytes / capacity: give exactly one of them")
@@ -855,9 +861,8 @@ class ForcedRouting:
             )
         if not 0 <= start < trace.num_tokens:
             raise ValueError(f"start: expected an int in [0, {trace.num_tokens}), got {start}")
-        self._ids = np.ascontiguousarray(trace.expert_ids[:, : len(routers)], dtype=np.int64)
-        w = trace.weights
-        self._weights = None if w is None else np.ascontiguousarray(w[:, : len(routers)])
+        self._ids = trace.expert_ids  # [tokens, layers, top_k]: views, read a forward's rows
+        self._weights = trace.weights
         self._cursor = [start] * len(routers)
         self.tokens = 0
         self._handles = [
@@ -877,7 +882,8 @@ class ForcedRouting:
             torch = _torch()
             logits, weights, ids = output
             rows = self._take(position, ids.shape[0])
-            forced = torch.from_numpy(self._ids[rows, position]).to(ids.device, ids.dtype)
+            forced = torch.from_numpy(self._ids[rows, position].astype(np.int64))
+            forced = forced.to(ids.device, ids.dtype)
             if self._weights is not None:
                 weights = torch.from_numpy(self._weights[rows, position].astype(np.float32))
                 weights = weights.to(output[1].device, output[1].dtype)
