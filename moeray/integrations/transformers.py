@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -325,7 +324,6 @@ class ExpertOffload:
         self._cuda = shape.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(shape.device) if self._cuda else None
         self._executor = None if self._cuda else ThreadPoolExecutor(1, "moeray-prefetch")
-        self._lock = threading.Lock()
         self._starts = None  # the batch's sequence starts, from the model's pre-hook
         capacity = session.config.capacity
         capacity = capacity if isinstance(capacity, tuple) else (capacity,) * len(layers)
