@@ -306,14 +306,20 @@ class EngineSession:
             self._caches.open_batch(starts)
 
     def _close(self) -> None:
+        ids = None
         if self._predictive:
             self._caches.close_batch()
-            # the service's affinity EMA of each layer (the predictive windows feed it too)
-            for layer, ids in enumerate(self._batch.ids):
-                self._affinity[layer].update_batch(ids)
+            # the service's affinity EMA of each layer (the predictive windows feed it too):
+            # the batch's routing as int32 once, each layer's rows to the native update (the
+            # ids' checks were the cores'; ExpertAffinity's own would check them again)
+            ids = np.stack(self._batch.ids)
+            rows = ids.astype(np.int32)
+            update = backend.AffinityCore.update_batch
+            for layer, affinity in enumerate(self._affinity):
+                update(affinity, rows[layer])
         if self._link is not None:
-            ids = np.stack(self._batch.ids).astype(self.config.ids_dtype())
-            self._link.report(ids, self._batch.starts)
+            ids = np.stack(self._batch.ids) if ids is None else ids
+            self._link.report(ids.astype(self.config.ids_dtype()), self._batch.starts)
         self.batches += 1
         self._batch = None
 
