@@ -118,7 +118,7 @@ class EngineSession:
             )
             self._budget = config.prefetch_budgets()
             self._prefetches = [0] * L
-        self._core, self._buffers = self._plan_core()
+        self._core = self._plan_core()
         self._batch: _Batch | None = None
         self._version = 0
         self._link = link
@@ -199,20 +199,19 @@ class EngineSession:
             if layer == 0:
                 core.before(0)  # later layers' rows were kept by the plan of the layer before
             self._caches.serve_layer(layer, ids)
-            n_load, n_evict, n_fetch, n_drop = core.plan(layer, ids)
+            load, evict, fetch, drop = core.plan(layer, ids)
         else:
-            n_load, n_evict, prefetched = core.route(layer, ids, self._budget[layer])
+            load, evict, prefetched = core.route(layer, ids, self._budget[layer])
             self._prefetches[layer] += prefetched
-            n_fetch = n_drop = 0
+            fetch = drop = _EMPTY
         batch.ids.append(ids)
-        buffers = self._buffers
         plan = _new(LayerPlan)  # LayerPlan(...) without the frozen dataclass's slow __init__
         plan.__dict__.update(
             layer=layer,
-            load=buffers[0][:n_load].copy() if n_load else _EMPTY,
-            evict=buffers[1][:n_evict].copy() if n_evict else _EMPTY,
-            prefetch=buffers[2][:n_fetch].copy() if n_fetch else _EMPTY,
-            prefetch_evict=buffers[3][:n_drop].copy() if n_drop else _EMPTY,
+            load=load,
+            evict=evict,
+            prefetch=fetch,
+            prefetch_evict=drop,
             version=self._version,
         )
         if layer == self.config.num_layers - 1:
@@ -324,16 +323,13 @@ class EngineSession:
         self._batch = None
 
     def _plan_core(self):
-        """The native plan core of this session's policy and its output buffers (load, evict,
-        prefetch, prefetch_evict; a demand core writes the first two)."""
+        """The native plan core of this session's policy."""
         if self._predictive:
-            core = backend._HotPlan(self._caches._hot)  # the kernel writes these rows in place
-            return core, core.buffers()
+            return backend._HotPlan(self._caches._hot)  # the kernel writes these rows in place
         demand = self._demand  # the core serves its caches from now on (it alone)
-        core = backend._DemandSession(
+        return backend._DemandSession(
             demand._caches, self._affinity, demand._blended, demand._weight
         )
-        return core, (*core.buffers(), _EMPTY, _EMPTY)
 
     def _hot_mask(self, layer: int) -> np.ndarray:
         mask = np.zeros(self.config.num_experts, dtype=bool)

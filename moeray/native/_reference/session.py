@@ -41,21 +41,20 @@ def _check_layer(layer: int, layers: int) -> int:
     return int(layer)
 
 
-def _plan_rows(before, after, used, load, evict) -> tuple[int, int]:
-    """Writes the ascending ids of (used | after) & ~before into load and of (before | used) &
-    ~after into evict; returns their counts."""
+_EMPTY = np.zeros(0, np.int64)
+_EMPTY.flags.writeable = False  # every empty answer (the binding's shares one too)
+
+
+def _ids(mask) -> np.ndarray:
+    ids = np.flatnonzero(mask).astype(np.int64)
+    return ids if len(ids) else _EMPTY
+
+
+def _plan_rows(before, after, used) -> tuple[np.ndarray, np.ndarray]:
+    """The ascending ids of (used | after) & ~before (load) and of (before | used) & ~after
+    (evict)."""
     used = np.zeros_like(before) if used is None else used
-    ins = np.flatnonzero((used | after) & ~before)
-    outs = np.flatnonzero((before | used) & ~after)
-    load[: len(ins)] = ins
-    evict[: len(outs)] = outs
-    return len(ins), len(outs)
-
-
-def _read_only(a: np.ndarray) -> np.ndarray:
-    view = a.view()
-    view.flags.writeable = False
-    return view
+    return _ids((used | after) & ~before), _ids((before | used) & ~after)
 
 
 class _DemandSession:
@@ -88,8 +87,6 @@ class _DemandSession:
         self._hot = np.zeros((len(caches), E), dtype=bool)
         for layer in range(len(caches)):
             self._read_hot(layer)
-        self._load = np.zeros(E, dtype=np.int64)
-        self._evict = np.zeros(E, dtype=np.int64)
 
     def num_layers(self) -> int:
         return len(self._caches)
@@ -97,13 +94,10 @@ class _DemandSession:
     def num_experts(self) -> int:
         return self._hot.shape[1]
 
-    def buffers(self) -> tuple[np.ndarray, np.ndarray]:
-        return _read_only(self._load), _read_only(self._evict)
-
     def check(self, ids) -> None:
         _check_route_ids(ids, self.num_experts())
 
-    def route(self, layer: int, ids, budget: int) -> tuple[int, int, int]:
+    def route(self, layer: int, ids, budget: int) -> tuple[np.ndarray, np.ndarray, int]:
         layer = _check_layer(layer, self.num_layers())
         if budget < 0:
             raise ValueError(f"budget: expected an int >= 0, got {budget}")
@@ -134,7 +128,7 @@ class _DemandSession:
         if budget > 0:
             prefetched = len(c.prefetch_by_affinity(a, budget))
             self._read_hot(layer)
-        return (*_plan_rows(before, now, used, self._load, self._evict), prefetched)
+        return (*_plan_rows(before, now, used), prefetched)
 
     def _read_hot(self, layer: int) -> None:
         c = self._caches[layer]
@@ -157,10 +151,6 @@ class _HotPlan:
         self._hot = hot
         self._before = np.zeros((2, hot.shape[1]), dtype=bool)
         self._ready = -1
-        self._out = np.zeros((4, hot.shape[1]), dtype=np.int64)
-
-    def buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        return tuple(_read_only(row) for row in self._out)
 
     def check(self, ids) -> None:
         _check_route_ids(ids, self._hot.shape[1])
@@ -171,7 +161,7 @@ class _HotPlan:
         self._before[: len(rows)] = rows
         self._ready = layer
 
-    def plan(self, layer: int, ids) -> tuple[int, int, int, int]:
+    def plan(self, layer: int, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         L, E = self._hot.shape
         layer = _check_layer(layer, L)
         if self._ready != layer:
@@ -181,11 +171,10 @@ class _HotPlan:
         ids = _check_route_ids(ids, E)
         used = np.zeros(E, dtype=bool)
         used[ids.ravel()] = True
-        load, evict, prefetch, prefetch_evict = self._out
-        counts = _plan_rows(self._before[0], self._hot[layer], used, load, evict)
+        plan = _plan_rows(self._before[0], self._hot[layer], used)
         self._ready = -1
         if layer + 1 == L:
-            return (*counts, 0, 0)
-        ahead = _plan_rows(self._before[1], self._hot[layer + 1], None, prefetch, prefetch_evict)
+            return (*plan, _EMPTY, _EMPTY)
+        ahead = _plan_rows(self._before[1], self._hot[layer + 1], None)
         self.before(layer + 1)
-        return (*counts, *ahead)
+        return (*plan, *ahead)

@@ -71,9 +71,17 @@ int64_t check_layer(int64_t layer, int64_t layers) {
   return layer;
 }
 
-// A read-only view of `n` int64 entries of `data`, kept alive by `owner`.
-py::array_t<int64_t> view(int64_t* data, int64_t n, H owner) {
-  py::array_t<int64_t> out({n}, {static_cast<py::ssize_t>(sizeof(int64_t))}, data, owner);
+// The plan's ids as a numpy array of its own (the core's buffers are rewritten by the next
+// call); none: `empty`, one read-only array shared by every empty answer.
+py::array ids_array(const int64_t* data, int64_t n, const py::array& empty) {
+  if (n == 0) return empty;
+  py::array_t<int64_t> out(n);
+  std::copy(data, data + n, out.mutable_data());
+  return out;
+}
+
+py::array empty_ids() {
+  py::array_t<int64_t> out(0);
   out.attr("setflags")(py::arg("write") = false);
   return out;
 }
@@ -81,8 +89,9 @@ py::array_t<int64_t> view(int64_t* data, int64_t n, H owner) {
 struct DemandSessionHandle {
   std::vector<py::object> keep;  // the caches and affinities the core points into
   moeray::DemandSession core;
-  std::vector<int64_t> load, evict;
+  std::vector<int64_t> load, evict;  // the core's preallocated plan buffers
   std::vector<int32_t> ids32;  // int64 ids narrowed for the cache and affinity calls
+  py::array empty = empty_ids();
 
   DemandSessionHandle(std::vector<py::object> objects, std::vector<moeray::ExpertCache*> caches,
                       std::vector<moeray::Affinity*> affinities, bool blended, double weight)
@@ -141,13 +150,15 @@ py::tuple demand_route(DemandSessionHandle& self, int64_t layer, H ids_obj, int6
     prefetched = core.route(layer, p, tokens, k, budget, self.load.data(), n_load,
                             self.evict.data(), n_evict);
   }
-  return py::make_tuple(n_load, n_evict, prefetched);
+  return py::make_tuple(ids_array(self.load.data(), n_load, self.empty),
+                        ids_array(self.evict.data(), n_evict, self.empty), prefetched);
 }
 
 struct HotPlanHandle {
   py::array hot_array;  // PredictiveCaches' hot rows, read in place
   moeray::HotPlan core;
   std::vector<int64_t> out;  // load, evict, prefetch, prefetch_evict: E entries each
+  py::array empty = empty_ids();
 
   HotPlanHandle(py::array hot, int64_t layers, int64_t experts)
       : hot_array(std::move(hot)),
@@ -189,7 +200,9 @@ py::tuple hot_plan_plan(HotPlanHandle& self, int64_t layer, H ids_obj) {
   else
     core.plan(layer, static_cast<const int64_t*>(ids.data()), ids.size(), o, o + E, o + 2 * E,
               o + 3 * E, n);
-  return py::make_tuple(n[0], n[1], n[2], n[3]);
+  const py::array& none = self.empty;
+  return py::make_tuple(ids_array(o, n[0], none), ids_array(o + E, n[1], none),
+                        ids_array(o + 2 * E, n[2], none), ids_array(o + 3 * E, n[3], none));
 }
 
 }  // namespace
@@ -204,43 +217,25 @@ void bind_session(py::module_& m) {
            py::arg("blended"), py::arg("affinity_weight"))
       .def("num_layers", [](DemandSessionHandle& s) { return s.core.layers(); })
       .def("num_experts", [](DemandSessionHandle& s) { return s.core.experts(); })
-      .def("buffers",
-           [](py::object self) {
-             auto& s = self.cast<DemandSessionHandle&>();
-             const int64_t E = s.core.experts();
-             return py::make_tuple(view(s.load.data(), E, self), view(s.evict.data(), E, self));
-           },
-           "(load, evict): int64 [num_experts] views that each route rewrites (its counts say "
-           "how many entries are the plan's).")
       .def("check",
            [](DemandSessionHandle& s, H ids) { check_route_ids(ids, s.core.experts()); },
            py::arg("ids"), "Raises what route would for these ids; changes nothing.")
       .def("route", &demand_route, py::arg("layer"), py::arg("ids"), py::arg("budget"),
            "Serves layer `layer`'s batch (ids int32 or int64 [tokens, top_k]) as "
-           "DemandCaches.serve does, then prefetches `budget` experts by affinity; writes the "
-           "plan into buffers(); returns (loads, evictions, prefetched).");
+           "DemandCaches.serve does, then prefetches `budget` experts by affinity; returns its "
+           "plan (load, evict: int64 ids, ascending) and the number prefetched.");
 
   py::class_<HotPlanHandle>(
       m, "_HotPlan",
       "Plans from a predictive policy's hot rows (bool [layers, experts], read in place; the "
       "twin: moeray.native._reference.session).")
       .def(py::init(&make_hot_plan), py::arg("hot"))
-      .def("buffers",
-           [](py::object self) {
-             auto& s = self.cast<HotPlanHandle&>();
-             const int64_t E = s.core.experts();
-             int64_t* o = s.out.data();
-             return py::make_tuple(view(o, E, self), view(o + E, E, self),
-                                   view(o + 2 * E, E, self), view(o + 3 * E, E, self));
-           },
-           "(load, evict, prefetch, prefetch_evict): int64 [num_experts] views that each plan "
-           "rewrites.")
       .def("check", [](HotPlanHandle& s, H ids) { check_route_ids(ids, s.core.experts()); },
            py::arg("ids"), "Raises what plan would for these ids; changes nothing.")
       .def("before", &hot_plan_before, py::arg("layer"),
            "Copies rows layer and layer + 1 of the hot rows (before layer `layer` is served).")
       .def("plan", &hot_plan_plan, py::arg("layer"), py::arg("ids"),
-           "Once layer `layer` is served (ids: its batch's): writes its plan into buffers(); "
-           "returns (loads, evictions, prefetches, prefetch evictions); keeps row layer + 1 as "
-           "the next layer's before.");
+           "Once layer `layer` is served (ids: its batch's): its plan (load, evict, prefetch, "
+           "prefetch_evict: int64 ids, ascending); keeps row layer + 1 as the next layer's "
+           "before.");
 }
