@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -30,8 +31,16 @@ py::array check_route_ids(H obj, int64_t experts) {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error("ids: expected a numpy int32 or int64 array, got " + type_name(obj));
   auto arr = py::reinterpret_borrow<py::array>(obj);
-  const bool i32 = py::isinstance<py::array_t<int32_t>>(arr);
-  if (!i32 && !py::isinstance<py::array_t<int64_t>>(arr))
+  // The descriptor's type number first (numpy's own int32 and int64, native order); any other
+  // descriptor through numpy's equivalence test.
+  static const int num32 = py::dtype::of<int32_t>().num(), num64 = py::dtype::of<int64_t>().num();
+  const py::dtype dtype = arr.dtype();
+  const bool native = dtype.byteorder() == '=';
+  bool i32 = native && dtype.num() == num32;
+  const bool i64 = (native && dtype.num() == num64) ||
+                   (!i32 && !(i32 = py::isinstance<py::array_t<int32_t>>(arr)) &&
+                    py::isinstance<py::array_t<int64_t>>(arr));
+  if (!i32 && !i64)
     throw py::type_error("ids: expected dtype int32 or int64, got " +
                          std::string(py::str(arr.dtype())));
   if (arr.ndim() != 2 || arr.shape(0) < 1 || arr.shape(1) < 1)
@@ -75,9 +84,17 @@ int64_t check_layer(int64_t layer, int64_t layers) {
 // call); none: `empty`, one read-only array shared by every empty answer.
 py::array ids_array(const int64_t* data, int64_t n, const py::array& empty) {
   if (n == 0) return empty;
-  py::array_t<int64_t> out(n);
-  std::copy(data, data + n, out.mutable_data());
-  return out;
+  // numpy's own constructor: array_t's (shape and stride containers, a dtype lookup) costs
+  // about as much again at a decode step's few ids
+  auto& api = py::detail::npy_api::get();
+  const Py_intptr_t dims[1] = {static_cast<Py_intptr_t>(n)};
+  PyObject* out = api.PyArray_NewFromDescr_(
+      api.PyArray_Type_, api.PyArray_DescrFromType_(py::detail::npy_api::NPY_INT64_), 1, dims,
+      nullptr, nullptr, 0, nullptr);  // the descriptor's reference is stolen
+  if (out == nullptr) throw py::error_already_set();
+  auto arr = py::reinterpret_steal<py::array>(out);
+  std::memcpy(arr.mutable_data(), data, static_cast<size_t>(n) * sizeof(int64_t));
+  return arr;
 }
 
 py::array empty_ids() {
