@@ -1,7 +1,9 @@
 // pybind11 bindings of session.hpp: the engine session's plan cores (_DemandSession, _HotPlan),
 // bound by bind_session, which bindings.cpp's module calls. Arguments are checked here with the
-// twin's messages (_reference/session.py); a route's work runs with the GIL released and the
-// layer's cache and affinity mutexes held (cache before affinity, as bindings.cpp locks them).
+// twin's messages (_reference/session.py). A demand route's work runs with the GIL released and
+// the session's, then the layer's cache and affinity mutexes held (session, cache, affinity:
+// bindings.cpp locks cache before affinity too). A HotPlan call keeps the GIL: it reads numpy
+// rows that Python code writes, and its work (tens of ns) costs less than a release.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -109,6 +111,7 @@ struct DemandSessionHandle {
   std::vector<int64_t> load, evict;  // the core's preallocated plan buffers
   std::vector<int32_t> ids32;  // int64 ids narrowed for the cache and affinity calls
   py::array empty = empty_ids();
+  std::mutex mutex;  // the core's scratch and ids32: one route at a time
 
   DemandSessionHandle(std::vector<py::object> objects, std::vector<moeray::ExpertCache*> caches,
                       std::vector<moeray::Affinity*> affinities, bool blended, double weight)
@@ -154,6 +157,7 @@ py::tuple demand_route(DemandSessionHandle& self, int64_t layer, H ids_obj, int6
   int64_t n_load = 0, n_evict = 0, prefetched = 0;
   {
     py::gil_scoped_release release;
+    Lock lock_s(self.mutex);
     const int32_t* p;
     if (ids.itemsize() == 4) {
       p = static_cast<const int32_t*>(ids.data());
