@@ -3,21 +3,17 @@
 //
 // A plan compares a layer's hot set before and after the layer is served with the experts its
 // batch used: load = (used | after) & ~before, evict = (before | used) & ~after, both as
-// ascending ids. Hot sets are kept as one byte per expert (0 or 1) (PredictiveCaches' bool rows
-// are), compared 8 experts per 64-bit word.
+// ascending ids.
 //
 // - DemandSession serves a demand policy's layer exactly as DemandCaches.serve does (the seed
 //   ExpertCache of expert_cache.hpp and the Affinity of affinity.hpp, the same calls in the same
-//   order) and keeps a byte copy of each layer's hot set, changed as the cache changes: before
+//   order) and keeps a bit-set copy of each layer's hot set, changed as the cache changes: before
 //   each miss it asks the cache for the victim it is about to evict (suggest_eviction, or the
-//   affinity blend's), which is what the access then evicts. Only the batch's experts and those
-//   victims can change, so the plan is read from them alone (a scan of every expert costs more
-//   than the serving at decode: its branches follow the data). A prefetch by affinity evicts
-//   victims it does not report: with one, the layer's copy is read again from the cache and the
-//   plan comes from every expert's before and after.
+//   affinity blend's), which is what the access then evicts. A prefetch by affinity evicts
+//   victims it does not report: after one, the layer's copy is read again from the cache.
 // - HotPlan plans the predictive policy's layers from PredictiveCaches' hot rows (bool [L, E],
 //   written by the predict kernel): a copy of row `layer` taken before the layer is served,
-//   and of row layer + 1 for the next layer's prefetch.
+//   and of row layer + 1 for the next layer's prefetch, compared 8 experts (bytes) a word.
 // Ids were checked by the caller (bindings_session.cpp): nothing here reads out of bounds.
 #pragma once
 
@@ -85,15 +81,16 @@ inline void plan_rows(const uint8_t* before, const uint8_t* after, const uint8_t
 // Every layer of a demand policy: caches[l] and affinities[l] (not owned; the session is their
 // only user while it lives), blended: evict by suggest_eviction_with_affinity(weight) and
 // update the affinity row by row (affinity-lru), else by the cache's own policy and update the
-// affinity once after the batch.
+// affinity once after the batch. Each layer's hot set is kept as a bit set (64 experts a word),
+// so a plan is a few word operations and its ids come out ascending.
 class DemandSession {
  public:
   DemandSession(std::vector<ExpertCache*> caches, std::vector<Affinity*> affinities, bool blended,
                 double weight)
       : caches_(std::move(caches)), affinities_(std::move(affinities)), blended_(blended),
         weight_(weight), experts_(caches_.empty() ? 0 : caches_[0]->num_experts()),
-        hot_(caches_.size() * experts_, 0), before_(experts_ + 8, 0), used_(experts_ + 8, 0),
-        mark_(experts_, 0) {
+        words_((experts_ + 63) / 64), hot_(caches_.size() * words_, 0), before_(words_, 0),
+        used_(words_, 0) {
     for (size_t l = 0; l < caches_.size(); ++l) read_hot(static_cast<int64_t>(l));
   }
 
@@ -101,8 +98,7 @@ class DemandSession {
   int64_t experts() const { return experts_; }
   ExpertCache& cache(int64_t l) { return *caches_[l]; }
   Affinity& affinity(int64_t l) { return *affinities_[l]; }
-  // Layer l's hot set as bytes (E of them).
-  const uint8_t* hot(int64_t l) const { return hot_.data() + l * experts_; }
+  bool is_hot(int64_t l, int32_t e) const { return test(hot_.data() + l * words_, e); }
 
   // Serves layer l's batch, ids int32 [tokens, k] in [0, E), then prefetches `budget` experts by
   // affinity (DemandCaches.serve); writes the plan into load and evict (E entries each) and
@@ -111,16 +107,15 @@ class DemandSession {
                 int64_t* load, int64_t& n_load, int64_t* evict, int64_t& n_evict) {
     ExpertCache& c = *caches_[l];
     Affinity& a = *affinities_[l];
-    uint8_t* now = hot_.data() + l * experts_;
-    uint8_t* mark = mark_.data();
-    if (budget > 0) std::memcpy(before_.data(), now, experts_);
-    touched_.clear();
+    uint64_t* now = hot_.data() + l * words_;
+    uint64_t* used = used_.data();
+    std::copy(now, now + words_, before_.data());
     for (int64_t t = 0; t < tokens; ++t) {
       const int32_t* row = ids + t * k;
       for (int64_t j = 0; j < k; ++j) {
         const int32_t e = row[j];
-        touch(e, now[e], kUsed);
-        if (!now[e]) {  // a miss: the victim the access evicts, if the hot set is full
+        set(used, e);
+        if (!test(now, e)) {  // a miss: the victim the access evicts, if the hot set is full
           int32_t victim = ExpertCache::kNone;
           if (blended_) {
             victim = c.suggest_eviction_with_affinity(a, weight_);
@@ -128,11 +123,8 @@ class DemandSession {
           } else {
             victim = c.suggest_eviction();
           }
-          if (victim != ExpertCache::kNone) {
-            touch(victim, 1, 0);
-            now[victim] = 0;
-          }
-          now[e] = 1;
+          if (victim != ExpertCache::kNone) clear(now, victim);
+          set(now, e);
         }
         c.access(e);
       }
@@ -143,54 +135,30 @@ class DemandSession {
     if (budget > 0) {
       prefetched = static_cast<int64_t>(c.prefetch_by_affinity(a, budget).size());
       read_hot(l);
-      std::fill(used_.begin(), used_.end(), 0);
-      for (int32_t e : touched_) used_[e] = (mark[e] & kUsed) ? 1 : 0;
-      plan_rows(before_.data(), now, used_.data(), experts_, load, n_load, evict, n_evict);
-    } else {
-      int64_t nl = 0, ne = 0;
-      for (int32_t e : touched_) {  // branch-free: whether an expert is in is the data's
-        const int64_t m = mark[e], b = (m & kBefore) != 0, u = (m & kUsed) != 0, after = now[e];
-        load[nl] = e;
-        nl += (u | after) & (b ^ 1);
-        evict[ne] = e;
-        ne += (b | u) & (after ^ 1);
-      }
-      sort_ids(load, nl);
-      sort_ids(evict, ne);
-      n_load = nl;
-      n_evict = ne;
     }
-    for (int32_t e : touched_) mark[e] = 0;
+    int64_t nl = 0, ne = 0;
+    const uint64_t* before = before_.data();
+    for (int64_t w = 0; w < words_; ++w) {
+      const uint64_t b = before[w], u = used[w], after = now[w];
+      nl = session_detail::emit((u | after) & ~b, 64 * w, load, nl);
+      ne = session_detail::emit((b | u) & ~after, 64 * w, evict, ne);
+      used[w] = 0;
+    }
+    n_load = nl;
+    n_evict = ne;
     return prefetched;
   }
 
  private:
-  static constexpr uint8_t kTouched = 1, kBefore = 2, kUsed = 4;
-
-  // Notes e as touched by this call: its status before the call (`hot` now, at its first touch:
-  // nothing changed it earlier in the call) and whether the batch used it.
-  void touch(int32_t e, uint8_t hot, uint8_t used) {
-    uint8_t& m = mark_[e];
-    if (!m) {
-      m = kTouched | (hot ? kBefore : 0);
-      touched_.push_back(e);
-    }
-    m |= used;
-  }
-
-  static void sort_ids(int64_t* v, int64_t n) {
-    if (n > 32) return std::sort(v, v + n);
-    for (int64_t i = 1; i < n; ++i) {  // a decode step's few ids: an insertion sort
-      const int64_t x = v[i];
-      int64_t j = i;
-      for (; j > 0 && v[j - 1] > x; --j) v[j] = v[j - 1];
-      v[j] = x;
-    }
-  }
+  static bool test(const uint64_t* bits, int32_t e) { return (bits[e >> 6] >> (e & 63)) & 1; }
+  static void set(uint64_t* bits, int32_t e) { bits[e >> 6] |= uint64_t{1} << (e & 63); }
+  static void clear(uint64_t* bits, int32_t e) { bits[e >> 6] &= ~(uint64_t{1} << (e & 63)); }
 
   void read_hot(int64_t l) {
-    uint8_t* row = hot_.data() + l * experts_;
-    for (int32_t e = 0; e < experts_; ++e) row[e] = caches_[l]->is_hot(e) ? 1 : 0;
+    uint64_t* row = hot_.data() + l * words_;
+    std::fill(row, row + words_, 0);
+    for (int32_t e = 0; e < experts_; ++e)
+      if (caches_[l]->is_hot(e)) set(row, e);
   }
 
   std::vector<ExpertCache*> caches_;
@@ -198,8 +166,8 @@ class DemandSession {
   bool blended_;
   double weight_;
   int32_t experts_;
-  std::vector<uint8_t> hot_, before_, used_, mark_;
-  std::vector<int32_t> touched_;
+  int64_t words_;
+  std::vector<uint64_t> hot_, before_, used_;
 };
 
 // Plans of the predictive policy's layers from its hot rows (bool [L, E], PredictiveCaches'
