@@ -21,13 +21,13 @@ L, E, K = 3, 32, 4
 DEMAND = ["lru", "lfu", "adaptive", "affinity-lru"]
 
 
-def stream(seed: int, tokens: int) -> np.ndarray:
+def stream(seed: int, tokens: int, experts: int = E) -> np.ndarray:
     """Skewed routing [tokens, L, K]: distinct ids per token, low ids most often."""
     rng = np.random.default_rng(seed)
-    p = 1.0 / np.arange(1, E + 1) ** 1.1
+    p = 1.0 / np.arange(1, experts + 1) ** 1.1
     p /= p.sum()
     return np.stack(
-        [[rng.choice(E, K, replace=False, p=p) for _ in range(L)] for _ in range(tokens)]
+        [[rng.choice(experts, K, replace=False, p=p) for _ in range(L)] for _ in range(tokens)]
     ).astype(np.int64)
 
 
@@ -84,8 +84,9 @@ def test_demand_session_serves_as_demand_caches_and_plans_the_difference(policy,
 
 @pytest.mark.skipif(not IS_NATIVE, reason="compares the native core with its twin")
 @pytest.mark.parametrize("policy", DEMAND)
-def test_native_demand_session_equals_the_twin(policy):
-    ids = stream(2, 80)
+@pytest.mark.parametrize("experts", [E, 150])  # one word of hot bits, several and a tail
+def test_native_demand_session_equals_the_twin(policy, experts):
+    ids = stream(2, 80, experts)
     sessions, caches = [], []
     for core in (backend, reference):
         base = (
@@ -93,8 +94,8 @@ def test_native_demand_session_equals_the_twin(policy):
             if policy in ("lru", "affinity-lru")
             else EvictionPolicy[policy.upper()]
         )
-        cs = [core.ExpertCacheCore(E, 5, 0.1, int(base)) for _ in range(L)]
-        afs = [core.AffinityCore(E, 0.95, 1.0, 1.0) for _ in range(L)]
+        cs = [core.ExpertCacheCore(experts, 5, 0.1, int(base)) for _ in range(L)]
+        afs = [core.AffinityCore(experts, 0.95, 1.0, 1.0) for _ in range(L)]
         session = core._DemandSession(cs, afs, policy == "affinity-lru", 0.8)
         sessions.append(session)
         caches.append(cs)
