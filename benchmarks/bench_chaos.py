@@ -98,6 +98,7 @@ def run(args) -> dict:
     began = time.monotonic()
     deadline = began + args.timeout_s
     pauses, recoveries, layer_recovery = [], [], []
+    double_pauses: list[bool] = []  # per pause: whether a layer actor died with the coordinator
     kills = {"coordinator": 0, "layer": 0, "double": 0}
     wanted = {
         "coordinator": args.coordinator_kills,
@@ -133,6 +134,7 @@ def run(args) -> dict:
                 worst = max(worst, submit())
             worst = max(worst, submit())
             pauses.append(worst)
+            double_pauses.append(also_layer_actor is not None)
             recoveries.append(handle.recoveries_s[-1])
 
         while any(kills[k] < n for k, n in wanted.items()):
@@ -204,6 +206,18 @@ def run(args) -> dict:
                 f"{_percentile(pauses, 50):.2f} / {_percentile(pauses, 99):.2f} / "
                 f"{max(pauses, default=float('nan')):.2f} s",
             ),
+            *[
+                (
+                    f"... of which {what}, p50 / p99 / max",
+                    f"{_percentile(part, 50):.2f} / {_percentile(part, 99):.2f} / "
+                    f"{max(part, default=float('nan')):.2f} s",
+                )
+                for what, part in (
+                    ("the coordinator alone", [p for p, d in zip(pauses, double_pauses) if not d]),
+                    ("a layer actor with it", [p for p, d in zip(pauses, double_pauses) if d]),
+                )
+                if kills["double"]
+            ],
             (
                 "handle recovery (failure seen to journal resent), p50 / p99",
                 f"{_percentile(recoveries, 50):.2f} / {_percentile(recoveries, 99):.2f} s",
@@ -219,6 +233,7 @@ def run(args) -> dict:
         and equal == len(stats.layers)
         and _percentile(pauses, 99) <= 5.0,
         "pauses_s": [round(p, 4) for p in pauses],
+        "pause_with_a_layer_actor": double_pauses,
     }
 
 
