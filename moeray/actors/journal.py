@@ -67,8 +67,8 @@ class ClientJournal:
         if low + 1 < first:
             raise JournalGapError(
                 f"client {self.client}: the service needs windows {low + 1}..{first - 1} again, "
-                f"which this client no longer holds (a layer actor lost its state while the "
-                "coordinator was down): their routing is lost"
+                "which this client no longer holds (a layer actor lost its state while the "
+                "coordinator was down, and no report of it was saved): their routing is lost"
             )
         return [(seq, window) for seq, window in self._windows if seq > low]
 
