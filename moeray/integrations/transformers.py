@@ -18,14 +18,18 @@ keeps each expert group's rows in the same order: always when no expert serves t
 batch (decode) and when the used experts' slots ascend with their ids; otherwise (prefill) the
 used experts are gathered in id order into a compact stack first.
 
-Memory: per layer a bank of ``capacity + top_k`` slots (the top_k spare ones are touched only when a
-batch uses experts the policy does not keep), plus, for a batch whose used experts do not fit the
-bank (a long prefill), a transient stack of those experts.
+Memory: per layer a bank of ``capacity + top_k`` slots; the top_k spare ones are touched only when
+a batch uses experts the policy does not keep, and their pages are given back once the layer
+holds its hot set again (CPU). A batch whose experts do not fit the bank (a long prefill) runs on
+a transient stack of them.
 ``force_routing(model, trace)`` makes every router choose a recorded trace's ids (benchmarks).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import os
 import shutil
 import time
@@ -67,6 +71,11 @@ _SWIGLU_ROLES = ("gate", "up", "down")
 _GPT_OSS_ROLES = ("gate_up", "gate_up_bias", "down", "down_bias")
 # implementations whose result does not depend on how experts are numbered (per-row gathers)
 _NUMBERING_FREE = ("batched_mm",)
+_MADV_DONTNEED = 4  # Linux
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+except OSError:  # no libc to call: spare slots keep their pages
+    _LIBC = None
 
 
 def _torch():
@@ -271,9 +280,12 @@ class _Bank:
     """One layer's slots on the device: parameter name -> [slots, ...]; which expert each holds,
     and loads in flight into them."""
 
-    def __init__(self, shape: _Shape, num_slots: int, proxy):
+    def __init__(self, shape: _Shape, capacity: int, proxy):
         self.shape = shape
-        self.num_slots = num_slots
+        self.capacity = capacity
+        # top_k spare slots: a token's experts the policy does not keep (touched only then)
+        self.num_slots = num_slots = capacity + shape.top_k
+        self.touched = 0  # slots [0, touched) may hold pages
         self.tensors = {
             name: torch.empty((num_slots, *s), dtype=shape.dtype, device=shape.device)
             for name, s in shape.params
@@ -298,7 +310,28 @@ class _Bank:
     def take_slot(self, expert: int) -> int:
         slot = self.free.pop()
         self.slot_of[expert] = slot
+        self.touched = max(self.touched, slot + 1)
         return slot
+
+    def trim(self) -> None:
+        """Once at most ``capacity`` experts are resident: moves those in spare slots down and
+        gives the spare slots' pages back (CPU), so memory is the hot set's again."""
+        if self.touched <= self.capacity or len(self.slot_of) > self.capacity:
+            return
+        high = [e for e, slot in self.slot_of.items() if slot >= self.capacity]
+        if any(e in self.pending for e in high):
+            return  # a load in flight lands there: next time
+        for e in high:
+            old = self.slot_of.pop(e)
+            self.free.append(old)
+            self.free.sort(reverse=True)
+            new = self.take_slot(e)
+            for tensor in self.tensors.values():
+                tensor[new].copy_(tensor[old])
+        if self.shape.device.type == "cpu":
+            for tensor in self.tensors.values():
+                _release_pages(tensor[self.capacity :])
+        self.touched = self.capacity
 
     def release(self, expert: int) -> None:
         self.free.append(self.slot_of.pop(expert))
@@ -330,7 +363,7 @@ class ExpertOffload:
         self._banks = []
         for layer in layers:
             proxy = _proxy(layer.experts)
-            self._banks.append(_Bank(shape, capacity[layer.position] + shape.top_k, proxy))
+            self._banks.append(_Bank(shape, capacity[layer.position], proxy))
         self._forward_impl = type(layers[0].experts).forward
         impl = getattr(model.config, "_experts_implementation", None)
         self._numbering_free = impl in _NUMBERING_FREE
@@ -388,6 +421,7 @@ class ExpertOffload:
                     self._load_now(bank, position, e, stall=False)
         for e in sorted(set(bank.slot_of) - hot):  # the plan's evictions, and any drift
             self._free(bank, e)
+        bank.trim()
         if position == len(self._banks) - 1:
             self._stats.batches += 1
             self._starts = None
@@ -536,6 +570,16 @@ class ExpertOffload:
         starts = np.zeros(rows * length, dtype=bool)
         starts[::length] = True
         self._starts = starts
+
+
+def _release_pages(tensor) -> None:
+    """MADV_DONTNEED over the whole pages of a contiguous CPU tensor: they read as zeros after,
+    and hold no memory until written."""
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end > start and _LIBC is not None:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def _proxy(experts):
@@ -720,6 +764,8 @@ def _check_store(path: Path, layers, shape) -> ShardStore:
                         f"shards: {path} layer {layer.model_layer} expert 0 {role} holds other "
                         "weights than the model's (another model's checkpoint?)"
                     )
+        for layer in layers:  # the check mapped these pages: unmap them
+            store.release_pages(store.expert_ranges(layer.model_layer, 0))
     except BaseException:
         store.close()
         raise
