@@ -14,6 +14,7 @@ Goal (issue "The engine's side"): a warm joiner at its steady stall rate within 
 cold one's count is measured and reported.
 
 usage: python benchmarks/bench_join.py [--traces DIR] [--before N] [--after N] [--window W]
+                                      [--horizon H] [--tolerance F] [--json PATH]
 """
 
 from __future__ import annotations
@@ -45,11 +46,14 @@ def route(session: EngineSession, ids: np.ndarray, starts: np.ndarray) -> np.nda
     return out
 
 
-def tokens_to_steady(joiner: np.ndarray, steady: np.ndarray, window: int, tolerance: float) -> int:
-    """Tokens until the joiner's stall rate, over every window from there on, is within
+def tokens_to_steady(
+    joiner: np.ndarray, steady: np.ndarray, window: int, horizon: int, tolerance: float
+) -> int:
+    """Tokens until the joiner's stalls over the next ``horizon`` tokens are within
     ``tolerance`` of the steady session's on the same tokens (len(joiner) when never)."""
-    for start in range(0, len(joiner), window):
-        if joiner[start:].sum() <= (1.0 + tolerance) * steady[start:].sum():
+    for start in range(0, len(joiner) - horizon + 1, window):
+        span = slice(start, start + horizon)
+        if joiner[span].sum() <= (1.0 + tolerance) * steady[span].sum():
             return start
     return len(joiner)
 
@@ -60,21 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=int, default=2000, help="tokens learned before (2,000)")
     parser.add_argument("--after", type=int, default=1024, help="tokens routed after (1,024)")
     parser.add_argument("--window", type=int, default=32, help="tokens per window (32)")
+    parser.add_argument("--horizon", type=int, default=256, help="tokens compared (256)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="relative (0.05)")
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    if min(args.before, args.after, args.window) < 1 or args.tolerance < 0:
-        parser.error("--before, --after, --window: ints >= 1; --tolerance >= 0")
+    if min(args.before, args.window, args.horizon) < 1 or args.tolerance < 0:
+        parser.error("--before, --window, --horizon: ints >= 1; --tolerance >= 0")
+    if args.after < args.horizon:
+        parser.error("--after: expected at least --horizon tokens")
     rows = []
     print(
         "| trace | capacity | steady stalls/token | warm: tokens to steady | "
-        "cold: tokens to steady | warm stalls, first 256 | cold stalls, first 256 |"
+        "cold: tokens to steady | steady / warm / cold stalls, first 256 tokens |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for trace in traces(Path(args.traces) if args.traces else None):
         need = args.before + args.after
         if trace.num_tokens < need:
-            print(f"| {trace.name} | skipped: {trace.num_tokens} tokens < {need} | | | | | |")
+            print(f"| {trace.name} | skipped: {trace.num_tokens} tokens < {need} | | | | |")
             continue
         ids = trace.expert_ids[:need].astype(np.int64)
         starts = trace_seq_starts(trace)[:need]
@@ -95,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             name: route(session, ids[after], start_after)
             for name, session in (("steady", steady), ("warm", warm), ("cold", cold))
         }
-        warm_n = tokens_to_steady(rates["warm"], rates["steady"], args.window, args.tolerance)
-        cold_n = tokens_to_steady(rates["cold"], rates["steady"], args.window, args.tolerance)
+        warm_n, cold_n = (
+            tokens_to_steady(
+                rates[name], rates["steady"], args.window, args.horizon, args.tolerance
+            )
+            for name in ("warm", "cold")
+        )
         row = {
             "trace": trace.name,
             "capacity": capacity,
@@ -111,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         never = lambda n: f"{n}" if n < args.after else f"> {args.after}"  # noqa: E731
         print(
             f"| {trace.name} | {capacity} | {row['steady_stalls_per_token']:.2f} | "
-            f"{never(warm_n)} | {never(cold_n)} | {row['warm_stalls_first_256']} | "
-            f"{row['cold_stalls_first_256']} |"
+            f"{never(warm_n)} | {never(cold_n)} | {row['steady_stalls_first_256']:,} / "
+            f"{row['warm_stalls_first_256']:,} / {row['cold_stalls_first_256']:,} |"
         )
     print(
-        f"\n(tokens to steady: the first window of {args.window} tokens from which the joiner's "
-        f"stalls stay within {args.tolerance:.0%} of the steady session's; "
-        f"{args.before} tokens learned before)"
+        f"\n(tokens to steady: the first multiple of {args.window} tokens from which the joiner's "
+        f"stalls over the next {args.horizon} tokens are within {args.tolerance:.0%} of the steady "
+        f"session's; {args.before} tokens learned before, {args.after} routed after)"
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
