@@ -13,10 +13,12 @@ memory (CUDA).
 
 Exact: the experts run through the model's own experts forward (whatever
 ``config._experts_implementation`` picks), on a bank of slots instead of the [E, ...] stacks,
-with the ids renumbered to slots. That gives the same bits as the original when the renumbering
-keeps each expert group's rows in the same order: always when no expert serves two rows of the
-batch (decode) and when the used experts' slots ascend with their ids; otherwise (prefill) the
-used experts are gathered in id order into a compact stack first.
+with the ids renumbered to slots. That gives the same bits as the original where the renumbering
+cannot change an order the arithmetic depends on: a one-token batch under grouped_mm (the
+default; its sort is not stable, so a group of several rows may be reordered), any batch under
+batched_mm (per-row gathers), and any implementation when the used experts' slots ascend with
+their ids. Otherwise (prefill, eager) the used experts are first gathered in id order into a
+compact stack, the ids renumbered by rank.
 
 Memory: per layer a bank of ``capacity + top_k`` slots; the top_k spare ones are touched only when
 a batch uses experts the policy does not keep, and their pages are given back once the layer
