@@ -236,3 +236,14 @@ def test_forced_routing_refuses_a_trace_of_another_shape():
         force_routing(model, trace_for(num_experts=16))
     with pytest.raises(ValueError, match="trace: 1 layers, the model has 2 MoE layers"):
         force_routing(model, trace_for(num_layers=1))
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
+def test_other_experts_implementations_are_exact(implementation, tmp_path):
+    ref, model = tiny_model("gpt-oss"), tiny_model("gpt-oss")
+    for m in (ref, model):
+        m.config._experts_implementation = implementation
+    offload(model, capacity=3, policy="lru", shards=tmp_path)
+    inputs = prompts(3, 7, 17)
+    assert torch.equal(run(ref, inputs), run(model, inputs))
+    assert torch.equal(generate(ref, inputs), generate(model, inputs))
