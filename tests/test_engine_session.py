@@ -302,3 +302,23 @@ def test_a_session_that_takes_learned_tables_starts_warm(trace):
     cold.route(0, trace.expert_ids[:1, 0])
     with pytest.raises(ValueError, match="between batches"):
         cold.load_tables(teacher.tables())
+
+
+@pytest.mark.parametrize("policy", online_policy_names())
+def test_an_aborted_batch_leaves_the_session_serving(trace, policy):
+    """A forward that fails after some layers: the session ends the batch, the next one starts
+    at layer 0, and only the layers routed saw the aborted tokens."""
+    session = session_for(trace, policy)
+    route_trace(session, trace, batch=1, end=20)
+    for layer in range(10):
+        session.route(layer, trace.expert_ids[20:22, layer])
+    with pytest.raises(ValueError, match="expected layer 10 next"):
+        session.route(0, trace.expert_ids[22:23, 0])
+    session.abort_batch()
+    session.abort_batch()  # between batches: nothing to do
+    assert session.aborted_batches == 1 and session.batches == 20
+    route_trace(session, trace, batch=1, begin=22, end=40)
+    uses = [c["hits"] + c["stalls"] for c in session.stats()]
+    assert uses == [(38 + 2 * (layer < 10)) * 4 for layer in range(24)]
+    for layer in range(24):
+        assert len(session.hot(layer)) <= 8

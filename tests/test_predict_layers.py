@@ -401,3 +401,41 @@ def test_policy_windows_decide_as_token_loops(native, monkeypatch):
     assert not window._hot[0].any() and token._hot[0].any()  # the shadow: routing only
     for name in ("_hot", "_pending", "_touch", "_affinity", "_prev", "_cross"):
         assert np.array_equal(getattr(window, name)[1:], getattr(token, name)[1:]), name
+
+
+@pytest.mark.parametrize("native", PATHS)
+def test_an_aborted_batch_is_a_batch_of_its_served_layers_then_a_new_sequence(native):
+    """abort_batch after layers 0..1 of 4: those layers decide as if the batch's tokens had
+    been served there, the others as if they never came, and the next token starts afresh
+    (as a new sequence). Compared with steps of the same routing on the layers it reached."""
+    rng = np.random.default_rng(11)
+    ids = routing(rng, 30, 4, 12, 3)
+    a = caches(native, 4, 12, 3, 4)
+    for t in range(10):
+        a.step(ids[t])
+    a.open_batch(np.zeros(2, dtype=bool))
+    for layer in range(2):
+        a.serve_layer(layer, ids[10:12, layer])
+    a.abort_batch()
+    with pytest.raises(ValueError, match="no batch is open"):
+        a.abort_batch()
+    for t in range(12, 30):
+        a.step(ids[t], new_sequence=t == 12)
+    uses = a.stats.hits + a.stats.stalls
+    assert uses.tolist() == [30 * 3, 30 * 3, 28 * 3, 28 * 3]
+
+
+@needs_native
+def test_native_and_twin_abort_alike():
+    rng = np.random.default_rng(12)
+    ids = routing(rng, 40, 4, 12, 3)
+    pair = caches(True, 4, 12, 3, 4), caches(False, 4, 12, 3, 4)
+    for c in pair:
+        for t in range(10):
+            c.step(ids[t])
+        c.open_batch(np.zeros(3, dtype=bool))
+        c.serve_layer(0, ids[10:13, 0])
+        c.abort_batch()
+        for t in range(13, 40):
+            c.step(ids[t])
+    assert_same(*pair, "native vs twin after an abort", rtol=1e-12)

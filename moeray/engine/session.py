@@ -127,6 +127,7 @@ class EngineSession:
         # makes the decisions reproducible
         self.applied_updates: deque[tuple[int, EngineUpdate]] = deque(maxlen=10_000)
         self.refused_updates = 0
+        self.aborted_batches = 0
         self.loaded_tables: list[tuple[int, int]] = []  # (batch number, first layer) of loads
 
     @classmethod
@@ -217,6 +218,18 @@ class EngineSession:
         if layer == self.config.num_layers - 1:
             self._close()
         return plan
+
+    def abort_batch(self) -> None:
+        """Ends the batch being routed before its last layer (the engine's forward failed):
+        the layers routed keep their decisions, the others never see the batch, the next batch
+        starts at layer 0 and afresh at the previous-token predictor, and the service is not told
+        of the batch. Nothing to do between batches."""
+        if self._batch is None:
+            return
+        if self._predictive:
+            self._caches.abort_batch()
+        self.aborted_batches += 1
+        self._batch = None
 
     def hot(self, layer: int) -> np.ndarray:
         """Layer ``layer``'s hot experts now (int64, ascending): what the plans keep resident."""

@@ -774,6 +774,19 @@ class PredictiveCaches:
         if self._split is not None:
             self._due += self._split.observe(np.stack(layers, axis=1))
 
+    def abort_batch(self) -> None:
+        """Ends the open batch early (an engine whose forward failed after some layers): the
+        layers served keep what they did, the others never see the batch's tokens, and the next
+        token starts afresh at the previous-token predictor (as a new sequence does); the
+        re-split does not observe the batch."""
+        if self._batch_kernel is None:
+            raise ValueError("abort_batch: no batch is open")
+        self._batch_kernel.abort_batch()
+        self._batch_kernel = None
+        self._batch_events = None
+        self._batch_layers = []
+        self._last_ids = None
+
     def _refuse_in_batch(self, what: str) -> None:
         if self._batch_kernel is not None:
             raise ValueError(f"{what}: a batch is open (close_batch first)")

@@ -401,6 +401,13 @@ class _PredictKernel:
         last, self._batch, self._events = self._batch.ids[-1].copy(), None, None
         return last
 
+    def abort_batch(self) -> None:
+        """Ends the open batch without its layers not served yet (they never see its
+        tokens); the layers served keep what they did."""
+        if self._batch is None:
+            raise ValueError("abort_batch: no batch is open")
+        self._batch, self._events = None, None
+
     def _context(self, layer: int, b: int):
         """(src, last) of token b at ``layer``: its ids at layer - 1 (None at 0) and the token
         before's at ``layer`` (None where b starts a sequence or nothing came before)."""

@@ -687,6 +687,12 @@ py::array_t<int64_t> predict_kernel_close_batch(PredictKernelHandle& self) {
   return out;
 }
 
+void predict_kernel_abort_batch(PredictKernelHandle& self) {
+  Lock lock(self.kernel.mutex);
+  if (!self.kernel.batch_open()) throw py::value_error("abort_batch: no batch is open");
+  self.kernel.abort_batch();
+}
+
 py::array_t<int64_t> predict_kernel_take_events(PredictKernelHandle& self) {
   Lock lock(self.kernel.mutex);
   std::vector<int64_t>& events = self.kernel.events();
@@ -1425,6 +1431,8 @@ PYBIND11_MODULE(_core, m) {
            "expert, kind), kind 0 stall load, 1 prefetch load, 2 eviction.")
       .def("close_batch", &predict_kernel_close_batch,
            "Closes the batch (every layer served); returns its last token's ids [L, top_k].")
+      .def("abort_batch", &predict_kernel_abort_batch,
+           "Ends the batch without its layers not served yet (they never see its tokens).")
       .def("flush", [](PredictKernelHandle&) {},
            "Nothing to count: each step adds its predictor guesses at once (the twin queues "
            "them).");

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -661,6 +662,16 @@ class PredictKernel {
   const int64_t* close_batch() {
     batch_open_ = false;
     return batch_.ids.data() + (batch_.tokens - 1) * s_.layers * s_.top_k;
+  }
+
+  // Ends the batch without its layers from next_layer() on (an engine whose forward failed):
+  // the layers served keep what they did; the others never saw the batch's tokens.
+  void abort_batch() {
+    batch_open_ = false;
+    events_.clear();
+    ahead_token_ = -1;
+    // the next layer's ahead left its guesses to be counted by a serve that never comes
+    std::fill(std::begin(scratch_.guessed), std::end(scratch_.guessed), false);
   }
 
   bool batch_open() const { return batch_open_; }
