@@ -247,3 +247,26 @@ def test_other_experts_implementations_are_exact(implementation, tmp_path):
     inputs = prompts(3, 7, 17)
     assert torch.equal(run(ref, inputs), run(model, inputs))
     assert torch.equal(generate(ref, inputs), generate(model, inputs))
+
+
+def test_a_forward_that_fails_midway_leaves_the_model_serving(tmp_path):
+    """An exception after the first MoE layers (the engine's forward failed): the next forward
+    starts a new batch and stays exact."""
+    ref, model = tiny_model("qwen3-moe"), tiny_model("qwen3-moe")
+    handle = offload(model, capacity=3, policy="moeray", shards=tmp_path)
+    layers = model.model.layers
+    last = layers[-1]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the engine's forward failed")
+
+    hook = last.register_forward_pre_hook(lambda *a: fail())
+    with pytest.raises(RuntimeError, match="forward failed"):
+        run(model, prompts(2, 4, 7))
+    hook.remove()
+    assert handle.session.aborted_batches == 0  # the failed batch is still open here
+    inputs = prompts(2, 5, 8)
+    assert torch.equal(run(ref, inputs), run(model, inputs))
+    assert handle.session.aborted_batches == 1
+    assert torch.equal(generate(ref, inputs), generate(model, inputs))
+    handle.close()

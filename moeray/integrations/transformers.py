@@ -558,7 +558,9 @@ class ExpertOffload:
         self._stats.bytes_moved += len(todo) * self.shape.expert_bytes
 
     def _note_batch(self, module, args, kwargs):
-        """The model's forward pre-hook: a batch with an empty cache starts its sequences."""
+        """The model's forward pre-hook: a batch with an empty cache starts its sequences; a
+        forward that failed before its last MoE layer left its batch open: it ends here."""
+        self.session.abort_batch()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None or getattr(input_ids, "ndim", 0) != 2:
             self._starts = None
