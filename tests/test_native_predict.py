@@ -16,13 +16,15 @@ an unbuilt core): there both sides would run numpy.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import moeray.policy.predict as predict
 from moeray.native import backend
 from moeray.native._reference import predict as twin
-from moeray.policy.predict import PredictConfig, PredictiveCaches
+from moeray.policy.predict import PredictConfig, PredictiveCaches, PredictStats
 from moeray.policy.split import SplitConfig
 from moeray.traces import default_trace_path, load_trace
 
@@ -47,20 +49,7 @@ TABLES = (
     "_hint_guesses",
     "_hint_uses",
 )
-COUNTERS = (
-    "hits",
-    "stalls",
-    "prefetches",
-    "prefetch_hits",
-    "wasted_prefetches",
-    "evictions",
-    "resplit_evictions",
-    "resplit_transfers",
-    "resplit_moved",
-    "predictor_hits",
-    "predictor_guesses",
-    "predictor_uses",
-)
+COUNTERS = tuple(field.name for field in dataclasses.fields(PredictStats))
 
 
 # --------------------------------------------------------------------------- helpers

@@ -13,12 +13,14 @@ exception, a re-split decided inside a batch (applied from the next batch), is c
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from moeray.native import backend
 from moeray.policy.affinity import AffinityConfig, ExpertAffinity
-from moeray.policy.predict import PLAN_EVENT_KINDS, PredictConfig, PredictiveCaches
+from moeray.policy.predict import PLAN_EVENT_KINDS, PredictConfig, PredictiveCaches, PredictStats
 from moeray.policy.split import SplitConfig
 from moeray.policy.windows import PolicyWindow, PredictiveWindows
 from moeray.traces import default_trace_path, load_trace
@@ -49,20 +51,7 @@ STATE = (
     "_prev_scale",
     "_last_ids",
 )
-COUNTERS = (
-    "hits",
-    "stalls",
-    "prefetches",
-    "prefetch_hits",
-    "wasted_prefetches",
-    "evictions",
-    "resplit_evictions",
-    "resplit_transfers",
-    "resplit_moved",
-    "predictor_hits",
-    "predictor_guesses",
-    "predictor_uses",
-)
+COUNTERS = tuple(field.name for field in dataclasses.fields(PredictStats))
 STALL, PREFETCH, EVICTION = (PLAN_EVENT_KINDS.index(k) for k in PLAN_EVENT_KINDS)
 
 
@@ -327,8 +316,8 @@ def test_window_layers_below_first_are_routing_only(native):
         x, y = getattr(a, name), getattr(b, name)
         assert np.array_equal(x[2:], y[2:]), name
         assert not y[:2].any(), name
-    for name in COUNTERS[:6]:
-        x, y = getattr(a.stats, name), getattr(b.stats, name)
+    for name in ("hits", "stalls", "prefetches", "prefetch_hits", "wasted_prefetches", "evictions"):
+        x, y = getattr(a.stats, name), getattr(b.stats, name)  # [layers] each
         assert np.array_equal(x[2:], y[2:]) and not y[:2].any(), name
     assert b._clock == 90 and a.stats.prefetches[2:].sum() > 0
     with pytest.raises(ValueError, match=r"^first_layer: expected an int \[0, 3\], got 4"):

@@ -118,7 +118,8 @@ class EngineSession:
             )
             self._budget = config.prefetch_budgets()
             self._prefetches = [0] * L
-        self._core = self._plan_core()
+        # the native core of the plans: the demand caches are served by it alone from now on
+        self._core = (self._caches if self._predictive else self._demand).plan_core()
         self._batch: _Batch | None = None
         self._version = 0
         self._link = link
@@ -233,8 +234,10 @@ class EngineSession:
 
     def hot(self, layer: int) -> np.ndarray:
         """Layer ``layer``'s hot experts now (int64, ascending): what the plans keep resident."""
-        self._check_layer(layer)
-        return np.flatnonzero(self._hot_mask(layer))
+        layer = self._check_layer(layer)
+        if self._predictive:
+            return self._caches.hot_set(layer)[0]
+        return self._demand.hot_experts(layer)
 
     @property
     def version(self) -> int:
@@ -334,23 +337,6 @@ class EngineSession:
             self._link.report(ids.astype(self.config.ids_dtype()), self._batch.starts)
         self.batches += 1
         self._batch = None
-
-    def _plan_core(self):
-        """The native plan core of this session's policy."""
-        if self._predictive:
-            return backend._HotPlan(self._caches._hot)  # the kernel writes these rows in place
-        demand = self._demand  # the core serves its caches from now on (it alone)
-        return backend._DemandSession(
-            demand._caches, self._affinity, demand._blended, demand._weight
-        )
-
-    def _hot_mask(self, layer: int) -> np.ndarray:
-        mask = np.zeros(self.config.num_experts, dtype=bool)
-        if self._predictive:
-            mask[self._caches.hot_set(layer)[0]] = True
-        else:
-            self._demand.hot_mask(layer, mask)
-        return mask
 
     @staticmethod
     def _check_capacity(config: ServiceConfig) -> None:

@@ -459,6 +459,12 @@ class PredictiveCaches:
             target[first_layer : first_layer + len(value)] = value * scale
         self._drop_kernels()  # the native kernel caches the tables' quotients
 
+    def plan_core(self):
+        """The native helper that makes an engine session's plans from the hot rows before and
+        after each ``serve_layer`` (``native/src/session.hpp``): it reads the rows the kernel
+        writes in place."""
+        return backend._HotPlan(self._hot)
+
     def hot_set(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Layer ``layer``'s hot experts now and, of those, the ones prefetched and not used
         yet (int64 ids, ascending): what shard residency follows."""

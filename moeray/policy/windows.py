@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from moeray.native import backend
 from moeray.policy.affinity import ExpertAffinity
 from moeray.policy.cache import EvictionPolicy, ExpertCache, ExpertCacheConfig
 from moeray.policy.predict import PredictConfig, PredictiveCaches
@@ -165,11 +166,15 @@ class DemandCaches:
             prefetch_hits=st.prefetch_hits,
         )
 
-    def hot_mask(self, index: int, out: np.ndarray) -> None:
-        """Sets out[e] (bool [num_experts], cleared first) for each hot expert of hosted layer
-        ``index``."""
-        out[:] = False
-        out[self._caches[index].hot_experts()] = True
+    def hot_experts(self, index: int) -> np.ndarray:
+        """Hosted layer ``index``'s hot experts (int64, ascending)."""
+        return np.sort(np.asarray(self._caches[index].hot_experts(), dtype=np.int64))
+
+    def plan_core(self):
+        """The native core that serves these caches layer by layer and writes each call's plan
+        (``native/src/session.hpp``, an engine session's): from then on it alone serves them."""
+        affinities = [self._affinities[layer] for layer in self._layers]
+        return backend._DemandSession(self._caches, affinities, self._blended, self._weight)
 
     def warm_up(self, expert_ids: np.ndarray, seq_starts: np.ndarray | None) -> None:
         """A demand cache restarts empty (as a real process's memory is): nothing to relearn."""
