@@ -46,6 +46,7 @@ try:
 except ImportError:  # the hf extra is missing: offload() says so
     torch = None
 
+from moeray._progress import Progress
 from moeray.actors.config import ServiceConfig
 from moeray.engine.session import EngineSession
 from moeray.shards import ShardStore
@@ -779,32 +780,39 @@ def _check_store(path: Path, layers, shape) -> ShardStore:
 def _write_checkpoint(path: Path, layers, shape) -> None:
     """One safetensors file per MoE layer, with the names ``ShardStore`` reads, fsynced so that
     its pages can be dropped from the page cache."""
+    path.mkdir(parents=True, exist_ok=True)
+    with Progress(len(layers), "moeray: writing experts") as progress:  # a real model: minutes
+        for layer in layers:
+            _write_layer(path, layer, shape)
+            progress.advance(1)
+
+
+def _write_layer(path: Path, layer, shape) -> None:
+    """One MoE layer's experts to their file, written aside then renamed."""
     from safetensors.torch import save_file
 
-    path.mkdir(parents=True, exist_ok=True)
-    for layer in layers:
-        params = {n: p.detach().to("cpu") for n, p in layer.experts.named_parameters()}
-        if shape.layout == "gpt-oss":
-            tensors = {
-                f"model.layers.{layer.model_layer}.mlp.experts.{n}": t.contiguous()
-                for n, t in params.items()
-            }
-        else:
-            tensors = {}
-            for e in range(shape.num_experts):
-                for role, tensor in _expert_arrays(layer, shape, e).items():
-                    name = shape.tensor_name(layer.model_layer, e, role)
-                    tensors[name] = tensor.to("cpu").contiguous()
-        file = path / f"moeray-experts-{layer.model_layer:05d}.safetensors"
-        tmp = file.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "moeray": "offload"})
-        del tensors
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, file)
+    params = {n: p.detach().to("cpu") for n, p in layer.experts.named_parameters()}
+    if shape.layout == "gpt-oss":
+        tensors = {
+            f"model.layers.{layer.model_layer}.mlp.experts.{n}": t.contiguous()
+            for n, t in params.items()
+        }
+    else:
+        tensors = {}
+        for e in range(shape.num_experts):
+            for role, tensor in _expert_arrays(layer, shape, e).items():
+                name = shape.tensor_name(layer.model_layer, e, role)
+                tensors[name] = tensor.to("cpu").contiguous()
+    file = path / f"moeray-experts-{layer.model_layer:05d}.safetensors"
+    tmp = file.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "moeray": "offload"})
+    del tensors
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, file)
 
 
 def offload(
