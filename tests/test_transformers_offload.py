@@ -270,3 +270,74 @@ def test_a_forward_that_fails_midway_leaves_the_model_serving(tmp_path):
     assert handle.session.aborted_batches == 1
     assert torch.equal(generate(ref, inputs), generate(model, inputs))
     handle.close()
+
+
+def test_a_service_re_split_is_refused(tmp_path):
+    from moeray.actors.config import ServiceConfig
+    from moeray.policy.predict import PredictConfig
+    from moeray.policy.split import SplitConfig
+
+    class FakeHandle:
+        config = ServiceConfig(
+            num_layers=2,
+            num_experts=8,
+            top_k=2,
+            capacity=4,
+            policy="moeray",
+            predict=PredictConfig(split=SplitConfig()),
+        )
+
+    ref, model = tiny_model("mixtral"), tiny_model("mixtral")
+    with pytest.raises(ValueError, match=r"service: its capacity re-split \(predict.split\)"):
+        offload(model, service=FakeHandle(), shards=tmp_path)
+    assert_untouched(model, ref, tmp_path)
+
+
+def test_an_offload_attached_to_a_running_service_reports_and_stays_exact(ray_local, tmp_path):
+    """offload(service=handle) on a real local Ray: the session starts from the service's
+    config, every token the model routes reaches the layer actors, and the model stays exact."""
+    from moeray import service
+
+    ref, model = tiny_model("mixtral"), tiny_model("mixtral")
+    config = service.ServiceConfig(
+        num_layers=2,
+        num_experts=8,
+        top_k=2,
+        capacity=3,
+        policy="moeray",
+        layers_per_actor=2,
+        window_steps=2,
+        name="svc-offload",
+    )
+    handle = service.start(config)
+    offloaded = None
+    try:
+        # another engine's routing first: the offload's session starts from what it taught
+        rng = np.random.default_rng(0)
+        other = np.stack([rng.permutation(8)[:2] for _ in range(2 * 64)]).reshape(2, 64, 2)
+        handle.submit(other.astype(np.int32))
+        handle.flush()
+        offloaded = offload(model, service=handle, shards=tmp_path / "shards")
+        session = offloaded.session
+        assert session.link is not None and session.config.capacity == (3, 3)
+        assert [first for _, first in session.loaded_tables] == [0]
+        tokens = 64
+        for batch, length, seed in ((3, 9, 0), (1, 5, 1)):
+            inputs = prompts(batch, length, seed)
+            assert torch.equal(run(ref, inputs), run(model, inputs))
+            tokens += batch * length
+        inputs = prompts(2, 7, 3)
+        assert torch.equal(generate(ref, inputs), generate(model, inputs))
+        tokens += 2 * 7 + 2 * 5  # the prompt, then one token per row for 5 more steps
+        for position in range(2):
+            assert offloaded.resident(position) == sorted(session.hot(position).tolist())
+        assert session.link.flush()
+        handle.flush()
+        stats = handle.stats()
+        assert session.link.stats().reported_tokens == tokens - 64
+        assert [layer.tokens for layer in stats.layers] == [tokens, tokens]
+        assert session.link.stats().failures == 0
+    finally:
+        if offloaded is not None:
+            offloaded.close()
+        handle.shutdown()

@@ -678,6 +678,12 @@ def _session(layers, shape, budget_bytes, capacity, policy, service, options) ->
         caps = config.capacity if isinstance(config.capacity, tuple) else (config.capacity,)
         if min(caps) < top_k:  # the session would refuse it; say so before any weight moves
             raise ValueError(f"service: its capacity {min(caps)} is below top_k {top_k}")
+        if config.policy == "moeray" and config.predict.split is not None:
+            # each layer's bank is allocated once, at its capacity; a re-split would move memory
+            raise ValueError(
+                "service: its capacity re-split (predict.split) changes each layer's memory; "
+                "offload needs a service with fixed capacities"
+            )
         return EngineSession.attach(service)
     if (budget_bytes is None) == (capacity is None):
         raise ValueError("budget_bytes / capacity: give exactly one of them")
