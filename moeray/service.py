@@ -356,6 +356,11 @@ class ServiceHandle:
         )
         return (placement, placement.version) if placement is not None else None
 
+    def link_metrics(self):
+        """The Ray metrics of an engine session's link to this service, in this process
+        (``EngineSession.attach`` takes them)."""
+        return _ray.LinkMetrics(self.config.name)
+
     def engine_update(self, after_version: int = 0) -> EngineUpdate | None:
         """What an engine session takes from the service (capacities, prefetch budget, the
         placement's version: ``EngineUpdate``) when newer than ``after_version``, else None.

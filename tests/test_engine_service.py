@@ -8,6 +8,7 @@ import numpy as np
 from service_helpers import config
 
 from moeray import service
+from moeray.actors._ray import LinkMetrics
 from moeray.engine import EngineSession
 from moeray.traces import default_trace_path, load_trace
 
@@ -32,6 +33,8 @@ def test_a_session_joins_warm_reports_and_takes_updates(ray_local):
         assert all(layer.tokens == 600 for layer in stats.layers)
         assert session.link.stats().reported_tokens == 88
         assert session.version >= 1 and session.config.capacity == (8,) * 24
+        # the link's Ray metrics took every export (a failing one would have been dropped)
+        assert isinstance(session.link.metrics, LinkMetrics)
     finally:
         if session is not None:
             session.close()

@@ -180,6 +180,20 @@ class FakeService:
             return self.update
         return None
 
+    def link_metrics(self):
+        self.metrics = RecordedMetrics()
+        return self.metrics
+
+
+class RecordedMetrics:
+    """The link's metrics sink (ServiceHandle.link_metrics's Ray metrics, recorded here)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def observe(self, stats):
+        self.seen.append(stats)
+
 
 def wait_for(predicate, timeout=10.0):
     deadline = time.monotonic() + timeout
@@ -229,6 +243,8 @@ def test_a_session_outlives_its_service_and_resynchronises(trace, caplog):
             wait_for(lambda: not session.link.stats().connected)
         assert "decides on its own" in caplog.text
         assert session.link.stats().failures >= 1
+        # the metric shows the lost service
+        wait_for(lambda: any(not s.connected and s.failures for s in service.metrics.seen))
         service.fail = False
         wait_for(lambda: session.link.stats().connected)
         route_trace(session, trace.head(10), batch=1)
@@ -237,6 +253,8 @@ def test_a_session_outlives_its_service_and_resynchronises(trace, caplog):
         assert stats.reported_tokens + stats.dropped_tokens == 20 and stats.reported_tokens >= 10
     finally:
         session.close()
+    last = service.metrics.seen[-1]  # the link's final export: every count, and connected again
+    assert last == session.link.stats() and last.connected
 
 
 def test_a_full_queue_drops_for_the_service_never_blocks_the_engine(trace):

@@ -17,7 +17,10 @@ layer, after each load window), ``moeray_placement_version`` and ``moeray_placem
 (set on every stats call, so a stalled balancer shows); the Counters
 ``moeray_placement_slots_moved``, ``moeray_placement_bytes_moved`` (per layer),
 ``moeray_placement_rebalances``, ``moeray_placement_rebalances_skipped`` and
-``moeray_placement_errors``.
+``moeray_placement_errors``. In an engine's process, per service its session is attached to
+(``moeray.engine.ServiceLink``): the Gauge ``moeray_engine_service_connected`` (0 while the
+session decides on its own) and the Counters ``moeray_engine_reported_tokens``,
+``moeray_engine_dropped_tokens`` and ``moeray_engine_link_failures``.
 """
 
 from __future__ import annotations
@@ -844,6 +847,45 @@ class ServiceMetrics:
             for name, value in zip(PREDICTOR_NAMES, getattr(counts, f"predictor_{field}")):
                 if value:
                     counter.inc(value, tags={**tags, "predictor": name})
+
+
+class LinkMetrics:
+    """An engine session's link to the service (``moeray.engine.ServiceLink``), exported from the
+    engine's process: whether the service answers, and what the link reported, dropped and
+    failed. ``observe`` takes the link's cumulative ``LinkStats`` and adds what is new."""
+
+    def __init__(self, service: str):
+        def counter(name: str, description: str):
+            c = metrics.Counter(name, description=description, tag_keys=("service",))
+            c.set_default_tags({"service": service})
+            return c
+
+        self._connected = metrics.Gauge(
+            "moeray_engine_service_connected",
+            description="1 while the engine's last call to the service worked; 0 while the "
+            "engine-side session decides on its own",
+            tag_keys=("service",),
+        )
+        self._connected.set_default_tags({"service": service})
+        self._counters = {
+            "reported_tokens": counter(
+                "moeray_engine_reported_tokens", "routed tokens the service took"
+            ),
+            "dropped_tokens": counter(
+                "moeray_engine_dropped_tokens",
+                "routed tokens not reported (the link's queue full, or the service failed)",
+            ),
+            "failures": counter("moeray_engine_link_failures", "failed calls to the service"),
+        }
+        self._seen = dict.fromkeys(self._counters, 0)
+
+    def observe(self, stats) -> None:
+        self._connected.set(1.0 if stats.connected else 0.0)
+        for key, counter in self._counters.items():
+            value = getattr(stats, key)
+            if value > self._seen[key]:
+                counter.inc(value - self._seen[key])
+                self._seen[key] = value
 
 
 class SubmitLatency:

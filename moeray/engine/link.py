@@ -47,7 +47,9 @@ class ServiceLink:
     """handle: the service's handle; max_queued_tokens: the most routed tokens waiting for the
     link's thread (at about layers x top_k bytes each); poll_s: seconds between update polls
     (and between retries of a failed service); reconnect: None, or a callable that returns a new
-    handle after the service failed."""
+    handle after the service failed; metrics: None, or an object whose ``observe(LinkStats)``
+    the link's thread calls after each call to the service (``ServiceHandle.link_metrics()``:
+    Ray metrics, so a lost service shows on the node's metrics endpoint)."""
 
     def __init__(
         self,
@@ -56,6 +58,7 @@ class ServiceLink:
         poll_s: float = 0.5,
         reconnect: Callable[[], object] | None = None,
         timer: Callable[[], float] = time.monotonic,
+        metrics=None,
     ):
         if isinstance(max_queued_tokens, bool) or not isinstance(max_queued_tokens, int):
             raise TypeError(f"max_queued_tokens: expected an int, got {max_queued_tokens!r}")
@@ -68,6 +71,7 @@ class ServiceLink:
         self._poll_s = float(poll_s)
         self._reconnect = reconnect
         self._timer = timer
+        self.metrics = metrics
         self._queue: deque[tuple[np.ndarray, np.ndarray]] = deque()
         self._queued_tokens = 0
         self._cond = threading.Condition()
@@ -142,7 +146,7 @@ class ServiceLink:
                     self._queue.clear()
                     self._queued_tokens = 0
                     self._cond.notify_all()
-                    return
+                    break
                 batch = self._queue.popleft() if self._queue and self._connected else None
                 self._sending = batch is not None
             if batch is not None:
@@ -152,6 +156,8 @@ class ServiceLink:
                 if not self._connected and self._reconnect is not None:
                     self._call(self._do_reconnect, None)
                 self._call(self._poll, None)
+            self._export()
+        self._export()  # what closing dropped
 
     def _submit(self, batch: tuple[np.ndarray, np.ndarray]) -> None:
         self._handle.submit(batch[0], seq_starts=batch[1])
@@ -197,3 +203,12 @@ class ServiceLink:
             if not self._connected:
                 log.warning("moeray: the service is back; the session resynchronises")
             self._connected = True
+
+    def _export(self) -> None:
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.observe(self.stats())
+        except Exception as exc:  # metrics are for people; the link goes on without them
+            log.warning("moeray: link metrics dropped (%s: %s)", type(exc).__name__, exc)
+            self.metrics = None

@@ -136,11 +136,14 @@ class EngineSession:
         """A session on a running service's configuration (``handle.config``) that reports its
         routing to it and takes its updates (``ServiceLink``'s options). warm: a predictive
         policy starts from the tables the service's layer actors learned from every engine
-        (``handle.predictor_tables()``) instead of empty ones."""
+        (``handle.predictor_tables()``) instead of empty ones. The link exports its state as
+        Ray metrics (``handle.link_metrics()``) unless ``metrics`` is given."""
         session = cls(handle.config)
         if warm and session._predictive:
             for first_layer, tables in handle.predictor_tables():
                 session.load_tables(tables, first_layer)
+        if "metrics" not in link_options and hasattr(handle, "link_metrics"):
+            link_options["metrics"] = handle.link_metrics()
         session._link = ServiceLink(handle, **link_options)
         return session
 
