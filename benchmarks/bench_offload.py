@@ -48,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 SHARED_TRACE = (
     Path(__file__).resolve().parents[1]
     / ".."
@@ -332,6 +334,30 @@ def measure_bandwidth(shards: Path, device: str) -> float:
     return total / seconds
 
 
+def belady_stalls(trace_path: str, layers: int, capacity: int, warmup: int, tokens: int) -> float:
+    """Misses per timed token of the offline optimum of demand caching (Belady's MIN) on the
+    timed tokens' routing, each layer's hot set starting with the best content a cache could
+    have (the first ``capacity`` experts the window uses): the fewest transfers any policy,
+    prefetching or not, can make on those tokens (a demand cache stalls on each)."""
+    from moeray.policy.belady import belady_hits
+    from moeray.traces import load_trace
+
+    trace = load_trace(trace_path)
+    first = TRACE_START + PROMPT_TOKENS + warmup
+    rows = (first + np.arange(tokens)) % trace.num_tokens  # force_routing wraps at the end
+    window = np.asarray(trace.expert_ids[rows, :layers], dtype=np.int64)
+    top_k, misses = window.shape[2], 0
+    for layer in range(layers):
+        ids = window[:, layer]
+        order = list(dict.fromkeys(ids.reshape(-1).tolist()))[:capacity]
+        # the warm start as leading rows of distinct experts: each a miss, none evicted
+        start = np.array(order + order[-1:] * (-len(order) % top_k)).reshape(-1, top_k)
+        stream = np.concatenate([start, ids])
+        hits = belady_hits(stream, trace.num_experts, capacity)
+        misses += stream.size - hits - len(order)
+    return misses / tokens
+
+
 def run_child(spec: dict) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],
@@ -421,6 +447,11 @@ def main(argv=None) -> int:
         row["to_bound"] = row["s_per_token"] / row["bound_s"]
         row["same_ids"] = row["ids"] == reference_ids[: len(row["ids"])]
         row["rss_goal"] = row["budget_bytes"] + row["dense_bytes"] + 2 * row["expert_bytes"]
+    for row in rows:
+        if row["setting"] == "lru":  # the same routing and capacity for every policy
+            row["belady_stalls_per_token"] = belady_stalls(
+                str(trace), args.layers, row["capacity"], args.warmup, args.tokens
+            )
     print_table(rows, bandwidth, compute, device, args)
     print(
         f"(each setting's fastest of {args.rounds} rounds, accelerate's one, resident's "
@@ -479,12 +510,30 @@ def print_table(rows, bandwidth, compute, device, args) -> None:
             f"{row['to_bound']:>8.2f} {'yes' if row['same_ids'] else 'NO':>8}"
         )
     by = {(r["setting"], r["budget"]): r for r in rows}
+    read = first["expert_bytes"] / bandwidth  # one expert from the slow tier
     for budget in sorted({r["budget"] for r in rows if r["setting"] != "resident"}):
         m, lru, acc = by[("moeray", budget)], by[("lru", budget)], by[("accelerate", budget)]
         print(
             f"at {budget:.0%}: moeray / lru {m['tokens_per_s'] / lru['tokens_per_s']:.2f}x, "
             f"moeray / accelerate {m['tokens_per_s'] / acc['tokens_per_s']:.2f}x, "
             f"moeray {m['to_bound']:.2f}x its bound"
+        )
+        # What any schedule could make of these counts: a layer computes once its stalled
+        # experts are in (stalls x read + compute), and the slow tier moves one expert at a
+        # time (transfers x read). Belady: the fewest transfers any policy makes on these
+        # tokens; a demand cache stalls on each, a clairvoyant prefetcher could hide them all.
+        stalls = m["stats"]["stalls"] / m["tokens"]
+        fastest = max(compute + stalls * read, m["bytes_per_token"] / bandwidth)
+        belady = lru["belady_stalls_per_token"]
+        need = (lru["s_per_token"] / 1.3 - compute) / read
+        demand = lru["s_per_token"] / (compute + belady * read)
+        oracle = lru["s_per_token"] / max(compute, belady * read)
+        print(
+            f"  moeray's counts allow at best {fastest * 1e3:.0f} ms/token "
+            f"({lru['s_per_token'] / fastest:.2f}x lru: {stalls:.2f} stalls x "
+            f"{read * 1e3:.0f} ms + compute); 1.3x lru needs <= {need:.2f} stalls/token; "
+            f"Belady's optimum {belady:.2f} transfers/token: {demand:.2f}x lru as a demand "
+            f"cache, {oracle:.2f}x with every transfer hidden"
         )
 
 
