@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from shared_traces import SHARED_TRACES
 
 from moeray.native import _core, _reference
 from moeray.traces import default_trace_path, load_trace
 
 E, HOT, TOP_K, T = 256, 64, 8, 65_536
-SHARED_TRACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
 REAL_TRACES = (  # (file under --traces, capacity in experts: a quarter of each layer's)
     ("gpt-oss-20b/gpt_oss_20b_decode_routing.npz", 8),
     ("deepseek-v2-lite-chat/deepseek_v2_lite_chat_prefill_routing.npz", 16),

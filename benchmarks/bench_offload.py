@@ -49,15 +49,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from shared_traces import GPT_OSS_20B_TRACE
 
-SHARED_TRACE = (
-    Path(__file__).resolve().parents[1]
-    / ".."
-    / "shared"
-    / "traces"
-    / "gpt-oss-20b"
-    / "gpt_oss_20b_decode_routing.npz"
-)
 GPT_OSS_20B = dict(hidden=2880, intermediate=2880, experts=32, top_k=4, heads=64, kv_heads=8)
 PROMPT_TOKENS = 4
 TRACE_START = 1000  # decode steps into the trace: past the first sequence's start
@@ -405,7 +398,9 @@ def main(argv=None) -> int:
     from moeray.traces import default_trace_path
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    trace = args.trace or (str(SHARED_TRACE) if SHARED_TRACE.exists() else default_trace_path())
+    trace = args.trace or (
+        str(GPT_OSS_20B_TRACE) if GPT_OSS_20B_TRACE.exists() else default_trace_path()
+    )
     work = Path(args.dir or tempfile.mkdtemp(prefix="moeray-bench-offload-"))
     work.mkdir(parents=True, exist_ok=True)
     budgets = [float(b) for b in args.budgets.split(",")]

@@ -47,6 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from shared_traces import SHARED_TRACES
 
 from moeray._progress import Progress
 from moeray.native import IS_NATIVE, backend
@@ -69,7 +70,6 @@ LAYERS, EXPERTS, GROUPS, TOP_K = 58, 256, 8, 8
 NODES, GPUS, REDUNDANT = 4, 32, 32
 BUDGET = 8
 TOKENS = 65_536
-SHARED_TRACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
 # (file under --traces, label, gpus, redundant, one expert's bytes in bf16 from config.json)
 QUALITY = (
     (

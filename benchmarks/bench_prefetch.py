@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from shared_traces import GPT_OSS_20B_TRACE
 
 from moeray._progress import Progress
 from moeray.native import IS_NATIVE
@@ -43,14 +44,6 @@ from moeray.shards.kernels import expert_matvec_native
 from moeray.shards.residency import ShardResidency
 from moeray.traces import default_trace_path, load_trace
 
-SHARED_TRACE = (
-    Path(__file__).resolve().parents[1]
-    / ".."
-    / "shared"
-    / "traces"
-    / "gpt-oss-20b"
-    / "gpt_oss_20b_decode_routing.npz"
-)
 MODES = ("demand", "moeray", "hot")
 
 
@@ -218,7 +211,7 @@ def main(argv=None) -> int:
 
     root = ensure_checkpoint(args)
     store = ShardStore(root)
-    trace = load_trace(SHARED_TRACE if SHARED_TRACE.exists() else default_trace_path())
+    trace = load_trace(GPT_OSS_20B_TRACE if GPT_OSS_20B_TRACE.exists() else default_trace_path())
     layers = list(store.layers)[: args.layers]
     if trace.num_experts != store.num_experts(layers[0]) or trace.num_layers < len(layers):
         parser.error(

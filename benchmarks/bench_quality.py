@@ -36,6 +36,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+from shared_traces import REAL_TRACES, SHARED_TRACES
 
 from moeray._progress import Progress
 from moeray.native import IS_NATIVE
@@ -46,11 +47,6 @@ from moeray.policy.split import SplitConfig
 from moeray.replay import ReplayConfig, capacity_from_fraction, replay_trace
 from moeray.traces import Trace, default_trace_path, load_trace
 
-SHARED_TRACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
-REAL_TRACES = (
-    "gpt-oss-20b/gpt_oss_20b_decode_routing.npz",
-    "deepseek-v2-lite-chat/deepseek_v2_lite_chat_prefill_routing.npz",
-)
 FRACTIONS = (0.125, 0.25, 0.5)
 POLICIES = ("lru", "affinity-lru", "belady", "moeray")
 GOAL_FRACTION = 0.25
