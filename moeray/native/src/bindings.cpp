@@ -568,15 +568,21 @@ PredictKernelHandle* make_predict_kernel(
   return new PredictKernelHandle(s, c, std::move(keep));
 }
 
+// The token before a step, batch or window: None (none in this sequence) or int64 [L, k] in range,
+// kept alive in `keep`.
+const int64_t* check_last_ids(H last_ids_obj, const moeray::PredictState& s,
+                              std::vector<py::array>& keep) {
+  if (last_ids_obj.is_none()) return nullptr;
+  return check_token_ids(last_ids_obj, "last_ids", s.layers, s.top_k, s.experts, keep);
+}
+
 void predict_kernel_step(PredictKernelHandle& self, H ids_obj, H last_ids_obj, H clock_obj,
                          double scale, double next_scale, double next_prev_scale) {
   const moeray::PredictState& s = self.kernel.state();
   std::vector<py::array> keep;  // the token's arrays, alive while the kernel reads them
   moeray::PredictToken t{};
   t.ids = check_token_ids(ids_obj, "ids", s.layers, s.top_k, s.experts, keep);
-  t.last_ids = last_ids_obj.is_none() ? nullptr
-                                      : check_token_ids(last_ids_obj, "last_ids", s.layers,
-                                                        s.top_k, s.experts, keep);
+  t.last_ids = check_last_ids(last_ids_obj, s, keep);
   t.clock = check_int(clock_obj, "clock", 1, INT64_MAX, "an int >= 1");
   t.scale = check_scale(scale, "scale");
   t.next_scale = check_scale(next_scale, "next_scale");
@@ -621,10 +627,7 @@ py::tuple predict_kernel_open_batch(PredictKernelHandle& self, H last_ids_obj,
   const int64_t B = starts.shape(0);
   if (B < 1) throw py::value_error("new_sequence: expected at least one token, got 0");
   std::vector<py::array> keep;
-  const int64_t* last = last_ids_obj.is_none()
-                            ? nullptr
-                            : check_token_ids(last_ids_obj, "last_ids", s.layers, s.top_k,
-                                              s.experts, keep);
+  const int64_t* last = check_last_ids(last_ids_obj, s, keep);
   moeray::PredictClock clock =
       check_clock(clock_obj, B, scale, prev_scale, transition_decay, previous_decay);
   Lock lock(kernel.mutex);  // no wait: the kernel's calls release it before the GIL
@@ -726,10 +729,7 @@ py::tuple predict_kernel_run_window(PredictKernelHandle& self, H ids_obj, H new_
   py::array starts;  // a default py::array is an empty array, not a null handle
   if (has_starts) starts = check_vector(new_sequence_obj, "new_sequence", "bool", T);
   std::vector<py::array> keep;
-  const int64_t* last = last_ids_obj.is_none()
-                            ? nullptr
-                            : check_token_ids(last_ids_obj, "last_ids", s.layers, s.top_k,
-                                              s.experts, keep);
+  const int64_t* last = check_last_ids(last_ids_obj, s, keep);
   moeray::PredictClock clock =
       check_clock(clock_obj, T, scale, prev_scale, transition_decay, previous_decay);
   const int64_t first_layer = check_int(first_layer_obj, "first_layer", 0, s.layers - 1,
