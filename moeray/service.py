@@ -26,7 +26,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from moeray.actors import _ray
 from moeray.actors.config import ServiceConfig
@@ -319,12 +319,16 @@ class ServiceHandle:
     def layer_actor_handles(self) -> list:
         return self._call("layer_actor_handles")
 
-    def predictor_tables(self) -> list[tuple[int, dict]]:
+    def predictor_tables(self) -> Iterator[tuple[int, dict]]:
         """Every layer actor's learned tables of the predictive policy (``LayerCaches.tables``:
         (first layer, tables)), learned from every client's routing: what
-        ``EngineSession.attach(handle, warm=True)`` starts from. Empty for a demand policy."""
-        refs = [_ray.call_async(actor.tables) for actor in self.layer_actor_handles()]
-        return [tables for tables in _ray.get(refs) if tables is not None]
+        ``EngineSession.attach(handle, warm=True)`` starts from. Nothing for a demand policy.
+        One actor's at a time (each fetched when the one before was taken), so a caller holds
+        one actor's tables, not the service's (hundreds of MiB at DeepSeek-V3's shape)."""
+        for actor in self.layer_actor_handles():
+            tables = _ray.get(_ray.call_async(actor.tables))
+            if tables is not None:
+                yield tables
 
     def layer_actor_resources(self) -> list[str | None]:
         """The node resource each layer actor is pinned to now (after any re-placement)."""

@@ -21,7 +21,7 @@ def test_a_session_joins_warm_reports_and_takes_updates(ray_local):
     try:
         handle.submit(ids[:, :512])
         handle.flush()
-        assert len(handle.predictor_tables()) == 2  # one per layer actor
+        assert len(list(handle.predictor_tables())) == 2  # one per layer actor
         session = EngineSession.attach(handle, poll_s=0.05)
         assert [first for _, first in session.loaded_tables] == [0, 12]
         for t in range(512, 600):
