@@ -134,6 +134,7 @@ class ServiceLink:
     # ------------------------------------------------------------------ the link's thread
 
     _sending = False
+    _exported: LinkStats | None = None  # what metrics last observed
 
     def _run(self) -> None:
         next_poll = self._timer()
@@ -207,8 +208,12 @@ class ServiceLink:
     def _export(self) -> None:
         if self.metrics is None:
             return
+        stats = self.stats()
+        if stats == self._exported:
+            return
+        self._exported = stats
         try:
-            self.metrics.observe(self.stats())
+            self.metrics.observe(stats)
         except Exception as exc:  # metrics are for people; the link goes on without them
             log.warning("moeray: link metrics dropped (%s: %s)", type(exc).__name__, exc)
             self.metrics = None
