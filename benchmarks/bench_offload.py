@@ -29,7 +29,10 @@ GPU memory), against the goal budget + dense weights + two experts, stalls per t
 ratio of time per token to the physical bound max(compute, bytes moved / bandwidth). Time per
 token is the median decode step (the machine is shared), of each setting's fastest of
 ``--rounds`` runs (accelerate: one run); compute is the fastest resident run (one per round and
-one last). Every setting must produce the same token ids (exactness).
+one last). Every setting must produce the same token ids (exactness). Below the table, per
+budget: the fastest step moeray's counts allow, the stalls 1.3x lru would need, and Belady's
+optimum on the same tokens; on CPU, what a cold read costs the compute beside it (the reading
+thread's CPU share, and a resident run's step beside a thread that reads the checkpoint cold).
 
 usage: python benchmarks/bench_offload.py [--quick] [--layers N] [--tokens N] [--json PATH]
 """
@@ -270,7 +273,12 @@ def child(spec: dict) -> dict:
         at_prompt["read"] = disk_read_bytes()
         at_prompt["stats"] = handle.stats().as_dict() if handle is not None else {}
 
-    steps, ids = decode(model, tokens, spec["warmup"], device, before_token, after_prompt)
+    reader = ColdReader(Path(spec["shards"])) if spec.get("reader") else None
+    try:
+        steps, ids = decode(model, tokens, spec["warmup"], device, before_token, after_prompt)
+    finally:
+        if reader is not None:
+            result["reader_bytes_per_s"] = reader.stop()
     result.update(tokens=tokens, step_s=steps, ids=ids, routed_tokens=forced.tokens)
     result["seconds"] = sum(steps)
     result["disk_bytes_per_token"] = (disk_read_bytes() - at_prompt["read"]) / tokens
@@ -293,9 +301,45 @@ def child(spec: dict) -> dict:
 # ---------------------------------------------------------------------------- the parent
 
 
-def measure_bandwidth(shards: Path, device: str) -> float:
-    """Bytes per second of the slow tier: CPU, a cold read (page cache dropped) of the whole
-    checkpoint in 64 MiB preads; CUDA, pinned host to device copies."""
+class ColdReader:
+    """A thread that reads the checkpoint cold (its pages dropped before each pass) in 64 MiB
+    preads until stopped: the compute's neighbour when a prefetch overlaps it."""
+
+    def __init__(self, shards: Path):
+        import threading
+
+        self._files = sorted(shards.glob("*.safetensors"))
+        self._stop = threading.Event()
+        self._bytes, self._start = 0, time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        view = memoryview(bytearray(64 * 2**20))
+        while not self._stop.is_set():
+            drop_page_cache(self._files)
+            for path in self._files:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    offset = 0
+                    while not self._stop.is_set() and (got := os.preadv(fd, [view], offset)):
+                        offset += got
+                        self._bytes += got
+                finally:
+                    os.close(fd)
+
+    def stop(self) -> float:
+        """Stops the thread; returns the bytes per second it read."""
+        self._stop.set()
+        self._thread.join()
+        drop_page_cache(self._files)
+        return self._bytes / (time.perf_counter() - self._start)
+
+
+def measure_bandwidth(shards: Path, device: str) -> tuple[float, float]:
+    """(bytes per second of the slow tier, the reading thread's CPU seconds per wall second):
+    CPU, a cold read (page cache dropped) of the whole checkpoint in 64 MiB preads; CUDA,
+    pinned host to device copies (CPU share not measured: 0)."""
     if device == "cuda":
         import torch
 
@@ -307,12 +351,12 @@ def measure_bandwidth(shards: Path, device: str) -> float:
         for _ in range(4):
             dev.copy_(host, non_blocking=True)
         torch.cuda.synchronize()
-        return 4 * host.numel() / (time.perf_counter() - start)
+        return 4 * host.numel() / (time.perf_counter() - start), 0.0
     files = sorted(shards.glob("*.safetensors"))
     drop_page_cache(files)
     buffer = bytearray(64 * 2**20)
     view = memoryview(buffer)
-    total, start = 0, time.perf_counter()
+    total, start, cpu = 0, time.perf_counter(), time.thread_time()
     for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -322,9 +366,9 @@ def measure_bandwidth(shards: Path, device: str) -> float:
             total += offset
         finally:
             os.close(fd)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
     drop_page_cache(files)
-    return total / seconds
+    return total / seconds, cpu / seconds
 
 
 def belady_stalls(trace_path: str, layers: int, capacity: int, warmup: int, tokens: int) -> float:
@@ -423,8 +467,11 @@ def main(argv=None) -> int:
             for setting in ("accelerate", "lru", "moeray")[round_ > 0 :]:  # accelerate: once
                 runs.append(run_child(dict(base, setting=setting, budget=budget)))
     # the faster of two readings: the machine is shared, and a higher bandwidth is a lower bound
-    bandwidth = max(measure_bandwidth(work / "shards", device) for _ in range(2))
+    bandwidth, read_cpu = max(measure_bandwidth(work / "shards", device) for _ in range(2))
     runs.append(run_child(dict(base, setting="resident", budget=1.0)))
+    if device == "cpu":  # what a read costs the compute beside it (not a row of the table)
+        beside = run_child(dict(base, setting="resident", budget=1.0, reader=True))
+        beside["s_per_token"] = statistics.median(beside["step_s"])
     for run in runs:
         run["s_per_token"] = statistics.median(run["step_s"])
     rows = []  # each setting's fastest run
@@ -448,6 +495,14 @@ def main(argv=None) -> int:
                 str(trace), args.layers, row["capacity"], args.warmup, args.tokens
             )
     print_table(rows, bandwidth, compute, device, args)
+    if device == "cpu":
+        read = rows[0]["expert_bytes"] / bandwidth
+        print(
+            f"a cold expert read: {read * 1e3:.0f} ms, {read_cpu:.0%} of it the reading "
+            f"thread's CPU; compute beside a cold reader ({beside['reader_bytes_per_s'] / 1e9:.2f}"
+            f" GB/s): {beside['s_per_token'] * 1e3:.0f} ms/token, "
+            f"{beside['s_per_token'] / compute:.2f}x alone"
+        )
     print(
         f"(each setting's fastest of {args.rounds} rounds, accelerate's one, resident's "
         f"{args.rounds + 1}; every run in the JSON)"
@@ -462,6 +517,8 @@ def main(argv=None) -> int:
             layers=args.layers,
             scale=args.scale,
             bandwidth_bytes_per_s=bandwidth,
+            read_cpu_share=read_cpu,
+            beside_reader=beside if device == "cpu" else None,
             compute_s_per_token=compute,
             command=" ".join(["python", "benchmarks/bench_offload.py", *sys.argv[1:]]),
             commit=subprocess.run(
@@ -526,7 +583,8 @@ def print_table(rows, bandwidth, compute, device, args) -> None:
         print(
             f"  moeray's counts allow at best {fastest * 1e3:.0f} ms/token "
             f"({lru['s_per_token'] / fastest:.2f}x lru: {stalls:.2f} stalls x "
-            f"{read * 1e3:.0f} ms + compute); 1.3x lru needs <= {need:.2f} stalls/token; "
+            f"{read * 1e3:.0f} ms + compute); 1.3x lru needs "
+            f"{f'<= {need:.2f} stalls/token' if need >= 0 else 'a step under the compute alone'}; "
             f"Belady's optimum {belady:.2f} transfers/token: {demand:.2f}x lru as a demand "
             f"cache, {oracle:.2f}x with every transfer hidden"
         )
