@@ -40,6 +40,7 @@ usage: python benchmarks/bench_offload.py [--quick] [--layers N] [--tokens N] [-
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -425,7 +426,8 @@ def main(argv=None) -> int:
                    "resident; the fastest is printed (the machine is shared)")  # fmt: skip
     p.add_argument("--budgets", default="0.25,0.5")
     p.add_argument("--trace", default=None, help="default: the shared gpt-oss-20b trace")
-    p.add_argument("--dir", default=None, help="work directory (checkpoints); default a temp dir")
+    p.add_argument("--dir", default=None, help="work directory (checkpoints, kept); default a "
+                   "temp dir, removed at the end")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
@@ -447,6 +449,8 @@ def main(argv=None) -> int:
     )
     work = Path(args.dir or tempfile.mkdtemp(prefix="moeray-bench-offload-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.dir is None:  # the checkpoint is GBs: a temp dir goes with the run, however it ends
+        atexit.register(shutil.rmtree, work, True)
     budgets = [float(b) for b in args.budgets.split(",")]
     base = dict(
         layers=args.layers,
