@@ -98,7 +98,7 @@ struct Scratch {
   static constexpr int kGuesses = 4;
   std::vector<double> p, scores, cond, value, keep, tie;
   std::vector<float> guess;
-  std::vector<int64_t> buckets, hot_list;
+  std::vector<int64_t> buckets, hot_list, hot_ids;
   std::vector<char> flags;
   bool guessed[kGuesses] = {false, false, false, false};
   std::vector<int64_t>* events = nullptr;
@@ -128,7 +128,7 @@ class Layer {
       count_guess(index);
       w_.guessed[index] = false;
     }
-    access(w_.scores, w_.keep, w_.flags);
+    access(w_.keep, w_.flags);
     learn();
   }
 
@@ -301,14 +301,10 @@ class Layer {
     return next;
   }
 
-  // hot_value of every hot expert into value (have: set where computed); the same sums as
-  // next_use, a table row at a time over the hot experts (a zero p[e] adds +0: skipped).
-  void hot_values(const std::vector<double>& p, const bool* hot, std::vector<double>& value,
-                  std::vector<char>& have) const {
-    std::vector<int64_t>& list = w_.hot_list;
-    list.clear();
-    for (int64_t f = 0; f < E_; ++f)
-      if (hot[f]) list.push_back(f);
+  // hot_value of the hot experts `list` into value (have: set where computed); the same sums
+  // as next_use, a table row at a time over them (a zero p[e] adds +0: skipped).
+  void hot_values(const std::vector<double>& p, const std::vector<int64_t>& list,
+                  std::vector<double>& value, std::vector<char>& have) const {
     const size_t n = list.size();
     std::vector<double>& next = w_.keep;  // free until the accesses
     std::fill(next.begin(), next.begin() + n, 0.0);
@@ -354,9 +350,15 @@ class Layer {
     const double clock = static_cast<double>(t_.clock);
     std::fill(have_value.begin(), have_value.end(), 0);
     bool valued = false;
-    // numpy's tie-break 1e-9 * touch / clock, once per layer (only a prefetch changes a touch)
+    // the hot experts in ascending id (the scans' tie-break order), kept through the rounds:
+    // only they are compared against a candidate
+    std::vector<int64_t>& list = w_.hot_ids;
+    list.clear();
+    for (int64_t e = 0; e < E_; ++e)
+      if (hot[e]) list.push_back(e);
+    // numpy's tie-break 1e-9 * touch / clock of the hot experts (only a prefetch changes a touch)
     double* tie = w_.tie.data();
-    for (int64_t e = 0; e < E_; ++e) tie[e] = 1e-9 * touch[e] / clock;
+    for (int64_t e : list) tie[e] = 1e-9 * touch[e] / clock;
     for (int64_t round = 0; round < c_.prefetch_budget; ++round) {
       int64_t cand = -1;
       for (int64_t e = 0; e < E_; ++e)
@@ -371,16 +373,14 @@ class Layer {
         // even the smallest p + tie-break, it cannot beat the victim either, and the values
         // are not needed.
         double floor = kInf;
-        for (int64_t e = 0; e < E_; ++e)
-          if (hot[e]) floor = std::min(floor, p[e] + tie[e]);
+        for (int64_t e : list) floor = std::min(floor, p[e] + tie[e]);
         if (!(p[cand] > floor + c_.prefetch_margin)) return;
         if (!valued) {
-          hot_values(p, hot, value, have_value);
+          hot_values(p, list, value, have_value);
           valued = true;
         }
         double best = kInf;
-        for (int64_t e = 0; e < E_; ++e) {
-          if (!hot[e]) continue;
+        for (int64_t e : list) {
           if (!have_value[e]) {  // prefetched this token
             value[e] = hot_value(p, e, next_use(p, e));
             have_value[e] = 1;
@@ -394,7 +394,11 @@ class Layer {
         bar = best + c_.prefetch_margin;
       }
       if (!(p[cand] > bar)) return;
-      if (full) evict(victim);
+      if (full) {
+        evict(victim);
+        list.erase(std::find(list.begin(), list.end(), victim));
+      }
+      list.insert(std::lower_bound(list.begin(), list.end(), cand), cand);
       count_reload(cand);
       note(cand, kPrefetchLoad);
       hot[cand] = true;
@@ -409,12 +413,13 @@ class Layer {
   // The token's experts in routing order; a miss on a full layer evicts the unused hot expert
   // of lowest `keep_scores` (computed at the first such miss: the candidates' touches do not
   // change before, only used experts are touched).
-  void access(std::vector<double>& nxt, std::vector<double>& keep, std::vector<char>& used) {
+  void access(std::vector<double>& keep, std::vector<char>& used) {
     bool* hot = s_.hot + l_ * E_;
     bool* pending = s_.pending + l_ * E_;
     double* touch = row(s_.touch);
     std::fill(used.begin(), used.end(), 0);
     bool have_keep = false;
+    std::vector<int64_t>& list = w_.hot_ids;
     for (int64_t j = 0; j < k_; ++j) {
       const int64_t e = ids_[j];
       const bool hit = hot[e];
@@ -424,13 +429,16 @@ class Layer {
       if (!hit) {
         ++s_.stalls[l_];
         if (s_.hot_count[l_] >= s_.capacity[l_]) {
-          if (!have_keep) {
-            keep_scores(nxt, keep);
+          if (!have_keep) {  // the victims' candidates: hot now (a miss admitted later is used)
+            list.clear();
+            for (int64_t f = 0; f < E_; ++f)
+              if (hot[f]) list.push_back(f);
+            keep_scores(list, keep);
             have_keep = true;
           }
           int64_t victim = -1;
           double best = kInf;
-          for (int64_t f = 0; f < E_; ++f) {
+          for (int64_t f : list) {
             if (hot[f] && !used[f] && (victim < 0 || keep[f] < best)) {
               best = keep[f];
               victim = f;
@@ -453,13 +461,20 @@ class Layer {
   }
 
   // The twin's `keep_scores` of this layer.
-  void keep_scores(std::vector<double>& nxt, std::vector<double>& keep) const {
-    table_scores(ids_, nxt.data());
+  // The twin's `keep_scores` of this layer at the experts `list` (each the same sums and
+  // products as at every expert: table_scores' column f does not depend on the others).
+  void keep_scores(const std::vector<int64_t>& list, std::vector<double>& keep) const {
     const double* aff = row(s_.affinity);
     const double* touch = row(s_.touch);
     const double clock = static_cast<double>(std::max<int64_t>(t_.clock, 1));
-    for (int64_t f = 0; f < E_; ++f)
-      keep[f] = (c_.keep_previous_weight * nxt[f] + c_.keep_affinity_weight * aff[f]) -
+    const double inv = 1.0 / static_cast<double>(k_);
+    for (int64_t f : list) keep[f] = 0.0;
+    for (int64_t j = 0; j < k_; ++j) {
+      const double* q = prev_row(ids_[j]);
+      for (int64_t f : list) keep[f] += q[f];
+    }
+    for (int64_t f : list)
+      keep[f] = (c_.keep_previous_weight * (keep[f] * inv) + c_.keep_affinity_weight * aff[f]) -
                 1e-9 * (1.0 - touch[f] / clock);
   }
 
