@@ -96,7 +96,18 @@ def baseline_session_class():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
-    return module.EngineSession
+
+    class Before(module.EngineSession):
+        # DemandCaches.hot_mask, which that module reads, became hot_experts at 5d17055: the
+        # same hot set, read as ids (a sort of at most capacity ids more per read)
+        def _hot_mask(self, layer: int) -> np.ndarray:
+            if self._predictive:
+                return super()._hot_mask(layer)
+            mask = np.zeros(self.config.num_experts, dtype=bool)
+            mask[self._demand.hot_experts(layer)] = True
+            return mask
+
+    return Before
 
 
 def build_harness(workdir: Path) -> Path | None:
