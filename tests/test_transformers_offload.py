@@ -272,20 +272,21 @@ def test_a_forward_that_fails_midway_leaves_the_model_serving(tmp_path):
     handle.close()
 
 
+def tiny_service_config(name: str, **kw):
+    """A service of record's tiny mixtral's shape (2 layers of 8 experts, top-2) on the
+    predictive policy, one layer actor: service_helpers.config with ``kw`` on top."""
+    from service_helpers import config
+
+    shape = dict(num_layers=2, num_experts=8, top_k=2, capacity=3, layers_per_actor=2)
+    return config(name, **{**shape, "policy": "moeray", **kw})
+
+
 def test_a_service_re_split_is_refused(tmp_path):
-    from moeray.actors.config import ServiceConfig
     from moeray.policy.predict import PredictConfig
     from moeray.policy.split import SplitConfig
 
     class FakeHandle:
-        config = ServiceConfig(
-            num_layers=2,
-            num_experts=8,
-            top_k=2,
-            capacity=4,
-            policy="moeray",
-            predict=PredictConfig(split=SplitConfig()),
-        )
+        config = tiny_service_config("svc-split", predict=PredictConfig(split=SplitConfig()))
 
     ref, model = tiny_model("mixtral"), tiny_model("mixtral")
     with pytest.raises(ValueError, match=r"service: its capacity re-split \(predict.split\)"):
@@ -299,17 +300,7 @@ def test_an_offload_attached_to_a_running_service_reports_and_stays_exact(ray_lo
     from moeray import service
 
     ref, model = tiny_model("mixtral"), tiny_model("mixtral")
-    config = service.ServiceConfig(
-        num_layers=2,
-        num_experts=8,
-        top_k=2,
-        capacity=3,
-        policy="moeray",
-        layers_per_actor=2,
-        window_steps=2,
-        name="svc-offload",
-    )
-    handle = service.start(config)
+    handle = service.start(tiny_service_config("svc-offload"))
     offloaded = None
     try:
         # another engine's routing first: the offload's session starts from what it taught
