@@ -13,6 +13,9 @@ Columns:
   open_batch / serve_layer / close_batch with session.hpp's HotPlan around each serve_layer and
   the session's affinity update at the batch's close). Its plans' totals are checked equal to
   the Python session's on the same tokens.
+- core at REV (with ``--core-baseline REV``): the same harness built against the native headers
+  of git revision REV, run alternately with this tree's in the same run, on the same tokens: a
+  change to the native core beside the code before it.
 - route (Python): ``EngineSession.route`` of this tree, LayerPlan and all.
 - before (Python): ``EngineSession.route`` as it was before the native cores (the session module
   at ``BASELINE_REV``, read from git): the baseline. Its decisions are checked equal to this
@@ -26,6 +29,7 @@ Goals (issue 18): <= 1 us per layer call at decode for the predictive policy, <=
 a 24-layer decode step of gpt-oss-20b's shape planned in <= 25 us.
 
 usage: python benchmarks/bench_session.py [--quick] [--tokens N] [--repeats R] [--json PATH]
+                                         [--core-baseline REV]
 """
 
 from __future__ import annotations
@@ -110,25 +114,45 @@ def baseline_session_class():
     return Before
 
 
-def build_harness(workdir: Path) -> Path | None:
-    """Compiles session_harness.cpp as the extension is compiled (-O3, no FMA contraction)."""
+def build_harness(
+    workdir: Path, headers: Path = ROOT / "moeray/native/src", name: str = "session_harness"
+) -> Path | None:
+    """Compiles session_harness.cpp against ``headers`` as the extension is compiled (-O3, no
+    FMA contraction)."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return None
-    out = workdir / "session_harness"
+    out = workdir / name
     cmd = [
         compiler,
         "-std=c++17",
         "-O3",
         "-ffp-contract=off",
         "-I",
-        str(ROOT / "moeray/native/src"),
+        str(headers),
         str(ROOT / "benchmarks/session_harness.cpp"),
         "-o",
         str(out),
     ]
     subprocess.run(cmd, check=True)
     return out
+
+
+def baseline_headers(rev: str, workdir: Path) -> Path:
+    """The native headers of git revision ``rev``, extracted under ``workdir``."""
+    out = workdir / f"headers-{rev}"
+    out.mkdir()
+    try:
+        archive = subprocess.run(
+            ["git", "archive", rev, "moeray/native/src"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = (
+            exc.stderr.decode().strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+        )
+        raise SystemExit(f"--core-baseline {rev}: cannot read it from git ({detail})") from None
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out / "moeray/native/src"
 
 
 def harness_args(config: ServiceConfig) -> list[str]:
@@ -201,17 +225,28 @@ def plan_totals(config, ids: np.ndarray, warm: int) -> dict[str, int]:
     return out
 
 
-def measure(shape, config, ids, warm, repeats, harness, before_cls, workdir) -> dict:
-    """One row: the three columns' ns per layer call (medians), and the checks."""
+def measure(shape, config, ids, warm, repeats, harness, base_harness, before_cls, workdir) -> dict:
+    """One row: the columns' ns per layer call (medians), and the checks."""
     core = plan_ns = None
+    core_repeats, base_repeats = [], []
     if harness is not None:
-        result = run_harness(harness, config, ids, warm, repeats, workdir)
+        # one repeat a process, this tree's and the baseline's alternating
+        for _ in range(repeats):
+            result = run_harness(harness, config, ids, warm, 1, workdir)
+            core_repeats += result["ns_per_call"]
+            if base_harness is not None:
+                base = run_harness(base_harness, config, ids, warm, 1, workdir)
+                base_repeats += base["ns_per_call"]
+                if any(base[key] != result[key] for key in ("loads", "evictions", "prefetches")):
+                    raise SystemExit(
+                        f"{shape} {config.policy}: the baseline core planned {base}, this one {result}"
+                    )
         totals = plan_totals(config, ids, warm)
         if any(result[key] != totals[key] for key in totals):
             raise SystemExit(
                 f"{shape} {config.policy}: the harness planned {result}, the session {totals}"
             )
-        core = statistics.median(result["ns_per_call"])
+        core = statistics.median(core_repeats)
         plan_ns = result["plan_ns_per_call"] if config.policy != "lru" else None
     route, before, same = [], [], None
     for _ in range(repeats):
@@ -227,7 +262,9 @@ def measure(shape, config, ids, warm, repeats, harness, before_cls, workdir) -> 
         "shape": shape,
         "policy": config.policy,
         "core_ns": core,
-        "core_ns_repeats": result["ns_per_call"] if harness is not None else [],
+        "core_ns_repeats": core_repeats,
+        "core_baseline_ns": statistics.median(base_repeats) if base_repeats else None,
+        "core_baseline_ns_repeats": base_repeats,
         "plan_helper_ns": plan_ns,
         "route_ns": statistics.median(route),
         "before_ns": statistics.median(before) if before else None,
@@ -244,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, help="timed tokens per row (default 300; quick 60)")
     parser.add_argument("--repeats", type=int, help="repeats per row (default 3; quick 2)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument(
+        "--core-baseline",
+        metavar="REV",
+        help="also time the core built against the native headers of git revision REV",
+    )
     args = parser.parse_args(argv)
     tokens = args.tokens or (60 if args.quick else 300)
     repeats = args.repeats or (2 if args.quick else 3)
@@ -254,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     warm = 100 if not args.quick else 40
     workdir = Path(tempfile.mkdtemp(prefix="bench_session_"))
     harness = build_harness(workdir)
+    base_harness = None
+    if args.core_baseline and harness is not None:
+        headers = baseline_headers(args.core_baseline, workdir)
+        base_harness = build_harness(workdir, headers, "session_harness_baseline")
     before_cls = baseline_session_class()
     trace = load_trace(default_trace_path())
     gpt = trace.expert_ids[: warm + tokens].astype(np.int64)
@@ -267,8 +313,12 @@ def main(argv: list[str] | None = None) -> int:
             config = ServiceConfig(
                 num_layers=L, num_experts=E, top_k=k, capacity=capacity, policy=policy
             )
-            rows.append(measure(shape, config, ids, warm, repeats, harness, before_cls, workdir))
-    lines = table(rows, shapes)
+            rows.append(
+                measure(
+                    shape, config, ids, warm, repeats, harness, base_harness, before_cls, workdir
+                )
+            )
+    lines = table(rows, shapes, args.core_baseline if base_harness is not None else None)
     for line in lines:
         print(line)
     if args.json:
@@ -277,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "revision": _revision(),
             "baseline_revision": BASELINE_REV,
+            "core_baseline_revision": args.core_baseline,
             "load_average": os.getloadavg(),
             "cpus": os.cpu_count(),
             "tokens": tokens,
@@ -291,16 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def table(rows: list[dict], shapes) -> list[str]:
-    """The printed table: decode rows in ns per layer call, gpt-oss-20b rows in us per step."""
+def table(rows: list[dict], shapes, core_baseline: str | None = None) -> list[str]:
+    """The printed table: decode rows in ns per layer call, gpt-oss-20b rows in us per step;
+    with core_baseline, the core at that revision beside this tree's (and their ratio)."""
     dims = {shape: f"{L} x {E}, top-{k}, {c} hot" for shape, L, E, k, c, _ in shapes}
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    base_head = f" core at {core_baseline} | core x faster |" if core_baseline else ""
     out = [
         f"load average {load} on {os.cpu_count()} CPUs; thread CPU time, medians of the repeats",
         "",
-        "| row | policy | core (C++) | of it: the plan | route (Python) | before (Python) "
-        "| x faster | goal | met by |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| row | policy | core (C++) |{base_head} of it: the plan | route (Python) "
+        "| before (Python) | x faster | goal | met by |",
+        "|---|---|---|" + ("---|---|" if core_baseline else "") + "---|---|---|---|---|---|",
     ]
     for row in rows:
         per_step = row["shape"] == "gpt-oss-20b"
@@ -312,6 +365,14 @@ def table(rows: list[dict], shapes) -> list[str]:
         speedup = (
             f"{row['before_ns'] / row['route_ns']:.1f}" if row["before_ns"] is not None else "-"
         )
+        base_cells = ""
+        if core_baseline:
+            base = row["core_baseline_ns"]
+            if base is None or row["core_ns"] is None:
+                base_cells = " - | - |"
+            else:
+                shown = f"{base * scale:,.1f}" if per_step else f"{base:,.0f}"
+                base_cells = f" {shown} | {base / row['core_ns']:.2f} |"
         goal = GOALS[(row["shape"], row["policy"])]
         met = [
             name
@@ -321,7 +382,7 @@ def table(rows: list[dict], shapes) -> list[str]:
         goal_text = f"<= {goal:g} {unit}"
         label = f"{'decode step' if per_step else 'decode'}, {dims[row['shape']]} ({unit})"
         out.append(
-            f"| {label} | {row['policy']} | {text[0]} | "
+            f"| {label} | {row['policy']} | {text[0]} |{base_cells} "
             f"{'in core' if row['policy'] == 'lru' else text[1]} | {text[2]} | {text[3]} | "
             f"{speedup} | {goal_text} | {', '.join(met) or 'not met'} |"
         )

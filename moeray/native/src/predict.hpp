@@ -22,6 +22,19 @@
 #include <mutex>
 #include <vector>
 
+// The kernel's entry points (step, run_window, serve_layer) with every call inlined into them
+// (flatten), compiled for AVX2 and for any x86-64, the loader picking one by the CPU (function
+// multiversioning, ELF only): its loops over experts then run four doubles wide. The same IEEE
+// operations in the same order (no FMA: -ffp-contract=off), so the same bits either way.
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+#if __has_attribute(target_clones) && __has_attribute(flatten)
+#define MOERAY_KERNEL_ENTRY __attribute__((target_clones("avx2", "default"), flatten))
+#endif
+#endif
+#ifndef MOERAY_KERNEL_ENTRY
+#define MOERAY_KERNEL_ENTRY
+#endif
+
 namespace moeray {
 
 // PredictConfig's fields, prefetch_budget resolved (None -> top_k).
@@ -87,16 +100,17 @@ struct Quotients {
 // What a plan event is: an expert loaded on a stall, loaded by a prefetch, or evicted.
 enum EventKind : int64_t { kStallLoad = 0, kPrefetchLoad = 1, kEviction = 2 };
 
-// Buffers of one step, reused by its layers: E doubles each, cond k * E. guess holds the
+// Buffers of one step, reused by its layers: E doubles each, rows k pointers. guess holds the
 // float32 scores of the predictors' guesses from a layer's `ahead` until its `serve` counts
 // them against the routing (guessed: which predictors had one). events (null: not recorded)
 // receives (token, layer, expert, kind) rows.
 struct Scratch {
   explicit Scratch(int64_t experts, int64_t top_k)
-      : p(experts), scores(experts), cond(top_k * experts), value(experts), keep(experts),
-        tie(experts), guess(kGuesses * experts), flags(experts) {}
+      : p(experts), scores(experts), value(experts), keep(experts), tie(experts),
+        rows(top_k), guess(kGuesses * experts), flags(experts) {}
   static constexpr int kGuesses = 4;
-  std::vector<double> p, scores, cond, value, keep, tie;
+  std::vector<double> p, scores, value, keep, tie;
+  std::vector<const double*> rows;
   std::vector<float> guess;
   std::vector<int64_t> buckets, hot_list, hot_ids;
   std::vector<char> flags;
@@ -117,7 +131,7 @@ class Layer {
   // token's ids of layer l - 1 and the previous token's of layer l, never ids of layer l). The
   // predictors' guesses wait in the scratch for `serve`.
   void ahead() {
-    predict(w_.p, w_.scores, w_.cond);
+    predict(w_.p, w_.scores, w_.rows);
     prefetch(w_.p, w_.value, w_.flags);
   }
 
@@ -189,16 +203,14 @@ class Layer {
     for (int64_t f = 0; f < E_; ++f) out[f] *= inv;
   }
 
-  // `cross_scores` of one layer l >= 1 from the routing of layer l - 1; cond: [k, E] scratch.
-  void cross_scores(double* out, std::vector<double>& cond) const {
-    for (int64_t j = 0; j < k_; ++j) {
-      const double* q = cross_row(src_[j]);
-      std::copy(q, q + E_, cond.begin() + j * E_);
-    }
+  // `cross_scores` of one layer l >= 1 from the routing of layer l - 1; rows: k pointers of
+  // scratch, to the source experts' quotient rows (fixed while this runs).
+  void cross_scores(double* out, std::vector<const double*>& rows) const {
+    for (int64_t j = 0; j < k_; ++j) rows[j] = cross_row(src_[j]);
     std::fill(out, out + E_, 0.0);
     if (s_.buckets == 0) {  // mean over the k source experts
       for (int64_t j = 0; j < k_; ++j)
-        for (int64_t f = 0; f < E_; ++f) out[f] += cond[j * E_ + f];
+        for (int64_t f = 0; f < E_; ++f) out[f] += rows[j][f];
       for (int64_t f = 0; f < E_; ++f) out[f] /= static_cast<double>(k_);
       return;
     }
@@ -210,7 +222,7 @@ class Layer {
         const int64_t bucket = pair_index(src_[a], src_[b]);
         const double* num = s_.pair + (l_ * s_.buckets + bucket) * E_;
         const double den = std::max(s_.pair_n[l_ * s_.buckets + bucket] + prior, kTiny);
-        const double *ca = &cond[a * E_], *cb = &cond[b * E_];
+        const double *ca = rows[a], *cb = rows[b];
         for (int64_t f = 0; f < E_; ++f) out[f] += (num[f] + prior * (0.5 * (ca[f] + cb[f]))) / den;
       }
     }
@@ -238,11 +250,10 @@ class Layer {
       const int32_t u = static_cast<int32_t>(ids_[j]);
       const float vu = v[u];
       if (seen_before(ids_, j) || !(vu > 0.0f)) continue;
-      // higher scores, and equal ones of lower ids: below u, v >= vu; above u, v > vu (two
-      // loops without an index compare: they vectorize)
+      // higher scores, and equal ones of lower ids (one loop over every expert, of a fixed
+      // length: it vectorizes without a remainder per id)
       int32_t ahead = 0;
-      for (int32_t e = 0; e < u; ++e) ahead += v[e] >= vu;
-      for (int32_t e = u + 1; e < E; ++e) ahead += v[e] > vu;
+      for (int32_t e = 0; e < E; ++e) ahead += (v[e] > vu) | ((v[e] == vu) & (e < u));
       hits += ahead < k_;
     }
     const int64_t at = index * s_.layers + l_;
@@ -252,7 +263,8 @@ class Layer {
   }
 
   // The blend p of the three predictors (the twin's `predict`).
-  void predict(std::vector<double>& p, std::vector<double>& scratch, std::vector<double>& cond) {
+  void predict(std::vector<double>& p, std::vector<double>& scratch,
+               std::vector<const double*>& rows) {
     double weight = 0.0;
     std::fill(p.begin(), p.end(), 0.0);
     const double* aff = row(s_.affinity);
@@ -270,7 +282,7 @@ class Layer {
       }
     }
     if (l_ > 0) {
-      cross_scores(scratch.data(), cond);
+      cross_scores(scratch.data(), rows);
       guess(0, scratch.data());
       if (c_.cross_weight > 0) {
         for (int64_t f = 0; f < E_; ++f) p[f] += c_.cross_weight * scratch[f];
@@ -595,7 +607,7 @@ class PredictKernel {
   PredictKernel(const PredictState& s, const PredictParams& c)
       : s_(s), c_(c), scratch_(s.experts, s.top_k), quotients_(s.layers, s.experts) {}
 
-  void step(const PredictToken& t) {
+  MOERAY_KERNEL_ENTRY void step(const PredictToken& t) {
     scratch_.events = nullptr;
     for (int64_t l = 0; l < s_.layers; ++l) predict_detail::Layer(s_, c_, t, l, scratch_, quotients_).run();
   }
@@ -604,7 +616,7 @@ class PredictKernel {
   // last_ids the token's before the window (null: none). Advances `clock` as T steps would.
   // Layers below first_layer are context only: their routing feeds the cross-layer predictor
   // of first_layer, nothing of theirs runs or changes (a layer actor's shadow layer).
-  void run_window(const int64_t* ids, int64_t tokens, const bool* new_sequence,
+  MOERAY_KERNEL_ENTRY void run_window(const int64_t* ids, int64_t tokens, const bool* new_sequence,
                   const int64_t* last_ids, PredictClock& clock, int64_t first_layer = 0) {
     scratch_.events = nullptr;
     const int64_t stride = s_.layers * s_.top_k;
@@ -653,7 +665,7 @@ class PredictKernel {
 
   // Layer l of every token of the batch, its ids (int64 [B, k]) already in the batch; then
   // layer l + 1's `ahead` for the first token. The binding checked that l is next_layer().
-  void serve_layer(int64_t l) {
+  MOERAY_KERNEL_ENTRY void serve_layer(int64_t l) {
     scratch_.events = record_ ? &events_ : nullptr;
     for (int64_t b = 0; b < batch_.tokens; ++b) {
       const PredictToken t = token(b);
