@@ -365,16 +365,25 @@ class Layer {
     // the hot experts in ascending id (the scans' tie-break order), kept through the rounds:
     // only they are compared against a candidate
     std::vector<int64_t>& list = w_.hot_ids;
-    list.clear();
-    for (int64_t e = 0; e < E_; ++e)
-      if (hot[e]) list.push_back(e);
+    list.resize(E_);
+    size_t n = 0;
+    int64_t cand = -1;  // the likeliest cold expert (the first in ids among equals)
+    for (int64_t e = 0; e < E_; ++e) {
+      if (hot[e])
+        list[n++] = e;
+      else if (cand < 0 || p[e] > p[cand])
+        cand = e;
+    }
+    list.resize(n);
     // numpy's tie-break 1e-9 * touch / clock of the hot experts (only a prefetch changes a touch)
     double* tie = w_.tie.data();
     for (int64_t e : list) tie[e] = 1e-9 * touch[e] / clock;
     for (int64_t round = 0; round < c_.prefetch_budget; ++round) {
-      int64_t cand = -1;
-      for (int64_t e = 0; e < E_; ++e)
-        if (!hot[e] && (cand < 0 || p[e] > p[cand])) cand = e;
+      if (round > 0) {
+        cand = -1;
+        for (int64_t e = 0; e < E_; ++e)
+          if (!hot[e] && (cand < 0 || p[e] > p[cand])) cand = e;
+      }
       // every expert hot (numpy's candidate scores -inf), or the candidate under the threshold
       if (cand < 0 || !(p[cand] > c_.prefetch_threshold)) return;
       const bool full = s_.hot_count[l_] >= s_.capacity[l_];
