@@ -625,19 +625,24 @@ class PredictKernel {
   // last_ids the token's before the window (null: none). Advances `clock` as T steps would.
   // Layers below first_layer are context only: their routing feeds the cross-layer predictor
   // of first_layer, nothing of theirs runs or changes (a layer actor's shadow layer).
+  // Layer-major (every token of a layer, then the next layer): one layer's tables stay in the
+  // CPU's caches for the whole window, where token-major steps would walk every layer's.
   MOERAY_KERNEL_ENTRY void run_window(const int64_t* ids, int64_t tokens, const bool* new_sequence,
                   const int64_t* last_ids, PredictClock& clock, int64_t first_layer = 0) {
     scratch_.events = nullptr;
     const int64_t stride = s_.layers * s_.top_k;
+    window_.resize(tokens);
     for (int64_t i = 0; i < tokens; ++i) {
-      PredictToken t{};
+      PredictToken& t = window_[i];
+      t = PredictToken{};
       t.ids = ids + i * stride;
       const int64_t* before = i ? ids + (i - 1) * stride : last_ids;
       t.last_ids = new_sequence && new_sequence[i] ? nullptr : before;
       clock.advance(t);
-      for (int64_t l = first_layer; l < s_.layers; ++l)
-        predict_detail::Layer(s_, c_, t, l, scratch_, quotients_).run();
     }
+    for (int64_t l = first_layer; l < s_.layers; ++l)
+      for (const PredictToken& t : window_)
+        predict_detail::Layer(s_, c_, t, l, scratch_, quotients_).run();
   }
 
   // Opens a batch of `tokens` tokens (new_sequence [tokens]; last_ids [L, k] the token's before
@@ -739,6 +744,7 @@ class PredictKernel {
   predict_detail::Scratch scratch_;
   predict_detail::Quotients quotients_;
   PredictBatch batch_;
+  std::vector<PredictToken> window_;  // run_window's tokens, their clocks and scales set
   std::vector<int64_t> events_;
   bool batch_open_ = false, record_ = false;
   int64_t next_layer_ = 0, ahead_token_ = -1;
