@@ -18,11 +18,13 @@ else:
         "transformers", reason="offload needs torch and transformers (the hf extra)"
     )
 
+from moeray.actors.config import ServiceConfig  # noqa: E402
 from moeray.integrations.transformers import (  # noqa: E402
     OffloadedExperts,
     force_routing,
     offload,
 )
+from moeray.policy.predict import PredictConfig  # noqa: E402
 from moeray.traces import Trace  # noqa: E402
 from moeray.traces.record import FAMILIES, RouterRecorder, tiny_model  # noqa: E402
 
@@ -186,8 +188,6 @@ def test_a_shards_directory_of_another_model_is_refused(tmp_path):
 
 
 def test_a_service_whose_shape_differs_is_refused(tmp_path):
-    from moeray.actors.config import ServiceConfig
-
     class FakeHandle:  # the session reads only .config before attaching
         config = ServiceConfig(num_layers=2, num_experts=16, top_k=2, capacity=4)
 
@@ -332,3 +332,46 @@ def test_an_offload_attached_to_a_running_service_reports_and_stays_exact(ray_lo
         if offloaded is not None:
             offloaded.close()
         handle.shutdown()
+
+
+def test_without_prefetch_the_policy_plans_none(tmp_path):
+    # prefetch=False: the session's budget is 0, so every hot expert is in its bank (none is
+    # planned hot and left unloaded), and the model stays exact
+    ref, model = tiny_model("mixtral"), tiny_model("mixtral")
+    handle = offload(model, capacity=4, policy="moeray", shards=tmp_path, prefetch=False)
+    assert handle.session.config.predict.prefetch_budget == 0
+    layers = range(len(handle.layers))
+    unloaded = []  # after each forward: hot experts whose weights are not in their bank
+    model.register_forward_hook(
+        lambda *_: unloaded.append(
+            sum(len(set(handle.session.hot(p).tolist()) - set(handle.resident(p))) for p in layers)
+        )
+    )
+    inputs = prompts(1, 4, 7)
+    with torch.no_grad():  # as long as the test above, where the policy prefetches
+        expected = ref.generate(inputs, max_new_tokens=24, do_sample=False)
+        got = model.generate(inputs, max_new_tokens=24, do_sample=False)
+    assert torch.equal(expected, got)
+    s = handle.stats()
+    assert s.prefetches == 0 and s.stalls > 0
+    assert len(unloaded) == 24 and not any(unloaded)
+    handle.close()
+    # a budget given with prefetch=False contradicts it: refused before any weight moves
+    other = tiny_model("mixtral")
+    with pytest.raises(ValueError, match="prefetch=False with predict.prefetch_budget=2"):
+        offload(
+            other,
+            capacity=4,
+            shards=tmp_path,
+            prefetch=False,
+            predict=PredictConfig(prefetch_budget=2),
+        )
+    with pytest.raises(ValueError, match="prefetch: expected True or False"):
+        offload(other, capacity=4, shards=tmp_path, prefetch="yes")
+
+    class Service:  # a service's handle as offload reads it: its config
+        config = ServiceConfig(num_layers=2, num_experts=8, top_k=2, capacity=4)
+
+    with pytest.raises(ValueError, match="prefetch=False: the service plans 2 prefetches"):
+        offload(other, shards=tmp_path, service=Service(), prefetch=False)
+    assert not any(isinstance(m, OffloadedExperts) for m in other.modules())

@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,8 @@ except ImportError:  # the hf extra is missing: offload() says so
 from moeray._progress import Progress
 from moeray.actors.config import ServiceConfig
 from moeray.engine.session import EngineSession
+from moeray.policy.predict import PredictConfig
+from moeray.policy.registry import policy_entry
 from moeray.shards import ShardStore
 from moeray.shards.errors import ShardFormatError, ShardNotFoundError
 from moeray.traces.record import FAMILIES, find_routers
@@ -724,6 +726,39 @@ def _session(layers, shape, budget_bytes, capacity, policy, service, options) ->
     return EngineSession(config)
 
 
+def _without_prefetch(policy, service, options) -> dict:
+    """options with the session's prefetch budget 0: with prefetch=False it plans no prefetch
+    (an expert planned hot but never loaded would take a victim's place for nothing)."""
+    if service is not None:
+        budgets = service.config.prefetch_budgets()
+        if any(budgets):
+            raise ValueError(
+                f"prefetch=False: the service plans {max(budgets)} prefetches per layer and token; "
+                "the session follows its plan (give a service whose prefetch budget is 0)"
+            )
+        return options
+    if options.get("prefetch_budget"):
+        raise ValueError(
+            f"prefetch=False with prefetch_budget={options['prefetch_budget']}: give one of them"
+        )
+    try:
+        predictive = policy_entry(policy).predictive
+    except ValueError:
+        return options  # ServiceConfig refuses the policy with its own message
+    out = dict(options, prefetch_budget=0)
+    if predictive:  # a predictive policy's budget is its own
+        predict = options.get("predict", PredictConfig())
+        if not isinstance(predict, PredictConfig):
+            return options  # ServiceConfig refuses it with its own message
+        if predict.prefetch_budget:
+            raise ValueError(
+                f"prefetch=False with predict.prefetch_budget={predict.prefetch_budget}: give "
+                "one of them"
+            )
+        out = dict(options, predict=replace(predict, prefetch_budget=0))
+    return out
+
+
 def _has_checkpoint(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*.safetensors"))
 
@@ -843,7 +878,9 @@ def offload(
     next layer; lru, lfu, adaptive, affinity-lru load on demand). shards: a directory: written
     (one file per MoE layer) when it holds no checkpoint, else checked against the model and
     reused. service: a running service's handle: the session takes its config and reports to
-    it (``EngineSession.attach``). prefetch: False loads only on demand. drop_page_cache: CPU
+    it (``EngineSession.attach``). prefetch: False loads only on demand, the policy planning no
+    prefetch (its budget 0: where reads overlapped with compute cost more than the stalls they
+    save, see BENCHMARKS.md's Offload). drop_page_cache: CPU
     reads leave no pages in the page cache (the slow tier stays the disk). options: more
     ``ServiceConfig`` fields (``predict``, ``prefetch_budget``, ...).
 
@@ -855,6 +892,10 @@ def offload(
     if shards is None:
         raise ValueError("shards: a directory for the experts' checkpoint is required")
     path = Path(shards)
+    if not isinstance(prefetch, bool):
+        raise ValueError(f"prefetch: expected True or False, got {prefetch!r}")
+    if not prefetch:
+        options = _without_prefetch(policy, service, options)
     session = _session(layers, shape, budget_bytes, capacity, policy, service, options)
     try:
         if _has_checkpoint(path):
