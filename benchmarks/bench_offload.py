@@ -18,6 +18,9 @@ Settings, at each budget (a fraction of the experts' bytes; the dense weights ar
   lru             moeray offload, demand policy lru: misses load when the layer needs them
   moeray          moeray offload, the predictive policy: the next layer's predicted experts load
                   on a background thread while this layer computes
+  moeray-demand   moeray offload, the predictive policy with prefetch=False: its eviction (keep
+                  the experts the next tokens are likeliest to use) on demand loads, no prefetch:
+                  where a read overlapped with compute costs more than the stall it saves
 The slow tier: CPU, the checkpoint on disk (every read cold: moeray drops the pages it read);
 CUDA, pinned host memory. Its bandwidth is measured in the same run (CPU: a cold read of the
 checkpoint after dropping its page cache; CUDA: pinned host to device copies).
@@ -58,6 +61,7 @@ from shared_traces import GPT_OSS_20B_TRACE
 GPT_OSS_20B = dict(hidden=2880, intermediate=2880, experts=32, top_k=4, heads=64, kv_heads=8)
 PROMPT_TOKENS = 4
 TRACE_START = 1000  # decode steps into the trace: past the first sequence's start
+SETTINGS = ("accelerate", "lru", "moeray", "moeray-demand")  # each budget's, accelerate first
 
 
 # ---------------------------------------------------------------------------- the child
@@ -258,8 +262,11 @@ def child(spec: dict) -> dict:
             before_token = lambda: drop_page_cache(files)  # noqa: E731
         result["bytes_per_token"] = offloaded * (total // spec["layers"])
         tokens = spec["accelerate_tokens"]
-    elif spec["setting"] in ("lru", "moeray"):
-        handle = offload(model, budget_bytes=budget, policy=spec["setting"], shards=spec["shards"])
+    elif spec["setting"] in ("lru", "moeray", "moeray-demand"):
+        policy, _, demand = spec["setting"].partition("-")
+        handle = offload(
+            model, budget_bytes=budget, policy=policy, shards=spec["shards"], prefetch=not demand
+        )
         result["capacity"] = handle.session.config.capacity[0]
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -468,7 +475,7 @@ def main(argv=None) -> int:
     for round_ in range(args.rounds):
         runs.append(run_child(dict(base, setting="resident", budget=1.0)))
         for budget in budgets:
-            for setting in ("accelerate", "lru", "moeray")[round_ > 0 :]:  # accelerate: once
+            for setting in SETTINGS[round_ > 0 :]:  # accelerate: once
                 runs.append(run_child(dict(base, setting=setting, budget=budget)))
     # the faster of two readings: the machine is shared, and a higher bandwidth is a lower bound
     bandwidth, read_cpu = max(measure_bandwidth(work / "shards", device) for _ in range(2))
@@ -549,7 +556,7 @@ def print_table(rows, bandwidth, compute, device, args) -> None:
     )
     memory = "peak GPU MiB" if device == "cuda" else "RSS+ MiB"
     header = (
-        f"{'setting':<11} {'budget':>6} {'cap':>4} {'tok/s':>7} {'MiB/tok':>8} {'disk MiB/tok':>12} "
+        f"{'setting':<13} {'budget':>6} {'cap':>4} {'tok/s':>7} {'MiB/tok':>8} {'disk MiB/tok':>12} "
         f"{memory:>13} {'goal MiB':>9} {'stalls/tok':>10} {'x bound':>8} {'same ids':>8}"
     )
     print(header)
@@ -560,7 +567,7 @@ def print_table(rows, bandwidth, compute, device, args) -> None:
         peak = row.get("peak_gpu", row["peak_rss"] - row["baseline_rss"])
         goal = "-" if row["setting"] == "resident" else mib(row["rss_goal"])
         print(
-            f"{row['setting']:<11} {row['budget']:>6.0%} {row.get('capacity', '-')!s:>4} "
+            f"{row['setting']:<13} {row['budget']:>6.0%} {row.get('capacity', '-')!s:>4} "
             f"{row['tokens_per_s']:>7.2f} {mib(row['bytes_per_token']):>8} "
             f"{mib(row['disk_bytes_per_token']):>12} {mib(peak):>13} {goal:>9} {stalls:>10} "
             f"{row['to_bound']:>8.2f} {'yes' if row['same_ids'] else 'NO':>8}"
@@ -569,10 +576,12 @@ def print_table(rows, bandwidth, compute, device, args) -> None:
     read = first["expert_bytes"] / bandwidth  # one expert from the slow tier
     for budget in sorted({r["budget"] for r in rows if r["setting"] != "resident"}):
         m, lru, acc = by[("moeray", budget)], by[("lru", budget)], by[("accelerate", budget)]
+        d = by[("moeray-demand", budget)]
         print(
             f"at {budget:.0%}: moeray / lru {m['tokens_per_s'] / lru['tokens_per_s']:.2f}x, "
             f"moeray / accelerate {m['tokens_per_s'] / acc['tokens_per_s']:.2f}x, "
-            f"moeray {m['to_bound']:.2f}x its bound"
+            f"moeray {m['to_bound']:.2f}x its bound; moeray-demand / lru "
+            f"{d['tokens_per_s'] / lru['tokens_per_s']:.2f}x ({d['to_bound']:.2f}x its bound)"
         )
         # What any schedule could make of these counts: a layer computes once its stalled
         # experts are in (stalls x read + compute), and the slow tier moves one expert at a
