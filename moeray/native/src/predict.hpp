@@ -115,6 +115,7 @@ struct Scratch {
   std::vector<int64_t> buckets, hot_list, hot_ids;
   std::vector<char> flags;
   bool guessed[kGuesses] = {false, false, false, false};
+  int32_t positive[kGuesses] = {0, 0, 0, 0};  // each guess's positive scores
   std::vector<int64_t>* events = nullptr;
   int64_t token = 0;
 };
@@ -232,7 +233,12 @@ class Layer {
   // Keeps predictor `index`'s guess for this layer (its float32 scores) until `serve`.
   void guess(int index, const double* scores) const {
     float* v = w_.guess.data() + index * E_;
-    for (int64_t e = 0; e < E_; ++e) v[e] = static_cast<float>(scores[e]);
+    int32_t positive = 0;  // int32: the loop vectorizes
+    for (int64_t e = 0; e < E_; ++e) {
+      v[e] = static_cast<float>(scores[e]);
+      positive += v[e] > 0.0f;
+    }
+    w_.positive[index] = positive;
     w_.guessed[index] = true;
   }
 
@@ -243,8 +249,6 @@ class Layer {
   void count_guess(int64_t index) const {
     const float* v = w_.guess.data() + index * E_;
     const int32_t E = static_cast<int32_t>(E_);  // int32 counts: the compare loops vectorize
-    int32_t positive = 0;
-    for (int32_t e = 0; e < E; ++e) positive += v[e] > 0.0f;
     int64_t hits = 0;
     for (int64_t j = 0; j < k_; ++j) {
       const int32_t u = static_cast<int32_t>(ids_[j]);
@@ -258,7 +262,7 @@ class Layer {
     }
     const int64_t at = index * s_.layers + l_;
     s_.predictor_hits[at] += hits;
-    s_.predictor_guesses[at] += std::min<int64_t>(positive, k_);
+    s_.predictor_guesses[at] += std::min<int64_t>(w_.positive[index], k_);
     s_.predictor_uses[at] += k_;
   }
 
