@@ -299,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     base_harness = None
     if args.core_baseline and harness is not None:
         headers = baseline_headers(args.core_baseline, workdir)
-        base_harness = build_harness(workdir, headers, "session_harness_baseline")
+        try:
+            base_harness = build_harness(workdir, headers, "session_harness_baseline")
+        except subprocess.CalledProcessError:
+            parser.error(f"--core-baseline {args.core_baseline}: the harness does not build there")
     before_cls = baseline_session_class()
     trace = load_trace(default_trace_path())
     gpt = trace.expert_ids[: warm + tokens].astype(np.int64)

@@ -24,11 +24,15 @@
 
 // The kernel's entry points (step, run_window, serve_layer) with every call inlined into them
 // (flatten), compiled for AVX2 and for any x86-64, the loader picking one by the CPU (function
-// multiversioning, ELF only): its loops over experts then run four doubles wide. The same IEEE
-// operations in the same order (no FMA: -ffp-contract=off), so the same bits either way.
-#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+// multiversioning, ELF only; GCC, whose clones of member functions the build uses): its loops
+// over experts then run four doubles wide. The same IEEE operations in the same order (no FMA:
+// -ffp-contract=off), so the same bits either way. -DMOERAY_KERNEL_ENTRY= builds one version.
+#ifndef MOERAY_KERNEL_ENTRY
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    defined(__has_attribute)
 #if __has_attribute(target_clones) && __has_attribute(flatten)
 #define MOERAY_KERNEL_ENTRY __attribute__((target_clones("avx2", "default"), flatten))
+#endif
 #endif
 #endif
 #ifndef MOERAY_KERNEL_ENTRY
