@@ -49,8 +49,6 @@ except ImportError:  # the hf extra is missing: offload() says so
 from moeray._progress import Progress
 from moeray.actors.config import ServiceConfig
 from moeray.engine.session import EngineSession
-from moeray.policy.predict import PredictConfig
-from moeray.policy.registry import policy_entry
 from moeray.shards import ShardStore
 from moeray.shards.errors import ShardFormatError, ShardNotFoundError
 from moeray.traces.record import FAMILIES, find_routers
@@ -351,14 +349,13 @@ class ExpertOffload:
     slow tier and the counters (``stats()``). ``close()`` stops the prefetch thread, closes the
     checkpoint and the session's link; the model is not usable after it."""
 
-    def __init__(self, model, layers, shape, session, source, prefetch: bool):
+    def __init__(self, model, layers, shape, session, source):
         self.model = model
         self.session = session
         self.shape = shape
         self.layers = layers
         self._source = source
         self._stats = OffloadStats()
-        self._prefetch = prefetch
         self._cuda = shape.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(shape.device) if self._cuda else None
         self._executor = None if self._cuda else ThreadPoolExecutor(1, "moeray-prefetch")
@@ -415,7 +412,7 @@ class ExpertOffload:
                 self._load_now(bank, position, e, stall=e in used_set)
         # the next layer's loads run while this layer's experts compute (after this layer's
         # own misses: those are needed first)
-        if self._prefetch and position + 1 < len(self._banks) and len(plan.prefetch):
+        if position + 1 < len(self._banks) and len(plan.prefetch):
             self._prefetch_next(position + 1, plan.prefetch_evict, plan.prefetch)
         if fits:
             out = self._compute(bank, hidden_states, top_k_index, top_k_weights, used)
@@ -661,7 +658,9 @@ def _moe_layers(model) -> tuple[list[_Layer], _Shape]:
     return layers, shape
 
 
-def _session(layers, shape, budget_bytes, capacity, policy, service, options) -> EngineSession:
+def _session(
+    layers, shape, budget_bytes, capacity, policy, service, prefetch, options
+) -> EngineSession:
     num_layers, top_k = len(layers), shape.top_k
     if service is not None:
         if budget_bytes is not None or capacity is not None:
@@ -685,6 +684,12 @@ def _session(layers, shape, budget_bytes, capacity, policy, service, options) ->
             raise ValueError(
                 "service: its capacity re-split (predict.split) changes each layer's memory; "
                 "offload needs a service with fixed capacities"
+            )
+        if not prefetch and any(config.prefetch_budgets()):
+            raise ValueError(
+                f"prefetch=False: the service plans {max(config.prefetch_budgets())} prefetches "
+                "per layer and token, and the session follows its plan (give a service whose "
+                "prefetch budget is 0)"
             )
         return EngineSession.attach(service)
     if (budget_bytes is None) == (capacity is None):
@@ -723,40 +728,25 @@ def _session(layers, shape, budget_bytes, capacity, policy, service, options) ->
         policy=policy,
         **options,
     )
-    return EngineSession(config)
+    return EngineSession(config if prefetch else _without_prefetch(config))
 
 
-def _without_prefetch(policy, service, options) -> dict:
-    """options with the session's prefetch budget 0: with prefetch=False it plans no prefetch
-    (an expert planned hot but never loaded would take a victim's place for nothing)."""
-    if service is not None:
-        budgets = service.config.prefetch_budgets()
-        if any(budgets):
+def _without_prefetch(config: ServiceConfig) -> ServiceConfig:
+    """config with its prefetch budget 0, for prefetch=False: the policy plans no prefetch (an
+    expert planned hot but never loaded would take a victim's place for nothing). A budget the
+    caller gave contradicts it: refused."""
+    if config.entry.predictive:
+        given = config.predict.prefetch_budget  # None: top_k, the default
+        if given:
             raise ValueError(
-                f"prefetch=False: the service plans {max(budgets)} prefetches per layer and token; "
-                "the session follows its plan (give a service whose prefetch budget is 0)"
+                f"prefetch=False with predict.prefetch_budget={given}: give one of them"
             )
-        return options
-    if options.get("prefetch_budget"):
+        return replace(config, predict=replace(config.predict, prefetch_budget=0))
+    if config.prefetch_budget:
         raise ValueError(
-            f"prefetch=False with prefetch_budget={options['prefetch_budget']}: give one of them"
+            f"prefetch=False with prefetch_budget={config.prefetch_budget}: give one of them"
         )
-    try:
-        predictive = policy_entry(policy).predictive
-    except ValueError:
-        return options  # ServiceConfig refuses the policy with its own message
-    out = dict(options, prefetch_budget=0)
-    if predictive:  # a predictive policy's budget is its own
-        predict = options.get("predict", PredictConfig())
-        if not isinstance(predict, PredictConfig):
-            return options  # ServiceConfig refuses it with its own message
-        if predict.prefetch_budget:
-            raise ValueError(
-                f"prefetch=False with predict.prefetch_budget={predict.prefetch_budget}: give "
-                "one of them"
-            )
-        out = dict(options, predict=replace(predict, prefetch_budget=0))
-    return out
+    return config
 
 
 def _has_checkpoint(path: Path) -> bool:
@@ -894,9 +884,7 @@ def offload(
     path = Path(shards)
     if not isinstance(prefetch, bool):
         raise ValueError(f"prefetch: expected True or False, got {prefetch!r}")
-    if not prefetch:
-        options = _without_prefetch(policy, service, options)
-    session = _session(layers, shape, budget_bytes, capacity, policy, service, options)
+    session = _session(layers, shape, budget_bytes, capacity, policy, service, prefetch, options)
     try:
         if _has_checkpoint(path):
             store = _check_store(path, layers, shape)
@@ -927,7 +915,7 @@ def offload(
         source = _DiskSource(store, shape, drop_page_cache)
         if drop_page_cache:
             source.drop_all()
-    handle = ExpertOffload(model, layers, shape, session, source, prefetch)
+    handle = ExpertOffload(model, layers, shape, session, source)
     for layer in layers:
         layer.block.experts = OffloadedExperts(handle, layer.position)
     # the original stacks go with their last references (the handle keeps none)
