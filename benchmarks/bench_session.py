@@ -13,6 +13,8 @@ Columns:
   open_batch / serve_layer / close_batch with session.hpp's HotPlan around each serve_layer and
   the session's affinity update at the batch's close). Its plans' totals are checked equal to
   the Python session's on the same tokens.
+- of it: the plan (moeray): HotPlan's share of a core call, by clock reads around its calls in
+  one more, instrumented run per repeat (the core column's runs have no such reads); median.
 - core at REV (with ``--core-baseline REV``): the same harness built against the native headers
   of git revision REV, run alternately with this tree's in the same run, on the same tokens: a
   change to the native core beside the code before it.
@@ -228,12 +230,13 @@ def plan_totals(config, ids: np.ndarray, warm: int) -> dict[str, int]:
 def measure(shape, config, ids, warm, repeats, harness, base_harness, before_cls, workdir) -> dict:
     """One row: the columns' ns per layer call (medians), and the checks."""
     core = plan_ns = None
-    core_repeats, base_repeats = [], []
+    core_repeats, base_repeats, plan_repeats = [], [], []
     if harness is not None:
         # one repeat a process, this tree's and the baseline's alternating
         for _ in range(repeats):
             result = run_harness(harness, config, ids, warm, 1, workdir)
             core_repeats += result["ns_per_call"]
+            plan_repeats.append(result["plan_ns_per_call"])
             if base_harness is not None:
                 base = run_harness(base_harness, config, ids, warm, 1, workdir)
                 base_repeats += base["ns_per_call"]
@@ -247,7 +250,7 @@ def measure(shape, config, ids, warm, repeats, harness, base_harness, before_cls
                 f"{shape} {config.policy}: the harness planned {result}, the session {totals}"
             )
         core = statistics.median(core_repeats)
-        plan_ns = result["plan_ns_per_call"] if config.policy != "lru" else None
+        plan_ns = statistics.median(plan_repeats) if config.policy != "lru" else None
     route, before, same = [], [], None
     for _ in range(repeats):
         session = EngineSession(config)

@@ -651,6 +651,7 @@ class PredictKernel {
     for (int64_t l = first_layer; l < s_.layers; ++l)
       for (const PredictToken& t : window_)
         predict_detail::Layer(s_, c_, t, l, scratch_, quotients_).run();
+    window_.clear();  // its tokens point into the caller's ids
   }
 
   // Opens a batch of `tokens` tokens (new_sequence [tokens]; last_ids [L, k] the token's before
