@@ -36,6 +36,8 @@ one last). Every setting must produce the same token ids (exactness). Below the 
 budget: the fastest step moeray's counts allow, the stalls 1.3x lru would need, and Belady's
 optimum on the same tokens; on CPU, what a cold read costs the compute beside it (the reading
 thread's CPU share, and a resident run's step beside a thread that reads the checkpoint cold).
+A line on stderr after each setting's run says how far the benchmark is (a full run takes about
+15 minutes on a 2-core CPU host).
 
 usage: python benchmarks/bench_offload.py [--quick] [--layers N] [--tokens N] [--json PATH]
 """
@@ -471,17 +473,36 @@ def main(argv=None) -> int:
         device=device,
         threads=args.threads,
     )
+    # each round: resident, then every setting at every budget (accelerate in the first only);
+    # then resident once more and, on CPU, resident beside a cold reader
+    total = args.rounds * (1 + len(budgets) * (len(SETTINGS) - 1)) + len(budgets) + 1
+    total += device == "cpu"
+    started, done = time.monotonic(), [0]
+
+    def run(spec: dict) -> dict:  # one child, and a progress line on stderr (a run takes minutes)
+        result = run_child(spec)
+        done[0] += 1
+        print(
+            f"bench_offload: {done[0]}/{total} {spec['setting']} at {spec['budget']:.0%}"
+            f"{' beside a reader' if spec.get('reader') else ''}: "
+            f"{statistics.median(result['step_s']) * 1e3:,.0f} ms/token "
+            f"({time.monotonic() - started:,.0f} s so far)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return result
+
     runs = []
     for round_ in range(args.rounds):
-        runs.append(run_child(dict(base, setting="resident", budget=1.0)))
+        runs.append(run(dict(base, setting="resident", budget=1.0)))
         for budget in budgets:
             for setting in SETTINGS[round_ > 0 :]:  # accelerate: once
-                runs.append(run_child(dict(base, setting=setting, budget=budget)))
+                runs.append(run(dict(base, setting=setting, budget=budget)))
     # the faster of two readings: the machine is shared, and a higher bandwidth is a lower bound
     bandwidth, read_cpu = max(measure_bandwidth(work / "shards", device) for _ in range(2))
-    runs.append(run_child(dict(base, setting="resident", budget=1.0)))
+    runs.append(run(dict(base, setting="resident", budget=1.0)))
     if device == "cpu":  # what a read costs the compute beside it (not a row of the table)
-        beside = run_child(dict(base, setting="resident", budget=1.0, reader=True))
+        beside = run(dict(base, setting="resident", budget=1.0, reader=True))
         beside["s_per_token"] = statistics.median(beside["step_s"])
     for run in runs:
         run["s_per_token"] = statistics.median(run["step_s"])
