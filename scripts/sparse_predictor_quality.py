@@ -4,10 +4,15 @@ The predictive policy's tables are dense: each source expert's row of the cross-
 previous-token and pair tables holds a number for every expert, so a layer's prediction reads
 (k + k(k-1)/2 + k) rows of E numbers (about 11,000 at 256 experts, top-8) and cannot reach the
 engine session's 1 us per layer call. A sparse table would keep each row's M largest entries
-only. This replays the policy on the twin (numpy) with every row it reads cut to its M largest
-entries before use (the learning itself unchanged, so this bounds the loss of the cut, not of a
-table that also forgets the entries it drops), the dense policy beside it, at a quarter of each
-layer's experts, on the shared traces.
+only. This replays the policy on the twin (numpy), the dense policy beside it, at a quarter of
+each layer's experts, on the shared traces, two ways:
+
+- "read M": every row it reads cut to its M largest entries before use, the learning itself
+  unchanged (so this bounds the loss of the cut, not of a table that forgets what it drops);
+- "learned M": the tables themselves keep M entries a row, as a space-saving table would: an
+  event for an expert not in a full row takes the place of the row's smallest entry and adds
+  to its count (ties to the lower expert id; a row's total, the quotients' denominator, is
+  unchanged). This is what a sparse kernel would learn.
 
     python scripts/sparse_predictor_quality.py [--traces ../shared/traces] [--tokens N] [--m M ...]
 """
@@ -31,8 +36,6 @@ from moeray.traces import load_trace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from shared_traces import REAL_TRACES, SHARED_TRACES  # noqa: E402
 
-TINY = 1e-300  # the twin's
-
 
 def top(x: np.ndarray, m: int) -> np.ndarray:
     """x with all but the m largest entries of each last-axis row set to 0."""
@@ -45,29 +48,31 @@ def top(x: np.ndarray, m: int) -> np.ndarray:
 
 def sparse_functions(m: int) -> dict:
     """The twin's table_scores, cross_scores and hot_value with every table row cut to m."""
+    reciprocal = twin.reciprocal
 
     def table_scores(table, counts, ids):
         rows = np.arange(len(ids))[:, None]
-        den = counts[rows, ids][..., None]
-        return (top(table[rows, ids], m) / np.maximum(den, TINY)).sum(axis=1) / ids.shape[1]
+        inv = reciprocal(counts[rows, ids])[..., None]
+        return (top(table[rows, ids], m) * inv).sum(axis=1) * (1.0 / ids.shape[1])
 
     def cross_scores(kernel, src, scale, layers=slice(1, None)):
         k, rows = kernel, np.arange(len(src))[:, None]
-        den = np.maximum(k.cross_n[layers][rows, src], TINY)[..., None]
-        cond = top(k.cross[layers][rows, src], m) / den
+        cond = (
+            top(k.cross[layers][rows, src], m) * reciprocal(k.cross_n[layers][rows, src])[..., None]
+        )
         if not k.buckets:
-            return cond.mean(axis=1)
+            return cond.sum(axis=1) * (1.0 / src.shape[1])
         back = 0.5 * (cond[:, k.pair_a] + cond[:, k.pair_b])
         index = twin.pair_index(k, src)
         prior = k.pair_prior * scale
         num = top(k.pair[layers][rows, index], m) + prior * back
-        den = k.pair_n[layers][rows, index][..., None] + prior
-        return (num / np.maximum(den, TINY)).mean(axis=1)
+        den = k.pair_n[layers][rows, index] + prior
+        return (num * reciprocal(den)[..., None]).sum(axis=1) * (1.0 / index.shape[1])
 
     def hot_value(kernel, p):
         k, value = kernel, p
         if k.victim_next_weight:
-            cond = top(k.prev, m) / np.maximum(k.prev_n, TINY)[..., None]
+            cond = top(k.prev, m) * reciprocal(k.prev_n)[..., None]
             next_use = np.einsum("le,lef->lf", top(p, m), cond)
             value = value + k.victim_next_weight / k.top_k * next_use
         if k.victim_affinity_weight:
@@ -75,6 +80,56 @@ def sparse_functions(m: int) -> dict:
         return value
 
     return dict(table_scores=table_scores, cross_scores=cross_scores, hot_value=hot_value)
+
+
+def space_saving(row: np.ndarray, old: np.ndarray, m: int) -> None:
+    """Row (learned, in place) as a space-saving table of m entries whose state before the
+    token was ``old`` (at most m nonzero): each new entry, in expert order, takes the place of
+    the smallest entry when the row is full, adding that entry's count to its own."""
+    new = np.flatnonzero((old == 0) & (row > 0))
+    held = int(np.count_nonzero(old))
+    if held + len(new) <= m:
+        return
+    increments = row[new].copy()
+    row[new] = 0.0
+    for e, inc in zip(new, increments):
+        if held < m:
+            row[e] = inc
+            held += 1
+            continue
+        nonzero = np.flatnonzero(row)
+        smallest = nonzero[np.argmin(row[nonzero])]  # the first of equals: the lower id
+        row[e] = row[smallest] + inc
+        row[smallest] = 0.0
+
+
+def learned_sparse(m: int, dense_learn):
+    """The twin's learn with every table row it touches kept to m entries (space_saving)."""
+
+    def learn(kernel, ids, last_ids, next_scale, next_prev_scale):
+        k = kernel
+        touched = []  # (table, layers [n], source rows [n]) of the rows this token learns
+        if k.layers > 1:
+            below = np.repeat(k.rows[1:], ids.shape[1])
+            touched.append((k.cross, below, ids[:-1].ravel()))
+            if k.buckets:
+                index = twin.pair_index(k, ids[:-1])
+                touched.append((k.pair, np.repeat(k.rows[1:], index.shape[1]), index.ravel()))
+        if last_ids is not None:
+            touched.append((k.prev, np.repeat(k.rows, ids.shape[1]), last_ids.ravel()))
+        before = []
+        for table, layers, sources in touched:
+            pairs = np.unique(np.stack([layers, sources], axis=1), axis=0)
+            before.append((table, pairs, table[pairs[:, 0], pairs[:, 1]].copy()))
+        dense_learn(kernel, ids, last_ids, next_scale, next_prev_scale)
+        for table, pairs, old in before:
+            scale = next_prev_scale if table is k.prev else next_scale
+            if scale > 1e200:  # the dense learn divided the tables by it
+                old = old / scale
+            for (layer, source), row_old in zip(pairs, old):
+                space_saving(table[layer, source], row_old, m)
+
+    return learn
 
 
 class TwinCaches(PredictiveCaches):
@@ -88,12 +143,22 @@ def main(argv=None) -> int:
     parser.add_argument("--traces", type=Path, default=SHARED_TRACES)
     parser.add_argument("--tokens", type=int, default=5000, help="first tokens of each trace")
     parser.add_argument("--m", type=int, nargs="+", default=[8, 16, 24], help="entries kept")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("read", "learned"),
+        default=["read", "learned"],
+        help="rows cut when read, or tables that keep m entries a row (default both)",
+    )
     args = parser.parse_args(argv)
-    dense = {name: getattr(twin, name) for name in sparse_functions(1)}
+    if args.tokens < 1 or min(args.m) < 1:
+        parser.error("--tokens and --m: expected ints >= 1")
+    dense = {name: getattr(twin, name) for name in (*sparse_functions(1), "learn")}
     variant = predictive_variant(
         "moeray", lambda _l, _e, _k, cap, cfg: TwinCaches(_l, _e, _k, cap, cfg), "twin"
     )
-    print("| trace | experts, top-k | rows cut to | stall rate | transfers/token |")
+    settings = [("dense", None)] + [(mode, m) for mode in args.modes for m in args.m]
+    print("| trace | experts, top-k | rows | stall rate | transfers/token |")
     print("|---|---|---|---|---|")
     for relative in REAL_TRACES:
         path = args.traces / relative
@@ -104,8 +169,12 @@ def main(argv=None) -> int:
         config = ReplayConfig(
             capacity=capacity_from_fraction(0.25, trace.num_experts), policies=("moeray",)
         )
-        for m in [None, *args.m]:
-            functions = dense if m is None else sparse_functions(m)
+        for mode, m in settings:
+            functions = dict(dense)
+            if mode == "read":
+                functions.update(sparse_functions(m))
+            elif mode == "learned":
+                functions["learn"] = learned_sparse(m, dense["learn"])
             for name, fn in functions.items():
                 setattr(twin, name, fn)
             start = time.perf_counter()
@@ -113,7 +182,7 @@ def main(argv=None) -> int:
             r = r.results["moeray"]
             print(
                 f"| {trace.name} ({trace.num_tokens} tokens) | {trace.num_experts}, "
-                f"{trace.top_k} | {'dense' if m is None else m} | {r.stall_rate:.4f} | "
+                f"{trace.top_k} | {mode if m is None else f'{mode} {m}'} | {r.stall_rate:.4f} | "
                 f"{r.transfers_per_token:.2f} |",
                 flush=True,
             )

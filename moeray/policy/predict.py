@@ -312,9 +312,9 @@ class PredictiveCaches:
     def _kernel_arguments(self) -> dict:
         """The arguments of a ``_PredictKernel`` over this object's state: every array is
         updated in place, here too, so a kernel stays valid until ``set_capacity`` replaces
-        ``capacity`` (or creates ``_resplit_out``) or the config changes. The native kernel
-        also caches the tables' quotients: whatever writes the tables outside it (the twin's
-        step, a merge of tables) drops it (``_native_kernel = None``)."""
+        ``capacity`` (or creates ``_resplit_out``) or the config changes. Neither kernel
+        caches the state, so the twin's steps and a merge of tables may write it between
+        calls."""
         st, cfg = self._stats, self.config
         return dict(
             hot=self._hot,
@@ -457,7 +457,6 @@ class PredictiveCaches:
         for name, (target, scale) in targets.items():
             value = checked[name]
             target[first_layer : first_layer + len(value)] = value * scale
-        self._drop_kernels()  # the native kernel caches the tables' quotients
 
     def plan_core(self):
         """The native helper that makes an engine session's plans from the hot rows before and
@@ -504,7 +503,6 @@ class PredictiveCaches:
             self._kernel().step(ids, last_ids, self._clock, scale, self._scale, self._prev_scale)
         else:
             self._step_numpy(ids, last_ids, scale, hinted)
-            self._native_kernel = None  # it caches the tables' quotients: rebuilt when used
         if self._scale > 1e200:  # the kernel divided the tables by it
             self._scale = 1.0
         if self._prev_scale > 1e200:

@@ -7,11 +7,11 @@
 // two phases: `ahead` (predictions and prefetches, decidable once the layer before is routed)
 // and `serve` (the routing of the layer: guesses counted, accesses, learning); a step, a window
 // of tokens (run_window) and a batch served layer by layer (serve_layer) run the same phases in
-// different orders that reach the same state. Every floating
-// expression keeps numpy's operands and order (numpy sums over a non-last axis one term after
-// the other; `mean` is that sum divided by the count; the einsum of `hot_value` adds its
-// products in expert order), so native and numpy agree bit for bit (built with
-// -ffp-contract=off). The arrays were checked when the kernel was built and the token's ids at
+// different orders that reach the same state. Every floating expression keeps numpy's
+// operands and order (numpy sums over a non-last axis one term after the other; the einsum of
+// `hot_value` adds its products in expert order; no quotient or mean divides per expert: each
+// multiplies by one reciprocal, as the twin does), so native and numpy agree bit for bit
+// (built with -ffp-contract=off). The arrays were checked when the kernel was built and the token's ids at
 // each step (bindings.cpp): nothing here reads out of bounds.
 #pragma once
 
@@ -89,32 +89,29 @@ inline bool seen_before(const int64_t* row, int64_t i) {
   return std::find(row, row + i, row[i]) != row + i;
 }
 
-// The tables' quotients P(e' | e) = table[l, e, e'] / max(counts[l, e], 1e-300) of the
-// cross-layer and previous-token tables, kept by the kernel so that each is divided once per
-// change of its row, not at each use: a row is recomputed when first read after learning
-// touched it (dirty), the same division as at each use, so the same bits.
-struct Quotients {
-  Quotients(int64_t layers, int64_t experts)
-      : cross(layers * experts * experts), prev(layers * experts * experts),
-        cross_dirty(layers * experts, 1), prev_dirty(layers * experts, 1) {}
-  std::vector<double> cross, prev;
-  std::vector<char> cross_dirty, prev_dirty;
+// The twin's `reciprocal`: a table's quotients P(e' | e) are table[l, e, e'] times this of
+// counts[l, e], each a multiplication (a division costs several), computed where it is read.
+inline double reciprocal(double count) { return 1.0 / std::max(count, kTiny); }
+
+// Row e of a table with the reciprocal of its count: quotient f is t[f] * inv.
+struct QuotientRow {
+  const double* t;
+  double inv;
 };
 
 // What a plan event is: an expert loaded on a stall, loaded by a prefetch, or evicted.
 enum EventKind : int64_t { kStallLoad = 0, kPrefetchLoad = 1, kEviction = 2 };
 
-// Buffers of one step, reused by its layers: E doubles each, rows k pointers. guess holds the
+// Buffers of one step, reused by its layers: E doubles each, cond k rows of E. guess holds the
 // float32 scores of the predictors' guesses from a layer's `ahead` until its `serve` counts
 // them against the routing (guessed: which predictors had one). events (null: not recorded)
 // receives (token, layer, expert, kind) rows.
 struct Scratch {
   explicit Scratch(int64_t experts, int64_t top_k)
       : p(experts), scores(experts), value(experts), keep(experts), tie(experts),
-        rows(top_k), guess(kGuesses * experts), flags(experts) {}
+        cond(top_k * experts), guess(kGuesses * experts), flags(experts) {}
   static constexpr int kGuesses = 4;
-  std::vector<double> p, scores, value, keep, tie;
-  std::vector<const double*> rows;
+  std::vector<double> p, scores, value, keep, tie, cond;
   std::vector<float> guess;
   std::vector<int64_t> buckets, hot_list, hot_ids;
   std::vector<char> flags;
@@ -127,8 +124,8 @@ struct Scratch {
 class Layer {
  public:
   Layer(const PredictState& s, const PredictParams& c, const PredictToken& t, int64_t l,
-        Scratch& w, Quotients& q)
-      : s_(s), c_(c), t_(t), w_(w), q_(q), l_(l), E_(s.experts), k_(s.top_k),
+        Scratch& w)
+      : s_(s), c_(c), t_(t), w_(w), l_(l), E_(s.experts), k_(s.top_k),
         ids_(t.ids + l * s.top_k), src_(l > 0 ? t.ids + (l - 1) * s.top_k : nullptr),
         last_(t.last_ids ? t.last_ids + l * s.top_k : nullptr) {}
 
@@ -136,7 +133,7 @@ class Layer {
   // token's ids of layer l - 1 and the previous token's of layer l, never ids of layer l). The
   // predictors' guesses wait in the scratch for `serve`.
   void ahead() {
-    predict(w_.p, w_.scores, w_.rows);
+    predict(w_.p, w_.scores, w_.cond);
     prefetch(w_.p, w_.value, w_.flags);
   }
 
@@ -166,24 +163,11 @@ class Layer {
   const double* table(const double* a, int64_t e) const { return a + (l_ * E_ + e) * E_; }
   double* table(double* a, int64_t e) const { return a + (l_ * E_ + e) * E_; }
 
-  // Row e of this layer's quotients of `tab` (counts its row sums), computed if dirty.
-  const double* quotients(std::vector<double>& q, std::vector<char>& dirty, const double* tab,
-                          const double* counts, int64_t e) const {
-    double* out = q.data() + (l_ * E_ + e) * E_;
-    char& stale = dirty[l_ * E_ + e];
-    if (stale) {
-      const double* t = table(tab, e);
-      const double den = std::max(row(counts)[e], kTiny);
-      for (int64_t f = 0; f < E_; ++f) out[f] = t[f] / den;
-      stale = 0;
-    }
-    return out;
+  QuotientRow prev_row(int64_t e) const {
+    return {table(s_.prev, e), reciprocal(row(s_.prev_n)[e])};
   }
-  const double* prev_row(int64_t e) const {
-    return quotients(q_.prev, q_.prev_dirty, s_.prev, s_.prev_n, e);
-  }
-  const double* cross_row(int64_t e) const {
-    return quotients(q_.cross, q_.cross_dirty, s_.cross, s_.cross_n, e);
+  QuotientRow cross_row(int64_t e) const {
+    return {table(s_.cross, e), reciprocal(row(s_.cross_n)[e])};
   }
 
   // Bucket of the pair (a, b) of experts: the triangular index, hashed when the table holds
@@ -196,27 +180,32 @@ class Layer {
     return index;
   }
 
-  // `table_scores` of the previous-token table, one layer: (sum over j of prev[src_j] /
-  // prev_n[src_j]) * (1 / k).
+  // `table_scores` of the previous-token table, one layer: (sum over j of prev[src_j] *
+  // reciprocal(prev_n[src_j])) * (1 / k).
   void table_scores(const int64_t* src, double* out) const {
     std::fill(out, out + E_, 0.0);  // 0 + x is x: numpy's sum starts from the first term
     for (int64_t j = 0; j < k_; ++j) {
-      const double* q = prev_row(src[j]);
-      for (int64_t f = 0; f < E_; ++f) out[f] += q[f];
+      const QuotientRow q = prev_row(src[j]);
+      for (int64_t f = 0; f < E_; ++f) out[f] += q.t[f] * q.inv;
     }
     const double inv = 1.0 / static_cast<double>(k_);
     for (int64_t f = 0; f < E_; ++f) out[f] *= inv;
   }
 
-  // `cross_scores` of one layer l >= 1 from the routing of layer l - 1; rows: k pointers of
-  // scratch, to the source experts' quotient rows (fixed while this runs).
-  void cross_scores(double* out, std::vector<const double*>& rows) const {
-    for (int64_t j = 0; j < k_; ++j) rows[j] = cross_row(src_[j]);
+  // `cross_scores` of one layer l >= 1 from the routing of layer l - 1; cond: k rows of E in
+  // scratch, for the source experts' quotients (each pair reads two of them).
+  void cross_scores(double* out, std::vector<double>& cond) const {
+    for (int64_t j = 0; j < k_; ++j) {
+      const QuotientRow q = cross_row(src_[j]);
+      double* c = cond.data() + j * E_;
+      for (int64_t f = 0; f < E_; ++f) c[f] = q.t[f] * q.inv;
+    }
     std::fill(out, out + E_, 0.0);
     if (s_.buckets == 0) {  // mean over the k source experts
       for (int64_t j = 0; j < k_; ++j)
-        for (int64_t f = 0; f < E_; ++f) out[f] += rows[j][f];
-      for (int64_t f = 0; f < E_; ++f) out[f] /= static_cast<double>(k_);
+        for (int64_t f = 0; f < E_; ++f) out[f] += cond[j * E_ + f];
+      const double inv = 1.0 / static_cast<double>(k_);
+      for (int64_t f = 0; f < E_; ++f) out[f] *= inv;
       return;
     }
     // mean over the pairs (a < b, numpy's triu_indices order), each backed off to its experts
@@ -226,12 +215,13 @@ class Layer {
       for (int64_t b = a + 1; b < k_; ++b, ++pairs) {
         const int64_t bucket = pair_index(src_[a], src_[b]);
         const double* num = s_.pair + (l_ * s_.buckets + bucket) * E_;
-        const double den = std::max(s_.pair_n[l_ * s_.buckets + bucket] + prior, kTiny);
-        const double *ca = rows[a], *cb = rows[b];
-        for (int64_t f = 0; f < E_; ++f) out[f] += (num[f] + prior * (0.5 * (ca[f] + cb[f]))) / den;
+        const double inv = reciprocal(s_.pair_n[l_ * s_.buckets + bucket] + prior);
+        const double *ca = cond.data() + a * E_, *cb = cond.data() + b * E_;
+        for (int64_t f = 0; f < E_; ++f) out[f] += (num[f] + prior * (0.5 * (ca[f] + cb[f]))) * inv;
       }
     }
-    for (int64_t f = 0; f < E_; ++f) out[f] /= static_cast<double>(pairs);
+    const double inv = 1.0 / static_cast<double>(pairs);
+    for (int64_t f = 0; f < E_; ++f) out[f] *= inv;
   }
 
   // Keeps predictor `index`'s guess for this layer (its float32 scores) until `serve`.
@@ -271,8 +261,7 @@ class Layer {
   }
 
   // The blend p of the three predictors (the twin's `predict`).
-  void predict(std::vector<double>& p, std::vector<double>& scratch,
-               std::vector<const double*>& rows) {
+  void predict(std::vector<double>& p, std::vector<double>& scratch, std::vector<double>& cond) {
     double weight = 0.0;
     std::fill(p.begin(), p.end(), 0.0);
     const double* aff = row(s_.affinity);
@@ -290,20 +279,20 @@ class Layer {
       }
     }
     if (l_ > 0) {
-      cross_scores(scratch.data(), rows);
+      cross_scores(scratch.data(), cond);
       guess(0, scratch.data());
       if (c_.cross_weight > 0) {
         for (int64_t f = 0; f < E_; ++f) p[f] += c_.cross_weight * scratch[f];
         weight += c_.cross_weight;
       }
     }
-    const double den = std::max(weight, kTiny);
-    for (int64_t f = 0; f < E_; ++f) p[f] /= den;
+    const double inv = reciprocal(weight);
+    for (int64_t f = 0; f < E_; ++f) p[f] *= inv;
     guess(3, p.data());
   }
 
   // `hot_value` of expert f from this token's p and next, its einsum("le,lef->lf", p,
-  // prev / prev_n) term.
+  // prev * reciprocal(prev_n)) term.
   double hot_value(const std::vector<double>& p, int64_t f, double next) const {
     double value = p[f];
     if (c_.victim_next_weight != 0.0)
@@ -316,8 +305,11 @@ class Layer {
   double next_use(const std::vector<double>& p, int64_t f) const {
     double next = 0.0;
     if (c_.victim_next_weight != 0.0)
-      for (int64_t e = 0; e < E_; ++e)
-        if (p[e] != 0.0) next += p[e] * prev_row(e)[f];
+      for (int64_t e = 0; e < E_; ++e) {
+        if (p[e] == 0.0) continue;
+        const QuotientRow q = prev_row(e);
+        next += p[e] * (q.t[f] * q.inv);
+      }
     return next;
   }
 
@@ -331,8 +323,8 @@ class Layer {
     if (c_.victim_next_weight != 0.0) {
       for (int64_t e = 0; e < E_; ++e) {
         if (p[e] == 0.0) continue;
-        const double* q = prev_row(e);
-        for (size_t i = 0; i < n; ++i) next[i] += p[e] * q[list[i]];
+        const QuotientRow q = prev_row(e);
+        for (size_t i = 0; i < n; ++i) next[i] += p[e] * (q.t[list[i]] * q.inv);
       }
     }
     for (size_t i = 0; i < n; ++i) {
@@ -499,8 +491,8 @@ class Layer {
     const double inv = 1.0 / static_cast<double>(k_);
     for (int64_t f : list) keep[f] = 0.0;
     for (int64_t j = 0; j < k_; ++j) {
-      const double* q = prev_row(ids_[j]);
-      for (int64_t f : list) keep[f] += q[f];
+      const QuotientRow q = prev_row(ids_[j]);
+      for (int64_t f : list) keep[f] += q.t[f] * q.inv;
     }
     for (int64_t f : list)
       keep[f] = (c_.keep_previous_weight * (keep[f] * inv) + c_.keep_affinity_weight * aff[f]) -
@@ -508,16 +500,15 @@ class Layer {
   }
 
   // Adds `inc` to table[l, a, b] for each distinct (a in src, b in ids), and to counts[l, a]
-  // for each distinct a: numpy's fancy `+=` adds once per distinct index. The rows learned
-  // are marked in `dirty` (their quotients change); used: this token's distinct ids.
+  // for each distinct a: numpy's fancy `+=` adds once per distinct index; used: this token's
+  // distinct ids.
   void learn_table(double* tab, double* counts, const int64_t* src, double inc,
-                   std::vector<char>& dirty, const std::vector<int64_t>& used) {
+                   const std::vector<int64_t>& used) {
     for (int64_t i = 0; i < k_; ++i) {
       if (seen_before(src, i)) continue;
       double* t = table(tab, src[i]);
       for (int64_t e : used) t[e] += inc;
       row(counts)[src[i]] += inc;
-      dirty[l_ * E_ + src[i]] = 1;
     }
   }
 
@@ -527,7 +518,7 @@ class Layer {
     for (int64_t j = 0; j < k_; ++j)
       if (!seen_before(ids_, j)) used.push_back(ids_[j]);
     if (l_ > 0) {
-      learn_table(s_.cross, s_.cross_n, src_, t_.next_scale, q_.cross_dirty, used);
+      learn_table(s_.cross, s_.cross_n, src_, t_.next_scale, used);
       if (s_.buckets) {
         std::vector<int64_t>& buckets = w_.buckets;
         buckets.clear();
@@ -541,16 +532,14 @@ class Layer {
         }
       }
     }
-    if (last_) learn_table(s_.prev, s_.prev_n, last_, t_.next_prev_scale, q_.prev_dirty, used);
+    if (last_) learn_table(s_.prev, s_.prev_n, last_, t_.next_prev_scale, used);
     if (t_.next_scale > 1e200) {  // the lazy decay's rescale, this layer's rows
-      std::fill_n(q_.cross_dirty.begin() + l_ * E_, E_, 1);
       divide(s_.cross + l_ * E_ * E_, E_ * E_, t_.next_scale);
       divide(row(s_.cross_n), E_, t_.next_scale);
       divide(s_.pair + l_ * s_.buckets * E_, s_.buckets * E_, t_.next_scale);
       divide(s_.pair_n + l_ * s_.buckets, s_.buckets, t_.next_scale);
     }
     if (t_.next_prev_scale > 1e200) {
-      std::fill_n(q_.prev_dirty.begin() + l_ * E_, E_, 1);
       divide(s_.prev + l_ * E_ * E_, E_ * E_, t_.next_prev_scale);
       divide(row(s_.prev_n), E_, t_.next_prev_scale);
     }
@@ -568,7 +557,6 @@ class Layer {
   const PredictParams& c_;
   const PredictToken& t_;
   Scratch& w_;
-  Quotients& q_;
   const int64_t l_, E_, k_;
   const int64_t *ids_, *src_, *last_;
 };
@@ -608,8 +596,8 @@ struct PredictClock {
 };
 
 // The kernel of one PredictiveCaches: its state and parameters, checked once by the binding,
-// the scratch buffers its steps reuse, and the tables' quotients (Quotients: 2 L E^2 doubles,
-// as much again as the two tables; valid while only this kernel writes the tables). One token without hints per step: predictions,
+// and the scratch buffers its steps reuse (it caches nothing of the state, so anything may
+// write the arrays between calls). One token without hints per step: predictions,
 // prefetches, accesses and learning of every layer, the state updated in place exactly as the
 // twin (moeray/native/_reference/predict.py) does. Calls on one kernel run one at a time (the
 // binding holds `mutex`).
@@ -622,11 +610,11 @@ struct PredictClock {
 class PredictKernel {
  public:
   PredictKernel(const PredictState& s, const PredictParams& c)
-      : s_(s), c_(c), scratch_(s.experts, s.top_k), quotients_(s.layers, s.experts) {}
+      : s_(s), c_(c), scratch_(s.experts, s.top_k) {}
 
   MOERAY_KERNEL_ENTRY void step(const PredictToken& t) {
     scratch_.events = nullptr;
-    for (int64_t l = 0; l < s_.layers; ++l) predict_detail::Layer(s_, c_, t, l, scratch_, quotients_).run();
+    for (int64_t l = 0; l < s_.layers; ++l) predict_detail::Layer(s_, c_, t, l, scratch_).run();
   }
 
   // A whole window: ids int64 [T, L, k]; new_sequence [T] (null: none starts a sequence);
@@ -650,7 +638,7 @@ class PredictKernel {
     }
     for (int64_t l = first_layer; l < s_.layers; ++l)
       for (const PredictToken& t : window_)
-        predict_detail::Layer(s_, c_, t, l, scratch_, quotients_).run();
+        predict_detail::Layer(s_, c_, t, l, scratch_).run();
     window_.clear();  // its tokens point into the caller's ids
   }
 
@@ -693,7 +681,7 @@ class PredictKernel {
     for (int64_t b = 0; b < batch_.tokens; ++b) {
       const PredictToken t = token(b);
       scratch_.token = b;
-      predict_detail::Layer layer(s_, c_, t, l, scratch_, quotients_);
+      predict_detail::Layer layer(s_, c_, t, l, scratch_);
       if (!(ahead_token_ == 0 && b == 0)) layer.ahead();
       layer.serve();
     }
@@ -702,7 +690,7 @@ class PredictKernel {
     if (l + 1 < s_.layers && batch_.tokens > 0) {
       scratch_.token = 0;
       const PredictToken t = token(0);
-      predict_detail::Layer(s_, c_, t, l + 1, scratch_, quotients_).ahead();
+      predict_detail::Layer(s_, c_, t, l + 1, scratch_).ahead();
       ahead_token_ = 0;
     }
     scratch_.events = nullptr;
@@ -751,7 +739,6 @@ class PredictKernel {
   const PredictState s_;
   const PredictParams c_;
   predict_detail::Scratch scratch_;
-  predict_detail::Quotients quotients_;
   PredictBatch batch_;
   std::vector<PredictToken> window_;  // run_window's tokens, their clocks and scales set
   std::vector<int64_t> events_;
