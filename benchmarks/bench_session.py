@@ -117,10 +117,13 @@ def baseline_session_class():
 
 
 def build_harness(
-    workdir: Path, headers: Path = ROOT / "moeray/native/src", name: str = "session_harness"
+    workdir: Path,
+    headers: Path = ROOT / "moeray/native/src",
+    name: str = "session_harness",
+    defines: tuple[str, ...] = (),
 ) -> Path | None:
     """Compiles session_harness.cpp against ``headers`` as the extension is compiled (-O3, no
-    FMA contraction)."""
+    FMA contraction), with ``defines`` (NAME=VALUE) as -D options."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return None
@@ -130,6 +133,7 @@ def build_harness(
         "-std=c++17",
         "-O3",
         "-ffp-contract=off",
+        *(f"-D{define}" for define in defines),
         "-I",
         str(headers),
         str(ROOT / "benchmarks/session_harness.cpp"),

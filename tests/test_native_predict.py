@@ -20,6 +20,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from predict_helpers import HINTS, LEARNED, SERVED
 
 import moeray.policy.predict as predict
 from moeray.native import backend
@@ -34,21 +35,8 @@ needs_native = pytest.mark.skipif(
     reason="the native step is not in use (MOERAY_PURE_PYTHON=1 or unbuilt)",
 )
 
-EXACT = ("_hot", "_pending", "_hot_count", "capacity", "_touch", "_clock", "_resplit_out")
-TABLES = (
-    "_cross",
-    "_cross_n",
-    "_pair",
-    "_pair_n",
-    "_prev",
-    "_prev_n",
-    "_affinity",
-    "_scale",
-    "_prev_scale",
-    "_hint_hits",
-    "_hint_guesses",
-    "_hint_uses",
-)
+EXACT = SERVED
+TABLES = LEARNED + HINTS
 COUNTERS = tuple(field.name for field in dataclasses.fields(PredictStats))
 
 

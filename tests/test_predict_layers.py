@@ -17,6 +17,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from predict_helpers import LEARNED, SERVED
 
 from moeray.native import backend
 from moeray.policy.affinity import AffinityConfig, ExpertAffinity
@@ -32,25 +33,7 @@ needs_native = pytest.mark.skipif(
 )
 PATHS = [pytest.param(True, marks=needs_native, id="native"), pytest.param(False, id="twin")]
 
-STATE = (
-    "_hot",
-    "_pending",
-    "_hot_count",
-    "capacity",
-    "_touch",
-    "_clock",
-    "_resplit_out",
-    "_cross",
-    "_cross_n",
-    "_pair",
-    "_pair_n",
-    "_prev",
-    "_prev_n",
-    "_affinity",
-    "_scale",
-    "_prev_scale",
-    "_last_ids",
-)
+STATE = (*SERVED, *LEARNED, "_last_ids")
 COUNTERS = tuple(field.name for field in dataclasses.fields(PredictStats))
 STALL, PREFETCH, EVICTION = (PLAN_EVENT_KINDS.index(k) for k in PLAN_EVENT_KINDS)
 
