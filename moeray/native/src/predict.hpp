@@ -11,8 +11,8 @@
 // operands and order (numpy sums over a non-last axis one term after the other; the einsum of
 // `hot_value` adds its products in expert order; no quotient or mean divides per expert: each
 // multiplies by one reciprocal, as the twin does), so native and numpy agree bit for bit
-// (built with -ffp-contract=off). The arrays were checked when the kernel was built and the token's ids at
-// each step (bindings.cpp): nothing here reads out of bounds.
+// (built with -ffp-contract=off). The arrays were checked when the kernel was built and the
+// token's ids at each step (bindings.cpp): nothing here reads out of bounds.
 #pragma once
 
 #include <algorithm>
