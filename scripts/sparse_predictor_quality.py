@@ -15,6 +15,7 @@ each layer's experts, on the shared traces, two ways:
   unchanged). This is what a sparse kernel would learn.
 
     python scripts/sparse_predictor_quality.py [--traces ../shared/traces] [--tokens N] [--m M ...]
+        [--modes read learned]
 """
 
 from __future__ import annotations
