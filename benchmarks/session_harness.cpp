@@ -48,6 +48,10 @@ struct Totals {
   double plan_ns = 0.0;  // moeray: the HotPlan calls per layer call (the instrumented run)
 };
 
+// session.hpp's plan_entries: E + 2 written out, so that this file also builds against the
+// headers of a revision before it (--core-baseline).
+int64_t plan_entries(int64_t E) { return E + 2; }
+
 std::vector<int64_t> read_ids(const char* path, int64_t n) {
   std::vector<int64_t> ids(n);
   FILE* f = std::fopen(path, "rb");
@@ -78,7 +82,7 @@ double run_lru(const std::vector<int64_t>& ids64, int64_t T, int64_t L, int64_t 
     as.push_back(affinities.back().get());
   }
   moeray::DemandSession session(cs, as, false, 0.8);
-  std::vector<int64_t> load(E), evict(E);
+  std::vector<int64_t> load(plan_entries(E)), evict(plan_entries(E));
   totals = Totals{};
   double start = 0.0;
   for (int64_t t = 0; t < T; ++t) {
@@ -156,7 +160,8 @@ double run_moeray(const std::vector<int64_t>& ids, int64_t T, int64_t L, int64_t
   moeray::HotPlan plan(reinterpret_cast<const bool*>(arrays.hot.data()), L, E);
   moeray::PredictClock clock{0, 1.0, 1.0, transition_decay, previous_decay};
   double plan_ns = 0.0;  // clock reads around the plan calls (tens of ns against the kernel's us)
-  std::vector<int64_t> out(4 * E), last(L * k);
+  const int64_t stride = plan_entries(E);
+  std::vector<int64_t> out(4 * stride), last(L * k);
   bool has_last = false;
   const bool start_flag = false;
   totals = Totals{};
@@ -174,7 +179,8 @@ double run_moeray(const std::vector<int64_t>& ids, int64_t T, int64_t L, int64_t
       kernel.serve_layer(l);
       if (time_plan) t2 = Clock::now();
       int64_t n[4];
-      plan.plan(l, row, k, out.data(), out.data() + E, out.data() + 2 * E, out.data() + 3 * E, n);
+      plan.plan(l, row, k, out.data(), out.data() + stride, out.data() + 2 * stride,
+                out.data() + 3 * stride, n);
       if (t >= warm) {
         if (time_plan)
           plan_ns += std::chrono::duration<double, std::nano>((t1 - t0) + (Clock::now() - t2)).count();

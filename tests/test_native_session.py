@@ -140,6 +140,25 @@ def test_hot_plan_plans_the_rows_difference(core, E):
 
 
 @pytest.mark.parametrize("core", [backend, reference], ids=["backend", "twin"])
+@pytest.mark.parametrize("E", [64, 77])
+def test_hot_plan_of_every_expert(core, E):
+    """Plans as long as their buffers: every expert loaded, then every expert evicted (the
+    native emit writes up to 2 entries past a plan's last id, into the buffers' slack)."""
+    hot = np.zeros((2, E), dtype=bool)
+    planner = core._HotPlan(hot)
+    every = np.arange(E)
+    for filled in (True, False):
+        planner.before(0)
+        hot[:] = filled
+        load, evict, prefetch, prefetch_evict = planner.plan(0, every[None])
+        np.testing.assert_array_equal(load, every if filled else [])
+        np.testing.assert_array_equal(evict, [] if filled else every)
+        np.testing.assert_array_equal(prefetch, every if filled else [])
+        np.testing.assert_array_equal(prefetch_evict, [] if filled else every)
+        planner.plan(1, every[None])
+
+
+@pytest.mark.parametrize("core", [backend, reference], ids=["backend", "twin"])
 def test_bad_input_changes_nothing(core):
     cs = [core.ExpertCacheCore(E, 5, 0.1, 0) for _ in range(L)]
     afs = [core.AffinityCore(E, 0.95, 1.0, 1.0) for _ in range(L)]

@@ -116,7 +116,7 @@ struct DemandSessionHandle {
   DemandSessionHandle(std::vector<py::object> objects, std::vector<moeray::ExpertCache*> caches,
                       std::vector<moeray::Affinity*> affinities, bool blended, double weight)
       : keep(std::move(objects)), core(std::move(caches), std::move(affinities), blended, weight),
-        load(core.experts()), evict(core.experts()) {}
+        load(moeray::plan_entries(core.experts())), evict(moeray::plan_entries(core.experts())) {}
 };
 
 DemandSessionHandle* make_demand_session(const py::list& caches, const py::list& affinities,
@@ -178,13 +178,13 @@ py::tuple demand_route(DemandSessionHandle& self, int64_t layer, H ids_obj, int6
 struct HotPlanHandle {
   py::array hot_array;  // PredictiveCaches' hot rows, read in place
   moeray::HotPlan core;
-  std::vector<int64_t> out;  // load, evict, prefetch, prefetch_evict: E entries each
+  std::vector<int64_t> out;  // load, evict, prefetch, prefetch_evict: plan_entries(E) each
   py::array empty = empty_ids();
 
   HotPlanHandle(py::array hot, int64_t layers, int64_t experts)
       : hot_array(std::move(hot)),
         core(static_cast<const bool*>(hot_array.data()), layers, experts),
-        out(4 * experts) {}
+        out(4 * moeray::plan_entries(experts)) {}
 };
 
 HotPlanHandle* make_hot_plan(H hot_obj) {
@@ -212,7 +212,7 @@ py::tuple hot_plan_plan(HotPlanHandle& self, int64_t layer, H ids_obj) {
     throw py::value_error("layer: the hot rows before layer " + std::to_string(layer) +
                           " were not taken (before(layer) first)");
   const py::array ids = check_route_ids(ids_obj, core.experts());
-  const int64_t E = core.experts();
+  const int64_t E = moeray::plan_entries(core.experts());  // one buffer's stride
   int64_t n[4];
   int64_t* o = self.out.data();
   if (ids.itemsize() == 4)

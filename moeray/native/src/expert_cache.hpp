@@ -54,21 +54,25 @@ class ExpertCache {
     return hit;
   }
 
-  // access() over ids[0:n] in order, hits into out: the batch path.
-  void access_run(const int32_t* ids, int64_t n, bool* out) {
-    if (policy_ == kLru) return access_run_lru(ids, n, out);
+  // access() over ids[0:n] in order, hits into out: the batch path. victims (if given): the
+  // expert each access evicted, or kNone.
+  void access_run(const int32_t* ids, int64_t n, bool* out, int32_t* victims = nullptr) {
+    if (policy_ == kLru) return access_run_lru(ids, n, out, victims);
     for (int64_t i = 0; i < n; ++i) {
       const int32_t e = ids[i];
       ++counter_;
       ++freq_[e];
+      int32_t victim = kNone;
       if (hot_[e]) {
         touch_hit(e);
         out[i] = true;
       } else {
         ++stats_.misses;
+        if (count_ >= cap_) victim = base_victim();  // what admit evicts
         admit(e);
         out[i] = false;
       }
+      if (victims) victims[i] = victim;
     }
   }
 
@@ -157,7 +161,7 @@ class ExpertCache {
   // LRU's loop keeps the list ends, counters and stats in locals: stores into the int32 and
   // uint64 arrays could alias the members, which would put a reload on every step of the chain.
   // Access counts are skipped: only LFU and Adaptive read them.
-  void access_run_lru(const int32_t* ids, int64_t n, bool* out) {
+  void access_run_lru(const int32_t* ids, int64_t n, bool* out, int32_t* victims) {
     int32_t* prev = rprev_.data();
     int32_t* next = rnext_.data();
     uint8_t* hot = hot_.data();
@@ -191,11 +195,13 @@ class ExpertCache {
           append(e);
         }
         out[i] = true;
+        if (victims) victims[i] = kNone;
         continue;
       }
       ++misses;
+      int32_t victim = kNone;
       if (count >= cap_) {
-        const int32_t victim = head;
+        victim = head;
         unlink(victim);
         hot[victim] = 0;
         prefetched[victim] = 0;
@@ -206,6 +212,7 @@ class ExpertCache {
       ++count;
       append(e);
       out[i] = false;
+      if (victims) victims[i] = victim;
     }
     rhead_ = head;
     rtail_ = tail;

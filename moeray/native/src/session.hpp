@@ -7,10 +7,11 @@
 //
 // - DemandSession serves a demand policy's layer exactly as DemandCaches.serve does (the seed
 //   ExpertCache of expert_cache.hpp and the Affinity of affinity.hpp, the same calls in the same
-//   order) and keeps a bit-set copy of each layer's hot set, changed as the cache changes: before
-//   each miss it asks the cache for the victim it is about to evict (suggest_eviction, or the
-//   affinity blend's), which is what the access then evicts. A prefetch by affinity evicts
-//   victims it does not report: after one, the layer's copy is read again from the cache.
+//   order) and keeps a bit-set copy of each layer's hot set, changed as the cache changes: the
+//   cache reports each access's victim (access_run's victims, a row of the batch at once), or,
+//   blended, the session asks for the affinity blend's victim and evicts it before the access.
+//   A prefetch by affinity evicts victims it does not report: after one, the layer's copy is
+//   read again from the cache.
 // - HotPlan plans the predictive policy's layers from PredictiveCaches' hot rows (bool [L, E],
 //   written by the predict kernel): a copy of row `layer` taken before the layer is served,
 //   and of row layer + 1 for the next layer's prefetch, compared 8 experts (bytes) a word.
@@ -20,12 +21,17 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "affinity.hpp"
 #include "expert_cache.hpp"
 
 namespace moeray {
+
+// The entries of each plan buffer (load, evict, prefetch, prefetch_evict) at `experts` experts:
+// every expert once, and the 2 that session_detail::emit may write past the last id.
+inline int64_t plan_entries(int64_t experts) { return experts + 2; }
 
 namespace session_detail {
 
@@ -39,8 +45,17 @@ inline uint64_t word(const uint8_t* p) {
 // product, and no two partial products meet (so nothing carries).
 inline uint64_t bits8(uint64_t w) { return (w * 0x0102040810204080ULL) >> 56; }
 
-// Appends e0 + i for each set bit i of w to out.
+// Appends e0 + i for each set bit i of w to out (which has room for 2 more entries than it
+// receives, plan_entries). A plan's words hold a few ids each, in numbers that follow the
+// routing: the first two are written whether there or not (a loop would mispredict its exit
+// about once a word), and only a word with more loops.
 inline int64_t emit(uint64_t w, int64_t e0, int64_t* out, int64_t n) {
+  constexpr uint64_t kTop = uint64_t{1} << 63;  // ctz of 0 is undefined: of kTop, harmless
+  for (int i = 0; i < 2; ++i) {
+    out[n] = e0 + __builtin_ctzll(w | kTop);
+    n += w != 0;
+    w &= w - 1;
+  }
   for (; w; w &= w - 1) out[n++] = e0 + __builtin_ctzll(w);
   return n;
 }
@@ -48,7 +63,7 @@ inline int64_t emit(uint64_t w, int64_t e0, int64_t* out, int64_t n) {
 }  // namespace session_detail
 
 // Rows of E bytes (0 or 1): load = ids with (used | after) & ~before, evict = ids with
-// (before | used) & ~after, ascending (used null: none). Returns the counts through n_load,
+// (before | used) & ~after, ascending (used null: none), each buffer plan_entries(E) long. Returns the counts through n_load,
 // n_evict. Up to 64 experts at a time gathered into bit masks without a branch (a byte-by-byte
 // scan's branches would follow the data), then the set bits' ids.
 inline void plan_rows(const uint8_t* before, const uint8_t* after, const uint8_t* used,
@@ -101,7 +116,7 @@ class DemandSession {
   bool is_hot(int64_t l, int32_t e) const { return test(hot_.data() + l * words_, e); }
 
   // Serves layer l's batch, ids int32 [tokens, k] in [0, E), then prefetches `budget` experts by
-  // affinity (DemandCaches.serve); writes the plan into load and evict (E entries each) and
+  // affinity (DemandCaches.serve); writes the plan into load and evict (plan_entries(E) each) and
   // their counts; returns the number of experts prefetched.
   int64_t route(int64_t l, const int32_t* ids, int64_t tokens, int64_t k, int64_t budget,
                 int64_t* load, int64_t& n_load, int64_t* evict, int64_t& n_evict) {
@@ -110,25 +125,37 @@ class DemandSession {
     uint64_t* now = hot_.data() + l * words_;
     uint64_t* used = used_.data();
     std::copy(now, now + words_, before_.data());
+    if (!blended_ && k > scratch_) {
+      scratch_ = k;
+      hits_.reset(new bool[k]);
+      victims_.assign(k, ExpertCache::kNone);
+    }
     for (int64_t t = 0; t < tokens; ++t) {
       const int32_t* row = ids + t * k;
+      if (!blended_) {  // the cache's own victims: a row at once, each access's victim reported
+        int32_t* victims = victims_.data();
+        c.access_run(row, k, hits_.get(), victims);
+        for (int64_t j = 0; j < k; ++j) {
+          set(used, row[j]);
+          if (victims[j] != ExpertCache::kNone) clear(now, victims[j]);
+          set(now, row[j]);
+        }
+        continue;
+      }
       for (int64_t j = 0; j < k; ++j) {
         const int32_t e = row[j];
         set(used, e);
         if (!test(now, e)) {  // a miss: the victim the access evicts, if the hot set is full
-          int32_t victim = ExpertCache::kNone;
-          if (blended_) {
-            victim = c.suggest_eviction_with_affinity(a, weight_);
-            if (victim != ExpertCache::kNone) c.evict(victim);  // access_blended's order
-          } else {
-            victim = c.suggest_eviction();
+          const int32_t victim = c.suggest_eviction_with_affinity(a, weight_);
+          if (victim != ExpertCache::kNone) {
+            c.evict(victim);  // access_blended's order
+            clear(now, victim);
           }
-          if (victim != ExpertCache::kNone) clear(now, victim);
           set(now, e);
         }
         c.access(e);
       }
-      if (blended_) a.update_row(row, k);
+      a.update_row(row, k);
     }
     if (!blended_) a.update_rows(ids, tokens, k);
     int64_t prefetched = 0;
@@ -168,6 +195,10 @@ class DemandSession {
   int32_t experts_;
   int64_t words_;
   std::vector<uint64_t> hot_, before_, used_;
+  // the cache's own victims of a row (not blended): k entries, grown to the widest row seen
+  int64_t scratch_ = 0;
+  std::unique_ptr<bool[]> hits_;
+  std::vector<int32_t> victims_;
 };
 
 // Plans of the predictive policy's layers from its hot rows (bool [L, E], PredictiveCaches'
@@ -193,7 +224,7 @@ class HotPlan {
   }
 
   // Layer l's plan once served (before(l) taken), ids int64 [tokens, k] in [0, E); out:
-  // load, evict, prefetch, prefetch_evict (E entries each), counts into n[0..3].
+  // load, evict, prefetch, prefetch_evict (plan_entries(E) each), counts into n[0..3].
   template <class Id>
   void plan(int64_t l, const Id* ids, int64_t count, int64_t* load, int64_t* evict,
             int64_t* prefetch, int64_t* prefetch_evict, int64_t* n) {
