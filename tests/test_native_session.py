@@ -193,3 +193,38 @@ def test_bad_input_changes_nothing(core):
         core._HotPlan(np.zeros((L, E)))
     with pytest.raises(ValueError, match=re.escape("hot: expected shape [layers, experts]")):
         core._HotPlan(np.zeros(E, dtype=bool))
+
+
+@pytest.mark.parametrize("core", [backend, reference], ids=["backend", "twin"])
+def test_layer_affinities_update_each_layer_as_update_batch(core):
+    """One call over every layer's array (int32 or int64, as routed) leaves each affinity as
+    its own update_batch would; bad input raises one line and changes nothing."""
+    ids = stream(4, 30)
+    afs = [core.AffinityCore(E, 0.95, 1.0, 1.0) for _ in range(L)]
+    expected = [core.AffinityCore(E, 0.95, 1.0, 1.0) for _ in range(L)]
+    layers = core._LayerAffinities(afs)
+    for first in range(0, len(ids), 6):
+        batch = ids[first : first + 6]
+        dtype = np.int32 if first % 12 else np.int64
+        layers.update([np.ascontiguousarray(batch[:, layer], dtype=dtype) for layer in range(L)])
+        for layer in range(L):
+            expected[layer].update_batch(np.ascontiguousarray(batch[:, layer], dtype=np.int32))
+    for got, want in zip(afs, expected):
+        np.testing.assert_array_equal(got.scores(), want.scores())
+        np.testing.assert_array_equal(got.activation_counts(), want.activation_counts())
+    scores = [a.scores() for a in afs]
+    good = np.array([[0, 1, 2, 3]])
+    cases = [
+        (ValueError, "rows: expected one array per layer (3), got 2", [good, good]),
+        (ValueError, "ids: expected ids in [0, 32), got 32", [good, good, good + 29]),
+        (TypeError, "ids: expected dtype int32 or int64, got float64", [good, good, good * 1.0]),
+        (TypeError, "rows: expected a list of arrays, one per layer, got tuple", (good,) * 3),
+    ]
+    for exc, message, rows in cases:
+        with pytest.raises(exc, match=re.escape(message)):
+            layers.update(rows)
+    assert all(np.array_equal(a.scores(), s) for a, s in zip(afs, scores))
+    with pytest.raises(ValueError, match="affinities: every layer's must track the same experts"):
+        core._LayerAffinities([afs[0], core.AffinityCore(E + 1, 0.95, 1.0, 1.0)])
+    with pytest.raises(TypeError, match="affinities: expected AffinityCore objects"):
+        core._LayerAffinities([object()])

@@ -108,6 +108,7 @@ class EngineSession:
             self._caches = PredictiveCaches(
                 L, E, config.top_k, config.capacity, replace(config.predict, split=None)
             )
+            self._layer_affinities = backend._LayerAffinities(self._affinity)
         else:  # every layer in one DemandCaches, as a replay's one actor hosts them
             self._demand = config.entry.build(
                 list(range(L)),
@@ -324,19 +325,13 @@ class EngineSession:
             self._caches.open_batch(starts)
 
     def _close(self) -> None:
-        ids = None
         if self._predictive:
             self._caches.close_batch()
-            # the service's affinity EMA of each layer (the predictive windows feed it too):
-            # the batch's routing as int32 once, each layer's rows to the native update (the
-            # ids' checks were the cores'; ExpertAffinity's own would check them again)
-            ids = np.stack(self._batch.ids)
-            rows = ids.astype(np.int32)
-            update = backend.AffinityCore.update_batch
-            for layer, affinity in enumerate(self._affinity):
-                update(affinity, rows[layer])
+            # the service's affinity EMA of each layer (the predictive windows feed it too), in
+            # one native call over the layers' arrays as routed
+            self._layer_affinities.update(self._batch.ids)
         if self._link is not None:
-            ids = np.stack(self._batch.ids) if ids is None else ids
+            ids = np.stack(self._batch.ids)
             self._link.report(ids.astype(self.config.ids_dtype()), self._batch.starts)
         self.batches += 1
         self._batch = None

@@ -24,7 +24,7 @@ from moeray.native._reference.placement import (
 from moeray.native._reference.predict import _PredictKernel
 from moeray.native._reference.prefetch import PrefetcherCore
 from moeray.native._reference.routing import _stack_histogram, belady_hits, schedule
-from moeray.native._reference.session import _DemandSession, _HotPlan
+from moeray.native._reference.session import _DemandSession, _HotPlan, _LayerAffinities
 
 __all__ = [
     "ADAPTIVE",
@@ -35,6 +35,7 @@ __all__ = [
     "PrefetcherCore",
     "_DemandSession",
     "_HotPlan",
+    "_LayerAffinities",
     "_PredictKernel",
     "_dispatch_allocation",
     "_improve",

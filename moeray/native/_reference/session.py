@@ -18,7 +18,7 @@ import numpy as np
 from moeray.native._reference.affinity import AffinityCore
 from moeray.native._reference.expert_cache import ExpertCacheCore
 
-__all__ = ["_DemandSession", "_HotPlan"]
+__all__ = ["_DemandSession", "_HotPlan", "_LayerAffinities"]
 
 
 def _check_route_ids(ids, experts: int) -> np.ndarray:
@@ -133,6 +133,40 @@ class _DemandSession:
     def _read_hot(self, layer: int) -> None:
         c = self._caches[layer]
         self._hot[layer] = [c.is_hot(e) for e in range(self.num_experts())]
+
+
+class _LayerAffinities:
+    """Every layer's AffinityCore of an engine session, updated with a batch's routing in one
+    call."""
+
+    def __init__(self, affinities):
+        affinities = list(affinities)
+        if not affinities:
+            raise ValueError("affinities: expected one AffinityCore per layer")
+        for a in affinities:
+            if not isinstance(a, AffinityCore):
+                raise TypeError(
+                    f"affinities: expected AffinityCore objects, got {type(a).__name__}"
+                )
+            if a.num_experts() != affinities[0].num_experts():
+                raise ValueError("affinities: every layer's must track the same experts")
+        self._affinities = affinities
+
+    def update(self, rows) -> None:
+        """rows: one array per layer, int32 or int64 [tokens, top_k], all checked before any
+        affinity changes; then each layer's update_batch, in layer order."""
+        if not isinstance(rows, list):
+            raise TypeError(
+                f"rows: expected a list of arrays, one per layer, got {type(rows).__name__}"
+            )
+        if len(rows) != len(self._affinities):
+            raise ValueError(
+                f"rows: expected one array per layer ({len(self._affinities)}), got {len(rows)}"
+            )
+        experts = self._affinities[0].num_experts()
+        checked = [_check_route_ids(ids, experts) for ids in rows]
+        for a, ids in zip(self._affinities, checked):
+            a.update_batch(ids.astype(np.int32))
 
 
 class _HotPlan:

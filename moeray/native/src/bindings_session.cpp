@@ -226,6 +226,65 @@ py::tuple hot_plan_plan(HotPlanHandle& self, int64_t layer, H ids_obj) {
                         ids_array(o + 2 * E, n[2], none), ids_array(o + 3 * E, n[3], none));
 }
 
+// Every layer's affinity of an engine session, updated with a batch's routing in one call (an
+// update_batch call per layer from Python cost about 1 us each, and stacking the layers' ids
+// for it as much again).
+struct LayerAffinitiesHandle {
+  std::vector<py::object> keep;  // the affinities the pointers point into
+  std::vector<moeray::Affinity*> affinities;
+  std::vector<int32_t> ids32;  // one layer's ids narrowed for update_rows
+  std::mutex mutex;            // ids32: one update at a time
+};
+
+LayerAffinitiesHandle* make_layer_affinities(const py::list& affinities) {
+  if (affinities.empty()) throw py::value_error("affinities: expected one AffinityCore per layer");
+  std::vector<py::object> keep;
+  std::vector<moeray::Affinity*> as;
+  for (py::handle a : affinities) {
+    if (!py::isinstance<moeray::Affinity>(a))
+      throw py::type_error("affinities: expected AffinityCore objects, got " + type_name(a));
+    as.push_back(&a.cast<moeray::Affinity&>());
+    if (as.back()->num_experts() != as[0]->num_experts())
+      throw py::value_error("affinities: every layer's must track the same experts");
+    keep.push_back(py::reinterpret_borrow<py::object>(a));
+  }
+  return new LayerAffinitiesHandle{std::move(keep), std::move(as), {}, {}};
+}
+
+// rows: one array per layer, int32 or int64 [tokens, top_k], ids in [0, experts), all checked
+// before any affinity changes; then each layer's update_batch, in layer order.
+void layer_affinities_update(LayerAffinitiesHandle& self, H rows_obj) {
+  if (!py::isinstance<py::list>(rows_obj))
+    throw py::type_error("rows: expected a list of arrays, one per layer, got " +
+                         type_name(rows_obj));
+  const auto rows = py::reinterpret_borrow<py::list>(rows_obj);
+  const size_t L = self.affinities.size();
+  if (rows.size() != L)
+    throw py::value_error("rows: expected one array per layer (" + std::to_string(L) + "), got " +
+                          std::to_string(rows.size()));
+  const int64_t experts = self.affinities[0]->num_experts();
+  std::vector<py::array> checked;
+  checked.reserve(L);
+  for (py::handle r : rows) checked.push_back(check_route_ids(r, experts));
+  py::gil_scoped_release release;
+  Lock lock_s(self.mutex);
+  for (size_t l = 0; l < L; ++l) {
+    const py::array& ids = checked[l];
+    const int64_t tokens = ids.shape(0), k = ids.shape(1);
+    const int32_t* p;
+    if (ids.itemsize() == 4) {
+      p = static_cast<const int32_t*>(ids.data());
+    } else {
+      const auto* q = static_cast<const int64_t*>(ids.data());
+      self.ids32.assign(q, q + tokens * k);  // in [0, experts): checked
+      p = self.ids32.data();
+    }
+    moeray::Affinity& a = *self.affinities[l];
+    Lock lock(a.mutex);
+    a.update_rows(p, tokens, k);
+  }
+}
+
 }  // namespace
 
 void bind_session(py::module_& m) {
@@ -245,6 +304,15 @@ void bind_session(py::module_& m) {
            "Serves layer `layer`'s batch (ids int32 or int64 [tokens, top_k]) as "
            "DemandCaches.serve does, then prefetches `budget` experts by affinity; returns its "
            "plan (load, evict: int64 ids, ascending) and the number prefetched.");
+
+  py::class_<LayerAffinitiesHandle>(
+      m, "_LayerAffinities",
+      "Every layer's AffinityCore of an engine session (the twin: "
+      "moeray.native._reference.session).")
+      .def(py::init(&make_layer_affinities), py::arg("affinities"))
+      .def("update", &layer_affinities_update, py::arg("rows"),
+           "A batch's routing, one array per layer (int32 or int64 [tokens, top_k]): each "
+           "layer's update_batch, all checked first.");
 
   py::class_<HotPlanHandle>(
       m, "_HotPlan",
