@@ -19,6 +19,9 @@ Columns:
   of git revision REV, run alternately with this tree's in the same run, on the same tokens: a
   change to the native core beside the code before it.
 - route (Python): ``EngineSession.route`` of this tree, LayerPlan and all.
+- route at REV (with ``--route-baseline REV``): ``EngineSession.route`` as of git revision REV
+  (its session module read from git, on this tree's cores), timed alternately with this tree's
+  on the same tokens; its decisions are checked equal (every counter of every layer).
 - before (Python): ``EngineSession.route`` as it was before the native cores (the session module
   at ``BASELINE_REV``, read from git): the baseline. Its decisions are checked equal to this
   tree's (every counter of every layer).
@@ -31,7 +34,7 @@ Goals (issue 18): <= 1 us per layer call at decode for the predictive policy, <=
 a 24-layer decode step of gpt-oss-20b's shape planned in <= 25 us.
 
 usage: python benchmarks/bench_session.py [--quick] [--tokens N] [--repeats R] [--json PATH]
-                                         [--core-baseline REV]
+                                         [--core-baseline REV] [--route-baseline REV]
 """
 
 from __future__ import annotations
@@ -84,11 +87,12 @@ def skewed_stream(tokens: int, layers: int, experts: int, top_k: int, seed: int 
     return out
 
 
-def baseline_session_class():
-    """EngineSession as of BASELINE_REV (its module read from git), or None without git."""
+def session_module_at(rev: str):
+    """moeray/engine/session.py as of git revision ``rev`` (read from git, run on this tree's
+    other modules), or None without git or that file there."""
     try:
         source = subprocess.run(
-            ["git", "show", f"{BASELINE_REV}:moeray/engine/session.py"],
+            ["git", "show", f"{rev}:moeray/engine/session.py"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -96,12 +100,20 @@ def baseline_session_class():
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    path = Path(tempfile.mkdtemp(prefix="bench_session_")) / "session_before.py"
+    path = Path(tempfile.mkdtemp(prefix="bench_session_")) / f"session_{rev}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("moeray_session_before", path)
+    spec = importlib.util.spec_from_file_location(f"moeray_session_{rev}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+def baseline_session_class():
+    """EngineSession as of BASELINE_REV, or None without git."""
+    module = session_module_at(BASELINE_REV)
+    if module is None:
+        return None
 
     class Before(module.EngineSession):
         # DemandCaches.hot_mask, which that module reads, became hot_experts at 5d17055: the
@@ -231,8 +243,11 @@ def plan_totals(config, ids: np.ndarray, warm: int) -> dict[str, int]:
     return out
 
 
-def measure(shape, config, ids, warm, repeats, harness, base_harness, before_cls, workdir) -> dict:
-    """One row: the columns' ns per layer call (medians), and the checks."""
+def measure(
+    shape, config, ids, warm, repeats, harness, base_harness, before_cls, workdir, route_cls=None
+) -> dict:
+    """One row: the columns' ns per layer call (medians), and the checks. route_cls: the
+    session class of ``--route-baseline`` (timed alternately with this tree's)."""
     core = plan_ns = None
     core_repeats, base_repeats, plan_repeats = [], [], []
     if harness is not None:
@@ -255,10 +270,15 @@ def measure(shape, config, ids, warm, repeats, harness, base_harness, before_cls
             )
         core = statistics.median(core_repeats)
         plan_ns = statistics.median(plan_repeats) if config.policy != "lru" else None
-    route, before, same = [], [], None
+    route, before, route_base, same = [], [], [], None
     for _ in range(repeats):
         session = EngineSession(config)
         route.append(time_route(session, ids, warm))
+        if route_cls is not None:
+            other = route_cls(config)
+            route_base.append(time_route(other, ids, warm))
+            if session.stats() != other.stats():
+                raise SystemExit(f"{shape} {config.policy}: decisions differ at the route baseline")
         if before_cls is not None:
             old = before_cls(config)
             before.append(time_route(old, ids, warm))
@@ -274,6 +294,8 @@ def measure(shape, config, ids, warm, repeats, harness, base_harness, before_cls
         "core_baseline_ns_repeats": base_repeats,
         "plan_helper_ns": plan_ns,
         "route_ns": statistics.median(route),
+        "route_baseline_ns": statistics.median(route_base) if route_base else None,
+        "route_baseline_ns_repeats": route_base,
         "before_ns": statistics.median(before) if before else None,
         "route_ns_repeats": route,
         "before_ns_repeats": before,
@@ -293,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REV",
         help="also time the core built against the native headers of git revision REV",
     )
+    parser.add_argument(
+        "--route-baseline",
+        metavar="REV",
+        help="also time EngineSession.route of git revision REV (its session module on this "
+        "tree's cores), alternately with this tree's",
+    )
     args = parser.parse_args(argv)
     tokens = args.tokens or (60 if args.quick else 300)
     repeats = args.repeats or (2 if args.quick else 3)
@@ -311,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.CalledProcessError:
             parser.error(f"--core-baseline {args.core_baseline}: the harness does not build there")
     before_cls = baseline_session_class()
+    route_cls = None
+    if args.route_baseline:
+        module = session_module_at(args.route_baseline)
+        if module is None:
+            parser.error(f"--route-baseline {args.route_baseline}: no session module there")
+        route_cls = module.EngineSession
     trace = load_trace(default_trace_path())
     gpt = trace.expert_ids[: warm + tokens].astype(np.int64)
     shapes = [
@@ -325,10 +359,21 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows.append(
                 measure(
-                    shape, config, ids, warm, repeats, harness, base_harness, before_cls, workdir
+                    shape,
+                    config,
+                    ids,
+                    warm,
+                    repeats,
+                    harness,
+                    base_harness,
+                    before_cls,
+                    workdir,
+                    route_cls,
                 )
             )
-    lines = table(rows, shapes, args.core_baseline if base_harness is not None else None)
+    lines = table(
+        rows, shapes, args.core_baseline if base_harness is not None else None, args.route_baseline
+    )
     for line in lines:
         print(line)
     if args.json:
@@ -338,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             "revision": _revision(),
             "baseline_revision": BASELINE_REV,
             "core_baseline_revision": args.core_baseline,
+            "route_baseline_revision": args.route_baseline,
             "load_average": os.getloadavg(),
             "cpus": os.cpu_count(),
             "tokens": tokens,
@@ -352,18 +398,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def table(rows: list[dict], shapes, core_baseline: str | None = None) -> list[str]:
+def table(
+    rows: list[dict], shapes, core_baseline: str | None = None, route_baseline: str | None = None
+) -> list[str]:
     """The printed table: decode rows in ns per layer call, gpt-oss-20b rows in us per step;
-    with core_baseline, the core at that revision beside this tree's (and their ratio)."""
+    with core_baseline, the core at that revision beside this tree's (and their ratio); with
+    route_baseline, the same for the Python route."""
     dims = {shape: f"{L} x {E}, top-{k}, {c} hot" for shape, L, E, k, c, _ in shapes}
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     base_head = f" core at {core_baseline} | core x faster |" if core_baseline else ""
+    route_head = f" route at {route_baseline} | route x faster |" if route_baseline else ""
     out = [
         f"load average {load} on {os.cpu_count()} CPUs; thread CPU time, medians of the repeats",
         "",
-        f"| row | policy | core (C++) |{base_head} of it: the plan | route (Python) "
-        "| before (Python) | x faster | goal | met by |",
-        "|---|---|---|" + ("---|---|" if core_baseline else "") + "---|---|---|---|---|---|",
+        f"| row | policy | core (C++) |{base_head} of it: the plan | route (Python) |"
+        f"{route_head} before (Python) | x faster | goal | met by |",
+        "|---|---|---|"
+        + ("---|---|" if core_baseline else "")
+        + "---|---|"
+        + ("---|---|" if route_baseline else "")
+        + "---|---|---|---|",
     ]
     for row in rows:
         per_step = row["shape"] == "gpt-oss-20b"
@@ -383,6 +437,11 @@ def table(rows: list[dict], shapes, core_baseline: str | None = None) -> list[st
             else:
                 shown = f"{base * scale:,.1f}" if per_step else f"{base:,.0f}"
                 base_cells = f" {shown} | {base / row['core_ns']:.2f} |"
+        route_cells = ""
+        if route_baseline:
+            base = row["route_baseline_ns"]
+            shown = f"{base * scale:,.1f}" if per_step else f"{base:,.0f}"
+            route_cells = f" {shown} | {base / row['route_ns']:.2f} |"
         goal = GOALS[(row["shape"], row["policy"])]
         met = [
             name
@@ -393,7 +452,8 @@ def table(rows: list[dict], shapes, core_baseline: str | None = None) -> list[st
         label = f"{'decode step' if per_step else 'decode'}, {dims[row['shape']]} ({unit})"
         out.append(
             f"| {label} | {row['policy']} | {text[0]} |{base_cells} "
-            f"{'in core' if row['policy'] == 'lru' else text[1]} | {text[2]} | {text[3]} | "
+            f"{'in core' if row['policy'] == 'lru' else text[1]} | {text[2]} |{route_cells} "
+            f"{text[3]} | "
             f"{speedup} | {goal_text} | {', '.join(met) or 'not met'} |"
         )
     return out

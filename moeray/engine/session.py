@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,11 +47,10 @@ log = logging.getLogger(__name__)
 _EMPTY = np.zeros(0, np.int64)
 _EMPTY.flags.writeable = False
 _INT32, _INT64 = np.dtype(np.int32), np.dtype(np.int64)  # the cores read these in place
-_new = object.__new__
+_new_plan = tuple.__new__  # LayerPlan(...) without NamedTuple's keyword handling
 
 
-@dataclass(frozen=True, eq=False)
-class LayerPlan:
+class LayerPlan(NamedTuple):
     """What the engine does for ``layer`` of the current batch (expert ids, int64, ascending).
 
     load: experts of ``layer`` to load before its experts run (the batch uses them and they are
@@ -62,11 +62,16 @@ class LayerPlan:
     """
 
     layer: int
-    load: np.ndarray = field(default_factory=lambda: _EMPTY)
-    evict: np.ndarray = field(default_factory=lambda: _EMPTY)
-    prefetch: np.ndarray = field(default_factory=lambda: _EMPTY)
-    prefetch_evict: np.ndarray = field(default_factory=lambda: _EMPTY)
+    load: np.ndarray = _EMPTY
+    evict: np.ndarray = _EMPTY
+    prefetch: np.ndarray = _EMPTY
+    prefetch_evict: np.ndarray = _EMPTY
     version: int = 0
+
+    # a plan equals itself only (its arrays would compare element by element)
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
 
 
 @dataclass
@@ -101,6 +106,7 @@ class EngineSession:
             raise ValueError(f"max_batch_tokens: expected an int >= 1, got {self._max_tokens}")
         self._check_capacity(config)
         L, E = config.num_layers, config.num_experts
+        self._last_layer = L - 1
         self._affinity = [ExpertAffinity(config.affinity_config()) for _ in range(L)]
         self._predictive = config.entry.predictive
         if self._predictive:
@@ -208,19 +214,12 @@ class EngineSession:
             load, evict, fetch, drop = core.plan(layer, ids)
         else:
             load, evict, prefetched = core.route(layer, ids, self._budget[layer])
-            self._prefetches[layer] += prefetched
+            if prefetched:
+                self._prefetches[layer] += prefetched
             fetch = drop = _EMPTY
         batch.ids.append(ids)
-        plan = _new(LayerPlan)  # LayerPlan(...) without the frozen dataclass's slow __init__
-        plan.__dict__.update(
-            layer=layer,
-            load=load,
-            evict=evict,
-            prefetch=fetch,
-            prefetch_evict=drop,
-            version=self._version,
-        )
-        if layer == self.config.num_layers - 1:
+        plan = _new_plan(LayerPlan, (layer, load, evict, fetch, drop, self._version))
+        if layer == self._last_layer:
             self._close()
         return plan
 
