@@ -75,6 +75,15 @@ py::array check_route_ids(H obj, int64_t experts) {
   return arr;
 }
 
+// Checked ids (check_route_ids: int32 or int64, in [0, experts)) as int32, which the caches and
+// affinities read: in place, or narrowed into `scratch`. Safe without the GIL.
+const int32_t* as_int32(const py::array& ids, std::vector<int32_t>& scratch) {
+  if (ids.itemsize() == 4) return static_cast<const int32_t*>(ids.data());
+  const auto* q = static_cast<const int64_t*>(ids.data());
+  scratch.assign(q, q + ids.size());  // in [0, experts): checked
+  return scratch.data();
+}
+
 int64_t check_layer(int64_t layer, int64_t layers) {
   if (layer < 0 || layer >= layers)
     throw py::value_error("layer: expected an int in [0, " + std::to_string(layers) + "), got " +
@@ -158,14 +167,7 @@ py::tuple demand_route(DemandSessionHandle& self, int64_t layer, H ids_obj, int6
   {
     py::gil_scoped_release release;
     Lock lock_s(self.mutex);
-    const int32_t* p;
-    if (ids.itemsize() == 4) {
-      p = static_cast<const int32_t*>(ids.data());
-    } else {
-      const auto* q = static_cast<const int64_t*>(ids.data());
-      self.ids32.assign(q, q + tokens * k);  // in [0, experts): checked
-      p = self.ids32.data();
-    }
+    const int32_t* p = as_int32(ids, self.ids32);
     Lock lock(core.cache(layer).mutex);
     Lock lock_a(core.affinity(layer).mutex);
     prefetched = core.route(layer, p, tokens, k, budget, self.load.data(), n_load,
@@ -270,18 +272,10 @@ void layer_affinities_update(LayerAffinitiesHandle& self, H rows_obj) {
   Lock lock_s(self.mutex);
   for (size_t l = 0; l < L; ++l) {
     const py::array& ids = checked[l];
-    const int64_t tokens = ids.shape(0), k = ids.shape(1);
-    const int32_t* p;
-    if (ids.itemsize() == 4) {
-      p = static_cast<const int32_t*>(ids.data());
-    } else {
-      const auto* q = static_cast<const int64_t*>(ids.data());
-      self.ids32.assign(q, q + tokens * k);  // in [0, experts): checked
-      p = self.ids32.data();
-    }
+    const int32_t* p = as_int32(ids, self.ids32);
     moeray::Affinity& a = *self.affinities[l];
     Lock lock(a.mutex);
-    a.update_rows(p, tokens, k);
+    a.update_rows(p, ids.shape(0), ids.shape(1));
   }
 }
 
