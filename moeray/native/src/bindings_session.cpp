@@ -1,9 +1,11 @@
-// pybind11 bindings of session.hpp: the engine session's plan cores (_DemandSession, _HotPlan),
-// bound by bind_session, which bindings.cpp's module calls. Arguments are checked here with the
-// twin's messages (_reference/session.py). A demand route's work runs with the GIL released and
-// the session's, then the layer's cache and affinity mutexes held (session, cache, affinity:
-// bindings.cpp locks cache before affinity too). A HotPlan call keeps the GIL: it reads numpy
-// rows that Python code writes, and its work (tens of ns) costs less than a release.
+// pybind11 bindings of session.hpp: the engine session's plan cores (_DemandSession, _HotPlan)
+// and its affinity update at a batch's close (_LayerAffinities), bound by bind_session, which
+// bindings.cpp's module calls. Arguments are checked here with the twin's messages
+// (_reference/session.py). A demand route's work runs with the GIL released and the session's,
+// then the layer's cache and affinity mutexes held (session, cache, affinity: bindings.cpp locks
+// cache before affinity too); so does the affinity update (its own, then each affinity's). A
+// HotPlan call keeps the GIL: it reads numpy rows that Python code writes, and its work (tens of
+// ns) costs less than a release.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
