@@ -6,7 +6,8 @@ batch used: load = (used | after) & ~before, evict = (before | used) & ~after, a
 ``_DemandSession`` serves a demand policy's layer with the calls ``DemandCaches.serve`` makes
 (the victim of each miss asked for first, so the hot set's copy follows the cache; a prefetch's
 victims go unreported, so after one the copy is read again); ``_HotPlan`` plans a predictive
-policy's layer from ``PredictiveCaches``' hot rows, before and after its ``serve_layer``.
+policy's layer from ``PredictiveCaches``' hot rows, before and after its ``serve_layer``;
+``_LayerAffinities`` updates every layer's affinity with a batch's routing in one call.
 """
 
 from __future__ import annotations
