@@ -90,6 +90,21 @@ def test_predictive_plans_prefetch_the_next_layer(trace):
     assert sum(c["prefetches"] for c in session.stats()) >= prefetched
 
 
+def test_a_plan_is_read_only_and_equals_itself_alone(trace):
+    """A LayerPlan's fields cannot be reassigned, and two plans with equal ids are still two
+    plans (their arrays would compare element by element)."""
+    session = EngineSession(service_config_for(trace, ReplayConfig(capacity=8), "lru"))
+    ids = trace.expert_ids[:1]
+    first = [session.route(layer, ids[:, layer]) for layer in range(trace.num_layers)]
+    plan = first[0]
+    with pytest.raises(AttributeError):
+        plan.load = plan.evict
+    again = type(plan)(plan.layer, plan.load, plan.evict, plan.prefetch, plan.prefetch_evict)
+    assert plan == plan and plan != again and hash(plan) != hash(again)
+    assert again.version == 0 and again.load is plan.load
+    assert plan.load.size == 4 and plan.evict.size == 0  # a cold tier loads the token's 4
+
+
 def session_for(trace, policy="lru", capacity=8):
     return EngineSession(service_config_for(trace, ReplayConfig(capacity=capacity), policy))
 
