@@ -153,6 +153,7 @@ def test_stub_declares_the_documented_api(stub):
         "_PredictKernel",
         "_DemandSession",
         "_HotPlan",
+        "_LayerAffinities",
         "_stack_histogram",
         "_replicate",
         "_pack",
@@ -175,6 +176,7 @@ CLASSES = [
     "_PredictKernel",
     "_DemandSession",
     "_HotPlan",
+    "_LayerAffinities",
 ]
 
 
