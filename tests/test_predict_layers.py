@@ -150,6 +150,23 @@ def test_native_and_twin_batches_agree():
     assert np.array_equal(*events)
 
 
+@needs_native
+def test_large_tables_batches_decide_as_steps_and_the_twin():
+    """Tables larger than a core's L2 (8.7 MB a layer at 128 experts): the native batches ask
+    for the next layer's rows early (PredictKernel.large_tables), which changes nothing."""
+    rng = np.random.default_rng(11)
+    ids = routing(rng, 40, 2, 128, 4)
+    starts = starts_of(rng, 40)
+    steps, native, twin = (caches(path, 2, 128, 4, 16) for path in (True, True, False))
+    assert 8 * 128 * (2 * 128 + steps._pair_buckets) > 2**20
+    by_steps(steps, ids, starts)
+    by_batches(native, ids, starts, 3)
+    by_batches(twin, ids, starts, 3)
+    assert_same(steps, native, "native batches vs steps")
+    assert_same(native, twin, "native vs twin", rtol=1e-12)
+    assert native.stats.evictions.sum() > 0
+
+
 @pytest.mark.parametrize("native", PATHS)
 def test_events_are_the_plan(native):
     """The events of each layer call account for every load and eviction the counters show,
