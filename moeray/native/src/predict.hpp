@@ -744,7 +744,7 @@ class PredictKernel {
   // Whether a layer's tables (cross-layer, previous-token and pair: 8 E (2 E + B) bytes) are
   // larger than a core's L2 (1 MiB and more on x86-64 servers), so that the rows a layer's
   // `ahead` reads come from memory unless asked for early (bench_session at 256 experts, 3.8
-  // MB a layer: 1.28x with prefetch_rows; at gpt-oss-20b's 32, 151 KB a layer: no gain).
+  // MB a layer: 1.12-1.28x with prefetch_rows; at gpt-oss-20b's 32, 151 KB a layer: no gain).
   bool large_tables() const {
     return 8 * s_.experts * (2 * s_.experts + s_.buckets) > (int64_t{1} << 20);
   }
