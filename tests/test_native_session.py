@@ -1,6 +1,7 @@
 """The engine session's plan cores (src/session.hpp, _reference/session.py): a demand session
 makes DemandCaches.serve's decisions and plans exactly the hot sets' differences, the native
-core and its twin agree call for call, and bad input changes nothing."""
+core and its twin agree call for call, the layer affinities update as each layer's own
+update_batch would, and bad input changes nothing."""
 
 from __future__ import annotations
 
