@@ -15,21 +15,35 @@ valued by this token alone, budget 4). The layer actors of the service run this 
 (the window step), so it bounds what they serve under `policy="moeray"`. CPU us/token: the
 process's CPU time, steadier than the wall clock on a shared machine.
 
+With ``--core-baseline REV``, a second table: the window step in C++ without Python
+(``session_harness.cpp``'s window mode: ``PredictKernel.run_window`` in windows of 4,096 tokens,
+every token timed from a cold start, no sequence starts), built against this tree's native
+headers and against those of git revision REV, run alternately on each trace's tokens; the two
+kernels' stalls, evictions and prefetches are checked equal to each other and to
+``PredictiveCaches.run_window``'s on the same tokens. CPU us per layer and token, medians.
+
 usage: python benchmarks/bench_policy.py [--traces DIR] [--tokens N] [--repeats R]
+                                        [--core-baseline REV]
 Without ../shared/traces (or --traces) it uses the bundled gpt-oss-20b slice only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from bench_quality import BEFORE_PAIRS, BEFORE_PAIRS_NAME, head, traces
+from bench_session import baseline_headers, build_harness, harness_args
 
+from moeray.actors.config import ServiceConfig
 from moeray.policy.predict import PredictConfig, PredictiveCaches
 from moeray.replay import capacity_from_fraction
 
@@ -60,6 +74,78 @@ ROWS = {
 }
 
 
+def window_totals(trace, capacity: int, ids: np.ndarray) -> dict[str, int]:
+    """Stalls, evictions and prefetches of PredictiveCaches.run_window on ids, no sequence
+    starts: what the window harness must count."""
+    caches = PredictiveCaches(trace.num_layers, trace.num_experts, trace.top_k, capacity)
+    caches.run_window(ids)
+    st = caches.stats
+    return {
+        "loads": int(st.stalls.sum()),
+        "evictions": int(st.evictions.sum()),
+        "prefetches": int(st.prefetches.sum()),
+    }
+
+
+def time_window(harness: Path, trace, capacity: int, path: Path) -> dict:
+    """One run of the window harness on the ids in ``path``: its JSON (ns per layer and token,
+    totals)."""
+    config = ServiceConfig(
+        num_layers=trace.num_layers,
+        num_experts=trace.num_experts,
+        top_k=trace.top_k,
+        capacity=capacity,
+        policy="moeray",
+    )
+    cmd = [str(harness), "window", str(path), str(trace.num_tokens), str(trace.num_layers)]
+    cmd += [str(trace.num_experts), str(trace.top_k), str(capacity), "0", "1"]
+    cmd += harness_args(config)
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
+def core_table(trace_list, tokens: int, repeats: int, rev: str) -> None:
+    """The window step in C++, this tree's headers beside REV's (module doc)."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench_policy_"))
+    try:
+        harness = build_harness(workdir)
+        if harness is None:
+            raise SystemExit("--core-baseline: no C++ compiler (set CXX)")
+        try:
+            base = build_harness(workdir, baseline_headers(rev, workdir), "harness_baseline")
+        except subprocess.CalledProcessError:
+            raise SystemExit(f"--core-baseline {rev}: the harness does not build there") from None
+        print()
+        print(
+            f"| trace | tokens | window step in C++ (us per layer and token) | at {rev} | x faster |"
+        )
+        print("|---|---|---|---|---|")
+        for trace in trace_list:
+            trace = head(trace, tokens)
+            capacity = capacity_from_fraction(0.25, trace.num_experts)
+            ids = np.ascontiguousarray(trace.expert_ids, dtype=np.int64)
+            path = workdir / "ids.bin"
+            ids.tofile(path)
+            expected = window_totals(trace, capacity, ids)
+            ours, theirs = [], []
+            for _ in range(repeats):  # alternating, one run a process
+                for out, binary in ((ours, harness), (theirs, base)):
+                    result = time_window(binary, trace, capacity, path)
+                    got = {key: result[key] for key in expected}
+                    if got != expected:
+                        raise SystemExit(
+                            f"{trace.name}: the window harness counted {got}, "
+                            f"PredictiveCaches.run_window {expected}"
+                        )
+                    out += result["ns_per_call"]
+            now, before = statistics.median(ours), statistics.median(theirs)
+            print(
+                f"| {trace.name} | {trace.num_tokens:,} | {now / 1000:.3f} | {before / 1000:.3f} | "
+                f"{before / now:.2f} |"
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--traces", help="folder of the real traces (default ../shared/traces)")
@@ -70,13 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         help="replay the first N tokens of each trace (default 1,500)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="repeats per row (default 3)")
+    parser.add_argument(
+        "--core-baseline",
+        metavar="REV",
+        help="also time the window step in C++ against the native headers of git revision REV",
+    )
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.repeats < 1:
         parser.error("--tokens and --repeats: expected ints >= 1")
     print(f"native step: {'in use' if PredictiveCaches._native else 'not in use (numpy only)'}")
     print("| trace | tokens | policy | tokens/s (median) | us/token | CPU us/token | repeats |")
     print("|---|---|---|---|---|---|---|")
-    for trace in traces(Path(args.traces) if args.traces else None):
+    trace_list = list(traces(Path(args.traces) if args.traces else None))
+    for trace in trace_list:
         trace = head(trace, args.tokens)
         capacity = capacity_from_fraction(0.25, trace.num_experts)
         ids = np.ascontiguousarray(trace.expert_ids, dtype=np.int64)
@@ -100,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{1e6 / rate:,.0f} | {1e6 * statistics.median(cpu[name]):,.0f} | "
                 f"{len(values)} |"
             )
+    if args.core_baseline:
+        core_table(trace_list, args.tokens, args.repeats, args.core_baseline)
     return 0
 
 

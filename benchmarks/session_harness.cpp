@@ -8,6 +8,12 @@
 //          [lru:     DECAY BOOST MAX_SCORE]
 //          [moeray:  DECAY BOOST MAX_SCORE BUCKETS PREDICTORS PREFETCH_BUDGET TRANSITION_DECAY
 //                    PREVIOUS_DECAY and the 11 PredictParams weights in PredictParams' order]
+//          [window:  as moeray]
+// POLICY window times the predict kernel's window step instead (run_window, what a layer
+// actor runs: bench_policy.py --core-baseline): WARM tokens in one window, then the rest in
+// windows of 4,096 tokens (16 steps of 256), ns per layer and token; its totals are the
+// stalls, evictions and prefetches of every token (no plans, no affinity: DECAY BOOST
+// MAX_SCORE are read and unused).
 // (DECAY BOOST MAX_SCORE: the session's affinity per layer, which moeray's batch feeds at its
 // last layer.)
 // IDS_FILE: int64 [TOKENS, LAYERS, TOP_K], raw. Tokens 0..WARM-1 warm the state; the rest are
@@ -200,6 +206,31 @@ double run_moeray(const std::vector<int64_t>& ids, int64_t T, int64_t L, int64_t
   return ns / static_cast<double>((T - warm) * L);
 }
 
+// One repeat of the window step: returns ns per timed layer and token.
+double run_window(const std::vector<int64_t>& ids, int64_t T, int64_t L, int64_t E, int64_t k,
+                  int64_t cap, int64_t warm, int64_t B, int64_t P,
+                  const moeray::PredictParams& params, double transition_decay,
+                  double previous_decay, Totals& totals) {
+  PredictArrays arrays(L, E, B, P, cap);
+  moeray::PredictKernel kernel(arrays.state(L, E, k, B, P), params);
+  moeray::PredictClock clock{0, 1.0, 1.0, transition_decay, previous_decay};
+  const int64_t stride = L * k, window = 4096;
+  kernel.run_window(ids.data(), warm, nullptr, nullptr, clock);
+  const double start = cpu_ns();
+  for (int64_t t = warm; t < T; t += window)
+    kernel.run_window(ids.data() + t * stride, std::min(window, T - t), nullptr,
+                      t ? ids.data() + (t - 1) * stride : nullptr, clock);
+  const double ns = cpu_ns() - start;
+  const int64_t* c = arrays.counters.data();  // hits, stalls, prefetches, .., evictions, ..
+  totals = Totals{};
+  for (int64_t l = 0; l < L; ++l) {
+    totals.loads += c[L + l];
+    totals.prefetches += c[2 * L + l];
+    totals.evictions += c[5 * L + l];
+  }
+  return ns / static_cast<double>(std::max<int64_t>(T - warm, 1) * L);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -219,7 +250,7 @@ int main(int argc, char** argv) {
                  max_score = std::atof(argv[12]);
     for (int64_t r = 0; r < repeats; ++r)
       ns.push_back(run_lru(ids, T, L, E, k, cap, warm, decay, boost, max_score, totals));
-  } else if (policy == "moeray" && argc == 29) {
+  } else if ((policy == "moeray" || policy == "window") && argc == 29) {
     const double decay = std::atof(argv[10]), boost = std::atof(argv[11]),
                  max_score = std::atof(argv[12]);
     const int64_t B = std::atoll(argv[13]), P = std::atoll(argv[14]);
@@ -232,10 +263,14 @@ int main(int argc, char** argv) {
                    &c.pair_prior,           &c.affinity_decay};
     for (int i = 0; i < 11; ++i) *w[i] = std::atof(argv[18 + i]);
     for (int64_t r = 0; r < repeats; ++r)
-      ns.push_back(run_moeray(ids, T, L, E, k, cap, warm, B, P, c, transition_decay,
-                              previous_decay, decay, boost, max_score, false, totals));
-    run_moeray(ids, T, L, E, k, cap, warm, B, P, c, transition_decay, previous_decay, decay,
-               boost, max_score, true, totals);
+      ns.push_back(policy == "window"
+                       ? run_window(ids, T, L, E, k, cap, warm, B, P, c, transition_decay,
+                                    previous_decay, totals)
+                       : run_moeray(ids, T, L, E, k, cap, warm, B, P, c, transition_decay,
+                                    previous_decay, decay, boost, max_score, false, totals));
+    if (policy == "moeray")  // the plan's share, in one more run with clock reads
+      run_moeray(ids, T, L, E, k, cap, warm, B, P, c, transition_decay, previous_decay, decay,
+                 boost, max_score, true, totals);
   } else {
     std::fprintf(stderr, "bad arguments for policy %s (%d given)\n", policy.c_str(), argc);
     return 2;
