@@ -30,7 +30,6 @@ Without ../shared/traces (or --traces) it uses the bundled gpt-oss-20b slice onl
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_quality import BEFORE_PAIRS, BEFORE_PAIRS_NAME, head, traces
-from bench_session import baseline_headers, build_harness, harness_args
+from bench_session import baseline_headers, build_harness, run_harness
 
 from moeray.actors.config import ServiceConfig
 from moeray.policy.predict import PredictConfig, PredictiveCaches
@@ -87,22 +86,6 @@ def window_totals(trace, capacity: int, ids: np.ndarray) -> dict[str, int]:
     }
 
 
-def time_window(harness: Path, trace, capacity: int, path: Path) -> dict:
-    """One run of the window harness on the ids in ``path``: its JSON (ns per layer and token,
-    totals)."""
-    config = ServiceConfig(
-        num_layers=trace.num_layers,
-        num_experts=trace.num_experts,
-        top_k=trace.top_k,
-        capacity=capacity,
-        policy="moeray",
-    )
-    cmd = [str(harness), "window", str(path), str(trace.num_tokens), str(trace.num_layers)]
-    cmd += [str(trace.num_experts), str(trace.top_k), str(capacity), "0", "1"]
-    cmd += harness_args(config)
-    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-
-
 def core_table(trace_list, tokens: int, repeats: int, rev: str) -> None:
     """The window step in C++, this tree's headers beside REV's (module doc)."""
     workdir = Path(tempfile.mkdtemp(prefix="bench_policy_"))
@@ -123,13 +106,18 @@ def core_table(trace_list, tokens: int, repeats: int, rev: str) -> None:
             trace = head(trace, tokens)
             capacity = capacity_from_fraction(0.25, trace.num_experts)
             ids = np.ascontiguousarray(trace.expert_ids, dtype=np.int64)
-            path = workdir / "ids.bin"
-            ids.tofile(path)
             expected = window_totals(trace, capacity, ids)
+            config = ServiceConfig(
+                num_layers=trace.num_layers,
+                num_experts=trace.num_experts,
+                top_k=trace.top_k,
+                capacity=capacity,
+                policy="moeray",
+            )
             ours, theirs = [], []
             for _ in range(repeats):  # alternating, one run a process
                 for out, binary in ((ours, harness), (theirs, base)):
-                    result = time_window(binary, trace, capacity, path)
+                    result = run_harness(binary, config, ids, 0, 1, workdir, mode="window")
                     got = {key: result[key] for key in expected}
                     if got != expected:
                         raise SystemExit(
@@ -167,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"native step: {'in use' if PredictiveCaches._native else 'not in use (numpy only)'}")
     print("| trace | tokens | policy | tokens/s (median) | us/token | CPU us/token | repeats |")
     print("|---|---|---|---|---|---|---|")
-    trace_list = list(traces(Path(args.traces) if args.traces else None))
+    trace_list = traces(Path(args.traces) if args.traces else None)
     for trace in trace_list:
         trace = head(trace, args.tokens)
         capacity = capacity_from_fraction(0.25, trace.num_experts)

@@ -201,11 +201,21 @@ def harness_args(config: ServiceConfig) -> list[str]:
     ]
 
 
-def run_harness(harness: Path, config, ids: np.ndarray, warm: int, repeats: int, workdir: Path):
+def run_harness(
+    harness: Path,
+    config,
+    ids: np.ndarray,
+    warm: int,
+    repeats: int,
+    workdir: Path,
+    mode: str | None = None,
+):
+    """The harness's JSON for ``config`` on ids [T, L, k]; mode: its POLICY argument (default
+    config.policy; "window" times moeray's window step, see session_harness.cpp)."""
     path = workdir / f"ids-{config.num_experts}.bin"
     np.ascontiguousarray(ids, dtype=np.int64).tofile(path)
     T, L, k = ids.shape
-    cmd = [str(harness), config.policy, str(path), str(T), str(L), str(config.num_experts)]
+    cmd = [str(harness), mode or config.policy, str(path), str(T), str(L), str(config.num_experts)]
     cmd += [str(k), str(config.capacity[0]), str(warm), str(repeats), *harness_args(config)]
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
@@ -278,8 +288,14 @@ def measure(
         session = EngineSession(config)
         route.append(time_route(session, ids, warm))
         if route_cls is not None:
-            other = route_cls(config)
-            route_base.append(time_route(other, ids, warm))
+            try:
+                other = route_cls(config)
+                route_base.append(time_route(other, ids, warm))
+            except Exception as exc:  # written against modules this tree no longer has
+                raise SystemExit(
+                    f"--route-baseline: its EngineSession does not run on this tree "
+                    f"({type(exc).__name__}: {exc})"
+                ) from None
             if session.stats() != other.stats():
                 raise SystemExit(f"{shape} {config.policy}: decisions differ at the route baseline")
         if before_cls is not None:
@@ -322,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "--route-baseline",
         metavar="REV",
         help="also time EngineSession.route of git revision REV (its session module on this "
-        "tree's cores), alternately with this tree's",
+        "tree's cores, so REV must be recent enough to run on them), alternately with this tree's",
     )
     args = parser.parse_args(argv)
     tokens = args.tokens or (60 if args.quick else 300)
@@ -344,7 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     before_cls = baseline_session_class()
     route_cls = None
     if args.route_baseline:
-        module = session_module_at(args.route_baseline)
+        try:
+            module = session_module_at(args.route_baseline)
+        except Exception as exc:  # written against modules this tree no longer has
+            parser.error(
+                f"--route-baseline {args.route_baseline}: its session module does not load on "
+                f"this tree ({type(exc).__name__}: {exc})"
+            )
         if module is None:
             parser.error(f"--route-baseline {args.route_baseline}: no session module there")
         route_cls = module.EngineSession

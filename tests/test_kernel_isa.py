@@ -10,10 +10,8 @@ same tokens, and its window step's counts against the extension's ``run_window``
 from __future__ import annotations
 
 import importlib.util
-import json
 import platform
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -78,15 +76,10 @@ def test_single_version_window_step_counts_as_the_extension(single_version, tmp_
     bench, harness = single_version
     trace = load_trace(default_trace_path())
     ids = np.ascontiguousarray(trace.expert_ids[:300], dtype=np.int64)
-    T, L, k = ids.shape
+    _, L, k = ids.shape
     E = trace.num_experts
     config = ServiceConfig(num_layers=L, num_experts=E, top_k=k, capacity=8, policy="moeray")
-    path = tmp_path / "ids.bin"
-    ids.tofile(path)
-    cmd = [str(harness), "window", str(path), str(T), str(L), str(E), str(k), "8", "0", "1"]
-    got = json.loads(
-        subprocess.run(cmd + bench.harness_args(config), capture_output=True, text=True).stdout
-    )
+    got = bench.run_harness(harness, config, ids, 0, 1, tmp_path, mode="window")
     caches = PredictiveCaches(L, E, k, 8)
     caches.run_window(ids)
     st = caches.stats

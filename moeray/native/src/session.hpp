@@ -63,9 +63,10 @@ inline int64_t emit(uint64_t w, int64_t e0, int64_t* out, int64_t n) {
 }  // namespace session_detail
 
 // Rows of E bytes (0 or 1): load = ids with (used | after) & ~before, evict = ids with
-// (before | used) & ~after, ascending (used null: none), each buffer plan_entries(E) long. Returns the counts through n_load,
-// n_evict. Up to 64 experts at a time gathered into bit masks without a branch (a byte-by-byte
-// scan's branches would follow the data), then the set bits' ids.
+// (before | used) & ~after, ascending (used null: none), each buffer plan_entries(E) long.
+// Returns the counts through n_load, n_evict. Up to 64 experts at a time gathered into bit masks
+// without a branch (a byte-by-byte scan's branches would follow the data), then the set bits'
+// ids.
 inline void plan_rows(const uint8_t* before, const uint8_t* after, const uint8_t* used,
                       int64_t experts, int64_t* load, int64_t& n_load, int64_t* evict,
                       int64_t& n_evict) {
